@@ -1,0 +1,1 @@
+"""gpulease coordinator: the only writer of cluster state, which lives in etcd."""

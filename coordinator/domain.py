@@ -1,0 +1,138 @@
+"""Domain model: plain frozen values, no I/O, no gRPC, no etcd.
+
+The store turns etcd keys into these; placement reads them; servicers translate them to proto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class NodeState(str, Enum):
+    UP = "up"
+    DOWN = "down"
+    CORDONED = "cordoned"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    uuid: str
+    model: str
+    memory_total_bytes: int
+    healthy: bool = True
+    simulated: bool = False
+    health_detail: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node's record as registered by its agent (the etcd key nodes/<name>)."""
+
+    name: str
+    address: str
+    gpus: tuple[GpuInfo, ...]
+    cpus_total: int
+    memory_total_bytes: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    hostname: str = ""
+    cordoned: bool = False
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as placement sees it: record + liveness + what live allocations hold."""
+
+    info: NodeInfo
+    up: bool
+    # mod_revision of the node record; the allocation txn compares it so that a
+    # re-registration or cordon between placement and commit forces a retry.
+    record_revision: int
+    gpus_held: frozenset[int] = frozenset()
+    cpus_used: int = 0
+    memory_used: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def state(self) -> NodeState:
+        if not self.up:
+            return NodeState.DOWN
+        return NodeState.CORDONED if self.info.cordoned else NodeState.UP
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state is NodeState.UP
+
+    @property
+    def usable_gpus(self) -> tuple[GpuInfo, ...]:
+        return tuple(g for g in self.info.gpus if g.healthy)
+
+    @property
+    def free_gpus(self) -> tuple[GpuInfo, ...]:
+        return tuple(g for g in self.info.gpus if g.healthy and g.index not in self.gpus_held)
+
+    @property
+    def cpus_free(self) -> int:
+        return max(0, self.info.cpus_total - self.cpus_used)
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.info.memory_total_bytes - self.memory_used)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Cluster state at one etcd revision. Placement is a pure function of this."""
+
+    revision: int
+    nodes: Mapping[str, NodeView]
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What an allocation asks for, already validated (counts > 0, strings sane)."""
+
+    gpus: int
+    cpus: int
+    memory_bytes: int
+    gpu_model: str = ""
+    min_gpu_memory_bytes: int = 0
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Placement's decision: which GPUs of which node, judged at snapshot_revision."""
+
+    node: str
+    gpu_indexes: tuple[int, ...]
+    node_record_revision: int
+    snapshot_revision: int
+
+
+@dataclass(frozen=True)
+class AllocatedGpu:
+    index: int
+    uuid: str
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Allocation:
+    id: str
+    node: str
+    gpus: tuple[AllocatedGpu, ...]
+    cpus: int
+    memory_bytes: int
+    ttl_seconds: int
+    lease_id: int
+    # create_revision of the allocation key: the fencing token.
+    revision: int
+    owner: str = ""
+    request_id: str = ""
+    created_unix_ms: int = 0

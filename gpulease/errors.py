@@ -1,0 +1,137 @@
+"""Typed errors shared by the coordinator (which raises them) and the client (which re-raises them).
+
+Nothing here imports grpc: Airflow code catches these without knowing about gRPC. The
+coordinator's error catalog (coordinator/errors.py) maps each class to a gRPC status code
+and sends ``reason`` in trailing metadata, so the client can rebuild the exact class even
+where two classes share a status code (NOT_FOUND for allocations and nodes).
+"""
+
+from __future__ import annotations
+
+# Trailing-metadata key that carries GpuLeaseError.reason.
+REASON_METADATA_KEY = "gpulease-reason"
+
+
+class GpuLeaseError(Exception):
+    """Base class of every gpulease error. ``code`` is the gRPC status code name."""
+
+    reason = "UNKNOWN"
+    code = "UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(GpuLeaseError):
+    """The request is malformed or out of range; fix the request, don't retry it."""
+
+    reason = "INVALID_REQUEST"
+    code = "INVALID_ARGUMENT"
+
+
+class Unsatisfiable(GpuLeaseError):
+    """No registered node could ever satisfy the request (e.g. more GPUs than any node has)."""
+
+    reason = "UNSATISFIABLE"
+    code = "FAILED_PRECONDITION"
+
+
+class InsufficientResources(GpuLeaseError):
+    """Nodes that could satisfy the request exist but lack free capacity now; retry later."""
+
+    reason = "INSUFFICIENT_RESOURCES"
+    code = "RESOURCE_EXHAUSTED"
+
+
+class AllocationNotFound(GpuLeaseError):
+    """No live allocation has this id (never existed, released, or its lease expired)."""
+
+    reason = "ALLOCATION_NOT_FOUND"
+    code = "NOT_FOUND"
+
+
+class NodeNotFound(GpuLeaseError):
+    reason = "NODE_NOT_FOUND"
+    code = "NOT_FOUND"
+
+
+class StaleFencingToken(GpuLeaseError):
+    """The fencing token (allocation revision) no longer matches a live allocation."""
+
+    reason = "STALE_FENCING_TOKEN"
+    code = "FAILED_PRECONDITION"
+
+
+class AllocationLost(GpuLeaseError):
+    """The allocation's lease could not be kept alive and may have expired; its GPUs are gone."""
+
+    reason = "ALLOCATION_LOST"
+    code = "NOT_FOUND"
+
+
+class Conflict(GpuLeaseError):
+    """Too many concurrent commits raced for the same capacity; safe to retry."""
+
+    reason = "CONFLICT"
+    code = "ABORTED"
+
+
+class PermissionDenied(GpuLeaseError):
+    reason = "PERMISSION_DENIED"
+    code = "PERMISSION_DENIED"
+
+
+class Unavailable(GpuLeaseError):
+    """The coordinator, or the etcd behind it, cannot be reached."""
+
+    reason = "UNAVAILABLE"
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(GpuLeaseError):
+    reason = "DEADLINE_EXCEEDED"
+    code = "DEADLINE_EXCEEDED"
+
+
+class Internal(GpuLeaseError):
+    reason = "INTERNAL"
+    code = "INTERNAL"
+
+
+ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
+    InvalidRequest,
+    Unsatisfiable,
+    InsufficientResources,
+    AllocationNotFound,
+    NodeNotFound,
+    StaleFencingToken,
+    AllocationLost,
+    Conflict,
+    PermissionDenied,
+    Unavailable,
+    DeadlineExceeded,
+    Internal,
+)
+
+BY_REASON: dict[str, type[GpuLeaseError]] = {cls.reason: cls for cls in ALL_ERRORS}
+
+# Fallback when a status carries no reason (e.g. raised by gRPC itself, not by our servicer).
+BY_CODE: dict[str, type[GpuLeaseError]] = {
+    "INVALID_ARGUMENT": InvalidRequest,
+    "OUT_OF_RANGE": InvalidRequest,
+    "FAILED_PRECONDITION": Unsatisfiable,
+    "RESOURCE_EXHAUSTED": InsufficientResources,
+    "NOT_FOUND": AllocationNotFound,
+    "ABORTED": Conflict,
+    "PERMISSION_DENIED": PermissionDenied,
+    "UNAUTHENTICATED": PermissionDenied,
+    "UNAVAILABLE": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+}
+
+
+def error_for(code: str, reason: str | None, message: str) -> GpuLeaseError:
+    """Rebuild the typed error from a status code name and an optional reason."""
+    cls = BY_REASON.get(reason or "") or BY_CODE.get(code, Internal)
+    return cls(message)
