@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class NodeState(str, Enum):
+class NodeState(StrEnum):
     UP = "up"
     DOWN = "down"
     CORDONED = "cordoned"

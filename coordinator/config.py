@@ -1,0 +1,102 @@
+"""Coordinator configuration: parsed once at the entry point (flags > env > TOML file)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from gpulease.errors import InvalidRequest
+from gpulease.units import parse_duration, parse_size
+
+ENV_PREFIX = "GPULEASE_COORDINATOR_"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    etcd: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    listen: str = "127.0.0.1:50051"
+    prefix: str = "/gpulease/"
+    default_ttl: int = 60
+    node_ttl: int = 15
+    heartbeat_interval: int = 5
+    default_cpus_per_gpu: int = 1
+    default_memory_per_gpu: int = 4 * 2**30
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_timeout: float = 5.0
+    log_level: str = "INFO"
+
+
+# How each setting is written in flags, env and TOML, and how its text is parsed.
+_PARSERS: dict[str, Any] = {
+    "etcd": lambda v: tuple(u.strip() for u in (v.split(",") if isinstance(v, str) else v) if u.strip()),
+    "default_ttl": lambda v: parse_duration(str(v)),
+    "node_ttl": lambda v: parse_duration(str(v)),
+    "heartbeat_interval": lambda v: parse_duration(str(v)),
+    "default_cpus_per_gpu": int,
+    "default_memory_per_gpu": lambda v: parse_size(str(v)),
+    "etcd_timeout": float,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpulease-coordinator",
+        description="gpulease coordinator: allocates GPUs with etcd transactions and leases.",
+        epilog=f"Every flag can also come from env {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}ETCD) or the "
+        "TOML file given by --config; flags win over env, env over the file.",
+    )
+    p.add_argument("--config", help="TOML file with the same settings (keys use underscores)")
+    p.add_argument("--etcd", help="etcd endpoint URL(s), comma-separated (default http://127.0.0.1:2379)")
+    p.add_argument("--listen", help="gRPC listen address HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument("--prefix", help="etcd key prefix for all state (default /gpulease/)")
+    p.add_argument("--default-ttl", help="allocation lease TTL when a request names none (default 60s)")
+    p.add_argument("--node-ttl", help="node lease TTL: a node missing heartbeats this long is down (15s)")
+    p.add_argument("--heartbeat-interval", help="how often agents heartbeat (default 5s)")
+    p.add_argument("--default-cpus-per-gpu", help="CPUs reserved per GPU when a request names none (1)")
+    p.add_argument("--default-memory-per-gpu", help="memory reserved per GPU when a request names none (4GiB)")
+    p.add_argument("--etcd-ca", help="CA file for TLS to etcd (enables TLS)")
+    p.add_argument("--etcd-cert", help="client certificate for mutual TLS to etcd")
+    p.add_argument("--etcd-key", help="client key for mutual TLS to etcd")
+    p.add_argument("--etcd-timeout", help="seconds per etcd call (default 5)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
+    args = build_parser().parse_args(argv)
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    config_file = args.config or env.get(f"{ENV_PREFIX}CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                merged.update(tomllib.load(fh))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidRequest(f"cannot read config file {config_file}: {exc}") from exc
+    names = {f.name for f in fields(CoordinatorConfig)}
+    unknown = set(merged) - names
+    if unknown:
+        raise InvalidRequest(f"unknown setting(s) in {config_file}: {', '.join(sorted(unknown))}")
+    for name in names:
+        if (value := env.get(ENV_PREFIX + name.upper())) is not None:
+            merged[name] = value
+        if (value := getattr(args, name, None)) is not None:
+            merged[name] = value
+    out: dict[str, Any] = {}
+    for name, value in merged.items():
+        try:
+            out[name] = _PARSERS.get(name, lambda v: v)(value)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"bad value for {name}: {value!r} ({exc})") from exc
+    cfg = CoordinatorConfig(**out)
+    if not cfg.prefix.startswith("/") or not cfg.prefix.endswith("/"):
+        raise InvalidRequest(f"--prefix must start and end with '/', got {cfg.prefix!r}")
+    if not 1 <= cfg.heartbeat_interval < cfg.node_ttl:
+        raise InvalidRequest("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
+    return cfg

@@ -1,0 +1,100 @@
+"""proto <-> domain translation, in one place."""
+
+from __future__ import annotations
+
+from coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeState, NodeView
+from gpulease.v1 import coordinator_pb2 as cpb
+from gpulease.v1 import types_pb2 as tpb
+
+_STATE = {
+    NodeState.UP: tpb.NODE_STATE_UP,
+    NodeState.DOWN: tpb.NODE_STATE_DOWN,
+    NodeState.CORDONED: tpb.NODE_STATE_CORDONED,
+}
+
+
+def node_info(name: str, address: str, inv: tpb.NodeInventory) -> NodeInfo:
+    return NodeInfo(
+        name=name,
+        address=address,
+        gpus=tuple(
+            GpuInfo(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                memory_total_bytes=g.memory_total_bytes,
+                healthy=g.healthy,
+                simulated=g.simulated,
+                health_detail=g.health_detail,
+            )
+            for g in inv.gpus
+        ),
+        cpus_total=inv.cpus_total,
+        memory_total_bytes=inv.memory_total_bytes,
+        labels=dict(inv.labels),
+        hostname=inv.hostname,
+    )
+
+
+def inventory(info: NodeInfo) -> tpb.NodeInventory:
+    return tpb.NodeInventory(
+        gpus=[
+            tpb.Gpu(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                memory_total_bytes=g.memory_total_bytes,
+                healthy=g.healthy,
+                simulated=g.simulated,
+                health_detail=g.health_detail,
+            )
+            for g in info.gpus
+        ],
+        cpus_total=info.cpus_total,
+        memory_total_bytes=info.memory_total_bytes,
+        labels=dict(info.labels),
+        hostname=info.hostname,
+    )
+
+
+def node(v: NodeView) -> tpb.Node:
+    return tpb.Node(
+        name=v.name,
+        state=_STATE[v.state],
+        address=v.info.address,
+        inventory=inventory(v.info),
+        cordoned=v.info.cordoned,
+        allocated_gpu_indexes=sorted(v.gpus_held),
+        cpus_allocated=v.cpus_used,
+        memory_allocated_bytes=v.memory_used,
+    )
+
+
+def node_summary(v: NodeView) -> cpb.NodeSummary:
+    schedulable = v.schedulable
+    return cpb.NodeSummary(
+        name=v.name,
+        state=_STATE[v.state],
+        gpus_total=len(v.info.gpus),
+        gpus_free=len(v.free_gpus) if schedulable else 0,
+        cpus_total=v.info.cpus_total,
+        cpus_free=v.cpus_free if schedulable else 0,
+        memory_total_bytes=v.info.memory_total_bytes,
+        memory_free_bytes=v.memory_free if schedulable else 0,
+    )
+
+
+def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
+    return tpb.Allocation(
+        id=a.id,
+        node=a.node,
+        gpus=[tpb.AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in a.gpus],
+        cpus=a.cpus,
+        memory_bytes=a.memory_bytes,
+        ttl_seconds=a.ttl_seconds,
+        revision=a.revision,
+        owner=a.owner,
+        request_id=a.request_id,
+        created_unix_ms=a.created_unix_ms,
+        node_address=node_address,
+    )

@@ -1,0 +1,68 @@
+"""etcd key layout. Every key lives under one configurable prefix (default "/gpulease/").
+
+    nodes/<node>              node record (JSON), no lease: survives the node going down
+    alive/<node>              "" on the node's lease: present <=> node is up
+    cordoned/<node>           "" when an operator cordoned the node (no lease)
+    allocs/<id>               allocation record (JSON) on the allocation's lease
+    gpus/<node>/<index>       allocation id on the allocation's lease: one key per held GPU
+    res/<node>/<id>           {"cpus","memory"} on the allocation's lease: CPU/memory held on a node
+    reqs/<request_id>         allocation id on the allocation's lease: idempotency of Allocate
+
+Everything an allocation holds hangs on its lease, so lease expiry frees it with no
+coordinator action. The layout is per-resource rather than per-node so that one etcd
+transaction can claim GPUs on several nodes (gang allocations) and, later, compare a
+tenant's quota range (quota/<tenant>/<id>) the same way res/<node>/ is compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "/gpulease/"
+
+    def node(self, node: str) -> str:
+        return f"{self.prefix}nodes/{node}"
+
+    def alive(self, node: str) -> str:
+        return f"{self.prefix}alive/{node}"
+
+    def cordoned(self, node: str) -> str:
+        return f"{self.prefix}cordoned/{node}"
+
+    def alloc(self, alloc_id: str) -> str:
+        return f"{self.prefix}allocs/{alloc_id}"
+
+    def gpu(self, node: str, index: int) -> str:
+        # Zero-padded so a range read of gpus/<node>/ comes back in index order.
+        return f"{self.prefix}gpus/{node}/{index:04d}"
+
+    def res_prefix(self, node: str) -> str:
+        return f"{self.prefix}res/{node}/"
+
+    def res(self, node: str, alloc_id: str) -> str:
+        return f"{self.res_prefix(node)}{alloc_id}"
+
+    def req(self, request_id: str) -> str:
+        return f"{self.prefix}reqs/{request_id}"
+
+    def allocs_prefix(self) -> str:
+        return f"{self.prefix}allocs/"
+
+    def parse(self, key: str) -> tuple[str, ...] | None:
+        """'/p/gpus/n1/0003' -> ('gpus', 'n1', '0003'); None for keys outside the prefix."""
+        if not key.startswith(self.prefix):
+            return None
+        return tuple(key[len(self.prefix) :].split("/"))
+
+
+def range_end(prefix: str) -> bytes:
+    """Exclusive end of the key range that starts with prefix (etcd's prefix idiom)."""
+    b = bytearray(prefix.encode())
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\x00"

@@ -1,0 +1,127 @@
+"""gpulease-coordinator entry point: wire the store, view, services and gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator import config as config_mod
+from coordinator.allocations import AllocationPolicy, AllocationService
+from coordinator.committer import EtcdCommitter
+from coordinator.keys import Keys
+from coordinator.nodes import NodePolicy, NodeService
+from coordinator.servicer import CoordinatorServicer
+from coordinator.store import Store, TlsFiles
+from coordinator.view import ClusterView
+from gpulease.errors import GpuLeaseError
+from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger("gpulease.coordinator")
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+def sd_notify(message: str) -> None:
+    """systemd readiness (Type=notify) without a dependency; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+async def serve(cfg: config_mod.CoordinatorConfig) -> None:
+    tls = TlsFiles(cfg.etcd_ca, cfg.etcd_cert or None, cfg.etcd_key or None) if cfg.etcd_ca else None
+    store = Store(cfg.etcd, tls=tls, timeout=cfg.etcd_timeout)
+    await store.start()
+    keys = Keys(cfg.prefix)
+    view = ClusterView(store, keys)
+    allocations = AllocationService(
+        store,
+        view,
+        keys,
+        EtcdCommitter(store, keys),
+        AllocationPolicy(
+            default_ttl=cfg.default_ttl,
+            default_cpus_per_gpu=cfg.default_cpus_per_gpu,
+            default_memory_per_gpu=cfg.default_memory_per_gpu,
+        ),
+    )
+    nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(allocations, nodes, view), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        server.add_insecure_port(cfg.listen)
+    except RuntimeError as exc:
+        raise GpuLeaseError(f"cannot listen on {cfg.listen}: {exc} (is the port in use?)") from exc
+    await server.start()
+    log.info("listening on %s, etcd %s, prefix %s", cfg.listen, ",".join(cfg.etcd), cfg.prefix)
+
+    view_task = asyncio.create_task(view.run(), name="view")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def track_health() -> None:
+        # NOT_SERVING until the view is in sync with etcd, and again whenever it loses sync.
+        serving = None
+        while True:
+            now = view.synced.is_set()
+            if now != serving:
+                status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", SERVICE_NAME):
+                    await health_servicer.set(name, status)
+                if now and serving is None:
+                    sd_notify("READY=1")
+                serving = now
+            await asyncio.sleep(0.1)
+
+    health_task = asyncio.create_task(track_health(), name="health")
+    await stop.wait()
+    log.info("shutting down")
+    sd_notify("STOPPING=1")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    for task in (view_task, health_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_mod.load(argv)
+    except GpuLeaseError as exc:
+        print(f"gpulease-coordinator: error: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(cfg))
+    except GpuLeaseError as exc:
+        log.error("%s", exc.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

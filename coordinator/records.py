@@ -1,0 +1,100 @@
+"""JSON encoding of the values stored in etcd. Compact and versioned by field presence."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo
+
+
+def encode_node(info: NodeInfo) -> bytes:
+    # cordoned is stored under its own key, never in the record the agent rewrites.
+    doc = {
+        "name": info.name,
+        "address": info.address,
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "model": g.model,
+                "memory": g.memory_total_bytes,
+                "healthy": g.healthy,
+                "simulated": g.simulated,
+                "detail": g.health_detail,
+            }
+            for g in info.gpus
+        ],
+        "cpus": info.cpus_total,
+        "memory": info.memory_total_bytes,
+        "labels": dict(sorted(info.labels.items())),
+        "hostname": info.hostname,
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_node(raw: bytes) -> NodeInfo:
+    d: dict[str, Any] = json.loads(raw)
+    return NodeInfo(
+        name=d["name"],
+        address=d.get("address", ""),
+        gpus=tuple(
+            GpuInfo(
+                index=g["index"],
+                uuid=g["uuid"],
+                model=g.get("model", ""),
+                memory_total_bytes=g.get("memory", 0),
+                healthy=g.get("healthy", True),
+                simulated=g.get("simulated", False),
+                health_detail=g.get("detail", ""),
+            )
+            for g in d.get("gpus", [])
+        ),
+        cpus_total=d.get("cpus", 0),
+        memory_total_bytes=d.get("memory", 0),
+        labels=d.get("labels", {}),
+        hostname=d.get("hostname", ""),
+    )
+
+
+def encode_alloc(a: Allocation) -> bytes:
+    # revision is not stored: it is the key's create_revision, known only after commit.
+    doc = {
+        "id": a.id,
+        "node": a.node,
+        "gpus": [{"index": g.index, "uuid": g.uuid, "model": g.model} for g in a.gpus],
+        "cpus": a.cpus,
+        "memory": a.memory_bytes,
+        "ttl": a.ttl_seconds,
+        "lease": a.lease_id,
+        "owner": a.owner,
+        "request_id": a.request_id,
+        "created_ms": a.created_unix_ms,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_alloc(raw: bytes, revision: int) -> Allocation:
+    d: dict[str, Any] = json.loads(raw)
+    return Allocation(
+        id=d["id"],
+        node=d["node"],
+        gpus=tuple(AllocatedGpu(g["index"], g["uuid"], g.get("model", "")) for g in d["gpus"]),
+        cpus=d.get("cpus", 0),
+        memory_bytes=d.get("memory", 0),
+        ttl_seconds=d.get("ttl", 0),
+        lease_id=d.get("lease", 0),
+        revision=revision,
+        owner=d.get("owner", ""),
+        request_id=d.get("request_id", ""),
+        created_unix_ms=d.get("created_ms", 0),
+    )
+
+
+def encode_res(cpus: int, memory: int) -> bytes:
+    return json.dumps({"cpus": cpus, "memory": memory}, separators=(",", ":")).encode()
+
+
+def decode_res(raw: bytes) -> tuple[int, int]:
+    d = json.loads(raw)
+    return int(d.get("cpus", 0)), int(d.get("memory", 0))

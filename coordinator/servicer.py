@@ -1,0 +1,104 @@
+"""Thin gRPC servicer: proto in, service call, proto out. Errors go through the catalog."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc
+
+from coordinator import convert
+from coordinator.allocations import AllocateInput, AllocationService
+from coordinator.domain import Allocation
+from coordinator.errors import grpc_errors
+from coordinator.nodes import NodeService
+from coordinator.view import ClusterView
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+
+Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
+    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+        self._allocs = allocations
+        self._nodes = nodes
+        self._view = view
+
+    def _alloc_pb(self, a: Allocation):  # type: ignore[no-untyped-def]
+        node = self._view.node(a.node)
+        return convert.allocation(a, node.info.address if node else "")
+
+    @grpc_errors
+    async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
+        alloc, reused = await self._allocs.allocate(
+            AllocateInput(
+                gpus=request.gpus,
+                cpus=request.cpus if request.HasField("cpus") else None,
+                memory_bytes=request.memory_bytes if request.HasField("memory_bytes") else None,
+                gpu_model=request.gpu_model,
+                min_gpu_memory_bytes=request.min_gpu_memory_bytes,
+                node_selector=dict(request.node_selector),
+                ttl_seconds=request.ttl_seconds,
+                owner=request.owner,
+                request_id=request.request_id,
+            )
+        )
+        return pb.AllocateResponse(allocation=self._alloc_pb(alloc), reused=reused)
+
+    @grpc_errors
+    async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=await self._allocs.release(request.allocation_id))
+
+    @grpc_errors
+    async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> pb.KeepAliveResponse:
+        return pb.KeepAliveResponse(ttl_seconds=await self._allocs.keep_alive(request.allocation_id))
+
+    @grpc_errors
+    async def GetAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
+        alloc = await self._allocs.get(request.allocation_id)
+        return pb.GetAllocationResponse(allocation=self._alloc_pb(alloc))
+
+    @grpc_errors
+    async def ListAllocations(self, request: pb.ListAllocationsRequest, context: Ctx) -> pb.ListAllocationsResponse:
+        allocs = await self._allocs.list(node=request.node, owner=request.owner)
+        return pb.ListAllocationsResponse(allocations=[self._alloc_pb(a) for a in allocs])
+
+    @grpc_errors
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=[convert.node(v) for v in self._nodes.nodes()])
+
+    @grpc_errors
+    async def GetClusterSummary(
+        self, request: pb.GetClusterSummaryRequest, context: Ctx
+    ) -> pb.GetClusterSummaryResponse:
+        rows = [convert.node_summary(v) for v in self._nodes.nodes()]
+        totals = pb.NodeSummary(name="TOTAL")
+        for r in rows:
+            for f in ("gpus_total", "gpus_free", "cpus_total", "cpus_free", "memory_total_bytes",
+                      "memory_free_bytes"):  # fmt: skip
+                setattr(totals, f, getattr(totals, f) + getattr(r, f))
+        return pb.GetClusterSummaryResponse(nodes=rows, totals=totals, revision=self._view.revision)
+
+    @grpc_errors
+    async def CordonNode(self, request: pb.CordonNodeRequest, context: Ctx) -> pb.CordonNodeResponse:
+        view = await self._nodes.cordon(request.node, request.cordoned)
+        return pb.CordonNodeResponse(node=convert.node(view))
+
+    @grpc_errors
+    async def RegisterNode(self, request: pb.RegisterNodeRequest, context: Ctx) -> pb.RegisterNodeResponse:
+        reg = await self._nodes.register(convert.node_info(request.node, request.address, request.inventory))
+        return pb.RegisterNodeResponse(
+            lease_id=reg.lease_id,
+            heartbeat_interval_seconds=reg.heartbeat_interval,
+            node_ttl_seconds=reg.node_ttl,
+        )
+
+    @grpc_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        info = (
+            convert.node_info(request.node, request.address, request.inventory)
+            if request.HasField("inventory")
+            else None
+        )
+        reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
+        return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval)

@@ -1,0 +1,322 @@
+"""The only module that imports etcd3aio: a small typed facade over the etcd calls we use.
+
+Transactions run with max_attempts=1. A transport error during a Txn means the outcome is
+unknown (it may still commit), so the store raises OutcomeUnknown and leaves the decision
+to the caller, which knows how to check (the request key) and how to fence (revoke the lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError
+from etcd3aio._protobuf import Compare
+from etcd3aio.kv import KVService
+from etcd3aio.lease import LeaseService
+from etcd3aio.watch import WatchService
+
+from gpulease.errors import InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["put", "delete"]
+    kv: KV
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    revision: int
+    events: tuple[Event, ...]
+    # The watch could not resume (history compacted or stream cancelled): reload everything.
+    resync: bool = False
+
+
+@dataclass(frozen=True)
+class Cmp:
+    key: str
+    target: Literal["version", "mod", "create"]
+    op: Literal["==", "!=", "<", ">"]
+    value: int
+    range_end: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+    range_end: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+Op = Put | Get | Delete
+
+
+@dataclass(frozen=True)
+class TxnOutcome:
+    succeeded: bool
+    revision: int
+    # One list of KVs per Get in the branch that ran, in order.
+    reads: tuple[tuple[KV, ...], ...]
+
+
+class StoreUnavailable(Unavailable):
+    pass
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A transaction was sent but no answer came back: it may or may not have committed."""
+
+
+class LeaseNotFound(Exception):
+    pass
+
+
+_OPS = {"==": 0, ">": 1, "<": 2, "!=": 3}  # etcdserverpb.Compare.CompareResult
+
+
+def parse_endpoints(urls: Sequence[str]) -> tuple[list[str], str | None]:
+    """http(s)://host:port URLs -> ipv4 'ip:port' targets (what etcd3aio dials) and a TLS name.
+
+    etcd3aio dials an 'ipv4:' target list, so host names are resolved once here.
+    """
+    if not urls:
+        raise InvalidRequest("no etcd endpoint given: pass --etcd http://HOST:2379[,http://HOST2:2379]")
+    targets: list[str] = []
+    tls_name: str | None = None
+    for url in urls:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+            raise InvalidRequest(f"bad etcd endpoint {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+        host = parts.hostname
+        try:
+            ip = socket.getaddrinfo(host, parts.port, socket.AF_INET)[0][4][0]
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot resolve etcd host {host!r} from --etcd {url}: {exc}") from exc
+        if ip != host:
+            tls_name = tls_name or host
+        targets.append(f"{ip}:{parts.port}")
+    return targets, tls_name
+
+
+def _kv(pb: Any) -> KV:
+    return KV(
+        key=pb.key.decode(),
+        value=bytes(pb.value),
+        create_revision=pb.create_revision,
+        mod_revision=pb.mod_revision,
+        version=pb.version,
+        lease=pb.lease,
+    )
+
+
+class Store:
+    def __init__(self, urls: Sequence[str], *, tls: TlsFiles | None = None, timeout: float = 5.0) -> None:
+        self.urls = tuple(urls)
+        # Read at construction (synchronously, once): a missing file fails at startup.
+        self._tls_bytes: tuple[bytes | None, bytes | None, bytes | None] = (None, None, None)
+        if tls:
+            try:
+                self._tls_bytes = (
+                    Path(tls.ca_file).read_bytes(),
+                    Path(tls.cert_file).read_bytes() if tls.cert_file else None,
+                    Path(tls.key_file).read_bytes() if tls.key_file else None,
+                )
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read etcd TLS file: {exc}") from exc
+        self._timeout = timeout
+        self._client: Etcd3Client | None = None
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"etcd at {','.join(self.urls)} is unreachable ({type(exc).__name__}: {exc}); "
+            "check the coordinator's --etcd URL and that etcd is running"
+        )
+
+    async def start(self) -> None:
+        targets, tls_name = parse_endpoints(self.urls)
+        ca, cert, key = self._tls_bytes
+        self._client = Etcd3Client(
+            targets, tls_server_name=tls_name if ca else None, ca_cert=ca, cert_chain=cert, cert_key=key
+        )
+        await self._client.connect()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def _kv(self) -> KVService:
+        if self._client is None or self._client.kv is None:
+            raise RuntimeError("store not started")
+        return self._client.kv
+
+    @property
+    def _lease(self) -> LeaseService:
+        if self._client is None or self._client.lease is None:
+            raise RuntimeError("store not started")
+        return self._client.lease
+
+    @property
+    def _watch(self) -> WatchService:
+        if self._client is None or self._client.watch is None:
+            raise RuntimeError("store not started")
+        return self._client.watch
+
+    async def _call(self, coro: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(coro, self._timeout)
+        except (EtcdError, TimeoutError, grpc.aio.AioRpcError) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED,
+            ):
+                raise
+            raise self._unavailable(exc) from exc
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KV | None:
+        resp = await self._call(self._kv.get(key))
+        kvs = resp.kvs
+        return _kv(kvs[0]) if kvs else None
+
+    async def get_prefix(self, prefix: str, range_end: bytes) -> tuple[int, list[KV]]:
+        """Linearizable read of a whole range: (revision, kvs)."""
+        resp = await self._call(self._kv.get(prefix, range_end=range_end))
+        return resp.header.revision, [_kv(kv) for kv in resp.kvs]
+
+    async def watch(self, prefix: str, range_end: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """Events after start_revision - 1, batch by batch; reconnects are etcd3aio's job."""
+        async for resp in self._watch.watch(prefix, range_end=range_end, start_revision=start_revision):
+            if resp.compact_revision > 0 or resp.canceled:
+                yield WatchBatch(resp.header.revision, (), resync=True)
+                return
+            events = tuple(Event("delete" if ev.type == 1 else "put", _kv(ev.kv)) for ev in resp.events)
+            yield WatchBatch(resp.header.revision, events)
+
+    # --- leases ------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        resp = await self._call(self._lease.grant(ttl))
+        return int(resp.ID)
+
+    async def revoke(self, lease_id: int) -> bool:
+        """True if the lease existed and is now gone with its keys; False if it was already gone."""
+        try:
+            await self._call(self._lease.revoke(lease_id))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def keepalive_once(self, lease_id: int) -> int:
+        """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone."""
+
+        async def once() -> int:
+            stream = self._lease.keep_alive(lease_id)
+            try:
+                async for resp in stream:
+                    return int(resp.TTL)
+                return 0
+            finally:
+                stream.cancel()
+
+        return int(await self._call(once()))
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        resp = await self._call(self._kv.put(key, value, lease=lease))
+        return int(resp.header.revision)
+
+    async def delete(self, key: str) -> int:
+        """Returns the revision after the delete."""
+        resp = await self._call(self._kv.delete(key))
+        return int(resp.header.revision)
+
+    async def txn(self, compares: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnOutcome:
+        """One etcd transaction, sent once. Raises OutcomeUnknown if no answer came back."""
+        kv = self._kv
+        pb_cmp = [self._cmp(c) for c in compares]
+        pb_ok = [self._op(o) for o in success]
+        pb_fail = [self._op(o) for o in failure]
+        try:
+            resp = await asyncio.wait_for(kv.txn(pb_cmp, pb_ok, pb_fail, max_attempts=1), self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # "requested lease not found"
+                raise LeaseNotFound(exc.details() or "lease not found") from exc
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):  # fmt: skip
+                raise OutcomeUnknown(str(self._unavailable(exc))) from exc
+            raise
+        except (EtcdError, TimeoutError) as exc:
+            raise OutcomeUnknown(str(self._unavailable(exc))) from exc
+        reads = tuple(
+            tuple(_kv(kv_) for kv_ in r.response_range.kvs)
+            for r in resp.responses
+            if r.WhichOneof("response") == "response_range"
+        )
+        return TxnOutcome(resp.succeeded, resp.header.revision, reads)
+
+    @staticmethod
+    def _cmp(c: Cmp) -> object:
+        op = _OPS[c.op]
+        if c.target == "version":
+            return KVService.txn_compare_version(c.key, c.value, result=op, range_end=c.range_end)
+        if c.target == "create":
+            return KVService.txn_compare_create_revision(c.key, c.value, result=op, range_end=c.range_end)
+        # etcd3aio has no builder for mod_revision compares; the message is the same Compare.
+        return Compare(
+            result=op, target=Compare.MOD, key=c.key.encode(), mod_revision=c.value,
+            range_end=c.range_end or b"",
+        )  # fmt: skip
+
+    @staticmethod
+    def _op(o: Op) -> object:
+        if isinstance(o, Put):
+            return KVService.txn_op_put(o.key, o.value, lease=o.lease)
+        if isinstance(o, Get):
+            return KVService.txn_op_get(o.key, range_end=o.range_end)
+        return KVService.txn_op_delete(o.key)

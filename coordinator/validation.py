@@ -1,0 +1,143 @@
+"""Input checks for every RPC. Each failure is an InvalidRequest whose message says what to fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from coordinator.domain import NodeInfo, ResourceRequest
+from gpulease.errors import InvalidRequest
+
+MAX_GPUS = 1024
+MAX_CPUS = 16384
+MAX_MEMORY = 2**50  # 1 PiB
+MIN_TTL = 5
+MAX_TTL = 86400
+MAX_SELECTOR = 32
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Airflow run ids look like "scheduled__2024-01-01T00:00:00+00:00": allow ':' '+' '@' '='.
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:+@=-]{1,256}$")
+_ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+def _text(field: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidRequest(f"{field} is {len(value)} characters long; the limit is {limit}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise InvalidRequest(f"{field} contains control characters; use printable text")
+    return value
+
+
+def _count(field: str, value: int, limit: int, unit: str = "") -> int:
+    if value <= 0:
+        raise InvalidRequest(f"{field} must be at least 1{unit}, got {value}")
+    if value > limit:
+        raise InvalidRequest(f"{field} of {value}{unit} is more than the limit of {limit}{unit}")
+    return value
+
+
+def node_name(value: str, field: str = "node") -> str:
+    if not _NAME_RE.match(value):
+        raise InvalidRequest(
+            f"{field} {value[:80]!r} is not a valid node name: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def allocation_id(value: str) -> str:
+    if not _ALLOC_ID_RE.match(value):
+        raise InvalidRequest(
+            f"allocation id {value[:80]!r} is malformed: ids are 8-64 lowercase hex characters "
+            "as printed by `gpuctl allocate`"
+        )
+    return value
+
+
+def request_id(value: str) -> str:
+    if not _REQUEST_ID_RE.match(value):
+        raise InvalidRequest(
+            f"request_id {value[:80]!r} is invalid: use 1-256 characters from letters, digits and ._:+@=-"
+        )
+    return value
+
+
+def ttl(value: int, default: int) -> int:
+    if value == 0:
+        return default
+    if not MIN_TTL <= value <= MAX_TTL:
+        raise InvalidRequest(f"ttl of {value}s is out of range: use {MIN_TTL}s to {MAX_TTL}s (24h)")
+    return value
+
+
+def selector(labels: Mapping[str, str], field: str = "node_selector") -> dict[str, str]:
+    if len(labels) > MAX_SELECTOR:
+        raise InvalidRequest(f"{field} has {len(labels)} entries; the limit is {MAX_SELECTOR}")
+    for k, v in labels.items():
+        if not _LABEL_KEY_RE.match(k):
+            raise InvalidRequest(f"{field} key {k[:80]!r} is invalid: use letters, digits and ._/- (max 128)")
+        _text(f"{field} value for {k!r}", v, 256)
+    return dict(labels)
+
+
+def resource_request(
+    *,
+    gpus: int,
+    cpus: int | None,
+    memory_bytes: int | None,
+    gpu_model: str,
+    min_gpu_memory_bytes: int,
+    node_selector: Mapping[str, str],
+    default_cpus_per_gpu: int,
+    default_memory_per_gpu: int,
+) -> ResourceRequest:
+    _count("gpus", gpus, MAX_GPUS)
+    cpus = default_cpus_per_gpu * gpus if cpus is None else _count("cpus", cpus, MAX_CPUS)
+    if memory_bytes is None:
+        memory_bytes = default_memory_per_gpu * gpus
+    else:
+        _count("memory", memory_bytes, MAX_MEMORY, " bytes")
+    if min_gpu_memory_bytes < 0 or min_gpu_memory_bytes > MAX_MEMORY:
+        raise InvalidRequest(f"min_gpu_memory of {min_gpu_memory_bytes} bytes is out of range")
+    return ResourceRequest(
+        gpus=gpus,
+        cpus=cpus,
+        memory_bytes=memory_bytes,
+        gpu_model=_text("gpu_model", gpu_model, 128),
+        min_gpu_memory_bytes=min_gpu_memory_bytes,
+        node_selector=selector(node_selector),
+    )
+
+
+def owner(value: str) -> str:
+    return _text("owner", value, 128)
+
+
+def address(value: str) -> str:
+    _text("address", value, 255)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {value[:80]!r} must be HOST:PORT")
+    return value
+
+
+def inventory(info: NodeInfo) -> NodeInfo:
+    node_name(info.name)
+    address(info.address)
+    if len(info.gpus) > MAX_GPUS:
+        raise InvalidRequest(f"node reports {len(info.gpus)} GPUs; the limit is {MAX_GPUS}")
+    seen: set[int] = set()
+    for g in info.gpus:
+        if g.index in seen:
+            raise InvalidRequest(f"node reports GPU index {g.index} twice")
+        seen.add(g.index)
+        _text("gpu uuid", g.uuid, 128)
+        _text("gpu model", g.model, 128)
+        _text("gpu health detail", g.health_detail, 1024)
+    if info.cpus_total > MAX_CPUS or info.memory_total_bytes > MAX_MEMORY:
+        raise InvalidRequest("node reports more CPUs or memory than gpulease supports")
+    selector(info.labels, "labels")
+    _text("hostname", info.hostname, 255)
+    return info

@@ -1,0 +1,192 @@
+"""In-memory view of cluster state, fed by one etcd watch on the whole prefix.
+
+Placement reads this view; it may be stale by a few milliseconds, which is fine because the
+allocation transaction re-checks everything it relied on. The view only has to converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from types import MappingProxyType
+
+from coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
+from coordinator.keys import Keys, range_end
+from coordinator.records import decode_alloc, decode_node, decode_res
+from coordinator.store import KV, Event, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ClusterView:
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self._store = store
+        self._keys = keys
+        self.revision = 0
+        self.synced = asyncio.Event()
+        self.last_error = ""
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._records: dict[str, tuple[NodeInfo, int]] = {}
+        self._alive: set[str] = set()
+        self._cordoned: set[str] = set()
+        self._held: dict[str, dict[int, str]] = {}
+        self._res: dict[str, dict[str, tuple[int, int]]] = {}
+        self._allocs: dict[str, Allocation] = {}
+        # Rebuilt per touched node, so a snapshot costs O(1) however large the cluster is.
+        self._views: dict[str, NodeView] = {}
+
+    # --- queries (synchronous: consistent until the caller's next await) ---------------
+
+    def ensure_synced(self) -> None:
+        """Refuse to answer from an empty or unsynced view: that would look like 'no nodes'."""
+        if self.synced.is_set():
+            return
+        if self.last_error:  # already names the URL and what to check
+            raise StoreUnavailable(self.last_error)
+        raise StoreUnavailable(
+            f"the coordinator is still loading cluster state from etcd at {','.join(self._store.urls)}; "
+            "retry in a moment"
+        )
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.revision, MappingProxyType(self._views))
+
+    def node(self, name: str) -> NodeView | None:
+        return self._views.get(name)
+
+    def nodes(self) -> list[NodeView]:
+        return [self._views[n] for n in sorted(self._views)]
+
+    def allocation(self, alloc_id: str) -> Allocation | None:
+        return self._allocs.get(alloc_id)
+
+    def allocations(self) -> list[Allocation]:
+        return sorted(self._allocs.values(), key=lambda a: (a.revision, a.id))
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        """Wait until events up to `revision` are applied. False on timeout (never raises)."""
+        if self.revision >= revision:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters = [(r, f) for r, f in self._waiters if f is not fut]
+
+    # --- feeding -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load, then follow the watch; reload on compaction or after etcd outages. Runs until cancelled."""
+        prefix, end = self._keys.prefix, range_end(self._keys.prefix)
+        backoff = 0.2
+        while True:
+            try:
+                rev, kvs = await self._store.get_prefix(prefix, end)
+                self._load(rev, kvs)
+                backoff = 0.2
+                async for batch in self._store.watch(prefix, end, rev + 1):
+                    if batch.resync:
+                        log.warning("watch lost its place at revision %d; reloading the view", batch.revision)
+                        break
+                    self._apply(batch.events, batch.revision)
+            except StoreUnavailable as exc:
+                self.synced.clear()
+                self.last_error = str(exc)
+                log.warning("view: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                self.synced.clear()
+                log.exception("view: watch failed; reloading in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _load(self, revision: int, kvs: Iterable[KV]) -> None:
+        self._reset()
+        for kv in kvs:
+            self._apply_one(Event("put", kv))
+        for name in list(self._records):
+            self._rebuild(name)
+        self._advance(revision)
+        self.synced.set()
+        log.info("view synced at revision %d: %d nodes, %d allocations", revision, len(self._views),
+                 len(self._allocs))  # fmt: skip
+
+    def _apply(self, events: Iterable[Event], revision: int) -> None:
+        touched: set[str] = set()
+        for ev in events:
+            node = self._apply_one(ev)
+            if node:
+                touched.add(node)
+        for name in touched:
+            self._rebuild(name)
+        self._advance(revision)
+
+    def _apply_one(self, ev: Event) -> str | None:
+        """Apply one event to the raw maps; returns the node whose view must be rebuilt."""
+        parts = self._keys.parse(ev.kv.key)
+        if not parts:
+            return None
+        kind, put, kv = parts[0], ev.kind == "put", ev.kv
+        if kind == "nodes" and len(parts) == 2:
+            if put:
+                self._records[parts[1]] = (decode_node(kv.value), kv.mod_revision)
+            else:
+                self._records.pop(parts[1], None)
+            return parts[1]
+        if kind in ("alive", "cordoned") and len(parts) == 2:
+            target = self._alive if kind == "alive" else self._cordoned
+            (target.add if put else target.discard)(parts[1])
+            return parts[1]
+        if kind == "gpus" and len(parts) == 3:
+            held = self._held.setdefault(parts[1], {})
+            if put:
+                held[int(parts[2])] = kv.value.decode()
+            else:
+                held.pop(int(parts[2]), None)
+            return parts[1]
+        if kind == "res" and len(parts) == 3:
+            res = self._res.setdefault(parts[1], {})
+            if put:
+                res[parts[2]] = decode_res(kv.value)
+            else:
+                res.pop(parts[2], None)
+            return parts[1]
+        if kind == "allocs" and len(parts) == 2:
+            if put:
+                self._allocs[parts[1]] = decode_alloc(kv.value, kv.create_revision)
+            else:
+                self._allocs.pop(parts[1], None)
+        return None
+
+    def _rebuild(self, name: str) -> None:
+        rec = self._records.get(name)
+        if rec is None:
+            self._views.pop(name, None)
+            return
+        info, rec_rev = rec
+        if (name in self._cordoned) != info.cordoned:
+            info = NodeInfo(**{**info.__dict__, "cordoned": name in self._cordoned})
+        res = self._res.get(name, {})
+        self._views[name] = NodeView(
+            info=info,
+            up=name in self._alive,
+            record_revision=rec_rev,
+            gpus_held=frozenset(self._held.get(name, {})),
+            cpus_used=sum(c for c, _ in res.values()),
+            memory_used=sum(m for _, m in res.values()),
+        )
+
+    def _advance(self, revision: int) -> None:
+        self.revision = max(self.revision, revision)
+        for rev, fut in self._waiters:
+            if rev <= self.revision and not fut.done():
+                fut.set_result(None)
