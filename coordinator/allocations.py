@@ -187,10 +187,11 @@ class AllocationService:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
         return alloc
 
-    async def release(self, alloc_id: str) -> bool:
+    async def release(self, alloc_id: str) -> int:
+        """Revision of the release, or 0 when the allocation was not live (release is idempotent)."""
         alloc = await self._by_id(validation.allocation_id(alloc_id))
         if alloc is None:
-            return False
+            return 0
         # Revoking the lease deletes every key of the allocation in one step.
         return await self._store.revoke(alloc.lease_id)
 

@@ -41,8 +41,9 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
     need_gpus = request.gpus
     need_cpus = request.cpus
     need_mem = request.memory_bytes
-    # casefold once here, not per GPU; "" means any model.
-    want_model = request.gpu_model.casefold()
+    # "" means any model. Exact match first: it is the usual case and skips a casefold per GPU.
+    exact_model = request.gpu_model
+    want_model = exact_model.casefold()
     min_gpu_mem = request.min_gpu_memory_bytes
     selector = request.node_selector
 
@@ -70,7 +71,7 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
             if (
                 gpu.healthy
                 and gpu.memory_total_bytes >= min_gpu_mem
-                and (not want_model or gpu.model.casefold() == want_model)
+                and (not want_model or gpu.model == exact_model or gpu.model.casefold() == want_model)
             ):
                 n_match += 1
                 if gpu.index not in held:
@@ -164,13 +165,17 @@ def _note_gpu_shortfall(t: _Tally, info: NodeInfo, want_model: str, n_match: int
     """Record why a node can never fit the GPUs; a second look at its GPUs, off the fit path."""
     t.most_match_gpus.offer(n_match, info.name)
     n_model = 0
+    top_gpu_mem = -1
     for gpu in info.gpus:
-        if gpu.healthy and (not want_model or gpu.model.casefold() == want_model):
+        if not gpu.healthy:
+            continue
+        if not want_model or gpu.model.casefold() == want_model:
             n_model += 1
-            t.largest_gpu_mem.offer(gpu.memory_total_bytes, info.name)
-        elif gpu.healthy:
+            top_gpu_mem = max(top_gpu_mem, gpu.memory_total_bytes)
+        else:
             t.models_seen.add(gpu.model)
     t.most_model_gpus.offer(n_model, info.name)
+    t.largest_gpu_mem.offer(top_gpu_mem, info.name)
 
 
 @dataclass(slots=True)

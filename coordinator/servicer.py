@@ -47,7 +47,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @grpc_errors
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=await self._allocs.release(request.allocation_id))
+        revision = await self._allocs.release(request.allocation_id)
+        return pb.ReleaseResponse(released=revision > 0, revision=revision)
 
     @grpc_errors
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> pb.KeepAliveResponse:

@@ -241,15 +241,15 @@ class Store:
         resp = await self._call(self._lease.grant(ttl))
         return int(resp.ID)
 
-    async def revoke(self, lease_id: int) -> bool:
-        """True if the lease existed and is now gone with its keys; False if it was already gone."""
+    async def revoke(self, lease_id: int) -> int:
+        """Revision at which the lease and its keys were deleted; 0 if the lease was already gone."""
         try:
-            await self._call(self._lease.revoke(lease_id))
+            resp = await self._call(self._lease.revoke(lease_id))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return False
+                return 0
             raise
-        return True
+        return int(resp.header.revision)
 
     async def keepalive_once(self, lease_id: int) -> int:
         """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone."""

@@ -48,8 +48,8 @@ class ClusterView:
         if self.last_error:  # already names the URL and what to check
             raise StoreUnavailable(self.last_error)
         raise StoreUnavailable(
-            f"the coordinator is still loading cluster state from etcd at {','.join(self._store.urls)}; "
-            "retry in a moment"
+            f"the coordinator has no answer from etcd at {','.join(self._store.urls)} yet; retry in a moment, "
+            "and if this persists check the coordinator's --etcd URL and that etcd is running"
         )
 
     def snapshot(self) -> Snapshot:

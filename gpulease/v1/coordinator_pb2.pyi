@@ -126,14 +126,18 @@ class ReleaseResponse(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     RELEASED_FIELD_NUMBER: builtins.int
+    REVISION_FIELD_NUMBER: builtins.int
     released: builtins.bool
     """True when this call ended a live allocation; false when it was already gone."""
+    revision: builtins.int
+    """etcd revision at which the allocation's keys were deleted (0 when released is false)."""
     def __init__(
         self,
         *,
         released: builtins.bool = ...,
+        revision: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["released", b"released"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["released", b"released", "revision", b"revision"]) -> None: ...
 
 global___ReleaseResponse = ReleaseResponse
 

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import harness
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Etcd]:
+    server = harness.start_etcd(tmp_path_factory.mktemp("etcd"))
+    yield server
+    server.proc.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return harness.new_prefix()
+
+
+@pytest.fixture
+def start_coordinator(
+    etcd: harness.Etcd, prefix: str, tmp_path: Path
+) -> Iterator[Callable[..., harness.Coordinator]]:
+    """Factory: start one or more coordinators on the test's prefix; all stopped at teardown."""
+    started: list[harness.Coordinator] = []
+
+    def start(**kw: object) -> harness.Coordinator:
+        c = harness.start_coordinator(tmp_path, etcd.url, prefix, **kw)  # type: ignore[arg-type]
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.channel.close()
+    harness.stop_all([c.proc for c in started])
+
+
+@pytest.fixture
+def coordinator(start_coordinator: Callable[..., harness.Coordinator]) -> harness.Coordinator:
+    return start_coordinator()

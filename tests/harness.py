@@ -1,0 +1,144 @@
+"""Test harness: real etcd and coordinator processes, plus small gRPC helpers.
+
+Each test gets its own key prefix on one session-wide etcd, so tests never see each other's
+state and no test needs a fresh etcd (about 1 s each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from coordinator.keys import range_end
+from coordinator.store import Store
+from gpulease import procs
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+from gpulease.v1 import types_pb2 as tpb
+
+GiB = 2**30
+
+
+@dataclass
+class Etcd:
+    url: str
+    proc: procs.ManagedProcess
+
+
+@dataclass
+class Coordinator:
+    address: str
+    proc: procs.ManagedProcess
+    channel: grpc.Channel = field(repr=False)
+    stub: pb_grpc.CoordinatorServiceStub = field(repr=False)
+
+
+def start_etcd(tmp: Path) -> Etcd:
+    client, peer = procs.free_port(), procs.free_port()
+    proc = procs.start_etcd(tmp / "etcd", client, peer)
+    url = f"http://127.0.0.1:{client}"
+    procs.wait_etcd_healthy(url, 20, proc)
+    return Etcd(url, proc)
+
+
+def start_coordinator(
+    tmp: Path, etcd_url: str, prefix: str, *, node_ttl: int = 60, heartbeat: int = 2, extra: list[str] | None = None
+) -> Coordinator:
+    port = procs.free_port()
+    address = f"127.0.0.1:{port}"
+    args = ["--etcd", etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", str(node_ttl),
+            "--heartbeat-interval", str(heartbeat), *(extra or [])]  # fmt: skip
+    name = f"coordinator-{port}"
+    proc = procs.start_python_module(name, "coordinator.main", args, tmp / f"{name}.log",
+                                     env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
+    procs.wait_grpc_health(address, 20, proc)
+    channel = grpc.insecure_channel(address)
+    return Coordinator(address, proc, channel, pb_grpc.CoordinatorServiceStub(channel))
+
+
+def new_prefix() -> str:
+    return f"/t-{uuid.uuid4().hex[:12]}/"
+
+
+def inventory(
+    gpus: int = 8, *, model: str = "NVIDIA H100 80GB HBM3", cpus: int = 32, memory: int = 256 * GiB,
+    labels: dict[str, str] | None = None, gpu_memory: int = 80 * GiB, node: str = "n",
+) -> tpb.NodeInventory:  # fmt: skip
+    return tpb.NodeInventory(
+        gpus=[
+            tpb.Gpu(index=i, uuid=f"GPU-{node}-{i}", model=model, memory_total_bytes=gpu_memory, healthy=True)
+            for i in range(gpus)
+        ],
+        cpus_total=cpus,
+        memory_total_bytes=memory,
+        labels=labels or {},
+        hostname=node,
+    )
+
+
+def register(stub: pb_grpc.CoordinatorServiceStub, name: str, **inv: object) -> int:
+    resp = stub.RegisterNode(
+        pb.RegisterNodeRequest(node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inventory(node=name, **inv))  # type: ignore[arg-type]
+    )
+    return resp.lease_id
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    """Poll predicate until truthy; fail with `what` after timeout. Returns the truthy value."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def summary(stub: pb_grpc.CoordinatorServiceStub) -> pb.GetClusterSummaryResponse:
+    return stub.GetClusterSummary(pb.GetClusterSummaryRequest())
+
+
+def wait_nodes_up(stub: pb_grpc.CoordinatorServiceStub, names: set[str], timeout: float = 10) -> None:
+    def up() -> bool:
+        nodes = stub.ListNodes(pb.ListNodesRequest()).nodes
+        return {n.name for n in nodes if n.state == tpb.NODE_STATE_UP} >= names
+
+    wait_until(up, timeout, f"nodes {sorted(names)} up")
+
+
+def rpc_error(fn: Callable[[], object]) -> grpc.RpcError:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("expected an RPC error, got success")
+
+
+def reason(err: grpc.RpcError) -> str:
+    return dict(err.trailing_metadata() or ()).get("gpulease-reason", "")  # type: ignore[attr-defined]
+
+
+def etcd_keys(url: str, prefix: str) -> list[str]:
+    """Every key under prefix, read directly from etcd (not through the coordinator)."""
+
+    async def read() -> list[str]:
+        store = Store([url])
+        await store.start()
+        try:
+            _, kvs = await store.get_prefix(prefix, range_end(prefix))
+            return [kv.key[len(prefix) :] for kv in kvs]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def stop_all(items: Iterator[procs.ManagedProcess] | list[procs.ManagedProcess]) -> None:
+    procs.stop_all(list(items), grace=5)
