@@ -290,7 +290,7 @@ def _insufficient_message(request: ResourceRequest, t: _Tally) -> str:
         wants.append(_plural(request.cpus, "CPU"))
     if request.memory_bytes > 0:
         wants.append(f"{_fmt_bytes(request.memory_bytes)} of memory")
-    what = " and ".join([", ".join(wants[:-1]), wants[-1]] if len(wants) > 1 else wants) or "the request"
+    what = ", ".join(wants[:-1]) + " and " + wants[-1] if len(wants) > 1 else "".join(wants) or "the request"
     head = f"no node has room for {what} right now ({_plural(t.matching, 'matching node')}: {', '.join(states)})"
     if not busy:
         return f"{head}; every node that could fit it is down or cordoned: bring one back up or uncordon it"
