@@ -1,30 +1,31 @@
-"""Allocation service: validate, place on the view, commit through etcd, retry on conflict.
+"""Allocation service: validate, grant a lease, hand the request to the batcher, and the rest
+of the allocation lifecycle (get, list, keepalive, release).
 
-The placement is computed from the (possibly stale) view; the committer's transaction is the
-final arbiter. A rejected commit waits for the view to catch up and retries, a bounded number
-of times. Every exit path that did not commit revokes the lease it granted, so an error never
-leaves partial state behind.
+Placement runs on the (possibly stale) view; the committer's transaction is the final arbiter
+and the batcher retries rejected commits a bounded number of times. Every path that does not
+end in a commit revokes the lease it granted, so an error never leaves partial state behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import random
 import secrets
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from coordinator import validation
-from coordinator.committer import Committed, Committer, RequestTaken
+from coordinator.batcher import Batcher, BatchPolicy
+from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
 from coordinator.placement import place
 from coordinator.records import decode_alloc
-from coordinator.store import LeaseNotFound, OutcomeUnknown, Store
+from coordinator.store import Store
 from coordinator.view import ClusterView
-from gpulease.errors import AllocationNotFound, Conflict, InsufficientResources, Unsatisfiable
+from gpulease.errors import AllocationNotFound, InsufficientResources, Unsatisfiable
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,8 @@ class AllocationPolicy:
     default_ttl: int = 60
     default_cpus_per_gpu: int = 1
     default_memory_per_gpu: int = 4 * 2**30
-    max_commit_attempts: int = 10
-    # How long a rejected commit waits for the watch to deliver what the commit tripped on.
-    catch_up_timeout: float = 1.0
+    max_commit_rounds: int = 20
+    max_txn_ops: int = 128
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,23 @@ class AllocationService:
         self._store = store
         self._view = view
         self._keys = keys
-        self._committer = committer
         self._policy = policy
+        self._background: set[asyncio.Task[None]] = set()
+        self._batcher = Batcher(
+            view,
+            committer,
+            by_request_id=self._by_request_id,
+            by_id=self._by_id,
+            policy=BatchPolicy(max_rounds=policy.max_commit_rounds, max_txn_ops=policy.max_txn_ops),
+        )
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._batcher
+
+    async def run(self) -> None:
+        """The commit loop; runs until cancelled."""
+        await self._batcher.run()
 
     async def allocate(self, inp: AllocateInput) -> tuple[Allocation, bool]:
         """Returns (allocation, reused). reused=True when request_id matched a live allocation."""
@@ -86,9 +101,8 @@ class AllocationService:
         request_id = validation.request_id(inp.request_id) if inp.request_id else alloc_id
 
         # Placement before the lease: a request that cannot fit costs no etcd write.
-        snapshot = self._view.snapshot()
         try:
-            first = self._place(req, snapshot, frozenset())
+            self._place(req, self._view.snapshot())
         except (InsufficientResources, Unsatisfiable):
             existing = await self._by_request_id(request_id)
             if existing:
@@ -101,67 +115,21 @@ class AllocationService:
             lease_id=lease, revision=0, owner=owner, request_id=request_id,
             created_unix_ms=int(time.time() * 1000),
         )  # fmt: skip
-        committed = False
-        try:
-            result, reused = await self._commit_loop(req, draft, (snapshot, first))
-            committed = not reused
-            return result, reused
-        finally:
-            if not committed:
-                await self._revoke_quietly(lease)
+        fut = self._batcher.submit(req, draft)
+        # Whatever happens to this call, the lease is revoked unless it carries the allocation.
+        # A cancelled client must not revoke a lease its batch is committing (that would fail the
+        # whole batch), so the decision waits for the batch's answer.
+        fut.add_done_callback(functools.partial(self._settle_lease, lease, alloc_id))
+        return await asyncio.shield(fut)
 
-    async def _commit_loop(
-        self, req: ResourceRequest, draft: Allocation, first: tuple[Snapshot, Placement]
-    ) -> tuple[Allocation, bool]:
-        excluded: frozenset[str] = frozenset()
-        snapshot, placement = first
-        for attempt in range(1, self._policy.max_commit_attempts + 1):
-            if attempt > 1:
-                snapshot = self._view.snapshot()
-                try:
-                    placement = self._place(req, snapshot, excluded)
-                except (InsufficientResources, Unsatisfiable):
-                    existing = await self._by_request_id(draft.request_id)
-                    if existing:
-                        return existing, True
-                    raise
-            try:
-                result = await self._committer.commit(placement, draft, snapshot)
-            except OutcomeUnknown:
-                # The txn may still commit. Its request key tells; if it is absent, revoking the
-                # lease (done by our caller) makes a late commit impossible: a Put on a revoked
-                # lease fails the whole txn.
-                existing = await self._by_request_id(draft.request_id)
-                if existing and existing.id == draft.id:
-                    return existing, False
-                if existing:
-                    return existing, True
-                raise
-            except LeaseNotFound:
-                # Our lease expired before we could commit (etcd stalled for > ttl): start over.
-                raise Conflict("the allocation's lease expired before it could commit; retry") from None
-            if isinstance(result, Committed):
-                return result.allocation, False
-            if isinstance(result, RequestTaken):
-                existing = await self._by_id(result.allocation_id)
-                if existing:
-                    return existing, True
-                continue  # it ended between the txn and our read: the id is free again
-            if result.node_unusable:
-                excluded |= {placement.node}
-            await self._view.wait_for_revision(result.revision, self._policy.catch_up_timeout)
-            # Jitter keeps replicas that lost the same race from colliding again in lockstep.
-            await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-        raise Conflict(
-            f"gave up after {self._policy.max_commit_attempts} conflicting commits "
-            "(heavy contention for the same nodes); retry the request"
-        )
+    def _settle_lease(self, lease: int, alloc_id: str, fut: asyncio.Future[tuple[Allocation, bool]]) -> None:
+        if fut.cancelled() or fut.exception() is not None or fut.result()[0].id != alloc_id:
+            task = asyncio.ensure_future(self._revoke_quietly(lease))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     @staticmethod
-    def _place(req: ResourceRequest, snapshot: Snapshot, excluded: frozenset[str]) -> Placement:
-        if excluded:
-            nodes = {n: v for n, v in snapshot.nodes.items() if n not in excluded}
-            snapshot = Snapshot(snapshot.revision, MappingProxyType(nodes))
+    def _place(req: ResourceRequest, snapshot: Snapshot) -> Placement:
         return place(snapshot, req)
 
     async def _revoke_quietly(self, lease: int) -> None:

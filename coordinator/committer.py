@@ -1,40 +1,42 @@
-"""Turns a placement into one etcd transaction whose compares make a wrong commit impossible.
+"""Turns placements into one etcd transaction whose compares make a wrong commit impossible.
 
-Compares (all must hold at commit time, or nothing is written):
+For each allocation in the batch, and each node it lands on, the compares are:
   reqs/<request_id>     version == 0     the request id has no live allocation (idempotency)
   gpus/<node>/<i>       version == 0     each chosen GPU is free (no double allocation)
   res/<node>/...        mod_revision < snapshot+1 over the whole range: no CPU/memory was
-                        reserved on the node since the snapshot placement judged free capacity
-                        by (deletions only free capacity, so they may pass)
+                        reserved on the node since the snapshot that judged its free capacity
+                        (deletions only free capacity, so they may pass)
   nodes/<node>          mod_revision == what placement saw (same GPUs, same capacity)
   alive/<node>          version > 0      the node is up
   cordoned/<node>       version == 0     the node is not cordoned
-Success writes the allocation record, one key per GPU, the reservation and the request key,
-all on the allocation's lease. Failure reads back what the compares looked at, so the caller
-can tell a reused request id from a conflict and knows which revision its view must reach.
+Success writes, per allocation, its record, one key per GPU, its reservation and its request
+key, each on the allocation's own lease. Failure reads back what the compares looked at, so
+the caller can tell a reused request id from a conflict and which revision its view must reach.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
 from coordinator.keys import Keys, range_end
 from coordinator.records import encode_alloc, encode_res
-from coordinator.store import Cmp, Get, Put, Store
+from coordinator.store import Cmp, Get, Op, Put, Store
+
+
+@dataclass(frozen=True)
+class Item:
+    placement: Placement
+    # id, lease, request id, cpus, memory, ttl, owner; node and GPUs come from the placement.
+    draft: Allocation
 
 
 @dataclass(frozen=True)
 class Committed:
-    allocation: Allocation
-
-
-@dataclass(frozen=True)
-class RequestTaken:
-    """The request id already belongs to a live allocation."""
-
-    allocation_id: str
+    allocations: tuple[Allocation, ...]
+    revision: int
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,17 @@ class Rejected:
     """A compare failed: the view was stale. Retry once the view reaches `revision`."""
 
     revision: int
-    # The node is down or cordoned in etcd: don't pick it again for this request.
-    node_unusable: bool
+    # request id -> id of the live allocation that already holds it
+    taken: Mapping[str, str] = field(default_factory=dict)
+    # nodes that etcd says are down or cordoned: don't pick them again for these requests
+    unusable: frozenset[str] = frozenset()
 
 
-CommitResult = Committed | RequestTaken | Rejected
+CommitResult = Committed | Rejected
 
 
 class Committer(Protocol):
-    async def commit(self, placement: Placement, draft: Allocation, snapshot: Snapshot) -> CommitResult: ...
+    async def commit(self, items: Sequence[Item], snapshot: Snapshot) -> CommitResult: ...
 
 
 def gpus_of(placement: Placement, snapshot: Snapshot) -> tuple[AllocatedGpu, ...]:
@@ -58,42 +62,53 @@ def gpus_of(placement: Placement, snapshot: Snapshot) -> tuple[AllocatedGpu, ...
     return tuple(AllocatedGpu(i, by_index[i].uuid, by_index[i].model) for i in placement.gpu_indexes)
 
 
+def txn_size(items: Sequence[Item]) -> int:
+    """The largest of the txn's compare, success and failure lists (etcd caps each: --max-txn-ops)."""
+    nodes = {i.placement.node for i in items}
+    gpus = sum(len(i.placement.gpu_indexes) for i in items)
+    compares = len(items) + gpus + 4 * len(nodes)
+    puts = 3 * len(items) + gpus
+    reads = len(items) + 5 * len(nodes)
+    return max(compares, puts, reads)
+
+
 class EtcdCommitter:
     def __init__(self, store: Store, keys: Keys) -> None:
         self._store = store
         self._keys = keys
 
-    async def commit(self, placement: Placement, draft: Allocation, snapshot: Snapshot) -> CommitResult:
-        k, node, lease = self._keys, placement.node, draft.lease_id
-        alloc = replace(draft, node=node, gpus=gpus_of(placement, snapshot))
-        res_prefix = k.res_prefix(node)
-        compares = [
-            Cmp(k.req(alloc.request_id), "version", "==", 0),
-            *(Cmp(k.gpu(node, i), "version", "==", 0) for i in placement.gpu_indexes),
-            Cmp(res_prefix, "mod", "<", placement.snapshot_revision + 1, range_end(res_prefix)),
-            Cmp(k.node(node), "mod", "==", placement.node_record_revision),
-            Cmp(k.alive(node), "version", ">", 0),
-            Cmp(k.cordoned(node), "version", "==", 0),
-        ]
-        success = [
-            Put(k.alloc(alloc.id), encode_alloc(alloc), lease),
-            *(Put(k.gpu(node, i), alloc.id.encode(), lease) for i in placement.gpu_indexes),
-            Put(k.res(node, alloc.id), encode_res(alloc.cpus, alloc.memory_bytes), lease),
-            Put(k.req(alloc.request_id), alloc.id.encode(), lease),
-        ]
-        failure = [
-            Get(k.req(alloc.request_id)),
-            Get(k.alive(node)),
-            Get(k.cordoned(node)),
-            Get(k.node(node)),
-            Get(k.gpu(node, 0), range_end(f"{k.prefix}gpus/{node}/")),
-            Get(res_prefix, range_end(res_prefix)),
-        ]
+    async def commit(self, items: Sequence[Item], snapshot: Snapshot) -> CommitResult:
+        k = self._keys
+        allocs = [replace(i.draft, node=i.placement.node, gpus=gpus_of(i.placement, snapshot)) for i in items]
+        compares: list[Cmp] = []
+        success: list[Op] = []
+        nodes: dict[str, Placement] = {}
+        for item, a in zip(items, allocs, strict=True):
+            p, lease = item.placement, a.lease_id
+            nodes.setdefault(p.node, p)
+            compares.append(Cmp(k.req(a.request_id), "version", "==", 0))
+            compares.extend(Cmp(k.gpu(p.node, i), "version", "==", 0) for i in p.gpu_indexes)
+            success.append(Put(k.alloc(a.id), encode_alloc(a), lease))
+            success.extend(Put(k.gpu(p.node, i), a.id.encode(), lease) for i in p.gpu_indexes)
+            success.append(Put(k.res(p.node, a.id), encode_res(a.cpus, a.memory_bytes), lease))
+            success.append(Put(k.req(a.request_id), a.id.encode(), lease))
+        failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
+        for node, p in nodes.items():
+            res = k.res_prefix(node)
+            compares += [
+                Cmp(res, "mod", "<", p.snapshot_revision + 1, range_end(res)),
+                Cmp(k.node(node), "mod", "==", p.node_record_revision),
+                Cmp(k.alive(node), "version", ">", 0),
+                Cmp(k.cordoned(node), "version", "==", 0),
+            ]
+            gpus = f"{k.prefix}gpus/{node}/"
+            failure += [Get(k.alive(node)), Get(k.cordoned(node)), Get(k.node(node)),
+                        Get(gpus, range_end(gpus)), Get(res, range_end(res))]  # fmt: skip
         out = await self._store.txn(compares, success, failure)
         if out.succeeded:
-            return Committed(replace(alloc, revision=out.revision))
-        req, alive, cordoned = out.reads[0], out.reads[1], out.reads[2]
-        if req:
-            return RequestTaken(req[0].value.decode())
+            return Committed(tuple(replace(a, revision=out.revision) for a in allocs), out.revision)
+        taken = {a.request_id: r[0].value.decode() for a, r in zip(allocs, out.reads, strict=False) if r}
+        per_node = out.reads[len(allocs) :]
+        unusable = frozenset(node for j, node in enumerate(nodes) if not per_node[5 * j] or per_node[5 * j + 1])
         seen = [kv.mod_revision for read in out.reads for kv in read]
-        return Rejected(max(seen, default=out.revision), node_unusable=not alive or bool(cordoned))
+        return Rejected(max(seen, default=out.revision), taken, unusable)

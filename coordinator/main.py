@@ -72,6 +72,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     log.info("listening on %s, etcd %s, prefix %s", cfg.listen, ",".join(cfg.etcd), cfg.prefix)
 
     view_task = asyncio.create_task(view.run(), name="view")
+    commit_task = asyncio.create_task(allocations.run(), name="commits")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,7 +98,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     sd_notify("STOPPING=1")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
-    for task in (view_task, health_task):
+    for task in (commit_task, view_task, health_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
