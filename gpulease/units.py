@@ -21,9 +21,7 @@ def parse_size(text: str) -> int:
     """'16GiB' -> 17179869184; '500M' -> 500000000; '1024' -> 1024 bytes."""
     m = _SIZE_RE.match(text)
     if not m:
-        raise InvalidRequest(
-            f"cannot parse size {text!r}: use a number with an optional unit, e.g. 16GiB, 512Mi, 2G"
-        )
+        raise InvalidRequest(f"cannot parse size {text!r}: use a number with an optional unit, e.g. 16GiB, 512Mi, 2G")
     value = float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "").lower()]
     return int(value)
 

@@ -1,0 +1,1 @@
+"""gpuctl: the command-line front end of the gpulease client (``gpulease.cli.main:main``)."""

@@ -1,0 +1,146 @@
+"""One handler per gpuctl command: call the client, print the result, return the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from gpulease.cli import views
+from gpulease.cli.config import CliConfig
+from gpulease.cli.devconfig import DevClusterConfig
+from gpulease.cli.output import print_json, print_table
+from gpulease.errors import InvalidRequest
+from gpulease.units import parse_duration, parse_size
+
+Handler = Callable[[CliConfig, argparse.Namespace], int]
+
+
+def status(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        summary = client.cluster_summary()
+    if args.json:
+        nodes = [{"name": n.name, "state": n.state, **views.summary_counters(n)} for n in summary.nodes]
+        print_json({"nodes": nodes, "totals": views.summary_counters(summary.totals)})
+        return 0
+    rows = [views.summary_row(n.name, n.state, n) for n in summary.nodes]
+    rows.append(views.summary_row("TOTAL", "", summary.totals))
+    print_table(["NODE", "STATE", "GPUS", "CPUS", "MEMORY"], rows)
+    return 0
+
+
+def nodes(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        found = client.list_nodes()
+    if args.json:
+        print_json([views.node_json(n) for n in found])
+    elif not found:
+        print("no nodes registered")
+    else:
+        headers = ["NODE", "STATE", "ADDRESS", "GPUS", "CPUS", "MEMORY", "LABELS"]
+        print_table(headers, [views.node_row(n) for n in found])
+    return 0
+
+
+def allocs(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        found = client.list_allocations(node=args.node, owner=args.owner)
+    if args.json:
+        print_json([views.allocation_json(a) for a in found])
+    elif not found:
+        print("no live allocations")
+    else:
+        headers = ["ID", "NODE", "GPUS", "CPUS", "MEMORY", "TTL", "OWNER", "REVISION"]
+        print_table(headers, [views.allocation_row(a) for a in found])
+    return 0
+
+
+def _flag_value(flag: str, text: str | None, parse: Callable[[str], int]) -> int | None:
+    # Parsed here rather than by argparse so that a bad value is an InvalidRequest, reported
+    # exactly like the coordinator's own validation errors.
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except InvalidRequest as e:
+        raise InvalidRequest(f"{flag}: {e.message}") from None
+
+
+def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
+    memory = _flag_value("--memory", args.memory, parse_size)
+    min_gpu_memory = _flag_value("--min-gpu-memory", args.min_gpu_memory, parse_size)
+    ttl = _flag_value("--ttl", args.ttl, parse_duration)
+    with cfg.client() as client:
+        alloc = client.allocate(
+            gpus=args.gpus,
+            cpus=args.cpus,
+            memory=memory,
+            gpu_model=args.gpu_model,
+            min_gpu_memory=min_gpu_memory,
+            node_selector=dict(args.selector),
+            ttl=ttl,
+            owner=args.owner,
+            request_id=args.request_id,
+        )
+    if args.json:
+        print_json(views.allocation_json(alloc))
+        return 0
+    print(views.allocation_line(alloc))
+    print(
+        f"note: the lease expires after {alloc.ttl_seconds}s unless kept alive (Client.keep_alive) "
+        f"or released (gpuctl release {alloc.id})"
+    )
+    return 0
+
+
+def release(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        released = client.release(args.id)
+    if args.json:
+        print_json({"id": args.id, "released": released})
+    elif released:
+        print(f"released {args.id}")
+    else:
+        print(f"{args.id} was not live (already released or expired); nothing to do")
+    return 0
+
+
+def _set_cordon(cfg: CliConfig, args: argparse.Namespace, cordoned: bool) -> int:
+    with cfg.client() as client:
+        node = client.cordon(args.node, cordoned=cordoned)
+    if args.json:
+        print_json(views.node_json(node))
+    elif cordoned:
+        print(f"cordoned {node.name}: no new allocations will be placed on it")
+    else:
+        print(f"uncordoned {node.name}: it takes new allocations again")
+    return 0
+
+
+def cordon(cfg: CliConfig, args: argparse.Namespace) -> int:
+    return _set_cordon(cfg, args, cordoned=True)
+
+
+def uncordon(cfg: CliConfig, args: argparse.Namespace) -> int:
+    return _set_cordon(cfg, args, cordoned=False)
+
+
+def dev(cfg: CliConfig, args: argparse.Namespace) -> int:
+    config = DevClusterConfig(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        port=args.port,
+        data_dir=args.data_dir,
+        demo=args.demo,
+    )
+    try:
+        # Imported here: it needs the coordinator/agent/etcd extras, which gpuctl alone does not.
+        from gpulease.devcluster import run_dev_cluster
+    except ImportError as e:
+        print(
+            f"gpuctl: error: gpuctl dev needs the server extras ({e}); "
+            "install them with: pip install 'gpulease[coordinator,agent,etcd]'",
+            file=sys.stderr,
+        )
+        return 1
+    return run_dev_cluster(config)

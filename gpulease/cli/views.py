@@ -1,0 +1,111 @@
+"""Models -> what gpuctl prints: JSON documents and table cells. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from gpulease.cli.output import ratio
+from gpulease.client import Allocation, Gpu, Node, NodeSummary
+from gpulease.units import format_size
+
+
+def summary_counters(s: NodeSummary) -> dict[str, int]:
+    return {
+        "gpus_total": s.gpus_total,
+        "gpus_free": s.gpus_free,
+        "cpus_total": s.cpus_total,
+        "cpus_free": s.cpus_free,
+        "memory_total_bytes": s.memory_total_bytes,
+        "memory_free_bytes": s.memory_free_bytes,
+    }
+
+
+def summary_row(label: str, state: str, s: NodeSummary) -> list[str]:
+    memory = f"{format_size(s.memory_free_bytes)}/{format_size(s.memory_total_bytes)}"
+    return [label, state, ratio(s.gpus_free, s.gpus_total), ratio(s.cpus_free, s.cpus_total), memory]
+
+
+def node_json(n: Node) -> dict[str, Any]:
+    return {
+        "name": n.name,
+        "state": n.state,
+        "address": n.address,
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "model": g.model,
+                "memory_total_bytes": g.memory_total_bytes,
+                "healthy": g.healthy,
+                "simulated": g.simulated,
+            }
+            for g in n.gpus
+        ],
+        "cpus_total": n.cpus_total,
+        "memory_total_bytes": n.memory_total_bytes,
+        "labels": dict(n.labels),
+    }
+
+
+def gpu_summary(gpus: Sequence[Gpu]) -> str:
+    """'8x NVIDIA H100 80GB HBM3', with simulated and unhealthy GPUs called out."""
+    if not gpus:
+        return "-"
+    groups = Counter((g.model or "unknown model", g.simulated) for g in gpus)
+    parts = [f"{count}x {model}{' (simulated)' if sim else ''}" for (model, sim), count in groups.items()]
+    unhealthy = sum(not g.healthy for g in gpus)
+    if unhealthy:
+        parts.append(f"{unhealthy} unhealthy")
+    return ", ".join(parts)
+
+
+def node_row(n: Node) -> list[str]:
+    labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"
+    return [
+        n.name,
+        n.state,
+        n.address or "-",
+        gpu_summary(n.gpus),
+        str(n.cpus_total),
+        format_size(n.memory_total_bytes),
+        labels,
+    ]
+
+
+def allocation_json(a: Allocation) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "node": a.node,
+        "gpus": [{"index": g.index, "uuid": g.uuid} for g in a.gpus],
+        "cpus": a.cpus,
+        "memory_bytes": a.memory_bytes,
+        "ttl_seconds": a.ttl_seconds,
+        "revision": a.revision,
+    }
+
+
+def gpu_indexes(a: Allocation) -> str:
+    return ",".join(str(i) for i in a.gpu_indexes)
+
+
+def allocation_row(a: Allocation) -> list[str]:
+    return [
+        a.id,
+        a.node,
+        gpu_indexes(a) or "-",
+        str(a.cpus),
+        format_size(a.memory_bytes),
+        f"{a.ttl_seconds}s",
+        a.owner or "-",
+        str(a.revision),
+    ]
+
+
+def allocation_line(a: Allocation) -> str:
+    gpus = f"GPUs {gpu_indexes(a)}" if a.gpus else "no GPUs"
+    return (
+        f"allocated {a.id} on {a.node}: {gpus} ({a.cpus} CPUs, {format_size(a.memory_bytes)}) "
+        f"ttl {a.ttl_seconds}s revision {a.revision}"
+    )

@@ -1,0 +1,82 @@
+"""Protobuf messages -> client models. The only place that knows both shapes."""
+
+from __future__ import annotations
+
+from gpulease.client.models import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.v1 import coordinator_pb2, types_pb2
+
+_STATE_NAMES: dict[int, str] = {
+    types_pb2.NODE_STATE_UP: "up",
+    types_pb2.NODE_STATE_DOWN: "down",
+    types_pb2.NODE_STATE_CORDONED: "cordoned",
+}
+
+
+def state_name(state: int) -> str:
+    return _STATE_NAMES.get(state, "unknown")
+
+
+def allocation(msg: types_pb2.Allocation) -> Allocation:
+    return Allocation(
+        id=msg.id,
+        node=msg.node,
+        gpus=tuple(AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in msg.gpus),
+        cpus=msg.cpus,
+        memory_bytes=msg.memory_bytes,
+        ttl_seconds=msg.ttl_seconds,
+        revision=msg.revision,
+        owner=msg.owner,
+        request_id=msg.request_id,
+        created_unix_ms=msg.created_unix_ms,
+        node_address=msg.node_address,
+    )
+
+
+def node(msg: types_pb2.Node) -> Node:
+    inv = msg.inventory
+    return Node(
+        name=msg.name,
+        state=state_name(msg.state),
+        address=msg.address,
+        gpus=tuple(
+            Gpu(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                memory_total_bytes=g.memory_total_bytes,
+                healthy=g.healthy,
+                simulated=g.simulated,
+                health_detail=g.health_detail,
+            )
+            for g in inv.gpus
+        ),
+        cpus_total=inv.cpus_total,
+        memory_total_bytes=inv.memory_total_bytes,
+        labels=dict(inv.labels),
+        hostname=inv.hostname,
+        cordoned=msg.cordoned,
+        allocated_gpu_indexes=tuple(msg.allocated_gpu_indexes),
+        cpus_allocated=msg.cpus_allocated,
+        memory_allocated_bytes=msg.memory_allocated_bytes,
+    )
+
+
+def node_summary(msg: coordinator_pb2.NodeSummary) -> NodeSummary:
+    return NodeSummary(
+        name=msg.name,
+        state=state_name(msg.state) if msg.name else "",
+        gpus_total=msg.gpus_total,
+        gpus_free=msg.gpus_free,
+        cpus_total=msg.cpus_total,
+        cpus_free=msg.cpus_free,
+        memory_total_bytes=msg.memory_total_bytes,
+        memory_free_bytes=msg.memory_free_bytes,
+    )
+
+
+def cluster_summary(msg: coordinator_pb2.GetClusterSummaryResponse) -> ClusterSummary:
+    return ClusterSummary(
+        nodes=tuple(node_summary(n) for n in msg.nodes),
+        totals=node_summary(msg.totals),
+        revision=msg.revision,
+    )

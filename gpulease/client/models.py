@@ -1,0 +1,98 @@
+"""What the client returns: plain frozen values, so callers never handle protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AllocatedGpu:
+    index: int
+    uuid: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Allocation:
+    id: str
+    node: str
+    gpus: tuple[AllocatedGpu, ...]
+    cpus: int
+    memory_bytes: int
+    ttl_seconds: int
+    # etcd revision that created the allocation: the fencing token agents check.
+    revision: int
+    owner: str
+    request_id: str
+    created_unix_ms: int
+    # host:port of the node's agent.
+    node_address: str
+
+    @property
+    def gpu_indexes(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node": self.node,
+            "gpus": [{"index": g.index, "uuid": g.uuid, "model": g.model} for g in self.gpus],
+            "cpus": self.cpus,
+            "memory_bytes": self.memory_bytes,
+            "ttl_seconds": self.ttl_seconds,
+            "revision": self.revision,
+            "owner": self.owner,
+            "request_id": self.request_id,
+            "created_unix_ms": self.created_unix_ms,
+            "node_address": self.node_address,
+        }
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    model: str
+    memory_total_bytes: int
+    healthy: bool
+    # Made up by an agent started with --simulate-gpus; never true on real hardware.
+    simulated: bool
+    health_detail: str
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    # "up", "down", "cordoned" (or "unknown" if the coordinator sent no state).
+    state: str
+    address: str
+    gpus: tuple[Gpu, ...]
+    cpus_total: int
+    memory_total_bytes: int
+    labels: dict[str, str]
+    hostname: str
+    cordoned: bool
+    allocated_gpu_indexes: tuple[int, ...]
+    cpus_allocated: int
+    memory_allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    name: str
+    state: str
+    gpus_total: int
+    gpus_free: int
+    cpus_total: int
+    cpus_free: int
+    memory_total_bytes: int
+    memory_free_bytes: int
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    nodes: tuple[NodeSummary, ...]
+    # Sum over nodes that are up; name and state are empty.
+    totals: NodeSummary
+    revision: int

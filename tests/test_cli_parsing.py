@@ -1,0 +1,324 @@
+"""Size/duration parsing and gpuctl's argument handling, with a fake client (no servers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace, TracebackType
+from typing import Any
+
+import pytest
+
+from gpulease.cli.config import CliConfig
+from gpulease.cli.devconfig import DevClusterConfig
+from gpulease.cli.main import main
+from gpulease.client import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.errors import InvalidRequest
+from gpulease.units import format_size, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1024", 1024),
+        ("16GiB", 16 * 2**30),
+        ("16Gi", 16 * 2**30),
+        ("16gib", 16 * 2**30),
+        ("512Mi", 512 * 2**20),
+        ("1.5GiB", 3 * 2**29),
+        ("2G", 2 * 10**9),
+        ("500M", 500 * 10**6),
+        ("10k", 10_000),
+        ("1Ti", 2**40),
+        (" 8 GiB ", 8 * 2**30),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "16 GB extra", "-1GiB", "GiB", "1.2.3G", "16X"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"cannot parse size .*e\.g\. 16GiB"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("60s", 60), ("90", 90), ("5m", 300), ("1h", 3600), ("2d", 172800), ("10S", 10), (" 30s ", 30)],
+)
+def test_parse_duration(text: str, expected: int) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1.5s", "-5s", "5 minutes", "1w"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"cannot parse duration .*e\.g\. 60s"):
+        parse_duration(text)
+
+
+def test_format_size() -> None:
+    assert format_size(16 * 2**30) == "16.0GiB"
+    assert format_size(512) == "512B"
+
+
+# --- gpuctl with a fake client -------------------------------------------------------------
+
+ALLOC = Allocation(
+    id="a1b2",
+    node="node-0",
+    gpus=(AllocatedGpu(0, "GPU-0", "sim"), AllocatedGpu(1, "GPU-1", "sim")),
+    cpus=2,
+    memory_bytes=16 * 2**30,
+    ttl_seconds=60,
+    revision=42,
+    owner="alice",
+    request_id="r1",
+    created_unix_ms=1,
+    node_address="10.0.0.1:50052",
+)
+NODE = Node(
+    name="node-0",
+    state="up",
+    address="10.0.0.1:50052",
+    gpus=tuple(Gpu(i, f"GPU-{i}", "NVIDIA H100", 80 * 2**30, True, True, "") for i in range(8)),
+    cpus_total=64,
+    memory_total_bytes=512 * 2**30,
+    labels={"zone": "a"},
+    hostname="host0",
+    cordoned=False,
+    allocated_gpu_indexes=(0, 1),
+    cpus_allocated=2,
+    memory_allocated_bytes=16 * 2**30,
+)
+SUMMARY = ClusterSummary(
+    nodes=(NodeSummary("node-0", "up", 8, 6, 64, 62, 512 * 2**30, 496 * 2**30),),
+    totals=NodeSummary("", "", 8, 6, 64, 62, 512 * 2**30, 496 * 2**30),
+    revision=7,
+)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        pass
+
+    def allocate(self, **kwargs: Any) -> Allocation:
+        self.calls.append(("allocate", kwargs))
+        return ALLOC
+
+    def release(self, allocation_id: str) -> bool:
+        self.calls.append(("release", {"allocation_id": allocation_id}))
+        return allocation_id == ALLOC.id
+
+    def list_allocations(self, node: str = "", owner: str = "") -> list[Allocation]:
+        self.calls.append(("list_allocations", {"node": node, "owner": owner}))
+        return [ALLOC]
+
+    def list_nodes(self) -> list[Node]:
+        return [NODE]
+
+    def cluster_summary(self) -> ClusterSummary:
+        return SUMMARY
+
+    def cordon(self, node: str, cordoned: bool = True) -> Node:
+        self.calls.append(("cordon", {"node": node, "cordoned": cordoned}))
+        return NODE
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+    client = FakeClient()
+    monkeypatch.setattr(CliConfig, "client", lambda self: client)
+    return client
+
+
+def test_allocate_passes_parsed_values_and_leaves_ranges_to_the_server(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["allocate", "--gpus", "-1", "--cpus", "0", "--memory", "16GiB", "--min-gpu-memory", "40G"]
+    argv += ["--selector", "zone=a", "--selector", "rack=r1=x", "--ttl", "5m", "--owner", "bob"]
+    assert main([*argv, "--request-id", "rid"]) == 0
+    assert fake.calls == [
+        (
+            "allocate",
+            {
+                "gpus": -1,
+                "cpus": 0,
+                "memory": 16 * 2**30,
+                "gpu_model": "",
+                "min_gpu_memory": 40 * 10**9,
+                "node_selector": {"zone": "a", "rack": "r1=x"},
+                "ttl": 300,
+                "owner": "bob",
+                "request_id": "rid",
+            },
+        )
+    ]
+    out = capsys.readouterr().out
+    assert out.startswith("allocated a1b2 on node-0: GPUs 0,1 (2 CPUs, 16.0GiB) ttl 60s revision 42\n")
+    assert "gpuctl release a1b2" in out
+
+
+def test_allocate_json(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["allocate", "--gpus", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "id": "a1b2",
+        "node": "node-0",
+        "gpus": [{"index": 0, "uuid": "GPU-0"}, {"index": 1, "uuid": "GPU-1"}],
+        "cpus": 2,
+        "memory_bytes": 16 * 2**30,
+        "ttl_seconds": 60,
+        "revision": 42,
+    }
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--memory", "lots", "gpuctl: error: --memory: cannot parse size 'lots'"),
+        ("--min-gpu-memory", "big", "gpuctl: error: --min-gpu-memory: cannot parse size 'big'"),
+        ("--ttl", "soon", "gpuctl: error: --ttl: cannot parse duration 'soon'"),
+    ],
+)
+def test_bad_sizes_and_durations_are_errors_not_tracebacks(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    assert main(["allocate", "--gpus", "1", flag, value]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message)
+    assert captured.out == "" and fake.calls == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["allocate"], "the following arguments are required: --gpus"),
+        (["allocate", "--gpus", "two"], "argument --gpus: invalid int value: 'two'"),
+        (["allocate", "--gpus", "1", "--selector", "zone"], "expected KEY=VALUE"),
+        (["--timeout", "0", "status"], "argument --timeout: must be positive"),
+        (["dev", "--nodes", "0"], "argument --nodes: must be between 1 and 64, got 0"),
+        (["dev", "--nodes", "65"], "must be between 1 and 64"),
+        (["dev", "--gpus-per-node", "17"], "argument --gpus-per-node: must be between 0 and 16, got 17"),
+        (["dev", "--gpus-per-node", "-1"], "must be between 0 and 16"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+        (["--coordinator", " , ", "status"], "no coordinator address"),
+    ],
+)
+def test_usage_errors_exit_2(
+    fake: FakeClient, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert fake.calls == []
+
+
+def test_coordinator_from_flag_env_or_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[CliConfig] = []
+
+    def record(self: CliConfig) -> FakeClient:
+        seen.append(self)
+        return FakeClient()
+
+    monkeypatch.setattr(CliConfig, "client", record)
+    monkeypatch.delenv("GPULEASE_COORDINATOR", raising=False)
+    main(["status"])
+    monkeypatch.setenv("GPULEASE_COORDINATOR", "c1:1, c2:2")
+    main(["--timeout", "3", "status"])
+    main(["status", "--coordinator", "flag:9"])  # also accepted after the command
+    assert [(c.targets, c.timeout) for c in seen] == [
+        (("127.0.0.1:50051",), 10.0),
+        (("c1:1", "c2:2"), 3.0),
+        (("flag:9",), 10.0),
+    ]
+
+
+def test_status_table_and_json(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "GPUS", "CPUS", "MEMORY"]
+    assert lines[1].split() == ["node-0", "up", "6/8", "62/64", "496.0GiB/512.0GiB"]
+    assert lines[2].split() == ["TOTAL", "6/8", "62/64", "496.0GiB/512.0GiB"]
+
+    assert main(["status", "--json"]) == 0
+    counters = {
+        "gpus_total": 8,
+        "gpus_free": 6,
+        "cpus_total": 64,
+        "cpus_free": 62,
+        "memory_total_bytes": 512 * 2**30,
+        "memory_free_bytes": 496 * 2**30,
+    }
+    assert json.loads(capsys.readouterr().out) == {
+        "nodes": [{"name": "node-0", "state": "up", **counters}],
+        "totals": counters,
+    }
+
+
+def test_nodes_table_and_json(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nodes"]) == 0
+    out = capsys.readouterr().out
+    assert "8x NVIDIA H100 (simulated)" in out and "zone=a" in out
+
+    assert main(["nodes", "--json"]) == 0
+    [node] = json.loads(capsys.readouterr().out)
+    assert set(node) == {"name", "state", "address", "gpus", "cpus_total", "memory_total_bytes", "labels"}
+    assert node["gpus"][0] == {
+        "index": 0,
+        "uuid": "GPU-0",
+        "model": "NVIDIA H100",
+        "memory_total_bytes": 80 * 2**30,
+        "healthy": True,
+        "simulated": True,
+    }
+
+
+def test_allocs_filters_and_table(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["allocs", "--node", "node-0", "--owner", "alice"]) == 0
+    assert fake.calls == [("list_allocations", {"node": "node-0", "owner": "alice"})]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "NODE", "GPUS", "CPUS", "MEMORY", "TTL", "OWNER", "REVISION"]
+    assert lines[1].split() == ["a1b2", "node-0", "0,1", "2", "16.0GiB", "60s", "alice", "42"]
+
+
+def test_release_live_and_gone(fake: FakeClient, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["release", "a1b2"]) == 0
+    assert main(["release", "zzz"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "released a1b2",
+        "zzz was not live (already released or expired); nothing to do",
+    ]
+
+
+def test_cordon_and_uncordon(fake: FakeClient) -> None:
+    assert main(["cordon", "node-0"]) == 0
+    assert main(["uncordon", "node-0"]) == 0
+    assert fake.calls == [
+        ("cordon", {"node": "node-0", "cordoned": True}),
+        ("cordon", {"node": "node-0", "cordoned": False}),
+    ]
+
+
+def test_dev_hands_a_config_to_the_dev_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[DevClusterConfig] = []
+
+    def run_dev_cluster(config: DevClusterConfig) -> int:
+        received.append(config)
+        return 3
+
+    # Stands in for gpulease.devcluster, which gpuctl imports only when `dev` runs.
+    monkeypatch.setitem(sys.modules, "gpulease.devcluster", SimpleNamespace(run_dev_cluster=run_dev_cluster))
+    assert main(["dev"]) == 3
+    assert main(["dev", "--nodes", "3", "--gpus-per-node", "0", "--port", "6000", "--data-dir", "/d", "--demo"]) == 3
+    assert received == [
+        DevClusterConfig(nodes=2, gpus_per_node=8, port=50051, data_dir=None, demo=False),
+        DevClusterConfig(nodes=3, gpus_per_node=0, port=6000, data_dir="/d", demo=True),
+    ]
