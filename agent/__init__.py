@@ -1,0 +1,1 @@
+"""gpulease agent: runs on each GPU server, registers it with the coordinator and keeps it alive."""

@@ -1,0 +1,230 @@
+"""The agent's configuration, read once at the entry point: flags > env (GPULEASE_AGENT_*) > TOML file.
+
+Everything below the entry point receives an AgentConfig and never looks at argv or os.environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from agent.address import split_host_port
+from gpulease.errors import InvalidRequest
+from gpulease.units import parse_size
+
+ENV_PREFIX = "GPULEASE_AGENT_"
+DEFAULT_LISTEN = "0.0.0.0:50052"
+DEFAULT_GPU_MODEL = "Simulated GPU 80GB"
+# A simulated node is a demo/test device; this bound only catches typos like 8000 for 8.
+MAX_SIMULATED_GPUS = 1024
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """The configuration is incomplete or malformed; the message says which setting and source."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str
+    node_id: str
+    listen: str = DEFAULT_LISTEN
+    # host:port the coordinator should dial; None = derived from `listen` (see agent.address).
+    advertise: str | None = None
+    # None = no simulation: the node reports real GPUs (0 until NVML support lands).
+    simulate_gpus: int | None = None
+    gpu_model: str = DEFAULT_GPU_MODEL
+    # None = detected from the host.
+    cpus: int | None = None
+    memory_bytes: int | None = None
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    log_level: str = "INFO"
+    config_file: str | None = None
+
+
+# Setting name -> env var suffix. TOML keys are the setting names (dashes also accepted).
+_SCALAR_SETTINGS = (
+    "coordinator",
+    "node_id",
+    "listen",
+    "advertise",
+    "simulate_gpus",
+    "gpu_model",
+    "cpus",
+    "memory",
+    "log_level",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every default is None so that "not given" is distinguishable from "given the default".
+    p = argparse.ArgumentParser(
+        prog="gpulease-agent",
+        description="gpulease node agent: registers this node's GPUs with the coordinator.",
+        epilog="Every flag can also be set as GPULEASE_AGENT_<FLAG> (e.g. GPULEASE_AGENT_NODE_ID) "
+        "or in the TOML file given by --config (keys like node_id, labels = {k = 'v'}). "
+        "Precedence: flags > environment > file.",
+    )
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator gRPC address")
+    p.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"agent gRPC address (default {DEFAULT_LISTEN})")
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="address the coordinator should use to reach this agent (default: derived from --listen)",
+    )
+    p.add_argument("--simulate-gpus", metavar="N", type=int, help="report N made-up GPUs instead of real ones")
+    p.add_argument("--gpu-model", metavar="NAME", help=f"simulated GPU model (default {DEFAULT_GPU_MODEL!r})")
+    p.add_argument("--cpus", metavar="N", type=int, help="CPUs to offer (default: usable CPUs of this host)")
+    p.add_argument("--memory", metavar="SIZE", help="memory to offer, e.g. 256GiB (default: host MemTotal)")
+    p.add_argument("--label", metavar="KEY=VALUE", action="append", help="node label; repeatable", dest="labels")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file")
+    return p
+
+
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> AgentConfig:
+    """Merge flags, environment and the TOML file into one validated AgentConfig."""
+    args = build_parser().parse_args(argv)
+    flags: dict[str, Any] = {name: getattr(args, name) for name in _SCALAR_SETTINGS if getattr(args, name) is not None}
+    flag_labels = _parse_label_list(args.labels or [], "--label")
+
+    env = {
+        name: environ[ENV_PREFIX + name.upper()] for name in _SCALAR_SETTINGS if ENV_PREFIX + name.upper() in environ
+    }
+    env_labels_text = environ.get(ENV_PREFIX + "LABELS", "")
+    env_labels = _parse_label_list([item for item in env_labels_text.split(",") if item.strip()], ENV_PREFIX + "LABELS")
+
+    config_file = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    file_values, file_labels = _read_toml(config_file) if config_file else ({}, {})
+
+    merged: dict[str, Any] = {**file_values, **env, **flags}
+    # Labels merge key by key, so a flag can override one label of the file without dropping the rest.
+    labels = {**file_labels, **env_labels, **flag_labels}
+    return _validate(merged, labels, config_file)
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key == "labels":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: labels must be a table, e.g. labels = {{ zone = 'a' }}")
+            labels = {str(k): _label_value(v, path) for k, v in value.items()}
+        elif key in _SCALAR_SETTINGS:
+            values[key] = value
+        else:
+            raise ConfigError(f"{path}: unknown setting {raw_key!r} (known: {', '.join(_SCALAR_SETTINGS)}, labels)")
+    return values, labels
+
+
+def _label_value(value: object, path: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ConfigError(f"{path}: label values must be strings, got {value!r}")
+
+
+def _parse_label_list(items: Sequence[str], source: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            raise ConfigError(f"{source}: label {item!r} must look like key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file: str | None) -> AgentConfig:
+    coordinator = _require_str(values, "coordinator")
+    node_id = _require_str(values, "node_id")
+    if not _NODE_ID_RE.match(node_id):
+        raise ConfigError(
+            f"node id {node_id!r} is invalid: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    for key in labels:
+        if not _LABEL_KEY_RE.match(key):
+            raise ConfigError(f"label key {key!r} is invalid")
+
+    simulate_gpus = _optional_int(values, "simulate_gpus", minimum=0)
+    if simulate_gpus is not None and simulate_gpus > MAX_SIMULATED_GPUS:
+        raise ConfigError(f"simulate_gpus must be at most {MAX_SIMULATED_GPUS}, got {simulate_gpus}")
+
+    memory_bytes: int | None = None
+    if "memory" in values:
+        raw = values["memory"]
+        try:
+            memory_bytes = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
+        except InvalidRequest as e:
+            raise ConfigError(f"memory: {e.message}") from e
+        if memory_bytes <= 0:
+            raise ConfigError(f"memory must be positive, got {raw!r}")
+
+    log_level = str(values.get("log_level", "INFO")).upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+
+    listen = str(values.get("listen", DEFAULT_LISTEN))
+    advertise = values.get("advertise")
+    for name, addr in (("coordinator", coordinator), ("listen", listen), ("advertise", advertise)):
+        if addr is None:
+            continue
+        try:
+            split_host_port(str(addr))
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from e
+
+    return AgentConfig(
+        coordinator=coordinator,
+        node_id=node_id,
+        listen=listen,
+        advertise=str(advertise) if advertise is not None else None,
+        simulate_gpus=simulate_gpus,
+        gpu_model=str(values.get("gpu_model", DEFAULT_GPU_MODEL)),
+        cpus=_optional_int(values, "cpus", minimum=1),
+        memory_bytes=memory_bytes,
+        labels=MappingProxyType(dict(labels)),
+        log_level=log_level,
+        config_file=config_file,
+    )
+
+
+def _require_str(values: Mapping[str, Any], name: str) -> str:
+    value = str(values.get(name, "")).strip()
+    if not value:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{name} is required: pass {flag}, set {ENV_PREFIX}{name.upper()} or put it in --config")
+    return value
+
+
+def _optional_int(values: Mapping[str, Any], name: str, *, minimum: int) -> int | None:
+    if name not in values:
+        return None
+    raw = values[name]
+    if isinstance(raw, bool | float):
+        raise ConfigError(f"{name} must be an integer, got {raw!r}")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from e
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value

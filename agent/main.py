@@ -1,0 +1,28 @@
+"""Entry point of gpulease-agent: reads the configuration once, sets up logging, runs the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from agent.app import run_agent
+from agent.config import ConfigError, load_config
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cfg = load_config(argv, os.environ)
+    except ConfigError as e:
+        print(f"gpulease-agent: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(stream=sys.stderr, level=cfg.log_level, format=LOG_FORMAT)
+    raise SystemExit(asyncio.run(run_agent(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Registers the node with the coordinator and heartbeats it forever, riding out coordinator outages.
+
+Each iteration is bounded (RPC deadline, then a sleep of at most one heartbeat interval); the
+loop itself ends only when its task is cancelled at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from agent.inventory import InventorySource
+from gpulease.v1 import coordinator_pb2_grpc
+from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
+from gpulease.v1.types_pb2 import NodeInventory
+
+log = logging.getLogger(__name__)
+
+# Until the coordinator tells us its interval, back off up to this.
+DEFAULT_INTERVAL_S = 5.0
+MIN_BACKOFF_S = 0.2
+# Heartbeats must not hang longer than this even if the coordinator's interval is long.
+MAX_RPC_TIMEOUT_S = 10.0
+
+
+class _OutageLog:
+    """Logs a failure once when it starts (or changes kind), and once when it ends."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._kind: str | None = None
+        self.failures = 0
+
+    def failure(self, kind: str, detail: str) -> None:
+        self.failures += 1
+        if self._since is None:
+            self._since = time.monotonic()
+        if kind != self._kind:
+            log.warning("coordinator call failed (%s: %s); retrying until it answers", kind, detail)
+            self._kind = kind
+        else:
+            log.debug("coordinator call failed again (%s: %s)", kind, detail)
+
+    def success(self) -> None:
+        if self._since is not None:
+            log.info(
+                "coordinator answers again after %.1fs and %d failed attempt(s)",
+                time.monotonic() - self._since,
+                self.failures,
+            )
+        self._since = None
+        self._kind = None
+        self.failures = 0
+
+
+class Registrar:
+    def __init__(
+        self,
+        *,
+        node: str,
+        address: str,
+        channel: grpc.aio.Channel,
+        source: InventorySource,
+        on_registered: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._node = node
+        self._address = address
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        self._source = source
+        self._on_registered = on_registered
+        self._interval = DEFAULT_INTERVAL_S
+        self._lease_id: int | None = None
+        # The inventory the coordinator last acknowledged; None forces the next heartbeat to carry it.
+        self._last_sent: NodeInventory | None = None
+        self._outage = _OutageLog()
+        self._ever_registered = False
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    async def run(self) -> None:
+        """Register, then heartbeat every interval. Returns only by cancellation."""
+        while True:
+            delay = await self.step()
+            await asyncio.sleep(delay)
+
+    async def step(self) -> float:
+        """One register-or-heartbeat attempt; returns how long to wait before the next one."""
+        try:
+            inventory = await asyncio.to_thread(self._source.collect)
+            if self._lease_id is None:
+                await self._register(inventory)
+            else:
+                await self._heartbeat(inventory)
+        except grpc.aio.AioRpcError as e:
+            self._last_sent = None  # unknown whether it arrived: send it again next time
+            if e.code() == grpc.StatusCode.NOT_FOUND and self._lease_id is not None:
+                log.warning("coordinator no longer knows node %s (%s); registering again", self._node, e.details())
+                self._lease_id = None
+                return 0.0
+            self._outage.failure(e.code().name, e.details() or "")
+            return self._backoff()
+        except Exception as e:
+            # Never let one bad iteration (an inventory error, a malformed reply) end the agent.
+            self._last_sent = None
+            self._outage.failure(type(e).__name__, str(e))
+            if self._outage.failures == 1:
+                log.debug("first failure of this outage", exc_info=True)
+            return self._backoff()
+        self._outage.success()
+        return self._interval
+
+    def _rpc_timeout(self) -> float:
+        return max(1.0, min(self._interval, MAX_RPC_TIMEOUT_S))
+
+    def _backoff(self) -> float:
+        # Exponential with jitter so that many agents don't retry in lockstep; capped at the interval.
+        ceiling = min(self._interval, MIN_BACKOFF_S * 2 ** min(self._outage.failures, 16))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _adopt_interval(self, seconds: int) -> None:
+        if seconds > 0:
+            self._interval = float(seconds)
+
+    async def _register(self, inventory: NodeInventory) -> None:
+        request = RegisterNodeRequest(node=self._node, address=self._address, inventory=inventory)
+        response = await self._stub.RegisterNode(request, timeout=self._rpc_timeout())
+        self._lease_id = response.lease_id
+        self._adopt_interval(response.heartbeat_interval_seconds)
+        self._last_sent = inventory
+        log.info(
+            "registered node %s (address %s, %d GPU(s)) with lease %d; heartbeat every %.0fs",
+            self._node,
+            self._address,
+            len(inventory.gpus),
+            response.lease_id,
+            self._interval,
+        )
+        if not self._ever_registered:
+            self._ever_registered = True
+            if self._on_registered is not None:
+                await self._on_registered()
+
+    async def _heartbeat(self, inventory: NodeInventory) -> None:
+        assert self._lease_id is not None
+        changed = inventory != self._last_sent
+        request = HeartbeatRequest(node=self._node, lease_id=self._lease_id, address=self._address)
+        if changed:
+            request.inventory.CopyFrom(inventory)
+        response = await self._stub.Heartbeat(request, timeout=self._rpc_timeout())
+        if changed:
+            self._last_sent = inventory
+            log.info("sent changed inventory of node %s (%d GPU(s))", self._node, len(inventory.gpus))
+        self._adopt_interval(response.heartbeat_interval_seconds)
+        if response.lease_id and response.lease_id != self._lease_id:
+            log.info(
+                "coordinator re-registered node %s: lease %d replaces %d",
+                self._node,
+                response.lease_id,
+                self._lease_id,
+            )
+            self._lease_id = response.lease_id
+            # A re-registration may have rebuilt the node record: resend the inventory to be sure.
+            self._last_sent = None
