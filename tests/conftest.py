@@ -21,9 +21,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def start_coordinator(
-    etcd: harness.Etcd, prefix: str, tmp_path: Path
-) -> Iterator[Callable[..., harness.Coordinator]]:
+def start_coordinator(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[Callable[..., harness.Coordinator]]:
     """Factory: start one or more coordinators on the test's prefix; all stopped at teardown."""
     started: list[harness.Coordinator] = []
 

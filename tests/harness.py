@@ -84,7 +84,9 @@ def inventory(
 
 def register(stub: pb_grpc.CoordinatorServiceStub, name: str, **inv: object) -> int:
     resp = stub.RegisterNode(
-        pb.RegisterNodeRequest(node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inventory(node=name, **inv))  # type: ignore[arg-type]
+        pb.RegisterNodeRequest(
+            node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inventory(node=name, **inv)
+        )  # type: ignore[arg-type]
     )
     return resp.lease_id
 

@@ -220,8 +220,9 @@ def test_malformed_allocation_id_is_invalid_argument(coordinator: harness.Coordi
 def test_bad_registrations_are_refused(etcd: harness.Etcd, prefix: str, coordinator: harness.Coordinator,
                                        node: str, address: str, message: str) -> None:  # fmt: skip
     err = rpc_error(
-        lambda: coordinator.stub.RegisterNode(pb.RegisterNodeRequest(node=node, address=address,
-                                                                     inventory=harness.inventory(1)))  # fmt: skip
+        lambda: coordinator.stub.RegisterNode(
+            pb.RegisterNodeRequest(node=node, address=address, inventory=harness.inventory(1))
+        )
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
     assert harness.etcd_keys(etcd.url, prefix) == []
@@ -240,9 +241,10 @@ def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path, prefix: str) ->
         harness.wait_until(lambda: procs.port_is_free(port) is False, 15, "coordinator port")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = harness.pb_grpc.CoordinatorServiceStub(channel)
+        unknown = pb.GetAllocationRequest(allocation_id="0123456789abcdef")
         for call in (lambda: stub.Allocate(pb.AllocateRequest(gpus=1), timeout=10),
                      lambda: stub.ListNodes(pb.ListNodesRequest(), timeout=10),
-                     lambda: stub.GetAllocation(pb.GetAllocationRequest(allocation_id="0123456789abcdef"), timeout=10)):  # fmt: skip
+                     lambda: stub.GetAllocation(unknown, timeout=10)):  # fmt: skip
             err = rpc_error(call)
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
             assert dead in err.details() and "--etcd" in err.details()
