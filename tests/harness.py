@@ -144,3 +144,18 @@ def etcd_keys(url: str, prefix: str) -> list[str]:
 
 def stop_all(items: Iterator[procs.ManagedProcess] | list[procs.ManagedProcess]) -> None:
     procs.stop_all(list(items), grace=5)
+
+
+def start_agent(tmp: Path, coordinator: str, name: str, gpus: int, *, cpus: int = 16, memory: str = "64GiB"
+                ) -> procs.ManagedProcess:  # fmt: skip
+    port = procs.free_port()
+    args = ["--coordinator", coordinator, "--node-id", name, "--listen", f"127.0.0.1:{port}",
+            "--simulate-gpus", str(gpus), "--cpus", str(cpus), "--memory", memory]  # fmt: skip
+    proc = procs.start_python_module(f"agent-{name}", "agent.main", args, tmp / f"agent-{name}.log",
+                                     env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
+    procs.wait_grpc_health(f"127.0.0.1:{port}", 20, proc)
+    return proc
+
+
+def node_states(stub: pb_grpc.CoordinatorServiceStub) -> dict[str, int]:
+    return {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest()).nodes}

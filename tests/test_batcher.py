@@ -1,0 +1,180 @@
+"""The commit loop in isolation: a fake committer that rejects commits drives the retry path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+from types import MappingProxyType
+
+import pytest
+
+from coordinator.batcher import Batcher, BatchPolicy
+from coordinator.committer import Committed, CommitResult, Item, Rejected, gpus_of
+from coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeView, ResourceRequest, Snapshot
+from coordinator.store import LeaseNotFound, OutcomeUnknown
+from gpulease.errors import Conflict, InsufficientResources, InvalidRequest, Unavailable
+
+
+def node(name: str, gpus: int = 8, held: frozenset[int] = frozenset()) -> NodeView:
+    info = NodeInfo(name, "h:1", tuple(GpuInfo(i, f"{name}-{i}", "M", 1) for i in range(gpus)), 64, 2**40)
+    return NodeView(info, up=True, record_revision=1, gpus_held=held)
+
+
+class FakeSource:
+    def __init__(self, *nodes: NodeView) -> None:
+        self.snap = Snapshot(10, MappingProxyType({n.name: n for n in nodes}))
+        self.waited: list[int] = []
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        self.waited.append(revision)
+        return True
+
+
+class FakeCommitter:
+    """Rejects the first `reject` commits, then commits; records every batch it saw."""
+
+    def __init__(self, reject: int = 0, *, rejection: Rejected | None = None, raise_: Exception | None = None):
+        self.reject = reject
+        self.rejection = rejection or Rejected(revision=42)
+        self.raise_ = raise_
+        self.batches: list[list[Item]] = []
+        self.revision = 100
+
+    async def commit(self, items: Sequence[Item], snapshot: Snapshot) -> CommitResult:
+        self.batches.append(list(items))
+        if self.raise_:
+            raise self.raise_
+        if len(self.batches) <= self.reject:
+            return self.rejection
+        self.revision += 1
+        return Committed(
+            tuple(
+                replace(i.draft, node=i.placement.node, gpus=gpus_of(i.placement, snapshot), revision=self.revision)
+                for i in items
+            ),  # fmt: skip
+            self.revision,
+        )
+
+
+def draft(n: int, request_id: str | None = None) -> Allocation:
+    return Allocation(id=f"{n:016x}", node="", gpus=(), cpus=1, memory_bytes=1, ttl_seconds=60, lease_id=n,
+                      revision=0, request_id=request_id or f"req-{n}")  # fmt: skip
+
+
+async def run_batch(batcher: Batcher, requests: list[tuple[ResourceRequest, Allocation]]) -> list[object]:
+    task = asyncio.create_task(batcher.run())
+    try:
+        futs = [batcher.submit(r, d) for r, d in requests]
+        return list(await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def no_lookup(_: str) -> Allocation | None:
+    return None
+
+
+def make(source: FakeSource, committer: FakeCommitter, max_rounds: int = 5, **lookups) -> Batcher:  # type: ignore[no-untyped-def]
+    return Batcher(source, committer, by_request_id=lookups.get("by_request_id", no_lookup),
+                   by_id=lookups.get("by_id", no_lookup), policy=BatchPolicy(max_rounds=max_rounds))  # fmt: skip
+
+
+ONE = ResourceRequest(gpus=1, cpus=1, memory_bytes=1)
+
+
+@pytest.mark.parametrize(
+    ("rejections", "max_rounds", "commits"),
+    [(0, 5, 1), (1, 5, 2), (4, 5, 5)],
+    ids=["first-try", "one-rejection", "rejected-until-last-round"],
+)
+async def test_rejected_commits_are_retried_after_catching_up(rejections: int, max_rounds: int, commits: int) -> None:
+    source, committer = FakeSource(node("a")), FakeCommitter(reject=rejections)
+    [(alloc, reused)] = await run_batch(make(source, committer, max_rounds), [(ONE, draft(1))])  # type: ignore[misc]
+    assert not reused and alloc.node == "a" and alloc.revision == 101 and [g.index for g in alloc.gpus] == [0]
+    assert len(committer.batches) == commits
+    # Each rejection waits for the view to reach the revision the commit tripped on.
+    assert source.waited[:rejections] == [42] * rejections
+
+
+async def test_gives_up_with_conflict_after_max_rounds() -> None:
+    committer = FakeCommitter(reject=99)
+    [err] = await run_batch(make(FakeSource(node("a")), committer, max_rounds=3), [(ONE, draft(1))])
+    assert isinstance(err, Conflict) and "3 conflicting commits" in str(err)
+    assert len(committer.batches) == 3
+
+
+async def test_concurrent_requests_share_one_transaction_without_overlap() -> None:
+    committer = FakeCommitter()
+    reqs = [(ONE, draft(i)) for i in range(6)]
+    results = await run_batch(make(FakeSource(node("a", 4), node("b", 4)), committer), reqs)
+    gpus = [(a.node, g.index) for a, _ in results for g in a.gpus]  # type: ignore[union-attr]
+    assert len(gpus) == 6 and len(set(gpus)) == 6
+    assert len(committer.batches) == 1 and len(committer.batches[0]) == 6
+
+
+async def test_batch_members_that_do_not_fit_fail_alone() -> None:
+    committer = FakeCommitter()
+    big = ResourceRequest(gpus=3, cpus=1, memory_bytes=1)
+    results = await run_batch(make(FakeSource(node("a", 4)), committer), [(big, draft(1)), (big, draft(2))])
+    assert results[0][0].node == "a"  # type: ignore[index]
+    assert isinstance(results[1], InsufficientResources)
+
+
+async def test_taken_request_id_returns_the_existing_allocation() -> None:
+    existing = replace(draft(7, "same"), node="a", revision=5)
+
+    async def by_id(alloc_id: str) -> Allocation | None:
+        return existing if alloc_id == existing.id else None
+
+    committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, taken={"same": existing.id}))
+    [(alloc, reused)] = await run_batch(make(FakeSource(node("a")), committer, by_id=by_id),
+                                        [(ONE, draft(1, "same"))])  # type: ignore[misc]  # fmt: skip
+    assert reused and alloc == existing and len(committer.batches) == 1
+
+
+async def test_unusable_node_is_excluded_on_retry() -> None:
+    committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, unusable=frozenset({"a"})))
+    # "a" is the best fit (fewer GPUs) but etcd says it is down: the retry must go to "b".
+    [(alloc, _)] = await run_batch(make(FakeSource(node("a", 2), node("b", 8)), committer), [(ONE, draft(1))])  # type: ignore[misc]
+    assert [i.placement.node for b in committer.batches for i in b] == ["a", "b"] and alloc.node == "b"
+
+
+async def test_duplicate_request_ids_in_one_batch_never_share_a_txn() -> None:
+    committer = FakeCommitter()
+    await run_batch(make(FakeSource(node("a")), committer), [(ONE, draft(1, "dup")), (ONE, draft(2, "dup"))])
+    assert all(len({i.draft.request_id for i in b}) == len(b) for b in committer.batches)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [(OutcomeUnknown("etcd went away"), Unavailable), (LeaseNotFound("lease gone"), Conflict)],
+    ids=["unknown-outcome", "lease-expired"],
+)
+async def test_commit_errors_fail_the_batch_cleanly(exc: Exception, expected: type[Exception]) -> None:
+    results = await run_batch(
+        make(FakeSource(node("a")), FakeCommitter(raise_=exc)), [(ONE, draft(1)), (ONE, draft(2))]
+    )
+    assert all(isinstance(r, expected) for r in results)
+
+
+async def test_unknown_outcome_that_did_commit_is_reported_as_committed() -> None:
+    mine = replace(draft(1), node="a", revision=9)
+
+    async def by_request_id(rid: str) -> Allocation | None:
+        return mine if rid == mine.request_id else None
+
+    committer = FakeCommitter(raise_=OutcomeUnknown("timeout"))
+    [(alloc, reused)] = await run_batch(make(FakeSource(node("a")), committer, by_request_id=by_request_id),
+                                        [(ONE, draft(1))])  # type: ignore[misc]  # fmt: skip
+    assert alloc == mine and not reused
+
+
+async def test_oversized_request_is_refused_not_wedged() -> None:
+    huge = ResourceRequest(gpus=200, cpus=1, memory_bytes=1)
+    [err] = await run_batch(make(FakeSource(node("a", 256)), FakeCommitter()), [(huge, draft(1))])
+    assert isinstance(err, InvalidRequest) and "max-txn-ops" in str(err)
