@@ -321,7 +321,7 @@ class GetClusterSummaryResponse(google.protobuf.message.Message):
     def nodes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___NodeSummary]: ...
     @property
     def totals(self) -> global___NodeSummary:
-        """Sum over nodes that are up; free counters of down/cordoned nodes count as 0."""
+        """Sum over all nodes; the free counters of down or cordoned nodes count as 0."""
 
     def __init__(
         self,
