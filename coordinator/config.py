@@ -29,6 +29,9 @@ class CoordinatorConfig:
     etcd_cert: str = ""
     etcd_key: str = ""
     etcd_timeout: float = 5.0
+    # Must not exceed etcd's own --max-txn-ops (default 128): it caps how many allocations
+    # one batched transaction may carry.
+    etcd_max_txn_ops: int = 128
     log_level: str = "INFO"
 
 
@@ -41,6 +44,7 @@ _PARSERS: dict[str, Any] = {
     "default_cpus_per_gpu": int,
     "default_memory_per_gpu": lambda v: parse_size(str(v)),
     "etcd_timeout": float,
+    "etcd_max_txn_ops": int,
 }
 
 
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert", help="client certificate for mutual TLS to etcd")
     p.add_argument("--etcd-key", help="client key for mutual TLS to etcd")
     p.add_argument("--etcd-timeout", help="seconds per etcd call (default 5)")
+    p.add_argument("--etcd-max-txn-ops", help="etcd's --max-txn-ops; caps the size of a batched commit (128)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p
 
@@ -97,6 +102,8 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     cfg = CoordinatorConfig(**out)
     if not cfg.prefix.startswith("/") or not cfg.prefix.endswith("/"):
         raise InvalidRequest(f"--prefix must start and end with '/', got {cfg.prefix!r}")
+    if cfg.etcd_max_txn_ops < 16:
+        raise InvalidRequest("--etcd-max-txn-ops must be at least 16")
     if not 1 <= cfg.heartbeat_interval < cfg.node_ttl:
         raise InvalidRequest("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
     return cfg

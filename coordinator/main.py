@@ -55,6 +55,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
             default_ttl=cfg.default_ttl,
             default_cpus_per_gpu=cfg.default_cpus_per_gpu,
             default_memory_per_gpu=cfg.default_memory_per_gpu,
+            max_txn_ops=cfg.etcd_max_txn_ops,
         ),
     )
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))

@@ -1,0 +1,54 @@
+"""Coordinator settings: flags > env > TOML file, parsed once into a frozen dataclass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import CoordinatorConfig, load
+from gpulease.errors import InvalidRequest
+
+
+def test_defaults() -> None:
+    assert load([], env={}) == CoordinatorConfig()
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('etcd = ["http://file:1"]\nlisten = "0.0.0.0:1"\nprefix = "/file/"\ndefault_ttl = "2m"\n')
+    env = {"GPULEASE_COORDINATOR_LISTEN": "0.0.0.0:2", "GPULEASE_COORDINATOR_PREFIX": "/env/"}
+    cfg = load(["--config", str(f), "--prefix", "/flag/"], env=env)
+    assert cfg.etcd == ("http://file:1",)  # file only
+    assert cfg.listen == "0.0.0.0:2"  # env beats file
+    assert cfg.prefix == "/flag/"  # flag beats env
+    assert cfg.default_ttl == 120
+
+
+def test_etcd_list_and_units() -> None:
+    cfg = load(["--etcd", "http://a:2379, http://b:2379", "--default-memory-per-gpu", "8GiB", "--node-ttl", "30s"],
+               env={})  # fmt: skip
+    assert cfg.etcd == ("http://a:2379", "http://b:2379")
+    assert (cfg.default_memory_per_gpu, cfg.node_ttl) == (8 * 2**30, 30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prefix", "nope"], "--prefix must start and end with '/'"),
+        (["--node-ttl", "5", "--heartbeat-interval", "5"], "shorter than --node-ttl"),
+        (["--default-ttl", "soon"], "cannot parse duration"),
+        (["--etcd-max-txn-ops", "2"], "at least 16"),
+        (["--config", "/nonexistent.toml"], "cannot read config file"),
+    ],
+)
+def test_bad_settings_say_what_to_fix(argv: list[str], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        load(argv, env={})
+
+
+def test_unknown_file_keys_are_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("lisen = '0.0.0.0:1'\n")
+    with pytest.raises(InvalidRequest, match="unknown setting"):
+        load(["--config", str(f)], env={})
