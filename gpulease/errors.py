@@ -94,6 +94,18 @@ class DeadlineExceeded(GpuLeaseError):
     code = "DEADLINE_EXCEEDED"
 
 
+class ContainerNotFound(GpuLeaseError):
+    reason = "CONTAINER_NOT_FOUND"
+    code = "NOT_FOUND"
+
+
+class ImageUnavailable(GpuLeaseError):
+    """The image is not on the node and could not be pulled (bad name, no registry access, ...)."""
+
+    reason = "IMAGE_UNAVAILABLE"
+    code = "FAILED_PRECONDITION"
+
+
 class Internal(GpuLeaseError):
     reason = "INTERNAL"
     code = "INTERNAL"
@@ -111,6 +123,8 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     PermissionDenied,
     Unavailable,
     DeadlineExceeded,
+    ContainerNotFound,
+    ImageUnavailable,
     Internal,
 )
 

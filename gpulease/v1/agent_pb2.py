@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpulease.v1 import types_pb2 as gpulease_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpulease/v1/agent.proto\x12\x0bgpulease.v1\x1a\x17gpulease/v1/types.proto\"\x15\n\x13GetInventoryRequest\"S\n\x14GetInventoryResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12-\n\tinventory\x18\x02 \x01(\x0b\x32\x1a.gpulease.v1.NodeInventory2c\n\x0c\x41gentService\x12S\n\x0cGetInventory\x12 .gpulease.v1.GetInventoryRequest\x1a!.gpulease.v1.GetInventoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpulease/v1/agent.proto\x12\x0bgpulease.v1\x1a\x17gpulease/v1/types.proto\"\x15\n\x13GetInventoryRequest\"S\n\x14GetInventoryResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12-\n\tinventory\x18\x02 \x01(\x0b\x32\x1a.gpulease.v1.NodeInventory\"j\n\x15StartContainerRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12(\n\x04spec\x18\x03 \x01(\x0b\x32\x1a.gpulease.v1.ContainerSpec2\xc6\x04\n\x0c\x41gentService\x12S\n\x0cGetInventory\x12 .gpulease.v1.GetInventoryRequest\x1a!.gpulease.v1.GetInventoryResponse\x12R\n\x0eStartContainer\x12\".gpulease.v1.StartContainerRequest\x1a\x1c.gpulease.v1.ContainerStatus\x12P\n\rStopContainer\x12!.gpulease.v1.StopContainerRequest\x1a\x1c.gpulease.v1.ContainerStatus\x12G\n\x0cGetContainer\x12\x19.gpulease.v1.ContainerRef\x1a\x1c.gpulease.v1.ContainerStatus\x12P\n\rWaitContainer\x12!.gpulease.v1.WaitContainerRequest\x1a\x1c.gpulease.v1.ContainerStatus\x12\x45\n\nStreamLogs\x12\x1e.gpulease.v1.StreamLogsRequest\x1a\x15.gpulease.v1.LogChunk0\x01\x12Y\n\x0eListContainers\x12\".gpulease.v1.ListContainersRequest\x1a#.gpulease.v1.ListContainersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINVENTORYREQUEST']._serialized_end=86
   _globals['_GETINVENTORYRESPONSE']._serialized_start=88
   _globals['_GETINVENTORYRESPONSE']._serialized_end=171
-  _globals['_AGENTSERVICE']._serialized_start=173
-  _globals['_AGENTSERVICE']._serialized_end=272
+  _globals['_STARTCONTAINERREQUEST']._serialized_start=173
+  _globals['_STARTCONTAINERREQUEST']._serialized_end=279
+  _globals['_AGENTSERVICE']._serialized_start=282
+  _globals['_AGENTSERVICE']._serialized_end=864
 # @@protoc_insertion_point(module_scope)

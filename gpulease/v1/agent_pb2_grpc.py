@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from gpulease.v1 import agent_pb2 as gpulease_dot_v1_dot_agent__pb2
+from gpulease.v1 import types_pb2 as gpulease_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
@@ -39,12 +40,80 @@ class AgentServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_agent__pb2.GetInventoryRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_agent__pb2.GetInventoryResponse.FromString,
                 _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/gpulease.v1.AgentService/StartContainer',
+                request_serializer=gpulease_dot_v1_dot_agent__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.StopContainer = channel.unary_unary(
+                '/gpulease.v1.AgentService/StopContainer',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.GetContainer = channel.unary_unary(
+                '/gpulease.v1.AgentService/GetContainer',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.ContainerRef.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.WaitContainer = channel.unary_unary(
+                '/gpulease.v1.AgentService/WaitContainer',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/gpulease.v1.AgentService/StreamLogs',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/gpulease.v1.AgentService/ListContainers',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetInventory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Confirms allocation_id is live on this node at `revision` (a linearizable read through the
+        coordinator) before creating anything: a stale token gets FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +126,36 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetInventory,
                     request_deserializer=gpulease_dot_v1_dot_agent__pb2.GetInventoryRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_agent__pb2.GetInventoryResponse.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=gpulease_dot_v1_dot_agent__pb2.StartContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'StopContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopContainer,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.StopContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'GetContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContainer,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerRef.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'WaitContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitContainer,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.LogChunk.SerializeToString,
+            ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +185,168 @@ class AgentService(object):
             '/gpulease.v1.AgentService/GetInventory',
             gpulease_dot_v1_dot_agent__pb2.GetInventoryRequest.SerializeToString,
             gpulease_dot_v1_dot_agent__pb2.GetInventoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AgentService/StartContainer',
+            gpulease_dot_v1_dot_agent__pb2.StartContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AgentService/StopContainer',
+            gpulease_dot_v1_dot_types__pb2.StopContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AgentService/GetContainer',
+            gpulease_dot_v1_dot_types__pb2.ContainerRef.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AgentService/WaitContainer',
+            gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpulease.v1.AgentService/StreamLogs',
+            gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AgentService/ListContainers',
+            gpulease_dot_v1_dot_types__pb2.ListContainersRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -461,3 +461,23 @@ class HeartbeatResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_id", b"lease_id"]) -> None: ...
 
 global___HeartbeatResponse = HeartbeatResponse
+
+@typing.final
+class RunContainerRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    SPEC_FIELD_NUMBER: builtins.int
+    allocation_id: builtins.str
+    @property
+    def spec(self) -> gpulease.v1.types_pb2.ContainerSpec: ...
+    def __init__(
+        self,
+        *,
+        allocation_id: builtins.str = ...,
+        spec: gpulease.v1.types_pb2.ContainerSpec | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["spec", b"spec"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "spec", b"spec"]) -> None: ...
+
+global___RunContainerRequest = RunContainerRequest

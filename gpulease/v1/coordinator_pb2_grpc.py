@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from gpulease.v1 import coordinator_pb2 as gpulease_dot_v1_dot_coordinator__pb2
+from gpulease.v1 import types_pb2 as gpulease_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
@@ -74,6 +75,31 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
                 _registered_method=True)
+        self.RunContainer = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/RunContainer',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.WaitContainer = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/WaitContainer',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/gpulease.v1.CoordinatorService/StreamLogs',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.StopContainer = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/StopContainer',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/ListContainers',
+                request_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
         self.RegisterNode = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RegisterNode',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
@@ -138,6 +164,38 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunContainer(self, request, context):
+        """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
+        agent's address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterNode(self, request, context):
         """Agent-facing.
         """
@@ -193,6 +251,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CordonNode,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'RunContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunContainer,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'WaitContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitContainer,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.LogChunk.SerializeToString,
+            ),
+            'StopContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopContainer,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.StopContainerRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.SerializeToString,
             ),
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
@@ -421,6 +504,141 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/CordonNode',
             gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/RunContainer',
+            gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/WaitContainer',
+            gpulease_dot_v1_dot_types__pb2.WaitContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/StreamLogs',
+            gpulease_dot_v1_dot_types__pb2.StreamLogsRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/StopContainer',
+            gpulease_dot_v1_dot_types__pb2.StopContainerRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/ListContainers',
+            gpulease_dot_v1_dot_types__pb2.ListContainersRequest.SerializeToString,
+            gpulease_dot_v1_dot_types__pb2.ListContainersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ CoordinatorService: the only writer of cluster state (kept in etcd)."""
 import abc
 import collections.abc
 import gpulease.v1.coordinator_pb2
+import gpulease.v1.types_pb2
 import grpc
 import grpc.aio
 import typing
@@ -60,6 +61,34 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
     ]
 
+    RunContainer: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.RunContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+    """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
+    agent's address.
+    """
+
+    WaitContainer: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.WaitContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+
+    StreamLogs: grpc.UnaryStreamMultiCallable[
+        gpulease.v1.types_pb2.StreamLogsRequest,
+        gpulease.v1.types_pb2.LogChunk,
+    ]
+
+    StopContainer: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.StopContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+
+    ListContainers: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.ListContainersRequest,
+        gpulease.v1.types_pb2.ListContainersResponse,
+    ]
+
     RegisterNode: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RegisterNodeRequest,
         gpulease.v1.coordinator_pb2.RegisterNodeResponse,
@@ -111,6 +140,34 @@ class CoordinatorServiceAsyncStub:
     CordonNode: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.CordonNodeRequest,
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
+    ]
+
+    RunContainer: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.RunContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+    """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
+    agent's address.
+    """
+
+    WaitContainer: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.WaitContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+
+    StreamLogs: grpc.aio.UnaryStreamMultiCallable[
+        gpulease.v1.types_pb2.StreamLogsRequest,
+        gpulease.v1.types_pb2.LogChunk,
+    ]
+
+    StopContainer: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.StopContainerRequest,
+        gpulease.v1.types_pb2.ContainerStatus,
+    ]
+
+    ListContainers: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.types_pb2.ListContainersRequest,
+        gpulease.v1.types_pb2.ListContainersResponse,
     ]
 
     RegisterNode: grpc.aio.UnaryUnaryMultiCallable[
@@ -181,6 +238,44 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.CordonNodeRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.CordonNodeResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CordonNodeResponse]]: ...
+
+    @abc.abstractmethod
+    def RunContainer(
+        self,
+        request: gpulease.v1.coordinator_pb2.RunContainerRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.types_pb2.ContainerStatus, collections.abc.Awaitable[gpulease.v1.types_pb2.ContainerStatus]]:
+        """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
+        agent's address.
+        """
+
+    @abc.abstractmethod
+    def WaitContainer(
+        self,
+        request: gpulease.v1.types_pb2.WaitContainerRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.types_pb2.ContainerStatus, collections.abc.Awaitable[gpulease.v1.types_pb2.ContainerStatus]]: ...
+
+    @abc.abstractmethod
+    def StreamLogs(
+        self,
+        request: gpulease.v1.types_pb2.StreamLogsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[gpulease.v1.types_pb2.LogChunk], collections.abc.AsyncIterator[gpulease.v1.types_pb2.LogChunk]]: ...
+
+    @abc.abstractmethod
+    def StopContainer(
+        self,
+        request: gpulease.v1.types_pb2.StopContainerRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.types_pb2.ContainerStatus, collections.abc.Awaitable[gpulease.v1.types_pb2.ContainerStatus]]: ...
+
+    @abc.abstractmethod
+    def ListContainers(
+        self,
+        request: gpulease.v1.types_pb2.ListContainersRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.types_pb2.ListContainersResponse, collections.abc.Awaitable[gpulease.v1.types_pb2.ListContainersResponse]]: ...
 
     @abc.abstractmethod
     def RegisterNode(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpulease/v1/types.proto\x12\x0bgpulease.v1\"\x88\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x15\n\rhealth_detail\x18\x07 \x01(\t\"\xd8\x01\n\rNodeInventory\x12\x1e\n\x04gpus\x18\x01 \x03(\x0b\x32\x10.gpulease.v1.Gpu\x12\x12\n\ncpus_total\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.gpulease.v1.NodeInventory.LabelsEntry\x12\x10\n\x08hostname\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpulease.v1.NodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12-\n\tinventory\x18\x04 \x01(\x0b\x32\x1a.gpulease.v1.NodeInventory\x12\x10\n\x08\x63ordoned\x18\x05 \x01(\x08\x12\x1d\n\x15\x61llocated_gpu_indexes\x18\x06 \x03(\r\x12\x16\n\x0e\x63pus_allocated\x18\x07 \x01(\r\x12\x1e\n\x16memory_allocated_bytes\x18\x08 \x01(\x04\":\n\x0c\x41llocatedGpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xec\x01\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\'\n\x04gpus\x18\x03 \x03(\x0b\x32\x19.gpulease.v1.AllocatedGpu\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x14\n\x0cnode_address\x18\x0b \x01(\t*h\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpulease/v1/types.proto\x12\x0bgpulease.v1\"\xe6\x05\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x15\n\rhealth_detail\x18\x07 \x01(\t\x12\x1e\n\x11memory_used_bytes\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13utilization_percent\x18\t \x01(\rH\x01\x88\x01\x01\x12\x1a\n\rtemperature_c\x18\n \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rpower_draw_mw\x18\x0b \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0epower_limit_mw\x18\x0c \x01(\rH\x04\x88\x01\x01\x12\x12\n\npci_bus_id\x18\r \x01(\t\x12\x10\n\x08mig_mode\x18\x0e \x01(\t\x12!\n\x14\x65\x63\x63_errors_corrected\x18\x0f \x01(\x04H\x05\x88\x01\x01\x12#\n\x16\x65\x63\x63_errors_uncorrected\x18\x10 \x01(\x04H\x06\x88\x01\x01\x12\x16\n\tnuma_node\x18\x11 \x01(\x05H\x07\x88\x01\x01\x12\x14\n\x0c\x63pu_affinity\x18\x12 \x01(\t\x12#\n\x05links\x18\x13 \x03(\x0b\x32\x14.gpulease.v1.GpuLink\x12*\n\tprocesses\x18\x14 \x03(\x0b\x32\x17.gpulease.v1.GpuProcess\x12\x19\n\x11\x66oreign_processes\x18\x15 \x01(\x08\x12\x16\n\x0e\x66oreign_detail\x18\x16 \x01(\tB\x14\n\x12_memory_used_bytesB\x16\n\x14_utilization_percentB\x10\n\x0e_temperature_cB\x10\n\x0e_power_draw_mwB\x11\n\x0f_power_limit_mwB\x17\n\x15_ecc_errors_correctedB\x19\n\x17_ecc_errors_uncorrectedB\x0c\n\n_numa_node\"L\n\x07GpuLink\x12\x12\n\npeer_index\x18\x01 \x01(\r\x12\x14\n\x0cnvlink_count\x18\x02 \x01(\r\x12\x17\n\x0f\x63ommon_ancestor\x18\x03 \x01(\t\"i\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x1e\n\x11used_memory_bytes\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10gpulease_managed\x18\x03 \x01(\x08\x42\x14\n\x12_used_memory_bytes\"\xab\x02\n\rNodeInventory\x12\x1e\n\x04gpus\x18\x01 \x03(\x0b\x32\x10.gpulease.v1.Gpu\x12\x12\n\ncpus_total\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.gpulease.v1.NodeInventory.LabelsEntry\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x06 \x01(\t\x12\x14\n\x0c\x63uda_version\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x13\n\x0breconciling\x18\t \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpulease.v1.NodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12-\n\tinventory\x18\x04 \x01(\x0b\x32\x1a.gpulease.v1.NodeInventory\x12\x10\n\x08\x63ordoned\x18\x05 \x01(\x08\x12\x1d\n\x15\x61llocated_gpu_indexes\x18\x06 \x03(\r\x12\x16\n\x0e\x63pus_allocated\x18\x07 \x01(\r\x12\x1e\n\x16memory_allocated_bytes\x18\x08 \x01(\x04\":\n\x0c\x41llocatedGpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xec\x01\n\nAllocation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\'\n\x04gpus\x18\x03 \x03(\x0b\x32\x19.gpulease.v1.AllocatedGpu\x12\x0c\n\x04\x63pus\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x14\n\x0cnode_address\x18\x0b \x01(\t\"\xf3\x01\n\rContainerSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x30\n\x03\x65nv\x18\x03 \x03(\x0b\x32#.gpulease.v1.ContainerSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12)\n\x07volumes\x18\x05 \x03(\x0b\x32\x18.gpulease.v1.VolumeMount\x12\x16\n\x0eshm_size_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04name\x18\x07 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x0bVolumeMount\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"\xbb\x02\n\x0f\x43ontainerStatus\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\rallocation_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.gpulease.v1.ContainerState\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05image\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\n \x01(\x03\x12\x13\n\x0bgpu_indexes\x18\x0b \x03(\r\x12\x0c\n\x04node\x18\x0c \x01(\t\x12\x15\n\rrestart_count\x18\r \x01(\x05\x42\x0c\n\n_exit_code\";\n\x0c\x43ontainerRef\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\"U\n\x14StopContainerRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.gpulease.v1.ContainerRef\x12\x15\n\rgrace_seconds\x18\x02 \x01(\x05\"W\n\x14WaitContainerRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.gpulease.v1.ContainerRef\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x05\"K\n\x11StreamLogsRequest\x12&\n\x03ref\x18\x01 \x01(\x0b\x32\x19.gpulease.v1.ContainerRef\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"(\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06stream\x18\x02 \x01(\t\".\n\x15ListContainersRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\"J\n\x16ListContainersResponse\x12\x30\n\ncontainers\x18\x01 \x03(\x0b\x32\x1c.gpulease.v1.ContainerStatus*h\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03*\x87\x01\n\x0e\x43ontainerState\x12\x1f\n\x1b\x43ONTAINER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTAINER_STATE_CREATED\x10\x01\x12\x1b\n\x17\x43ONTAINER_STATE_RUNNING\x10\x02\x12\x1a\n\x16\x43ONTAINER_STATE_EXITED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINVENTORY_LABELSENTRY']._loaded_options = None
   _globals['_NODEINVENTORY_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=928
-  _globals['_NODESTATE']._serialized_end=1032
+  _globals['_CONTAINERSPEC_ENVENTRY']._loaded_options = None
+  _globals['_CONTAINERSPEC_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_NODESTATE']._serialized_start=2912
+  _globals['_NODESTATE']._serialized_end=3016
+  _globals['_CONTAINERSTATE']._serialized_start=3019
+  _globals['_CONTAINERSTATE']._serialized_end=3154
   _globals['_GPU']._serialized_start=41
-  _globals['_GPU']._serialized_end=177
-  _globals['_NODEINVENTORY']._serialized_start=180
-  _globals['_NODEINVENTORY']._serialized_end=396
-  _globals['_NODEINVENTORY_LABELSENTRY']._serialized_start=351
-  _globals['_NODEINVENTORY_LABELSENTRY']._serialized_end=396
-  _globals['_NODE']._serialized_start=399
-  _globals['_NODE']._serialized_end=627
-  _globals['_ALLOCATEDGPU']._serialized_start=629
-  _globals['_ALLOCATEDGPU']._serialized_end=687
-  _globals['_ALLOCATION']._serialized_start=690
-  _globals['_ALLOCATION']._serialized_end=926
+  _globals['_GPU']._serialized_end=783
+  _globals['_GPULINK']._serialized_start=785
+  _globals['_GPULINK']._serialized_end=861
+  _globals['_GPUPROCESS']._serialized_start=863
+  _globals['_GPUPROCESS']._serialized_end=968
+  _globals['_NODEINVENTORY']._serialized_start=971
+  _globals['_NODEINVENTORY']._serialized_end=1270
+  _globals['_NODEINVENTORY_LABELSENTRY']._serialized_start=1225
+  _globals['_NODEINVENTORY_LABELSENTRY']._serialized_end=1270
+  _globals['_NODE']._serialized_start=1273
+  _globals['_NODE']._serialized_end=1501
+  _globals['_ALLOCATEDGPU']._serialized_start=1503
+  _globals['_ALLOCATEDGPU']._serialized_end=1561
+  _globals['_ALLOCATION']._serialized_start=1564
+  _globals['_ALLOCATION']._serialized_end=1800
+  _globals['_CONTAINERSPEC']._serialized_start=1803
+  _globals['_CONTAINERSPEC']._serialized_end=2046
+  _globals['_CONTAINERSPEC_ENVENTRY']._serialized_start=2004
+  _globals['_CONTAINERSPEC_ENVENTRY']._serialized_end=2046
+  _globals['_VOLUMEMOUNT']._serialized_start=2048
+  _globals['_VOLUMEMOUNT']._serialized_end=2112
+  _globals['_CONTAINERSTATUS']._serialized_start=2115
+  _globals['_CONTAINERSTATUS']._serialized_end=2430
+  _globals['_CONTAINERREF']._serialized_start=2432
+  _globals['_CONTAINERREF']._serialized_end=2491
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=2493
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=2578
+  _globals['_WAITCONTAINERREQUEST']._serialized_start=2580
+  _globals['_WAITCONTAINERREQUEST']._serialized_end=2667
+  _globals['_STREAMLOGSREQUEST']._serialized_start=2669
+  _globals['_STREAMLOGSREQUEST']._serialized_end=2744
+  _globals['_LOGCHUNK']._serialized_start=2746
+  _globals['_LOGCHUNK']._serialized_end=2786
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=2788
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=2834
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=2836
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=2910
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,25 @@ NODE_STATE_CORDONED: NodeState.ValueType  # 3
 """Up, but excluded from placement by an operator."""
 global___NodeState = NodeState
 
+class _ContainerState:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _ContainerStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ContainerState.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    CONTAINER_STATE_UNSPECIFIED: _ContainerState.ValueType  # 0
+    CONTAINER_STATE_CREATED: _ContainerState.ValueType  # 1
+    CONTAINER_STATE_RUNNING: _ContainerState.ValueType  # 2
+    CONTAINER_STATE_EXITED: _ContainerState.ValueType  # 3
+
+class ContainerState(_ContainerState, metaclass=_ContainerStateEnumTypeWrapper): ...
+
+CONTAINER_STATE_UNSPECIFIED: ContainerState.ValueType  # 0
+CONTAINER_STATE_CREATED: ContainerState.ValueType  # 1
+CONTAINER_STATE_RUNNING: ContainerState.ValueType  # 2
+CONTAINER_STATE_EXITED: ContainerState.ValueType  # 3
+global___ContainerState = ContainerState
+
 @typing.final
 class Gpu(google.protobuf.message.Message):
     """One GPU as the agent reports it."""
@@ -55,6 +74,21 @@ class Gpu(google.protobuf.message.Message):
     HEALTHY_FIELD_NUMBER: builtins.int
     SIMULATED_FIELD_NUMBER: builtins.int
     HEALTH_DETAIL_FIELD_NUMBER: builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: builtins.int
+    UTILIZATION_PERCENT_FIELD_NUMBER: builtins.int
+    TEMPERATURE_C_FIELD_NUMBER: builtins.int
+    POWER_DRAW_MW_FIELD_NUMBER: builtins.int
+    POWER_LIMIT_MW_FIELD_NUMBER: builtins.int
+    PCI_BUS_ID_FIELD_NUMBER: builtins.int
+    MIG_MODE_FIELD_NUMBER: builtins.int
+    ECC_ERRORS_CORRECTED_FIELD_NUMBER: builtins.int
+    ECC_ERRORS_UNCORRECTED_FIELD_NUMBER: builtins.int
+    NUMA_NODE_FIELD_NUMBER: builtins.int
+    CPU_AFFINITY_FIELD_NUMBER: builtins.int
+    LINKS_FIELD_NUMBER: builtins.int
+    PROCESSES_FIELD_NUMBER: builtins.int
+    FOREIGN_PROCESSES_FIELD_NUMBER: builtins.int
+    FOREIGN_DETAIL_FIELD_NUMBER: builtins.int
     index: builtins.int
     uuid: builtins.str
     model: builtins.str
@@ -64,6 +98,28 @@ class Gpu(google.protobuf.message.Message):
     """True when the GPU is made up by the agent (--simulate-gpus); never on real hardware."""
     health_detail: builtins.str
     """Why the GPU is unhealthy, or empty."""
+    memory_used_bytes: builtins.int
+    """Telemetry from NVML. Unset = unknown (the function is missing or NOT_SUPPORTED here)."""
+    utilization_percent: builtins.int
+    temperature_c: builtins.int
+    power_draw_mw: builtins.int
+    power_limit_mw: builtins.int
+    pci_bus_id: builtins.str
+    mig_mode: builtins.str
+    """"enabled", "disabled", or "" when unknown."""
+    ecc_errors_corrected: builtins.int
+    ecc_errors_uncorrected: builtins.int
+    numa_node: builtins.int
+    """Topology: NUMA node and CPUs closest to the GPU, and its links to the other GPUs."""
+    cpu_affinity: builtins.str
+    """Linux cpulist, e.g. "0-15,32-47"; "" when unknown."""
+    foreign_processes: builtins.bool
+    """Something gpulease did not start is using this GPU (a process, or memory while unallocated)."""
+    foreign_detail: builtins.str
+    @property
+    def links(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___GpuLink]: ...
+    @property
+    def processes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___GpuProcess]: ...
     def __init__(
         self,
         *,
@@ -74,10 +130,89 @@ class Gpu(google.protobuf.message.Message):
         healthy: builtins.bool = ...,
         simulated: builtins.bool = ...,
         health_detail: builtins.str = ...,
+        memory_used_bytes: builtins.int | None = ...,
+        utilization_percent: builtins.int | None = ...,
+        temperature_c: builtins.int | None = ...,
+        power_draw_mw: builtins.int | None = ...,
+        power_limit_mw: builtins.int | None = ...,
+        pci_bus_id: builtins.str = ...,
+        mig_mode: builtins.str = ...,
+        ecc_errors_corrected: builtins.int | None = ...,
+        ecc_errors_uncorrected: builtins.int | None = ...,
+        numa_node: builtins.int | None = ...,
+        cpu_affinity: builtins.str = ...,
+        links: collections.abc.Iterable[global___GpuLink] | None = ...,
+        processes: collections.abc.Iterable[global___GpuProcess] | None = ...,
+        foreign_processes: builtins.bool = ...,
+        foreign_detail: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["health_detail", b"health_detail", "healthy", b"healthy", "index", b"index", "memory_total_bytes", b"memory_total_bytes", "model", b"model", "simulated", b"simulated", "uuid", b"uuid"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "memory_used_bytes", b"memory_used_bytes", "numa_node", b"numa_node", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "cpu_affinity", b"cpu_affinity", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "foreign_detail", b"foreign_detail", "foreign_processes", b"foreign_processes", "health_detail", b"health_detail", "healthy", b"healthy", "index", b"index", "links", b"links", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_mode", b"mig_mode", "model", b"model", "numa_node", b"numa_node", "pci_bus_id", b"pci_bus_id", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "processes", b"processes", "simulated", b"simulated", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent", "uuid", b"uuid"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected"]) -> typing.Literal["ecc_errors_corrected"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_ecc_errors_uncorrected", b"_ecc_errors_uncorrected"]) -> typing.Literal["ecc_errors_uncorrected"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_memory_used_bytes", b"_memory_used_bytes"]) -> typing.Literal["memory_used_bytes"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_numa_node", b"_numa_node"]) -> typing.Literal["numa_node"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_power_draw_mw", b"_power_draw_mw"]) -> typing.Literal["power_draw_mw"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_power_limit_mw", b"_power_limit_mw"]) -> typing.Literal["power_limit_mw"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_temperature_c", b"_temperature_c"]) -> typing.Literal["temperature_c"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_utilization_percent", b"_utilization_percent"]) -> typing.Literal["utilization_percent"] | None: ...
 
 global___Gpu = Gpu
+
+@typing.final
+class GpuLink(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PEER_INDEX_FIELD_NUMBER: builtins.int
+    NVLINK_COUNT_FIELD_NUMBER: builtins.int
+    COMMON_ANCESTOR_FIELD_NUMBER: builtins.int
+    peer_index: builtins.int
+    nvlink_count: builtins.int
+    """NVLink links to the peer; 0 when they are connected only through PCIe."""
+    common_ancestor: builtins.str
+    """NVML's common-ancestor level: "internal", "single", "multiple", "hostbridge", "node", "system"."""
+    def __init__(
+        self,
+        *,
+        peer_index: builtins.int = ...,
+        nvlink_count: builtins.int = ...,
+        common_ancestor: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["common_ancestor", b"common_ancestor", "nvlink_count", b"nvlink_count", "peer_index", b"peer_index"]) -> None: ...
+
+global___GpuLink = GpuLink
+
+@typing.final
+class GpuProcess(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PID_FIELD_NUMBER: builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: builtins.int
+    GPULEASE_MANAGED_FIELD_NUMBER: builtins.int
+    pid: builtins.int
+    used_memory_bytes: builtins.int
+    gpulease_managed: builtins.bool
+    """True when the process belongs to a container gpulease started."""
+    def __init__(
+        self,
+        *,
+        pid: builtins.int = ...,
+        used_memory_bytes: builtins.int | None = ...,
+        gpulease_managed: builtins.bool = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["_used_memory_bytes", b"_used_memory_bytes", "used_memory_bytes", b"used_memory_bytes"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_used_memory_bytes", b"_used_memory_bytes", "gpulease_managed", b"gpulease_managed", "pid", b"pid", "used_memory_bytes", b"used_memory_bytes"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_used_memory_bytes", b"_used_memory_bytes"]) -> typing.Literal["used_memory_bytes"] | None: ...
+
+global___GpuProcess = GpuProcess
 
 @typing.final
 class NodeInventory(google.protobuf.message.Message):
@@ -106,9 +241,19 @@ class NodeInventory(google.protobuf.message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: builtins.int
     LABELS_FIELD_NUMBER: builtins.int
     HOSTNAME_FIELD_NUMBER: builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: builtins.int
+    CUDA_VERSION_FIELD_NUMBER: builtins.int
+    SOURCE_FIELD_NUMBER: builtins.int
+    RECONCILING_FIELD_NUMBER: builtins.int
     cpus_total: builtins.int
     memory_total_bytes: builtins.int
     hostname: builtins.str
+    driver_version: builtins.str
+    cuda_version: builtins.str
+    source: builtins.str
+    """"nvml", "simulated" or "none": where the GPU list came from."""
+    reconciling: builtins.bool
+    """True while a restarted agent adopts its containers: the node offers no GPUs until done."""
     @property
     def gpus(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Gpu]: ...
     @property
@@ -121,8 +266,12 @@ class NodeInventory(google.protobuf.message.Message):
         memory_total_bytes: builtins.int = ...,
         labels: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         hostname: builtins.str = ...,
+        driver_version: builtins.str = ...,
+        cuda_version: builtins.str = ...,
+        source: builtins.str = ...,
+        reconciling: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpus_total", b"cpus_total", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "memory_total_bytes", b"memory_total_bytes"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpus_total", b"cpus_total", "cuda_version", b"cuda_version", "driver_version", b"driver_version", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "memory_total_bytes", b"memory_total_bytes", "reconciling", b"reconciling", "source", b"source"]) -> None: ...
 
 global___NodeInventory = NodeInventory
 
@@ -234,3 +383,272 @@ class Allocation(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "request_id", b"request_id", "revision", b"revision", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___Allocation = Allocation
+
+@typing.final
+class ContainerSpec(google.protobuf.message.Message):
+    """What to run in a container on an allocation's GPUs. The GPUs, CPU and memory limits come
+    from the allocation itself, never from the caller.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    @typing.final
+    class EnvEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
+    IMAGE_FIELD_NUMBER: builtins.int
+    COMMAND_FIELD_NUMBER: builtins.int
+    ENV_FIELD_NUMBER: builtins.int
+    WORKING_DIR_FIELD_NUMBER: builtins.int
+    VOLUMES_FIELD_NUMBER: builtins.int
+    SHM_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
+    image: builtins.str
+    working_dir: builtins.str
+    shm_size_bytes: builtins.int
+    name: builtins.str
+    """Optional container name; the agent makes one up from the allocation id otherwise."""
+    @property
+    def command(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    @property
+    def env(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
+        """NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES are refused: the allocation decides."""
+
+    @property
+    def volumes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___VolumeMount]: ...
+    def __init__(
+        self,
+        *,
+        image: builtins.str = ...,
+        command: collections.abc.Iterable[builtins.str] | None = ...,
+        env: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
+        working_dir: builtins.str = ...,
+        volumes: collections.abc.Iterable[global___VolumeMount] | None = ...,
+        shm_size_bytes: builtins.int = ...,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["command", b"command", "env", b"env", "image", b"image", "name", b"name", "shm_size_bytes", b"shm_size_bytes", "volumes", b"volumes", "working_dir", b"working_dir"]) -> None: ...
+
+global___ContainerSpec = ContainerSpec
+
+@typing.final
+class VolumeMount(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: builtins.int
+    TARGET_FIELD_NUMBER: builtins.int
+    READ_ONLY_FIELD_NUMBER: builtins.int
+    source: builtins.str
+    target: builtins.str
+    read_only: builtins.bool
+    def __init__(
+        self,
+        *,
+        source: builtins.str = ...,
+        target: builtins.str = ...,
+        read_only: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["read_only", b"read_only", "source", b"source", "target", b"target"]) -> None: ...
+
+global___VolumeMount = VolumeMount
+
+@typing.final
+class ContainerStatus(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: builtins.int
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    REVISION_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    EXIT_CODE_FIELD_NUMBER: builtins.int
+    IMAGE_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
+    STARTED_UNIX_MS_FIELD_NUMBER: builtins.int
+    FINISHED_UNIX_MS_FIELD_NUMBER: builtins.int
+    GPU_INDEXES_FIELD_NUMBER: builtins.int
+    NODE_FIELD_NUMBER: builtins.int
+    RESTART_COUNT_FIELD_NUMBER: builtins.int
+    container_id: builtins.str
+    allocation_id: builtins.str
+    revision: builtins.int
+    """The fencing token the container was started under."""
+    state: global___ContainerState.ValueType
+    exit_code: builtins.int
+    image: builtins.str
+    name: builtins.str
+    error: builtins.str
+    """Why the container ended, when gpulease ended it (e.g. "allocation released")."""
+    started_unix_ms: builtins.int
+    finished_unix_ms: builtins.int
+    node: builtins.str
+    restart_count: builtins.int
+    @property
+    def gpu_indexes(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        container_id: builtins.str = ...,
+        allocation_id: builtins.str = ...,
+        revision: builtins.int = ...,
+        state: global___ContainerState.ValueType = ...,
+        exit_code: builtins.int | None = ...,
+        image: builtins.str = ...,
+        name: builtins.str = ...,
+        error: builtins.str = ...,
+        started_unix_ms: builtins.int = ...,
+        finished_unix_ms: builtins.int = ...,
+        gpu_indexes: collections.abc.Iterable[builtins.int] | None = ...,
+        node: builtins.str = ...,
+        restart_count: builtins.int = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_exit_code", b"_exit_code", "allocation_id", b"allocation_id", "container_id", b"container_id", "error", b"error", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms", "gpu_indexes", b"gpu_indexes", "image", b"image", "name", b"name", "node", b"node", "restart_count", b"restart_count", "revision", b"revision", "started_unix_ms", b"started_unix_ms", "state", b"state"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_exit_code", b"_exit_code"]) -> typing.Literal["exit_code"] | None: ...
+
+global___ContainerStatus = ContainerStatus
+
+@typing.final
+class ContainerRef(google.protobuf.message.Message):
+    """Shared by AgentService and CoordinatorService (the coordinator forwards them)."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    CONTAINER_ID_FIELD_NUMBER: builtins.int
+    allocation_id: builtins.str
+    container_id: builtins.str
+    def __init__(
+        self,
+        *,
+        allocation_id: builtins.str = ...,
+        container_id: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "container_id", b"container_id"]) -> None: ...
+
+global___ContainerRef = ContainerRef
+
+@typing.final
+class StopContainerRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REF_FIELD_NUMBER: builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: builtins.int
+    grace_seconds: builtins.int
+    """SIGTERM, then SIGKILL after this many seconds (0 = the agent's default, 10 s)."""
+    @property
+    def ref(self) -> global___ContainerRef: ...
+    def __init__(
+        self,
+        *,
+        ref: global___ContainerRef | None = ...,
+        grace_seconds: builtins.int = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["ref", b"ref"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["grace_seconds", b"grace_seconds", "ref", b"ref"]) -> None: ...
+
+global___StopContainerRequest = StopContainerRequest
+
+@typing.final
+class WaitContainerRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REF_FIELD_NUMBER: builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: builtins.int
+    timeout_seconds: builtins.int
+    """Return the status as it is after this long even if still running (0 = 30 s, max 300 s)."""
+    @property
+    def ref(self) -> global___ContainerRef: ...
+    def __init__(
+        self,
+        *,
+        ref: global___ContainerRef | None = ...,
+        timeout_seconds: builtins.int = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["ref", b"ref"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["ref", b"ref", "timeout_seconds", b"timeout_seconds"]) -> None: ...
+
+global___WaitContainerRequest = WaitContainerRequest
+
+@typing.final
+class StreamLogsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REF_FIELD_NUMBER: builtins.int
+    FOLLOW_FIELD_NUMBER: builtins.int
+    follow: builtins.bool
+    @property
+    def ref(self) -> global___ContainerRef: ...
+    def __init__(
+        self,
+        *,
+        ref: global___ContainerRef | None = ...,
+        follow: builtins.bool = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["ref", b"ref"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["follow", b"follow", "ref", b"ref"]) -> None: ...
+
+global___StreamLogsRequest = StreamLogsRequest
+
+@typing.final
+class LogChunk(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: builtins.int
+    STREAM_FIELD_NUMBER: builtins.int
+    data: builtins.bytes
+    stream: builtins.str
+    """"stdout" or "stderr"."""
+    def __init__(
+        self,
+        *,
+        data: builtins.bytes = ...,
+        stream: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["data", b"data", "stream", b"stream"]) -> None: ...
+
+global___LogChunk = LogChunk
+
+@typing.final
+class ListContainersRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    allocation_id: builtins.str
+    """Empty = every container gpulease manages on the node (agent) or allocation's node (coordinator)."""
+    def __init__(
+        self,
+        *,
+        allocation_id: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id"]) -> None: ...
+
+global___ListContainersRequest = ListContainersRequest
+
+@typing.final
+class ListContainersResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONTAINERS_FIELD_NUMBER: builtins.int
+    @property
+    def containers(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___ContainerStatus]: ...
+    def __init__(
+        self,
+        *,
+        containers: collections.abc.Iterable[global___ContainerStatus] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["containers", b"containers"]) -> None: ...
+
+global___ListContainersResponse = ListContainersResponse

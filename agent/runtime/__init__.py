@@ -1,0 +1,102 @@
+"""Container runtime interface. Only agent/runtime/docker_runtime.py imports docker.
+
+The agent's container service talks to this Protocol; the methods are synchronous (the Docker
+SDK is) and the service runs them in threads. Every container gpulease starts carries labels
+(LABEL_*) from which a restarted agent rebuilds its state: Docker is the source of truth for
+what runs, etcd (through the coordinator) for what may run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+LABEL_MANAGED = "io.gpulease.managed"  # "true"
+LABEL_ALLOCATION = "io.gpulease.allocation"
+LABEL_REVISION = "io.gpulease.revision"  # the fencing token it was started under
+LABEL_NODE = "io.gpulease.node"
+LABEL_GPUS = "io.gpulease.gpus"  # comma-separated indexes
+LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in ContainerInfo.error
+
+# Never taken from the user: the allocation decides which GPUs a container sees.
+RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
+
+ContainerStateName = Literal["created", "running", "exited"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerLaunch:
+    """Everything needed to start one container; GPUs/CPUs/memory come from the allocation."""
+
+    allocation_id: str
+    revision: int
+    node: str
+    gpu_uuids: tuple[str, ...]
+    gpu_indexes: tuple[int, ...]
+    cpus: int
+    memory_bytes: int
+    image: str
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str = ""
+    volumes: tuple[Volume, ...] = ()
+    shm_size_bytes: int = 0
+    name: str = ""
+    # CPUs close to the GPUs (Linux cpulist), "" when unknown: becomes the cpuset.
+    cpuset: str = ""
+    network: str = "bridge"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    allocation_id: str
+    revision: int
+    state: ContainerStateName
+    exit_code: int | None
+    image: str
+    gpu_indexes: tuple[int, ...]
+    started_unix_ms: int = 0
+    finished_unix_ms: int = 0
+    restart_count: int = 0
+    # Host PID of the container's init process (0 when not running): for GPU process attribution.
+    pid: int = 0
+
+
+class ContainerRuntime(Protocol):
+    def start(self, launch: ContainerLaunch) -> ContainerInfo:
+        """Pull the image if missing (ImageUnavailable on failure), create and start the container."""
+        ...
+
+    def stop(self, container_id: str, grace_seconds: float) -> ContainerInfo:
+        """SIGTERM, then SIGKILL after grace_seconds. Stopping a stopped container is a no-op."""
+        ...
+
+    def get(self, container_id: str) -> ContainerInfo:
+        """ContainerNotFound if it does not exist or is not managed by gpulease."""
+        ...
+
+    def list(self, allocation_id: str = "") -> list[ContainerInfo]:
+        """gpulease-managed containers (by label), optionally of one allocation, running or not."""
+        ...
+
+    def wait(self, container_id: str, timeout_seconds: float) -> ContainerInfo:
+        """Until the container exits or the timeout passes; returns its status either way."""
+        ...
+
+    def logs(self, container_id: str, follow: bool) -> Iterator[tuple[str, bytes]]:
+        """("stdout" | "stderr", bytes) chunks in order; with follow, until the container exits."""
+        ...
+
+    def pids(self, container_id: str) -> frozenset[int]:
+        """Host PIDs of every process in the container (empty when not running)."""
+        ...
