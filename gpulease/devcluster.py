@@ -397,7 +397,7 @@ def format_summary(response: coordinator_pb2.GetClusterSummaryResponse) -> str:
     for n, is_total in totals:
         rows.append(
             (
-                "total (up)" if is_total else n.name,
+                "TOTAL" if is_total else n.name,
                 "" if is_total else _state_name(n.state),
                 f"{n.gpus_free}/{n.gpus_total}",
                 f"{n.cpus_free}/{n.cpus_total}",

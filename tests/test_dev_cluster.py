@@ -244,7 +244,7 @@ def test_dev_cluster_demo_allocates_and_releases(tmp_path: Path) -> None:
         assert index(READY_LINE, after) > after
 
         # The summary tables' total rows: all free, 2 GPUs taken, all free again.
-        totals = [line.split()[2] for line in lines if line.strip().startswith("total (up)")]
+        totals = [line.split()[1] for line in lines if line.strip().startswith("TOTAL")]
         assert totals == ["8/8", "6/8", "8/8"], out
         assert gpuctl(address, "allocs") == []
         assert gpuctl(address, "status")["totals"]["gpus_free"] == NODES * GPUS_PER_NODE
