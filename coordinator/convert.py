@@ -26,6 +26,13 @@ def node_info(name: str, address: str, inv: tpb.NodeInventory) -> NodeInfo:
                 healthy=g.healthy,
                 simulated=g.simulated,
                 health_detail=g.health_detail,
+                foreign=g.foreign_processes,
+                foreign_detail=g.foreign_detail,
+                pci_bus_id=g.pci_bus_id,
+                mig_mode=g.mig_mode,
+                numa_node=g.numa_node if g.HasField("numa_node") else None,
+                cpu_affinity=g.cpu_affinity,
+                links=tuple((x.peer_index, x.nvlink_count, x.common_ancestor) for x in g.links),
             )
             for g in inv.gpus
         ),
@@ -33,6 +40,10 @@ def node_info(name: str, address: str, inv: tpb.NodeInventory) -> NodeInfo:
         memory_total_bytes=inv.memory_total_bytes,
         labels=dict(inv.labels),
         hostname=inv.hostname,
+        reconciling=inv.reconciling,
+        driver_version=inv.driver_version,
+        cuda_version=inv.cuda_version,
+        source=inv.source,
     )
 
 
@@ -47,6 +58,13 @@ def inventory(info: NodeInfo) -> tpb.NodeInventory:
                 healthy=g.healthy,
                 simulated=g.simulated,
                 health_detail=g.health_detail,
+                foreign_processes=g.foreign,
+                foreign_detail=g.foreign_detail,
+                pci_bus_id=g.pci_bus_id,
+                mig_mode=g.mig_mode,
+                numa_node=g.numa_node,
+                cpu_affinity=g.cpu_affinity,
+                links=[tpb.GpuLink(peer_index=p, nvlink_count=n, common_ancestor=a) for p, n, a in g.links],
             )
             for g in info.gpus
         ],
@@ -54,6 +72,10 @@ def inventory(info: NodeInfo) -> tpb.NodeInventory:
         memory_total_bytes=info.memory_total_bytes,
         labels=dict(info.labels),
         hostname=info.hostname,
+        reconciling=info.reconciling,
+        driver_version=info.driver_version,
+        cuda_version=info.cuda_version,
+        source=info.source,
     )
 
 

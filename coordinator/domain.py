@@ -25,6 +25,17 @@ class GpuInfo:
     healthy: bool = True
     simulated: bool = False
     health_detail: str = ""
+    # In use by something gpulease did not start: not handed out until that stops.
+    foreign: bool = False
+    foreign_detail: str = ""
+    # Static facts from NVML ("" / None when unknown). Telemetry (temperature, utilization, ...)
+    # is deliberately not part of the record: it would rewrite etcd on every heartbeat.
+    pci_bus_id: str = ""
+    mig_mode: str = ""
+    numa_node: int | None = None
+    cpu_affinity: str = ""
+    # (peer index, NVLink count, common-ancestor level)
+    links: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,12 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     hostname: str = ""
     cordoned: bool = False
+    # The agent restarted and is still adopting its containers: it offers no GPUs meanwhile.
+    reconciling: bool = False
+    driver_version: str = ""
+    cuda_version: str = ""
+    # "nvml", "simulated" or "none"
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,7 @@ class NodeView:
 
     @property
     def schedulable(self) -> bool:
-        return self.state is NodeState.UP
+        return self.state is NodeState.UP and not self.info.reconciling
 
     @property
     def usable_gpus(self) -> tuple[GpuInfo, ...]:
@@ -74,7 +91,7 @@ class NodeView:
 
     @property
     def free_gpus(self) -> tuple[GpuInfo, ...]:
-        return tuple(g for g in self.info.gpus if g.healthy and g.index not in self.gpus_held)
+        return tuple(g for g in self.info.gpus if g.healthy and not g.foreign and g.index not in self.gpus_held)
 
     @property
     def cpus_free(self) -> int:

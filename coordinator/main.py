@@ -15,8 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import config as config_mod
+from coordinator.agents import AgentChannels
 from coordinator.allocations import AllocationPolicy, AllocationService
 from coordinator.committer import EtcdCommitter
+from coordinator.containers import ContainerForwarder
 from coordinator.keys import Keys
 from coordinator.nodes import NodePolicy, NodeService
 from coordinator.servicer import CoordinatorServicer
@@ -59,9 +61,13 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         ),
     )
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
+    agents = AgentChannels()
+    containers = ContainerForwarder(allocations, view, agents)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(allocations, nodes, view), server)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(allocations, nodes, view, containers), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -103,6 +109,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await agents.close()
     await store.close()
 
 

@@ -74,7 +74,8 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
                 and (not want_model or gpu.model == exact_model or gpu.model.casefold() == want_model)
             ):
                 n_match += 1
-                if gpu.index not in held:
+                # A GPU something else is using looks free to etcd but is not: never hand it out.
+                if gpu.index not in held and not gpu.foreign:
                     n_free += 1
         if n_match < need_gpus:
             _note_gpu_shortfall(t, info, want_model, n_match)
@@ -98,6 +99,9 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
             continue
         if info.cordoned:
             t.cordoned += 1
+            continue
+        if info.reconciling:
+            t.reconciling += 1
             continue
         cpus_free = info.cpus_total - view.cpus_used
         if cpus_free < 0:
@@ -134,7 +138,11 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
     # Lowest indexes first: deterministic, and re-placing the same request on an idle node gives
     # the same GPUs.
     held = best.gpus_held
-    free = sorted(g.index for g in best.info.gpus if g.index not in held and _eligible(g, want_model, min_gpu_mem))
+    free = sorted(
+        g.index
+        for g in best.info.gpus
+        if g.index not in held and not g.foreign and _eligible(g, want_model, min_gpu_mem)
+    )
     return Placement(
         node=best.name,
         gpu_indexes=tuple(free[:need_gpus]),
@@ -214,6 +222,7 @@ class _Tally:
     matching: int = 0
     down: int = 0
     cordoned: int = 0
+    reconciling: int = 0
     short_gpus: int = 0
     short_cpus: int = 0
     short_mem: int = 0
@@ -279,12 +288,14 @@ def _unsatisfiable_message(request: ResourceRequest, t: _Tally) -> str:
 
 
 def _insufficient_message(request: ResourceRequest, t: _Tally) -> str:
-    busy = t.matching - t.down - t.cordoned
+    busy = t.matching - t.down - t.cordoned - t.reconciling
     states = [f"{busy} up but busy"] if busy else []
     if t.down:
         states.append(f"{t.down} down")
     if t.cordoned:
         states.append(f"{t.cordoned} cordoned")
+    if t.reconciling:
+        states.append(f"{t.reconciling} restarting (agent adopting its containers)")
     wants = [_fmt_gpus(request)] if request.gpus > 0 else []
     if request.cpus > 0:
         wants.append(_plural(request.cpus, "CPU"))
@@ -293,7 +304,7 @@ def _insufficient_message(request: ResourceRequest, t: _Tally) -> str:
     what = ", ".join(wants[:-1]) + " and " + wants[-1] if len(wants) > 1 else "".join(wants) or "the request"
     head = f"no node has room for {what} right now ({_plural(t.matching, 'matching node')}: {', '.join(states)})"
     if not busy:
-        return f"{head}; every node that could fit it is down or cordoned: bring one back up or uncordon it"
+        return f"{head}; every node that could fit it is down, cordoned or restarting: bring one back up or uncordon it"
 
     # Shortages across the busy nodes; a node can be short of more than one thing.
     short: list[str] = []

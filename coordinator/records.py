@@ -22,6 +22,7 @@ def encode_node(info: NodeInfo) -> bytes:
                 "healthy": g.healthy,
                 "simulated": g.simulated,
                 "detail": g.health_detail,
+                **_gpu_extras(g),
             }
             for g in info.gpus
         ],
@@ -29,8 +30,26 @@ def encode_node(info: NodeInfo) -> bytes:
         "memory": info.memory_total_bytes,
         "labels": dict(sorted(info.labels.items())),
         "hostname": info.hostname,
+        "reconciling": info.reconciling,
+        "driver": info.driver_version,
+        "cuda": info.cuda_version,
+        "source": info.source,
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _gpu_extras(g: GpuInfo) -> dict[str, Any]:
+    # Only what is set: keeps records of simulated or minimal nodes small.
+    extras: dict[str, Any] = {
+        "foreign": g.foreign,
+        "foreign_detail": g.foreign_detail,
+        "pci": g.pci_bus_id,
+        "mig": g.mig_mode,
+        "numa": g.numa_node,
+        "affinity": g.cpu_affinity,
+        "links": [list(link) for link in g.links],
+    }
+    return {k: v for k, v in extras.items() if v not in (None, "", False, [])}
 
 
 def decode_node(raw: bytes) -> NodeInfo:
@@ -47,6 +66,13 @@ def decode_node(raw: bytes) -> NodeInfo:
                 healthy=g.get("healthy", True),
                 simulated=g.get("simulated", False),
                 health_detail=g.get("detail", ""),
+                foreign=g.get("foreign", False),
+                foreign_detail=g.get("foreign_detail", ""),
+                pci_bus_id=g.get("pci", ""),
+                mig_mode=g.get("mig", ""),
+                numa_node=g.get("numa"),
+                cpu_affinity=g.get("affinity", ""),
+                links=tuple((int(p), int(n), str(a)) for p, n, a in g.get("links", [])),
             )
             for g in d.get("gpus", [])
         ),
@@ -54,6 +80,10 @@ def decode_node(raw: bytes) -> NodeInfo:
         memory_total_bytes=d.get("memory", 0),
         labels=d.get("labels", {}),
         hostname=d.get("hostname", ""),
+        reconciling=d.get("reconciling", False),
+        driver_version=d.get("driver", ""),
+        cuda_version=d.get("cuda", ""),
+        source=d.get("source", ""),
     )
 
 

@@ -8,21 +8,26 @@ import grpc
 
 from coordinator import convert
 from coordinator.allocations import AllocateInput, AllocationService
+from coordinator.containers import ContainerForwarder
 from coordinator.domain import Allocation
 from coordinator.errors import grpc_errors
 from coordinator.nodes import NodeService
 from coordinator.view import ClusterView
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+from gpulease.v1 import types_pb2 as tpb
 
 Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+    def __init__(
+        self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder
+    ) -> None:
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
+        self._containers = containers
 
     def _alloc_pb(self, a: Allocation):  # type: ignore[no-untyped-def]
         node = self._view.node(a.node)
@@ -103,3 +108,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
         return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval)
+
+    # --- containers, forwarded to the allocation's agent ------------------------------------
+
+    @grpc_errors
+    async def RunContainer(self, request: pb.RunContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._containers.run(request.allocation_id, request.spec)
+
+    @grpc_errors
+    async def WaitContainer(self, request: tpb.WaitContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._containers.wait(request)
+
+    @grpc_errors
+    async def StopContainer(self, request: tpb.StopContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._containers.stop(request)
+
+    @grpc_errors
+    async def ListContainers(self, request: tpb.ListContainersRequest, context: Ctx) -> tpb.ListContainersResponse:
+        return await self._containers.list(request.allocation_id)
+
+    @grpc_errors
+    async def StreamLogs(self, request: tpb.StreamLogsRequest, context: Ctx) -> None:  # type: ignore[override]
+        # A coroutine writing to the stream (not an async generator) so the error catalog applies.
+        async for chunk in self._containers.logs(request):
+            await context.write(chunk)

@@ -367,7 +367,7 @@ ERROR_CASES = [
         [node("node-a", n_gpus=8, up=False), node("node-b", n_gpus=2)],
         req(8),
         InsufficientResources,
-        ["1 matching node: 1 down", "down or cordoned"],
+        ["1 matching node: 1 down", "down, cordoned or restarting"],
         id="only-matching-node-down",
     ),
     pytest.param(
@@ -564,3 +564,24 @@ else:
     @pytest.mark.skip(reason="hypothesis is not installed")
     def test_place_matches_brute_force() -> None:
         pass
+
+
+def test_gpus_in_foreign_use_are_never_handed_out() -> None:
+    from dataclasses import replace
+
+    busy = node("a", n_gpus=2)
+    busy = replace(busy, info=replace(busy.info, gpus=(replace(busy.info.gpus[0], foreign=True), busy.info.gpus[1])))
+    assert place(snap(busy), req(1)).gpu_indexes == (1,)
+    # Foreign use is temporary: the request is not impossible, only not possible now.
+    with pytest.raises(InsufficientResources):
+        place(snap(busy), req(2))
+
+
+def test_a_reconciling_node_offers_no_gpus() -> None:
+    from dataclasses import replace
+
+    restarting = node("a", n_gpus=2)
+    restarting = replace(restarting, info=replace(restarting.info, reconciling=True))
+    assert place(snap(restarting, node("b", n_gpus=8)), req(1)).node == "b"
+    with pytest.raises(InsufficientResources, match="restarting"):
+        place(snap(restarting), req(1))

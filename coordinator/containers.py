@@ -1,0 +1,124 @@
+"""User-facing container operations, forwarded to the agent of the allocation's node.
+
+The coordinator adds what the caller cannot be trusted with: the allocation's fencing token
+(read linearizably from etcd) and the agent's address. The agent checks the token again
+against etcd before it creates anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from coordinator.agents import AgentChannels, agent_error
+from coordinator.allocations import AllocationService
+from coordinator.view import ClusterView
+from gpulease.errors import AllocationNotFound, ContainerNotFound, InvalidRequest
+from gpulease.v1 import agent_pb2
+from gpulease.v1 import types_pb2 as tpb
+
+# Image pulls happen inside StartContainer: give them time.
+START_TIMEOUT = 900.0
+CALL_TIMEOUT = 30.0
+MAX_WAIT = 300
+
+
+class ContainerForwarder:
+    def __init__(self, allocations: AllocationService, view: ClusterView, agents: AgentChannels) -> None:
+        self._allocs = allocations
+        self._view = view
+        self._agents = agents
+
+    def _address(self, node: str) -> str:
+        v = self._view.node(node)
+        if v is None or not v.info.address:
+            raise AllocationNotFound(f"node {node} is not registered; its containers cannot be reached")
+        return v.info.address
+
+    async def _node_of(self, ref: tpb.ContainerRef) -> str:
+        """The node holding the allocation's containers. Falls back to asking every node when the
+        allocation has ended, so logs and exit codes stay reachable after a release."""
+        if not ref.allocation_id:
+            raise InvalidRequest("allocation_id is required")
+        try:
+            return (await self._allocs.get(ref.allocation_id)).node
+        except AllocationNotFound:
+            pass
+        for v in self._view.nodes():
+            if not v.up or not v.info.address:
+                continue
+            try:
+                found = await self._agents.stub(v.info.address).ListContainers(
+                    tpb.ListContainersRequest(allocation_id=ref.allocation_id), timeout=5
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            if any(not ref.container_id or c.container_id == ref.container_id for c in found.containers):
+                return v.name
+        raise ContainerNotFound(
+            f"no container of allocation {ref.allocation_id} was found: the allocation is not live and no "
+            "node reports its containers"
+        )
+
+    async def run(self, allocation_id: str, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
+        alloc = await self._allocs.get(allocation_id)  # linearizable: the token is current
+        address = self._address(alloc.node)
+        request = agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec)
+        try:
+            started: tpb.ContainerStatus = await self._agents.stub(address).StartContainer(
+                request, timeout=START_TIMEOUT
+            )
+            return started
+        except grpc.aio.AioRpcError as exc:
+            raise agent_error(exc, alloc.node, address) from None
+
+    async def wait(self, request: tpb.WaitContainerRequest) -> tpb.ContainerStatus:
+        if not 0 <= request.timeout_seconds <= MAX_WAIT:
+            raise InvalidRequest(f"timeout_seconds must be 0 to {MAX_WAIT}, got {request.timeout_seconds}")
+        node = await self._node_of(request.ref)
+        address = self._address(node)
+        budget = (request.timeout_seconds or 30) + CALL_TIMEOUT
+        try:
+            waited: tpb.ContainerStatus = await self._agents.stub(address).WaitContainer(request, timeout=budget)
+            return waited
+        except grpc.aio.AioRpcError as exc:
+            raise agent_error(exc, node, address) from None
+
+    async def stop(self, request: tpb.StopContainerRequest) -> tpb.ContainerStatus:
+        if not 0 <= request.grace_seconds <= 3600:
+            raise InvalidRequest(f"grace_seconds must be 0 to 3600, got {request.grace_seconds}")
+        node = await self._node_of(request.ref)
+        address = self._address(node)
+        try:
+            status: tpb.ContainerStatus = await self._agents.stub(address).StopContainer(
+                request, timeout=(request.grace_seconds or 10) + CALL_TIMEOUT
+            )
+            return status
+        except grpc.aio.AioRpcError as exc:
+            raise agent_error(exc, node, address) from None
+
+    async def list(self, allocation_id: str) -> tpb.ListContainersResponse:
+        node = await self._node_of(tpb.ContainerRef(allocation_id=allocation_id))
+        address = self._address(node)
+        try:
+            listed: tpb.ListContainersResponse = await self._agents.stub(address).ListContainers(
+                tpb.ListContainersRequest(allocation_id=allocation_id), timeout=CALL_TIMEOUT
+            )
+            return listed
+        except grpc.aio.AioRpcError as exc:
+            raise agent_error(exc, node, address) from None
+
+    async def logs(self, request: tpb.StreamLogsRequest) -> AsyncIterator[tpb.LogChunk]:
+        node = await self._node_of(request.ref)
+        address = self._address(node)
+        call = self._agents.stub(address).StreamLogs(request, timeout=None if request.follow else CALL_TIMEOUT)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise agent_error(exc, node, address) from None
+        finally:
+            call.cancel()  # the user went away: stop the agent's stream too
+            await asyncio.sleep(0)
