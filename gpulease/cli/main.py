@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from gpulease import __version__
-from gpulease.cli import commands
+from gpulease.cli import commands, run
 from gpulease.cli.config import DEFAULT_TIMEOUT_S, ENV_COORDINATOR, resolve
 from gpulease.cli.devconfig import MAX_GPUS_PER_NODE, MAX_NODES
 from gpulease.client import DEFAULT_TARGET
@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", metavar="NODE")
     p = command("uncordon", commands.uncordon, "let a cordoned node take allocations again")
     p.add_argument("node", metavar="NODE")
+
+    p = command("run", run.run, "allocate, run a container on the GPUs, stream its logs, release")
+    p.add_argument("--gpus", type=int, required=True, metavar="N")
+    p.add_argument("--cpus", type=int, metavar="N", help="default: the coordinator's per-GPU default")
+    p.add_argument("--memory", metavar="SIZE", help="e.g. 16GiB (default: the coordinator's)")
+    p.add_argument("--gpu-model", default="", metavar="MODEL", help="exact GPU model name")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="container env (repeatable)")
+    p.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]", help="bind mount (repeatable)")
+    p.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm, e.g. 8GiB")
+    p.add_argument("--ttl", metavar="DURATION", help="lease TTL, kept alive while running (default: 60s)")
+    p.add_argument("--owner", default="", help="who holds the allocation (default: gpuctl-run:$USER)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments")
+
+    p = command("logs", run.logs, "print a container's logs")
+    p.add_argument("id", metavar="ALLOCATION_ID")
+    p.add_argument("--container", default="", metavar="ID", help="container id (default: the allocation's)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the container exits")
 
     p = command("dev", commands.dev, "run a local coordinator, etcd and simulated agents", remote=False)
     p.add_argument("--nodes", type=_int_between(1, MAX_NODES), default=2, metavar="N")

@@ -11,7 +11,16 @@ Errors are ``gpulease.errors.GpuLeaseError`` subclasses; gRPC stays an implement
 """
 
 from gpulease.client._sync import DEFAULT_TARGET, Client
-from gpulease.client.models import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.client.models import (
+    AllocatedGpu,
+    Allocation,
+    ClusterSummary,
+    Container,
+    Gpu,
+    LogChunk,
+    Node,
+    NodeSummary,
+)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -19,7 +28,9 @@ __all__ = [
     "Allocation",
     "Client",
     "ClusterSummary",
+    "Container",
     "Gpu",
+    "LogChunk",
     "Node",
     "NodeSummary",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from gpulease.client.models import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.client.models import AllocatedGpu, Allocation, ClusterSummary, Container, Gpu, Node, NodeSummary
 from gpulease.v1 import coordinator_pb2, types_pb2
+from gpulease.v1 import types_pb2 as tpb
 
 _STATE_NAMES: dict[int, str] = {
     types_pb2.NODE_STATE_UP: "up",
@@ -79,4 +80,29 @@ def cluster_summary(msg: coordinator_pb2.GetClusterSummaryResponse) -> ClusterSu
         nodes=tuple(node_summary(n) for n in msg.nodes),
         totals=node_summary(msg.totals),
         revision=msg.revision,
+    )
+
+
+_CONTAINER_STATES = {
+    tpb.CONTAINER_STATE_CREATED: "created",
+    tpb.CONTAINER_STATE_RUNNING: "running",
+    tpb.CONTAINER_STATE_EXITED: "exited",
+}
+
+
+def container(c: tpb.ContainerStatus) -> Container:
+    return Container(
+        id=c.container_id,
+        allocation_id=c.allocation_id,
+        revision=c.revision,
+        state=_CONTAINER_STATES.get(c.state, "unknown"),
+        exit_code=c.exit_code if c.HasField("exit_code") else None,
+        image=c.image,
+        name=c.name,
+        node=c.node,
+        gpu_indexes=tuple(c.gpu_indexes),
+        error=c.error,
+        started_unix_ms=c.started_unix_ms,
+        finished_unix_ms=c.finished_unix_ms,
+        restart_count=c.restart_count,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -42,7 +42,7 @@ class FailoverChannels:
         self._current = 0
         self._lock = threading.Lock()
 
-    def call(self, rpc: str, request: Message, response_type: type[R]) -> R:
+    def call(self, rpc: str, request: Message, response_type: type[R], *, timeout: float | None = None) -> R:
         """Invoke ``rpc`` with a deadline, trying each target at most once.
 
         Only UNAVAILABLE moves on: this coordinator could not serve the call, another may. Resending
@@ -50,6 +50,7 @@ class FailoverChannels:
         returns the same allocation). Any other status is the coordinator's answer, raised as a
         gpulease error.
         """
+        deadline = timeout if timeout is not None else self.timeout
         with self._lock:
             start = self._current
         failures: list[tuple[str, grpc.RpcError]] = []
@@ -59,12 +60,12 @@ class FailoverChannels:
             if attempt:
                 time.sleep(_BACKOFF_S * attempt)
             try:
-                response = getattr(self._stubs[index], rpc)(request, timeout=self.timeout)
+                response = getattr(self._stubs[index], rpc)(request, timeout=deadline)
             except grpc.RpcError as err:
                 if _errors.status_code(err) == grpc.StatusCode.UNAVAILABLE:
                     failures.append((target, err))
                     continue
-                raise _errors.to_error(err, target, self.timeout) from None
+                raise _errors.to_error(err, target, deadline) from None
             with self._lock:
                 self._current = index
             # grpc is untyped: check what came back rather than trust an Any.
@@ -72,6 +73,25 @@ class FailoverChannels:
                 raise Internal(f"{rpc} returned {type(response).__name__}, not {response_type.__name__}")
             return response
         raise _errors.unavailable(failures)
+
+    def stream(self, rpc: str, request: Message, response_type: type[R], *, timeout: float | None) -> Iterator[R]:
+        """A server-streaming call on the target that answered last. No failover once data flowed:
+        a resumed stream could repeat or skip output."""
+        with self._lock:
+            index = self._current
+        target = self.targets[index]
+        call = getattr(self._stubs[index], rpc)(request, timeout=timeout)
+        try:
+            for item in call:
+                if not isinstance(item, response_type):
+                    raise Internal(f"{rpc} streamed {type(item).__name__}, not {response_type.__name__}")
+                yield item
+        except grpc.RpcError as err:
+            if _errors.status_code(err) == grpc.StatusCode.UNAVAILABLE and _errors.reason_of(err) is None:
+                raise _errors.unavailable([(target, err)]) from None
+            raise _errors.to_error(err, target, timeout or 0) from None
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         for channel in self._channels:

@@ -96,3 +96,32 @@ class ClusterSummary:
     # Sum over nodes that are up; name and state are empty.
     totals: NodeSummary
     revision: int
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container gpulease runs on an allocation's GPUs."""
+
+    id: str
+    allocation_id: str
+    revision: int
+    state: str  # "created", "running" or "exited"
+    exit_code: int | None
+    image: str
+    name: str
+    node: str
+    gpu_indexes: tuple[int, ...]
+    error: str = ""
+    started_unix_ms: int = 0
+    finished_unix_ms: int = 0
+    restart_count: int = 0
+
+    @property
+    def exited(self) -> bool:
+        return self.state == "exited"
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    stream: str  # "stdout" or "stderr"
+    data: bytes
