@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import sys
 
 import grpc
@@ -25,21 +23,11 @@ from coordinator.servicer import CoordinatorServicer
 from coordinator.store import Store, TlsFiles
 from coordinator.view import ClusterView
 from gpulease.errors import GpuLeaseError
+from gpulease.sdnotify import sd_notify
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("gpulease.coordinator")
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
-
-
-def sd_notify(message: str) -> None:
-    """systemd readiness (Type=notify) without a dependency; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), addr)
 
 
 async def serve(cfg: config_mod.CoordinatorConfig) -> None:
