@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from coordinator import validation
+from coordinator.batch_placement import place_one
 from coordinator.batcher import Batcher, BatchPolicy
 from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
-from coordinator.placement import place
 from coordinator.records import decode_alloc
 from coordinator.store import Store
 from coordinator.view import ClusterView
@@ -128,9 +128,8 @@ class AllocationService:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    @staticmethod
-    def _place(req: ResourceRequest, snapshot: Snapshot) -> Placement:
-        return place(snapshot, req)
+    def _place(self, req: ResourceRequest, snapshot: Snapshot) -> Placement:
+        return place_one(snapshot, req, self._view.index)
 
     async def _revoke_quietly(self, lease: int) -> None:
         try:

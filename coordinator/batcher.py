@@ -101,7 +101,7 @@ class Batcher:
 
     async def _round(self, pending: list[_Pending]) -> None:
         snapshot = self._source.snapshot()
-        results = place_batch(snapshot, [(p.req, p.excluded) for p in pending])
+        results = place_batch(snapshot, [(p.req, p.excluded) for p in pending], getattr(self._source, "index", None))
         chosen: list[_Pending] = []
         request_ids: set[str] = set()
         for p, result in zip(pending, results, strict=True):

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
 from coordinator.keys import Keys, range_end
+from coordinator.placement_index import PlacementIndex
 from coordinator.records import decode_alloc, decode_node, decode_res
 from coordinator.store import KV, Event, Store, StoreUnavailable
 
@@ -38,6 +39,7 @@ class ClusterView:
         self._allocs: dict[str, Allocation] = {}
         # Rebuilt per touched node, so a snapshot costs O(1) however large the cluster is.
         self._views: dict[str, NodeView] = {}
+        self.index = PlacementIndex()
 
     # --- queries (synchronous: consistent until the caller's next await) ---------------
 
@@ -171,12 +173,13 @@ class ClusterView:
         rec = self._records.get(name)
         if rec is None:
             self._views.pop(name, None)
+            self.index.update(name, None)
             return
         info, rec_rev = rec
         if (name in self._cordoned) != info.cordoned:
             info = NodeInfo(**{**info.__dict__, "cordoned": name in self._cordoned})
         res = self._res.get(name, {})
-        self._views[name] = NodeView(
+        view = NodeView(
             info=info,
             up=name in self._alive,
             record_revision=rec_rev,
@@ -184,6 +187,8 @@ class ClusterView:
             cpus_used=sum(c for c, _ in res.values()),
             memory_used=sum(m for _, m in res.values()),
         )
+        self._views[name] = view
+        self.index.update(name, view)
 
     def _advance(self, revision: int) -> None:
         self.revision = max(self.revision, revision)
