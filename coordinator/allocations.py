@@ -156,7 +156,9 @@ class AllocationService:
 
     async def release(self, alloc_id: str) -> int:
         """Revision of the release, or 0 when the allocation was not live (release is idempotent)."""
-        alloc = await self._by_id(validation.allocation_id(alloc_id))
+        # The view usually knows the lease, saving a read; a stale entry is harmless (revoking a
+        # lease that is already gone answers 0), a missing one (just created) falls back to etcd.
+        alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self._by_id(alloc_id)
         if alloc is None:
             return 0
         # Revoking the lease deletes every key of the allocation in one step.

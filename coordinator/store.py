@@ -203,8 +203,10 @@ class Store:
         return self._client.watch
 
     async def _call(self, coro: Awaitable[T]) -> T:
+        # Callers pass timeout=self._timeout to etcd3aio (a gRPC deadline per attempt, inside an
+        # asyncio.timeout): no extra task per call, which matters on the allocation hot path.
         try:
-            return await asyncio.wait_for(coro, self._timeout)
+            return await coro
         except (EtcdError, TimeoutError, grpc.aio.AioRpcError) as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
                 grpc.StatusCode.UNAVAILABLE,
@@ -217,13 +219,13 @@ class Store:
     # --- reads -------------------------------------------------------------------------
 
     async def get(self, key: str) -> KV | None:
-        resp = await self._call(self._kv.get(key))
+        resp = await self._call(self._kv.get(key, timeout=self._timeout))
         kvs = resp.kvs
         return _kv(kvs[0]) if kvs else None
 
     async def get_prefix(self, prefix: str, range_end: bytes) -> tuple[int, list[KV]]:
         """Linearizable read of a whole range: (revision, kvs)."""
-        resp = await self._call(self._kv.get(prefix, range_end=range_end))
+        resp = await self._call(self._kv.get(prefix, range_end=range_end, timeout=self._timeout))
         return resp.header.revision, [_kv(kv) for kv in resp.kvs]
 
     async def watch(self, prefix: str, range_end: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
@@ -238,13 +240,13 @@ class Store:
     # --- leases ------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> int:
-        resp = await self._call(self._lease.grant(ttl))
+        resp = await self._call(self._lease.grant(ttl, timeout=self._timeout))
         return int(resp.ID)
 
     async def revoke(self, lease_id: int) -> int:
         """Revision at which the lease and its keys were deleted; 0 if the lease was already gone."""
         try:
-            resp = await self._call(self._lease.revoke(lease_id))
+            resp = await self._call(self._lease.revoke(lease_id, timeout=self._timeout))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return 0
@@ -263,17 +265,17 @@ class Store:
             finally:
                 stream.cancel()
 
-        return int(await self._call(once()))
+        return int(await self._call(asyncio.wait_for(once(), self._timeout)))
 
     # --- writes ------------------------------------------------------------------------
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = await self._call(self._kv.put(key, value, lease=lease))
+        resp = await self._call(self._kv.put(key, value, lease=lease, timeout=self._timeout))
         return int(resp.header.revision)
 
     async def delete(self, key: str) -> int:
         """Returns the revision after the delete."""
-        resp = await self._call(self._kv.delete(key))
+        resp = await self._call(self._kv.delete(key, timeout=self._timeout))
         return int(resp.header.revision)
 
     async def txn(self, compares: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnOutcome:
@@ -283,7 +285,7 @@ class Store:
         pb_ok = [self._op(o) for o in success]
         pb_fail = [self._op(o) for o in failure]
         try:
-            resp = await asyncio.wait_for(kv.txn(pb_cmp, pb_ok, pb_fail, max_attempts=1), self._timeout)
+            resp = await kv.txn(pb_cmp, pb_ok, pb_fail, max_attempts=1, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:  # "requested lease not found"
                 raise LeaseNotFound(exc.details() or "lease not found") from exc

@@ -36,7 +36,10 @@ class ClusterView:
         self._cordoned: set[str] = set()
         self._held: dict[str, dict[int, str]] = {}
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
-        self._allocs: dict[str, Allocation] = {}
+        # Raw record and create revision: decoded only when asked for (most never are).
+        self._allocs: dict[str, tuple[bytes, int]] = {}
+        # Per node: sum of reserved (cpus, memory), kept incrementally.
+        self._used: dict[str, tuple[int, int]] = {}
         # Rebuilt per touched node, so a snapshot costs O(1) however large the cluster is.
         self._views: dict[str, NodeView] = {}
         self.index = PlacementIndex()
@@ -64,10 +67,11 @@ class ClusterView:
         return [self._views[n] for n in sorted(self._views)]
 
     def allocation(self, alloc_id: str) -> Allocation | None:
-        return self._allocs.get(alloc_id)
+        raw = self._allocs.get(alloc_id)
+        return decode_alloc(*raw) if raw else None
 
     def allocations(self) -> list[Allocation]:
-        return sorted(self._allocs.values(), key=lambda a: (a.revision, a.id))
+        return sorted((decode_alloc(*raw) for raw in self._allocs.values()), key=lambda a: (a.revision, a.id))
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool:
         """Wait until events up to `revision` are applied. False on timeout (never raises)."""
@@ -157,14 +161,16 @@ class ClusterView:
             return parts[1]
         if kind == "res" and len(parts) == 3:
             res = self._res.setdefault(parts[1], {})
+            before = res.pop(parts[2], (0, 0))
+            after = decode_res(kv.value) if put else (0, 0)
             if put:
-                res[parts[2]] = decode_res(kv.value)
-            else:
-                res.pop(parts[2], None)
+                res[parts[2]] = after
+            cpus, mem = self._used.get(parts[1], (0, 0))
+            self._used[parts[1]] = (cpus - before[0] + after[0], mem - before[1] + after[1])
             return parts[1]
         if kind == "allocs" and len(parts) == 2:
             if put:
-                self._allocs[parts[1]] = decode_alloc(kv.value, kv.create_revision)
+                self._allocs[parts[1]] = (kv.value, kv.create_revision)
             else:
                 self._allocs.pop(parts[1], None)
         return None
@@ -178,14 +184,14 @@ class ClusterView:
         info, rec_rev = rec
         if (name in self._cordoned) != info.cordoned:
             info = NodeInfo(**{**info.__dict__, "cordoned": name in self._cordoned})
-        res = self._res.get(name, {})
+        cpus_used, memory_used = self._used.get(name, (0, 0))
         view = NodeView(
             info=info,
             up=name in self._alive,
             record_revision=rec_rev,
             gpus_held=frozenset(self._held.get(name, {})),
-            cpus_used=sum(c for c, _ in res.values()),
-            memory_used=sum(m for _, m in res.values()),
+            cpus_used=cpus_used,
+            memory_used=memory_used,
         )
         self._views[name] = view
         self.index.update(name, view)
