@@ -72,8 +72,9 @@ class Batcher:
         self._by_id = by_id
         self._policy = policy
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.commits = 0  # etcd transactions sent (for the bench)
+        self.commits = 0  # etcd transactions sent
         self.rejections = 0
+        self.committed = 0  # allocations committed
 
     def submit(self, req: ResourceRequest, draft: Allocation) -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -146,6 +147,7 @@ class Batcher:
                 _fail(p, Conflict("an allocation lease expired before it could commit; retry the request"))
             return
         if isinstance(result, Committed):
+            self.committed += len(result.allocations)
             for p, alloc in zip(chosen, result.allocations, strict=True):
                 _resolve(p, (alloc, False))
             await self._source.wait_for_revision(result.revision, self._policy.catch_up_timeout)

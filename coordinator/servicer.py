@@ -86,6 +86,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.GetClusterSummaryResponse(nodes=rows, totals=totals, revision=self._view.revision)
 
     @grpc_errors
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
+        b = self._allocs.batcher
+        return pb.GetStatsResponse(
+            allocations_committed=b.committed,
+            commits=b.commits,
+            rejected_commits=b.rejections,
+            view_revision=self._view.revision,
+            nodes=len(self._view.nodes()),
+        )
+
+    @grpc_errors
     async def CordonNode(self, request: pb.CordonNodeRequest, context: Ctx) -> pb.CordonNodeResponse:
         view = await self._nodes.cordon(request.node, request.cordoned)
         return pb.CordonNodeResponse(node=convert.node(view))

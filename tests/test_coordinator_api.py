@@ -252,3 +252,14 @@ def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path, prefix: str) ->
         assert proc.alive()  # bad input and a dead etcd never crash the coordinator
     finally:
         proc.stop()
+
+
+def test_stats_count_commits_and_allocations(two_nodes: harness.Coordinator) -> None:
+    s = two_nodes.stub
+    before = s.GetStats(pb.GetStatsRequest())
+    for _ in range(3):
+        s.Allocate(pb.AllocateRequest(gpus=1))
+    after = s.GetStats(pb.GetStatsRequest())
+    assert after.allocations_committed - before.allocations_committed == 3
+    assert 1 <= after.commits - before.commits <= 3
+    assert after.nodes == 2 and after.view_revision >= before.view_revision

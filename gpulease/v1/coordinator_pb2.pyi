@@ -481,3 +481,43 @@ class RunContainerRequest(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "spec", b"spec"]) -> None: ...
 
 global___RunContainerRequest = RunContainerRequest
+
+@typing.final
+class GetStatsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___GetStatsRequest = GetStatsRequest
+
+@typing.final
+class GetStatsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALLOCATIONS_COMMITTED_FIELD_NUMBER: builtins.int
+    COMMITS_FIELD_NUMBER: builtins.int
+    REJECTED_COMMITS_FIELD_NUMBER: builtins.int
+    VIEW_REVISION_FIELD_NUMBER: builtins.int
+    NODES_FIELD_NUMBER: builtins.int
+    allocations_committed: builtins.int
+    """Allocations this replica committed (each in some etcd transaction)."""
+    commits: builtins.int
+    """Allocation transactions sent; several allocations may share one."""
+    rejected_commits: builtins.int
+    """Transactions whose compares failed (a stale view); their allocations were retried."""
+    view_revision: builtins.int
+    nodes: builtins.int
+    def __init__(
+        self,
+        *,
+        allocations_committed: builtins.int = ...,
+        commits: builtins.int = ...,
+        rejected_commits: builtins.int = ...,
+        view_revision: builtins.int = ...,
+        nodes: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocations_committed", b"allocations_committed", "commits", b"commits", "nodes", b"nodes", "rejected_commits", b"rejected_commits", "view_revision", b"view_revision"]) -> None: ...
+
+global___GetStatsResponse = GetStatsResponse

@@ -75,6 +75,11 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/GetStats',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -160,6 +165,13 @@ class CoordinatorServiceServicer(object):
 
     def CordonNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counters of this coordinator replica since it started (for operators and the benchmark).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -251,6 +263,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CordonNode,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.SerializeToString,
             ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
@@ -504,6 +521,33 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/CordonNode',
             gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/GetStats',
+            gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,12 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
     ]
 
+    GetStats: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.GetStatsRequest,
+        gpulease.v1.coordinator_pb2.GetStatsResponse,
+    ]
+    """Counters of this coordinator replica since it started (for operators and the benchmark)."""
+
     RunContainer: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
         gpulease.v1.types_pb2.ContainerStatus,
@@ -141,6 +147,12 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.CordonNodeRequest,
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
     ]
+
+    GetStats: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.GetStatsRequest,
+        gpulease.v1.coordinator_pb2.GetStatsResponse,
+    ]
+    """Counters of this coordinator replica since it started (for operators and the benchmark)."""
 
     RunContainer: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
@@ -238,6 +250,14 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.CordonNodeRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.CordonNodeResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CordonNodeResponse]]: ...
+
+    @abc.abstractmethod
+    def GetStats(
+        self,
+        request: gpulease.v1.coordinator_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.GetStatsResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.GetStatsResponse]]:
+        """Counters of this coordinator replica since it started (for operators and the benchmark)."""
 
     @abc.abstractmethod
     def RunContainer(
