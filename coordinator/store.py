@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError
-from etcd3aio._protobuf import Compare
+from etcd3aio._protobuf import Compare, LeaseKeepAliveRequest, LeaseStub
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 from etcd3aio.watch import WatchService
@@ -164,6 +164,7 @@ class Store:
                 raise InvalidRequest(f"cannot read etcd TLS file: {exc}") from exc
         self._timeout = timeout
         self._client: Etcd3Client | None = None
+        self._keepalives: _KeepAliveMux | None = None
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
@@ -180,6 +181,9 @@ class Store:
         await self._client.connect()
 
     async def close(self) -> None:
+        if self._keepalives is not None:
+            await self._keepalives.close()
+            self._keepalives = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -254,18 +258,15 @@ class Store:
         return int(resp.header.revision)
 
     async def keepalive_once(self, lease_id: int) -> int:
-        """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone."""
+        """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone.
 
-        async def once() -> int:
-            stream = self._lease.keep_alive(lease_id)
-            try:
-                async for resp in stream:
-                    return int(resp.TTL)
-                return 0
-            finally:
-                stream.cancel()
-
-        return int(await self._call(asyncio.wait_for(once(), self._timeout)))
+        All renewals share one LeaseKeepAlive stream (10,000 heartbeating nodes would otherwise
+        open and tear down a stream each, every few seconds).
+        """
+        if self._keepalives is None:
+            assert self._client is not None
+            self._keepalives = _KeepAliveMux(LeaseStub(self._client._channel), self._unavailable)
+        return await self._keepalives.renew(lease_id, self._timeout)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -322,3 +323,57 @@ class Store:
         if isinstance(o, Get):
             return KVService.txn_op_get(o.key, range_end=o.range_end)
         return KVService.txn_op_delete(o.key)
+
+
+class _KeepAliveMux:
+    """One bidirectional LeaseKeepAlive stream for every renewal; answers matched by lease id."""
+
+    def __init__(self, stub: Any, unavailable: Any) -> None:
+        self._stub = stub
+        self._unavailable = unavailable
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def renew(self, lease_id: int, timeout: float) -> int:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="lease-keepalive")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, []).append(fut)
+        self._queue.put_nowait(lease_id)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            waiting = self._waiters.get(lease_id)
+            if waiting and fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._waiters[lease_id]
+
+    async def _run(self) -> None:
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield LeaseKeepAliveRequest(ID=await self._queue.get())
+
+        call = self._stub.LeaseKeepAlive(requests())
+        try:
+            async for resp in call:
+                for fut in self._waiters.pop(resp.ID, []):
+                    if not fut.done():
+                        fut.set_result(int(resp.TTL))
+        except grpc.aio.AioRpcError as exc:
+            # Fail the waiters now rather than at their timeout; the next renew() reopens.
+            for waiting in self._waiters.values():
+                for fut in waiting:
+                    if not fut.done():
+                        fut.set_exception(self._unavailable(exc))
+            self._waiters.clear()
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
