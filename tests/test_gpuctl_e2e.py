@@ -28,7 +28,8 @@ ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 SUMMARY_COUNTERS = {"gpus_total", "gpus_free", "cpus_total", "cpus_free", "memory_total_bytes", "memory_free_bytes"}
 STATUS_NODE_KEYS = {"name", "state"} | SUMMARY_COUNTERS
 NODE_KEYS = {"name", "state", "address", "gpus", "cpus_total", "memory_total_bytes", "labels"}
-NODE_GPU_KEYS = {"index", "uuid", "model", "memory_total_bytes", "healthy", "simulated"}
+# The documented keys, plus foreign_processes (issue 3: GPUs used by something gpulease did not start).
+NODE_GPU_KEYS = {"index", "uuid", "model", "memory_total_bytes", "healthy", "simulated", "foreign_processes"}
 ALLOC_KEYS = {"id", "node", "gpus", "cpus", "memory_bytes", "ttl_seconds", "revision"}
 ALLOC_GPU_KEYS = {"index", "uuid"}
 
@@ -186,6 +187,7 @@ def test_nodes_json_and_table(cluster: harness.Coordinator) -> None:
                 "memory_total_bytes": 80 * GiB,
                 "healthy": True,
                 "simulated": False,
+                "foreign_processes": False,
             }
 
     headers, rows = table(ok("nodes", coordinator=cluster.address).stdout)

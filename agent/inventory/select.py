@@ -1,4 +1,4 @@
-"""Picks the node's inventory source from the configuration."""
+"""Picks the node's inventory source from the configuration: NVML unless --simulate-gpus is given."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import logging
 
 from agent.config import AgentConfig
 from agent.inventory import InventorySource
-from agent.inventory.host import HostOnlyInventory
+from agent.inventory.nvml import NO_NVML_ADVICE, NvmlInventory
 from agent.inventory.simulated import SimulatedInventory
 
 log = logging.getLogger(__name__)
 
-NO_GPU_SOURCE_MESSAGE = (
-    "no GPU inventory source: NVML support arrives later; use --simulate-gpus N for a simulated node"
-)
+# The tail of the one warning a node without NVML logs ("NVML unavailable (<why>): <this>").
+NO_GPU_SOURCE_MESSAGE = NO_NVML_ADVICE
 
 
 def select_source(cfg: AgentConfig) -> InventorySource:
@@ -27,5 +26,5 @@ def select_source(cfg: AgentConfig) -> InventorySource:
             memory_bytes=cfg.memory_bytes,
             labels=cfg.labels,
         )
-    log.warning(NO_GPU_SOURCE_MESSAGE)
-    return HostOnlyInventory(cpus=cfg.cpus, memory_bytes=cfg.memory_bytes, labels=cfg.labels)
+    # Real GPUs only: without NVML the node reports 0 GPUs (and NvmlInventory says why, once).
+    return NvmlInventory(cpus=cfg.cpus, memory_bytes=cfg.memory_bytes, labels=cfg.labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agent.inventory import SIMULATED_GPU_MEMORY_BYTES
+from agent.inventory import SIMULATED_GPU_MEMORY_BYTES, InventoryContext
 from agent.inventory.host import HostOnlyInventory
 from gpulease.v1.types_pb2 import Gpu, NodeInventory
 
@@ -44,7 +44,9 @@ class SimulatedInventory:
             for i in range(gpus)
         )
 
-    def collect(self) -> NodeInventory:
+    def collect(self, ctx: InventoryContext | None = None) -> NodeInventory:
+        # Simulated GPUs run nothing, so the context (managed PIDs, allocated GPUs) changes nothing.
         inventory = self._host.collect()
         inventory.gpus.extend(self._gpus)
+        inventory.source = "simulated"
         return inventory

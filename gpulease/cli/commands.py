@@ -39,6 +39,11 @@ def nodes(cfg: CliConfig, args: argparse.Namespace) -> int:
     else:
         headers = ["NODE", "STATE", "ADDRESS", "GPUS", "CPUS", "MEMORY", "LABELS"]
         print_table(headers, [views.node_row(n) for n in found])
+        foreign = [line for n in found for line in views.foreign_lines(n)]
+        if foreign:
+            print("\nGPUs used by processes gpulease did not start (not handed out until they stop):")
+            for line in foreign:
+                print(f"  {line}")
     return 0
 
 

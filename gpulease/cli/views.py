@@ -40,6 +40,8 @@ def node_json(n: Node) -> dict[str, Any]:
                 "memory_total_bytes": g.memory_total_bytes,
                 "healthy": g.healthy,
                 "simulated": g.simulated,
+                # Extra key: something gpulease did not start uses the GPU (it is not handed out).
+                "foreign_processes": foreign_processes(g),
             }
             for g in n.gpus
         ],
@@ -49,8 +51,13 @@ def node_json(n: Node) -> dict[str, Any]:
     }
 
 
+def foreign_processes(g: Gpu) -> bool:
+    # getattr: the flag reaches the client model only with a client that carries it.
+    return bool(getattr(g, "foreign_processes", False))
+
+
 def gpu_summary(gpus: Sequence[Gpu]) -> str:
-    """'8x NVIDIA H100 80GB HBM3', with simulated and unhealthy GPUs called out."""
+    """'8x NVIDIA H100 80GB HBM3', with simulated, unhealthy and foreign-used GPUs called out."""
     if not gpus:
         return "-"
     groups = Counter((g.model or "unknown model", g.simulated) for g in gpus)
@@ -58,7 +65,20 @@ def gpu_summary(gpus: Sequence[Gpu]) -> str:
     unhealthy = sum(not g.healthy for g in gpus)
     if unhealthy:
         parts.append(f"{unhealthy} unhealthy")
+    foreign = [str(g.index) for g in gpus if foreign_processes(g)]
+    if foreign:
+        parts.append(f"foreign processes on GPU{'s' if len(foreign) > 1 else ''} {','.join(foreign)}")
     return ", ".join(parts)
+
+
+def foreign_lines(n: Node) -> list[str]:
+    """One line per GPU that something gpulease did not start uses: 'gpu-a GPU 3: pid 1234 ...'."""
+    lines = []
+    for g in n.gpus:
+        if foreign_processes(g):
+            detail = str(getattr(g, "foreign_detail", "")) or "in use by processes gpulease did not start"
+            lines.append(f"{n.name} GPU {g.index}: {detail}")
+    return lines
 
 
 def node_row(n: Node) -> list[str]:

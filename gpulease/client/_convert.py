@@ -48,6 +48,8 @@ def node(msg: types_pb2.Node) -> Node:
                 healthy=g.healthy,
                 simulated=g.simulated,
                 health_detail=g.health_detail,
+                foreign_processes=g.foreign_processes,
+                foreign_detail=g.foreign_detail,
             )
             for g in inv.gpus
         ),

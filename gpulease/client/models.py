@@ -59,6 +59,9 @@ class Gpu:
     # Made up by an agent started with --simulate-gpus; never true on real hardware.
     simulated: bool
     health_detail: str
+    # Something gpulease did not start uses this GPU (a process, or memory while unallocated).
+    foreign_processes: bool = False
+    foreign_detail: str = ""
 
 
 @dataclass(frozen=True)
