@@ -1,0 +1,1 @@
+"""gpulease benchmark: `python -m bench` (see bench/__main__.py and docs/performance.md)."""

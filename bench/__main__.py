@@ -1,0 +1,138 @@
+"""python -m bench [--quick] [--concurrency 1,16,64,256] [--nodes N] [--duration S] [--json]
+
+Measures, in one run on this machine with etcd on loopback (tmpfs when available):
+raw etcd transactions/s through our client stack; allocations/s and latency through the real
+coordinator and client library at each concurrency; their ratio; and scale at 10,000 nodes.
+Every run checks its own grants for double allocations; a non-zero count fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.cluster import BenchCluster, register_nodes, wait_nodes
+from bench.load import run_load
+from bench.raw import raw_txn
+from bench.scale import run_scale
+
+RESULTS = Path(__file__).parent / "results" / "latest.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small and fast: a smoke run for CI (no timing targets)")
+    p.add_argument("--concurrency", default=None, help="comma-separated client concurrency levels (1,16,64,256)")
+    p.add_argument("--nodes", type=int, default=None, help="simulated nodes x 8 GPUs for the load runs (1000)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per measurement (5)")
+    p.add_argument("--scale-nodes", type=int, default=None, help="nodes for the scale run (10000)")
+    p.add_argument("--no-scale", action="store_true", help="skip the scale run")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if quick else "1,16,64,256")).split(",")]
+    args.nodes = args.nodes or (100 if quick else 1000)
+    args.duration = args.duration or (1.0 if quick else 5.0)
+    args.scale_nodes = args.scale_nodes or (500 if quick else 10000)
+    if any(c < 1 for c in args.concurrency) or args.nodes < 1 or args.duration <= 0:
+        p.error("concurrency, nodes and duration must be positive")
+    return args
+
+
+async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[str, object]:
+    log = (lambda *_: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    runs = []
+    log(f"registering {args.nodes} simulated nodes x 8 GPUs through RegisterNode ...")
+    address = cluster.start_coordinator("/bench/")
+    await register_nodes(address, [f"node-{i:05d}" for i in range(args.nodes)])
+    await wait_nodes(address, args.nodes, 120)
+    for c in args.concurrency:
+        log(f"concurrency {c}: raw etcd txn ...")
+        raw_per_s, raw_lat = await raw_txn(cluster.etcd_url, c, args.duration)
+        log(f"concurrency {c}: allocations ...")
+        load = await run_load(address, c, args.duration)
+        runs.append({
+            "concurrency": c,
+            "raw_txn_per_s": round(raw_per_s, 1),
+            "raw_p50_ms": raw_lat.ms(0.5),
+            "raw_p99_ms": raw_lat.ms(0.99),
+            "alloc_per_s": round(load.alloc_per_s, 1),
+            "alloc_p50_ms": load.alloc_lat.ms(0.5),
+            "alloc_p99_ms": load.alloc_lat.ms(0.99),
+            "alloc_release_cycles_per_s": round(load.cycles_per_s, 1),
+            "ratio": round(load.alloc_per_s / raw_per_s, 3) if raw_per_s else 0.0,
+            "allocations_per_txn": round(load.allocations / load.commits, 2) if load.commits else 0.0,
+            "retries_per_alloc": round(load.rejected_commits / load.allocations, 4) if load.allocations else 0.0,
+            "double_allocations": load.double_allocations,
+            "errors": load.errors,
+        })  # fmt: skip
+    cluster.stop_coordinator(address)
+    scale = None
+    if not args.no_scale:
+        log(f"scale: {args.scale_nodes} nodes ...")
+        scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
+                                       args.duration, heartbeat_interval=10))  # fmt: skip
+    return {"runs": runs, "scale": scale}
+
+
+def machine(cluster: BenchCluster) -> dict[str, object]:
+    return {
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "etcd_version": cluster.etcd_version(),
+        "platform": platform.platform(),
+        "etcd_data": "tmpfs" if str(cluster.tmp).startswith("/dev/shm") else "disk",
+    }
+
+
+def print_tables(result: dict[str, object]) -> None:
+    cols = [
+        "concurrency", "raw_txn_per_s", "raw_p99_ms", "alloc_per_s", "alloc_p50_ms", "alloc_p99_ms",
+        "alloc_release_cycles_per_s", "ratio", "allocations_per_txn", "retries_per_alloc", "double_allocations",
+    ]  # fmt: skip
+    rows = [[str(r[c]) for c in cols] for r in result["runs"]]  # type: ignore[attr-defined]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    if result.get("scale"):
+        print("\nscale:")
+        for k, v in result["scale"].items():  # type: ignore[attr-defined]
+            print(f"  {k:32} {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster = BenchCluster.start()
+    try:
+        started = time.time()
+        body = asyncio.run(main_async(args, cluster))
+        result = {"machine": machine(cluster), "quick": args.quick, "started_unix": int(started),
+                  "seconds": round(time.time() - started, 1), **body}  # fmt: skip
+    finally:
+        cluster.stop()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_tables(result)
+    doubles = sum(r["double_allocations"] for r in result["runs"])  # type: ignore[attr-defined]
+    if result.get("scale"):
+        doubles += result["scale"]["double_allocations"]  # type: ignore[index]
+    if doubles:
+        print(f"FAILED: {doubles} double allocations", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Allocation load through the real gRPC coordinator, with the bench checking its own grants."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+
+from bench.stats import Latencies
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    alloc_per_s: float
+    alloc_lat: Latencies
+    cycles_per_s: float
+    allocations: int
+    commits: int
+    rejected_commits: int
+    double_allocations: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grant:
+    alloc_id: str
+    node: str
+    gpus: tuple[int, ...]
+    granted: int
+    released: int = 0
+
+
+def count_double_allocations(grants: list[Grant]) -> int:
+    """GPUs held by two allocations at once, by etcd revision ([granted, released) intervals)."""
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    for g in grants:
+        for i in g.gpus:
+            spans[(g.node, i)].append((g.granted, g.released or 2**62))
+    doubles = 0
+    for held in spans.values():
+        held.sort()
+        doubles += sum(1 for (_, end), (start, _) in itertools.pairwise(held) if start < end)
+    return doubles
+
+
+async def run_load(address: str, concurrency: int, duration: float) -> LoadResult:
+    errors: dict[str, int] = defaultdict(int)
+    grants: list[Grant] = []
+    lat = Latencies()
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = _Client(pb_grpc.CoordinatorServiceStub(channel))
+        stats0 = await client.stats()
+
+        # Phase 1: allocations only, so allocations/s is not diluted by releases.
+        live: list[tuple[str, str, tuple[int, ...], int]] = []
+        stop = time.perf_counter() + duration
+
+        async def allocator() -> None:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
+                except Exception as exc:  # counted and reported, never hidden
+                    errors[type(exc).__name__] += 1
+                    continue
+                lat.add(time.perf_counter() - t0)
+                live.append((a.id, a.node, tuple(g.index for g in a.gpus), a.revision))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(allocator() for _ in range(concurrency)))
+        alloc_elapsed = time.perf_counter() - t0
+        allocations = len(live)
+
+        sem = asyncio.Semaphore(64)
+
+        async def release(item: tuple[str, str, tuple[int, ...], int]) -> None:
+            async with sem:
+                rev = await client.release_revision(item[0])
+                grants.append(Grant(item[0], item[1], item[2], item[3], rev))
+
+        await asyncio.gather(*(release(x) for x in live))
+
+        # Phase 2: allocate + release cycles, the steady state of a busy cluster.
+        cycles = 0
+        stop = time.perf_counter() + duration / 2
+
+        async def cycler() -> None:
+            nonlocal cycles
+            while time.perf_counter() < stop:
+                try:
+                    a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
+                    rev = await client.release_revision(a.id)
+                except Exception as exc:
+                    errors[type(exc).__name__] += 1
+                    continue
+                grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
+                cycles += 1
+
+        t1 = time.perf_counter()
+        await asyncio.gather(*(cycler() for _ in range(concurrency)))
+        cycle_elapsed = time.perf_counter() - t1
+        stats1 = await client.stats()
+
+    return LoadResult(
+        concurrency=concurrency,
+        alloc_per_s=allocations / alloc_elapsed,
+        alloc_lat=lat,
+        cycles_per_s=cycles / cycle_elapsed,
+        allocations=allocations + cycles,
+        commits=stats1.commits - stats0.commits,
+        rejected_commits=stats1.rejected_commits - stats0.rejected_commits,
+        double_allocations=count_double_allocations(grants),
+        errors=dict(errors),
+    )
+
+
+class _Client:
+    """The calls the bench makes, over the generated stubs."""
+
+    def __init__(self, stub: pb_grpc.CoordinatorServiceStub) -> None:
+        self._stub = stub
+
+    async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> pb.AllocateResponse:
+        request = pb.AllocateRequest(gpus=gpus, cpus=cpus, memory_bytes=memory, ttl_seconds=ttl, request_id=request_id)
+        return (await self._stub.Allocate(request, timeout=60)).allocation
+
+    async def release_revision(self, allocation_id: str) -> int:
+        return int((await self._stub.Release(pb.ReleaseRequest(allocation_id=allocation_id), timeout=60)).revision)
+
+    async def stats(self) -> pb.GetStatsResponse:
+        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=60)

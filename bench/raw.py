@@ -1,0 +1,37 @@
+"""The physical reference: raw etcd transactions through our own client stack (coordinator.store,
+i.e. etcd3aio), each a create-if-absent of a fresh key, at the same concurrency as the allocations."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.stats import Latencies
+from coordinator.store import Cmp, Put, Store
+
+
+async def raw_txn(etcd_url: str, concurrency: int, duration: float) -> tuple[float, Latencies]:
+    store = Store([etcd_url], timeout=10)
+    await store.start()
+    lat = Latencies()
+    done = 0
+    stop = time.perf_counter() + duration
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < stop:
+            key = f"/bench-raw/{concurrency}/{w}/{i}"
+            i += 1
+            t0 = time.perf_counter()
+            out = await store.txn([Cmp(key, "create", "==", 0)], [Put(key, b"x")])
+            lat.add(time.perf_counter() - t0)
+            assert out.succeeded
+            done += 1
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    finally:
+        await store.close()
+    return done / (time.perf_counter() - t0), lat
