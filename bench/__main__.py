@@ -23,7 +23,7 @@ from bench.load import run_load
 from bench.raw import raw_txn
 from bench.scale import run_scale
 
-RESULTS = Path(__file__).parent / "results" / "latest.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                   "seconds": round(time.time() - started, 1), **body}  # fmt: skip
     finally:
         cluster.stop()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = RESULTS_DIR / ("quick.json" if args.quick else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -84,7 +84,7 @@ def inventory(name: str, gpus: int = 8) -> tpb.NodeInventory:
                 healthy=True,
                 simulated=True,
                 health_detail="simulated",
-            )  # fmt: skip
+            )
             for i in range(gpus)
         ],
         cpus_total=224,
