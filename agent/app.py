@@ -1,4 +1,12 @@
-"""Wires the agent together: inventory source, gRPC server, registration loop, signal handling."""
+"""Wires the agent together: inventory, containers, gRPC server, registration, reconciliation,
+enforcement and signal handling.
+
+Start-up order matters for containers: the node registers with ``reconciling=true`` (the
+coordinator offers none of its GPUs), the reconciler adopts or stops the containers a previous
+agent left running, and only then does the node offer its GPUs, StartContainer accept work, and
+the enforcer begin its periodic checks. Stopping the agent leaves containers running: the next
+agent adopts them.
+"""
 
 from __future__ import annotations
 
@@ -6,69 +14,141 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 
 from agent.address import advertised_address, split_host_port
 from agent.config import AgentConfig
+from agent.containers import ContainerService, ReadyGate, RuntimeHandle
+from agent.enforcer import Enforcer
+from agent.fencing import CoordinatorClient, Fence, Vouchers
+from agent.inventory import InventoryContext
 from agent.inventory.select import select_source
-from agent.registration import Registrar
+from agent.reconcile import Reconciler
+from agent.registration import AgentInventory, Registrar
+from agent.runtime import ContainerInfo, ContainerRuntime
 from agent.server import start_server
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Reconnect to the coordinator quickly after an outage: enforcement and fencing depend on it.
+COORDINATOR_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRuntime]:
+    """Creates the Docker runtime on first use (imported late: only agent/runtime imports docker)."""
+
+    def create() -> ContainerRuntime:
+        from agent.runtime.docker_runtime import DockerRuntime
+
+        runtime: ContainerRuntime = DockerRuntime(docker_host)
+        return runtime
+
+    return create
 
 
 async def run_agent(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the agent could not run."""
-    source = select_source(cfg)
-    try:
-        server = await start_server(cfg.listen, cfg.node_id, source)
-    except OSError as e:
-        log.error("%s", e)
-        return 1
-    listen_host, _ = split_host_port(cfg.listen)
-    address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
-    log.info(
-        "agent for node %s listening on %s (advertised as %s); coordinator %s",
-        cfg.node_id,
-        cfg.listen,
-        address,
-        cfg.coordinator,
-    )
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, _request_stop, stop, sig)
-    try:
-        async with grpc.aio.insecure_channel(cfg.coordinator) as channel:
+    async with grpc.aio.insecure_channel(cfg.coordinator, options=COORDINATOR_CHANNEL_OPTIONS) as channel:
+        gate = ReadyGate(reconciling=True)
+        vouchers = Vouchers()
+        coordinator = CoordinatorClient(channel, cfg.coordinator)
+        runtime = RuntimeHandle(
+            docker_runtime_factory(cfg.docker_host),
+            description=f"Docker ({cfg.docker_host or 'the default socket'})",
+        )
+        enforcer: Enforcer | None = None
+
+        def context() -> InventoryContext | None:
+            return enforcer.inventory_context() if enforcer is not None else None
+
+        def started(info: ContainerInfo) -> None:
+            if enforcer is not None:
+                enforcer.note_started(info)
+
+        inventory = AgentInventory(select_source(cfg), reconciling=lambda: gate.reconciling, context=context)
+        containers = ContainerService(
+            node=cfg.node_id,
+            runtime=runtime,
+            fence=Fence(coordinator, cfg.node_id, vouchers),
+            gate=gate,
+            latest_inventory=lambda: inventory.latest,
+            network=cfg.container_network,
+            stop_grace_seconds=cfg.stop_grace_seconds,
+            on_started=started,
+        )
+        enforcer = Enforcer(
+            node=cfg.node_id,
+            coordinator=coordinator,
+            containers=containers,
+            vouchers=vouchers,
+            interval=cfg.enforce_interval_seconds,
+            grace=cfg.enforce_grace_seconds,
+        )
+        try:
+            server = await start_server(cfg.listen, cfg.node_id, inventory, containers)
+        except OSError as e:
+            log.error("%s", e)
+            return 1
+        listen_host, _ = split_host_port(cfg.listen)
+        address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
+        log.info(
+            "agent for node %s listening on %s (advertised as %s); coordinator %s",
+            cfg.node_id,
+            cfg.listen,
+            address,
+            cfg.coordinator,
+        )
+
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, _request_stop, stop, sig)
+        try:
             registrar = Registrar(
                 node=cfg.node_id,
                 address=address,
                 channel=channel,
-                source=source,
+                source=inventory,
                 on_registered=server.set_serving,
             )
-            registration = asyncio.create_task(registrar.run(), name="registration")
-            stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-            await asyncio.wait({registration, stopping}, return_when=asyncio.FIRST_COMPLETED)
+
+            async def wake_registrar() -> None:
+                registrar.wake()  # tell the coordinator at once that the node's GPUs are usable
+
+            reconciler = Reconciler(enforcer=enforcer, gate=gate, on_done=wake_registrar)
+
+            async def reconcile_then_enforce() -> None:
+                await reconciler.run()
+                await enforcer.run()
+
+            tasks: set[asyncio.Task[object]] = {
+                asyncio.create_task(registrar.run(), name="registration"),
+                asyncio.create_task(reconcile_then_enforce(), name="containers"),
+            }
+            stopping: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop-signal")
+            await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
             exit_code = 0
-            if registration.done():
-                # run() only returns by cancellation, so this is a bug; say so and shut down.
-                log.error("registration loop ended unexpectedly: %r", registration.exception())
-                exit_code = 1
-            for task in (registration, stopping):
+            for task in tasks:
+                if task.done():
+                    # These loops only return by cancellation, so this is a bug; say so and shut down.
+                    log.error("%s loop ended unexpectedly: %r", task.get_name(), task.exception())
+                    exit_code = 1
+            for task in (*tasks, stopping):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await server.stop(SHUTDOWN_GRACE_S)
-    finally:
-        for sig in _STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
-    log.info("agent for node %s stopped", cfg.node_id)
+        finally:
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+    log.info("agent for node %s stopped (its containers keep running)", cfg.node_id)
     return exit_code
 
 

@@ -25,6 +25,18 @@ MAX_SIMULATED_GPUS = 1024
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_CONTAINER_NETWORK = "bridge"
+# StopContainer's default grace (SIGTERM, then SIGKILL), as the API documents.
+DEFAULT_STOP_GRACE_S = 10.0
+# Enforcement: how often containers are checked against the node's live allocations, and the
+# grace of the stops it makes. The two bound how long a container outlives its allocation:
+#   release:   <= interval (2 s) + ListAllocations (~0.1 s) + grace (1 s) + docker stop (~0.5 s) ~= 3.6 s
+#   expiry:    etcd deletes the keys <= ~0.5 s after the TTL, then as above: TTL + ~4.1 s < TTL + 5 s
+DEFAULT_ENFORCE_INTERVAL_S = 2.0
+DEFAULT_ENFORCE_GRACE_S = 1.0
+MAX_GRACE_S = 300.0
+MAX_ENFORCE_INTERVAL_S = 60.0
+_NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -47,6 +59,12 @@ class AgentConfig:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     log_level: str = "INFO"
     config_file: str | None = None
+    # Docker daemon URL (unix:///var/run/docker.sock, tcp://...); None = the Docker SDK's default.
+    docker_host: str | None = None
+    container_network: str = DEFAULT_CONTAINER_NETWORK
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE_S
+    enforce_interval_seconds: float = DEFAULT_ENFORCE_INTERVAL_S
+    enforce_grace_seconds: float = DEFAULT_ENFORCE_GRACE_S
 
 
 # Setting name -> env var suffix. TOML keys are the setting names (dashes also accepted).
@@ -60,6 +78,11 @@ _SCALAR_SETTINGS = (
     "cpus",
     "memory",
     "log_level",
+    "docker_host",
+    "container_network",
+    "stop_grace_seconds",
+    "enforce_interval_seconds",
+    "enforce_grace_seconds",
 )
 
 
@@ -87,6 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="node label; repeatable", dest="labels")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file")
+    p.add_argument(
+        "--docker-host", metavar="URL", help="Docker daemon URL (default: $DOCKER_HOST, else the local socket)"
+    )
+    p.add_argument(
+        "--container-network",
+        metavar="NAME",
+        help=f"Docker network for containers (default {DEFAULT_CONTAINER_NETWORK})",
+    )
+    p.add_argument(
+        "--stop-grace-seconds",
+        metavar="S",
+        type=float,
+        help=f"StopContainer's default SIGTERM-to-SIGKILL grace (default {DEFAULT_STOP_GRACE_S:g})",
+    )
+    p.add_argument(
+        "--enforce-interval-seconds",
+        metavar="S",
+        type=float,
+        help="how often containers are checked against the node's live allocations "
+        f"(default {DEFAULT_ENFORCE_INTERVAL_S:g})",
+    )
+    p.add_argument(
+        "--enforce-grace-seconds",
+        metavar="S",
+        type=float,
+        help=f"SIGTERM-to-SIGKILL grace when a container's allocation has ended (default {DEFAULT_ENFORCE_GRACE_S:g})",
+    )
     return p
 
 
@@ -106,6 +156,9 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Agent
     file_values, file_labels = _read_toml(config_file) if config_file else ({}, {})
 
     merged: dict[str, Any] = {**file_values, **env, **flags}
+    if "docker_host" not in merged and environ.get("DOCKER_HOST"):
+        # Docker's own variable is the default, below every gpulease setting.
+        merged["docker_host"] = environ["DOCKER_HOST"]
     # Labels merge key by key, so a flag can override one label of the file without dropping the rest.
     labels = {**file_labels, **env_labels, **flag_labels}
     return _validate(merged, labels, config_file)
@@ -192,6 +245,11 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from e
 
+    docker_host = str(values["docker_host"]).strip() if values.get("docker_host") is not None else None
+    network = str(values.get("container_network", DEFAULT_CONTAINER_NETWORK)).strip()
+    if not _NETWORK_RE.match(network):
+        raise ConfigError(f"container_network {network!r} is not a valid Docker network name")
+
     return AgentConfig(
         coordinator=coordinator,
         node_id=node_id,
@@ -204,7 +262,29 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         labels=MappingProxyType(dict(labels)),
         log_level=log_level,
         config_file=config_file,
+        docker_host=docker_host or None,
+        container_network=network,
+        stop_grace_seconds=_seconds(values, "stop_grace_seconds", DEFAULT_STOP_GRACE_S, 0.0, MAX_GRACE_S),
+        enforce_interval_seconds=_seconds(
+            values, "enforce_interval_seconds", DEFAULT_ENFORCE_INTERVAL_S, 0.1, MAX_ENFORCE_INTERVAL_S
+        ),
+        enforce_grace_seconds=_seconds(values, "enforce_grace_seconds", DEFAULT_ENFORCE_GRACE_S, 0.0, MAX_GRACE_S),
     )
+
+
+def _seconds(values: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    if name not in values:
+        return default
+    raw = values[name]
+    if isinstance(raw, bool):
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from e
+    if not low <= value <= high:  # also rejects NaN
+        raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {raw!r}")
+    return value
 
 
 def _require_str(values: Mapping[str, Any], name: str) -> str:

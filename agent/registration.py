@@ -2,19 +2,26 @@
 
 Each iteration is bounded (RPC deadline, then a sleep of at most one heartbeat interval); the
 loop itself ends only when its task is cancelled at shutdown.
+
+``AgentInventory`` is what the agent reports: the inventory source's view plus the
+``reconciling`` flag (true until a restarted agent has reconciled its containers), with the
+source told which PIDs and GPUs belong to gpulease (so it can tell foreign GPU processes apart).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
-from agent.inventory import InventorySource
+from agent.inventory import InventoryContext, InventorySource
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
 from gpulease.v1.types_pb2 import NodeInventory
@@ -26,6 +33,52 @@ DEFAULT_INTERVAL_S = 5.0
 MIN_BACKOFF_S = 0.2
 # Heartbeats must not hang longer than this even if the coordinator's interval is long.
 MAX_RPC_TIMEOUT_S = 10.0
+
+
+class AgentInventory:
+    """The inventory the agent reports (an InventorySource itself); keeps the latest one it collected.
+
+    ``context`` is called on every collect, in the collecting thread: it must be cheap. The NVML
+    source uses its managed PIDs and allocated GPUs to tell foreign GPU processes apart. Sources
+    whose ``collect`` takes no argument (older ones, test doubles) are called without it.
+    """
+
+    def __init__(
+        self,
+        source: InventorySource,
+        *,
+        reconciling: Callable[[], bool] = lambda: False,
+        context: Callable[[], InventoryContext | None] | None = None,
+    ) -> None:
+        self._source = source
+        self._reconciling = reconciling
+        self._context = context
+        self._accepts_context = _takes_an_argument(source.collect)
+        self._latest: NodeInventory | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def latest(self) -> NodeInventory | None:
+        """The last inventory collected (by a heartbeat or GetInventory), or None before the first."""
+        return self._latest
+
+    def collect(self, ctx: InventoryContext | None = None) -> NodeInventory:
+        """The source's inventory plus the reconciling flag; ``ctx`` None = the agent's own context."""
+        if ctx is None and self._context is not None:
+            ctx = self._context()
+        # A source whose collect() takes no argument (a test double) is called without the context.
+        inventory = self._source.collect(ctx) if self._accepts_context else self._source.collect()
+        inventory.reconciling = self._reconciling()
+        with self._lock:
+            self._latest = inventory
+        return inventory
+
+
+def _takes_an_argument(fn: Callable[..., object]) -> bool:
+    with contextlib.suppress(TypeError, ValueError):
+        params = inspect.signature(fn).parameters.values()
+        return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+    return False
 
 
 class _OutageLog:
@@ -66,6 +119,8 @@ class Registrar:
         address: str,
         channel: grpc.aio.Channel,
         source: InventorySource,
+        # Called once, after the first registration or heartbeat that delivered an inventory
+        # with reconciling=false: the node is then usable for placements.
         on_registered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._node = node
@@ -78,7 +133,8 @@ class Registrar:
         # The inventory the coordinator last acknowledged; None forces the next heartbeat to carry it.
         self._last_sent: NodeInventory | None = None
         self._outage = _OutageLog()
-        self._ever_registered = False
+        self._ready = False
+        self._wake = asyncio.Event()
 
     @property
     def lease_id(self) -> int | None:
@@ -91,8 +147,14 @@ class Registrar:
     async def run(self) -> None:
         """Register, then heartbeat every interval. Returns only by cancellation."""
         while True:
+            self._wake.clear()  # before the step: a wake() during the step makes the next one immediate
             delay = await self.step()
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def wake(self) -> None:
+        """Heartbeat now rather than at the next interval (e.g. reconciliation just finished)."""
+        self._wake.set()
 
     async def step(self) -> float:
         """One register-or-heartbeat attempt; returns how long to wait before the next one."""
@@ -118,7 +180,16 @@ class Registrar:
                 log.debug("first failure of this outage", exc_info=True)
             return self._backoff()
         self._outage.success()
+        await self._maybe_ready()
         return self._interval
+
+    async def _maybe_ready(self) -> None:
+        # Ready once the coordinator holds an inventory that offers the node's GPUs (not reconciling).
+        if self._ready or self._last_sent is None or self._last_sent.reconciling:
+            return
+        self._ready = True
+        if self._on_registered is not None:
+            await self._on_registered()
 
     def _rpc_timeout(self) -> float:
         return max(1.0, min(self._interval, MAX_RPC_TIMEOUT_S))
@@ -146,10 +217,6 @@ class Registrar:
             response.lease_id,
             self._interval,
         )
-        if not self._ever_registered:
-            self._ever_registered = True
-            if self._on_registered is not None:
-                await self._on_registered()
 
     async def _heartbeat(self, inventory: NodeInventory) -> None:
         assert self._lease_id is not None

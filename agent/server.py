@@ -1,31 +1,78 @@
-"""The agent's own gRPC server: standard health checking and AgentService."""
+"""The agent's own gRPC server: standard health checking and AgentService.
+
+The servicer is thin: proto in, ContainerService call, proto out. Errors go through the shared
+catalog (gpulease/grpc_errors.py), so a coordinator forwarding a call passes them on unchanged.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agent.containers import RUNTIME_HINT, ContainerService
 from agent.inventory import InventorySource
+from gpulease.errors import Unavailable
+from gpulease.grpc_errors import grpc_errors
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
+from gpulease.v1 import types_pb2 as tpb
 
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 # "" is the whole server; probes that name the service get the same answer.
 _HEALTH_SERVICES = ("", AGENT_SERVICE_NAME)
 
+Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, node: str, source: InventorySource) -> None:
+    def __init__(self, node: str, source: InventorySource, containers: ContainerService | None = None) -> None:
         self._node = node
         self._source = source
+        self._containers = containers
 
+    def _service(self) -> ContainerService:
+        if self._containers is None:
+            raise Unavailable(f"the agent of node {self._node} does not run containers ({RUNTIME_HINT})")
+        return self._containers
+
+    @grpc_errors
     async def GetInventory(
-        self, request: agent_pb2.GetInventoryRequest, context: grpc.aio.ServicerContext
+        self, request: agent_pb2.GetInventoryRequest, context: Ctx
     ) -> agent_pb2.GetInventoryResponse:
         inventory = await asyncio.to_thread(self._source.collect)
         return agent_pb2.GetInventoryResponse(node=self._node, inventory=inventory)
+
+    @grpc_errors
+    async def StartContainer(self, request: agent_pb2.StartContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._service().start(request.allocation_id, request.revision, request.spec)
+
+    @grpc_errors
+    async def StopContainer(self, request: tpb.StopContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._service().stop(request.ref, request.grace_seconds)
+
+    @grpc_errors
+    async def GetContainer(self, request: tpb.ContainerRef, context: Ctx) -> tpb.ContainerStatus:
+        return await self._service().get(request)
+
+    @grpc_errors
+    async def WaitContainer(self, request: tpb.WaitContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        return await self._service().wait(request.ref, request.timeout_seconds)
+
+    @grpc_errors
+    async def StreamLogs(self, request: tpb.StreamLogsRequest, context: Ctx) -> None:  # type: ignore[override]
+        # A coroutine writing to the stream (not an async generator) so that the error catalog applies.
+        # When the client goes away the handler is cancelled and the log reader is told to stop.
+        async with contextlib.aclosing(self._service().logs(request.ref, request.follow)) as chunks:
+            async for chunk in chunks:
+                await context.write(chunk)
+
+    @grpc_errors
+    async def ListContainers(self, request: tpb.ListContainersRequest, context: Ctx) -> tpb.ListContainersResponse:
+        return tpb.ListContainersResponse(containers=await self._service().list(request.allocation_id))
 
 
 @dataclass
@@ -43,11 +90,13 @@ class AgentServer:
         await self.server.stop(grace)
 
 
-async def start_server(listen: str, node: str, source: InventorySource) -> AgentServer:
+async def start_server(
+    listen: str, node: str, source: InventorySource, containers: ContainerService | None = None
+) -> AgentServer:
     """Bind and start; health stays NOT_SERVING until set_serving() (i.e. until registered)."""
     # No SO_REUSEPORT (grpc's default on Linux): a second agent on the same port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(node, source), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(node, source, containers), server)
     health_servicer = health.aio.HealthServicer()
     for service in _HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

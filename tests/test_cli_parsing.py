@@ -278,6 +278,7 @@ def test_nodes_table_and_json(fake: FakeClient, capsys: pytest.CaptureFixture[st
         "memory_total_bytes": 80 * 2**30,
         "healthy": True,
         "simulated": True,
+        "foreign_processes": False,
     }
 
 

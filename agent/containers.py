@@ -1,0 +1,605 @@
+"""Containers on this node's allocated GPUs: validation, fencing, and the runtime calls.
+
+The runtime (agent/runtime) is synchronous; every call runs in a worker thread. Long calls are
+kept short per thread: WaitContainer waits in slices of at most WAIT_SLICE_S, and log streams
+run in daemon threads of their own, so neither can exhaust the shared pool or block shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from agent.fencing import Fence
+from agent.runtime import RESERVED_ENV, ContainerInfo, ContainerLaunch, ContainerRuntime, Volume
+from gpulease.errors import ContainerNotFound, InvalidRequest, Unavailable
+from gpulease.v1 import types_pb2 as tpb
+from gpulease.v1.types_pb2 import Allocation, NodeInventory
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_IMAGE_CHARS = 512
+MAX_COMMAND_ARGS = 1024
+MAX_COMMAND_BYTES = 128 * 1024
+MAX_ENV_ENTRIES = 256
+MAX_ENV_KEY_CHARS = 256
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_PATH_CHARS = 4096
+MAX_VOLUMES = 64
+MAX_WAIT_S = 300
+DEFAULT_WAIT_S = 30
+MAX_STOP_GRACE_S = 300
+# One blocking runtime.wait() lasts at most this long, so a cancelled WaitContainer frees its thread soon.
+WAIT_SLICE_S = 1.0
+MAX_LOG_STREAMS = 128
+MAX_STOP_REASONS = 4096
+LOG_QUEUE_CHUNKS = 64
+# How long creating the runtime (connecting to dockerd) may take before it counts as unavailable.
+RUNTIME_CONNECT_TIMEOUT_S = 10.0
+RUNTIME_RETRY_S = 5.0
+
+_ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_CONTAINER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CONTAINER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+_BAD_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+RUNTIME_HINT = "is dockerd running and reachable? set --docker-host or DOCKER_HOST (the agent needs access to it)"
+
+_STATE = {"created": tpb.CONTAINER_STATE_CREATED, "running": tpb.CONTAINER_STATE_RUNNING,
+          "exited": tpb.CONTAINER_STATE_EXITED}  # fmt: skip
+
+
+class RuntimeHandle:
+    """The container runtime, created on first use; while it cannot be created, Unavailable with a hint.
+
+    A host without Docker still runs the agent (inventory, registration): only container calls fail.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], ContainerRuntime] | None,
+        *,
+        description: str = "the container runtime",
+        retry_s: float = RUNTIME_RETRY_S,
+    ) -> None:
+        self._factory = factory
+        self._description = description
+        self._retry_s = retry_s
+        self._runtime: ContainerRuntime | None = None
+        self._error: str | None = None
+        self._failed_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> ContainerRuntime | None:
+        """The runtime if it has been created, without trying to create it."""
+        return self._runtime
+
+    async def get(self) -> ContainerRuntime:
+        if self._runtime is not None:
+            return self._runtime
+        if self._factory is None:
+            raise Unavailable(f"containers are not supported on this agent: no container runtime ({RUNTIME_HINT})")
+        async with self._lock:
+            if self._runtime is not None:
+                return self._runtime
+            if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_s:
+                raise Unavailable(f"{self._description} is unavailable: {self._error}; {RUNTIME_HINT}")
+            try:
+                runtime = await asyncio.wait_for(asyncio.to_thread(self._factory), RUNTIME_CONNECT_TIMEOUT_S)
+            except Exception as e:
+                detail = "timed out connecting" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                if self._error != detail:
+                    log.warning("%s is unavailable (%s); container calls answer UNAVAILABLE", self._description, detail)
+                self._error = detail
+                self._failed_at = time.monotonic()
+                raise Unavailable(f"{self._description} is unavailable: {detail}; {RUNTIME_HINT}") from None
+            if self._error is not None:
+                log.info("%s is available again", self._description)
+            self._runtime, self._error, self._failed_at = runtime, None, None
+            return runtime
+
+
+class ReadyGate:
+    """Closed while the agent reconciles its containers after a restart: no new containers meanwhile."""
+
+    def __init__(self, reconciling: bool = True) -> None:
+        self._reconciling = reconciling
+        self._done = asyncio.Event()
+        if not reconciling:
+            self._done.set()
+
+    @property
+    def reconciling(self) -> bool:
+        return self._reconciling
+
+    def open(self) -> None:
+        self._reconciling = False
+        self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+class ContainerService:
+    def __init__(
+        self,
+        *,
+        node: str,
+        runtime: RuntimeHandle,
+        fence: Fence,
+        gate: ReadyGate,
+        latest_inventory: Callable[[], NodeInventory | None] = lambda: None,
+        network: str = "bridge",
+        stop_grace_seconds: float = 10.0,
+        on_started: Callable[[ContainerInfo], None] | None = None,
+    ) -> None:
+        self._node = node
+        self._runtime = runtime
+        self._fence = fence
+        self._gate = gate
+        self._latest_inventory = latest_inventory
+        self._network = network
+        self._stop_grace = stop_grace_seconds
+        self._on_started = on_started
+        # Why gpulease stopped a container (container id -> reason); only this agent's lifetime.
+        self._stop_reasons: dict[str, str] = {}
+        self.log_readers = LogReaders()
+
+    @property
+    def node(self) -> str:
+        return self._node
+
+    @property
+    def runtime(self) -> RuntimeHandle:
+        return self._runtime
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self, allocation_id: str, revision: int, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
+        _check_allocation_id(allocation_id)
+        validate_spec(spec)
+        if self._gate.reconciling:
+            raise Unavailable(
+                f"the agent of node {self._node} is still reconciling its containers with the coordinator "
+                "after a restart; no container is started until it is done: retry shortly"
+            )
+        runtime = await self._runtime.get()  # before fencing: no coordinator call when Docker is down
+        alloc = await self._fence.confirm(allocation_id, revision)
+        launch = self.build_launch(alloc, spec)
+        log.info(
+            "starting container %r for allocation %s (revision %d) on GPU(s) %s: image %s",
+            launch.name,
+            alloc.id,
+            alloc.revision,
+            list(launch.gpu_indexes),
+            launch.image,
+        )
+        info = await asyncio.to_thread(runtime.start, launch)
+        log.info("started container %s (%s) for allocation %s", info.id[:12], info.name, alloc.id)
+        if self._on_started is not None:
+            self._on_started(info)
+        return self.status(info)
+
+    def build_launch(self, alloc: Allocation, spec: tpb.ContainerSpec) -> ContainerLaunch:
+        """Resources from the allocation record; only what to run from the caller's spec."""
+        if spec.shm_size_bytes > alloc.memory_bytes > 0:
+            raise InvalidRequest(
+                f"shm_size_bytes {spec.shm_size_bytes} exceeds the allocation's memory ({alloc.memory_bytes} bytes)"
+            )
+        gpu_indexes = tuple(g.index for g in alloc.gpus)
+        return ContainerLaunch(
+            allocation_id=alloc.id,
+            revision=alloc.revision,
+            node=self._node,
+            gpu_uuids=tuple(g.uuid for g in alloc.gpus),
+            gpu_indexes=gpu_indexes,
+            cpus=alloc.cpus,
+            memory_bytes=alloc.memory_bytes,
+            image=spec.image,
+            command=tuple(spec.command),
+            env=dict(spec.env),
+            working_dir=spec.working_dir,
+            volumes=tuple(Volume(v.source, v.target, v.read_only) for v in spec.volumes),
+            shm_size_bytes=spec.shm_size_bytes,
+            name=spec.name or _default_name(alloc.id),
+            cpuset=self._cpuset([(g.index, g.uuid) for g in alloc.gpus], alloc.cpus),
+            network=self._network,
+        )
+
+    def _cpuset(self, gpus: list[tuple[int, str]], cpus: int) -> str:
+        """Union of the GPUs' CPU affinity, when the inventory knows it for every one of them.
+
+        GPUs are matched by UUID (indexes can change across reboots). Left empty (no pinning) when
+        any GPU's affinity is unknown, or when the union has fewer CPUs than the allocation:
+        pinning must never give a container less than it was allocated.
+        """
+        inventory = self._latest_inventory()
+        if inventory is None or not gpus:
+            return ""
+        affinity = {g.uuid: g.cpu_affinity for g in inventory.gpus}
+        union: set[int] = set()
+        for index, uuid in gpus:
+            text = affinity.get(uuid, "")
+            if not text:
+                return ""
+            try:
+                union |= parse_cpulist(text)
+            except ValueError:
+                log.warning("GPU %d reports an unparsable cpu_affinity %r; not pinning CPUs", index, text)
+                return ""
+        if len(union) < cpus:
+            return ""
+        return format_cpulist(union)
+
+    # -- the other calls ----------------------------------------------------------------------
+
+    async def stop(self, ref: tpb.ContainerRef, grace_seconds: int) -> tpb.ContainerStatus:
+        if not 0 <= grace_seconds <= MAX_STOP_GRACE_S:
+            raise InvalidRequest(f"grace_seconds must be 0 (the default, {self._stop_grace:g}s) to {MAX_STOP_GRACE_S}")
+        grace = float(grace_seconds) if grace_seconds > 0 else self._stop_grace
+        runtime = await self._runtime.get()
+        info = await self._resolve(runtime, ref)
+        info = await self.stop_container(info, grace, "stopped by request")
+        return self.status(info)
+
+    async def stop_container(
+        self, info: ContainerInfo, grace: float, reason: str, *, level: int = logging.INFO
+    ) -> ContainerInfo:
+        """Stop one container (no-op if it is not running) and remember why."""
+        runtime = await self._runtime.get()
+        if info.state == "running":
+            self._stop_reasons.setdefault(info.id, reason)
+            while len(self._stop_reasons) > MAX_STOP_REASONS:
+                del self._stop_reasons[next(iter(self._stop_reasons))]  # the oldest
+            log.log(
+                level,
+                "stopping container %s (%s) of allocation %s, grace %gs: %s",
+                info.id[:12],
+                info.name,
+                info.allocation_id,
+                grace,
+                reason,
+            )
+        return await asyncio.to_thread(runtime.stop, info.id, grace)
+
+    async def get(self, ref: tpb.ContainerRef) -> tpb.ContainerStatus:
+        runtime = await self._runtime.get()
+        return self.status(await self._resolve(runtime, ref))
+
+    async def wait(self, ref: tpb.ContainerRef, timeout_seconds: int) -> tpb.ContainerStatus:
+        if not 0 <= timeout_seconds <= MAX_WAIT_S:
+            raise InvalidRequest(f"timeout_seconds must be 0 (the default, {DEFAULT_WAIT_S}s) to {MAX_WAIT_S}")
+        timeout = float(timeout_seconds or DEFAULT_WAIT_S)
+        runtime = await self._runtime.get()
+        info = await self._resolve(runtime, ref)
+        deadline = time.monotonic() + timeout
+        while info.state != "exited":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            info = await asyncio.to_thread(runtime.wait, info.id, min(left, WAIT_SLICE_S))
+        return self.status(info)
+
+    async def list(self, allocation_id: str) -> list[tpb.ContainerStatus]:
+        if allocation_id:
+            _check_allocation_id(allocation_id)
+        runtime = await self._runtime.get()
+        infos = await asyncio.to_thread(runtime.list, allocation_id)
+        return [self.status(i) for i in sorted(infos, key=lambda i: (i.started_unix_ms, i.id))]
+
+    async def logs(self, ref: tpb.ContainerRef, follow: bool) -> AsyncGenerator[tpb.LogChunk, None]:
+        """Chunks in order; with follow, until the container exits. Ends cleanly when the consumer stops."""
+        runtime = await self._runtime.get()
+        info = await self._resolve(runtime, ref)
+        chunks = iterate_in_thread(lambda: runtime.logs(info.id, follow), self.log_readers)
+        async with contextlib.aclosing(chunks):
+            async for stream, data in chunks:
+                yield tpb.LogChunk(data=data, stream=stream)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _resolve(self, runtime: ContainerRuntime, ref: tpb.ContainerRef) -> ContainerInfo:
+        """The container a ref names: by id (checked against the allocation when both are given),
+        or the only container of the allocation."""
+        if ref.allocation_id:
+            _check_allocation_id(ref.allocation_id)
+        if ref.container_id:
+            if not _CONTAINER_REF_RE.match(ref.container_id):
+                raise InvalidRequest(f"container_id {ref.container_id[:80]!r} is malformed")
+            info = await asyncio.to_thread(runtime.get, ref.container_id)
+            if ref.allocation_id and info.allocation_id != ref.allocation_id:
+                raise ContainerNotFound(
+                    f"container {ref.container_id} does not belong to allocation {ref.allocation_id}"
+                )
+            return info
+        if not ref.allocation_id:
+            raise InvalidRequest("name the container: set container_id, allocation_id, or both")
+        infos = await asyncio.to_thread(runtime.list, ref.allocation_id)
+        if not infos:
+            raise ContainerNotFound(f"allocation {ref.allocation_id} has no container on node {self._node}")
+        if len(infos) > 1:
+            ids = ", ".join(sorted(i.id[:12] for i in infos))
+            raise InvalidRequest(
+                f"allocation {ref.allocation_id} has {len(infos)} containers on node {self._node} ({ids}): "
+                "set container_id to pick one"
+            )
+        return infos[0]
+
+    def status(self, info: ContainerInfo) -> tpb.ContainerStatus:
+        status = tpb.ContainerStatus(
+            container_id=info.id,
+            allocation_id=info.allocation_id,
+            revision=info.revision,
+            state=_STATE.get(info.state, tpb.CONTAINER_STATE_UNSPECIFIED),
+            image=info.image,
+            name=info.name,
+            error=self._stop_reasons.get(info.id, "") or str(getattr(info, "error", "") or ""),
+            started_unix_ms=info.started_unix_ms,
+            finished_unix_ms=info.finished_unix_ms,
+            gpu_indexes=list(info.gpu_indexes),
+            node=self._node,
+            restart_count=info.restart_count,
+        )
+        if info.exit_code is not None:
+            status.exit_code = info.exit_code
+        return status
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _check_allocation_id(value: str) -> None:
+    if not _ALLOC_ID_RE.match(value):
+        raise InvalidRequest(
+            f"allocation id {value[:80]!r} is malformed: ids are 8-64 lowercase hex characters "
+            "as printed by `gpuctl allocate`"
+        )
+
+
+def _check_text(what: str, value: str, max_chars: int, *, allow_empty: bool = True) -> None:
+    if not value and not allow_empty:
+        raise InvalidRequest(f"{what} is required")
+    if len(value) > max_chars:
+        raise InvalidRequest(f"{what} is too long: {len(value)} characters, at most {max_chars}")
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} contains a NUL character")
+
+
+def validate_spec(spec: tpb.ContainerSpec) -> None:
+    """InvalidRequest naming the first problem of the spec, before anything else happens."""
+    _check_text("image", spec.image, MAX_IMAGE_CHARS, allow_empty=False)
+    if spec.image != spec.image.strip() or _BAD_CHARS_RE.search(spec.image) or " " in spec.image:
+        raise InvalidRequest(f"image {spec.image[:80]!r} must not contain spaces or control characters")
+
+    if len(spec.command) > MAX_COMMAND_ARGS:
+        raise InvalidRequest(f"command has {len(spec.command)} arguments, at most {MAX_COMMAND_ARGS}")
+    total = 0
+    for i, arg in enumerate(spec.command):
+        if "\x00" in arg:
+            raise InvalidRequest(f"command argument {i} contains a NUL character")
+        total += len(arg.encode())
+    if total > MAX_COMMAND_BYTES:
+        raise InvalidRequest(f"command is {total} bytes long, at most {MAX_COMMAND_BYTES}")
+
+    if len(spec.env) > MAX_ENV_ENTRIES:
+        raise InvalidRequest(f"env has {len(spec.env)} entries, at most {MAX_ENV_ENTRIES}")
+    for key, value in spec.env.items():
+        if key in RESERVED_ENV:
+            raise InvalidRequest(
+                f"env {key} may not be set: the allocation decides which GPUs the container sees "
+                f"({', '.join(sorted(RESERVED_ENV))} are set by gpulease)"
+            )
+        if not _ENV_KEY_RE.match(key) or len(key) > MAX_ENV_KEY_CHARS:
+            raise InvalidRequest(
+                f"env name {key[:80]!r} is invalid: use letters, digits, '_', '.' or '-', not starting with a digit, "
+                f"at most {MAX_ENV_KEY_CHARS} characters"
+            )
+        if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            raise InvalidRequest(f"env {key} is {len(value.encode())} bytes long, at most {MAX_ENV_VALUE_BYTES}")
+        if "\x00" in value:
+            raise InvalidRequest(f"env {key} contains a NUL character")
+
+    if spec.working_dir:
+        _check_text("working_dir", spec.working_dir, MAX_PATH_CHARS)
+        if not spec.working_dir.startswith("/"):
+            raise InvalidRequest(f"working_dir {spec.working_dir[:80]!r} must be an absolute path")
+
+    if len(spec.volumes) > MAX_VOLUMES:
+        raise InvalidRequest(f"{len(spec.volumes)} volumes, at most {MAX_VOLUMES}")
+    targets: set[str] = set()
+    for i, v in enumerate(spec.volumes):
+        _check_text(f"volumes[{i}].source", v.source, MAX_PATH_CHARS, allow_empty=False)
+        _check_text(f"volumes[{i}].target", v.target, MAX_PATH_CHARS, allow_empty=False)
+        if not (v.source.startswith("/") or _VOLUME_NAME_RE.match(v.source)):
+            raise InvalidRequest(
+                f"volumes[{i}].source {v.source[:80]!r} must be an absolute host path or a Docker volume name"
+            )
+        if not v.target.startswith("/") or v.target.rstrip("/") == "":
+            raise InvalidRequest(f"volumes[{i}].target {v.target[:80]!r} must be an absolute path other than /")
+        for what, path in (("source", v.source), ("target", v.target)):
+            if ":" in path or "," in path or _BAD_CHARS_RE.search(path):
+                raise InvalidRequest(
+                    f"volumes[{i}].{what} {path[:80]!r} must not contain ':', ',' or control characters"
+                )
+        if v.target in targets:
+            raise InvalidRequest(f"volumes[{i}].target {v.target!r} is mounted twice")
+        targets.add(v.target)
+
+    if spec.shm_size_bytes < 0:
+        raise InvalidRequest(f"shm_size_bytes must be 0 (Docker's default) or positive, got {spec.shm_size_bytes}")
+
+    if spec.name and not _CONTAINER_NAME_RE.match(spec.name):
+        raise InvalidRequest(
+            f"container name {spec.name[:80]!r} is invalid: 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _default_name(allocation_id: str) -> str:
+    return f"gpulease-{allocation_id}-{secrets.token_hex(3)}"
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """Linux cpulist ("0-3,8,10-11") -> {0, 1, 2, 3, 8, 10, 11}. ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        first, last = int(low), int(high) if sep else int(low)
+        if first < 0 or last < first or last > 1 << 16:
+            raise ValueError(f"bad cpulist range {part!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError("empty cpulist")
+    return cpus
+
+
+def format_cpulist(cpus: set[int]) -> str:
+    """{0, 1, 2, 3, 8} -> "0-3,8"."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
+
+
+# -- a synchronous iterator, consumed asynchronously ------------------------------------------------
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: Exception
+
+
+class LogReaders:
+    """Counts the threads reading logs, which may outlive their stream (see iterate_in_thread)."""
+
+    def __init__(self, limit: int = MAX_LOG_STREAMS) -> None:
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[T]], readers: LogReaders) -> AsyncGenerator[T, None]:
+    """Run a blocking iterator in a daemon thread and hand its items over through a bounded queue.
+
+    When the consumer stops (the client went away, the task was cancelled) the thread is told to
+    stop and the iterator's ``close()`` is called from another thread. An iterator that can be
+    closed that way while it blocks (like the Docker SDK's log stream) ends at once; any other
+    ends at its next item, or when the container exits. The thread is a daemon and counted in
+    ``readers`` until it ends, so neither shutdown nor the thread pool waits for it.
+    """
+    if not readers.acquire():
+        raise Unavailable(f"too many log streams are open on this node ({readers.limit}); retry later")
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=LOG_QUEUE_CHUNKS)
+    stopped = threading.Event()
+    holder: list[Iterator[T]] = []
+
+    def put(item: object) -> bool:
+        while not stopped.is_set():
+            try:
+                future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            except RuntimeError:  # the loop is closed
+                return False
+            try:
+                future.result(timeout=0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+            except (concurrent.futures.CancelledError, RuntimeError):
+                return False
+        return False
+
+    def pump() -> None:
+        try:
+            iterator = make()
+            holder.append(iterator)
+            for item in iterator:
+                if stopped.is_set() or not put(item):
+                    return
+        except Exception as e:
+            if not stopped.is_set():
+                put(_Failure(e))
+            return
+        finally:
+            _close(holder)
+            readers.release()
+        put(_END)
+
+    try:
+        threading.Thread(target=pump, name="container-logs", daemon=True).start()
+    except BaseException:
+        readers.release()
+        raise
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stopped.set()
+        # Interrupt a read that blocks; not on this thread, as close() may block.
+        threading.Thread(target=_close, args=(holder,), name="container-logs-close", daemon=True).start()
+        while not queue.empty():  # unblock a producer waiting for space
+            queue.get_nowait()
+
+
+def _close(holder: list[Any]) -> None:
+    for iterator in holder:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            # A generator that is running in the pump thread refuses (ValueError): it ends at its next item.
+            with contextlib.suppress(Exception):
+                close()
+
+
+async def gather_logged(what: str, calls: list[Awaitable[object]]) -> list[object]:
+    """Run calls concurrently; log (don't raise) each failure."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            log.warning("%s failed: %s: %s", what, type(r).__name__, r)
+    return list(results)

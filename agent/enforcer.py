@@ -1,0 +1,237 @@
+"""Stops containers whose allocation has ended, or that the agent can no longer vouch for.
+
+Every ``interval`` the enforcer lists the node's managed containers (Docker labels), then asks the
+coordinator for the node's live allocations (ListAllocations(node=...), read from etcd). A running
+container is stopped (SIGTERM, SIGKILL after ``grace``) when:
+
+- its allocation is not in the list (released, or its lease expired), or
+- the live allocation's revision differs from the revision the container was started under, or
+- the coordinator has been unreachable for longer than the allocation's TTL: its lease may have
+  expired meanwhile and its GPUs been given to someone else, so the agent cannot vouch for it.
+
+Containers are listed *before* allocations, so a container that is listed was started (after a
+fencing check) before the allocation list was read: missing from that list means really gone.
+
+Budget, with the defaults (interval 2 s, grace 1 s): a released allocation's containers are
+stopped within ~interval + ListAllocations + grace + docker's kill ~= 3.6 s; an expired lease's
+within TTL + etcd's expiry lag (<= ~0.5 s) + that ~= TTL + 4.1 s, inside the TTL + 5 s promise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.containers import ContainerService, gather_logged
+from agent.fencing import CoordinatorClient, Vouchers
+from agent.inventory import InventoryContext
+from agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.errors import GpuLeaseError, Unavailable
+from gpulease.v1.types_pb2 import Allocation
+
+log = logging.getLogger(__name__)
+
+# The allocation list must not take the whole tick: a slow coordinator counts as unreachable.
+MAX_LIST_TIMEOUT_S = 2.0
+# A stop that docker does not finish in grace + this is abandoned for this tick (retried next tick).
+STOP_SLACK_S = 30.0
+# Heartbeats and GetInventory may collect often: look up container PIDs at most this often.
+CONTEXT_CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    container: ContainerInfo
+    reason: str
+
+
+@dataclass
+class TickReport:
+    contacted: bool
+    running: list[ContainerInfo] = field(default_factory=list)
+    stopped: list[Verdict] = field(default_factory=list)
+    kept: list[ContainerInfo] = field(default_factory=list)
+
+
+def judge(
+    node: str, running: Iterable[ContainerInfo], live: Iterable[Allocation]
+) -> tuple[list[ContainerInfo], list[Verdict]]:
+    """(containers to keep, containers to stop with the reason) against the node's live allocations."""
+    by_id = {a.id: a for a in live}
+    keep: list[ContainerInfo] = []
+    stop: list[Verdict] = []
+    for c in running:
+        alloc = by_id.get(c.allocation_id)
+        if alloc is None:
+            stop.append(
+                Verdict(c, f"allocation {c.allocation_id} is no longer live on node {node} (released or expired)")
+            )
+        elif alloc.revision != c.revision:
+            stop.append(
+                Verdict(
+                    c,
+                    f"allocation {c.allocation_id} is live at revision {alloc.revision}, but the container was "
+                    f"started under revision {c.revision}",
+                )
+            )
+        else:
+            keep.append(c)
+    return keep, stop
+
+
+class Enforcer:
+    def __init__(
+        self,
+        *,
+        node: str,
+        coordinator: CoordinatorClient,
+        containers: ContainerService,
+        vouchers: Vouchers,
+        interval: float,
+        grace: float,
+    ) -> None:
+        self._node = node
+        self._coordinator = coordinator
+        self._containers = containers
+        self._vouchers = vouchers
+        self._interval = interval
+        self._grace = grace
+        self._list_timeout = max(0.5, min(interval, MAX_LIST_TIMEOUT_S))
+        # Managed containers that were running at the last check: for the inventory context.
+        self._running_ids: tuple[str, ...] = ()
+        self._outage_since: float | None = None
+        self._listing_error: str | None = None
+        # (when, container ids, PIDs) of the last PID lookup: reused for CONTEXT_CACHE_S.
+        self._pid_cache: tuple[float, tuple[str, ...], frozenset[int]] = (-CONTEXT_CACHE_S, (), frozenset())
+
+    @property
+    def node(self) -> str:
+        return self._node
+
+    @property
+    def running_ids(self) -> tuple[str, ...]:
+        return self._running_ids
+
+    @property
+    def grace(self) -> float:
+        return self._grace
+
+    def note_started(self, info: ContainerInfo) -> None:
+        """A container was just started: count its PIDs as managed before the next check lists it."""
+        if info.state == "running" and info.id not in self._running_ids:
+            self._running_ids = (*self._running_ids, info.id)
+
+    def inventory_context(self) -> InventoryContext:
+        """Managed PIDs and allocated GPUs, for the inventory source. Runs in the collecting thread:
+        cached state plus one runtime call per running container, at most once per CONTEXT_CACHE_S."""
+        ids = self._running_ids
+        at, cached_ids, cached = self._pid_cache
+        now = time.monotonic()
+        if cached_ids == ids and now - at < CONTEXT_CACHE_S:
+            pids = cached
+        else:
+            found: set[int] = set()
+            runtime = self._containers.runtime.current
+            if runtime is not None:
+                for container_id in ids:
+                    try:
+                        found |= runtime.pids(container_id)
+                    except Exception as e:  # it may just have exited
+                        log.debug("no PIDs for container %s: %s", container_id[:12], e)
+            pids = frozenset(found)
+            self._pid_cache = (now, ids, pids)
+        return InventoryContext(managed_pids=pids, allocated_gpus=self._vouchers.allocated_gpu_indexes())
+
+    async def run(self) -> None:
+        """Check every interval (measured start to start) until cancelled."""
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("enforcement check failed; trying again in %gs", self._interval)
+            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def running_containers(self) -> list[ContainerInfo] | None:
+        """Managed running containers, or None when the runtime cannot be asked."""
+        try:
+            runtime: ContainerRuntime = await self._containers.runtime.get()
+            infos = await asyncio.to_thread(runtime.list, "")
+        except Exception as e:
+            detail = e.message if isinstance(e, GpuLeaseError) else f"{type(e).__name__}: {e}"
+            if detail != self._listing_error:
+                log.warning("cannot list containers: %s", detail)
+            self._listing_error = detail
+            return None
+        if self._listing_error is not None:
+            log.info("listing containers works again")
+            self._listing_error = None
+        running = [i for i in infos if i.state == "running"]
+        self._running_ids = tuple(i.id for i in running)
+        return running
+
+    async def list_live(self) -> list[Allocation]:
+        """The node's live allocations; also records them (and the time of asking) as vouchers."""
+        asked_at = self._vouchers.now()
+        allocs = await self._coordinator.list_allocations(self._node, timeout=self._list_timeout)
+        self._vouchers.replace(allocs, asked_at)
+        if self._outage_since is not None:
+            log.info(
+                "coordinator at %s answers again after %.1fs",
+                self._coordinator.address,
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+        return allocs
+
+    async def tick(self) -> TickReport:
+        running = await self.running_containers() or []
+        try:
+            live = await self.list_live()
+        except GpuLeaseError as e:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning(
+                    "cannot list this node's allocations (%s); containers are stopped once the coordinator has "
+                    "been unreachable for longer than their allocation's TTL",
+                    e.message if isinstance(e, Unavailable) else f"{type(e).__name__}: {e.message}",
+                )
+            keep, stop = self._judge_unvouched(running)
+            report = TickReport(contacted=False, running=running, kept=keep, stopped=stop)
+        else:
+            keep, stop = judge(self._node, running, live)
+            report = TickReport(contacted=True, running=running, kept=keep, stopped=stop)
+        await self.stop_all(report.stopped)
+        return report
+
+    def _judge_unvouched(self, running: list[ContainerInfo]) -> tuple[list[ContainerInfo], list[Verdict]]:
+        keep: list[ContainerInfo] = []
+        stop: list[Verdict] = []
+        for c in running:
+            since, ttl = self._vouchers.unvouched_for(c.allocation_id)
+            if since > ttl:
+                stop.append(
+                    Verdict(
+                        c,
+                        f"the coordinator has not confirmed allocation {c.allocation_id} for {since:.1f}s, longer "
+                        f"than its TTL ({ttl:g}s): the agent can no longer vouch for it",
+                    )
+                )
+            else:
+                keep.append(c)
+        return keep, stop
+
+    async def stop_all(self, verdicts: list[Verdict]) -> None:
+        if not verdicts:
+            return
+        calls = [
+            asyncio.wait_for(
+                self._containers.stop_container(v.container, self._grace, v.reason, level=logging.WARNING),
+                self._grace + STOP_SLACK_S,
+            )
+            for v in verdicts
+        ]
+        await gather_logged("stopping a container", list(calls))

@@ -1,0 +1,273 @@
+"""An in-memory ContainerRuntime for fast logic tests of the agent (never used outside tests).
+
+It follows the Protocol in agent/runtime/__init__.py faithfully: labels carry the allocation and
+its revision, states go created -> running -> exited, stop() is SIGTERM then SIGKILL after the
+grace, wait() honours its timeout, logs() follows until exit. What a container "does" is decided
+by its command:
+
+- ``["exit", "N"]``: exits at once with status N;
+- ``["echo", word, ...]``: writes the words to stdout and exits 0;
+- anything else runs until stopped, or until the test calls ``finish()``.
+
+A container started with ``env["IGNORE_SIGTERM"] = "1"`` needs the full grace and a SIGKILL (137),
+like a process that traps SIGTERM; others exit on SIGTERM with 143.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from agent.runtime import (
+    LABEL_ALLOCATION,
+    LABEL_GPUS,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_REVISION,
+    RESERVED_ENV,
+    ContainerInfo,
+    ContainerLaunch,
+    ContainerStateName,
+)
+from gpulease.errors import Conflict, ContainerNotFound, ImageUnavailable, InvalidRequest
+
+_pids = itertools.count(40000)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    image: str
+    labels: dict[str, str]
+    launch: ContainerLaunch | None
+    state: ContainerStateName = "created"
+    exit_code: int | None = None
+    started_unix_ms: int = 0
+    finished_unix_ms: int = 0
+    restart_count: int = 0
+    pid: int = 0
+    ignores_sigterm: bool = False
+    logs: list[tuple[str, bytes]] = field(default_factory=list)
+    stops: list[float] = field(default_factory=list)
+
+
+class _LogStream:
+    """Like the Docker SDK's CancellableStream: an iterator whose close() may be called from another
+    thread while a read blocks, and ends the iteration."""
+
+    def __init__(self, runtime: FakeRuntime, c: FakeContainer, follow: bool) -> None:
+        self._runtime = runtime
+        self._c = c
+        self._follow = follow
+        self._sent = 0
+        self._closed = False
+
+    def __iter__(self) -> _LogStream:
+        return self
+
+    def __next__(self) -> tuple[str, bytes]:
+        cond = self._runtime._cond
+        with cond:
+            while True:
+                if self._closed:
+                    raise StopIteration
+                if len(self._c.logs) > self._sent:
+                    self._sent += 1
+                    return self._c.logs[self._sent - 1]
+                if self._c.state == "exited" or not self._follow:
+                    self._finish()
+                    raise StopIteration
+                cond.wait(timeout=1.0)
+
+    def close(self) -> None:
+        with self._runtime._cond:
+            self._finish()
+            self._runtime._cond.notify_all()
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._runtime.active_log_readers -= 1
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.containers: dict[str, FakeContainer] = {}
+        self.launches: list[ContainerLaunch] = []
+        self.missing_images: set[str] = set()
+        self.active_log_readers = 0
+        self.calls: list[str] = []
+
+    # -- the Protocol ---------------------------------------------------------------------------
+
+    def start(self, launch: ContainerLaunch) -> ContainerInfo:
+        self.calls.append("start")
+        bad = RESERVED_ENV & set(launch.env)
+        if bad:
+            raise InvalidRequest(f"env {sorted(bad)} may not be set")
+        if launch.image in self.missing_images:
+            raise ImageUnavailable(f"image {launch.image} not found")
+        with self._cond:
+            if launch.name and any(c.name == launch.name for c in self.containers.values()):
+                raise Conflict(f"a container named {launch.name} already exists")
+            labels = {
+                LABEL_MANAGED: "true",
+                LABEL_ALLOCATION: launch.allocation_id,
+                LABEL_REVISION: str(launch.revision),
+                LABEL_NODE: launch.node,
+                LABEL_GPUS: ",".join(str(i) for i in launch.gpu_indexes),
+            }
+            c = FakeContainer(
+                id=secrets.token_hex(32),
+                name=launch.name or f"fake-{secrets.token_hex(4)}",
+                image=launch.image,
+                labels=labels,
+                launch=launch,
+                ignores_sigterm=launch.env.get("IGNORE_SIGTERM") == "1",
+            )
+            self.containers[c.id] = c
+            self.launches.append(launch)
+            self._run(c)
+            return self._info(c)
+
+    def stop(self, container_id: str, grace_seconds: float) -> ContainerInfo:
+        self.calls.append("stop")
+        with self._cond:
+            c = self._find(container_id)
+            if c.state != "running":
+                return self._info(c)
+            c.stops.append(grace_seconds)
+            ignores = c.ignores_sigterm
+        if ignores:
+            time.sleep(grace_seconds)  # SIGTERM is ignored: SIGKILL after the grace
+        with self._cond:
+            if c.state == "running":
+                self._exit(c, 137 if ignores else 143)
+            return self._info(c)
+
+    def get(self, container_id: str) -> ContainerInfo:
+        self.calls.append("get")
+        with self._cond:
+            return self._info(self._find(container_id))
+
+    def list(self, allocation_id: str = "") -> list[ContainerInfo]:
+        self.calls.append("list")
+        with self._cond:
+            return [
+                self._info(c)
+                for c in self.containers.values()
+                if c.labels.get(LABEL_MANAGED) == "true"
+                and (not allocation_id or c.labels.get(LABEL_ALLOCATION) == allocation_id)
+            ]
+
+    def wait(self, container_id: str, timeout_seconds: float) -> ContainerInfo:
+        self.calls.append("wait")
+        with self._cond:
+            c = self._find(container_id)
+            self._cond.wait_for(lambda: c.state == "exited", timeout=max(0.0, timeout_seconds))
+            return self._info(c)
+
+    def logs(self, container_id: str, follow: bool) -> Iterator[tuple[str, bytes]]:
+        with self._cond:
+            c = self._find(container_id)  # ContainerNotFound before the first chunk
+            self.active_log_readers += 1
+        return _LogStream(self, c, follow)
+
+    def pids(self, container_id: str) -> frozenset[int]:
+        with self._cond:
+            c = self._find(container_id)
+            return frozenset({c.pid, c.pid + 1}) if c.state == "running" else frozenset()
+
+    # -- test helpers ---------------------------------------------------------------------------
+
+    def emit(self, container_id: str, data: bytes, stream: str = "stdout") -> None:
+        with self._cond:
+            self._find(container_id).logs.append((stream, data))
+            self._cond.notify_all()
+
+    def finish(self, container_id: str, exit_code: int = 0) -> None:
+        with self._cond:
+            c = self._find(container_id)
+            if c.state == "running":
+                self._exit(c, exit_code)
+
+    def plant(self, *, allocation_id: str, revision: int, node: str, managed: bool = True) -> str:
+        """A running container as a previous agent (or someone else) might have left it."""
+        with self._cond:
+            labels = {LABEL_ALLOCATION: allocation_id, LABEL_REVISION: str(revision), LABEL_NODE: node}
+            if managed:
+                labels[LABEL_MANAGED] = "true"
+            c = FakeContainer(id=secrets.token_hex(32), name=f"planted-{secrets.token_hex(4)}", image="planted",
+                              labels=labels, launch=None)  # fmt: skip
+            self.containers[c.id] = c
+            self._run(c)
+            return c.id
+
+    def wait_readers_gone(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.active_log_readers == 0, timeout=timeout)
+
+    def info(self, container_id: str) -> ContainerInfo:
+        return self.get(container_id)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _run(self, c: FakeContainer) -> None:
+        c.state = "running"
+        c.started_unix_ms = _now_ms()
+        c.pid = next(_pids) * 2
+        command = list(c.launch.command) if c.launch else []
+        if command[:1] == ["exit"]:
+            self._exit(c, int(command[1]) if len(command) > 1 else 0)
+        elif command[:1] == ["echo"]:
+            c.logs.append(("stdout", (" ".join(command[1:]) + "\n").encode()))
+            self._exit(c, 0)
+        self._cond.notify_all()
+
+    def _exit(self, c: FakeContainer, code: int) -> None:
+        c.state = "exited"
+        c.exit_code = code
+        c.finished_unix_ms = _now_ms()
+        c.pid = 0
+        self._cond.notify_all()
+
+    def _find(self, ref: str) -> FakeContainer:
+        c = self.containers.get(ref)
+        if c is None:
+            matches = [
+                x for x in self.containers.values() if x.name == ref or (len(ref) >= 12 and x.id.startswith(ref))
+            ]
+            c = matches[0] if len(matches) == 1 else None
+        if c is None or c.labels.get(LABEL_MANAGED) != "true":
+            raise ContainerNotFound(f"no gpulease container {ref}")
+        return c
+
+    def _info(self, c: FakeContainer) -> ContainerInfo:
+        gpus = c.labels.get(LABEL_GPUS, "")
+        return ContainerInfo(
+            id=c.id,
+            name=c.name,
+            allocation_id=c.labels.get(LABEL_ALLOCATION, ""),
+            revision=int(c.labels.get(LABEL_REVISION, "0")),
+            state=c.state,
+            exit_code=c.exit_code,
+            image=c.image,
+            gpu_indexes=tuple(int(i) for i in gpus.split(",") if i),
+            started_unix_ms=c.started_unix_ms,
+            finished_unix_ms=c.finished_unix_ms,
+            restart_count=c.restart_count,
+            pid=c.pid,
+        )
+
+
+__all__ = ["FakeContainer", "FakeRuntime"]

@@ -1,0 +1,747 @@
+"""The agent's container side against a real coordinator and etcd, with an in-memory runtime.
+
+Fencing (GetAllocation before anything is created), enforcement (release, lease expiry and a
+coordinator outage stop containers in bounded time), restart reconciliation (adopt what is
+live, stop the rest, offer no GPUs meanwhile), the inventory context and the gRPC surface.
+The end-to-end test with a real dockerd and agent process is at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.app import COORDINATOR_CHANNEL_OPTIONS
+from agent.containers import (
+    ContainerService,
+    ReadyGate,
+    RuntimeHandle,
+    format_cpulist,
+    parse_cpulist,
+    validate_spec,
+)
+from agent.enforcer import Enforcer
+from agent.fencing import CoordinatorClient, Fence, Vouchers
+from agent.inventory.simulated import SimulatedInventory
+from agent.reconcile import Reconciler
+from agent.registration import AgentInventory, Registrar
+from agent.runtime import ContainerRuntime
+from agent.server import start_server
+from gpulease import procs
+from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
+from gpulease.v1 import agent_pb2, agent_pb2_grpc
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+from gpulease.v1 import types_pb2 as tpb
+from tests import harness
+from tests.dockerd import Dockerd, busybox, dockerd  # noqa: F401  (fixtures, used through request)
+from tests.fake_runtime import FakeRuntime
+
+GiB = 2**30
+NODE = "n1"
+OTHER = "n2"
+# Enforcement defaults of agent/config.py: the bounds below are the budget they promise.
+INTERVAL = 2.0
+GRACE = 1.0
+
+
+# -- fixtures and helpers -----------------------------------------------------------------------
+
+
+def node_inventory(name: str) -> tpb.NodeInventory:
+    inv = harness.inventory(4, cpus=32, memory=256 * GiB, node=name, labels={"host": name})
+    for g in inv.gpus:
+        g.cpu_affinity = "0-7" if g.index < 2 else "8-15"
+    return inv
+
+
+@dataclass
+class Cluster:
+    address: str
+    stub: pb_grpc.CoordinatorServiceStub
+    inventories: dict[str, tpb.NodeInventory]
+
+    async def allocate(self, node: str = NODE, gpus: int = 1, ttl: int = 60, cpus: int = 4) -> tpb.Allocation:
+        response = await self.stub.Allocate(
+            pb.AllocateRequest(
+                gpus=gpus, cpus=cpus, memory_bytes=8 * GiB, ttl_seconds=ttl, owner="test", node_selector={"host": node}
+            )
+        )
+        alloc: tpb.Allocation = response.allocation
+        assert alloc.node == node
+        return alloc
+
+    async def release(self, allocation_id: str) -> None:
+        assert (await self.stub.Release(pb.ReleaseRequest(allocation_id=allocation_id))).released
+
+    async def is_live(self, allocation_id: str) -> bool:
+        try:
+            await self.stub.GetAllocation(pb.GetAllocationRequest(allocation_id=allocation_id))
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+            return False
+        return True
+
+
+@pytest.fixture
+async def cluster(coordinator: harness.Coordinator) -> AsyncIterator[Cluster]:
+    async with grpc.aio.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        inventories = {name: node_inventory(name) for name in (NODE, OTHER)}
+        for name, inv in inventories.items():
+            await stub.RegisterNode(
+                pb.RegisterNodeRequest(node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inv)
+            )
+        yield Cluster(coordinator.address, stub, inventories)
+
+
+@dataclass
+class Agent:
+    runtime: FakeRuntime
+    coordinator: CoordinatorClient
+    vouchers: Vouchers
+    gate: ReadyGate
+    containers: ContainerService
+    enforcer: Enforcer
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def start_enforcer(self) -> None:
+        self.tasks.append(asyncio.create_task(self.enforcer.run()))
+
+
+@contextlib.asynccontextmanager
+async def agent(
+    address: str,
+    runtime: FakeRuntime,
+    *,
+    node: str = NODE,
+    reconciling: bool = False,
+    interval: float = INTERVAL,
+    grace: float = GRACE,
+    inventory: tpb.NodeInventory | None = None,
+    factory: Callable[[], ContainerRuntime] | None = None,
+) -> AsyncIterator[Agent]:
+    """The agent's container side, in process, as agent/app.py wires it."""
+    async with grpc.aio.insecure_channel(address, options=COORDINATOR_CHANNEL_OPTIONS) as channel:
+        coordinator = CoordinatorClient(channel, address, timeout=3.0)
+        vouchers = Vouchers()
+        gate = ReadyGate(reconciling=reconciling)
+        containers = ContainerService(
+            node=node,
+            runtime=RuntimeHandle(factory or (lambda: runtime)),
+            fence=Fence(coordinator, node, vouchers),
+            gate=gate,
+            latest_inventory=lambda: inventory,
+            network="gpulease-test",
+            stop_grace_seconds=10.0,
+            on_started=lambda info: enforcer.note_started(info),
+        )
+        enforcer = Enforcer(
+            node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval, grace=grace
+        )
+        a = Agent(runtime, coordinator, vouchers, gate, containers, enforcer)
+        try:
+            yield a
+        finally:
+            for t in a.tasks:
+                t.cancel()
+            for t in a.tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+
+def spec(**kw: Any) -> tpb.ContainerSpec:
+    kw.setdefault("image", "registry.example/train:1")
+    kw.setdefault("command", ["sleep", "infinity"])
+    return tpb.ContainerSpec(**kw)
+
+
+async def eventually(predicate: Callable[[], Awaitable[Any] | Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class TcpProxy:
+    """A TCP forwarder the test can cut (every connection dropped, new ones refused) and restore."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.port = procs.free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        return self
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+# -- validation (no cluster) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"image": ""}, "image is required"),
+        ({"image": "x" * 513}, "image is too long"),
+        ({"image": "a b"}, "must not contain spaces"),
+        ({"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "NVIDIA_VISIBLE_DEVICES may not be set"),
+        ({"env": {"CUDA_VISIBLE_DEVICES": "0"}}, "CUDA_VISIBLE_DEVICES may not be set"),
+        ({"env": {f"K{i}": "v" for i in range(257)}}, "at most 256"),
+        ({"env": {"1BAD": "v"}}, "env name '1BAD' is invalid"),
+        ({"working_dir": "relative/dir"}, "must be an absolute path"),
+        ({"volumes": [tpb.VolumeMount(source="/data", target="rel")]}, "must be an absolute path other than /"),
+        ({"volumes": [tpb.VolumeMount(source="/a:b", target="/data")]}, "must not contain ':'"),
+        ({"shm_size_bytes": -1}, "shm_size_bytes"),
+        ({"name": "-bad"}, "container name '-bad' is invalid"),
+        ({"command": ["a\x00b"]}, "NUL"),
+    ],
+)
+def test_spec_validation_names_the_problem(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        validate_spec(spec(**bad))
+    assert message in e.value.message
+
+
+def test_cpulist_round_trip() -> None:
+    assert parse_cpulist("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
+    assert format_cpulist({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
+    with pytest.raises(ValueError):
+        parse_cpulist("3-1")
+
+
+# -- fencing ------------------------------------------------------------------------------------
+
+
+async def test_stale_token_is_refused_and_nothing_is_created(cluster: Cluster) -> None:
+    alloc = await cluster.allocate()
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime) as a:
+        for bad in (alloc.revision + 1, alloc.revision - 1):
+            with pytest.raises(StaleFencingToken) as e:
+                await a.containers.start(alloc.id, bad, spec())
+            assert f"request carries revision {bad}" in e.value.message
+            assert f"live allocation has revision {alloc.revision}" in e.value.message
+        # Released: absent is stale too.
+        await cluster.release(alloc.id)
+        with pytest.raises(StaleFencingToken, match="not live"):
+            await a.containers.start(alloc.id, alloc.revision, spec())
+    assert runtime.launches == [] and "start" not in runtime.calls
+
+
+async def test_allocation_of_another_node_is_refused(cluster: Cluster) -> None:
+    alloc = await cluster.allocate(node=OTHER)
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime, node=NODE) as a:
+        with pytest.raises(StaleFencingToken) as e:
+            await a.containers.start(alloc.id, alloc.revision, spec())
+    assert f"is on node '{OTHER}', not on this node '{NODE}'" in e.value.message
+    assert runtime.launches == []
+
+
+async def test_unreachable_coordinator_means_no_start() -> None:
+    runtime = FakeRuntime()
+    async with agent(f"127.0.0.1:{procs.free_port()}", runtime) as a:
+        with pytest.raises(Unavailable, match="no container is started"):
+            await a.containers.start("0123456789abcdef01234", 7, spec())
+    assert runtime.launches == []
+
+
+async def test_resources_come_from_the_allocation_record(cluster: Cluster) -> None:
+    alloc = await cluster.allocate(gpus=2, cpus=6)
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime, inventory=cluster.inventories[NODE]) as a:
+        status = await a.containers.start(
+            alloc.id,
+            alloc.revision,
+            spec(
+                env={"A": "1"},
+                working_dir="/w",
+                shm_size_bytes=GiB,
+                volumes=[tpb.VolumeMount(source="/data", target="/d", read_only=True)],
+            ),
+        )
+        # Reserved variables are refused before the coordinator is even asked.
+        with pytest.raises(InvalidRequest, match="CUDA_VISIBLE_DEVICES"):
+            await a.containers.start(alloc.id, alloc.revision, spec(env={"CUDA_VISIBLE_DEVICES": "0"}))
+    (launch,) = runtime.launches
+    assert launch.gpu_indexes == tuple(g.index for g in alloc.gpus) and len(launch.gpu_indexes) == 2
+    assert launch.gpu_uuids == tuple(g.uuid for g in alloc.gpus)
+    assert (launch.cpus, launch.memory_bytes) == (6, 8 * GiB)
+    assert launch.revision == alloc.revision and launch.node == NODE
+    # GPUs 0 and 1 sit on CPUs 0-7 (see node_inventory): at least the 6 CPUs allocated.
+    assert sorted(launch.gpu_indexes) == [0, 1] and launch.cpuset == "0-7"
+    assert launch.network == "gpulease-test"
+    assert launch.name.startswith(f"gpulease-{alloc.id}-")
+    assert dict(launch.env) == {"A": "1"} and launch.working_dir == "/w" and launch.shm_size_bytes == GiB
+    assert [(v.source, v.target, v.read_only) for v in launch.volumes] == [("/data", "/d", True)]
+    assert status.state == tpb.CONTAINER_STATE_RUNNING and status.node == NODE
+    assert list(status.gpu_indexes) == [0, 1] and status.revision == alloc.revision
+
+
+# -- enforcement --------------------------------------------------------------------------------
+
+
+async def test_release_stops_the_container_within_the_budget(cluster: Cluster) -> None:
+    alloc = await cluster.allocate()
+    keep = await cluster.allocate()
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime) as a:
+        # Traps SIGTERM: needs the whole grace and a SIGKILL.
+        doomed = await a.containers.start(alloc.id, alloc.revision, spec(env={"IGNORE_SIGTERM": "1"}))
+        kept = await a.containers.start(keep.id, keep.revision, spec())
+        a.start_enforcer()
+        await asyncio.sleep(0.5)
+        await cluster.release(alloc.id)
+        released_at = time.monotonic()
+        await eventually(lambda: runtime.info(doomed.container_id).state == "exited", 6, "the container stopped")
+        took = time.monotonic() - released_at
+        assert took <= INTERVAL + GRACE + 1.5, took
+        status = await a.containers.get(tpb.ContainerRef(container_id=doomed.container_id))
+        assert status.exit_code == 137 and "no longer live" in status.error
+        assert runtime.containers[doomed.container_id].stops == [GRACE]
+        # The other allocation's container is untouched.
+        await asyncio.sleep(INTERVAL + 0.5)
+        assert runtime.info(kept.container_id).state == "running"
+
+
+@pytest.mark.slow
+async def test_lease_expiry_stops_the_container_within_ttl_plus_5s(cluster: Cluster) -> None:
+    ttl = 5
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime) as a:
+        a.start_enforcer()
+        asked = time.monotonic()
+        alloc = await cluster.allocate(ttl=ttl)  # nobody keeps it alive
+        status = await a.containers.start(alloc.id, alloc.revision, spec())
+        await asyncio.sleep(max(0.0, ttl - 1.5 - (time.monotonic() - asked)))
+        assert runtime.info(status.container_id).state == "running"  # not before the lease is gone
+        await eventually(lambda: runtime.info(status.container_id).state == "exited", ttl + 6, "the container stopped")
+        took = time.monotonic() - asked
+        assert took <= ttl + 5, took
+        assert not await cluster.is_live(alloc.id)
+
+
+@pytest.mark.slow
+async def test_coordinator_unreachable_longer_than_ttl_stops_the_container(cluster: Cluster) -> None:
+    ttl = 6
+    proxy = await TcpProxy(cluster.address).start()
+    runtime = FakeRuntime()
+    alloc = await cluster.allocate(ttl=ttl)
+
+    async def keep_alive() -> None:  # the holder keeps the allocation live all along
+        while True:
+            await cluster.stub.KeepAlive(pb.KeepAliveRequest(allocation_id=alloc.id))
+            await asyncio.sleep(1)
+
+    keeper = asyncio.create_task(keep_alive())
+    try:
+        async with agent(proxy.address, runtime) as a:
+            status = await a.containers.start(alloc.id, alloc.revision, spec())
+            report = await a.enforcer.tick()
+            assert report.contacted and [c.id for c in report.kept] == [status.container_id]
+            a.start_enforcer()
+            await proxy.cut()
+            cut_at = time.monotonic()
+            await asyncio.sleep(3)
+            assert runtime.info(status.container_id).state == "running"  # an outage shorter than the TTL is fine
+            await eventually(
+                lambda: runtime.info(status.container_id).state == "exited", ttl + INTERVAL + GRACE + 3, "the stop"
+            )
+            assert time.monotonic() - cut_at >= ttl
+            got = await a.containers.get(tpb.ContainerRef(container_id=status.container_id))
+            assert "can no longer vouch" in got.error
+            assert await cluster.is_live(alloc.id)  # it was the outage, not the allocation, that ended it
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await proxy.cut()
+
+
+async def test_enforcer_stops_a_container_started_under_another_revision(cluster: Cluster) -> None:
+    alloc = await cluster.allocate()
+    runtime = FakeRuntime()
+    planted = runtime.plant(allocation_id=alloc.id, revision=alloc.revision - 1, node=NODE)
+    async with agent(cluster.address, runtime) as a:
+        report = await a.enforcer.tick()
+    assert [v.container.id for v in report.stopped] == [planted]
+    assert f"live at revision {alloc.revision}" in report.stopped[0].reason
+    assert runtime.info(planted).state == "exited"
+
+
+# -- restart reconciliation ---------------------------------------------------------------------
+
+
+async def test_reconcile_adopts_live_containers_and_stops_the_rest(cluster: Cluster) -> None:
+    live = await cluster.allocate()
+    gone = await cluster.allocate()
+    runtime = FakeRuntime()  # Docker, which outlives the agent
+    async with agent(cluster.address, runtime) as first:
+        adopted = await first.containers.start(live.id, live.revision, spec())
+        orphan = await first.containers.start(gone.id, gone.revision, spec())
+    stale = runtime.plant(allocation_id=live.id, revision=live.revision + 1, node=NODE)
+    await cluster.release(gone.id)
+    launches_before = len(runtime.launches)
+
+    async with agent(cluster.address, runtime, reconciling=True) as second:
+        inventory = AgentInventory(SimulatedInventory(NODE, 4, "m"), reconciling=lambda: second.gate.reconciling)
+        assert inventory.collect().reconciling
+        report = await Reconciler(enforcer=second.enforcer, gate=second.gate).run()
+        assert not second.gate.reconciling and not inventory.collect().reconciling
+
+    assert [c.id for c in report.adopted] == [adopted.container_id]
+    assert sorted(v.container.id for v in report.stopped) == sorted([orphan.container_id, stale])
+    kept = runtime.info(adopted.container_id)
+    assert kept.state == "running" and kept.restart_count == 0 and kept.started_unix_ms == adopted.started_unix_ms
+    assert len(runtime.launches) == launches_before  # nothing started again, no duplicate
+    assert [c.id for c in runtime.list(live.id) if c.state == "running"] == [adopted.container_id]
+    assert runtime.info(orphan.container_id).state == "exited" and runtime.info(stale).state == "exited"
+
+
+async def test_reconciling_until_the_coordinator_answers(cluster: Cluster) -> None:
+    proxy = await TcpProxy(cluster.address).start()
+    await proxy.cut()
+    alloc = await cluster.allocate()
+    runtime = FakeRuntime()
+    planted = runtime.plant(allocation_id=alloc.id, revision=alloc.revision, node=NODE)
+    done = asyncio.Event()
+
+    async def on_done() -> None:
+        done.set()
+
+    try:
+        async with agent(proxy.address, runtime, reconciling=True) as a:
+            inventory = AgentInventory(SimulatedInventory(NODE, 4, "m"), reconciling=lambda: a.gate.reconciling)
+            task = asyncio.create_task(Reconciler(enforcer=a.enforcer, gate=a.gate, on_done=on_done).run())
+            a.tasks.append(task)
+            await asyncio.sleep(2)
+            assert a.gate.reconciling and inventory.collect().reconciling and not done.is_set()
+            with pytest.raises(Unavailable, match="reconciling"):
+                await a.containers.start(alloc.id, alloc.revision, spec())
+            assert runtime.info(planted).state == "running"  # left alone while it cannot be judged
+            await proxy.start()
+            await asyncio.wait_for(done.wait(), 10)
+            assert not inventory.collect().reconciling
+            report = task.result()
+            assert [c.id for c in report.adopted] == [planted] and report.attempts > 1
+            started = await a.containers.start(alloc.id, alloc.revision, spec())
+            assert started.state == tpb.CONTAINER_STATE_RUNNING
+    finally:
+        await proxy.cut()
+
+
+async def test_registrar_reports_ready_only_after_reconciliation(cluster: Cluster) -> None:
+    gate = ReadyGate(reconciling=True)
+    inventory = AgentInventory(
+        SimulatedInventory("n3", 2, "m", cpus=4, memory_bytes=GiB), reconciling=lambda: gate.reconciling
+    )
+    ready: list[bool] = []
+
+    async def on_ready() -> None:
+        ready.append(True)
+
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        reg = Registrar(node="n3", address="127.0.0.1:9", channel=channel, source=inventory, on_registered=on_ready)
+        await reg.step()
+        assert reg.lease_id is not None and ready == []  # registered, but still reconciling
+        gate.open()
+        await reg.step()  # the changed inventory (reconciling=false) goes out with this heartbeat
+        assert ready == [True]
+        nodes = (await cluster.stub.ListNodes(pb.ListNodesRequest())).nodes
+        assert not next(n for n in nodes if n.name == "n3").inventory.reconciling
+
+
+# -- inventory context --------------------------------------------------------------------------
+
+
+async def test_inventory_source_gets_managed_pids_and_allocated_gpus(cluster: Cluster) -> None:
+    alloc = await cluster.allocate(gpus=2)
+    runtime = FakeRuntime()
+    seen: list[Any] = []
+
+    class ContextSource:
+        def collect(self, context: Any = None) -> tpb.NodeInventory:
+            seen.append(context)
+            return tpb.NodeInventory()
+
+    async with agent(cluster.address, runtime) as a:
+        inventory = AgentInventory(ContextSource(), context=a.enforcer.inventory_context)
+        status = await a.containers.start(alloc.id, alloc.revision, spec())
+        expected = runtime.pids(status.container_id)
+        await asyncio.to_thread(inventory.collect)  # at once, before the enforcer's next check
+        report = await a.enforcer.tick()
+        assert report.contacted
+        runtime.finish(status.container_id)
+        await asyncio.sleep(1.1)  # past the PID cache
+        await a.enforcer.tick()
+        await asyncio.to_thread(inventory.collect)
+    first, second = seen
+    assert first.managed_pids == expected and len(expected) == 2
+    assert first.allocated_gpus == frozenset(g.index for g in alloc.gpus) and len(first.allocated_gpus) == 2
+    assert second.managed_pids == frozenset()  # it exited
+    assert second.allocated_gpus == first.allocated_gpus  # the allocation is still live
+
+
+# -- the gRPC surface ---------------------------------------------------------------------------
+
+
+def _reason(e: grpc.aio.AioRpcError) -> str:
+    return str(dict(e.trailing_metadata() or ()).get("gpulease-reason", ""))
+
+
+async def test_agent_service_over_grpc(cluster: Cluster) -> None:
+    alloc = await cluster.allocate()
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime) as a:
+        source = AgentInventory(SimulatedInventory(NODE, 4, "m"), reconciling=lambda: a.gate.reconciling)
+        server = await start_server("127.0.0.1:0", NODE, source, a.containers)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.StartContainer(
+                        agent_pb2.StartContainerRequest(
+                            allocation_id=alloc.id, revision=alloc.revision + 1, spec=spec()
+                        )
+                    )
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert _reason(e.value) == "STALE_FENCING_TOKEN"
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.StartContainer(
+                        agent_pb2.StartContainerRequest(
+                            allocation_id=alloc.id,
+                            revision=alloc.revision,
+                            spec=spec(env={"NVIDIA_VISIBLE_DEVICES": "0"}),
+                        )
+                    )
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NVIDIA_VISIBLE_DEVICES" in (
+                    e.value.details() or ""
+                )
+                assert runtime.launches == []
+
+                started = await stub.StartContainer(
+                    agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec())
+                )
+                ref = tpb.ContainerRef(allocation_id=alloc.id)  # the allocation's only container
+                assert (await stub.GetContainer(ref)).container_id == started.container_id
+                listed = (await stub.ListContainers(tpb.ListContainersRequest(allocation_id=alloc.id))).containers
+                assert [c.container_id for c in listed] == [started.container_id]
+
+                t0 = time.monotonic()
+                waited = await stub.WaitContainer(tpb.WaitContainerRequest(ref=ref, timeout_seconds=1))
+                assert waited.state == tpb.CONTAINER_STATE_RUNNING and 0.9 <= time.monotonic() - t0 < 3
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.WaitContainer(tpb.WaitContainerRequest(ref=ref, timeout_seconds=301))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+                # Logs, followed; the client goes away mid-stream and the reader thread stops.
+                runtime.emit(started.container_id, b"one\n")
+                call = stub.StreamLogs(tpb.StreamLogsRequest(ref=ref, follow=True))
+                first = await asyncio.wait_for(call.read(), 5)
+                assert first.data == b"one\n" and first.stream == "stdout"
+                runtime.emit(started.container_id, b"two\n", "stderr")
+                second = await asyncio.wait_for(call.read(), 5)
+                assert (second.data, second.stream) == (b"two\n", "stderr")
+                call.cancel()
+                assert await asyncio.to_thread(runtime.wait_readers_gone, 5)
+
+                stopped = await stub.StopContainer(tpb.StopContainerRequest(ref=ref, grace_seconds=1))
+                assert stopped.state == tpb.CONTAINER_STATE_EXITED and stopped.exit_code == 143
+                assert stopped.error == "stopped by request"
+                waited = await stub.WaitContainer(tpb.WaitContainerRequest(ref=ref))
+                assert waited.state == tpb.CONTAINER_STATE_EXITED
+
+                # Logs of an exited container end by themselves.
+                chunks = [c.data async for c in stub.StreamLogs(tpb.StreamLogsRequest(ref=ref, follow=True))]
+                assert chunks == [b"one\n", b"two\n"]
+
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.GetContainer(tpb.ContainerRef(container_id="f" * 64))
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND and _reason(e.value) == "CONTAINER_NOT_FOUND"
+                inv = await stub.GetInventory(agent_pb2.GetInventoryRequest())
+                assert inv.node == NODE and not inv.inventory.reconciling and len(inv.inventory.gpus) == 4
+        finally:
+            await server.stop(0)
+
+
+async def test_without_docker_container_calls_are_unavailable_with_a_hint(cluster: Cluster) -> None:
+    def no_docker() -> ContainerRuntime:
+        raise ConnectionRefusedError("connect to /var/run/docker.sock: connection refused")
+
+    async with agent(cluster.address, FakeRuntime(), factory=no_docker) as a:
+        source = AgentInventory(SimulatedInventory(NODE, 4, "m"))
+        server = await start_server("127.0.0.1:0", NODE, source, a.containers)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.ListContainers(tpb.ListContainersRequest())
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE and _reason(e.value) == "UNAVAILABLE"
+                assert "dockerd" in (e.value.details() or "") and "connection refused" in (e.value.details() or "")
+                # The agent still serves its inventory.
+                assert len((await stub.GetInventory(agent_pb2.GetInventoryRequest())).inventory.gpus) == 4
+            # Reconciliation does not wait for Docker: nothing can be adopted without it.
+            report = await Reconciler(enforcer=a.enforcer, gate=a.gate).reconcile_once()
+            assert not report.runtime_available and report.adopted == []
+        finally:
+            await server.stop(0)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
+    from agent.config import ConfigError, load_config
+
+    base = ["--coordinator", "c:1", "--node-id", "n"]
+    cfg = load_config(base, {})
+    assert cfg.docker_host is None and cfg.container_network == "bridge"
+    assert (cfg.stop_grace_seconds, cfg.enforce_interval_seconds, cfg.enforce_grace_seconds) == (10.0, 2.0, 1.0)
+
+    # DOCKER_HOST is the default; every gpulease source beats it.
+    assert load_config(base, {"DOCKER_HOST": "unix:///d.sock"}).docker_host == "unix:///d.sock"
+    env = {"DOCKER_HOST": "unix:///d.sock", "GPULEASE_AGENT_DOCKER_HOST": "tcp://h:2375"}
+    assert load_config(base, env).docker_host == "tcp://h:2375"
+    assert load_config([*base, "--docker-host", "unix:///f.sock"], env).docker_host == "unix:///f.sock"
+
+    toml = tmp_path / "a.toml"
+    toml.write_text('container-network = "host"\nenforce_interval_seconds = 0.5\nstop_grace_seconds = 3\n')
+    cfg = load_config([*base, "--config", str(toml), "--enforce-grace-seconds", "2.5"], {})
+    assert (cfg.container_network, cfg.enforce_interval_seconds, cfg.stop_grace_seconds) == ("host", 0.5, 3.0)
+    assert cfg.enforce_grace_seconds == 2.5
+
+    for bad, message in (
+        (["--enforce-interval-seconds", "0"], "enforce_interval_seconds must be between"),
+        (["--stop-grace-seconds", "-1"], "stop_grace_seconds must be between"),
+        (["--container-network", "bad net"], "not a valid Docker network name"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config([*base, *bad], {})
+
+
+# -- end to end: a real agent process and a real dockerd -----------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_agent_restarts_and_adopts_its_docker_container(
+    tmp_path: Any, coordinator: harness.Coordinator, request: pytest.FixtureRequest
+) -> None:
+    pytest.importorskip("agent.runtime.docker_runtime")
+    daemon: Dockerd = request.getfixturevalue("dockerd")
+    image: str = request.getfixturevalue("busybox")
+    listen = f"127.0.0.1:{procs.free_port()}"
+    args = [
+        "--coordinator",
+        coordinator.address,
+        "--node-id",
+        "d1",
+        "--listen",
+        listen,
+        "--simulate-gpus",
+        "2",
+        "--cpus",
+        "4",
+        "--memory",
+        "8GiB",
+        "--docker-host",
+        daemon.base_url,
+        "--container-network",
+        "none",
+    ]
+    env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
+    agents: list[procs.ManagedProcess] = []
+
+    def start_agent(n: int) -> procs.ManagedProcess:
+        agent = procs.start_python_module(f"agent-d1-{n}", "agent.main", args, tmp_path / f"agent-{n}.log", env=env)
+        agents.append(agent)
+        procs.wait_grpc_health(listen, 60, agent)  # SERVING: registered and reconciled
+        return agent
+
+    client = daemon.client()
+    try:
+        first = start_agent(1)
+        alloc = coordinator.stub.Allocate(
+            pb.AllocateRequest(gpus=1, cpus=1, memory_bytes=GiB, ttl_seconds=120, owner="e2e")
+        ).allocation
+        with grpc.insecure_channel(listen) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            started = stub.StartContainer(
+                agent_pb2.StartContainerRequest(
+                    allocation_id=alloc.id,
+                    revision=alloc.revision,
+                    spec=tpb.ContainerSpec(image=image, command=["sleep", "3600"]),
+                ),
+                timeout=120,
+            )
+        assert started.state == tpb.CONTAINER_STATE_RUNNING
+        before = client.api.inspect_container(started.container_id)
+
+        first.kill()  # kill -9: no chance to clean up
+        second = start_agent(2)
+        with grpc.insecure_channel(listen) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            listed = stub.ListContainers(tpb.ListContainersRequest(allocation_id=alloc.id), timeout=30).containers
+        assert [(c.container_id, c.state) for c in listed] == [(started.container_id, tpb.CONTAINER_STATE_RUNNING)]
+        after = client.api.inspect_container(started.container_id)
+        assert after["State"]["Running"] and after["RestartCount"] == 0
+        assert after["State"]["StartedAt"] == before["State"]["StartedAt"]  # not restarted
+        ours = client.api.containers(all=True, filters={"label": f"io.gpulease.allocation={alloc.id}"})
+        assert [c["Id"] for c in ours] == [started.container_id]  # no duplicate
+        assert "adopting container" in second.log_path.read_text()
+
+        # Released: the enforcer of the new agent stops it within the budget.
+        coordinator.stub.Release(pb.ReleaseRequest(allocation_id=alloc.id))
+        harness.wait_until(
+            lambda: not client.api.inspect_container(started.container_id)["State"]["Running"],
+            INTERVAL + GRACE + 3,
+            "the released allocation's container to stop",
+        )
+    finally:
+        client.close()
+        harness.stop_all(agents)
