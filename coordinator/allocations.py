@@ -9,6 +9,7 @@ end in a commit revokes the lease it granted, so an error never leaves partial s
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import logging
 import secrets
@@ -23,7 +24,7 @@ from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
 from coordinator.records import decode_alloc
-from coordinator.store import Store
+from coordinator.store import Get, Store
 from coordinator.view import ClusterView
 from gpulease.errors import AllocationNotFound, InsufficientResources, Unsatisfiable
 
@@ -175,10 +176,26 @@ class AllocationService:
         return ttl
 
     async def list(self, node: str = "", owner: str = "") -> list[Allocation]:
-        prefix = self._keys.allocs_prefix()
-        _, kvs = await self._store.get_prefix(prefix, range_end(prefix))
-        allocs = [decode_alloc(kv.value, kv.create_revision) for kv in kvs]
+        """Live allocations, read linearizably from etcd (agents vouch for containers with this)."""
+        if node:
+            allocs = await self._on_node(validation.node_name(node))
+        else:
+            prefix = self._keys.allocs_prefix()
+            _, kvs = await self._store.get_prefix(prefix, range_end(prefix))
+            allocs = [decode_alloc(kv.value, kv.create_revision) for kv in kvs]
         return sorted(
             (a for a in allocs if (not node or a.node == node) and (not owner or a.owner == owner)),
             key=lambda a: (a.revision, a.id),
         )
+
+    async def _on_node(self, node: str) -> builtins.list[Allocation]:
+        # Every agent asks for its node's allocations every few seconds: read that node's
+        # reservation keys (one per allocation there), then their records in one transaction,
+        # so the cost follows the node's allocations, not the cluster's.
+        prefix = self._keys.res_prefix(node)
+        _, res = await self._store.get_prefix(prefix, range_end(prefix))
+        if not res:
+            return []
+        ids = [kv.key[len(prefix) :] for kv in res]
+        out = await self._store.txn([], [Get(self._keys.alloc(i)) for i in ids])
+        return [decode_alloc(kvs[0].value, kvs[0].create_revision) for kvs in out.reads if kvs]
