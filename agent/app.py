@@ -29,6 +29,7 @@ from agent.reconcile import Reconciler
 from agent.registration import AgentInventory, Registrar
 from agent.runtime import ContainerInfo, ContainerRuntime
 from agent.server import start_server
+from gpulease.sdnotify import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,19 @@ async def run_agent(cfg: AgentConfig) -> int:
 
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, _request_stop, stop, sig)
+
+        async def ready() -> None:
+            # Registered with reconciliation done: healthy, and ready for systemd (Type=notify).
+            await server.set_serving()
+            sd_notify("READY=1")
+
         try:
             registrar = Registrar(
                 node=cfg.node_id,
                 address=address,
                 channel=channel,
                 source=inventory,
-                on_registered=server.set_serving,
+                on_registered=ready,
             )
 
             async def wake_registrar() -> None:
@@ -144,6 +151,7 @@ async def run_agent(cfg: AgentConfig) -> int:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            sd_notify("STOPPING=1")
             await server.stop(SHUTDOWN_GRACE_S)
         finally:
             for sig in _STOP_SIGNALS:
