@@ -39,3 +39,7 @@ def start_coordinator(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterat
 @pytest.fixture
 def coordinator(start_coordinator: Callable[..., harness.Coordinator]) -> harness.Coordinator:
     return start_coordinator()
+
+
+# One private dockerd per session, shared by every module that asks for it.
+from tests.dockerd import busybox, dockerd  # noqa: E402, F401

@@ -41,7 +41,7 @@ from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
 from tests import harness
-from tests.dockerd import Dockerd, busybox, dockerd  # noqa: F401  (fixtures, used through request)
+from tests.dockerd import Dockerd
 from tests.fake_runtime import FakeRuntime
 
 GiB = 2**30

@@ -1,0 +1,673 @@
+"""ContainerRuntime on the Docker Engine API (docker-py 7). The only module that imports docker.
+
+Every container gets exactly its allocation's GPUs through a DeviceRequest for the "nvidia"
+driver (UUIDs when known: they survive reboots and re-enumeration; indexes otherwise), a CPU
+quota (NanoCpus), an optional cpuset near the GPUs, and a hard memory limit with no swap
+beyond it. It carries the LABEL_* labels from which a restarted agent rebuilds its state, has
+no restart policy (the agent decides) and is never auto-removed (exit codes and logs outlive it).
+
+Errors come out as gpulease errors: daemon unreachable -> Unavailable; container missing or not
+ours -> ContainerNotFound; image missing and not pullable -> ImageUnavailable; anything the
+daemon rejects as malformed (bad image reference, bad name, missing bind source, command not
+found) -> InvalidRequest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import docker
+import docker.auth
+import docker.errors
+import docker.types
+import docker.utils
+import requests
+import urllib3.exceptions
+
+from agent.runtime import (
+    LABEL_ALLOCATION,
+    LABEL_GPUS,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_REVISION,
+    RESERVED_ENV,
+    ContainerInfo,
+    ContainerLaunch,
+    ContainerStateName,
+)
+from gpulease.errors import ContainerNotFound, ImageUnavailable, Internal, InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
+
+NVIDIA_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+# What NVIDIA's runtime reads as "no GPUs at all"; overrides an image's ENV ...=all.
+NO_GPUS = "void"
+API_TIMEOUT_S = 60
+MAX_POOL_SIZE = 64
+PULL_LOG_INTERVAL_S = 5.0
+_STREAM_HEADER = struct.Struct(">BxxxL")
+_STREAM_NAMES = {0: "stdout", 1: "stdout", 2: "stderr"}
+_NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
+_ZERO_TIME = "0001-01-01T00:00:00Z"
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+_STATES: dict[str, ContainerStateName] = {
+    "created": "created",
+    "running": "running",
+    "restarting": "running",
+    "paused": "running",
+    "removing": "exited",
+    "exited": "exited",
+    "dead": "exited",
+}
+
+
+class DockerRuntime:
+    """ContainerRuntime on a Docker daemon: base_url (e.g. "unix:///var/run/docker.sock") or DOCKER_HOST.
+
+    The connection is made on first use and re-made after a failure, so an agent can start
+    before dockerd does. Thread-safe as far as the SDK is (one connection pool, MAX_POOL_SIZE).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        pull_timeout: float = 600,
+        api_timeout: int = API_TIMEOUT_S,
+        logger: logging.Logger = log,
+    ) -> None:
+        self._base_url = base_url
+        self._pull_timeout = pull_timeout
+        self._api_timeout = api_timeout
+        self._log = logger
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    # ----------------------------------------------------------------- connection
+
+    def _where(self) -> str:
+        return self._base_url or os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
+
+    def _unavailable(self, cause: object) -> Unavailable:
+        return Unavailable(
+            f"Docker daemon at {self._where()} is unreachable ({cause}); is dockerd running, "
+            "and does DOCKER_HOST (or the agent's docker URL) point at it?"
+        )
+
+    @property
+    def api(self) -> Any:
+        """The low-level docker.APIClient (connecting first if needed)."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    if self._base_url:
+                        self._client = docker.DockerClient(
+                            base_url=self._base_url,
+                            version="auto",
+                            timeout=self._api_timeout,
+                            max_pool_size=MAX_POOL_SIZE,
+                        )
+                    else:
+                        self._client = docker.from_env(
+                            version="auto", timeout=self._api_timeout, max_pool_size=MAX_POOL_SIZE
+                        )
+                except docker.errors.DockerException as e:
+                    raise self._unavailable(e) from e
+            return self._client.api
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _translate(self, e: Exception, what: str) -> Exception:
+        """A gpulease error for an SDK/transport error raised while doing `what`."""
+        if isinstance(e, docker.errors.NotFound):
+            return ContainerNotFound(f"{what}: {_explain(e)}")
+        if isinstance(e, docker.errors.APIError):
+            if e.status_code in (400, 409):
+                return InvalidRequest(f"{what}: {_explain(e)}")
+            return Internal(f"{what}: Docker daemon error: {_explain(e)}")
+        if isinstance(e, requests.exceptions.RequestException | ConnectionError):
+            with self._lock:
+                # Drop pooled connections: the daemon may have restarted on a new socket inode.
+                if self._client is not None:
+                    with contextlib.suppress(Exception):
+                        self._client.close()
+                    self._client = None
+            return self._unavailable(e)
+        if isinstance(e, docker.errors.DockerException):
+            return Internal(f"{what}: {e}")
+        return e
+
+    # ----------------------------------------------------------------- start
+
+    def start(self, launch: ContainerLaunch) -> ContainerInfo:
+        env = self._environment(launch)
+        self._ensure_image(launch.image)
+        api = self.api
+        name = launch.name or default_name(launch.allocation_id)
+        try:
+            host_config = api.create_host_config(**self._host_config(launch))
+            created = api.create_container(
+                image=launch.image,
+                command=list(launch.command) or None,
+                environment=env,
+                working_dir=launch.working_dir or None,
+                labels=labels(launch),
+                host_config=host_config,
+                name=name,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound as e:  # removed between pull and create
+            raise ImageUnavailable(f"image {launch.image!r} disappeared before the container was created: {e}") from e
+        except docker.errors.NotFound as e:  # e.g. "network foo not found"
+            raise InvalidRequest(f"cannot create container {name!r}: {_explain(e)}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot create container {name!r} for allocation {launch.allocation_id}") from e
+        container_id = created["Id"]
+        for warning in created.get("Warnings") or ():
+            self._log.warning("docker: container %s: %s", name, warning)
+        try:
+            api.start(container_id)
+        except Exception as e:
+            # Never started: no exit code or logs worth keeping; leave nothing behind.
+            with contextlib.suppress(Exception):
+                api.remove_container(container_id, force=True)
+            raise self._translate(e, f"cannot start container {name!r} (image {launch.image!r})") from e
+        self._log.info(
+            "started container %s (%s) for allocation %s rev %d: image %s, gpus %s, cpus %d, memory %d",
+            name, container_id[:12], launch.allocation_id, launch.revision, launch.image,
+            ",".join(map(str, launch.gpu_indexes)) or "none", launch.cpus, launch.memory_bytes,
+        )  # fmt: skip
+        return self.get(container_id)
+
+    @staticmethod
+    def _environment(launch: ContainerLaunch) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for key, value in launch.env.items():
+            if key in RESERVED_ENV:
+                raise InvalidRequest(f"{key} is set by gpulease from the allocation; remove it")
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidRequest(f"invalid environment variable name {key!r}")
+            env[key] = value
+        # Also set by dockerd's nvidia driver from the DeviceRequest; setting it here as well keeps
+        # an image's ENV NVIDIA_VISIBLE_DEVICES=all (CUDA images have it) from ever applying.
+        env[NVIDIA_VISIBLE_DEVICES] = ",".join(device_ids(launch)) or NO_GPUS
+        return env
+
+    @staticmethod
+    def _host_config(launch: ContainerLaunch) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "network_mode": launch.network or "bridge",
+            "restart_policy": {"Name": "no"},
+            "auto_remove": False,
+        }
+        ids = device_ids(launch)
+        if ids:
+            config["device_requests"] = [
+                docker.types.DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])
+            ]
+        if launch.cpus > 0:
+            config["nano_cpus"] = int(launch.cpus * 1_000_000_000)
+        if launch.cpuset:
+            config["cpuset_cpus"] = launch.cpuset
+        if launch.memory_bytes > 0:
+            config["mem_limit"] = launch.memory_bytes
+            config["memswap_limit"] = launch.memory_bytes  # memory+swap == memory: no swap
+        if launch.shm_size_bytes > 0:
+            config["shm_size"] = launch.shm_size_bytes
+        mounts = []
+        for v in launch.volumes:
+            if not v.source or not v.target.startswith("/"):
+                raise InvalidRequest(f"volume {v.source!r}:{v.target!r}: need a source and an absolute target")
+            # An absolute source is a host path (must exist: no silent mkdir by dockerd), else a named volume.
+            kind = "bind" if v.source.startswith("/") else "volume"
+            mounts.append(docker.types.Mount(v.target, v.source, type=kind, read_only=v.read_only))
+        if mounts:
+            config["mounts"] = mounts
+        return config
+
+    # ----------------------------------------------------------------- images
+
+    def _ensure_image(self, image: str) -> None:
+        if not image or image != image.strip():
+            raise InvalidRequest(f"invalid image reference {image!r}")
+        api = self.api
+        try:
+            api.inspect_image(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code == 400:  # "invalid reference format"
+                raise InvalidRequest(f"invalid image reference {image!r}: {_explain(e)}") from e
+            raise self._translate(e, f"cannot inspect image {image!r}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect image {image!r}") from e
+        self._pull(image)
+
+    def _pull(self, image: str) -> None:
+        api = self.api
+        repository, tag = docker.utils.parse_repository_tag(image)
+        params = {"fromImage": repository, "tag": tag or "latest"}  # a digest goes in "tag" too
+        headers = {}
+        try:
+            registry, _ = docker.auth.resolve_repository_name(repository)
+            auth_header = docker.auth.get_config_header(api, registry)
+        except docker.errors.DockerException as e:
+            raise InvalidRequest(f"invalid image reference {image!r}: {e}") from e
+        if auth_header:
+            headers["X-Registry-Auth"] = auth_header
+        self._log.info("pulling image %s", image)
+        started = time.monotonic()
+        deadline = started + self._pull_timeout
+        url = f"{api.base_url}/v{api.api_version}/images/create"
+        try:
+            # The read timeout bounds a silent registry; the deadline below bounds the whole pull.
+            response = api.post(url, params=params, headers=headers, stream=True, timeout=(10, self._pull_timeout))
+        except requests.exceptions.RequestException as e:
+            raise self._translate(e, f"cannot pull image {image!r}") from e
+        try:
+            if response.status_code >= 400:
+                cause = _response_message(response)
+                if response.status_code == 400:
+                    raise InvalidRequest(f"invalid image reference {image!r}: {cause}")
+                raise ImageUnavailable(f"image {image!r} is not on this node and could not be pulled: {cause}")
+            progress = _PullProgress(image, self._log)
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                event = _json(line)
+                if event.get("error") or event.get("errorDetail"):
+                    cause = event.get("error") or event["errorDetail"].get("message", "unknown error")
+                    raise ImageUnavailable(f"image {image!r} is not on this node and could not be pulled: {cause}")
+                progress.update(event)
+                if time.monotonic() > deadline:
+                    raise ImageUnavailable(
+                        f"image {image!r} could not be pulled: not done after {self._pull_timeout:.0f}s "
+                        "(raise the agent's pull timeout or pre-pull the image)"
+                    )
+        except requests.exceptions.RequestException as e:
+            raise ImageUnavailable(f"image {image!r} could not be pulled: {e}") from e
+        finally:
+            response.close()  # also cancels the pull in dockerd when we give up early
+        try:
+            api.inspect_image(image)
+        except docker.errors.ImageNotFound as e:
+            raise ImageUnavailable(f"image {image!r}: the pull finished but the image is not there") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect image {image!r}") from e
+        self._log.info("pulled image %s in %.1fs", image, time.monotonic() - started)
+
+    # ----------------------------------------------------------------- stop / inspect
+
+    def stop(self, container_id: str, grace_seconds: float) -> ContainerInfo:
+        info = self.get(container_id)  # ContainerNotFound when not ours
+        if info.state != "exited":
+            # The API takes whole seconds; round up so the container gets at least its grace.
+            t = max(0, math.ceil(grace_seconds))
+            try:
+                self.api.stop(info.id, timeout=t)
+            except Exception as e:
+                raise self._translate(e, f"cannot stop container {container_id!r}") from e
+        return self.get(info.id)
+
+    def remove(self, container_id: str) -> None:
+        """Delete a stopped (or, forcibly, running) managed container; missing is a no-op."""
+        try:
+            info = self.get(container_id)
+        except ContainerNotFound:
+            return
+        try:
+            self.api.remove_container(info.id, force=True, v=True)
+        except docker.errors.NotFound:
+            return
+        except Exception as e:
+            raise self._translate(e, f"cannot remove container {container_id!r}") from e
+
+    def _inspect(self, container_id: str) -> dict[str, Any]:
+        if not container_id:
+            raise ContainerNotFound("no container id given")
+        try:
+            attrs: dict[str, Any] = self.api.inspect_container(container_id)
+        except docker.errors.NotFound as e:
+            raise ContainerNotFound(f"no container {container_id!r}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect container {container_id!r}") from e
+        if ((attrs.get("Config") or {}).get("Labels") or {}).get(LABEL_MANAGED) != "true":
+            raise ContainerNotFound(f"container {container_id!r} is not managed by gpulease")
+        return attrs
+
+    def get(self, container_id: str) -> ContainerInfo:
+        return container_info(self._inspect(container_id))
+
+    def list(self, allocation_id: str = "") -> list[ContainerInfo]:
+        filters = [f"{LABEL_MANAGED}=true"]
+        if allocation_id:
+            filters.append(f"{LABEL_ALLOCATION}={allocation_id}")
+        try:
+            summaries = self.api.containers(all=True, filters={"label": filters})
+        except Exception as e:
+            raise self._translate(e, "cannot list containers") from e
+        out = []
+        for summary in summaries:
+            try:
+                out.append(self.get(summary["Id"]))
+            except ContainerNotFound:
+                continue  # removed since the listing
+        out.sort(key=lambda c: (c.allocation_id, c.started_unix_ms, c.id))
+        return out
+
+    def wait(self, container_id: str, timeout_seconds: float) -> ContainerInfo:
+        info = self.get(container_id)
+        if info.state == "exited" or timeout_seconds <= 0:
+            return info
+        try:
+            self.api.wait(info.id, timeout=timeout_seconds)
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            # On unix sockets a read timeout surfaces as ConnectionError("Read timed out");
+            # if the daemon is really gone, get() below says Unavailable.
+            pass
+        except docker.errors.NotFound as e:
+            raise ContainerNotFound(f"container {container_id!r} was removed while waiting") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot wait for container {container_id!r}") from e
+        return self.get(info.id)
+
+    # ----------------------------------------------------------------- logs / pids
+
+    def logs(self, container_id: str, follow: bool) -> Iterator[tuple[str, bytes]]:
+        """("stdout" | "stderr", bytes) in the daemon's order (one chunk per log record, mostly a line).
+
+        The request is made here (so ContainerNotFound comes from the call, not from iteration);
+        closing the iterator closes the connection.
+        """
+        attrs = self._inspect(container_id)
+        api = self.api
+        params = {"stdout": 1, "stderr": 1, "follow": 1 if follow else 0, "timestamps": 0, "tail": "all"}
+        url = f"{api.base_url}/v{api.api_version}/containers/{quote(attrs['Id'], safe='')}/logs"
+        try:
+            # No read timeout: a followed container may stay silent for hours.
+            response = api.get(url, params=params, stream=True, timeout=(10, None if follow else self._api_timeout))
+        except requests.exceptions.RequestException as e:
+            raise self._translate(e, f"cannot read logs of {container_id!r}") from e
+        if response.status_code >= 400:
+            cause = _response_message(response)
+            response.close()
+            if response.status_code == 404:
+                raise ContainerNotFound(f"no container {container_id!r}: {cause}")
+            raise Internal(f"cannot read logs of {container_id!r}: {cause}")
+        tty = bool((attrs.get("Config") or {}).get("Tty"))
+        return _log_frames(response, tty)
+
+    def pids(self, container_id: str) -> frozenset[int]:
+        info = self.get(container_id)
+        if info.state != "running" or info.pid <= 0:
+            return frozenset()
+        return frozenset(process_tree(info.pid) | cgroup_pids(info.pid))
+
+
+# --------------------------------------------------------------------- helpers (pure)
+
+
+def device_ids(launch: ContainerLaunch) -> list[str]:
+    """UUIDs when known for every GPU (stable across reboots), else indexes."""
+    if launch.gpu_uuids and all(launch.gpu_uuids) and len(launch.gpu_uuids) >= len(launch.gpu_indexes):
+        return list(launch.gpu_uuids)
+    return [str(i) for i in launch.gpu_indexes]
+
+
+def labels(launch: ContainerLaunch) -> dict[str, str]:
+    return {
+        LABEL_MANAGED: "true",
+        LABEL_ALLOCATION: launch.allocation_id,
+        LABEL_REVISION: str(launch.revision),
+        LABEL_NODE: launch.node,
+        LABEL_GPUS: ",".join(str(i) for i in launch.gpu_indexes),
+    }
+
+
+def default_name(allocation_id: str) -> str:
+    """gpulease-<allocation>-<random>: Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]*."""
+    safe = _NAME_OK.sub("-", allocation_id).strip("-.")[:64] or "allocation"
+    return f"gpulease-{safe}-{secrets.token_hex(3)}"
+
+
+def unix_ms(timestamp: str | None) -> int:
+    """Docker's RFC 3339 nanosecond timestamps -> Unix milliseconds; 0 for Go's zero time."""
+    if not timestamp or timestamp.startswith("0001-01-01"):
+        return 0
+    m = _TIMESTAMP.match(timestamp)
+    if not m:
+        return 0
+    whole, fraction, zone = m.groups()
+    dt = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    millis = int((fraction or "0")[:3].ljust(3, "0"))
+    return int(dt.timestamp()) * 1000 + millis
+
+
+def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
+    config = attrs.get("Config") or {}
+    container_labels = config.get("Labels") or {}
+    state = attrs.get("State") or {}
+    status = str(state.get("Status", "")).lower()
+    name: ContainerStateName = _STATES.get(status, "exited" if state.get("Dead") else "created")
+    gpus = tuple(int(g) for g in str(container_labels.get(LABEL_GPUS, "")).split(",") if g.strip().isdigit())
+    started = unix_ms(state.get("StartedAt"))
+    finished = unix_ms(state.get("FinishedAt")) if name == "exited" else 0
+    if finished:
+        # dockerd stamps StartedAt after runc start returns and FinishedAt from containerd's exit
+        # event: a container that exits at once can "finish" a millisecond before it "started".
+        finished = max(finished, started)
+    try:
+        revision = int(container_labels.get(LABEL_REVISION, "0"))
+    except ValueError:
+        revision = 0
+    return ContainerInfo(
+        id=attrs["Id"],
+        name=str(attrs.get("Name", "")).lstrip("/"),
+        allocation_id=container_labels.get(LABEL_ALLOCATION, ""),
+        revision=revision,
+        state=name,
+        exit_code=int(state.get("ExitCode", 0)) if name == "exited" else None,
+        image=config.get("Image") or attrs.get("Image", ""),
+        gpu_indexes=gpus,
+        started_unix_ms=started,
+        finished_unix_ms=finished,
+        restart_count=int(attrs.get("RestartCount") or 0),
+        pid=int(state.get("Pid") or 0) if name == "running" else 0,
+    )
+
+
+def process_tree(root: int, proc: Path = Path("/proc")) -> set[int]:
+    """root and all its descendants: /proc/<pid>/task/*/children when the kernel has it, else PPids."""
+    if not (proc / str(root)).exists():
+        return set()
+    children = _children_from_task_files(root, proc)
+    if children is None:
+        children = _children_from_stat(proc)
+    found = {root}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _children_from_task_files(root: int, proc: Path) -> dict[int, list[int]] | None:
+    """Parent -> children by walking task/*/children (CONFIG_PROC_CHILDREN); None when unsupported."""
+    tasks = list((proc / str(root) / "task").glob("*/children"))
+    if not tasks:
+        return None
+    children: dict[int, list[int]] = {}
+    todo = [root]
+    seen = {root}
+    while todo:
+        pid = todo.pop()
+        kids: list[int] = []
+        for f in (proc / str(pid) / "task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                kids += [int(k) for k in f.read_text().split()]
+        children[pid] = kids
+        for k in kids:
+            if k not in seen:
+                seen.add(k)
+                todo.append(k)
+    return children
+
+
+def _children_from_stat(proc: Path) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # Field 4 (ppid) follows the command name, which is in parentheses and may hold spaces.
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def cgroup_pids(pid: int, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> set[int]:
+    """Every PID in pid's cgroup (catches `docker exec` processes, which are not descendants of init).
+
+    Best effort: empty when the cgroup is not visible from here (e.g. another cgroup namespace).
+    """
+    try:
+        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
+    except OSError:
+        return set()
+    candidates: list[Path] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        rel = path.lstrip("/")
+        if not rel:
+            continue  # the root cgroup: everything on the host, not the container
+        if controllers == "":
+            candidates += [cgroup_root / rel, cgroup_root / "unified" / rel]
+        elif "pids" in controllers.split(",") or "memory" in controllers.split(","):
+            candidates.append(cgroup_root / controllers / rel)
+    for directory in candidates:
+        procs_file = directory / "cgroup.procs"
+        try:
+            found = {int(p) for p in procs_file.read_text().split()}
+        except (OSError, ValueError):
+            continue
+        if pid in found:
+            return found
+    return set()
+
+
+def _log_frames(response: Any, tty: bool) -> Iterator[tuple[str, bytes]]:
+    raw = response.raw
+    try:
+        if tty:  # no multiplexing: one stream
+            for chunk in response.iter_content(chunk_size=None):
+                if chunk:
+                    yield ("stdout", bytes(chunk))
+            return
+        while True:
+            header = _read_exact(raw, _STREAM_HEADER.size)
+            if len(header) < _STREAM_HEADER.size:
+                return
+            stream, length = _STREAM_HEADER.unpack(header)
+            data = _read_exact(raw, length)
+            if data:
+                yield (_STREAM_NAMES.get(stream, "stdout"), data)
+            if len(data) < length:
+                return
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        raise Unavailable(f"the log stream from the Docker daemon broke: {e}") from e
+    finally:
+        response.close()
+
+
+def _read_exact(raw: Any, n: int) -> bytes:
+    if n == 0:
+        return b""
+    parts = []
+    left = n
+    while left > 0:
+        chunk = raw.read(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _explain(e: docker.errors.APIError) -> str:
+    explanation = e.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation or e)
+
+
+def _response_message(response: Any) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    except ValueError:
+        pass
+    return f"HTTP {response.status_code}: {response.text[:500]}"
+
+
+def _json(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {"status": line.decode(errors="replace")}
+    return value if isinstance(value, dict) else {}
+
+
+class _PullProgress:
+    """Logs layer status changes, and byte progress at most every PULL_LOG_INTERVAL_S."""
+
+    def __init__(self, image: str, logger: logging.Logger) -> None:
+        self._image = image
+        self._log = logger
+        self._status: dict[str, str] = {}
+        self._last_progress_log = 0.0
+
+    def update(self, event: Mapping[str, Any]) -> None:
+        status = str(event.get("status", ""))
+        layer = str(event.get("id", ""))
+        if not status:
+            return
+        if not layer or event.get("progressDetail") is None or status not in ("Downloading", "Extracting"):
+            if self._status.get(layer) != status:
+                self._status[layer] = status
+                self._log.info("pull %s: %s%s", self._image, f"{layer}: " if layer else "", status)
+            return
+        now = time.monotonic()
+        if now - self._last_progress_log >= PULL_LOG_INTERVAL_S:
+            self._last_progress_log = now
+            self._log.info("pull %s: %s: %s %s", self._image, layer, status, event.get("progress", ""))
