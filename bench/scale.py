@@ -4,13 +4,19 @@ the cost of 10,000 nodes heartbeating every 10 s while allocations run."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from bench.cluster import BenchCluster, register_nodes, wait_nodes
 from bench.load import run_load
+from gpulease import procs
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -36,38 +42,18 @@ class ScaleResult:
     double_allocations: int
 
 
-async def _heartbeats(address: str, leases: dict[str, int], interval: float, stop: asyncio.Event) -> tuple[int, int]:
-    """Every node heartbeats once per interval, spread evenly, as real agents would."""
-    sent = errors = 0
-    names = sorted(leases)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorServiceStub(channel)
-        sem = asyncio.Semaphore(256)
+def _start_heartbeats(address: str, leases: dict[str, int], interval: int, tmp: Path) -> subprocess.Popen[str]:
+    path = tmp / "leases.json"
+    path.write_text(json.dumps(leases))
+    return subprocess.Popen([sys.executable, "-m", "bench.heartbeats", address, str(path), "--interval", str(interval)],
+                            stdout=subprocess.PIPE, text=True, env=procs.python_child_env())  # fmt: skip
 
-        async def beat(name: str) -> None:
-            nonlocal sent, errors
-            async with sem:
-                try:
-                    resp = await stub.Heartbeat(pb.HeartbeatRequest(node=name, lease_id=leases[name]), timeout=30)
-                    leases[name] = resp.lease_id
-                    sent += 1
-                except grpc.aio.AioRpcError:
-                    errors += 1
 
-        tasks: set[asyncio.Task[None]] = set()
-        while not stop.is_set():
-            start = time.perf_counter()
-            for i, name in enumerate(names):
-                if stop.is_set():
-                    break
-                delay = start + interval * i / len(names) - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(beat(name))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return sent, errors
+def _stop_heartbeats(proc: subprocess.Popen[str]) -> tuple[int, int]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    doc = json.loads(out.strip().splitlines()[-1])
+    return int(doc["sent"]), int(doc["errors"])
 
 
 async def _down_nodes(address: str) -> int:
@@ -82,6 +68,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     small_addr = cluster.start_coordinator("/bench-small/")
     await register_nodes(small_addr, [f"s{i:05d}" for i in range(small)])
     await wait_nodes(small_addr, small, 60)
+    await run_load(small_addr, concurrency, min(duration, 2))  # warm-up, as for the large cluster
     small_load = await run_load(small_addr, concurrency, duration)
     cluster.stop_coordinator(small_addr)
 
@@ -94,17 +81,17 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     register_s = time.perf_counter() - t0
     await wait_nodes(addr, nodes, 120)
 
-    stop = asyncio.Event()
-    beats = asyncio.create_task(_heartbeats(addr, leases, heartbeat_interval, stop))
-    # Without the heartbeats' help the nodes would lapse: measure "without" as the throughput
-    # right after registration is impossible to isolate, so run load with heartbeats first...
-    await asyncio.sleep(min(heartbeat_interval, 2))
-    with_hb = await run_load(addr, concurrency, duration)
-    false_down = await _down_nodes(addr)
-    stop.set()
-    sent, hb_errors = await beats
-    # ...and then without (all leases were just renewed; node_ttl leaves time for this run).
+    # Warm up, then measure without heartbeats (registration just renewed every lease, and
+    # node_ttl leaves time), then with them, from their own process.
+    await run_load(addr, concurrency, min(duration, 2))
     quiet = await run_load(addr, concurrency, duration)
+    beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp)
+    try:
+        await asyncio.sleep(min(heartbeat_interval, 3))
+        with_hb = await run_load(addr, concurrency, duration)
+        false_down = await _down_nodes(addr)
+    finally:
+        sent, hb_errors = _stop_heartbeats(beats)
     rss = cluster.coordinator_rss(addr) / 2**20
 
     # A fresh replica: how long until its view holds all nodes.

@@ -1,0 +1,73 @@
+"""Heartbeat load in its own process (python -m bench.heartbeats): 10,000 agents' worth of
+Heartbeat RPCs must not share a GIL with the allocation load they are measured against."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+
+import grpc
+
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+async def heartbeat(address: str, leases: dict[str, int], interval: float, stop: asyncio.Event) -> tuple[int, int]:
+    """Every node heartbeats once per interval, spread evenly over it, as real agents would."""
+    sent = errors = 0
+    names = sorted(leases)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        sem = asyncio.Semaphore(256)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def beat(name: str) -> None:
+            nonlocal sent, errors
+            async with sem:
+                try:
+                    resp = await stub.Heartbeat(pb.HeartbeatRequest(node=name, lease_id=leases[name]), timeout=30)
+                    leases[name] = resp.lease_id
+                    sent += 1
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        while not stop.is_set():
+            start = time.perf_counter()
+            for i, name in enumerate(names):
+                if stop.is_set():
+                    break
+                delay = start + interval * i / len(names) - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(beat(name))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return sent, errors
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("address")
+    p.add_argument("leases", help="JSON file: node -> lease id")
+    p.add_argument("--interval", type=float, default=10)
+    args = p.parse_args()
+    with open(args.leases) as fh:
+        leases = {k: int(v) for k, v in json.load(fh).items()}
+
+    async def run() -> tuple[int, int]:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        return await heartbeat(args.address, leases, args.interval, stop)
+
+    sent, errors = asyncio.run(run())
+    print(json.dumps({"sent": sent, "errors": errors}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
