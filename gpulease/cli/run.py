@@ -15,7 +15,7 @@ import threading
 from types import FrameType
 
 from gpulease.cli.config import CliConfig
-from gpulease.client import Client
+from gpulease.client import Allocation, Client
 from gpulease.errors import AllocationNotFound, GpuLeaseError, InvalidRequest
 from gpulease.units import parse_duration
 
@@ -54,29 +54,46 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise _Terminated(signum)
 
 
-def run(cfg: CliConfig, args: argparse.Namespace) -> int:
-    ttl = parse_duration(args.ttl) if args.ttl else 60
-    env = dict(_pair(e, "--env") for e in args.env)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    with cfg.client() as client:
-        alloc = client.allocate(
-            gpus=args.gpus,
-            cpus=args.cpus,
-            memory=args.memory,
-            gpu_model=args.gpu_model,
-            ttl=ttl,
-            owner=args.owner or f"gpuctl-run:{getpass.getuser()}",
-        )
-        gpus = ",".join(str(g.index) for g in alloc.gpus)
-        _note(f"allocated {alloc.id} on {alloc.node}: GPUs {gpus}, {alloc.cpus} CPUs, ttl {alloc.ttl_seconds}s")
-        keeper = _KeepAlive(client, alloc.id, alloc.ttl_seconds)
-        keeper.start()
-        container_id = ""
+class _Job(threading.Thread):
+    """Allocate, start, stream logs, get the exit code: all gRPC calls happen on this thread.
+
+    The main thread only waits and handles Ctrl-C / SIGTERM. A signal raised inside a blocking
+    gRPC call can corrupt gRPC's state (seen: an abort in malloc), so signals never reach one.
+    """
+
+    def __init__(self, client: Client, args: argparse.Namespace, ttl: int, env: dict[str, str]) -> None:
+        super().__init__(name="gpuctl-run", daemon=True)
+        self._client, self._args, self._ttl, self._env = client, args, ttl, env
+        self.cancelled = threading.Event()
+        self.alloc: Allocation | None = None
+        self.keeper: _KeepAlive | None = None
+        self.container_id = ""
+        self.exit_code: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        args, client = self._args, self._client
         try:
-            container = client.run_container(
-                alloc.id, args.image, args.command, env=env, volumes=args.volume, shm_size=args.shm_size
+            self.alloc = alloc = client.allocate(
+                gpus=args.gpus,
+                cpus=args.cpus,
+                memory=args.memory,
+                gpu_model=args.gpu_model,
+                ttl=self._ttl,
+                owner=args.owner or f"gpuctl-run:{getpass.getuser()}",
             )
-            container_id = container.id
+            gpus = ",".join(str(g.index) for g in alloc.gpus)
+            _note(f"allocated {alloc.id} on {alloc.node}: GPUs {gpus}, {alloc.cpus} CPUs, ttl {alloc.ttl_seconds}s")
+            self.keeper = _KeepAlive(client, alloc.id, alloc.ttl_seconds)
+            self.keeper.start()
+            if self.cancelled.is_set():
+                return
+            container = client.run_container(
+                alloc.id, args.image, args.command, env=self._env, volumes=args.volume, shm_size=args.shm_size
+            )
+            self.container_id = container.id
+            if self.cancelled.is_set():
+                return
             _note(f"container {container.id[:12]} running on {alloc.node}")
             for chunk in client.logs(alloc.id, container.id, follow=True):
                 out = sys.stdout if chunk.stream == "stdout" else sys.stderr
@@ -84,30 +101,57 @@ def run(cfg: CliConfig, args: argparse.Namespace) -> int:
                 out.flush()
             for _ in range(100):  # the log stream ends when the container exits; confirm its exit code
                 status = client.wait_container(alloc.id, container.id, timeout=30)
-                if status.exited:
+                if status.exited or self.cancelled.is_set():
                     break
-            if status.exit_code is None:
+            if status.exit_code is None and not self.cancelled.is_set():
                 raise GpuLeaseError(f"container {container.id[:12]} did not exit; state {status.state}")
-            _note(f"container exited with code {status.exit_code}")
-            return status.exit_code
+            self.exit_code = status.exit_code
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+
+def run(cfg: CliConfig, args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.ttl) if args.ttl else 60
+    env = dict(_pair(e, "--env") for e in args.env)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    with cfg.client() as client:
+        job = _Job(client, args, ttl, env)
+        job.start()
+        code: int | None = None
+        try:
+            while job.is_alive():
+                job.join(0.2)
         except (KeyboardInterrupt, _Terminated) as exc:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the release
             signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
             _note(f"{signal.Signals(signum).name}: stopping the container and releasing the allocation")
-            if container_id:
-                _quietly(lambda: client.stop_container(alloc.id, container_id, grace=10))
-            return 128 + signum
+            job.cancelled.set()
+            if job.container_id and job.alloc:
+                _quietly(lambda: client.stop_container(job.alloc.id, job.container_id, grace=10))
+            job.join(60)  # let an allocate or start already in flight finish, so nothing is left behind
+            if job.container_id and job.alloc:
+                _quietly(lambda: client.stop_container(job.alloc.id, job.container_id, grace=10))
+            code = 128 + signum
         finally:
-            keeper.stop()
-            # Ignore a second Ctrl-C here: the release must go out.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                released = client.release(alloc.id)
-                _note(f"released {alloc.id}" if released else f"{alloc.id} had already ended")
-            except GpuLeaseError as exc:
-                _note(f"could not release {alloc.id} ({exc.message}); it expires within {alloc.ttl_seconds}s")
-            finally:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.signal(signal.SIGTERM, previous)
+            if job.keeper:
+                job.keeper.stop()
+            if job.alloc:
+                alloc = job.alloc
+                try:
+                    released = client.release(alloc.id)
+                    _note(f"released {alloc.id}" if released else f"{alloc.id} had already ended")
+                except GpuLeaseError as exc:
+                    _note(f"could not release {alloc.id} ({exc.message}); it expires within {alloc.ttl_seconds}s")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
+    if code is not None:
+        return code
+    if job.error is not None:
+        raise job.error
+    assert job.exit_code is not None
+    _note(f"container exited with code {job.exit_code}")
+    return job.exit_code
 
 
 def logs(cfg: CliConfig, args: argparse.Namespace) -> int:
