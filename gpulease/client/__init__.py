@@ -2,18 +2,21 @@
 
     from gpulease.client import Client
 
-    with Client("coordinator:50051") as client:
-        alloc = client.allocate(gpus=2, memory="16GiB", ttl="60s", owner="train-job")
-        ...
-        client.release(alloc.id)
+    with Client(["coord-a:50051", "coord-b:50051"]) as client:
+        with client.allocate(gpus=2, memory="16GiB", ttl="60s", owner="train-job") as alloc:
+            job = alloc.run_container("pytorch:latest", ["python", "train.py"])
+            status = job.wait()
+        # released here, also on an exception or SIGTERM; the lease was kept alive meanwhile
 
-Errors are ``gpulease.errors.GpuLeaseError`` subclasses; gRPC stays an implementation detail.
+``gpulease.client.aio.AsyncClient`` is the asyncio twin (for Airflow triggers). Errors are
+``gpulease.errors.GpuLeaseError`` subclasses; gRPC stays an implementation detail.
 """
 
+from gpulease.client._allocation import Allocation, ContainerHandle, Terminated
 from gpulease.client._sync import DEFAULT_TARGET, Client
 from gpulease.client.models import (
     AllocatedGpu,
-    Allocation,
+    AllocationInfo,
     ClusterSummary,
     Container,
     Gpu,
@@ -26,11 +29,14 @@ __all__ = [
     "DEFAULT_TARGET",
     "AllocatedGpu",
     "Allocation",
+    "AllocationInfo",
     "Client",
     "ClusterSummary",
     "Container",
+    "ContainerHandle",
     "Gpu",
     "LogChunk",
     "Node",
     "NodeSummary",
+    "Terminated",
 ]

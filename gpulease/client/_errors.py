@@ -1,4 +1,9 @@
-"""grpc.RpcError -> gpulease.errors: callers of the client never see gRPC exceptions."""
+"""grpc.RpcError -> gpulease.errors: callers of the client never see gRPC exceptions.
+
+Also the one place that decides whether an UNAVAILABLE may be sent again (``should_retry``).
+Works for both the sync errors and grpc.aio's AioRpcError: it only uses code(), details() and
+trailing_metadata().
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,36 @@ def reason_of(err: grpc.RpcError) -> str | None:
     return None
 
 
+# What gRPC says when a call failed before any coordinator got it: no connection could be made, or
+# the name did not resolve. Anything else that is UNAVAILABLE without our reason metadata (a
+# connection reset, a GOAWAY while the call was in flight) may come after the coordinator acted.
+_NEVER_SENT = (
+    "failed to connect to all addresses",
+    "dns resolution failed",
+    "errors resolving",
+    "empty address list",
+)
+
+
+def never_sent(err: grpc.RpcError) -> bool:
+    """True when ``err`` shows the call never reached a coordinator (so resending cannot duplicate it)."""
+    if status_code(err) != grpc.StatusCode.UNAVAILABLE or reason_of(err) is not None:
+        return False
+    details = _details(err).lower()
+    return any(marker in details for marker in _NEVER_SENT)
+
+
+def should_retry(err: grpc.RpcError, resend_safe: bool) -> bool:
+    """Whether to try ``err``'s call again (on this or another coordinator).
+
+    Only UNAVAILABLE is retried. A call that is safe to resend (every idempotent one) is retried
+    whatever caused it; any other only when it provably never reached a coordinator.
+    """
+    if status_code(err) != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return resend_safe or never_sent(err)
+
+
 def to_error(err: grpc.RpcError, target: str, timeout: float) -> GpuLeaseError:
     """Rebuild the typed error the coordinator raised (reason first, status code as fallback)."""
     code = status_code(err)
@@ -43,6 +78,20 @@ def to_error(err: grpc.RpcError, target: str, timeout: float) -> GpuLeaseError:
         # Our own deadline expired: say which coordinator was slow and for how long we waited.
         return DeadlineExceeded(f"the coordinator at {target} did not answer within {timeout:g}s")
     return error_for(code_name, reason, details or f"{code_name} from the coordinator at {target}")
+
+
+def outcome_unknown(err: grpc.RpcError, target: str, rpc: str) -> GpuLeaseError:
+    """UNAVAILABLE for a call that must not be resent: it may or may not have taken effect."""
+    if reason_of(err) is not None:
+        # The coordinator's own answer (etcd or the node's agent unreachable): keep its class and words.
+        return error_for(
+            "UNAVAILABLE", reason_of(err), _details(err) or f"UNAVAILABLE from the coordinator at {target}"
+        )
+    detail = f" ({_details(err)})" if _details(err) else ""
+    return Unavailable(
+        f"the connection to the coordinator at {target} failed during {rpc}{detail}; it may or may not have "
+        "taken effect, so it was not sent again"
+    )
 
 
 def unavailable(errors: Sequence[tuple[str, grpc.RpcError]]) -> GpuLeaseError:

@@ -1,63 +1,89 @@
-"""The synchronous client: typed methods over CoordinatorService, returning plain models."""
+"""The synchronous client: typed methods over CoordinatorService, returning plain models and
+allocation handles."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
-from gpulease.client import _convert
+from google.protobuf.message import Message
+
+from gpulease.client import _ops
+from gpulease.client._allocation import Allocation
 from gpulease.client._failover import FailoverChannels, parse_targets
-from gpulease.client.models import Allocation, ClusterSummary, Container, LogChunk, Node
-from gpulease.errors import InvalidRequest
-from gpulease.units import parse_duration, parse_size
-from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.client._retry import DEFAULT_TIMEOUT_S
+from gpulease.client.models import ClusterSummary, Container, LogChunk, Node
 from gpulease.v1 import types_pb2 as tpb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+M = TypeVar("M", bound=Message)
 T = TypeVar("T")
-
-
-def _size(value: int | str | None, what: str) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    try:
-        return parse_size(value)
-    except InvalidRequest as e:
-        raise InvalidRequest(f"{what}: {e.message}") from None
-
-
-def _volume(v: str | tuple[str, str] | tuple[str, str, bool]) -> tpb.VolumeMount:
-    if isinstance(v, tuple):
-        return tpb.VolumeMount(source=v[0], target=v[1], read_only=bool(v[2]) if len(v) > 2 else False)
-    parts = v.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise InvalidRequest(f"volume {v!r}: expected SRC:DST or SRC:DST:ro")
-    return tpb.VolumeMount(source=parts[0], target=parts[1], read_only=len(parts) == 3 and parts[2] == "ro")
-
-
-def _build(factory: Callable[[], T]) -> T:
-    # protobuf rejects ints that do not fit the field (e.g. gpus=2**40) with ValueError/TypeError.
-    try:
-        return factory()
-    except (ValueError, TypeError) as e:
-        raise InvalidRequest(f"invalid request: {e}") from None
 
 
 class Client:
     """Talks to the gpulease coordinator(s) at ``targets`` ("host:port", a list, or comma-separated).
 
-    Each call gets ``timeout`` seconds per coordinator tried. Errors are raised as
-    ``gpulease.errors.GpuLeaseError`` subclasses, never as gRPC exceptions.
+    Every call has a deadline: ``timeout`` seconds per attempt. A coordinator that is UNAVAILABLE
+    (not running, restarting, or unable to reach etcd) is retried: the next target at once, then
+    all of them again with exponential backoff and jitter, for up to ``retry_deadline`` seconds
+    per call (default: ``timeout``, so that ``timeout`` bounds how long an unreachable cluster
+    takes to report; 0: each target once; e.g. 30 to ride out a coordinator restart). Retries
+    resend the same request, so Allocate keeps its request id and cannot allocate twice.
+    RunContainer is the exception: it is retried only when the failed attempt never reached a
+    coordinator, since a resend could start a second container.
+
+    ``handle_sigterm``: while an Allocation is used as a context manager in the main thread,
+    SIGTERM raises ``Terminated`` there, so the allocation is released on the way out.
+
+    Errors are ``gpulease.errors.GpuLeaseError`` subclasses, never gRPC exceptions.
     """
 
-    def __init__(self, targets: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float = 10.0) -> None:
-        self._rpc = FailoverChannels(parse_targets(targets), timeout)
+    def __init__(
+        self,
+        targets: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry_deadline: float | None = None,
+        handle_sigterm: bool = True,
+    ) -> None:
+        self._rpc = FailoverChannels(parse_targets(targets), timeout, retry_deadline)
+        self.handle_sigterm = handle_sigterm
 
     @property
     def targets(self) -> tuple[str, ...]:
         return self._rpc.targets
+
+    @property
+    def timeout(self) -> float:
+        return self._rpc.timeout
+
+    @property
+    def retry_deadline(self) -> float:
+        return self._rpc.retry_deadline
+
+    def _run(
+        self,
+        op: _ops.Op[M, T],
+        *,
+        timeout: float | None = None,
+        retry_deadline: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> T:
+        response = self._rpc.call(
+            op.rpc,
+            op.request,
+            op.response_type,
+            timeout=timeout if timeout is not None else op.timeout,
+            retry_deadline=retry_deadline,
+            resend_safe=op.resend_safe,
+            cancel=cancel,
+        )
+        return op.convert(response)
+
+    def _bind(self, msg: tpb.Allocation) -> Allocation:
+        return Allocation._bound(msg, self)
 
     def allocate(
         self,
@@ -76,59 +102,41 @@ class Client:
         Sizes take bytes or strings like "16GiB"; ttl takes seconds or "60s". Range checks are the
         coordinator's. The request id (a fresh one unless given) makes the call safe to retry: a
         repeat returns the allocation already made instead of a second one.
+
+        Returns an ``Allocation`` handle; ``with client.allocate(...) as alloc:`` keeps its lease
+        alive and releases it on the way out.
         """
-        memory_bytes = _size(memory, "memory")
-        min_gpu_memory_bytes = _size(min_gpu_memory, "min_gpu_memory") or 0
-        ttl_seconds = parse_duration(ttl) if isinstance(ttl, str) else (ttl or 0)
-        request = _build(
-            lambda: pb.AllocateRequest(
-                gpus=gpus,
-                cpus=cpus,
-                memory_bytes=memory_bytes,
-                gpu_model=gpu_model,
-                min_gpu_memory_bytes=min_gpu_memory_bytes,
-                node_selector=dict(node_selector or {}),
-                ttl_seconds=ttl_seconds,
-                owner=owner,
-                request_id=request_id or uuid.uuid4().hex,
-            )
-        )
-        response = self._rpc.call("Allocate", request, pb.AllocateResponse)
-        return _convert.allocation(response.allocation)
+        op = _ops.allocate(
+            gpus=gpus, cpus=cpus, memory=memory, gpu_model=gpu_model, min_gpu_memory=min_gpu_memory,
+            node_selector=node_selector, ttl=ttl, owner=owner, request_id=request_id,
+        )  # fmt: skip
+        return self._bind(self._run(op))
 
     def release(self, allocation_id: str) -> bool:
         """End an allocation. False when it was not live (already released or expired)."""
-        response = self._rpc.call("Release", pb.ReleaseRequest(allocation_id=allocation_id), pb.ReleaseResponse)
-        return response.released
+        return self._run(_ops.release(allocation_id))
 
     def keep_alive(self, allocation_id: str) -> int:
         """Refresh an allocation's lease; returns the remaining TTL in seconds."""
-        request = pb.KeepAliveRequest(allocation_id=allocation_id)
-        return self._rpc.call("KeepAlive", request, pb.KeepAliveResponse).ttl_seconds
+        return self._run(_ops.keep_alive(allocation_id))
 
     def get_allocation(self, allocation_id: str) -> Allocation:
-        request = pb.GetAllocationRequest(allocation_id=allocation_id)
-        response = self._rpc.call("GetAllocation", request, pb.GetAllocationResponse)
-        return _convert.allocation(response.allocation)
+        """A handle on a live allocation (e.g. made by another process); AllocationNotFound if none."""
+        return self._bind(self._run(_ops.get_allocation(allocation_id)))
 
     def list_allocations(self, node: str = "", owner: str = "") -> list[Allocation]:
         """Live allocations, optionally only those on ``node`` and/or of ``owner``."""
-        request = pb.ListAllocationsRequest(node=node, owner=owner)
-        response = self._rpc.call("ListAllocations", request, pb.ListAllocationsResponse)
-        return [_convert.allocation(a) for a in response.allocations]
+        return [self._bind(a) for a in self._run(_ops.list_allocations(node, owner))]
 
     def list_nodes(self) -> list[Node]:
-        response = self._rpc.call("ListNodes", pb.ListNodesRequest(), pb.ListNodesResponse)
-        return [_convert.node(n) for n in response.nodes]
+        return self._run(_ops.list_nodes())
 
     def cluster_summary(self) -> ClusterSummary:
-        request = pb.GetClusterSummaryRequest()
-        return _convert.cluster_summary(self._rpc.call("GetClusterSummary", request, pb.GetClusterSummaryResponse))
+        return self._run(_ops.cluster_summary())
 
     def cordon(self, node: str, cordoned: bool = True) -> Node:
         """Exclude ``node`` from placement (``cordoned=False`` lets it take allocations again)."""
-        request = pb.CordonNodeRequest(node=node, cordoned=cordoned)
-        return _convert.node(self._rpc.call("CordonNode", request, pb.CordonNodeResponse).node)
+        return self._run(_ops.cordon(node, cordoned))
 
     # --- containers on an allocation's GPUs (the coordinator forwards to the node's agent) ---
 
@@ -139,62 +147,42 @@ class Client:
         command: Sequence[str] = (),
         *,
         env: Mapping[str, str] | None = None,
-        volumes: Sequence[str | tuple[str, str] | tuple[str, str, bool]] = (),
+        volumes: Sequence[_ops.Volume] = (),
         working_dir: str = "",
         shm_size: int | str | None = None,
         name: str = "",
-        timeout: float = 900.0,
+        timeout: float = _ops.RUN_TIMEOUT_S,
     ) -> Container:
         """Start a container on the allocation's GPUs, CPUs and memory; returns once it is running.
 
         volumes: "SRC:DST[:ro]" strings or (src, dst[, read_only]) tuples. ``timeout`` covers an
-        image pull on the node.
+        image pull on the node. Not resent after an UNAVAILABLE that may have reached a coordinator.
         """
-        spec = _build(
-            lambda: tpb.ContainerSpec(
-                image=image,
-                command=list(command),
-                env=dict(env or {}),
-                working_dir=working_dir,
-                volumes=[_volume(v) for v in volumes],
-                shm_size_bytes=_size(shm_size, "shm_size") or 0,
-                name=name,
-            )
-        )
-        request = pb.RunContainerRequest(allocation_id=allocation_id, spec=spec)
-        return _convert.container(self._rpc.call("RunContainer", request, tpb.ContainerStatus, timeout=timeout))
+        op = _ops.run_container(
+            allocation_id, image, command, env=env, volumes=volumes, working_dir=working_dir,
+            shm_size=shm_size, name=name, timeout=timeout,
+        )  # fmt: skip
+        return self._run(op)
 
     def wait_container(self, allocation_id: str, container_id: str, timeout: float = 30.0) -> Container:
-        """Block until the container exits or ``timeout`` seconds (at most 300) pass; returns its status."""
-        ref = tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id)
-        request = tpb.WaitContainerRequest(ref=ref, timeout_seconds=max(1, int(timeout)))
-        status = self._rpc.call("WaitContainer", request, tpb.ContainerStatus, timeout=timeout + self._rpc.timeout)
-        return _convert.container(status)
+        """Block until the container exits or ``timeout`` seconds (1 to 300) pass; returns its status."""
+        return self._run(_ops.wait_container(allocation_id, container_id, timeout, self.timeout))
 
     def stop_container(self, allocation_id: str, container_id: str, grace: float = 10.0) -> Container:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
-        ref = tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id)
-        request = tpb.StopContainerRequest(ref=ref, grace_seconds=int(grace))
-        status = self._rpc.call("StopContainer", request, tpb.ContainerStatus, timeout=grace + self._rpc.timeout)
-        return _convert.container(status)
+        return self._run(_ops.stop_container(allocation_id, container_id, grace, self.timeout))
 
     def list_containers(self, allocation_id: str) -> list[Container]:
-        request = tpb.ListContainersRequest(allocation_id=allocation_id)
-        return [
-            _convert.container(c)
-            for c in self._rpc.call("ListContainers", request, tpb.ListContainersResponse).containers
-        ]
+        return self._run(_ops.list_containers(allocation_id))
 
     def logs(self, allocation_id: str, container_id: str = "", *, follow: bool = False) -> Iterator[LogChunk]:
-        """The container's output in order; with ``follow``, until it exits.
+        """The container's output in order; with ``follow``, until it exits (no deadline then).
 
         container_id "" means the allocation's only (or latest) container.
         """
-        ref = tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id)
-        request = tpb.StreamLogsRequest(ref=ref, follow=follow)
-        for chunk in self._rpc.stream(
-            "StreamLogs", request, tpb.LogChunk, timeout=None if follow else self._rpc.timeout
-        ):
+        request = _ops.logs_request(allocation_id, container_id, follow)
+        timeout = None if follow else self.timeout
+        for chunk in self._rpc.stream("StreamLogs", request, tpb.LogChunk, timeout=timeout):
             yield LogChunk(chunk.stream, chunk.data)
 
     def close(self) -> None:

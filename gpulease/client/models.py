@@ -1,4 +1,9 @@
-"""What the client returns: plain frozen values, so callers never handle protobuf messages."""
+"""What the client returns: plain frozen values, so callers never handle protobuf messages.
+
+``AllocationInfo`` is the allocation record; the handles that ``Client.allocate`` and
+``AsyncClient.allocate`` return (``Allocation``, ``AsyncAllocation``) are subclasses of it bound to
+their client.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ class AllocatedGpu:
 
 
 @dataclass(frozen=True)
-class Allocation:
+class AllocationInfo:
+    """An allocation as the coordinator reported it."""
+
     id: str
     node: str
     gpus: tuple[AllocatedGpu, ...]

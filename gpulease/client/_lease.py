@@ -1,0 +1,136 @@
+"""What an allocation handle knows about its lease: when it was last renewed, whether it was
+released, and whether (and why) it is lost. Shared by the sync and the asyncio handles; the
+keepalive loops around it differ only in how they wait.
+
+Renewals happen every ttl/3. A lease is lost when the coordinator says the allocation is gone
+(AllocationNotFound from KeepAlive), or when no renewal succeeded for longer than its TTL: by
+then the lease has expired in etcd and the GPUs may belong to someone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from gpulease.errors import AllocationLost, AllocationNotFound, GpuLeaseError
+
+log = logging.getLogger("gpulease.client")
+
+# Renew this often, in TTLs; and at least this often after a failed renewal (seconds).
+RENEW_FRACTION = 1 / 3
+MIN_INTERVAL_S = 0.5
+RETRY_INTERVAL_S = 1.0
+
+
+class LeaseTracker:
+    def __init__(self, allocation_id: str, ttl_seconds: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.allocation_id = allocation_id
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.ttl = float(max(1, ttl_seconds))
+        self._last_renewal = clock()
+        self._lost: str | None = None
+        self.released = False
+
+    # --- renewal bookkeeping ------------------------------------------------------------------
+
+    def reset(self, ttl_seconds: int | None = None) -> None:
+        """Count the TTL from now (a keepalive loop starting on a handle of unknown age)."""
+        with self._lock:
+            if ttl_seconds:
+                self.ttl = float(max(1, ttl_seconds))
+            self._last_renewal = self._clock()
+
+    @property
+    def interval(self) -> float:
+        return max(MIN_INTERVAL_S, self.ttl * RENEW_FRACTION)
+
+    def renewed(self) -> None:
+        with self._lock:
+            self._last_renewal = self._clock()
+
+    def since_renewal(self) -> float:
+        with self._lock:
+            return self._clock() - self._last_renewal
+
+    def time_left(self) -> float:
+        """Seconds until the lease expires if no renewal succeeds meanwhile."""
+        return self.ttl - self.since_renewal()
+
+    def retry_wait(self) -> float:
+        return min(self.interval, RETRY_INTERVAL_S, max(0.0, self.time_left()))
+
+    # --- one step of a keepalive loop (the sync thread and the asyncio task share these) ---------
+
+    def attempt_limits(self, timeout: float) -> tuple[float, float]:
+        """(deadline of one attempt, retry budget) for the next renewal: retry for as long as the
+        lease can last, but give even a late first try a real chance."""
+        budget = max(self.time_left(), 0.0)
+        return min(timeout, max(budget, MIN_INTERVAL_S)), budget
+
+    def after_attempt(self, err: BaseException | None) -> float | None:
+        """Record a renewal's outcome (``err`` None: success). Returns the seconds to wait before
+        the next one, or None when the lease is lost and the loop should end."""
+        if err is None:
+            self.renewed()
+            return self.interval
+        if isinstance(err, GpuLeaseError):
+            lost = self.keepalive_failed(err)
+            if lost is None:
+                log.warning("keepalive of allocation %s failed, will retry: %s", self.allocation_id, err.message)
+        else:  # a bug, not a verdict on the lease: keep trying until it runs out
+            log.error("keepalive of allocation %s failed", self.allocation_id, exc_info=err)
+            lost = self.expired(f"keepalive raised {type(err).__name__}")
+        if lost is not None:
+            log.error("%s", lost.message)
+            return None
+        return self.retry_wait()
+
+    def keepalive_failed(self, err: GpuLeaseError) -> AllocationLost | None:
+        """Record a failed renewal; returns the AllocationLost error when that makes the lease lost."""
+        if isinstance(err, AllocationNotFound):
+            return self.mark_lost(f"the coordinator no longer knows it ({err.message})")
+        return self.expired(f"last error: {type(err).__name__}: {err.message}")
+
+    def expired(self, detail: str = "") -> AllocationLost | None:
+        """Mark the lease lost if no renewal succeeded for longer than its TTL."""
+        since = self.since_renewal()
+        if since <= self.ttl:
+            return None
+        why = f"no keepalive succeeded for {since:.1f}s, longer than its {self.ttl:g}s TTL"
+        return self.mark_lost(f"{why} ({detail})" if detail else why)
+
+    # --- lost / released ----------------------------------------------------------------------
+
+    def mark_lost(self, why: str) -> AllocationLost:
+        """Mark the lease lost (the first reason sticks) and return the error that uses now raise."""
+        with self._lock:
+            if self._lost is None and not self.released:
+                at = datetime.now().astimezone().isoformat(timespec="seconds")
+                self._lost = f"allocation {self.allocation_id} was lost at {at}: {why}; its GPUs may already be reused"
+        return AllocationLost(self._lost or f"allocation {self.allocation_id} was released")
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def lost_reason(self) -> str | None:
+        return self._lost
+
+    def check_not_lost(self) -> None:
+        if self._lost is not None:
+            raise AllocationLost(self._lost)
+
+    def check_live(self) -> None:
+        """Before using the allocation: raise AllocationLost if lost, AllocationNotFound if released."""
+        self.check_not_lost()
+        if self.released:
+            raise AllocationNotFound(f"allocation {self.allocation_id} was released by this client")
+
+    def mark_released(self) -> None:
+        with self._lock:
+            self.released = True

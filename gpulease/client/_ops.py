@@ -1,0 +1,216 @@
+"""What each coordinator call sends, and how its answer becomes a model.
+
+Shared by ``Client`` and ``AsyncClient``: both build an ``Op`` here and only differ in how they
+send it. Local validation (sizes, durations, volumes, protobuf ranges) raises InvalidRequest
+before anything is sent; range checks that need the cluster's settings are the coordinator's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from gpulease.client import _convert
+from gpulease.client.models import ClusterSummary, Container, Node
+from gpulease.errors import InvalidRequest
+from gpulease.units import parse_duration, parse_size
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import types_pb2 as tpb
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+# The coordinator's ceiling for one WaitContainer call.
+MAX_WAIT_S = 300
+# RunContainer's default deadline: it covers an image pull on the node.
+RUN_TIMEOUT_S = 900.0
+
+Volume = str | tuple[str, str] | tuple[str, str, bool]
+
+
+@dataclass(frozen=True)
+class Op(Generic[M, T]):
+    """One unary call: the request, the response type to expect, and the conversion of the answer."""
+
+    rpc: str
+    request: Message
+    response_type: type[M]
+    convert: Callable[[M], T]
+    # The deadline of one attempt; None: the client's timeout.
+    timeout: float | None = None
+    # False for calls that could take effect twice if resent (RunContainer): those are retried only
+    # when the failed attempt provably never reached a coordinator (see _errors.should_retry).
+    resend_safe: bool = True
+
+
+def size(value: int | str | None, what: str) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_size(value)
+    except InvalidRequest as e:
+        raise InvalidRequest(f"{what}: {e.message}") from None
+
+
+def volume(v: Volume) -> tpb.VolumeMount:
+    if isinstance(v, tuple):
+        return tpb.VolumeMount(source=v[0], target=v[1], read_only=bool(v[2]) if len(v) > 2 else False)
+    parts = v.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise InvalidRequest(f"volume {v!r}: expected SRC:DST or SRC:DST:ro")
+    return tpb.VolumeMount(source=parts[0], target=parts[1], read_only=len(parts) == 3 and parts[2] == "ro")
+
+
+def build(factory: Callable[[], T]) -> T:
+    # protobuf rejects ints that do not fit the field (e.g. gpus=2**40) with ValueError/TypeError.
+    try:
+        return factory()
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"invalid request: {e}") from None
+
+
+def _positive(value: float, what: str) -> float:
+    if not value > 0:
+        raise InvalidRequest(f"{what} must be positive, got {value:g}")
+    return value
+
+
+def _allocation_of(response: pb.AllocateResponse) -> tpb.Allocation:
+    return response.allocation
+
+
+def allocate(
+    *,
+    gpus: int,
+    cpus: int | None,
+    memory: int | str | None,
+    gpu_model: str,
+    min_gpu_memory: int | str | None,
+    node_selector: Mapping[str, str] | None,
+    ttl: int | str | None,
+    owner: str,
+    request_id: str | None,
+) -> Op[pb.AllocateResponse, tpb.Allocation]:
+    """The request id (a fresh one unless given) is built here, once: every retry of this Op
+    resends the same one, so the coordinator returns the allocation already made."""
+    memory_bytes = size(memory, "memory")
+    min_gpu_memory_bytes = size(min_gpu_memory, "min_gpu_memory") or 0
+    ttl_seconds = parse_duration(ttl) if isinstance(ttl, str) else (ttl or 0)
+    request = build(
+        lambda: pb.AllocateRequest(
+            gpus=gpus,
+            cpus=cpus,
+            memory_bytes=memory_bytes,
+            gpu_model=gpu_model,
+            min_gpu_memory_bytes=min_gpu_memory_bytes,
+            node_selector=dict(node_selector or {}),
+            ttl_seconds=ttl_seconds,
+            owner=owner,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+    )
+    return Op("Allocate", request, pb.AllocateResponse, _allocation_of)
+
+
+def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
+    request = build(lambda: pb.ReleaseRequest(allocation_id=allocation_id))
+    return Op("Release", request, pb.ReleaseResponse, lambda r: r.released)
+
+
+def keep_alive(allocation_id: str) -> Op[pb.KeepAliveResponse, int]:
+    request = build(lambda: pb.KeepAliveRequest(allocation_id=allocation_id))
+    return Op("KeepAlive", request, pb.KeepAliveResponse, lambda r: r.ttl_seconds)
+
+
+def get_allocation(allocation_id: str) -> Op[pb.GetAllocationResponse, tpb.Allocation]:
+    request = build(lambda: pb.GetAllocationRequest(allocation_id=allocation_id))
+    return Op("GetAllocation", request, pb.GetAllocationResponse, lambda r: r.allocation)
+
+
+def list_allocations(node: str, owner: str) -> Op[pb.ListAllocationsResponse, list[tpb.Allocation]]:
+    request = build(lambda: pb.ListAllocationsRequest(node=node, owner=owner))
+    return Op("ListAllocations", request, pb.ListAllocationsResponse, lambda r: list(r.allocations))
+
+
+def list_nodes() -> Op[pb.ListNodesResponse, list[Node]]:
+    return Op("ListNodes", pb.ListNodesRequest(), pb.ListNodesResponse, lambda r: [_convert.node(n) for n in r.nodes])
+
+
+def cluster_summary() -> Op[pb.GetClusterSummaryResponse, ClusterSummary]:
+    return Op(
+        "GetClusterSummary", pb.GetClusterSummaryRequest(), pb.GetClusterSummaryResponse, _convert.cluster_summary
+    )
+
+
+def cordon(node: str, cordoned: bool) -> Op[pb.CordonNodeResponse, Node]:
+    request = build(lambda: pb.CordonNodeRequest(node=node, cordoned=cordoned))
+    return Op("CordonNode", request, pb.CordonNodeResponse, lambda r: _convert.node(r.node))
+
+
+def run_container(
+    allocation_id: str,
+    image: str,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    volumes: Sequence[Volume],
+    working_dir: str,
+    shm_size: int | str | None,
+    name: str,
+    timeout: float,
+) -> Op[tpb.ContainerStatus, Container]:
+    if isinstance(command, str):
+        # list("echo hi") would be ['e', 'c', 'h', ...]: refuse rather than run nonsense.
+        raise InvalidRequest(f"command {command!r}: pass a list of arguments, e.g. ['sh', '-c', {command!r}]")
+    spec = build(
+        lambda: tpb.ContainerSpec(
+            image=image,
+            command=list(command),
+            env=dict(env or {}),
+            working_dir=working_dir,
+            volumes=[volume(v) for v in volumes],
+            shm_size_bytes=size(shm_size, "shm_size") or 0,
+            name=name,
+        )
+    )
+    request = build(lambda: pb.RunContainerRequest(allocation_id=allocation_id, spec=spec))
+    timeout = _positive(timeout, "timeout")
+    return Op("RunContainer", request, tpb.ContainerStatus, _convert.container, timeout=timeout, resend_safe=False)
+
+
+def wait_container(
+    allocation_id: str, container_id: str, timeout: float, call_timeout: float
+) -> Op[tpb.ContainerStatus, Container]:
+    """The coordinator waits up to ``timeout`` seconds (taken as 1 to 300); the call's deadline is
+    that plus ``call_timeout``."""
+    seconds = min(MAX_WAIT_S, max(1, int(timeout)))
+    ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
+    request = tpb.WaitContainerRequest(ref=ref, timeout_seconds=seconds)
+    return Op("WaitContainer", request, tpb.ContainerStatus, _convert.container, timeout=seconds + call_timeout)
+
+
+def stop_container(
+    allocation_id: str, container_id: str, grace: float, call_timeout: float
+) -> Op[tpb.ContainerStatus, Container]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds. Stopping twice is harmless, so it is resent freely."""
+    if not grace >= 0:
+        raise InvalidRequest(f"grace must be 0 or more, got {grace:g}")
+    ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
+    request = build(lambda: tpb.StopContainerRequest(ref=ref, grace_seconds=int(grace)))
+    return Op("StopContainer", request, tpb.ContainerStatus, _convert.container, timeout=grace + call_timeout)
+
+
+def list_containers(allocation_id: str) -> Op[tpb.ListContainersResponse, list[Container]]:
+    request = build(lambda: tpb.ListContainersRequest(allocation_id=allocation_id))
+    return Op(
+        "ListContainers", request, tpb.ListContainersResponse, lambda r: [_convert.container(c) for c in r.containers]
+    )
+
+
+def logs_request(allocation_id: str, container_id: str, follow: bool) -> tpb.StreamLogsRequest:
+    ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
+    return tpb.StreamLogsRequest(ref=ref, follow=follow)
