@@ -1,25 +1,25 @@
 """GpuLeaseHook: builds gpulease clients from an Airflow connection of type `gpulease`.
 
 Connection fields: host (a coordinator, or several comma-separated as host1:port1,host2:port2),
-port (default 50051), extra JSON: {"timeout": 10, "tls": false, "token": "..."} (tls and token
-are accepted now and used once the coordinator serves TLS and auth).
+port (default 50051), extra JSON: {"timeout": 10, "tls": false, "token": "..."}. tls and token
+are read now for the coordinator's coming TLS and auth: until this client speaks TLS, tls=true
+is refused rather than silently sent in clear text, and a token is ignored with a warning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from typing import TYPE_CHECKING
-
+from gpulease.airflow._util import DEFAULT_PORT, ConnectionSettings, check_supported, settings_from, targets_from
 from gpulease.client import Client
-from gpulease.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from gpulease.client.aio import AsyncClient
 
-DEFAULT_PORT = 50051
+__all__ = ["DEFAULT_PORT", "ConnectionSettings", "GpuLeaseHook", "targets_from"]
 
 
 class GpuLeaseHook(BaseHook):
@@ -40,24 +40,35 @@ class GpuLeaseHook(BaseHook):
             "placeholders": {"port": str(DEFAULT_PORT), "extra": '{"timeout": 10, "tls": false}'},
         }
 
-    def settings(self) -> tuple[list[str], float]:
-        """(coordinator targets, per-call timeout) from the connection."""
+    def settings(self) -> ConnectionSettings:
+        """The connection's coordinator targets, per-call timeout, TLS flag and token."""
         conn = self.get_connection(self.gpulease_conn_id)
-        return targets_from(conn.host or "", conn.port), float(conn.extra_dejson.get("timeout", 10))
+        return settings_from(conn.host, conn.port, conn.extra_dejson)
+
+    async def asettings(self) -> ConnectionSettings:
+        """settings() for event-loop code (triggers): reads the connection without blocking the loop."""
+        aget = getattr(self, "aget_connection", None)  # newer Task SDKs; with older ones a thread reads it
+        if aget is not None:
+            conn = await aget(self.gpulease_conn_id)
+        else:
+            conn = await asyncio.to_thread(self.get_connection, self.gpulease_conn_id)
+        return settings_from(conn.host, conn.port, conn.extra_dejson)
+
+    def _checked(self, settings: ConnectionSettings) -> ConnectionSettings:
+        for warning in check_supported(settings, self.gpulease_conn_id):
+            self.log.warning("%s", warning)
+        return settings
+
+    def client_for(self, settings: ConnectionSettings) -> Client:
+        settings = self._checked(settings)
+        # Airflow's task runner handles SIGTERM (it calls on_kill): the client must not take it over.
+        return Client(list(settings.targets), timeout=settings.timeout, handle_sigterm=False)
 
     def get_conn(self) -> Client:
-        targets, timeout = self.settings()
-        return Client(targets, timeout=timeout)
+        return self.client_for(self.settings())
 
-    def get_async_conn(self) -> AsyncClient:
+    async def get_async_conn(self) -> AsyncClient:
         from gpulease.client.aio import AsyncClient
 
-        targets, timeout = self.settings()
-        return AsyncClient(targets, timeout=timeout)
-
-
-def targets_from(host: str, port: int | None) -> list[str]:
-    hosts = [h.strip() for h in host.split(",") if h.strip()]
-    if not hosts:
-        raise InvalidRequest("the gpulease connection has no host: set it to the coordinator's address")
-    return [h if ":" in h else f"{h}:{port or DEFAULT_PORT}" for h in hosts]
+        settings = self._checked(await self.asettings())
+        return AsyncClient(list(settings.targets), timeout=settings.timeout)

@@ -6,18 +6,26 @@ the teardown runs whatever happens to train, and a failed train still fails the 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from gpulease.airflow._util import ConnectionSettings, LineSplitter, allocation_id_of, owner_for, request_id_for
 from gpulease.airflow.hooks import GpuLeaseHook
-from gpulease.client import Client
-from gpulease.errors import AllocationNotFound, GpuLeaseError, InvalidRequest
+from gpulease.client import Allocation, Client, Container, ContainerHandle
+from gpulease.errors import AllocationLost, GpuLeaseError
+
+__all__ = [
+    "DEFAULT_SETUP_TTL",
+    "DEFAULT_TASK_TTL",
+    "ContainerFailed",
+    "GpuAllocateOperator",
+    "GpuContainerOperator",
+    "GpuReleaseOperator",
+    "allocation_id_of",
+    "request_id_for",
+]
 
 # GpuAllocateOperator's TTL must outlive the gap until the container task starts keeping the
 # lease alive; if the DAG dies, the GPUs come back after at most this long.
@@ -26,42 +34,34 @@ DEFAULT_SETUP_TTL = "15m"
 DEFAULT_TASK_TTL = "2m"
 
 
-def request_id_for(context: Any, suffix: str = "") -> str:
-    """Stable per task try-independent id: a retried task gets the same allocation back."""
-    ti = context["ti"]
-    parts = [ti.dag_id, ti.run_id, ti.task_id, str(getattr(ti, "map_index", -1)), suffix]
-    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
-    readable = re.sub(r"[^A-Za-z0-9._-]", "-", f"{ti.dag_id}.{ti.task_id}")[:80]
-    return f"af.{readable}.{digest}"
+class ContainerFailed(RuntimeError):
+    """The container exited with a non-zero code (or could not report one)."""
+
+    def __init__(self, message: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def allocation_id_of(value: Any) -> str:
-    """The allocation id from an allocate task's XCom (a dict), a JSON string, or a plain id."""
-    if isinstance(value, dict) and value.get("id"):
-        return str(value["id"])
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            return allocation_id_of(json.loads(text))
-        if text:
-            return text
-    raise InvalidRequest(
-        f"allocation={value!r}: pass the allocate task's output (allocation=allocate.output) or an allocation id"
-    )
-
-
-@contextmanager
-def kept_alive(client: Client, allocation_id: str, ttl: int) -> Iterator[None]:
-    """Keep the allocation's lease alive while the block runs (released by its owner, not here)."""
-    handle = client.get_allocation(allocation_id)
-    with handle.keepalive(ttl):
-        yield
+def _release_quietly(client: Client, allocation_id: str, log: Any) -> None:
+    """Release on a path that is already failing: a failure here must not hide the first error."""
+    try:
+        released = client.release(allocation_id)
+    except GpuLeaseError as exc:
+        log.warning("could not release %s (%s); its lease expires by itself", allocation_id, exc)
+        return
+    log.info("released %s" if released else "%s had already ended (released or expired)", allocation_id)
 
 
 class GpuAllocateOperator(BaseOperator):
-    """Allocate GPUs; the XCom is the allocation as a dict. Meant as a setup task."""
+    """Allocate GPUs; the XCom is the allocation as a dict. Meant as a setup task.
 
-    template_fields: Sequence[str] = ("owner_name", "gpu_model")
+    The request id comes from dag_id / run_id / task_id / map_index, so a retry of this task gets
+    back the allocation an earlier try made (its lease renewed) rather than a second one. If the
+    task fails after allocating, before its XCom is stored, it releases what it took.
+    """
+
+    template_fields: Sequence[str] = ("owner_name", "gpu_model", "node_selector")
+    ui_color = "#e6f0ff"
 
     def __init__(
         self,
@@ -70,6 +70,7 @@ class GpuAllocateOperator(BaseOperator):
         cpus: int | None = None,
         memory: int | str | None = None,
         gpu_model: str = "",
+        min_gpu_memory: int | str | None = None,
         node_selector: dict[str, str] | None = None,
         ttl: int | str = DEFAULT_SETUP_TTL,
         owner_name: str = "",
@@ -78,7 +79,8 @@ class GpuAllocateOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.gpus, self.cpus, self.memory, self.gpu_model = gpus, cpus, memory, gpu_model
-        self.node_selector, self.ttl, self.owner_name = node_selector, ttl, owner_name
+        self.min_gpu_memory, self.node_selector, self.ttl = min_gpu_memory, node_selector, ttl
+        self.owner_name = owner_name
         self.gpulease_conn_id = gpulease_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -89,28 +91,36 @@ class GpuAllocateOperator(BaseOperator):
                 cpus=self.cpus,
                 memory=self.memory,
                 gpu_model=self.gpu_model,
+                min_gpu_memory=self.min_gpu_memory,
                 node_selector=self.node_selector,
                 ttl=self.ttl,
-                owner=self.owner_name or f"airflow:{ti.dag_id}.{ti.task_id}",
+                owner=self.owner_name or owner_for(context),
                 request_id=request_id_for(context),
             )
             try:
+                if (ti.try_number or 1) > 1:
+                    # Possibly the allocation of an earlier try: give it a whole TTL again.
+                    client.keep_alive(alloc.id)
                 self.log.info(
                     "allocated %s on %s: GPUs %s (%d CPUs, %d bytes), revision %d, ttl %ss",
-                    alloc.id, alloc.node, [g.index for g in alloc.gpus], alloc.cpus, alloc.memory_bytes,
+                    alloc.id, alloc.node, list(alloc.gpu_indexes), alloc.cpus, alloc.memory_bytes,
                     alloc.revision, alloc.ttl_seconds,
                 )  # fmt: skip
                 return alloc.to_dict()
             except BaseException:
                 # Nothing downstream will ever learn this id: give the GPUs back now.
-                client.release(alloc.id)
+                _release_quietly(client, alloc.id, self.log)
                 raise
 
 
 class GpuReleaseOperator(BaseOperator):
-    """Release an allocation (from XCom or a template). Already gone is success. Meant as a teardown."""
+    """Release an allocation (from XCom or a template). Already gone is success. Meant as a teardown.
+
+    Returns (XCom) whether this call ended a live allocation.
+    """
 
     template_fields: Sequence[str] = ("allocation",)
+    ui_color = "#ffe6e6"
 
     def __init__(
         self, *, allocation: Any, gpulease_conn_id: str = GpuLeaseHook.default_conn_name, **kwargs: Any
@@ -120,7 +130,7 @@ class GpuReleaseOperator(BaseOperator):
         self.gpulease_conn_id = gpulease_conn_id
 
     def execute(self, context: Any) -> bool:
-        if self.allocation in (None, "", "None"):
+        if self.allocation is None or (isinstance(self.allocation, str) and self.allocation.strip() in ("", "None")):
             # The allocate task never produced one (it failed): nothing to give back.
             self.log.info("no allocation to release")
             return False
@@ -134,9 +144,11 @@ class GpuReleaseOperator(BaseOperator):
 class GpuContainerOperator(BaseOperator):
     """Run a container on an allocation's GPUs, streaming its logs into the task log.
 
-    Give it `allocation=` (the allocate task's output, or an id) to use an existing allocation,
-    or `gpus=` to allocate and release by itself. A non-zero exit code fails the task.
-    With deferrable=True the wait happens in the triggerer, not in a worker slot.
+    Give it `allocation=` (the allocate task's output, a template, or an id) to use an existing
+    allocation, or `gpus=` to allocate and release by itself. A non-zero exit code fails the task.
+    The lease is kept alive while the container runs. With deferrable=True the wait happens in the
+    triggerer (GpuContainerTrigger), not in a worker slot; the logs come into the task log at the end.
+    The XCom is the exit code (0).
     """
 
     template_fields: Sequence[str] = ("image", "command", "env", "allocation")
@@ -170,93 +182,152 @@ class GpuContainerOperator(BaseOperator):
         self.volumes, self.shm_size, self.stop_grace = list(volumes), shm_size, stop_grace
         self.deferrable, self.poll_interval = deferrable, poll_interval
         self.gpulease_conn_id = gpulease_conn_id
-        self._running: tuple[str, str] | None = None  # (allocation id, container id), for on_kill
+        # For on_kill, which runs while execute is blocked: what to stop, and how to reach it.
+        self._settings: ConnectionSettings | None = None
+        self._running: tuple[str, str] | None = None  # (allocation id, container id)
         self._owned: str | None = None  # allocation id when this task allocated it
 
     def _command(self) -> list[str]:
         return ["sh", "-c", self.command] if isinstance(self.command, str) else list(self.command)
 
-    def execute(self, context: Any) -> int | None:
+    def execute(self, context: Any) -> int:
         hook = GpuLeaseHook(self.gpulease_conn_id)
-        with hook.get_conn() as client:
-            if self.allocation is not None:
-                alloc_id = allocation_id_of(self.allocation)
-                ttl = client.get_allocation(alloc_id).ttl_seconds
-            else:
-                ti = context["ti"]
-                alloc = client.allocate(
-                    gpus=self.gpus or 0, cpus=self.cpus, memory=self.memory, gpu_model=self.gpu_model, ttl=self.ttl,
-                    owner=f"airflow:{ti.dag_id}.{ti.task_id}", request_id=request_id_for(context, "container"),
-                )  # fmt: skip
-                alloc_id, ttl, self._owned = alloc.id, alloc.ttl_seconds, alloc.id
-                self.log.info("allocated %s on %s: GPUs %s", alloc.id, alloc.node, [g.index for g in alloc.gpus])
+        self._settings = hook.settings()
+        with hook.client_for(self._settings) as client:
+            alloc = self._allocation(client, context)
             deferring = False
             try:
-                with kept_alive(client, alloc_id, ttl):
-                    container = client.run_container(
-                        alloc_id, self.image, self._command(), env=self.env, volumes=self.volumes,
-                        shm_size=self.shm_size,
-                    )  # fmt: skip
-                    self._running = (alloc_id, container.id)
-                    self.log.info("container %s running on %s, GPUs %s", container.id[:12], container.node,
-                                  list(container.gpu_indexes))  # fmt: skip
-                    if self.deferrable:
-                        deferring = True
-                        self._defer(alloc_id, container.id, ttl)
-                    for chunk in client.logs(alloc_id, container.id, follow=True):
-                        self._log_chunk(chunk.stream, chunk.data)
-                    status = client.wait_container(alloc_id, container.id, timeout=60)
-                    while not status.exited:
-                        status = client.wait_container(alloc_id, container.id, timeout=60)
-                return self._finish(status.exit_code, container.id)
+                if self._owned and (context["ti"].try_number or 1) > 1:
+                    self._stop_leftovers(client, alloc.id)
+                with alloc.keepalive(alloc.ttl_seconds):
+                    job = alloc.run_container(
+                        self.image, self._command(), env=self.env, volumes=self.volumes, shm_size=self.shm_size
+                    )
+                    self._running = (alloc.id, job.id)
+                    self.log.info(
+                        "container %s running on %s, GPUs %s",
+                        job.id[:12],
+                        job.status.node,
+                        list(job.status.gpu_indexes),
+                    )
+                    try:
+                        if self.deferrable:
+                            deferring = True
+                            self._defer(alloc, job.id)
+                        self._stream_logs(job)
+                        status = job.wait()
+                    except BaseException:
+                        # Timed out, interrupted, or the wait failed: the container must not run on
+                        # unattended (a retry would start another). Not when handing it to the trigger.
+                        if not deferring:
+                            self._stop_quietly(client, alloc.id, job.id)
+                        raise
+                return self._finish(status)
             finally:
+                self._running = None
                 if self._owned and not deferring:
-                    client.release(self._owned)
-                    self.log.info("released %s", self._owned)
+                    _release_quietly(client, self._owned, self.log)
+                    self._owned = None
 
-    def _defer(self, alloc_id: str, container_id: str, ttl: int) -> None:
+    def _allocation(self, client: Client, context: Any) -> Allocation:
+        if self.allocation is not None:
+            return client.get_allocation(allocation_id_of(self.allocation))
+        alloc = client.allocate(
+            gpus=self.gpus or 0, cpus=self.cpus, memory=self.memory, gpu_model=self.gpu_model, ttl=self.ttl,
+            owner=owner_for(context), request_id=request_id_for(context, "container"),
+        )  # fmt: skip
+        self._owned = alloc.id
+        self.log.info("allocated %s on %s: GPUs %s", alloc.id, alloc.node, list(alloc.gpu_indexes))
+        return alloc
+
+    def _stop_leftovers(self, client: Client, allocation_id: str) -> None:
+        """A retry may get back the allocation of an earlier try that never released it (its worker
+        died), where a container of that try may still run. Only for an allocation of this task's own."""
+        for c in client.list_containers(allocation_id):
+            if not c.exited:
+                self.log.info("stopping container %s of an earlier try", c.id[:12])
+                client.stop_container(allocation_id, c.id, grace=self.stop_grace)
+
+    def _stream_logs(self, job: ContainerHandle) -> None:
+        lines = LineSplitter()
+        try:
+            for chunk in job.logs(follow=True):
+                for line in lines.feed(chunk.stream, chunk.data):
+                    self.log.info("[%s] %s", chunk.stream, line)
+        except AllocationLost:
+            raise
+        except GpuLeaseError as exc:
+            # The container does not depend on its log stream: keep waiting for it.
+            self.log.warning("the log stream of container %s broke off (%s); waiting for it to exit", job.id[:12], exc)
+        for stream, rest in lines.flush():
+            self.log.info("[%s] %s", stream, rest)
+
+    def _defer(self, alloc: Allocation, container_id: str) -> None:
         from gpulease.airflow.triggers import GpuContainerTrigger
 
+        self.log.info("deferring: container %s is waited for in the triggerer", container_id[:12])
         self.defer(
             trigger=GpuContainerTrigger(
-                gpulease_conn_id=self.gpulease_conn_id, allocation_id=alloc_id, container_id=container_id,
-                ttl=ttl, poll_interval=self.poll_interval,
+                gpulease_conn_id=self.gpulease_conn_id, allocation_id=alloc.id, container_id=container_id,
+                ttl=alloc.ttl_seconds, poll_interval=self.poll_interval, owned=bool(self._owned),
+                stop_grace=self.stop_grace,
             ),
             method_name="execute_complete",
             kwargs={"owned": self._owned},
         )  # fmt: skip
 
-    def execute_complete(self, context: Any, event: dict[str, Any], owned: str | None = None) -> int | None:
+    def execute_complete(self, context: Any, event: dict[str, Any], owned: str | None = None) -> int:
+        if owned is None and event.get("owned"):
+            owned = event["allocation_id"]
         with GpuLeaseHook(self.gpulease_conn_id).get_conn() as client:
             try:
-                if event.get("status") == "error":
-                    raise GpuLeaseError(f"waiting for the container failed: {event.get('message')}")
-                for chunk in client.logs(event["allocation_id"], event["container_id"], follow=False):
-                    self._log_chunk(chunk.stream, chunk.data)
-                return self._finish(event.get("exit_code"), event["container_id"])
+                if event.get("status") != "success":
+                    raise ContainerFailed(f"waiting for the container failed: {event.get('message')}", None)
+                self.log.info("resumed: container %s has exited", str(event["container_id"])[:12])
+                self._copy_logs(client, event["allocation_id"], event["container_id"])
+                return self._check_exit(event.get("exit_code"), event["container_id"], event.get("error", ""))
             finally:
                 if owned:
-                    client.release(owned)
-                    self.log.info("released %s", owned)
+                    _release_quietly(client, owned, self.log)
 
-    def _finish(self, exit_code: int | None, container_id: str) -> int | None:
-        self._running = None
+    def _copy_logs(self, client: Client, allocation_id: str, container_id: str) -> None:
+        lines = LineSplitter()
+        try:
+            for chunk in client.logs(allocation_id, container_id, follow=False):
+                for line in lines.feed(chunk.stream, chunk.data):
+                    self.log.info("[%s] %s", chunk.stream, line)
+        except GpuLeaseError as exc:
+            self.log.warning("could not fetch the logs of container %s: %s", container_id[:12], exc)
+        for stream, rest in lines.flush():
+            self.log.info("[%s] %s", stream, rest)
+
+    def _finish(self, status: Container) -> int:
+        return self._check_exit(status.exit_code, status.id, status.error)
+
+    def _check_exit(self, exit_code: int | None, container_id: str, error: str = "") -> int:
         if exit_code != 0:
-            raise RuntimeError(f"container {container_id[:12]} ({self.image}) exited with code {exit_code}")
+            detail = f": {error}" if error else ""
+            raise ContainerFailed(
+                f"container {container_id[:12]} ({self.image}) exited with code {exit_code}{detail}", exit_code
+            )
         self.log.info("container %s exited with code 0", container_id[:12])
-        return exit_code
+        return 0
 
-    def _log_chunk(self, stream: str, data: bytes) -> None:
-        for line in data.decode(errors="replace").splitlines():
-            self.log.info("[%s] %s", stream, line)
+    def _stop_quietly(self, client: Client, allocation_id: str, container_id: str) -> None:
+        try:
+            status = client.stop_container(allocation_id, container_id, grace=self.stop_grace)
+        except GpuLeaseError as exc:
+            self.log.warning("could not stop container %s: %s", container_id[:12], exc)
+            return
+        self.log.info("stopped container %s (exit code %s)", container_id[:12], status.exit_code)
 
     def on_kill(self) -> None:
-        hook = GpuLeaseHook(self.gpulease_conn_id)
-        with hook.get_conn() as client:
-            if self._running:
-                try:
-                    client.stop_container(*self._running, grace=self.stop_grace)
-                except (AllocationNotFound, GpuLeaseError) as exc:
-                    self.log.warning("could not stop container: %s", exc)
-            if self._owned:
-                client.release(self._owned)
+        """SIGTERM or execution_timeout: stop the container, release the allocation if this task made it."""
+        running, owned, settings = self._running, self._owned, self._settings
+        if settings is None or (running is None and owned is None):
+            return
+        with GpuLeaseHook(self.gpulease_conn_id).client_for(settings) as client:
+            if running:
+                self._stop_quietly(client, *running)
+            if owned:
+                _release_quietly(client, owned, self.log)

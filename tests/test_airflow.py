@@ -1,0 +1,466 @@
+"""The Airflow provider (gpulease.airflow).
+
+Unit tests need no cluster and do not import Airflow here: registration (get_provider_info, the
+entry point, Airflow's own schema for it) and the plain helpers (request ids, allocation ids,
+connection parsing, log lines).
+
+DAG tests run real Airflow: tests/airflow_runner.py, a child process with its own AIRFLOW_HOME,
+runs dag.test() on the DAGs in tests/airflow_dags/ against a live local cluster (real etcd, a
+coordinator, and an agent with 4 simulated GPUs on the test dockerd). Each checks the task
+states, the XComs, the task log, and that the cluster's GPUs are all free afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from coordinator import validation
+from gpulease import __version__, procs
+from gpulease.airflow import get_provider_info
+from gpulease.airflow._util import (
+    MAX_OWNER,
+    ConnectionSettings,
+    LineSplitter,
+    allocation_id_of,
+    check_supported,
+    owner_for,
+    request_id_for,
+    settings_from,
+    targets_from,
+)
+from gpulease.client import Client
+from gpulease.errors import InvalidRequest
+from tests import harness
+from tests.airflow_runner import AirflowRunner
+from tests.dockerd import Dockerd
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_AIRFLOW = importlib.util.find_spec("airflow") is not None
+needs_airflow = pytest.mark.skipif(not HAVE_AIRFLOW, reason="apache-airflow is not installed (pip install -e '.[dev]')")
+NODE = "af-node"
+GPUS = 4
+# The first request also waits for `airflow db migrate` and the first dag.test() of the process.
+RUN_TIMEOUT_S = 240
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_provider_info_declares_the_connection_type_and_modules() -> None:
+    info = get_provider_info()
+    assert info["package-name"] == "gpulease"
+    assert __version__ in info["versions"]
+    assert info["connection-types"] == [
+        {"connection-type": "gpulease", "hook-class-name": "gpulease.airflow.hooks.GpuLeaseHook"}
+    ]
+    modules = [m for key in ("operators", "hooks", "triggers") for entry in info[key] for m in entry["python-modules"]]
+    assert sorted(modules) == ["gpulease.airflow.hooks", "gpulease.airflow.operators", "gpulease.airflow.triggers"]
+    for module in modules:  # found without importing it (that would import Airflow)
+        assert importlib.util.find_spec(module) is not None, module
+    json.dumps(info)  # plain data
+
+
+@needs_airflow
+def test_provider_info_satisfies_airflows_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = importlib.util.find_spec("airflow")
+    assert spec is not None and spec.submodule_search_locations
+    schema_path = Path(next(iter(spec.submodule_search_locations))) / "provider_info.schema.json"
+    if not schema_path.exists():
+        pytest.skip(f"this Airflow has no {schema_path.name}")
+    jsonschema.validate(get_provider_info(), json.loads(schema_path.read_text()))
+
+
+def test_entry_point_is_discoverable() -> None:
+    found = [
+        ep for ep in importlib.metadata.entry_points(group="apache_airflow_provider") if ep.value.startswith("gpulease")
+    ]
+    assert found, "no gpulease entry point: is the package installed? (pip install -e . --no-deps)"
+    assert [ep.value for ep in found] == ["gpulease.airflow:get_provider_info"]
+    assert found[0].load() is get_provider_info
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def ti(dag_id: str = "train_dag", run_id: str = "manual__2026-01-01T00:00:00+00:00", task_id: str = "allocate",
+       map_index: int = -1, try_number: int = 1) -> SimpleNamespace:  # fmt: skip
+    return SimpleNamespace(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, try_number=try_number)
+
+
+def test_request_id_is_the_same_for_every_try_of_a_task() -> None:
+    first = request_id_for({"ti": ti(try_number=1)})
+    assert request_id_for({"ti": ti(try_number=2)}) == first
+    assert request_id_for(ti(try_number=7)) == first  # the task instance alone will do
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"dag_id": "other_dag"},
+        {"run_id": "manual__2026-01-01T00:00:01+00:00"},
+        {"task_id": "allocate2"},
+        {"map_index": 0},
+    ],
+)
+def test_request_id_differs_between_task_instances(other: dict[str, Any]) -> None:
+    assert request_id_for(ti(**other)) != request_id_for(ti())
+    assert request_id_for(ti(), "container") != request_id_for(ti())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"run_id": "scheduled__2026-01-01T00:00:00+00:00"},
+        {"run_id": "a run id with spaces, ünïcödé and / slashes"},
+        {"dag_id": "d" * 250, "task_id": "group.t" + "t" * 243, "map_index": 12345},
+        {"dag_id": "dag-with.dots_and-dashes", "task_id": "tg.inner_task"},
+    ],
+)
+def test_request_id_is_accepted_by_the_coordinator(fields: dict[str, Any]) -> None:
+    rid = request_id_for(ti(**fields))
+    assert validation.request_id(rid) == rid
+    assert rid.startswith("af.")
+
+
+def test_request_id_map_index_none_counts_as_unmapped() -> None:
+    assert request_id_for(ti(map_index=None)) == request_id_for(ti(map_index=-1))  # type: ignore[arg-type]
+
+
+def test_owner_fits_the_coordinators_limit() -> None:
+    assert owner_for(ti()) == "airflow:train_dag.allocate"
+    long = owner_for(ti(dag_id="d" * 250, task_id="t" * 250))
+    assert len(long) == MAX_OWNER and validation.owner(long) == long
+
+
+ALLOC_ID = "1a20806a0433171e2c4c1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"id": ALLOC_ID, "node": "n", "gpus": []},
+        json.dumps({"id": ALLOC_ID, "node": "n"}),
+        str({"id": ALLOC_ID, "node": "n", "gpus": [{"index": 0}]}),  # "{{ ti.xcom_pull(...) }}" renders a repr
+        ALLOC_ID,
+        f"  {ALLOC_ID}\n",
+    ],
+    ids=["dict", "json", "python-repr", "id", "id-with-whitespace"],
+)
+def test_allocation_id_of_accepts_what_a_dag_can_pass(value: Any) -> None:
+    assert allocation_id_of(value) == ALLOC_ID
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "None", {}, {"node": "n"}, {"id": ""}, "{not a dict", 42, []])
+def test_allocation_id_of_rejects_anything_else_clearly(value: Any) -> None:
+    with pytest.raises(InvalidRequest, match="allocation="):
+        allocation_id_of(value)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("coord", None, ["coord:50051"]),
+        ("coord", 6000, ["coord:6000"]),
+        ("coord:7000", 6000, ["coord:7000"]),
+        ("a:1, b ,c:3", None, ["a:1", "b:50051", "c:3"]),
+        ("a,,b,", 5, ["a:5", "b:5"]),
+        ("[::1]", None, ["[::1]:50051"]),
+        ("[::1]:7000", None, ["[::1]:7000"]),
+        ("::1", 6000, ["[::1]:6000"]),
+    ],
+)
+def test_targets_from_connection_host_and_port(host: str, port: int | None, expected: list[str]) -> None:
+    assert targets_from(host, port) == expected
+
+
+@pytest.mark.parametrize("host", ["", " ", " , "])
+def test_targets_from_without_a_host_says_so(host: str) -> None:
+    with pytest.raises(InvalidRequest, match="no host"):
+        targets_from(host, 50051)
+
+
+def test_settings_from_connection_fields() -> None:
+    s = settings_from("a:1,b", 2, {"timeout": "2.5", "tls": "false", "token": "s3cret"})
+    assert s == ConnectionSettings(targets=("a:1", "b:2"), timeout=2.5, tls=False, token="s3cret")
+    assert "s3cret" not in repr(s)
+    assert settings_from("h", None, None) == ConnectionSettings(targets=("h:50051",), timeout=10.0)
+    assert settings_from("h", None, {"tls": True}).tls and settings_from("h", None, {"tls": "yes"}).tls
+
+
+@pytest.mark.parametrize("extra", [{"timeout": 0}, {"timeout": "soon"}, {"timeout": None}, {"tls": "maybe"}])
+def test_settings_from_rejects_bad_extras(extra: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        settings_from("h", None, extra)
+
+
+def test_tls_is_refused_not_downgraded_and_a_token_is_warned_about() -> None:
+    with pytest.raises(InvalidRequest, match="TLS"):
+        check_supported(ConnectionSettings(targets=("h:1",), tls=True), "gpulease_default")
+    assert check_supported(ConnectionSettings(targets=("h:1",)), "c") == []
+    [warning] = check_supported(ConnectionSettings(targets=("h:1",), token="s3cret-value"), "c")
+    assert "token" in warning and "s3cret-value" not in warning
+
+
+def test_line_splitter_joins_lines_split_across_chunks() -> None:
+    lines = LineSplitter()
+    assert lines.feed("stdout", b"gpus=GPU-0,") == []
+    assert lines.feed("stderr", b"warn\r\nhalf") == ["warn"]
+    assert lines.feed("stdout", b"GPU-1\nnext\n\nlast") == ["gpus=GPU-0,GPU-1", "next", ""]
+    assert lines.feed("stdout", "é".encode()[:1]) == []
+    assert sorted(lines.flush()) == [("stderr", "half"), ("stdout", "last\ufffd")]
+    assert lines.flush() == []
+
+
+# --------------------------------------------------------------------------------------------
+# Real Airflow against a live cluster
+
+
+@dataclass
+class Cluster:
+    address: str
+    busybox: str
+
+    def client(self) -> Client:
+        return Client(self.address, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowRunner]:
+    if not HAVE_AIRFLOW:
+        pytest.skip("apache-airflow is not installed (pip install -e '.[dev]')")
+    tmp = tmp_path_factory.mktemp("airflow")
+    child = AirflowRunner(home=tmp / "home", log_path=tmp / "runner.log")
+    child.start()  # `airflow db migrate` runs meanwhile
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    etcd: harness.Etcd, dockerd: Dockerd, busybox: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("af-cluster")
+    coordinator = harness.start_coordinator(tmp, etcd.url, harness.new_prefix())
+    agent = None
+    try:
+        listen = f"127.0.0.1:{procs.free_port()}"
+        args = [
+            "--coordinator", coordinator.address, "--node-id", NODE, "--listen", listen,
+            "--simulate-gpus", str(GPUS), "--cpus", "4", "--memory", "8GiB",
+            "--docker-host", dockerd.base_url, "--container-network", "none",
+        ]  # fmt: skip
+        env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
+        agent = procs.start_python_module("agent-airflow", "agent.main", args, tmp / "agent.log", env=env)
+        procs.wait_grpc_health(listen, 60, agent)
+        harness.wait_nodes_up(coordinator.stub, {NODE}, timeout=30)
+        yield Cluster(coordinator.address, busybox)
+    finally:
+        coordinator.channel.close()
+        harness.stop_all([p for p in (agent, coordinator.proc) if p is not None])
+
+
+@pytest.fixture
+def live(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster, all free before the test; whatever a test leaves allocated is released after it."""
+    with cluster.client() as c:
+        for a in c.list_allocations():
+            c.release(a.id)
+    yield cluster
+    with cluster.client() as c:
+        for a in c.list_allocations():
+            c.release(a.id)
+
+
+def run_dag(runner: AirflowRunner, cluster: Cluster, dag_id: str) -> dict[str, Any]:
+    env = {
+        "AIRFLOW_CONN_GPULEASE_DEFAULT": json.dumps(
+            {"conn_type": "gpulease", "host": cluster.address, "extra": {"timeout": 10}}
+        ),
+        "GPULEASE_TEST_IMAGE": cluster.busybox,
+    }
+    answer = runner.request({"op": "test", "dag_id": dag_id, "env": env}, timeout=RUN_TIMEOUT_S)
+    assert answer["ok"], f"{answer.get('error')}\n--- log ---\n{answer.get('log', '')[-6000:]}"
+    return answer
+
+
+def states(answer: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    return {task: (t["state"], t["try_number"]) for task, t in answer["tasks"].items()}
+
+
+def container_says(answer: dict[str, Any], key: str) -> list[str]:
+    """Values of the KEY=VALUE lines the container printed, from the task log."""
+    return re.findall(rf"\[stdout\] {re.escape(key)}=(\S*)", answer["log"])
+
+
+def assert_all_free(cluster: Cluster) -> None:
+    def free() -> bool:
+        with cluster.client() as c:
+            return c.cluster_summary().totals.gpus_free == GPUS and not c.list_allocations()
+
+    harness.wait_until(free, 15, f"all {GPUS} GPUs free and no allocation left")
+
+
+def allocation_xcom(answer: dict[str, Any]) -> dict[str, Any]:
+    alloc: dict[str, Any] = answer["xcoms"]["allocate"]["return_value"]
+    assert alloc["node"] == NODE and len(alloc["gpus"]) == 2
+    return alloc
+
+
+@pytest.mark.slow
+def test_success_path_runs_on_the_allocated_gpus_and_frees_them(runner: AirflowRunner, live: Cluster) -> None:
+    answer = run_dag(runner, live, "gpulease_test_success")
+    assert answer["state"] == "success"
+    assert states(answer) == {"allocate": ("success", 1), "train": ("success", 1), "release": ("success", 1)}
+    alloc = allocation_xcom(answer)
+    assert alloc["request_id"].startswith("af.gpulease_test_success.allocate.")
+    assert alloc["owner"] == "airflow:gpulease_test_success.allocate"
+    # The container saw exactly the allocated GPUs, and its templated env.
+    assert container_says(answer, "gpus") == [",".join(g["uuid"] for g in alloc["gpus"])]
+    assert container_says(answer, "run") == [answer["run_id"]]
+    assert answer["xcoms"]["train"]["return_value"] == 0
+    assert answer["xcoms"]["release"]["return_value"] is True  # it ended the live allocation
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_failing_train_fails_the_run_and_the_teardown_still_frees_the_gpus(
+    runner: AirflowRunner, live: Cluster
+) -> None:
+    answer = run_dag(runner, live, "gpulease_test_failing_train")
+    assert answer["state"] == "failed"
+    assert states(answer) == {"allocate": ("success", 1), "train": ("failed", 1), "release": ("success", 1)}
+    alloc = allocation_xcom(answer)
+    assert container_says(answer, "gpus") == [",".join(g["uuid"] for g in alloc["gpus"])]
+    assert "exited with code 3" in answer["log"]
+    assert "return_value" not in answer["xcoms"].get("train", {})
+    assert answer["xcoms"]["release"]["return_value"] is True
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_retried_allocate_gets_back_the_allocation_of_its_first_try(runner: AirflowRunner, live: Cluster) -> None:
+    answer = run_dag(runner, live, "gpulease_test_retried_allocate")
+    assert answer["state"] == "success"
+    assert states(answer) == {"allocate": ("success", 2), "train": ("success", 1), "release": ("success", 1)}
+    assert answer["tasks"]["allocate"]["earlier_tries"] == [{"try_number": 1, "state": "failed"}]
+    first_try = re.findall(r"FIRST-TRY-ALLOCATION (\w+)", answer["log"])
+    alloc = allocation_xcom(answer)
+    assert first_try == [alloc["id"]], "the retry made a second allocation"
+    assert set(re.findall(r"allocated (\w+) on", answer["log"])) == {alloc["id"]}
+    assert container_says(answer, "gpus") == [",".join(g["uuid"] for g in alloc["gpus"])]
+    assert answer["xcoms"]["release"]["return_value"] is True
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_container_operator_alone_allocates_runs_and_releases(runner: AirflowRunner, live: Cluster) -> None:
+    answer = run_dag(runner, live, "gpulease_test_container_alone")
+    assert answer["state"] == "success"
+    assert states(answer) == {"train": ("success", 1)}
+    assert answer["xcoms"]["train"]["return_value"] == 0
+    [alloc_id] = re.findall(r"allocated (\w+) on", answer["log"])
+    assert re.search(rf"released {alloc_id}\b", answer["log"])
+    [gpus] = container_says(answer, "gpus")
+    assert gpus.count("GPU-SIM-") == 2
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_container_operator_alone_releases_when_the_container_fails(runner: AirflowRunner, live: Cluster) -> None:
+    answer = run_dag(runner, live, "gpulease_test_container_alone_fails")
+    assert answer["state"] == "failed"
+    assert states(answer) == {"train": ("failed", 1)}
+    assert "exited with code 7" in answer["log"]
+    [alloc_id] = re.findall(r"allocated (\w+) on", answer["log"])
+    assert re.search(rf"released {alloc_id}\b", answer["log"])
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_container_operator_stops_its_container_and_releases_on_timeout(
+    runner: AirflowRunner, live: Cluster, dockerd: Dockerd
+) -> None:
+    answer = run_dag(runner, live, "gpulease_test_container_alone_timeout")
+    assert answer["state"] == "failed"
+    assert states(answer) == {"train": ("failed", 1)}
+    assert container_says(answer, "started") == ["yes"]
+    assert "AirflowTaskTimeout" in answer["log"]
+    [alloc_id] = re.findall(r"allocated (\w+) on", answer["log"])
+    assert re.search(r"stopped container \w+", answer["log"])
+    assert re.search(rf"released {alloc_id}\b", answer["log"])
+    docker = dockerd.client()
+    try:
+        assert docker.api.containers(filters={"label": f"io.gpulease.allocation={alloc_id}"}) == []  # none running
+    finally:
+        docker.close()
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dag_id", ["gpulease_test_deferrable", "gpulease_test_container_alone_deferrable"])
+def test_deferrable_mode_completes(runner: AirflowRunner, live: Cluster, dag_id: str) -> None:
+    answer = run_dag(runner, live, dag_id)
+    assert answer["state"] == "success"
+    assert answer["tasks"]["train"]["state"] == "success"
+    assert all(t["state"] == "success" for t in answer["tasks"].values())
+    assert answer["xcoms"]["train"]["return_value"] == 0
+    # It waited in the trigger (dag.test() runs it inline), then resumed in execute_complete.
+    assert answer["log"].index("deferring: container") < answer["log"].index("resumed: container")
+    [gpus] = container_says(answer, "gpus")
+    if "allocate" in answer["tasks"]:
+        assert gpus == ",".join(g["uuid"] for g in allocation_xcom(answer)["gpus"])
+        assert answer["xcoms"]["release"]["return_value"] is True
+    else:
+        assert gpus.count("GPU-SIM-") == 2
+    assert container_says(answer, "run") == [answer["run_id"]]
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_releasing_an_allocation_already_gone_is_a_success(runner: AirflowRunner, live: Cluster) -> None:
+    answer = run_dag(runner, live, "gpulease_test_release_twice")
+    assert answer["state"] == "success"
+    assert states(answer) == {"allocate": ("success", 1), "release": ("success", 1), "release_again": ("success", 1)}
+    assert answer["xcoms"]["release"]["return_value"] is True
+    assert answer["xcoms"]["release_again"]["return_value"] is False
+    alloc_id = answer["xcoms"]["allocate"]["return_value"]["id"]
+    assert f"{alloc_id} had already ended" in answer["log"]
+    assert_all_free(live)
+
+
+@pytest.mark.slow
+def test_example_dag_parses_with_release_as_teardown_of_allocate(runner: AirflowRunner) -> None:
+    folder = ROOT / "gpulease" / "airflow" / "example_dags"
+    answer = runner.request({"op": "parse", "folder": str(folder)}, timeout=RUN_TIMEOUT_S)
+    assert answer["ok"], answer.get("error")
+    assert answer["import_errors"] == {}
+    tasks = answer["dags"]["gpulease_train"]
+    assert tasks["allocate"]["is_setup"] and tasks["allocate"]["type"] == "GpuAllocateOperator"
+    assert tasks["release"]["is_teardown"] and tasks["release"]["type"] == "GpuReleaseOperator"
+    assert tasks["train"]["upstream"] == ["allocate"]
+    assert tasks["release"]["upstream"] == ["allocate", "train"]
+
+
+@pytest.mark.slow
+def test_airflow_discovers_the_provider_and_its_hook(runner: AirflowRunner) -> None:
+    answer = runner.request({"op": "providers"}, timeout=RUN_TIMEOUT_S)
+    assert answer["ok"], answer.get("error")
+    assert answer["provider"] is not None, "Airflow did not find the gpulease provider (is the package installed?)"
+    assert answer["provider"]["version"] == __version__
+    assert answer["hook"] == {"class": "gpulease.airflow.hooks.GpuLeaseHook", "attr": "gpulease_conn_id"}
