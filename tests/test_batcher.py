@@ -10,7 +10,7 @@ from types import MappingProxyType
 import pytest
 
 from coordinator.batcher import Batcher, BatchPolicy
-from coordinator.committer import Committed, CommitResult, Item, Rejected, gpus_of
+from coordinator.committer import CommitResult, Committed, Item, Rejected, gpus_of
 from coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeView, ResourceRequest, Snapshot
 from coordinator.store import LeaseNotFound, OutcomeUnknown
 from gpulease.errors import Conflict, InsufficientResources, InvalidRequest, Unavailable
@@ -55,7 +55,7 @@ class FakeCommitter:
             tuple(
                 replace(i.draft, node=i.placement.node, gpus=gpus_of(i.placement, snapshot), revision=self.revision)
                 for i in items
-            ),  # fmt: skip
+            ),
             self.revision,
         )
 

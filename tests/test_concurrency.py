@@ -6,6 +6,7 @@ intervals [grant revision, release revision) which must never overlap.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -89,7 +90,7 @@ def test_no_gpu_is_ever_held_twice(start_coordinator: Callable[..., harness.Coor
             intervals[(g.node, i)].append((g.granted, g.released, g.alloc_id))
     for gpu, spans in intervals.items():
         spans.sort()
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
             assert start >= end, f"GPU {gpu} held by {first} and {second} at once (revision {start} < {end})"
     for r in replicas:
         assert harness.summary(r.stub).totals.gpus_free == sum(NODES.values())
