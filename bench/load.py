@@ -137,3 +137,24 @@ class _Client:
 
     async def stats(self) -> pb.GetStatsResponse:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=60)
+
+
+async def run_cycles(address: str, concurrency: int, duration: float) -> tuple[float, int]:
+    """Allocate+release cycles/s (never fills the cluster) and the double allocations seen."""
+    grants: list[Grant] = []
+    cycles = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = _Client(pb_grpc.CoordinatorServiceStub(channel))
+        stop = time.perf_counter() + duration
+
+        async def cycler() -> None:
+            nonlocal cycles
+            while time.perf_counter() < stop:
+                a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
+                rev = await client.release_revision(a.id)
+                grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
+                cycles += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(cycler() for _ in range(concurrency)))
+        return cycles / (time.perf_counter() - t0), count_double_allocations(grants)

@@ -3,7 +3,6 @@ the cost of 10,000 nodes heartbeating every 10 s while allocations run."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from bench.cluster import BenchCluster, register_nodes, wait_nodes
-from bench.load import run_load
+from bench.load import run_cycles
 from gpulease import procs
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
@@ -30,11 +29,12 @@ class ScaleResult:
     coordinator_rss_mb: float
     resync_s: float
     small_nodes: int
-    alloc_per_s_small: float
-    alloc_per_s_large: float
+    # allocate+release cycles/s at the same concurrency
+    cycles_per_s_small: float
+    cycles_per_s_large: float
     throughput_ratio: float
     heartbeat_interval_s: int
-    alloc_per_s_with_heartbeats: float
+    cycles_per_s_with_heartbeats: float
     heartbeat_cost: float
     heartbeats_sent: int
     heartbeat_errors: int
@@ -68,8 +68,9 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     small_addr = cluster.start_coordinator("/bench-small/")
     await register_nodes(small_addr, [f"s{i:05d}" for i in range(small)])
     await wait_nodes(small_addr, small, 60)
-    await run_load(small_addr, concurrency, min(duration, 2))  # warm-up, as for the large cluster
-    small_load = await run_load(small_addr, concurrency, duration)
+    # Allocate+release cycles: an allocate-only run would fill 100 nodes' 800 GPUs in a second.
+    await run_cycles(small_addr, concurrency, min(duration, 2))  # warm-up, as for the large cluster
+    small_rate, small_doubles = await run_cycles(small_addr, concurrency, duration)
     cluster.stop_coordinator(small_addr)
 
     # The large cluster. node_ttl 3 heartbeat intervals, as agents are told by default.
@@ -81,17 +82,17 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     register_s = time.perf_counter() - t0
     await wait_nodes(addr, nodes, 120)
 
-    # Warm up, then measure without heartbeats (registration just renewed every lease, and
-    # node_ttl leaves time), then with them, from their own process.
-    await run_load(addr, concurrency, min(duration, 2))
-    quiet = await run_load(addr, concurrency, duration)
+    # Agents heartbeat from registration on (from their own process here); measure with them,
+    # then right after stopping them, while every lease is at most one interval old.
     beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp)
     try:
-        await asyncio.sleep(min(heartbeat_interval, 3))
-        with_hb = await run_load(addr, concurrency, duration)
+        await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
+        hb_rate, hb_doubles = await run_cycles(addr, concurrency, duration)
         false_down = await _down_nodes(addr)
     finally:
         sent, hb_errors = _stop_heartbeats(beats)
+    quiet_rate, quiet_doubles = await run_cycles(addr, concurrency, duration)
+    false_down = max(false_down, await _down_nodes(addr))
     rss = cluster.coordinator_rss(addr) / 2**20
 
     # A fresh replica: how long until its view holds all nodes.
@@ -109,14 +110,14 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
         coordinator_rss_mb=round(rss, 1),
         resync_s=round(resync_s, 2),
         small_nodes=small,
-        alloc_per_s_small=round(small_load.alloc_per_s, 1),
-        alloc_per_s_large=round(quiet.alloc_per_s, 1),
-        throughput_ratio=round(quiet.alloc_per_s / small_load.alloc_per_s, 3) if small_load.alloc_per_s else 0.0,
+        cycles_per_s_small=round(small_rate, 1),
+        cycles_per_s_large=round(quiet_rate, 1),
+        throughput_ratio=round(quiet_rate / small_rate, 3) if small_rate else 0.0,
         heartbeat_interval_s=heartbeat_interval,
-        alloc_per_s_with_heartbeats=round(with_hb.alloc_per_s, 1),
-        heartbeat_cost=round(1 - with_hb.alloc_per_s / quiet.alloc_per_s, 3) if quiet.alloc_per_s else 0.0,
+        cycles_per_s_with_heartbeats=round(hb_rate, 1),
+        heartbeat_cost=round(1 - hb_rate / quiet_rate, 3) if quiet_rate else 0.0,
         heartbeats_sent=sent,
         heartbeat_errors=hb_errors,
         false_down=false_down,
-        double_allocations=small_load.double_allocations + with_hb.double_allocations + quiet.double_allocations,
+        double_allocations=small_doubles + hb_doubles + quiet_doubles,
     )
