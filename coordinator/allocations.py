@@ -14,8 +14,10 @@ import functools
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from coordinator import validation
 from coordinator.batch_placement import place_one
@@ -23,6 +25,7 @@ from coordinator.batcher import Batcher, BatchPolicy
 from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
+from coordinator.lease_pool import LeasePool
 from coordinator.records import decode_alloc
 from coordinator.store import Get, Store
 from coordinator.view import ClusterView
@@ -67,6 +70,7 @@ class AllocationService:
         self._keys = keys
         self._policy = policy
         self._background: set[asyncio.Task[None]] = set()
+        self._leases = LeasePool(store)
         self._batcher = Batcher(
             view,
             committer,
@@ -110,7 +114,7 @@ class AllocationService:
                 return existing, True
             raise
 
-        lease = await self._store.grant(ttl)
+        lease, pooled = await self._leases.take(ttl)
         draft = Allocation(
             id=alloc_id, node="", gpus=(), cpus=req.cpus, memory_bytes=req.memory_bytes, ttl_seconds=ttl,
             lease_id=lease, revision=0, owner=owner, request_id=request_id,
@@ -120,14 +124,28 @@ class AllocationService:
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
         # A cancelled client must not revoke a lease its batch is committing (that would fail the
         # whole batch), so the decision waits for the batch's answer.
-        fut.add_done_callback(functools.partial(self._settle_lease, lease, alloc_id))
+        fut.add_done_callback(functools.partial(self._settle_lease, lease, alloc_id, pooled))
         return await asyncio.shield(fut)
 
-    def _settle_lease(self, lease: int, alloc_id: str, fut: asyncio.Future[tuple[Allocation, bool]]) -> None:
+    def _settle_lease(
+        self, lease: int, alloc_id: str, pooled: bool, fut: asyncio.Future[tuple[Allocation, bool]]
+    ) -> None:
         if fut.cancelled() or fut.exception() is not None or fut.result()[0].id != alloc_id:
-            task = asyncio.ensure_future(self._revoke_quietly(lease))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._revoke_quietly(lease))
+        elif pooled:
+            # A pooled lease was granted up to a couple of seconds ago: restart its full TTL now.
+            self._in_background(self._renew_quietly(lease))
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _renew_quietly(self, lease: int) -> None:
+        try:
+            await self._store.keepalive_once(lease)
+        except Exception as exc:  # the allocation then expires up to the pool's max age early
+            log.warning("could not renew pooled lease %x after commit: %s", lease, exc)
 
     def _place(self, req: ResourceRequest, snapshot: Snapshot) -> Placement:
         return place_one(snapshot, req, self._view.index)
