@@ -48,8 +48,9 @@ class BenchCluster:
             "--heartbeat-interval", str(heartbeat), "--log-level", "WARNING", "--etcd-max-txn-ops", "1024",
         ]  # fmt: skip
         proc = procs.start_python_module(f"coordinator-{port}", "coordinator.main", args, self.tmp / f"c-{port}.log")
-        procs.wait_grpc_health(address, 120, proc)
+        # Tracked before the wait, so a coordinator that never gets healthy is stopped too.
         self.coordinators.append((proc, address))
+        procs.wait_grpc_health(address, 120, proc)
         return address
 
     def stop_coordinator(self, address: str) -> None:
