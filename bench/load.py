@@ -89,24 +89,7 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
         await asyncio.gather(*(release(x) for x in live))
 
         # Phase 2: allocate + release cycles, the steady state of a busy cluster.
-        cycles = 0
-        stop = time.perf_counter() + duration / 2
-
-        async def cycler() -> None:
-            nonlocal cycles
-            while time.perf_counter() < stop:
-                try:
-                    a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
-                    rev = await client.release_revision(a.id)
-                except Exception as exc:
-                    errors[type(exc).__name__] += 1
-                    continue
-                grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
-                cycles += 1
-
-        t1 = time.perf_counter()
-        await asyncio.gather(*(cycler() for _ in range(concurrency)))
-        cycle_elapsed = time.perf_counter() - t1
+        cycles, cycle_elapsed = await _cycle(client, concurrency, duration / 2, grants, errors)
         stats1 = await client.stats()
 
     return LoadResult(
@@ -139,22 +122,37 @@ class _Client:
         return await self._stub.GetStats(pb.GetStatsRequest(), timeout=60)
 
 
+async def _cycle(
+    client: _Client, concurrency: int, duration: float, grants: list[Grant], errors: dict[str, int]
+) -> tuple[int, float]:
+    """Allocate + release in `concurrency` loops for `duration`; returns (cycles, seconds)."""
+    cycles = 0
+    stop = time.perf_counter() + duration
+
+    async def cycler() -> None:
+        nonlocal cycles
+        while time.perf_counter() < stop:
+            try:
+                a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
+                rev = await client.release_revision(a.id)
+            except Exception as exc:  # counted and reported, never hidden
+                errors[type(exc).__name__] += 1
+                continue
+            grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
+            cycles += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(cycler() for _ in range(concurrency)))
+    return cycles, time.perf_counter() - t0
+
+
 async def run_cycles(address: str, concurrency: int, duration: float) -> tuple[float, int]:
     """Allocate+release cycles/s (never fills the cluster) and the double allocations seen."""
     grants: list[Grant] = []
-    cycles = 0
+    errors: dict[str, int] = defaultdict(int)
     async with grpc.aio.insecure_channel(address) as channel:
         client = _Client(pb_grpc.CoordinatorServiceStub(channel))
-        stop = time.perf_counter() + duration
-
-        async def cycler() -> None:
-            nonlocal cycles
-            while time.perf_counter() < stop:
-                a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
-                rev = await client.release_revision(a.id)
-                grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
-                cycles += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(cycler() for _ in range(concurrency)))
-        return cycles / (time.perf_counter() - t0), count_double_allocations(grants)
+        cycles, elapsed = await _cycle(client, concurrency, duration, grants, errors)
+    if errors:  # a cycle must never fail here: the cluster cannot fill up
+        raise RuntimeError(f"allocate/release cycles failed: {dict(errors)}")
+    return cycles / elapsed, count_double_allocations(grants)

@@ -7,7 +7,6 @@ against etcd before it creates anything.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -121,4 +120,3 @@ class ContainerForwarder:
             raise agent_error(exc, node, address) from None
         finally:
             call.cancel()  # the user went away: stop the agent's stream too
-            await asyncio.sleep(0)
