@@ -22,6 +22,7 @@ from coordinator.nodes import NodePolicy, NodeService
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import Store, TlsFiles
 from coordinator.view import ClusterView
+from gpulease import eventloop
 from gpulease.errors import GpuLeaseError
 from gpulease.sdnotify import sd_notify
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -64,7 +65,10 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     except RuntimeError as exc:
         raise GpuLeaseError(f"cannot listen on {cfg.listen}: {exc} (is the port in use?)") from exc
     await server.start()
-    log.info("listening on %s, etcd %s, prefix %s", cfg.listen, ",".join(cfg.etcd), cfg.prefix)
+    log.info(
+        "listening on %s, etcd %s, prefix %s, event loop %s",
+        cfg.listen, ",".join(cfg.etcd), cfg.prefix, eventloop.resolve(cfg.event_loop),
+    )  # fmt: skip
 
     view_task = asyncio.create_task(view.run(), name="view")
     commit_task = asyncio.create_task(allocations.run(), name="commits")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        asyncio.run(serve(cfg))
+        eventloop.run(serve(cfg), cfg.event_loop)
     except GpuLeaseError as exc:
         log.error("%s", exc.message)
         return 1

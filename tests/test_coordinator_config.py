@@ -40,6 +40,7 @@ def test_etcd_list_and_units() -> None:
         (["--default-ttl", "soon"], "cannot parse duration"),
         (["--etcd-max-txn-ops", "2"], "at least 16"),
         (["--config", "/nonexistent.toml"], "cannot read config file"),
+        (["--event-loop", "trio"], "event loop must be one of auto, uvloop, asyncio, got 'trio'"),
     ],
 )
 def test_bad_settings_say_what_to_fix(argv: list[str], message: str) -> None:
@@ -52,3 +53,17 @@ def test_unknown_file_keys_are_refused(tmp_path: Path) -> None:
     f.write_text("lisen = '0.0.0.0:1'\n")
     with pytest.raises(InvalidRequest, match="unknown setting"):
         load(["--config", str(f)], env={})
+
+
+def test_event_loop_choice_runs_on_that_loop() -> None:
+    import asyncio
+
+    from gpulease import eventloop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert eventloop.run(loop_module(), "asyncio").startswith("asyncio")
+    # uvloop is a dependency of the coordinator extra, so "auto" must pick it here.
+    assert eventloop.resolve(load([], env={}).event_loop) == "uvloop"
+    assert eventloop.run(loop_module(), "auto").startswith("uvloop")
