@@ -25,7 +25,7 @@ from coordinator.batcher import Batcher, BatchPolicy
 from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
-from coordinator.lease_pool import LeasePool
+from coordinator.lease_pool import LeasePool, needs_renewal
 from coordinator.records import decode_alloc
 from coordinator.store import Get, Store
 from coordinator.view import ClusterView
@@ -114,7 +114,7 @@ class AllocationService:
                 return existing, True
             raise
 
-        lease, pooled = await self._leases.take(ttl)
+        lease, age = await self._leases.take(ttl)
         draft = Allocation(
             id=alloc_id, node="", gpus=(), cpus=req.cpus, memory_bytes=req.memory_bytes, ttl_seconds=ttl,
             lease_id=lease, revision=0, owner=owner, request_id=request_id,
@@ -124,16 +124,17 @@ class AllocationService:
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
         # A cancelled client must not revoke a lease its batch is committing (that would fail the
         # whole batch), so the decision waits for the batch's answer.
-        fut.add_done_callback(functools.partial(self._settle_lease, lease, alloc_id, pooled))
+        fut.add_done_callback(functools.partial(self._settle_lease, ttl, lease, alloc_id, needs_renewal(ttl, age)))
         return await asyncio.shield(fut)
 
     def _settle_lease(
-        self, lease: int, alloc_id: str, pooled: bool, fut: asyncio.Future[tuple[Allocation, bool]]
+        self, ttl: int, lease: int, alloc_id: str, renew: bool, fut: asyncio.Future[tuple[Allocation, bool]]
     ) -> None:
+        self._leases.replenish(ttl)
         if fut.cancelled() or fut.exception() is not None or fut.result()[0].id != alloc_id:
             self._in_background(self._revoke_quietly(lease))
-        elif pooled:
-            # A pooled lease was granted up to a couple of seconds ago: restart its full TTL now.
+        elif renew:
+            # A pooled lease granted up to a couple of seconds ago: restart its full TTL now.
             self._in_background(self._renew_quietly(lease))
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from coordinator.lease_pool import LeasePool
+import pytest
+
+from coordinator.lease_pool import LeasePool, needs_renewal
 from coordinator.store import Store
 from gpulease.v1 import coordinator_pb2 as pb
 from tests import harness
@@ -17,21 +19,39 @@ def test_pool_hands_out_young_granted_leases(etcd: harness.Etcd) -> None:
         await store.start()
         pool = LeasePool(store, size=4, max_age=0.5)
         try:
-            first, pooled = await pool.take(30)
-            assert not pooled and await store.keepalive_once(first) == 30  # empty pool: granted directly
+            first, age = await pool.take(30)
+            assert age == 0.0 and await store.keepalive_once(first) == 30  # empty pool: granted directly
             await asyncio.sleep(0.2)  # the refill runs in the background
-            second, pooled = await pool.take(30)
-            assert pooled and second != first and await store.keepalive_once(second) == 30
+            second, age = await pool.take(30)
+            assert 0 < age <= 0.5 and second != first and await store.keepalive_once(second) == 30
+            pool.replenish(30)  # as an allocation does once it has its answer: back to 4
+            await asyncio.sleep(0.2)
+            assert [(await pool.take(30))[1] > 0 for _ in range(5)] == [True] * 4 + [False]
             await asyncio.sleep(0.7)  # every pooled lease is now older than max_age: none is handed out
-            _, pooled = await pool.take(30)
-            assert not pooled
-            other, pooled = await pool.take(7)  # pools are per TTL
-            assert not pooled and await store.keepalive_once(other) == 7
+            _, age = await pool.take(30)
+            assert age == 0.0
+            other, age = await pool.take(7)  # pools are per TTL
+            assert age == 0.0 and await store.keepalive_once(other) == 7
         finally:
             await pool.close()
             await store.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("ttl", "age", "renew"),
+    [
+        (600, 0.0, False),  # granted for this very call
+        (600, 2.0, False),  # 2 s of 600: within 1 %, the etcd call is saved
+        (60, 0.5, False),
+        (60, 0.7, True),  # over 1 % of a minute: renewed
+        (5, 0.04, False),
+        (5, 1.5, True),  # the test below: 30 % of a short TTL must come back
+    ],
+)
+def test_renewal_at_commit_only_when_the_lease_lost_over_1_percent(ttl: int, age: float, renew: bool) -> None:
+    assert needs_renewal(ttl, age) is renew
 
 
 def test_allocation_on_a_pooled_lease_lives_its_whole_ttl(coordinator: harness.Coordinator) -> None:
