@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
 
 import grpc
 
+from gpulease import eventloop
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -50,6 +52,15 @@ async def heartbeat(address: str, leases: dict[str, int], interval: float, stop:
     return sent, errors
 
 
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A bench killed before it could stop this process must not leave it beating forever."""
+    parent = os.getppid()
+    while not stop.is_set():
+        if os.getppid() != parent:
+            stop.set()
+        await asyncio.sleep(1)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("address")
@@ -62,9 +73,13 @@ def main() -> int:
     async def run() -> tuple[int, int]:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        return await heartbeat(args.address, leases, args.interval, stop)
+        orphan_check = asyncio.create_task(_stop_when_orphaned(stop))
+        try:
+            return await heartbeat(args.address, leases, args.interval, stop)
+        finally:
+            orphan_check.cancel()
 
-    sent, errors = asyncio.run(run())
+    sent, errors = eventloop.run(run())
     print(json.dumps({"sent": sent, "errors": errors}), flush=True)
     return 0
 
