@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -48,13 +49,15 @@ async def heartbeat(address: str, leases: dict[str, int], interval: float, stop:
                 task = asyncio.create_task(beat(name))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            # The next round starts one interval after this one (and the loop always yields).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, start + interval - time.perf_counter()))
         await asyncio.gather(*tasks, return_exceptions=True)
     return sent, errors
 
 
-async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+async def _stop_when_orphaned(stop: asyncio.Event, parent: int) -> None:
     """A bench killed before it could stop this process must not leave it beating forever."""
-    parent = os.getppid()
     while not stop.is_set():
         if os.getppid() != parent:
             stop.set()
@@ -66,6 +69,7 @@ def main() -> int:
     p.add_argument("address")
     p.add_argument("leases", help="JSON file: node -> lease id")
     p.add_argument("--interval", type=float, default=10)
+    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone (default: the parent)")
     args = p.parse_args()
     with open(args.leases) as fh:
         leases = {k: int(v) for k, v in json.load(fh).items()}
@@ -73,7 +77,7 @@ def main() -> int:
     async def run() -> tuple[int, int]:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        orphan_check = asyncio.create_task(_stop_when_orphaned(stop))
+        orphan_check = asyncio.create_task(_stop_when_orphaned(stop, args.parent_pid or os.getppid()))
         try:
             return await heartbeat(args.address, leases, args.interval, stop)
         finally:

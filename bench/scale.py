@@ -4,6 +4,7 @@ the cost of 10,000 nodes heartbeating every 10 s while allocations run."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,7 +46,8 @@ class ScaleResult:
 def _start_heartbeats(address: str, leases: dict[str, int], interval: int, tmp: Path) -> subprocess.Popen[str]:
     path = tmp / "leases.json"
     path.write_text(json.dumps(leases))
-    return subprocess.Popen([sys.executable, "-m", "bench.heartbeats", address, str(path), "--interval", str(interval)],
+    return subprocess.Popen([sys.executable, "-m", "bench.heartbeats", address, str(path), "--interval", str(interval),
+                             "--parent-pid", str(os.getpid())],
                             stdout=subprocess.PIPE, text=True, env=procs.python_child_env())  # fmt: skip
 
 
