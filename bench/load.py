@@ -9,11 +9,10 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import grpc
-
 from bench.stats import Latencies
+from gpulease.client.aio import AsyncClient
+from gpulease.client.models import AllocationInfo
 from gpulease.v1 import coordinator_pb2 as pb
-from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 
 
 @dataclass
@@ -55,8 +54,8 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
     errors: dict[str, int] = defaultdict(int)
     grants: list[Grant] = []
     lat = Latencies()
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = _Client(pb_grpc.CoordinatorServiceStub(channel))
+    client = _Client(address)
+    try:
         stats0 = await client.stats()
 
         # Phase 1: allocations only, so allocations/s is not diluted by releases.
@@ -72,7 +71,7 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
                     errors[type(exc).__name__] += 1
                     continue
                 lat.add(time.perf_counter() - t0)
-                live.append((a.id, a.node, tuple(g.index for g in a.gpus), a.revision))
+                live.append((a.id, a.node, a.gpu_indexes, a.revision))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(allocator() for _ in range(concurrency)))
@@ -91,6 +90,8 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
         # Phase 2: allocate + release cycles, the steady state of a busy cluster.
         cycles, cycle_elapsed = await _cycle(client, concurrency, duration / 2, grants, errors)
         stats1 = await client.stats()
+    finally:
+        await client.close()
 
     return LoadResult(
         concurrency=concurrency,
@@ -106,20 +107,27 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
 
 
 class _Client:
-    """The calls the bench makes, over the generated stubs."""
+    """The calls the bench makes, through the real client library (gpulease.client.aio)."""
 
-    def __init__(self, stub: pb_grpc.CoordinatorServiceStub) -> None:
-        self._stub = stub
+    def __init__(self, address: str) -> None:
+        # No retry deadline: a failed call is counted, never retried behind the bench's back.
+        self._client = AsyncClient(address, timeout=60, retry_deadline=0)
 
-    async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> pb.AllocateResponse:
-        request = pb.AllocateRequest(gpus=gpus, cpus=cpus, memory_bytes=memory, ttl_seconds=ttl, request_id=request_id)
-        return (await self._stub.Allocate(request, timeout=60)).allocation
+    async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> AllocationInfo:
+        return await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id)
 
     async def release_revision(self, allocation_id: str) -> int:
-        return int((await self._stub.Release(pb.ReleaseRequest(allocation_id=allocation_id), timeout=60)).revision)
+        # AsyncClient.release answers only whether it released; the bench needs the release's
+        # revision for its double-allocation check, so it reads the response over the same channels.
+        response = await self._client._rpc.call("Release", pb.ReleaseRequest(allocation_id=allocation_id),
+                                                pb.ReleaseResponse)  # fmt: skip
+        return int(response.revision)
 
     async def stats(self) -> pb.GetStatsResponse:
-        return await self._stub.GetStats(pb.GetStatsRequest(), timeout=60)
+        return await self._client._rpc.call("GetStats", pb.GetStatsRequest(), pb.GetStatsResponse)
+
+    async def close(self) -> None:
+        await self._client.close()
 
 
 async def _cycle(
@@ -138,7 +146,7 @@ async def _cycle(
             except Exception as exc:  # counted and reported, never hidden
                 errors[type(exc).__name__] += 1
                 continue
-            grants.append(Grant(a.id, a.node, tuple(g.index for g in a.gpus), a.revision, rev))
+            grants.append(Grant(a.id, a.node, a.gpu_indexes, a.revision, rev))
             cycles += 1
 
     t0 = time.perf_counter()
@@ -150,9 +158,11 @@ async def run_cycles(address: str, concurrency: int, duration: float) -> tuple[f
     """Allocate+release cycles/s (never fills the cluster) and the double allocations seen."""
     grants: list[Grant] = []
     errors: dict[str, int] = defaultdict(int)
-    async with grpc.aio.insecure_channel(address) as channel:
-        client = _Client(pb_grpc.CoordinatorServiceStub(channel))
+    client = _Client(address)
+    try:
         cycles, elapsed = await _cycle(client, concurrency, duration, grants, errors)
+    finally:
+        await client.close()
     if errors:  # a cycle must never fail here: the cluster cannot fill up
         raise RuntimeError(f"allocate/release cycles failed: {dict(errors)}")
     return cycles / elapsed, count_double_allocations(grants)

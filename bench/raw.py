@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from bench.stats import Latencies
 from coordinator.store import Cmp, Put, Store
 
@@ -35,3 +38,22 @@ async def raw_txn(etcd_url: str, concurrency: int, duration: float) -> tuple[flo
     finally:
         await store.close()
     return done / (time.perf_counter() - t0), lat
+
+
+async def noop_rpc(address: str, concurrency: int, duration: float) -> float:
+    """The Python gRPC front's own ceiling: health checks/s against the coordinator, which do no
+    work. No allocate can be cheaper than this, so it bounds allocations/s on this machine."""
+    done = 0
+    stop = time.perf_counter() + duration
+    async with grpc.aio.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await check(health_pb2.HealthCheckRequest(), timeout=10)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0)
