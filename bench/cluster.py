@@ -59,11 +59,14 @@ class BenchCluster:
                 proc.stop()
                 self.coordinators.remove((proc, addr))
 
-    def coordinator_rss(self, address: str) -> int:
+    def pid(self, address: str) -> int:
         for proc, addr in self.coordinators:
             if addr == address:
-                return int(psutil.Process(proc.pid).memory_info().rss)
+                return proc.pid
         raise KeyError(address)
+
+    def coordinator_rss(self, address: str) -> int:
+        return int(psutil.Process(self.pid(address)).memory_info().rss)
 
     def etcd_version(self) -> str:
         out = subprocess.run([procs.find_etcd(), "--version"], capture_output=True, text=True, timeout=10).stdout

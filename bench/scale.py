@@ -3,6 +3,7 @@ the cost of 10,000 nodes heartbeating every 10 s while allocations run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 
 from bench.cluster import BenchCluster, register_nodes, wait_nodes
 from bench.load import run_cycles
@@ -37,6 +39,8 @@ class ScaleResult:
     heartbeat_interval_s: int
     cycles_per_s_with_heartbeats: float
     heartbeat_cost: float
+    # coordinator CPU per Heartbeat RPC (gRPC handling plus one etcd lease renewal)
+    coordinator_cpu_ms_per_heartbeat: float
     heartbeats_sent: int
     heartbeat_errors: int
     false_down: int
@@ -56,6 +60,13 @@ def _stop_heartbeats(proc: subprocess.Popen[str]) -> tuple[int, int]:
     out, _ = proc.communicate(timeout=60)
     doc = json.loads(out.strip().splitlines()[-1])
     return int(doc["sent"]), int(doc["errors"])
+
+
+async def _cpu_seconds(proc: psutil.Process, seconds: float) -> float:
+    """CPU seconds (user + system) `proc` uses over the next `seconds`."""
+    before = sum(proc.cpu_times()[:2])
+    await asyncio.sleep(seconds)
+    return sum(proc.cpu_times()[:2]) - before
 
 
 async def _down_nodes(address: str) -> int:
@@ -86,8 +97,16 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
 
     # Agents heartbeat from registration on (from their own process here); measure with them,
     # then right after stopping them, while every lease is at most one interval old.
+    # What one heartbeat costs the coordinator with nothing else running: its CPU over a window
+    # with heartbeats, less an idle window's, divided by the heartbeats the sender paces into it.
+    coordinator = psutil.Process(cluster.pid(addr))
+    window = min(duration, 5)
+    idle_cpu_s = await _cpu_seconds(coordinator, window)
     beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp)
     try:
+        await asyncio.sleep(2)
+        beat_cpu_s = await _cpu_seconds(coordinator, window)
+        hb_cpu_ms = (beat_cpu_s - idle_cpu_s) * 1000 / (nodes / heartbeat_interval * window)
         await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
         hb_rate, hb_doubles = await run_cycles(addr, concurrency, duration)
         false_down = await _down_nodes(addr)
@@ -118,6 +137,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
         heartbeat_interval_s=heartbeat_interval,
         cycles_per_s_with_heartbeats=round(hb_rate, 1),
         heartbeat_cost=round(1 - hb_rate / quiet_rate, 3) if quiet_rate else 0.0,
+        coordinator_cpu_ms_per_heartbeat=round(hb_cpu_ms, 3),
         heartbeats_sent=sent,
         heartbeat_errors=hb_errors,
         false_down=false_down,
