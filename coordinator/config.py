@@ -33,7 +33,7 @@ class CoordinatorConfig:
     # Must not exceed etcd's own --max-txn-ops (default 128): it caps how many allocations
     # one batched transaction may carry.
     etcd_max_txn_ops: int = 128
-    # "auto": uvloop when installed (about a fifth more allocations/s, see docs/performance.md).
+    # "auto": uvloop when installed (lower latency per RPC, see docs/performance.md).
     event_loop: str = "auto"
     log_level: str = "INFO"
 
