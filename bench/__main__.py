@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[str, object]:
-    log = (lambda *_: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr, flush=True)
+
     runs = []
     log(f"registering {args.nodes} simulated nodes x 8 GPUs through RegisterNode ...")
     address = cluster.start_coordinator("/bench/")
@@ -132,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print_tables(result)
-    doubles = sum(r["double_allocations"] for r in result["runs"])  # type: ignore[attr-defined]
+    doubles = sum(r["double_allocations"] for r in result["runs"])
     if result.get("scale"):
-        doubles += result["scale"]["double_allocations"]  # type: ignore[index]
+        doubles += result["scale"]["double_allocations"]
     if doubles:
         print(f"FAILED: {doubles} double allocations", file=sys.stderr)
         return 1

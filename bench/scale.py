@@ -64,9 +64,10 @@ def _stop_heartbeats(proc: subprocess.Popen[str]) -> tuple[int, int]:
 
 async def _cpu_seconds(proc: psutil.Process, seconds: float) -> float:
     """CPU seconds (user + system) `proc` uses over the next `seconds`."""
-    before = sum(proc.cpu_times()[:2])
+    before = proc.cpu_times()
     await asyncio.sleep(seconds)
-    return sum(proc.cpu_times()[:2]) - before
+    after = proc.cpu_times()
+    return float(after.user + after.system - before.user - before.system)
 
 
 async def _down_nodes(address: str) -> int:

@@ -3,9 +3,11 @@
 Each pooled lease is young (at most `max_age` seconds old). Once its allocation commits, it is
 renewed to its full TTL unless it has lost less than 1 % of it (`needs_renewal`): at busy times
 leases leave the pool within milliseconds, and skipping that renewal saves an etcd call per
-allocation. If a renewal fails, the allocation is at most `max_age` short. Pools exist only for TTLs that were asked for, refill
-only when used, and never grow past `size`: an idle coordinator grants nothing. Unused leases
-simply expire (nothing is attached to them).
+allocation. If a renewal fails, the allocation is at most `max_age` short.
+
+Pools exist only for TTLs that were asked for, refill only when used (after the allocation
+that used one has its answer, see `replenish`), and never grow past `size`: an idle coordinator
+grants nothing. Unused leases simply expire (nothing is attached to them).
 """
 
 from __future__ import annotations
