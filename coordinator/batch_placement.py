@@ -6,6 +6,7 @@ etcd transaction can commit the whole batch without two of its allocations overl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
@@ -35,9 +36,14 @@ class _Overlay(Mapping[str, NodeView]):
         return len(self._base) - sum(1 for k in self._hidden if k in self._base)
 
 
-def place_one(snapshot: Snapshot, req: ResourceRequest, index: PlacementIndex | None) -> Placement:
-    """place(), through the index when it can answer (it must agree with place(); tests check)."""
-    name = index.find(req) if index is not None else None
+def place_one(
+    snapshot: Snapshot, req: ResourceRequest, index: PlacementIndex | None, excluded: frozenset[str] = frozenset()
+) -> Placement:
+    """place(), through the index when it can answer (it must agree with place(); tests check).
+
+    `excluded` names nodes that `snapshot` already hides; the index, which knows every node, is
+    told to skip them too."""
+    name = index.find(req, excluded) if index is not None else None
     if name is not None:
         return placement_on(snapshot.nodes[name], req, snapshot.revision)
     return place(snapshot, req)
@@ -47,8 +53,12 @@ def place_batch(
     snapshot: Snapshot,
     requests: Sequence[tuple[ResourceRequest, frozenset[str]]],
     index: PlacementIndex | None = None,
+    avoid: Sequence[frozenset[str]] | None = None,
 ) -> list[Placement | PlacementError]:
     """One result per (request, excluded nodes) pair, in order: a Placement or the error placing it.
+
+    `avoid[i]`, when given, names nodes request i should stay off if any other node fits (nodes
+    another replica keeps winning); unlike excluded nodes, they are used when nothing else fits.
 
     With an index (the view's, in step with snapshot), the batch's own placements are applied to
     it tentatively so later members see them, and undone before returning.
@@ -56,16 +66,21 @@ def place_batch(
     changed: dict[str, NodeView] = {}
     out: list[Placement | PlacementError] = []
     try:
-        for req, excluded in requests:
-            nodes: Mapping[str, NodeView] = snapshot.nodes
-            if changed or excluded:
-                nodes = _Overlay(snapshot.nodes, changed, excluded)
-            try:
-                p = place_one(Snapshot(snapshot.revision, nodes), req, None if excluded else index)
-            except (InsufficientResources, Unsatisfiable) as exc:
-                out.append(exc)
-                continue
-            v = nodes[p.node]
+        for i, (req, excluded) in enumerate(requests):
+            soft = avoid[i] - excluded if avoid else frozenset()
+            p: Placement | None = None
+            # With an index, avoid only when it says (cheaply) that another node fits; a filtered
+            # request it cannot answer keeps the avoided nodes rather than pay for two scans.
+            if soft and (index is None or index.find(req, excluded | soft) is not None):
+                with contextlib.suppress(InsufficientResources, Unsatisfiable):
+                    p = _place_in_batch(snapshot, changed, req, excluded | soft, index)
+            if p is None:  # nothing to avoid, or nothing else fits: the avoided nodes are eligible
+                try:
+                    p = _place_in_batch(snapshot, changed, req, excluded, index)
+                except (InsufficientResources, Unsatisfiable) as exc:
+                    out.append(exc)
+                    continue
+            v = changed.get(p.node) or snapshot.nodes[p.node]
             changed[p.node] = replace(
                 v,
                 gpus_held=v.gpus_held | frozenset(p.gpu_indexes),
@@ -80,3 +95,16 @@ def place_batch(
             for name in changed:
                 index.update(name, snapshot.nodes.get(name))
     return out
+
+
+def _place_in_batch(
+    snapshot: Snapshot,
+    changed: Mapping[str, NodeView],
+    req: ResourceRequest,
+    excluded: frozenset[str],
+    index: PlacementIndex | None,
+) -> Placement:
+    nodes: Mapping[str, NodeView] = snapshot.nodes
+    if changed or excluded:
+        nodes = _Overlay(snapshot.nodes, changed, excluded)
+    return place_one(Snapshot(snapshot.revision, nodes), req, index, excluded)

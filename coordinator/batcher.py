@@ -42,6 +42,9 @@ class SnapshotSource(Protocol):
 @dataclass(frozen=True)
 class BatchPolicy:
     max_rounds: int = 20  # rejected commits one request may take part in before Conflict
+    # How long a node where this coordinator lost a commit race stays avoided by every request
+    # (while other nodes fit): long enough for replicas to settle on different nodes.
+    contested_for: float = 1.0
     max_txn_ops: int = 128  # etcd's default --max-txn-ops
     catch_up_timeout: float = 1.0
 
@@ -52,6 +55,8 @@ class _Pending:
     draft: Allocation
     fut: asyncio.Future[Outcome]
     excluded: frozenset[str] = frozenset()
+    # Nodes where this request lost a commit race: placed elsewhere while anything else fits.
+    avoid: frozenset[str] = frozenset()
     rejections: int = 0
     placement: Placement | None = field(default=None)
 
@@ -72,6 +77,7 @@ class Batcher:
         self._by_id = by_id
         self._policy = policy
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._contested: dict[str, float] = {}  # node -> until when (loop time) it is avoided
         self.commits = 0  # etcd transactions sent
         self.rejections = 0
         self.committed = 0  # allocations committed
@@ -102,7 +108,9 @@ class Batcher:
 
     async def _round(self, pending: list[_Pending]) -> None:
         snapshot = self._source.snapshot()
-        results = place_batch(snapshot, [(p.req, p.excluded) for p in pending], getattr(self._source, "index", None))
+        contested = self._still_contested()
+        results = place_batch(snapshot, [(p.req, p.excluded) for p in pending], getattr(self._source, "index", None),
+                              [p.avoid | contested for p in pending])  # fmt: skip
         chosen: list[_Pending] = []
         request_ids: set[str] = set()
         for p, result in zip(pending, results, strict=True):
@@ -154,6 +162,8 @@ class Batcher:
             return
         assert isinstance(result, Rejected)
         self.rejections += 1
+        until = asyncio.get_running_loop().time() + self._policy.contested_for
+        self._contested.update(dict.fromkeys(result.conflicted, until))
         for p in chosen:
             holder = result.taken.get(p.draft.request_id)
             if holder:
@@ -163,12 +173,23 @@ class Batcher:
                     continue
             if p.placement and p.placement.node in result.unusable:
                 p.excluded |= {p.placement.node}
+            elif p.placement and p.placement.node in result.conflicted:
+                # Best fit sends every replica to the same node; whoever lost there goes to
+                # the next best instead of racing for it again (livelock under steady load).
+                p.avoid |= {p.placement.node}
             p.rejections += 1
             if p.rejections >= self._policy.max_rounds:
                 _fail(p, Conflict(
                     f"gave up after {p.rejections} conflicting commits (heavy contention for the same nodes); "
                     "retry the request"))  # fmt: skip
         await self._source.wait_for_revision(result.revision, self._policy.catch_up_timeout)
+
+    def _still_contested(self) -> frozenset[str]:
+        if not self._contested:
+            return frozenset()
+        now = asyncio.get_running_loop().time()
+        self._contested = {node: until for node, until in self._contested.items() if until > now}
+        return frozenset(self._contested)
 
 
 def _resolve(p: _Pending, outcome: Outcome) -> None:

@@ -48,6 +48,9 @@ class Rejected:
     taken: Mapping[str, str] = field(default_factory=dict)
     # nodes that etcd says are down or cordoned: don't pick them again for these requests
     unusable: frozenset[str] = frozenset()
+    # nodes whose GPUs, reservations or record changed after the snapshot: another commit (most
+    # likely another replica's, placing by the same policy) got there first
+    conflicted: frozenset[str] = frozenset()
 
 
 CommitResult = Committed | Rejected
@@ -110,5 +113,10 @@ class EtcdCommitter:
         taken = {a.request_id: r[0].value.decode() for a, r in zip(allocs, out.reads, strict=False) if r}
         per_node = out.reads[len(allocs) :]
         unusable = frozenset(node for j, node in enumerate(nodes) if not per_node[5 * j] or per_node[5 * j + 1])
+        conflicted = frozenset(
+            node
+            for j, (node, p) in enumerate(nodes.items())
+            if any(kv.mod_revision > p.snapshot_revision for read in per_node[5 * j + 2 : 5 * j + 5] for kv in read)
+        )
         seen = [kv.mod_revision for read in out.reads for kv in read]
-        return Rejected(max(seen, default=out.revision), taken, unusable)
+        return Rejected(max(seen, default=out.revision), taken, unusable, conflicted)

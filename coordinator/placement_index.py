@@ -44,8 +44,9 @@ class PlacementIndex:
         self._buckets.setdefault(free, SortedList()).add(key)
         self._where[name] = (free, key)
 
-    def find(self, req: ResourceRequest) -> str | None:
-        """Best-fit node for an unfiltered request, or None (then the full scan decides)."""
+    def find(self, req: ResourceRequest, excluded: frozenset[str] = frozenset()) -> str | None:
+        """Best-fit node for an unfiltered request, skipping `excluded`, or None (then the full
+        scan decides)."""
         if req.gpu_model or req.min_gpu_memory_bytes or req.node_selector:
             return None
         for free in sorted(b for b, keys in self._buckets.items() if b >= req.gpus and keys):
@@ -53,7 +54,7 @@ class PlacementIndex:
             # First key with enough CPUs; keys with equal CPUs are ordered by memory, so
             # starting at (need_cpus, need_mem) skips the ones short of memory at that CPU count.
             for _cpus_free, mem_free, name in keys.irange((req.cpus, req.memory_bytes, "")):
-                if mem_free >= req.memory_bytes:
+                if mem_free >= req.memory_bytes and name not in excluded:
                     return str(name)
         return None
 

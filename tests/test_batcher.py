@@ -144,6 +144,39 @@ async def test_unusable_node_is_excluded_on_retry() -> None:
     assert [i.placement.node for b in committer.batches for i in b] == ["a", "b"] and alloc.node == "b"
 
 
+async def test_node_lost_in_a_commit_race_is_avoided_on_retry() -> None:
+    # "a" is the best fit, but another replica's commit got there first: go to "b" rather than
+    # race for "a" again (best fit would send every replica back to it).
+    committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, conflicted=frozenset({"a"})))
+    [(alloc, _)] = await run_batch(make(FakeSource(node("a", 2), node("b", 8)), committer), [(ONE, draft(1))])  # type: ignore[misc]
+    assert [i.placement.node for b in committer.batches for i in b] == ["a", "b"] and alloc.node == "b"
+
+
+async def test_a_lost_race_does_not_stop_a_request_that_only_fits_there() -> None:
+    committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, conflicted=frozenset({"a"})))
+    # "b" has every GPU held: "a" is avoided only while something else fits, so the retry is "a".
+    source = FakeSource(node("a", 2), node("b", 8, held=frozenset(range(8))))
+    [(alloc, _)] = await run_batch(make(source, committer), [(ONE, draft(1))])  # type: ignore[misc]
+    assert [i.placement.node for b in committer.batches for i in b] == ["a", "a"] and alloc.node == "a"
+
+
+async def test_contested_node_is_avoided_by_later_requests_for_a_while() -> None:
+    committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, conflicted=frozenset({"a"})))
+    batcher = Batcher(FakeSource(node("a", 2), node("b", 8)), committer, by_request_id=no_lookup, by_id=no_lookup,
+                      policy=BatchPolicy(max_rounds=5, contested_for=0.3))  # fmt: skip
+    task = asyncio.create_task(batcher.run())
+    try:
+        await asyncio.wait_for(batcher.submit(ONE, draft(1)), 5)
+        fresh = await asyncio.wait_for(batcher.submit(ONE, draft(2)), 5)  # a new request, never rejected
+        await asyncio.sleep(0.4)
+        later = await asyncio.wait_for(batcher.submit(ONE, draft(3)), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert fresh[0].node == "b"  # the lost race still steers new requests away from "a"...
+    assert later[0].node == "a"  # ...until contested_for has passed: best fit again
+
+
 async def test_duplicate_request_ids_in_one_batch_never_share_a_txn() -> None:
     committer = FakeCommitter()
     await run_batch(make(FakeSource(node("a")), committer), [(ONE, draft(1, "dup")), (ONE, draft(2, "dup"))])

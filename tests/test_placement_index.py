@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.batch_placement import place_batch
-from coordinator.domain import GpuInfo, NodeInfo, NodeView, ResourceRequest, Snapshot
+from coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
 from coordinator.placement import place
 from coordinator.placement_index import PlacementIndex, placement_on
 from gpulease.errors import InsufficientResources, Unsatisfiable
@@ -74,6 +74,43 @@ def test_batch_with_index_agrees_with_batch_without(nodes: dict[str, NodeView], 
     ]
     # The tentative updates are undone: the index matches the snapshot again.
     assert index._where == indexed(nodes)._where
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters(), st.lists(st.tuples(requests, st.sets(st.sampled_from([f"n{i}" for i in range(12)]))),
+                            min_size=1, max_size=6))  # fmt: skip
+def test_excluded_nodes_the_same_with_or_without_index(
+    nodes: dict[str, NodeView], reqs: list[tuple[ResourceRequest, set[str]]]
+) -> None:
+    snapshot = Snapshot(5, MappingProxyType(nodes))
+    batch = [(r, frozenset(ex)) for r, ex in reqs]
+    with_index = place_batch(snapshot, batch, indexed(nodes))
+    without = place_batch(snapshot, batch)
+    assert [type(x) if isinstance(x, Exception) else x for x in with_index] == [
+        type(x) if isinstance(x, Exception) else x for x in without
+    ]
+    assert all(isinstance(x, Exception) or x.node not in ex for x, (_, ex) in zip(with_index, batch, strict=True))
+
+
+def _gpu_node(name: str, gpus: int, held: int = 0) -> NodeView:
+    info = NodeInfo(name, "h:1", tuple(GpuInfo(i, f"{name}-{i}", "M", 80) for i in range(gpus)), 64, 2**40)
+    return NodeView(info, up=True, record_revision=1, gpus_held=frozenset(range(held)))
+
+
+@pytest.mark.parametrize("use_index", [True, False])
+@pytest.mark.parametrize(
+    ("b_held", "expected"),
+    [(0, "b"), (8, "a")],  # avoid "a" while "b" has room; take "a" when nothing else fits
+    ids=["other-node-fits", "only-the-avoided-node-fits"],
+)
+def test_avoided_nodes_are_used_only_when_nothing_else_fits(use_index: bool, b_held: int, expected: str) -> None:
+    nodes = {"a": _gpu_node("a", 2), "b": _gpu_node("b", 8, held=b_held)}
+    snapshot = Snapshot(5, MappingProxyType(nodes))
+    req = ResourceRequest(gpus=1, cpus=1, memory_bytes=1)
+    [plain] = place_batch(snapshot, [(req, frozenset())], indexed(nodes) if use_index else None)
+    [avoiding] = place_batch(snapshot, [(req, frozenset())], indexed(nodes) if use_index else None, [frozenset({"a"})])
+    assert isinstance(plain, Placement) and plain.node == "a"  # best fit
+    assert isinstance(avoiding, Placement) and avoiding.node == expected
 
 
 def test_filtered_requests_are_left_to_the_scan() -> None:
