@@ -36,6 +36,18 @@ class Grant:
     released: int
 
 
+def assert_no_gpu_held_twice(history: list[Grant]) -> None:
+    """Each GPU's holders, as [grant revision, release revision) intervals, never overlap."""
+    intervals: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
+    for g in history:
+        for i in g.gpus:
+            intervals[(g.node, i)].append((g.granted, g.released, g.alloc_id))
+    for gpu, spans in intervals.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+            assert start >= end, f"GPU {gpu} held by {first} and {second} at once (revision {start} < {end})"
+
+
 def two_replicas(start: Callable[..., harness.Coordinator]) -> list[harness.Coordinator]:
     replicas = [start(), start()]
     for name, gpus in NODES.items():
@@ -84,16 +96,10 @@ def test_no_gpu_is_ever_held_twice(start_coordinator: Callable[..., harness.Coor
     assert outcomes["OK"] == CLIENTS * CYCLES_PER_CLIENT >= 500, outcomes
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"only 'cluster busy' may fail: {outcomes}"
     assert len({g.alloc_id for g in history}) == len(history)
-    intervals: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
     for g in history:
         assert g.released > g.granted
         assert len(g.gpus) == len(set(g.gpus)) and all(0 <= i < NODES[g.node] for i in g.gpus)
-        for i in g.gpus:
-            intervals[(g.node, i)].append((g.granted, g.released, g.alloc_id))
-    for gpu, spans in intervals.items():
-        spans.sort()
-        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-            assert start >= end, f"GPU {gpu} held by {first} and {second} at once (revision {start} < {end})"
+    assert_no_gpu_held_twice(history)
     for r in replicas:
         assert harness.summary(r.stub).totals.gpus_free == sum(NODES.values())
     assert [k for k in harness.etcd_keys(etcd.url, prefix) if k.startswith(("allocs/", "gpus/", "res/", "reqs/"))] == []
@@ -164,11 +170,4 @@ def test_replicas_under_steady_load_settle_on_different_nodes(start_coordinator:
     # Racing for the same node every time rejected about a third of all commits; settling apart,
     # under a tenth.
     assert rejected <= 0.2 * commits, f"{rejected} of {commits} commits rejected: the replicas keep colliding"
-    intervals: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
-    for g in history:
-        for i in g.gpus:
-            intervals[(g.node, i)].append((g.granted, g.released, g.alloc_id))
-    for gpu, spans in intervals.items():
-        spans.sort()
-        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-            assert start >= end, f"GPU {gpu} held by {first} and {second} at once (revision {start} < {end})"
+    assert_no_gpu_held_twice(history)
