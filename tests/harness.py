@@ -58,7 +58,8 @@ def start_coordinator(
     proc = procs.start_python_module(name, "coordinator.main", args, tmp / f"{name}.log",
                                      env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
     procs.wait_grpc_health(address, 20, proc)
-    channel = grpc.insecure_channel(address)
+    # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB (see the client).
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * 2**20)])
     return Coordinator(address, proc, channel, pb_grpc.CoordinatorServiceStub(channel))
 
 

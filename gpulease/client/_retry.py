@@ -31,10 +31,16 @@ MIN_ATTEMPT_S = 0.25
 
 # Reconnect quickly once a coordinator is back: gRPC's default backoff grows to 120 s, and while a
 # channel waits to reconnect every call on it fails at once.
+#
+# gRPC refuses answers over 4 MiB by default; ListNodes and GetClusterSummary pass that at a few
+# thousand nodes (~600 bytes per simulated node, several KB with NVML telemetry). 256 MiB still
+# bounds what a client will buffer.
+MAX_RECEIVE_BYTES = 256 * 2**20
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 )
 
 
