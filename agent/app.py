@@ -93,6 +93,7 @@ async def run_agent(cfg: AgentConfig) -> int:
             vouchers=vouchers,
             interval=cfg.enforce_interval_seconds,
             grace=cfg.enforce_grace_seconds,
+            retention=cfg.container_retention_seconds,
         )
         try:
             server = await start_server(cfg.listen, cfg.node_id, inventory, containers)

@@ -35,6 +35,11 @@ DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_ENFORCE_INTERVAL_S = 2.0
 DEFAULT_ENFORCE_GRACE_S = 1.0
 MAX_GRACE_S = 300.0
+# Exited containers whose allocation has ended are removed this long after they finished: long
+# enough to read their logs and exit code, short enough that a busy GPU server's disk does not
+# fill with writable layers and logs.
+DEFAULT_CONTAINER_RETENTION_S = 3600.0
+MAX_CONTAINER_RETENTION_S = 30 * 86400.0
 MAX_ENFORCE_INTERVAL_S = 60.0
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -65,6 +70,7 @@ class AgentConfig:
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_S
     enforce_interval_seconds: float = DEFAULT_ENFORCE_INTERVAL_S
     enforce_grace_seconds: float = DEFAULT_ENFORCE_GRACE_S
+    container_retention_seconds: float = DEFAULT_CONTAINER_RETENTION_S
 
 
 # Setting name -> env var suffix. TOML keys are the setting names (dashes also accepted).
@@ -83,6 +89,7 @@ _SCALAR_SETTINGS = (
     "stop_grace_seconds",
     "enforce_interval_seconds",
     "enforce_grace_seconds",
+    "container_retention_seconds",
 )
 
 
@@ -136,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         type=float,
         help=f"SIGTERM-to-SIGKILL grace when a container's allocation has ended (default {DEFAULT_ENFORCE_GRACE_S:g})",
+    )
+    p.add_argument(
+        "--container-retention-seconds",
+        metavar="S",
+        type=float,
+        help="remove an exited container this long after it finished, once its allocation has ended "
+        f"(default {DEFAULT_CONTAINER_RETENTION_S:g})",
     )
     return p
 
@@ -269,6 +283,9 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
             values, "enforce_interval_seconds", DEFAULT_ENFORCE_INTERVAL_S, 0.1, MAX_ENFORCE_INTERVAL_S
         ),
         enforce_grace_seconds=_seconds(values, "enforce_grace_seconds", DEFAULT_ENFORCE_GRACE_S, 0.0, MAX_GRACE_S),
+        container_retention_seconds=_seconds(
+            values, "container_retention_seconds", DEFAULT_CONTAINER_RETENTION_S, 0.0, MAX_CONTAINER_RETENTION_S
+        ),
     )
 
 
@@ -283,7 +300,7 @@ def _seconds(values: Mapping[str, Any], name: str, default: float, low: float, h
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from e
     if not low <= value <= high:  # also rejects NaN
-        raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {raw!r}")
+        raise ConfigError(f"{name} must be between {low:g} and {high:.0f} seconds, got {raw!r}")
     return value
 
 

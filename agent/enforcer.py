@@ -12,6 +12,10 @@ container is stopped (SIGTERM, SIGKILL after ``grace``) when:
 Containers are listed *before* allocations, so a container that is listed was started (after a
 fencing check) before the allocation list was read: missing from that list means really gone.
 
+Exited containers are removed (with their writable layer and logs) once their allocation is not
+live and they finished more than ``retention`` seconds ago; only after an answer from the
+coordinator, so an outage never removes anything.
+
 Budget, with the defaults (interval 2 s, grace 1 s): a released allocation's containers are
 stopped within ~interval + ListAllocations + grace + docker's kill ~= 3.6 s; an expired lease's
 within TTL + etcd's expiry lag (<= ~0.5 s) + that ~= TTL + 4.1 s, inside the TTL + 5 s promise.
@@ -54,6 +58,7 @@ class TickReport:
     running: list[ContainerInfo] = field(default_factory=list)
     stopped: list[Verdict] = field(default_factory=list)
     kept: list[ContainerInfo] = field(default_factory=list)
+    removed: list[ContainerInfo] = field(default_factory=list)
 
 
 def judge(
@@ -92,6 +97,7 @@ class Enforcer:
         vouchers: Vouchers,
         interval: float,
         grace: float,
+        retention: float = 3600.0,
     ) -> None:
         self._node = node
         self._coordinator = coordinator
@@ -99,6 +105,9 @@ class Enforcer:
         self._vouchers = vouchers
         self._interval = interval
         self._grace = grace
+        self._retention = retention
+        # Managed containers that had exited at the last listing: candidates for removal.
+        self._exited: list[ContainerInfo] = []
         self._list_timeout = max(0.5, min(interval, MAX_LIST_TIMEOUT_S))
         # Managed containers that were running at the last check: for the inventory context.
         self._running_ids: tuple[str, ...] = ()
@@ -171,6 +180,7 @@ class Enforcer:
             self._listing_error = None
         running = [i for i in infos if i.state == "running"]
         self._running_ids = tuple(i.id for i in running)
+        self._exited = [i for i in infos if i.state == "exited"]
         return running
 
     async def list_live(self) -> list[Allocation]:
@@ -188,6 +198,7 @@ class Enforcer:
         return allocs
 
     async def tick(self) -> TickReport:
+        self._exited = []
         running = await self.running_containers() or []
         try:
             live = await self.list_live()
@@ -204,8 +215,27 @@ class Enforcer:
         else:
             keep, stop = judge(self._node, running, live)
             report = TickReport(contacted=True, running=running, kept=keep, stopped=stop)
+            report.removed = await self._remove_expired(self._exited, {a.id for a in live})
         await self.stop_all(report.stopped)
         return report
+
+    async def _remove_expired(self, exited: list[ContainerInfo], live: set[str]) -> list[ContainerInfo]:
+        """Remove exited containers of ended allocations that finished over `retention` ago."""
+        cutoff_ms = time.time() * 1000 - self._retention * 1000
+        due = [c for c in exited if c.allocation_id not in live and c.finished_unix_ms <= cutoff_ms]
+        if not due:
+            return []
+        runtime: ContainerRuntime = await self._containers.runtime.get()
+        removed: list[ContainerInfo] = []
+        for c in due:
+            try:
+                await asyncio.to_thread(runtime.remove, c.id)
+            except Exception as e:  # tried again next tick
+                log.warning("cannot remove exited container %s: %s", c.id[:12], e)
+                continue
+            log.info("removed exited container %s of ended allocation %s", c.id[:12], c.allocation_id)
+            removed.append(c)
+        return removed
 
     def _judge_unvouched(self, running: list[ContainerInfo]) -> tuple[list[ContainerInfo], list[Verdict]]:
         keep: list[ContainerInfo] = []

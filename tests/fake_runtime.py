@@ -160,6 +160,15 @@ class FakeRuntime:
         with self._cond:
             return self._info(self._find(container_id))
 
+    def remove(self, container_id: str) -> None:
+        self.calls.append("remove")
+        with self._cond:
+            try:
+                c = self._find(container_id)
+            except ContainerNotFound:
+                return
+            del self.containers[c.id]
+
     def list(self, allocation_id: str = "") -> list[ContainerInfo]:
         self.calls.append("list")
         with self._cond:

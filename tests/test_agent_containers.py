@@ -125,6 +125,7 @@ async def agent(
     reconciling: bool = False,
     interval: float = INTERVAL,
     grace: float = GRACE,
+    retention: float = 3600.0,
     inventory: tpb.NodeInventory | None = None,
     factory: Callable[[], ContainerRuntime] | None = None,
 ) -> AsyncIterator[Agent]:
@@ -144,8 +145,9 @@ async def agent(
             on_started=lambda info: enforcer.note_started(info),
         )
         enforcer = Enforcer(
-            node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval, grace=grace
-        )
+            node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval,
+            grace=grace, retention=retention,
+        )  # fmt: skip
         a = Agent(runtime, coordinator, vouchers, gate, containers, enforcer)
         try:
             yield a
@@ -348,6 +350,41 @@ async def test_release_stops_the_container_within_the_budget(cluster: Cluster) -
         # The other allocation's container is untouched.
         await asyncio.sleep(INTERVAL + 0.5)
         assert runtime.info(kept.container_id).state == "running"
+
+
+async def test_exited_containers_of_ended_allocations_are_removed_after_retention(cluster: Cluster) -> None:
+    ended, live = await cluster.allocate(), await cluster.allocate()
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime, retention=0.5) as a:
+        old = (await a.containers.start(ended.id, ended.revision, spec())).container_id
+        done = (await a.containers.start(live.id, live.revision, spec())).container_id
+        runtime.finish(old, 0)
+        runtime.finish(done, 3)
+        await cluster.release(ended.id)
+        first = await a.enforcer.tick()  # finished just now: kept for its logs and exit code
+        assert first.contacted and first.removed == [] and old in runtime.containers
+        await asyncio.sleep(0.6)
+        second = await a.enforcer.tick()
+        assert [c.id for c in second.removed] == [old] and old not in runtime.containers
+        # An exited container of a live allocation stays, however old: its holder may still ask.
+        assert runtime.info(done).exit_code == 3
+        assert [c.id for c in runtime.list()] == [done]
+
+
+async def test_nothing_is_removed_while_the_coordinator_is_unreachable(cluster: Cluster) -> None:
+    proxy = await TcpProxy(cluster.address).start()
+    alloc = await cluster.allocate()
+    runtime = FakeRuntime()
+    try:
+        async with agent(proxy.address, runtime, retention=0.0) as a:
+            container = (await a.containers.start(alloc.id, alloc.revision, spec())).container_id
+            runtime.finish(container, 0)
+            await proxy.cut()
+            await cluster.release(alloc.id)
+            report = await a.enforcer.tick()  # no allocation list: the agent cannot tell it has ended
+            assert not report.contacted and report.removed == [] and container in runtime.containers
+    finally:
+        await proxy.cut()
 
 
 @pytest.mark.slow

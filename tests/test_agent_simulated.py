@@ -99,6 +99,12 @@ def test_config_defaults_and_env_config_file(tmp_path: Path) -> None:
         (["--coordinator", "c:1", "--node-id", "n", "--label", "novalue"], {}, None, "key=value"),
         (["--coordinator", "c:1", "--node-id", "n"], {}, "gpus = 3\n", "unknown setting 'gpus'"),
         (["--coordinator", "c:1", "--node-id", "n"], {}, "node_id = [\n", "not valid TOML"),
+        (
+            ["--coordinator", "c:1", "--node-id", "n"],
+            {"GPULEASE_AGENT_CONTAINER_RETENTION_SECONDS": "-1"},
+            None,
+            "container_retention_seconds must be between 0 and 2592000 seconds",
+        ),
     ],
 )
 def test_config_errors(tmp_path: Path, argv: list[str], env: dict[str, str], toml: str | None, message: str) -> None:
@@ -106,6 +112,12 @@ def test_config_errors(tmp_path: Path, argv: list[str], env: dict[str, str], tom
         argv = [*argv, "--config", _write(tmp_path / "bad.toml", toml)]
     with pytest.raises(ConfigError, match=message):
         load_config(argv, env)
+
+
+def test_container_retention_default_and_override() -> None:
+    base = ["--coordinator", "c:1", "--node-id", "n"]
+    assert load_config(base, {}).container_retention_seconds == 3600.0
+    assert load_config([*base, "--container-retention-seconds", "0"], {}).container_retention_seconds == 0.0
 
 
 def test_config_missing_file_is_an_error(tmp_path: Path) -> None:

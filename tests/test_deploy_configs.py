@@ -21,3 +21,4 @@ def test_agent_example_config_loads() -> None:
     cfg = load_agent(["--config", str(DEPLOY / "agent.toml")], {})
     assert (cfg.node_id, cfg.coordinator) == ("gpu-17", "coordinator.internal:50051")
     assert dict(cfg.labels) == {"rack": "r12", "zone": "eu-west-1a"}
+    assert cfg.container_retention_seconds == 3600.0

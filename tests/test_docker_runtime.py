@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import psutil
 import pytest
 
@@ -318,6 +319,19 @@ def test_exit_code_and_times(runtime: DockerRuntime, busybox: str, alloc: str) -
     assert info.restart_count == 0
 
 
+def test_remove_deletes_an_exited_container(
+    runtime: DockerRuntime, busybox: str, alloc: str, docker_client: Any
+) -> None:
+    info, _, _ = run_to_exit(runtime, make_launch(alloc, busybox, "sh", "-c", "exit 0"))
+    runtime.remove(info.id)
+    with pytest.raises(ContainerNotFound):
+        runtime.get(info.id)
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.api.inspect_container(info.id)
+    runtime.remove(info.id)  # already gone: a no-op
+    assert runtime.list(alloc) == []
+
+
 def test_command_not_found_is_invalid_and_leaves_nothing(runtime: DockerRuntime, busybox: str, alloc: str) -> None:
     with pytest.raises(InvalidRequest, match="no-such-command"):
         runtime.start(make_launch(alloc, busybox, "no-such-command"))
@@ -436,6 +450,7 @@ def test_unmanaged_and_missing_containers_are_not_found(
                 runtime.logs(ident, follow=False)
             with pytest.raises(ContainerNotFound):
                 runtime.pids(ident)
+            runtime.remove(ident)  # not gpulease's: left alone
         assert created["Id"] not in {c.id for c in runtime.list()}
         assert docker_client.api.inspect_container(created["Id"])["State"]["Running"]  # untouched
     finally:

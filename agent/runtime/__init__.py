@@ -85,6 +85,10 @@ class ContainerRuntime(Protocol):
         """ContainerNotFound if it does not exist or is not managed by gpulease."""
         ...
 
+    def remove(self, container_id: str) -> None:
+        """Delete a managed container and its writable layer; missing is a no-op."""
+        ...
+
     def list(self, allocation_id: str = "") -> list[ContainerInfo]:
         """gpulease-managed containers (by label), optionally of one allocation, running or not."""
         ...
