@@ -7,12 +7,14 @@ exactly the allocated GPUs, and real cgroup limits.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
 import grpc
 import pytest
 
@@ -33,12 +35,12 @@ class Node:
         self.coordinator, self.listen, self.proc = address, listen, proc
 
 
-@pytest.fixture
-def node(coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_path: Path) -> Iterator[Node]:
+@contextlib.contextmanager
+def running_node(coordinator: harness.Coordinator, dockerd: Dockerd, tmp_path: Path, *extra: str) -> Iterator[Node]:
     listen = f"127.0.0.1:{procs.free_port()}"
     args = [
         "--coordinator", coordinator.address, "--node-id", "gpu-e2e", "--listen", listen, "--simulate-gpus", "4",
-        "--cpus", "4", "--memory", "8GiB", "--docker-host", dockerd.base_url, "--container-network", "none",
+        "--cpus", "4", "--memory", "8GiB", "--docker-host", dockerd.base_url, "--container-network", "none", *extra,
     ]  # fmt: skip
     env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
     agent = procs.start_python_module("agent-e2e", "agent.main", args, tmp_path / "agent.log", env=env)
@@ -48,6 +50,12 @@ def node(coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_p
         yield Node(coordinator.address, listen, agent)
     finally:
         agent.stop()
+
+
+@pytest.fixture
+def node(coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_path: Path) -> Iterator[Node]:
+    with running_node(coordinator, dockerd, tmp_path) as n:
+        yield n
 
 
 def gpuctl(node: Node, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -121,6 +129,29 @@ def test_release_stops_the_container(node: Node, busybox: str) -> None:
         assert started.state == "running" and started.gpu_indexes == a.gpu_indexes
         c.release(a.id)
         harness.wait_until(_container_stops(c, a.id, started.id), 60 + 5, "container stopped after release")
+
+
+def test_exited_container_is_removed_once_its_allocation_ends(
+    coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_path: Path
+) -> None:
+    with running_node(coordinator, dockerd, tmp_path, "--container-retention-seconds", "0") as node, \
+            Client(node.coordinator) as c:  # fmt: skip
+        a = c.allocate(gpus=1, ttl=60)
+        done = c.run_container(a.id, busybox, ["sh", "-c", "exit 3"])
+        finished = c.wait_container(a.id, done.id, timeout=30)
+        assert finished.state == "exited" and finished.exit_code == 3
+        time.sleep(2.5)  # a check has passed: the allocation is live, so the container stays
+        assert dockerd.client().api.inspect_container(done.id)["State"]["ExitCode"] == 3
+        c.release(a.id)
+
+        def gone() -> bool:
+            try:
+                dockerd.client().api.inspect_container(done.id)
+            except docker.errors.NotFound:
+                return True
+            return False
+
+        harness.wait_until(gone, 15, "the exited container removed after release")
 
 
 def test_lease_expiry_stops_the_container(node: Node, busybox: str) -> None:
