@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
+from gpulease.v1 import coordinator_pb2_grpc
 from tests import harness
 
 
@@ -39,6 +42,24 @@ def start_coordinator(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterat
 @pytest.fixture
 def coordinator(start_coordinator: Callable[..., harness.Coordinator]) -> harness.Coordinator:
     return start_coordinator()
+
+
+@pytest.fixture
+def serve_fake() -> Iterator[harness.ServeFake]:
+    """Factory: serve fake coordinator servicers on free ports; all stopped at teardown."""
+    servers: list[grpc.Server] = []
+
+    def start(servicer: coordinator_pb2_grpc.CoordinatorServiceServicer) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
 
 
 # One private dockerd per session, shared by every module that asks for it.

@@ -25,6 +25,10 @@ from gpulease.v1 import types_pb2 as tpb
 GiB = 2**30
 
 
+# Serves an in-process fake CoordinatorService and returns its address (conftest: serve_fake).
+ServeFake = Callable[[pb_grpc.CoordinatorServiceServicer], str]
+
+
 @dataclass
 class Etcd:
     url: str

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from gpulease.cli.main import main
 from gpulease.client import Client
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc, types_pb2
+from tests import harness
 
 Failure = tuple[grpc.StatusCode, str | None, str]
 
@@ -91,26 +91,6 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         raise AssertionError("abort raises")
 
 
-StartServer = Callable[[FakeCoordinator], str]
-
-
-@pytest.fixture
-def start_server() -> Iterator[StartServer]:
-    servers: list[grpc.Server] = []
-
-    def start(servicer: FakeCoordinator) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(grace=None)
-
-
 def closed_port_address() -> str:
     """An address nothing listens on: connecting is refused at once."""
     with socket.socket() as s:
@@ -150,9 +130,9 @@ def raised_by(address: str | list[str], call: Callable[[Client], object]) -> err
     ],
 )
 def test_status_code_maps_to_error_class(
-    start_server: StartServer, code: grpc.StatusCode, expected: type[errors.GpuLeaseError]
+    serve_fake: harness.ServeFake, code: grpc.StatusCode, expected: type[errors.GpuLeaseError]
 ) -> None:
-    address = start_server(FakeCoordinator(fail=(code, None, "boom")))
+    address = serve_fake(FakeCoordinator(fail=(code, None, "boom")))
     err = raised_by(address, lambda c: c.list_nodes())
     assert type(err) is expected
     if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -160,8 +140,8 @@ def test_status_code_maps_to_error_class(
 
 
 @pytest.mark.parametrize("cls", errors.ALL_ERRORS, ids=lambda c: c.__name__)
-def test_reason_metadata_rebuilds_exact_class(start_server: StartServer, cls: type[errors.GpuLeaseError]) -> None:
-    address = start_server(FakeCoordinator(fail=(grpc.StatusCode[cls.code], cls.reason, "server says no")))
+def test_reason_metadata_rebuilds_exact_class(serve_fake: harness.ServeFake, cls: type[errors.GpuLeaseError]) -> None:
+    address = serve_fake(FakeCoordinator(fail=(grpc.StatusCode[cls.code], cls.reason, "server says no")))
     err = raised_by(address, lambda c: c.list_nodes())
     assert type(err) is cls
     assert err.message.startswith("server says no")
@@ -180,9 +160,9 @@ def test_reason_metadata_rebuilds_exact_class(start_server: StartServer, cls: ty
     ],
 )
 def test_reason_beats_code(
-    start_server: StartServer, code: grpc.StatusCode, reason: str, expected: type[errors.GpuLeaseError]
+    serve_fake: harness.ServeFake, code: grpc.StatusCode, reason: str, expected: type[errors.GpuLeaseError]
 ) -> None:
-    address = start_server(FakeCoordinator(fail=(code, reason, "details")))
+    address = serve_fake(FakeCoordinator(fail=(code, reason, "details")))
     assert type(raised_by(address, lambda c: c.list_nodes())) is expected
 
 
@@ -199,14 +179,14 @@ CLIENT_CALLS: dict[str, Callable[[Client], object]] = {
 
 
 @pytest.mark.parametrize("call", CLIENT_CALLS.values(), ids=CLIENT_CALLS.keys())
-def test_every_method_maps_errors(start_server: StartServer, call: Callable[[Client], object]) -> None:
+def test_every_method_maps_errors(serve_fake: harness.ServeFake, call: Callable[[Client], object]) -> None:
     fail = (grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND", "no node 'x'")
-    err = raised_by(start_server(FakeCoordinator(fail=fail)), call)
+    err = raised_by(serve_fake(FakeCoordinator(fail=fail)), call)
     assert type(err) is errors.NodeNotFound and err.message == "no node 'x'"
 
 
-def test_methods_return_models(start_server: StartServer) -> None:
-    with Client(start_server(FakeCoordinator()), timeout=5) as client:
+def test_methods_return_models(serve_fake: harness.ServeFake) -> None:
+    with Client(serve_fake(FakeCoordinator()), timeout=5) as client:
         assert client.release("a1") is True
         assert client.keep_alive("a1") == 60
         assert client.get_allocation("a9").id == "a9"
@@ -217,8 +197,8 @@ def test_methods_return_models(start_server: StartServer) -> None:
         assert (cordoned.name, cordoned.state, cordoned.cordoned) == ("node-3", "cordoned", True)
 
 
-def test_unavailable_fails_over_to_next_target(start_server: StartServer) -> None:
-    address = start_server(FakeCoordinator())
+def test_unavailable_fails_over_to_next_target(serve_fake: harness.ServeFake) -> None:
+    address = serve_fake(FakeCoordinator())
     dead = closed_port_address()
     with Client([dead, address], timeout=5) as client:
         alloc = client.allocate(gpus=1, request_id="req-1")
@@ -226,12 +206,12 @@ def test_unavailable_fails_over_to_next_target(start_server: StartServer) -> Non
     assert alloc.gpus[0].uuid == "GPU-0"
 
 
-def test_allocate_retry_reuses_the_same_request_id(start_server: StartServer) -> None:
+def test_allocate_retry_reuses_the_same_request_id(serve_fake: harness.ServeFake) -> None:
     # The first coordinator receives the request but answers UNAVAILABLE; the retry on the second
     # must carry the same idempotency key, so a duplicate cannot allocate twice.
     first = FakeCoordinator(fail=(grpc.StatusCode.UNAVAILABLE, None, "etcd unreachable"))
     second = FakeCoordinator()
-    targets = [start_server(first), start_server(second)]
+    targets = [serve_fake(first), serve_fake(second)]
     with Client(targets, timeout=5) as client:
         alloc = client.allocate(gpus=1, ttl="60s")
         assert len(first.request_ids) == 1
@@ -244,10 +224,10 @@ def test_allocate_retry_reuses_the_same_request_id(start_server: StartServer) ->
     assert second.calls == ["Allocate", "ListNodes"]
 
 
-def test_other_errors_do_not_fail_over(start_server: StartServer) -> None:
+def test_other_errors_do_not_fail_over(serve_fake: harness.ServeFake) -> None:
     first = FakeCoordinator(fail=(grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_RESOURCES", "full"))
     second = FakeCoordinator()
-    err = raised_by([start_server(first), start_server(second)], lambda c: c.allocate(gpus=1))
+    err = raised_by([serve_fake(first), serve_fake(second)], lambda c: c.allocate(gpus=1))
     assert isinstance(err, errors.InsufficientResources)
     assert second.calls == []
 
@@ -260,16 +240,16 @@ def test_unreachable_coordinator_names_the_addresses() -> None:
     assert "GPULEASE_COORDINATOR" in err.message
 
 
-def test_server_side_unavailable_keeps_the_servers_message(start_server: StartServer) -> None:
+def test_server_side_unavailable_keeps_the_servers_message(serve_fake: harness.ServeFake) -> None:
     fail = (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "etcd is unreachable")
-    address = start_server(FakeCoordinator(fail=fail))
+    address = serve_fake(FakeCoordinator(fail=fail))
     err = raised_by(address, lambda c: c.list_nodes())
     assert isinstance(err, errors.Unavailable)
     assert "etcd is unreachable" in err.message and address in err.message
 
 
-def test_client_deadline_names_the_slow_coordinator(start_server: StartServer) -> None:
-    address = start_server(FakeCoordinator(delay=1.0))
+def test_client_deadline_names_the_slow_coordinator(serve_fake: harness.ServeFake) -> None:
+    address = serve_fake(FakeCoordinator(delay=1.0))
     with Client(address, timeout=0.2) as client, pytest.raises(errors.DeadlineExceeded) as info:
         client.list_nodes()
     assert address in info.value.message and "0.2s" in info.value.message
@@ -300,8 +280,8 @@ def test_gpuctl_unreachable_coordinator_exits_1(capsys: pytest.CaptureFixture[st
     assert dead in err and "Traceback" not in err
 
 
-def test_gpuctl_maps_server_errors(start_server: StartServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpuctl_maps_server_errors(serve_fake: harness.ServeFake, capsys: pytest.CaptureFixture[str]) -> None:
     fail = (grpc.StatusCode.FAILED_PRECONDITION, "UNSATISFIABLE", "no node has 9 GPUs")
-    address = start_server(FakeCoordinator(fail=fail))
+    address = serve_fake(FakeCoordinator(fail=fail))
     assert main(["allocate", "--gpus", "9", "--coordinator", address]) == 1
     assert capsys.readouterr().err == "gpuctl: error: no node has 9 GPUs\n"

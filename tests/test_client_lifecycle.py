@@ -18,7 +18,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from types import FrameType
 
@@ -353,33 +352,16 @@ class RunFake(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                    state=tpb.CONTAINER_STATE_RUNNING)  # fmt: skip
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[RunFake], str]]:
-    servers: list[grpc.Server] = []
-
-    def start(servicer: RunFake) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(grace=None)
-
-
-def test_run_container_is_resent_only_when_it_never_reached_a_coordinator(serve: Callable[[RunFake], str]) -> None:
+def test_run_container_is_resent_only_when_it_never_reached_a_coordinator(serve_fake: harness.ServeFake) -> None:
     live = RunFake()
-    with Client([dead_address(), serve(live)], timeout=5, retry_deadline=5) as client:
+    with Client([dead_address(), serve_fake(live)], timeout=5, retry_deadline=5) as client:
         assert client.run_container("a1", "busybox", ["true"]).id == "c1"
     assert live.runs == 1
 
     # UNAVAILABLE without the coordinator's reason, after the call went out (like a connection that
     # broke mid-call): the outcome is unknown, so it is not sent to the next coordinator.
     broken, spare = RunFake(fail=(grpc.StatusCode.UNAVAILABLE, None, "Socket closed")), RunFake()
-    with Client([serve(broken), serve(spare)], timeout=5, retry_deadline=5) as client:
+    with Client([serve_fake(broken), serve_fake(spare)], timeout=5, retry_deadline=5) as client:
         with pytest.raises(errors.Unavailable, match="may or may not have taken effect"):
             client.run_container("a1", "busybox", ["true"])
         assert (broken.runs, spare.runs) == (1, 0)
@@ -392,7 +374,7 @@ def test_run_container_is_resent_only_when_it_never_reached_a_coordinator(serve:
     agent_down = RunFake(fail=(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "the agent of node n1 did not answer"))
     spare = RunFake()
     with (
-        Client([serve(agent_down), serve(spare)], timeout=5, retry_deadline=5) as client,
+        Client([serve_fake(agent_down), serve_fake(spare)], timeout=5, retry_deadline=5) as client,
         pytest.raises(errors.Unavailable, match="agent of node n1"),
     ):
         client.run_container("a1", "busybox", ["true"])
