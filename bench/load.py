@@ -37,17 +37,22 @@ class Grant:
     released: int = 0
 
 
-def count_double_allocations(grants: list[Grant]) -> int:
-    """GPUs held by two allocations at once, by etcd revision ([granted, released) intervals)."""
-    spans: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+def double_allocations(grants: list[Grant]) -> list[str]:
+    """Every time one GPU was held by two allocations at once, by etcd revision: each grant holds
+    its GPUs over [granted, released), and released 0 means still held. Empty when correct."""
+    spans: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
     for g in grants:
         for i in g.gpus:
-            spans[(g.node, i)].append((g.granted, g.released or 2**62))
-    doubles = 0
-    for held in spans.values():
+            spans[(g.node, i)].append((g.granted, g.released or 2**62, g.alloc_id))
+    found: list[str] = []
+    for (node, index), held in spans.items():
         held.sort()
-        doubles += sum(1 for (_, end), (start, _) in itertools.pairwise(held) if start < end)
-    return doubles
+        found += [
+            f"GPU {node}/{index} held by {first} and {second} at once (revision {start} < {end})"
+            for (_, end, first), (start, _, second) in itertools.pairwise(held)
+            if start < end
+        ]
+    return found
 
 
 async def run_load(address: str, concurrency: int, duration: float) -> LoadResult:
@@ -101,7 +106,7 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
         allocations=allocations + cycles,
         commits=stats1.commits - stats0.commits,
         rejected_commits=stats1.rejected_commits - stats0.rejected_commits,
-        double_allocations=count_double_allocations(grants),
+        double_allocations=len(double_allocations(grants)),
         errors=dict(errors),
     )
 
@@ -165,4 +170,4 @@ async def run_cycles(address: str, concurrency: int, duration: float) -> tuple[f
         await client.close()
     if errors:  # a cycle must never fail here: the cluster cannot fill up
         raise RuntimeError(f"allocate/release cycles failed: {dict(errors)}")
-    return cycles / elapsed, count_double_allocations(grants)
+    return cycles / elapsed, len(double_allocations(grants))

@@ -7,17 +7,16 @@ intervals [grant revision, release revision) which must never overlap.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 
+from bench.load import Grant, double_allocations
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from tests import harness
@@ -25,27 +24,6 @@ from tests import harness
 NODES = {"n0": 8, "n1": 8, "n2": 4, "n3": 4}
 CLIENTS = 32
 CYCLES_PER_CLIENT = 20  # 640 allocate/release cycles in all
-
-
-@dataclass(frozen=True)
-class Grant:
-    alloc_id: str
-    node: str
-    gpus: tuple[int, ...]
-    granted: int
-    released: int
-
-
-def assert_no_gpu_held_twice(history: list[Grant]) -> None:
-    """Each GPU's holders, as [grant revision, release revision) intervals, never overlap."""
-    intervals: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
-    for g in history:
-        for i in g.gpus:
-            intervals[(g.node, i)].append((g.granted, g.released, g.alloc_id))
-    for gpu, spans in intervals.items():
-        spans.sort()
-        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
-            assert start >= end, f"GPU {gpu} held by {first} and {second} at once (revision {start} < {end})"
 
 
 def two_replicas(start: Callable[..., harness.Coordinator]) -> list[harness.Coordinator]:
@@ -99,7 +77,7 @@ def test_no_gpu_is_ever_held_twice(start_coordinator: Callable[..., harness.Coor
     for g in history:
         assert g.released > g.granted
         assert len(g.gpus) == len(set(g.gpus)) and all(0 <= i < NODES[g.node] for i in g.gpus)
-    assert_no_gpu_held_twice(history)
+    assert double_allocations(history) == []
     for r in replicas:
         assert harness.summary(r.stub).totals.gpus_free == sum(NODES.values())
     assert [k for k in harness.etcd_keys(etcd.url, prefix) if k.startswith(("allocs/", "gpus/", "res/", "reqs/"))] == []
@@ -170,4 +148,11 @@ def test_replicas_under_steady_load_settle_on_different_nodes(start_coordinator:
     # Racing for the same node every time rejected about a third of all commits; settling apart,
     # under a tenth.
     assert rejected <= 0.2 * commits, f"{rejected} of {commits} commits rejected: the replicas keep colliding"
-    assert_no_gpu_held_twice(history)
+    assert double_allocations(history) == []
+
+
+def test_the_overlap_check_catches_a_gpu_held_twice() -> None:
+    a, b, c = Grant("a", "n0", (0, 1), 10, 20), Grant("b", "n0", (1,), 20, 30), Grant("c", "n0", (0,), 15, 0)
+    assert double_allocations([a, b]) == []  # b takes GPU 1 in the revision that released it: fine
+    # c took GPU 0 at 15 while a held it until 20; c, never released, still holds it.
+    assert double_allocations([b, c, a]) == ["GPU n0/0 held by a and c at once (revision 15 < 20)"]
