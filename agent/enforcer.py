@@ -106,8 +106,6 @@ class Enforcer:
         self._interval = interval
         self._grace = grace
         self._retention = retention
-        # Managed containers that had exited at the last listing: candidates for removal.
-        self._exited: list[ContainerInfo] = []
         self._list_timeout = max(0.5, min(interval, MAX_LIST_TIMEOUT_S))
         # Managed containers that were running at the last check: for the inventory context.
         self._running_ids: tuple[str, ...] = ()
@@ -166,6 +164,12 @@ class Enforcer:
 
     async def running_containers(self) -> list[ContainerInfo] | None:
         """Managed running containers, or None when the runtime cannot be asked."""
+        infos = await self._managed_containers()
+        return None if infos is None else [i for i in infos if i.state == "running"]
+
+    async def _managed_containers(self) -> list[ContainerInfo] | None:
+        """Every managed container, running or not (None when the runtime cannot be asked); also
+        notes which are running, for the inventory context."""
         try:
             runtime: ContainerRuntime = await self._containers.runtime.get()
             infos = await asyncio.to_thread(runtime.list, "")
@@ -178,10 +182,8 @@ class Enforcer:
         if self._listing_error is not None:
             log.info("listing containers works again")
             self._listing_error = None
-        running = [i for i in infos if i.state == "running"]
-        self._running_ids = tuple(i.id for i in running)
-        self._exited = [i for i in infos if i.state == "exited"]
-        return running
+        self._running_ids = tuple(i.id for i in infos if i.state == "running")
+        return infos
 
     async def list_live(self) -> list[Allocation]:
         """The node's live allocations; also records them (and the time of asking) as vouchers."""
@@ -198,8 +200,8 @@ class Enforcer:
         return allocs
 
     async def tick(self) -> TickReport:
-        self._exited = []
-        running = await self.running_containers() or []
+        infos = await self._managed_containers() or []
+        running = [i for i in infos if i.state == "running"]
         try:
             live = await self.list_live()
         except GpuLeaseError as e:
@@ -215,7 +217,8 @@ class Enforcer:
         else:
             keep, stop = judge(self._node, running, live)
             report = TickReport(contacted=True, running=running, kept=keep, stopped=stop)
-            report.removed = await self._remove_expired(self._exited, {a.id for a in live})
+            exited = [i for i in infos if i.state == "exited"]
+            report.removed = await self._remove_expired(exited, {a.id for a in live})
         await self.stop_all(report.stopped)
         return report
 
