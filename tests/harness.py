@@ -18,6 +18,7 @@ import grpc
 from coordinator.keys import range_end
 from coordinator.store import Store
 from gpulease import procs
+from gpulease.client._retry import MAX_RECEIVE_BYTES
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -62,8 +63,8 @@ def start_coordinator(
     proc = procs.start_python_module(name, "coordinator.main", args, tmp / f"{name}.log",
                                      env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
     procs.wait_grpc_health(address, 20, proc)
-    # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB (see the client).
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * 2**20)])
+    # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB: as the client does.
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
     return Coordinator(address, proc, channel, pb_grpc.CoordinatorServiceStub(channel))
 
 
