@@ -62,7 +62,8 @@ async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[st
         log(f"concurrency {c}: no-op gRPC calls ...")
         noop_per_s = await noop_rpc(address, c, min(args.duration, 3))
         log(f"concurrency {c}: allocations ...")
-        load = await run_load(address, c, args.duration)
+        # Each allocation takes 1 GPU; stop at 90 % of the cluster's GPUs (see run_load).
+        load = await run_load(address, c, args.duration, max_allocations=args.nodes * 8 * 9 // 10)
         runs.append({
             "concurrency": c,
             "raw_txn_per_s": round(raw_per_s, 1),
@@ -103,9 +104,9 @@ def print_tables(result: dict[str, object]) -> None:
     cols = [
         "concurrency", "raw_txn_per_s", "raw_p99_ms", "alloc_per_s", "alloc_p50_ms", "alloc_p99_ms",
         "alloc_release_cycles_per_s", "ratio", "noop_rpc_per_s", "allocations_per_txn", "retries_per_alloc",
-        "double_allocations",
+        "double_allocations", "errors",
     ]  # fmt: skip
-    rows = [[str(r[c]) for c in cols] for r in result["runs"]]  # type: ignore[attr-defined]
+    rows = [[str(sum(r[c].values()) if c == "errors" else r[c]) for c in cols] for r in result["runs"]]  # type: ignore[attr-defined]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
@@ -140,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         doubles += result["scale"]["double_allocations"]
     if doubles:
         print(f"FAILED: {doubles} double allocations", file=sys.stderr)
+        return 1
+    # Every allocation in these runs has room: a failed call means a broken run, not a slow one.
+    errors = {f"concurrency {r['concurrency']}": r["errors"] for r in result["runs"] if r["errors"]}
+    if errors:
+        print(f"FAILED: calls failed: {errors}", file=sys.stderr)
         return 1
     return 0
 

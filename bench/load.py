@@ -55,7 +55,9 @@ def double_allocations(grants: list[Grant]) -> list[str]:
     return found
 
 
-async def run_load(address: str, concurrency: int, duration: float) -> LoadResult:
+async def run_load(address: str, concurrency: int, duration: float, max_allocations: int) -> LoadResult:
+    """Allocations/s for `duration`, or until `max_allocations` are held: an allocate-only run must
+    stop before the cluster is full, or it would time capacity errors instead of allocations."""
     errors: dict[str, int] = defaultdict(int)
     grants: list[Grant] = []
     lat = Latencies()
@@ -66,9 +68,12 @@ async def run_load(address: str, concurrency: int, duration: float) -> LoadResul
         # Phase 1: allocations only, so allocations/s is not diluted by releases.
         live: list[tuple[str, str, tuple[int, ...], int]] = []
         stop = time.perf_counter() + duration
+        issued = 0
 
         async def allocator() -> None:
-            while time.perf_counter() < stop:
+            nonlocal issued
+            while time.perf_counter() < stop and issued < max_allocations:
+                issued += 1
                 t0 = time.perf_counter()
                 try:
                     a = await client.allocate(gpus=1, cpus=1, memory=2**20, ttl=600, request_id=uuid.uuid4().hex)
