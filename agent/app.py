@@ -125,6 +125,7 @@ async def run_agent(cfg: AgentConfig) -> int:
                 channel=channel,
                 source=inventory,
                 on_registered=ready,
+                on_allocations_revision=enforcer.note_allocations_revision,
             )
 
             async def wake_registrar() -> None:

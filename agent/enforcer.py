@@ -1,8 +1,9 @@
 """Stops containers whose allocation has ended, or that the agent can no longer vouch for.
 
 Every ``interval`` the enforcer lists the node's managed containers (Docker labels), then asks the
-coordinator for the node's live allocations (ListAllocations(node=...), read from etcd). A running
-container is stopped (SIGTERM, SIGKILL after ``grace``) when:
+coordinator for the node's live allocations (ListAllocations(node=...), read from etcd), unless a
+heartbeat has said since that they have not changed (see below). A running container is stopped
+(SIGTERM, SIGKILL after ``grace``) when:
 
 - its allocation is not in the list (released, or its lease expired), or
 - the live allocation's revision differs from the revision the container was started under, or
@@ -16,14 +17,25 @@ Exited containers are removed (with their writable layer and logs) once their al
 live and they finished more than ``retention`` seconds ago; only after an answer from the
 coordinator, so an outage never removes anything.
 
+Heartbeat answers carry the node's allocations revision, which changes whenever an allocation
+there is created, released or expires. While it equals the one seen when the agent last asked,
+every running container is of an allocation in that answer, and a heartbeat answered within the
+last two heartbeat intervals, the enforcer judges from that answer without asking again: at
+10,000 nodes, asking every 2 s would be 5,000 calls a second, most of them answering "no change".
+A changed revision wakes the enforcer at once. Only an answer read from etcd ever stops a
+container; the revision only says when asking again is pointless.
+
 Budget, with the defaults (interval 2 s, grace 1 s): a released allocation's containers are
 stopped within ~interval + ListAllocations + grace + docker's kill ~= 3.6 s; an expired lease's
 within TTL + etcd's expiry lag (<= ~0.5 s) + that ~= TTL + 4.1 s, inside the TTL + 5 s promise.
+With allocations revisions (a coordinator that sends them) the next heartbeat, not the next
+interval, tells the agent to ask: add up to one heartbeat interval to both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -44,6 +56,15 @@ MAX_LIST_TIMEOUT_S = 2.0
 STOP_SLACK_S = 30.0
 # Heartbeats and GetInventory may collect often: look up container PIDs at most this often.
 CONTEXT_CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class AllocationsHint:
+    """What the last heartbeat answer said of the node's allocations."""
+
+    revision: int
+    asked_at: float  # time.monotonic() when the heartbeat was sent
+    valid_until: float
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,11 @@ class Enforcer:
         self._listing_error: str | None = None
         # (when, container ids, PIDs) of the last PID lookup: reused for CONTEXT_CACHE_S.
         self._pid_cache: tuple[float, tuple[str, ...], frozenset[int]] = (-CONTEXT_CACHE_S, (), frozenset())
+        self._hint: AllocationsHint | None = None
+        # The last ListAllocations answer, and the allocations revision known when it was asked.
+        self._listed: tuple[int, list[Allocation]] | None = None
+        self._wake = asyncio.Event()
+        self.lists = 0  # ListAllocations calls made (answered or not)
 
     @property
     def node(self) -> str:
@@ -156,11 +182,36 @@ class Enforcer:
         """Check every interval (measured start to start) until cancelled."""
         while True:
             started = time.monotonic()
+            self._wake.clear()  # before the tick: a changed revision during it makes the next one immediate
             try:
                 await self.tick()
             except Exception:
                 log.exception("enforcement check failed; trying again in %gs", self._interval)
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, self._interval - (time.monotonic() - started)))
+
+    def note_allocations_revision(self, revision: int, asked_at: float, valid_for: float) -> None:
+        """A heartbeat's answer: the node's allocations revision (0: none), asked at ``asked_at``
+        (time.monotonic()), counting for ``valid_for`` seconds. A new revision wakes the enforcer."""
+        if revision <= 0:
+            self._hint = None
+            return
+        self._hint = AllocationsHint(revision, asked_at, asked_at + valid_for)
+        if self._listed is None or self._listed[0] != revision:
+            self._wake.set()
+
+    def _unchanged_allocations(self, running: list[ContainerInfo]) -> list[Allocation] | None:
+        """The last answer, if a heartbeat since vouches that it still holds; None: ask again."""
+        hint, listed = self._hint, self._listed
+        if hint is None or listed is None or hint.revision != listed[0] or self._outage_since is not None:
+            return None
+        if self._vouchers.now() > hint.valid_until:
+            return None
+        ids = {a.id for a in listed[1]}
+        if any(c.allocation_id not in ids for c in running):
+            return None  # started since the last answer: judge it only on a fresh one
+        self._vouchers.reaffirm(ids, hint.asked_at)
+        return listed[1]
 
     async def running_containers(self) -> list[ContainerInfo] | None:
         """Managed running containers, or None when the runtime cannot be asked."""
@@ -187,9 +238,13 @@ class Enforcer:
 
     async def list_live(self) -> list[Allocation]:
         """The node's live allocations; also records them (and the time of asking) as vouchers."""
+        hint = self._hint
         asked_at = self._vouchers.now()
+        self.lists += 1
         allocs = await self._coordinator.list_allocations(self._node, timeout=self._list_timeout)
         self._vouchers.replace(allocs, asked_at)
+        # Filed under the revision known before asking: the answer is at least that new.
+        self._listed = (hint.revision if hint is not None else 0, allocs)
         if self._outage_since is not None:
             log.info(
                 "coordinator at %s answers again after %.1fs",
@@ -203,7 +258,9 @@ class Enforcer:
         infos = await self._managed_containers() or []
         running = [i for i in infos if i.state == "running"]
         try:
-            live = await self.list_live()
+            live = self._unchanged_allocations(running)
+            if live is None:
+                live = await self.list_live()
         except GpuLeaseError as e:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()

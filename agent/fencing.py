@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -133,6 +133,16 @@ class Vouchers:
                 fresh[alloc_id] = v
         self._by_id = fresh
         self._last_list = at
+
+    def reaffirm(self, allocation_ids: Iterable[str], at: float) -> None:
+        """The coordinator said at ``at`` that the node's allocations have not changed since the
+        last list: those of ``allocation_ids`` (that list's) are still live, nothing else is."""
+        ids = set(allocation_ids)
+        self._by_id = {
+            k: (replace(v, confirmed_at=at) if k in ids and v.confirmed_at < at else v) for k, v in self._by_id.items()
+        }
+        if self._last_list is not None:
+            self._last_list = max(self._last_list, at)
 
     def get(self, allocation_id: str) -> Voucher | None:
         return self._by_id.get(allocation_id)

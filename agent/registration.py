@@ -122,12 +122,16 @@ class Registrar:
         # Called once, after the first registration or heartbeat that delivered an inventory
         # with reconciling=false: the node is then usable for placements.
         on_registered: Callable[[], Awaitable[None]] | None = None,
+        # Called after every answered registration or heartbeat with (allocations revision,
+        # time.monotonic() when it was asked, seconds it counts for): see Enforcer.
+        on_allocations_revision: Callable[[int, float, float], None] | None = None,
     ) -> None:
         self._node = node
         self._address = address
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         self._source = source
         self._on_registered = on_registered
+        self._on_allocations_revision = on_allocations_revision
         self._interval = DEFAULT_INTERVAL_S
         self._lease_id: int | None = None
         # The inventory the coordinator last acknowledged; None forces the next heartbeat to carry it.
@@ -199,15 +203,22 @@ class Registrar:
         ceiling = min(self._interval, MIN_BACKOFF_S * 2 ** min(self._outage.failures, 16))
         return random.uniform(ceiling / 2, ceiling)
 
+    def _note_allocations(self, revision: int, asked_at: float) -> None:
+        # Counts until one heartbeat has been missed: then the enforcer asks for itself.
+        if self._on_allocations_revision is not None:
+            self._on_allocations_revision(revision, asked_at, 2 * self._interval)
+
     def _adopt_interval(self, seconds: int) -> None:
         if seconds > 0:
             self._interval = float(seconds)
 
     async def _register(self, inventory: NodeInventory) -> None:
         request = RegisterNodeRequest(node=self._node, address=self._address, inventory=inventory)
+        asked_at = time.monotonic()
         response = await self._stub.RegisterNode(request, timeout=self._rpc_timeout())
         self._lease_id = response.lease_id
         self._adopt_interval(response.heartbeat_interval_seconds)
+        self._note_allocations(response.allocations_revision, asked_at)
         self._last_sent = inventory
         log.info(
             "registered node %s (address %s, %d GPU(s)) with lease %d; heartbeat every %.0fs",
@@ -224,11 +235,13 @@ class Registrar:
         request = HeartbeatRequest(node=self._node, lease_id=self._lease_id, address=self._address)
         if changed:
             request.inventory.CopyFrom(inventory)
+        asked_at = time.monotonic()
         response = await self._stub.Heartbeat(request, timeout=self._rpc_timeout())
         if changed:
             self._last_sent = inventory
             log.info("sent changed inventory of node %s (%d GPU(s))", self._node, len(inventory.gpus))
         self._adopt_interval(response.heartbeat_interval_seconds)
+        self._note_allocations(response.allocations_revision, asked_at)
         if response.lease_id and response.lease_id != self._lease_id:
             log.info(
                 "coordinator re-registered node %s: lease %d replaces %d",

@@ -7,6 +7,7 @@
     gpus/<node>/<index>       allocation id on the allocation's lease: one key per held GPU
     res/<node>/<id>           {"cpus","memory"} on the allocation's lease: CPU/memory held on a node
     reqs/<request_id>         allocation id on the allocation's lease: idempotency of Allocate
+    marker                    "" rewritten by a coordinator to learn that its view has caught up
 
 Everything an allocation holds hangs on its lease, so lease expiry frees it with no
 coordinator action. The layout is per-resource rather than per-node so that one etcd
@@ -47,6 +48,9 @@ class Keys:
 
     def req(self, request_id: str) -> str:
         return f"{self.prefix}reqs/{request_id}"
+
+    def marker(self) -> str:
+        return f"{self.prefix}marker"
 
     def allocs_prefix(self) -> str:
         return f"{self.prefix}allocs/"

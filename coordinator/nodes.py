@@ -27,11 +27,18 @@ class NodePolicy:
     heartbeat_interval: int = 5
 
 
+# How long a heartbeat waits for the view to catch up with etcd before answering without an
+# allocations revision (the agent then asks ListAllocations, which reads etcd).
+VIEW_CATCH_UP_S = 1.0
+
+
 @dataclass(frozen=True)
 class Registration:
     lease_id: int
     heartbeat_interval: int
     node_ttl: int
+    # See ClusterView.allocations_revision; 0 when the view could not vouch for it.
+    allocations_revision: int = 0
 
 
 class NodeService:
@@ -45,9 +52,10 @@ class NodeService:
         validation.inventory(info)
         await self._write_record_if_changed(info)
         lease = await self._store.grant(self._policy.node_ttl)
-        await self._store.put(self._keys.alive(info.name), b"", lease)
+        revision = await self._store.put(self._keys.alive(info.name), b"", lease)
         log.info("node %s registered at %s with %d GPUs (lease %x)", info.name, info.address, len(info.gpus), lease)
-        return Registration(lease, self._policy.heartbeat_interval, self._policy.node_ttl)
+        return Registration(lease, self._policy.heartbeat_interval, self._policy.node_ttl,
+                            await self._allocations_revision(info.name, revision))  # fmt: skip
 
     async def heartbeat(self, name: str, lease_id: int, info: NodeInfo | None) -> Registration:
         validation.node_name(name)
@@ -55,8 +63,8 @@ class NodeService:
             validation.inventory(info)
             if info.name != name:
                 raise InvalidRequest(f"heartbeat for {name!r} carries inventory of {info.name!r}")
-        ttl = await self._store.keepalive_once(lease_id) if lease_id > 0 else 0
-        if ttl <= 0:
+        renewal = await self._store.keepalive(lease_id) if lease_id > 0 else None
+        if renewal is None or renewal.ttl <= 0:
             # The lease lapsed (the node was down, or etcd lost it): register again.
             if info is None:
                 kv = await self._store.get(self._keys.node(name))
@@ -67,7 +75,16 @@ class NodeService:
             return await self.register(info)
         if info is not None:
             await self._write_record_if_changed(info)
-        return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl)
+        return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl,
+                            await self._allocations_revision(name, renewal.revision))  # fmt: skip
+
+    async def _allocations_revision(self, name: str, etcd_revision: int) -> int:
+        """The node's allocations revision once the view holds every event up to `etcd_revision`
+        (etcd's revision when it answered this call), so an unchanged value means exactly what a
+        ListAllocations read at that point would have shown. 0 if the view is behind."""
+        if not self._view.synced.is_set() or not await self._view.caught_up(etcd_revision, VIEW_CATCH_UP_S):
+            return 0
+        return self._view.allocations_revision(name)
 
     async def cordon(self, name: str, cordoned: bool) -> NodeView:
         validation.node_name(name)

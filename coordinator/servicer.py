@@ -108,6 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             lease_id=reg.lease_id,
             heartbeat_interval_seconds=reg.heartbeat_interval,
             node_ttl_seconds=reg.node_ttl,
+            allocations_revision=reg.allocations_revision,
         )
 
     @grpc_errors
@@ -118,7 +119,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             else None
         )
         reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
-        return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval)
+        return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
+                                    allocations_revision=reg.allocations_revision)  # fmt: skip
 
     # --- containers, forwarded to the allocation's agent ------------------------------------
 

@@ -53,6 +53,12 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Renewal:
+    ttl: int  # <= 0: the lease is gone
+    revision: int  # etcd's revision when it answered
+
+
+@dataclass(frozen=True)
 class WatchBatch:
     revision: int
     events: tuple[Event, ...]
@@ -273,7 +279,12 @@ class Store:
         return int(resp.header.revision)
 
     async def keepalive_once(self, lease_id: int) -> int:
-        """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone.
+        """Renew a lease once. Returns the TTL granted again; <= 0 means the lease is gone."""
+        return (await self.keepalive(lease_id)).ttl
+
+    async def keepalive(self, lease_id: int) -> Renewal:
+        """Renew a lease once: the TTL granted again (<= 0: the lease is gone) and etcd's revision
+        when it did.
 
         All renewals share one LeaseKeepAlive stream (10,000 heartbeating nodes would otherwise
         open and tear down a stream each, every few seconds).
@@ -347,13 +358,13 @@ class _KeepAliveMux:
         self._stub = stub
         self._unavailable = unavailable
         self._queue: asyncio.Queue[int] = asyncio.Queue()
-        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self._waiters: dict[int, list[asyncio.Future[Renewal]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def renew(self, lease_id: int, timeout: float) -> int:
+    async def renew(self, lease_id: int, timeout: float) -> Renewal:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="lease-keepalive")
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Renewal] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease_id, []).append(fut)
         self._queue.put_nowait(lease_id)
         try:
@@ -377,7 +388,7 @@ class _KeepAliveMux:
             async for resp in call:
                 for fut in self._waiters.pop(resp.ID, []):
                     if not fut.done():
-                        fut.set_result(int(resp.TTL))
+                        fut.set_result(Renewal(int(resp.TTL), int(resp.header.revision)))
         except grpc.aio.AioRpcError as exc:
             # Fail the waiters now rather than at their timeout; the next renew() reopens.
             for waiting in self._waiters.values():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from types import MappingProxyType
 
@@ -19,6 +20,10 @@ from coordinator.store import KV, Event, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
+MARKER_AFTER_S = 0.05
+MARKER_SPACING_S = 0.05
+
 
 class ClusterView:
     def __init__(self, store: Store, keys: Keys) -> None:
@@ -28,6 +33,8 @@ class ClusterView:
         self.synced = asyncio.Event()
         self.last_error = ""
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._marker: asyncio.Future[int] | None = None
+        self._marker_at = -MARKER_SPACING_S
         self._reset()
 
     def _reset(self) -> None:
@@ -40,6 +47,10 @@ class ClusterView:
         self._allocs: dict[str, tuple[bytes, int]] = {}
         # Per node: sum of reserved (cpus, memory), kept incrementally.
         self._used: dict[str, tuple[int, int]] = {}
+        # Per node: revision of the last event on its gpus/ or res/ keys, i.e. of the last change
+        # to the node's allocation set; the load revision stands for everything before it.
+        self._changed: dict[str, int] = {}
+        self._loaded_at = 0
         # Rebuilt per touched node, so a snapshot costs O(1) however large the cluster is.
         self._views: dict[str, NodeView] = {}
         self.index = PlacementIndex()
@@ -66,6 +77,14 @@ class ClusterView:
     def nodes(self) -> list[NodeView]:
         return [self._views[n] for n in sorted(self._views)]
 
+    def allocations_revision(self, node: str) -> int:
+        """A revision that changes whenever the node's allocation set does (as this view has seen
+        it): the last create, release or expiry there, or the load revision if none since.
+
+        Agents compare it for equality only, and ask ListAllocations when it differs, so a fresh
+        replica (whose floor is its own load revision) makes each agent ask once, never miss."""
+        return self._changed.get(node, self._loaded_at)
+
     def allocation(self, alloc_id: str) -> Allocation | None:
         raw = self._allocs.get(alloc_id)
         return decode_alloc(*raw) if raw else None
@@ -86,6 +105,39 @@ class ClusterView:
             return False
         finally:
             self._waiters = [(r, f) for r, f in self._waiters if f is not fut]
+
+    async def caught_up(self, revision: int, timeout: float) -> bool:
+        """Wait until the view holds every event under the prefix up to etcd `revision`. False
+        on timeout or when etcd cannot be written (never raises).
+
+        Writes outside the prefix (other prefixes on a shared etcd) move etcd's revision with no
+        event here, so waiting alone may never end. A put under the prefix does bring an event,
+        and one watch delivers events in revision order: once the view has the marker's event,
+        it has everything before it. Markers are shared by concurrent callers and spaced."""
+        if self.revision >= revision or await self.wait_for_revision(revision, min(timeout, MARKER_AFTER_S)):
+            return True
+        try:
+            marker = await self._marker_at_least(revision)
+        except Exception as exc:  # StoreUnavailable and the like: the caller answers without it
+            log.debug("view: cannot write the catch-up marker: %s", exc)
+            return False
+        return await self.wait_for_revision(marker, timeout)
+
+    async def _marker_at_least(self, revision: int) -> int:
+        for _ in range(3):  # an in-flight marker may predate `revision`; the next one cannot
+            task = self._marker
+            if task is None or (task.done() and (task.exception() is not None or task.result() < revision)):
+                task = self._marker = asyncio.ensure_future(self._put_marker())
+            written = await asyncio.shield(task)
+            if written >= revision:
+                return written
+        raise TimeoutError(f"no catch-up marker at or past revision {revision}")
+
+    async def _put_marker(self) -> int:
+        # Spaced, so that a busy foreign writer costs etcd at most 1/MARKER_SPACING_S puts a second.
+        await asyncio.sleep(max(0.0, self._marker_at + MARKER_SPACING_S - time.monotonic()))
+        self._marker_at = time.monotonic()
+        return await self._store.put(self._keys.marker(), b"")
 
     # --- feeding -----------------------------------------------------------------------
 
@@ -121,6 +173,8 @@ class ClusterView:
             self._apply_one(Event("put", kv))
         for name in list(self._records):
             self._rebuild(name)
+        self._changed.clear()  # the load revision covers everything loaded
+        self._loaded_at = revision
         self._advance(revision)
         self.synced.set()
         log.info("view synced at revision %d: %d nodes, %d allocations", revision, len(self._views),
@@ -152,6 +206,9 @@ class ClusterView:
             target = self._alive if kind == "alive" else self._cordoned
             (target.add if put else target.discard)(parts[1])
             return parts[1]
+        if kind in ("gpus", "res") and len(parts) == 3:
+            # A delete event's mod_revision is the delete's own revision.
+            self._changed[parts[1]] = max(self._changed.get(parts[1], 0), kv.mod_revision)
         if kind == "gpus" and len(parts) == 3:
             held = self._held.setdefault(parts[1], {})
             if put:

@@ -34,6 +34,7 @@ from agent.reconcile import Reconciler
 from agent.registration import AgentInventory, Registrar
 from agent.runtime import ContainerRuntime
 from agent.server import start_server
+from coordinator.store import Store
 from gpulease import procs
 from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
@@ -453,6 +454,177 @@ async def test_enforcer_stops_a_container_started_under_another_revision(cluster
 
 
 # -- restart reconciliation ---------------------------------------------------------------------
+
+
+# -- allocations revision: heartbeats say when asking again is pointless --------------------------
+
+
+async def _beat(cluster: Cluster, node: str, lease: int) -> int:
+    response = await cluster.stub.Heartbeat(pb.HeartbeatRequest(node=node, lease_id=lease))
+    assert response.lease_id == lease  # renewed, not re-registered
+    return int(response.allocations_revision)
+
+
+async def test_heartbeat_revision_changes_exactly_when_the_nodes_allocations_do(
+    cluster: Cluster, start_coordinator: Callable[..., harness.Coordinator]
+) -> None:
+    registered = await cluster.stub.RegisterNode(
+        pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
+    )
+    lease, first = registered.lease_id, registered.allocations_revision
+    assert first > 0
+    assert await _beat(cluster, NODE, lease) == first
+    await cluster.allocate(node=OTHER)  # another node's allocation is not this node's news
+    assert await _beat(cluster, NODE, lease) == first
+
+    alloc = await cluster.allocate()
+    assert await _beat(cluster, NODE, lease) == alloc.revision  # the creating transaction's revision
+    assert await _beat(cluster, NODE, lease) == alloc.revision
+    released = await cluster.stub.Release(pb.ReleaseRequest(allocation_id=alloc.id))
+    assert released.released and await _beat(cluster, NODE, lease) == released.revision
+
+    # Lease expiry is a change too: etcd deletes the keys, the watch brings the deletes.
+    short = await cluster.allocate(ttl=5)
+    assert await _beat(cluster, NODE, lease) == short.revision
+    await eventually(lambda: _expired(cluster, short.id), 12, "the allocation's lease expired")
+    after_expiry = await _beat(cluster, NODE, lease)
+    assert after_expiry > short.revision
+
+    # A fresh replica has not seen those events one by one: it answers its load revision, which
+    # is never older than the last change, so an agent that switches replicas asks again, once.
+    replica = start_coordinator()
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        fresh = (await stub.Heartbeat(pb.HeartbeatRequest(node=NODE, lease_id=lease))).allocations_revision
+        assert fresh >= after_expiry
+        again = (await stub.Heartbeat(pb.HeartbeatRequest(node=NODE, lease_id=lease))).allocations_revision
+        assert again == fresh
+
+
+async def _expired(cluster: Cluster, allocation_id: str) -> bool:
+    return not await cluster.is_live(allocation_id)
+
+
+async def test_heartbeat_revision_survives_writes_outside_the_prefix(
+    cluster: Cluster, etcd: harness.Etcd, prefix: str
+) -> None:
+    """Writes outside the prefix (a shared etcd) move etcd's revision past anything the view's
+    watch delivers; a marker put under the prefix proves the view has caught up anyway."""
+    lease = (
+        await cluster.stub.RegisterNode(
+            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
+        )
+    ).lease_id
+    before = await _beat(cluster, NODE, lease)
+    assert before > 0
+    store = Store([etcd.url])
+    await store.start()
+    try:
+        foreign = await store.put("/someone-else/key", b"x")
+        assert foreign > before
+        started = time.monotonic()
+        assert await _beat(cluster, NODE, lease) == before  # not 0, and not fooled
+        assert time.monotonic() - started < 1.0  # the marker, not the 1 s give-up
+        marker = await store.get(f"{prefix}marker")
+        assert marker is not None and marker.mod_revision > foreign
+    finally:
+        await store.close()
+    alloc = await cluster.allocate()
+    assert await _beat(cluster, NODE, lease) == alloc.revision
+
+
+async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: Cluster) -> None:
+    lease = (
+        await cluster.stub.RegisterNode(
+            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
+        )
+    ).lease_id
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime) as a:
+
+        async def beat(valid_for: float = 60.0) -> None:
+            asked_at = time.monotonic()
+            a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), asked_at, valid_for)
+
+        alloc = await cluster.allocate()
+        first = await a.containers.start(alloc.id, alloc.revision, spec())
+        await beat()
+        report = await a.enforcer.tick()
+        assert report.contacted and a.enforcer.lists == 1 and [c.id for c in report.kept] == [first.container_id]
+
+        # Nothing changed: the heartbeat vouches for the last answer, which counts as fresh news.
+        await beat()
+        heard_at = time.monotonic()
+        report = await a.enforcer.tick()
+        assert a.enforcer.lists == 1 and [c.id for c in report.kept] == [first.container_id]
+        voucher = a.vouchers.get(alloc.id)
+        assert voucher is not None and heard_at - 1 < voucher.confirmed_at <= heard_at
+
+        # A container started since the last answer is judged only on a fresh answer.
+        second_alloc = await cluster.allocate()
+        second = await a.containers.start(second_alloc.id, second_alloc.revision, spec())
+        report = await a.enforcer.tick()
+        assert a.enforcer.lists == 2 and {c.id for c in report.kept} == {first.container_id, second.container_id}
+
+        # Released, but no heartbeat has said so yet: the enforcer does not know.
+        await beat()
+        report = await a.enforcer.tick()  # the revision moved with second_alloc: asks once
+        assert a.enforcer.lists == 3
+        await cluster.release(alloc.id)
+        report = await a.enforcer.tick()
+        assert a.enforcer.lists == 3 and runtime.info(first.container_id).state == "running"
+        # The next heartbeat carries the release: the enforcer asks, and stops the container.
+        await beat()
+        report = await a.enforcer.tick()
+        assert a.enforcer.lists == 4
+        assert [v.container.id for v in report.stopped] == [first.container_id]
+        assert runtime.info(first.container_id).state == "exited"
+        assert runtime.info(second.container_id).state == "running"
+
+        # A heartbeat answer counts for a while only (missed heartbeats), and 0 means none.
+        await beat(valid_for=0.0)
+        await asyncio.sleep(0.01)
+        await a.enforcer.tick()
+        assert a.enforcer.lists == 5
+        a.enforcer.note_allocations_revision(0, time.monotonic(), 60.0)
+        await a.enforcer.tick()
+        assert a.enforcer.lists == 6
+
+
+async def test_a_changed_revision_wakes_the_enforcer_at_once(cluster: Cluster) -> None:
+    lease = (
+        await cluster.stub.RegisterNode(
+            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
+        )
+    ).lease_id
+    runtime = FakeRuntime()
+    async with agent(cluster.address, runtime, interval=30.0) as a:
+        alloc = await cluster.allocate()
+        started = await a.containers.start(alloc.id, alloc.revision, spec())
+        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        a.start_enforcer()
+        await eventually(lambda: a.enforcer.lists == 1, 5, "the first check")
+        await cluster.release(alloc.id)
+        released_at = time.monotonic()
+        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        # Far sooner than the 30 s interval: the new revision woke it.
+        await eventually(lambda: runtime.info(started.container_id).state == "exited", 5, "the container stopped")
+        assert time.monotonic() - released_at < 5 and a.enforcer.lists == 2
+
+
+async def test_registrar_hands_each_answers_revision_to_the_enforcer(cluster: Cluster) -> None:
+    heard: list[tuple[int, float, float]] = []
+    inventory = AgentInventory(SimulatedInventory("n3", 2, "m", cpus=4, memory_bytes=GiB), reconciling=lambda: False)
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        reg = Registrar(node="n3", address="127.0.0.1:9", channel=channel, source=inventory,
+                        on_allocations_revision=lambda *args: heard.append(args))  # fmt: skip
+        before = time.monotonic()
+        await reg.step()  # registers
+        await reg.step()  # heartbeats
+    assert len(heard) == 2
+    assert heard[0][0] == heard[1][0] > 0  # nothing was allocated on n3 in between
+    assert before <= heard[0][1] <= heard[1][1] <= time.monotonic()
+    assert heard[1][2] == 2 * reg.interval  # counts until one heartbeat has been missed
 
 
 async def test_reconcile_adopts_live_containers_and_stops_the_rest(cluster: Cluster) -> None:
