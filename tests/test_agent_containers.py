@@ -459,6 +459,13 @@ async def test_enforcer_stops_a_container_started_under_another_revision(cluster
 # -- allocations revision: heartbeats say when asking again is pointless --------------------------
 
 
+async def _register(cluster: Cluster) -> pb.RegisterNodeResponse:
+    """Register NODE again, as its agent would: the answer's lease is the test's to heartbeat."""
+    return await cluster.stub.RegisterNode(
+        pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
+    )
+
+
 async def _beat(cluster: Cluster, node: str, lease: int) -> int:
     response = await cluster.stub.Heartbeat(pb.HeartbeatRequest(node=node, lease_id=lease))
     assert response.lease_id == lease  # renewed, not re-registered
@@ -468,9 +475,7 @@ async def _beat(cluster: Cluster, node: str, lease: int) -> int:
 async def test_heartbeat_revision_changes_exactly_when_the_nodes_allocations_do(
     cluster: Cluster, start_coordinator: Callable[..., harness.Coordinator]
 ) -> None:
-    registered = await cluster.stub.RegisterNode(
-        pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
-    )
+    registered = await _register(cluster)
     lease, first = registered.lease_id, registered.allocations_revision
     assert first > 0
     assert await _beat(cluster, NODE, lease) == first
@@ -510,11 +515,7 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
 ) -> None:
     """Writes outside the prefix (a shared etcd) move etcd's revision past anything the view's
     watch delivers; a marker put under the prefix proves the view has caught up anyway."""
-    lease = (
-        await cluster.stub.RegisterNode(
-            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
-        )
-    ).lease_id
+    lease = (await _register(cluster)).lease_id
     before = await _beat(cluster, NODE, lease)
     assert before > 0
     store = Store([etcd.url])
@@ -534,11 +535,7 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
 
 
 async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: Cluster) -> None:
-    lease = (
-        await cluster.stub.RegisterNode(
-            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
-        )
-    ).lease_id
+    lease = (await _register(cluster)).lease_id
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime) as a:
 
@@ -592,11 +589,7 @@ async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: C
 
 
 async def test_a_changed_revision_wakes_the_enforcer_at_once(cluster: Cluster) -> None:
-    lease = (
-        await cluster.stub.RegisterNode(
-            pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
-        )
-    ).lease_id
+    lease = (await _register(cluster)).lease_id
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime, interval=30.0) as a:
         alloc = await cluster.allocate()
