@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.cluster import BenchCluster, register_nodes, wait_nodes
+from bench.cluster import GPUS_PER_NODE, BenchCluster, register_nodes, wait_nodes
 from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
@@ -63,7 +63,7 @@ async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[st
         noop_per_s = await noop_rpc(address, c, min(args.duration, 3))
         log(f"concurrency {c}: allocations ...")
         # Each allocation takes 1 GPU; stop at 90 % of the cluster's GPUs (see run_load).
-        load = await run_load(address, c, args.duration, max_allocations=args.nodes * 8 * 9 // 10)
+        load = await run_load(address, c, args.duration, max_allocations=args.nodes * GPUS_PER_NODE * 9 // 10)
         runs.append({
             "concurrency": c,
             "raw_txn_per_s": round(raw_per_s, 1),

@@ -77,7 +77,11 @@ class BenchCluster:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def inventory(name: str, gpus: int = 8) -> tpb.NodeInventory:
+# Every simulated node of the bench has this many GPUs.
+GPUS_PER_NODE = 8
+
+
+def inventory(name: str, gpus: int = GPUS_PER_NODE) -> tpb.NodeInventory:
     return tpb.NodeInventory(
         gpus=[
             tpb.Gpu(

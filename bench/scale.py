@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from bench.cluster import BenchCluster, register_nodes, wait_nodes
+from bench.cluster import GPUS_PER_NODE, BenchCluster, register_nodes, wait_nodes
 from bench.load import run_cycles
 from gpulease import procs
 from gpulease.v1 import coordinator_pb2 as pb
@@ -127,7 +127,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
 
     return ScaleResult(
         nodes=nodes,
-        gpus=nodes * 8,
+        gpus=nodes * GPUS_PER_NODE,
         register_s=round(register_s, 2),
         coordinator_rss_mb=round(rss, 1),
         resync_s=round(resync_s, 2),
