@@ -523,9 +523,8 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
     try:
         foreign = await store.put("/someone-else/key", b"x")
         assert foreign > before
-        started = time.monotonic()
-        assert await _beat(cluster, NODE, lease) == before  # not 0, and not fooled
-        assert time.monotonic() - started < 1.0  # the marker, not the 1 s give-up
+        # Not 0 (what giving up after 1 s would send), and not fooled by the foreign write.
+        assert await _beat(cluster, NODE, lease) == before
         marker = await store.get(f"{prefix}marker")
         assert marker is not None and marker.mod_revision > foreign
     finally:
@@ -598,11 +597,10 @@ async def test_a_changed_revision_wakes_the_enforcer_at_once(cluster: Cluster) -
         a.start_enforcer()
         await eventually(lambda: a.enforcer.lists == 1, 5, "the first check")
         await cluster.release(alloc.id)
-        released_at = time.monotonic()
         a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
-        # Far sooner than the 30 s interval: the new revision woke it.
+        # Long before the 30 s interval would have come round: the new revision woke it.
         await eventually(lambda: runtime.info(started.container_id).state == "exited", 5, "the container stopped")
-        assert time.monotonic() - released_at < 5 and a.enforcer.lists == 2
+        assert a.enforcer.lists == 2
 
 
 async def test_registrar_hands_each_answers_revision_to_the_enforcer(cluster: Cluster) -> None:
