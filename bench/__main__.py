@@ -60,7 +60,7 @@ async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[st
         log(f"concurrency {c}: raw etcd txn ...")
         raw_per_s, raw_lat = await raw_txn(cluster.etcd_url, c, args.duration)
         log(f"concurrency {c}: no-op gRPC calls ...")
-        noop_per_s = await noop_rpc(address, c, min(args.duration, 3))
+        noop_per_s, noop_lat = await noop_rpc(address, c, min(args.duration, 3))
         log(f"concurrency {c}: allocations ...")
         # Each allocation takes 1 GPU; stop at 90 % of the cluster's GPUs (see run_load).
         load = await run_load(address, c, args.duration, max_allocations=args.nodes * GPUS_PER_NODE * 9 // 10)
@@ -75,6 +75,8 @@ async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[st
             "alloc_release_cycles_per_s": round(load.cycles_per_s, 1),
             "ratio": round(load.alloc_per_s / raw_per_s, 3) if raw_per_s else 0.0,
             "noop_rpc_per_s": round(noop_per_s, 1),
+            "noop_p50_ms": noop_lat.ms(0.5),
+            "noop_p99_ms": noop_lat.ms(0.99),
             "allocations_per_txn": round(load.allocations / load.commits, 2) if load.commits else 0.0,
             "retries_per_alloc": round(load.rejected_commits / load.allocations, 4) if load.allocations else 0.0,
             "double_allocations": load.double_allocations,
@@ -103,8 +105,8 @@ def machine(cluster: BenchCluster) -> dict[str, object]:
 def print_tables(result: dict[str, object]) -> None:
     cols = [
         "concurrency", "raw_txn_per_s", "raw_p99_ms", "alloc_per_s", "alloc_p50_ms", "alloc_p99_ms",
-        "alloc_release_cycles_per_s", "ratio", "noop_rpc_per_s", "allocations_per_txn", "retries_per_alloc",
-        "double_allocations", "errors",
+        "alloc_release_cycles_per_s", "ratio", "noop_rpc_per_s", "noop_p50_ms", "allocations_per_txn",
+        "retries_per_alloc", "double_allocations", "errors",
     ]  # fmt: skip
     rows = [[str(sum(r[c].values()) if c == "errors" else r[c]) for c in cols] for r in result["runs"]]  # type: ignore[attr-defined]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]

@@ -1,5 +1,8 @@
 """Heartbeat load in its own process (python -m bench.heartbeats): 10,000 agents' worth of
-Heartbeat RPCs must not share a GIL with the allocation load they are measured against."""
+Heartbeat RPCs must not share a GIL with the allocation load they are measured against.
+
+With --noop it sends gRPC health checks at the same pace instead: what the same number of
+empty unary calls costs the coordinator, the floor under any heartbeat's cost."""
 
 from __future__ import annotations
 
@@ -13,18 +16,23 @@ import sys
 import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpulease import eventloop
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 
 
-async def heartbeat(address: str, leases: dict[str, int], interval: float, stop: asyncio.Event) -> tuple[int, int]:
-    """Every node heartbeats once per interval, spread evenly over it, as real agents would."""
+async def heartbeat(
+    address: str, leases: dict[str, int], interval: float, stop: asyncio.Event, noop: bool = False
+) -> tuple[int, int]:
+    """Every node heartbeats once per interval, spread evenly over it, as real agents would
+    (`noop`: a health check in place of each Heartbeat)."""
     sent = errors = 0
     names = sorted(leases)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)
+        check = health_pb2_grpc.HealthStub(channel).Check
         sem = asyncio.Semaphore(256)
         tasks: set[asyncio.Task[None]] = set()
 
@@ -32,8 +40,11 @@ async def heartbeat(address: str, leases: dict[str, int], interval: float, stop:
             nonlocal sent, errors
             async with sem:
                 try:
-                    resp = await stub.Heartbeat(pb.HeartbeatRequest(node=name, lease_id=leases[name]), timeout=30)
-                    leases[name] = resp.lease_id
+                    if noop:
+                        await check(health_pb2.HealthCheckRequest(), timeout=30)
+                    else:
+                        resp = await stub.Heartbeat(pb.HeartbeatRequest(node=name, lease_id=leases[name]), timeout=30)
+                        leases[name] = resp.lease_id
                     sent += 1
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -69,6 +80,7 @@ def main() -> int:
     p.add_argument("address")
     p.add_argument("leases", help="JSON file: node -> lease id")
     p.add_argument("--interval", type=float, default=10)
+    p.add_argument("--noop", action="store_true", help="send health checks instead of heartbeats")
     p.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone (default: the parent)")
     args = p.parse_args()
     with open(args.leases) as fh:
@@ -79,7 +91,7 @@ def main() -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         orphan_check = asyncio.create_task(_stop_when_orphaned(stop, args.parent_pid or os.getppid()))
         try:
-            return await heartbeat(args.address, leases, args.interval, stop)
+            return await heartbeat(args.address, leases, args.interval, stop, args.noop)
         finally:
             orphan_check.cancel()
 

@@ -41,17 +41,21 @@ class ScaleResult:
     heartbeat_cost: float
     # coordinator CPU per Heartbeat RPC (gRPC handling plus one etcd lease renewal)
     coordinator_cpu_ms_per_heartbeat: float
+    # the same for an empty unary call (health check) at the same pace: the floor under the above
+    coordinator_cpu_ms_per_noop_rpc: float
     heartbeats_sent: int
     heartbeat_errors: int
     false_down: int
     double_allocations: int
 
 
-def _start_heartbeats(address: str, leases: dict[str, int], interval: int, tmp: Path) -> subprocess.Popen[str]:
+def _start_heartbeats(
+    address: str, leases: dict[str, int], interval: int, tmp: Path, noop: bool = False
+) -> subprocess.Popen[str]:
     path = tmp / "leases.json"
     path.write_text(json.dumps(leases))
     return subprocess.Popen([sys.executable, "-m", "bench.heartbeats", address, str(path), "--interval", str(interval),
-                             "--parent-pid", str(os.getpid())],
+                             "--parent-pid", str(os.getpid()), *(["--noop"] if noop else [])],
                             stdout=subprocess.PIPE, text=True, env=procs.python_child_env())  # fmt: skip
 
 
@@ -68,6 +72,14 @@ async def _cpu_seconds(proc: psutil.Process, seconds: float) -> float:
     await asyncio.sleep(seconds)
     after = proc.cpu_times()
     return float(after.user + after.system - before.user - before.system)
+
+
+async def _cpu_ms_per_call(proc: psutil.Process, idle_cpu_s: float, window: float, calls_per_s: float) -> float:
+    """CPU ms `proc` spends per call of a load just started at `calls_per_s`: its CPU over
+    `window` (after 2 s to settle), less an idle window's, divided by the calls paced into it."""
+    await asyncio.sleep(2)
+    busy_cpu_s = await _cpu_seconds(proc, window)
+    return (busy_cpu_s - idle_cpu_s) * 1000 / (calls_per_s * window)
 
 
 async def _down_nodes(address: str) -> int:
@@ -105,9 +117,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     idle_cpu_s = await _cpu_seconds(coordinator, window)
     beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp)
     try:
-        await asyncio.sleep(2)
-        beat_cpu_s = await _cpu_seconds(coordinator, window)
-        hb_cpu_ms = (beat_cpu_s - idle_cpu_s) * 1000 / (nodes / heartbeat_interval * window)
+        hb_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
         await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
         hb_rate, hb_doubles = await run_cycles(addr, concurrency, duration)
         false_down = await _down_nodes(addr)
@@ -116,6 +126,14 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     quiet_rate, quiet_doubles = await run_cycles(addr, concurrency, duration)
     false_down = max(false_down, await _down_nodes(addr))
     rss = cluster.coordinator_rss(addr) / 2**20
+
+    # Empty unary calls at the heartbeats' pace, after the last down check: within the node TTL
+    # (3 intervals) of the last heartbeat, so no lease expiry adds work to this window.
+    noops = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp, noop=True)
+    try:
+        noop_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
+    finally:
+        _stop_heartbeats(noops)
 
     # A fresh replica: how long until its view holds all nodes.
     t1 = time.perf_counter()
@@ -139,6 +157,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
         cycles_per_s_with_heartbeats=round(hb_rate, 1),
         heartbeat_cost=round(1 - hb_rate / quiet_rate, 3) if quiet_rate else 0.0,
         coordinator_cpu_ms_per_heartbeat=round(hb_cpu_ms, 3),
+        coordinator_cpu_ms_per_noop_rpc=round(noop_cpu_ms, 3),
         heartbeats_sent=sent,
         heartbeat_errors=hb_errors,
         false_down=false_down,
