@@ -538,9 +538,10 @@ async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: C
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime) as a:
 
-        async def beat(valid_for: float = 60.0) -> None:
+        async def beat(valid_for: float = 60.0) -> float:
             asked_at = time.monotonic()
             a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), asked_at, valid_for)
+            return asked_at
 
         alloc = await cluster.allocate()
         first = await a.containers.start(alloc.id, alloc.revision, spec())
@@ -548,13 +549,15 @@ async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: C
         report = await a.enforcer.tick()
         assert report.contacted and a.enforcer.lists == 1 and [c.id for c in report.kept] == [first.container_id]
 
-        # Nothing changed: the heartbeat vouches for the last answer, which counts as fresh news.
-        await beat()
-        heard_at = time.monotonic()
+        # Nothing changed: the heartbeat vouches for the last answer, which counts as fresh news
+        # from the moment that heartbeat was sent.
+        listed = a.vouchers.get(alloc.id)
+        assert listed is not None
+        heard_at = await beat()
         report = await a.enforcer.tick()
         assert a.enforcer.lists == 1 and [c.id for c in report.kept] == [first.container_id]
         voucher = a.vouchers.get(alloc.id)
-        assert voucher is not None and heard_at - 1 < voucher.confirmed_at <= heard_at
+        assert voucher is not None and listed.confirmed_at < voucher.confirmed_at == heard_at
 
         # A container started since the last answer is judged only on a fresh answer.
         second_alloc = await cluster.allocate()
