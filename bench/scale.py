@@ -110,8 +110,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
 
     # Agents heartbeat from registration on (from their own process here); measure with them,
     # then right after stopping them, while every lease is at most one interval old.
-    # What one heartbeat costs the coordinator with nothing else running: its CPU over a window
-    # with heartbeats, less an idle window's, divided by the heartbeats the sender paces into it.
+    # What one heartbeat costs the coordinator with nothing else running (see _cpu_ms_per_call).
     coordinator = psutil.Process(cluster.pid(addr))
     window = min(duration, 5)
     idle_cpu_s = await _cpu_seconds(coordinator, window)
