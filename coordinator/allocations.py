@@ -14,22 +14,21 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 from coordinator import validation
 from coordinator.batch_placement import place_one
-from coordinator.batcher import Batcher, BatchPolicy
+from coordinator.batcher import Batcher, BatchPolicy, InDoubt
 from coordinator.committer import Committer
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.keys import Keys, range_end
 from coordinator.lease_pool import LeasePool, needs_renewal
 from coordinator.records import decode_alloc
-from coordinator.store import Get, Store
+from coordinator.settle import Settler
+from coordinator.store import Get, Store, StoreUnavailable
 from coordinator.view import ClusterView
-from gpulease.errors import AllocationNotFound, InsufficientResources, Unsatisfiable
+from gpulease.errors import AllocationNotFound, Conflict, InsufficientResources, Unavailable, Unsatisfiable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class AllocationPolicy:
     default_memory_per_gpu: int = 4 * 2**30
     max_commit_rounds: int = 20
     max_txn_ops: int = 128
+    settle_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,20 @@ class AllocationService:
         self._view = view
         self._keys = keys
         self._policy = policy
-        self._background: set[asyncio.Task[None]] = set()
         self._leases = LeasePool(store)
+        self.settler = Settler(store, keys)
         self._batcher = Batcher(
             view,
             committer,
             by_request_id=self._by_request_id,
             by_id=self._by_id,
-            policy=BatchPolicy(max_rounds=policy.max_commit_rounds, max_txn_ops=policy.max_txn_ops),
+            claim=self.settler.claim,
+            decide=self.settler.decide,
+            policy=BatchPolicy(
+                max_rounds=policy.max_commit_rounds,
+                max_txn_ops=policy.max_txn_ops,
+                settle_timeout=policy.settle_timeout,
+            ),
         )
 
     @property
@@ -84,8 +90,14 @@ class AllocationService:
         return self._batcher
 
     async def run(self) -> None:
-        """The commit loop; runs until cancelled."""
-        await self._batcher.run()
+        """The commit loop and the sweep of unsettled allocations; runs until cancelled."""
+        sweep = asyncio.create_task(self.settler.run(), name="unsettled-sweep")
+        try:
+            await self._batcher.run()
+        finally:
+            sweep.cancel()
+            await asyncio.gather(sweep, return_exceptions=True)
+            await self.settler.close()
 
     async def allocate(self, inp: AllocateInput) -> tuple[Allocation, bool]:
         """Returns (allocation, reused). reused=True when request_id matched a live allocation."""
@@ -105,16 +117,19 @@ class AllocationService:
         alloc_id = new_allocation_id()
         request_id = validation.request_id(inp.request_id) if inp.request_id else alloc_id
 
-        # Placement before the lease: a request that cannot fit costs no etcd write.
-        try:
-            self._place(req, self._view.snapshot())
-        except (InsufficientResources, Unsatisfiable):
-            existing = await self._by_request_id(request_id)
-            if existing:
-                return existing, True
-            raise
+        # Placement before the lease: a request that cannot fit costs no etcd write. Unless its
+        # twin (same request id) is queued or committing here: then the batcher answers both alike.
+        if not self._batcher.has_request(request_id):
+            try:
+                self._place(req, self._view.snapshot())
+            except (InsufficientResources, Unsatisfiable):
+                existing = await self._by_request_id(request_id)
+                existing = await self.settler.claim(existing) if existing else None
+                if existing:
+                    return existing, True
+                raise
 
-        lease, age = await self._leases.take(ttl)
+        lease, granted_at = await self._leases.take(ttl)
         draft = Allocation(
             id=alloc_id, node="", gpus=(), cpus=req.cpus, memory_bytes=req.memory_bytes, ttl_seconds=ttl,
             lease_id=lease, revision=0, owner=owner, request_id=request_id,
@@ -124,38 +139,50 @@ class AllocationService:
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
         # A cancelled client must not revoke a lease its batch is committing (that would fail the
         # whole batch), so the decision waits for the batch's answer.
-        fut.add_done_callback(functools.partial(self._settle_lease, ttl, lease, alloc_id, needs_renewal(ttl, age)))
-        return await asyncio.shield(fut)
+        fut.add_done_callback(functools.partial(self._settle_lease, draft))
+        alloc, reused = await asyncio.shield(fut)
+        if alloc.id == alloc_id:
+            await self._full_ttl(alloc, granted_at)
+        return alloc, reused
 
-    def _settle_lease(
-        self, ttl: int, lease: int, alloc_id: str, renew: bool, fut: asyncio.Future[tuple[Allocation, bool]]
-    ) -> None:
-        self._leases.replenish(ttl)
-        if fut.cancelled() or fut.exception() is not None or fut.result()[0].id != alloc_id:
-            self._in_background(self._revoke_quietly(lease))
-        elif renew:
-            # A pooled lease granted up to a couple of seconds ago: restart its full TTL now.
-            self._in_background(self._renew_quietly(lease))
-
-    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _renew_quietly(self, lease: int) -> None:
+    async def _full_ttl(self, alloc: Allocation, granted_at: float) -> None:
+        """Make sure the caller gets the TTL it was promised, counted from now: the lease's clock
+        started at its grant, and the queue, rejected rounds and a slow etcd all ran on it (issue 11,
+        defect 6). Renew before answering when it lost more than 1 %; refuse when that fails."""
+        age = time.monotonic() - granted_at
+        if not needs_renewal(alloc.ttl_seconds, age):
+            return
+        if age > alloc.ttl_seconds / 4:
+            log.info("allocation %s committed %.1fs after its lease was granted (TTL %ds); renewing it to the full "
+                     "TTL before answering", alloc.id, age, alloc.ttl_seconds)  # fmt: skip
         try:
-            await self._store.keepalive_once(lease)
-        except Exception as exc:  # the allocation then expires up to the pool's max age early
-            log.warning("could not renew pooled lease %x after commit: %s", lease, exc)
+            renewal = await self._store.keepalive(alloc.lease_id)
+        except StoreUnavailable as exc:
+            log.warning("allocation %s: lease %.1fs old could not be renewed (%s); refusing it", alloc.id, age, exc)
+            self.settler.finish_later(alloc, "its lease could not be renewed to the full TTL before answering")
+            raise Unavailable(
+                f"the allocation committed, but its lease could not be renewed to the full {alloc.ttl_seconds}s TTL "
+                f"({exc.message}); it is being released: retry with the same request id"
+            ) from exc
+        if renewal.ttl <= 0:
+            log.warning("allocation %s: its lease lapsed %.1fs after the grant, before the answer", alloc.id, age)
+            raise Conflict(
+                f"the allocation's lease lapsed before it could be confirmed ({age:.1f}s after it was granted, "
+                f"TTL {alloc.ttl_seconds}s; etcd or the queue was slow): retry the request"
+            )
+
+    def _settle_lease(self, draft: Allocation, fut: asyncio.Future[tuple[Allocation, bool]]) -> None:
+        self._leases.replenish(draft.ttl_seconds)
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or isinstance(exc, InDoubt):
+            # It may have committed, and a retry may hold it by now: only the settler decides.
+            self.settler.finish_later(draft, str(exc or "its commit was cancelled"))
+        elif exc is not None or fut.result()[0].id != draft.id:
+            # Never committed (or a rejection the decide step made final): nobody holds this lease.
+            self.settler.revoke_later(draft.lease_id, draft.ttl_seconds)
 
     def _place(self, req: ResourceRequest, snapshot: Snapshot) -> Placement:
         return place_one(snapshot, req, self._view.index)
-
-    async def _revoke_quietly(self, lease: int) -> None:
-        try:
-            await self._store.revoke(lease)
-        except Exception as exc:  # it expires by itself within its TTL anyway
-            log.warning("could not revoke lease %x after a failed allocate: %s", lease, exc)
 
     async def _by_request_id(self, request_id: str) -> Allocation | None:
         kv = await self._store.get(self._keys.req(request_id))

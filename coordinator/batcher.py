@@ -31,12 +31,24 @@ log = logging.getLogger(__name__)
 # (allocation, reused)
 Outcome = tuple[Allocation, bool]
 Lookup = Callable[[str], Awaitable[Allocation | None]]
+# An allocation handed to a retry is first claimed (see coordinator/settle.py); None: it ended.
+Claim = Callable[[Allocation], Awaitable[Allocation | None]]
+# The final outcome of a draft whose commit is in doubt (Settler.decide); raises while in doubt.
+Decide = Callable[[Allocation], Awaitable[Allocation | None]]
+
+
+class InDoubt(Unavailable):
+    """The commit may or may not have happened and etcd did not say within the settle timeout.
+    The caller must hand the draft to the settler, never revoke its lease blindly: a retry may
+    already hold the allocation."""
 
 
 class SnapshotSource(Protocol):
     def snapshot(self) -> Snapshot: ...
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool: ...
+
+    async def caught_up(self, revision: int, timeout: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,9 @@ class BatchPolicy:
     contested_for: float = 1.0
     max_txn_ops: int = 128  # etcd's default --max-txn-ops
     catch_up_timeout: float = 1.0
+    # How long an in-doubt commit is settled before the caller hears UNAVAILABLE (and the
+    # settler takes over in the background).
+    settle_timeout: float = 5.0
 
 
 @dataclass(eq=False)
@@ -69,13 +84,20 @@ class Batcher:
         *,
         by_request_id: Lookup,
         by_id: Lookup,
+        claim: Claim,
+        decide: Decide,
         policy: BatchPolicy = BatchPolicy(),
     ) -> None:
         self._source = source
         self._committer = committer
         self._by_request_id = by_request_id
         self._by_id = by_id
+        self._claim = claim
+        self._decide = decide
         self._policy = policy
+        # Request ids queued or in a commit here: a twin arriving meanwhile joins the queue
+        # instead of being answered from a view that does not show the twin yet.
+        self._request_ids: dict[str, int] = {}
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._contested: dict[str, float] = {}  # node -> until when (loop time) it is avoided
         self.commits = 0  # etcd transactions sent
@@ -84,8 +106,24 @@ class Batcher:
 
     def submit(self, req: ResourceRequest, draft: Allocation) -> asyncio.Future[Outcome]:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        rid = draft.request_id
+        self._request_ids[rid] = self._request_ids.get(rid, 0) + 1
+        fut.add_done_callback(lambda _: self._forget(rid))
         self._queue.put_nowait(_Pending(req, draft, fut))
         return fut
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._request_ids
+
+    def _forget(self, request_id: str) -> None:
+        left = self._request_ids.get(request_id, 0) - 1
+        if left > 0:
+            self._request_ids[request_id] = left
+        else:
+            self._request_ids.pop(request_id, None)
+
+    async def _reuse(self, existing: Allocation | None) -> Allocation | None:
+        return await self._claim(existing) if existing else None
 
     async def run(self) -> None:
         carry: list[_Pending] = []
@@ -99,38 +137,52 @@ class Batcher:
                     await self._round(carry)
                 except Exception as exc:  # a bug must not wedge every later allocation
                     log.exception("commit round failed")
+                    # It may have failed after its transaction was sent: settle, never revoke blindly.
                     for p in carry:
-                        _fail(p, exc if isinstance(exc, GpuLeaseError) else Unavailable(f"internal error: {exc}"))
+                        _fail(p, InDoubt(f"internal error in a commit round ({exc}); retry with the same request id"))
                 carry = [p for p in carry if not p.fut.done()]
         finally:
             for p in carry:
                 _fail(p, Unavailable("the coordinator is shutting down; retry against another replica"))
 
     async def _round(self, pending: list[_Pending]) -> None:
+        # One member per request id per round, chosen before placement: a twin placed in the same
+        # round would take capacity from the overlay, fail, and find no committed allocation under
+        # its id (issue 11, defect 4). It waits a round and then gets its twin's allocation.
+        request_ids: set[str] = set()
+        candidates: list[_Pending] = []
+        for p in pending:
+            if p.draft.request_id not in request_ids:
+                request_ids.add(p.draft.request_id)
+                candidates.append(p)
         snapshot = self._source.snapshot()
         contested = self._still_contested()
-        results = place_batch(snapshot, [(p.req, p.excluded) for p in pending], getattr(self._source, "index", None),
-                              [p.avoid | contested for p in pending])  # fmt: skip
+        results = place_batch(snapshot, [(p.req, p.excluded) for p in candidates],
+                              getattr(self._source, "index", None),
+                              [p.avoid | contested for p in candidates])  # fmt: skip
         chosen: list[_Pending] = []
-        request_ids: set[str] = set()
-        for p, result in zip(pending, results, strict=True):
+        failed: list[tuple[_Pending, GpuLeaseError]] = []
+        for p, result in zip(candidates, results, strict=True):
             if isinstance(result, GpuLeaseError):
-                # It may not fit *because* this request id already holds its GPUs.
-                existing = await self._by_request_id(p.draft.request_id)
-                _resolve(p, (existing, True)) if existing else _fail(p, result)
+                failed.append((p, result))
                 continue
-            p.placement = result
-            # Same request id twice in one txn would be a duplicate key: the later one waits a round.
-            if p.draft.request_id in request_ids:
-                continue
-            if txn_size([Item(q.placement, q.draft) for q in (*chosen, p)]) > self._policy.max_txn_ops:  # type: ignore[arg-type]
+            items = [Item(q.placement, q.draft) for q in chosen if q.placement] + [Item(result, p.draft)]
+            if txn_size(items) > self._policy.max_txn_ops:
                 if not chosen:
                     _fail(p, InvalidRequest(
                         f"this request needs more than {self._policy.max_txn_ops} etcd operations; "
                         "ask for fewer GPUs per allocation or raise etcd's --max-txn-ops"))  # fmt: skip
-                continue
-            request_ids.add(p.draft.request_id)
+                    continue
+                # Stop here: this member and every later one wait a round. Later members were placed
+                # on an overlay that counted this one, so their results (fits and failures alike)
+                # are discarded rather than acted on.
+                break
+            p.placement = result
             chosen.append(p)
+        for p, err in failed:
+            # It may not fit *because* this request id already holds its GPUs.
+            existing = await self._reuse(await self._by_request_id(p.draft.request_id))
+            _resolve(p, (existing, True)) if existing else _fail(p, err)
         if chosen:
             await self._commit(chosen, snapshot)
 
@@ -140,14 +192,8 @@ class Batcher:
         try:
             result = await self._committer.commit(items, snapshot)
         except OutcomeUnknown as exc:
-            # The txn may still commit. The request keys tell; when they are absent, revoking the
-            # leases (done by each allocate() on failure) makes a late commit impossible.
-            for p in chosen:
-                found = await self._by_request_id(p.draft.request_id)
-                if found:
-                    _resolve(p, (found, found.id != p.draft.id))
-                else:
-                    _fail(p, exc)
+            # The txn may have committed, or may still commit: settle each member before answering.
+            await self._settle_in_doubt(chosen, exc)
             return
         except LeaseNotFound:
             # Some lease lapsed before the commit (etcd stalled longer than a TTL): start over.
@@ -167,7 +213,7 @@ class Batcher:
         for p in chosen:
             holder = result.taken.get(p.draft.request_id)
             if holder:
-                existing = await self._by_id(holder)
+                existing = await self._reuse(await self._by_id(holder))
                 if existing:
                     _resolve(p, (existing, True))
                     continue
@@ -182,7 +228,45 @@ class Batcher:
                 _fail(p, Conflict(
                     f"gave up after {p.rejections} conflicting commits (heavy contention for the same nodes); "
                     "retry the request"))  # fmt: skip
-        await self._source.wait_for_revision(result.revision, self._policy.catch_up_timeout)
+        # Whatever failed a compare is at or below the answer's revision, but there may be no event
+        # under the prefix at that revision (a foreign write): caught_up() proves it with a marker.
+        await self._source.caught_up(result.revision, self._policy.catch_up_timeout)
+
+    async def _settle_in_doubt(self, chosen: list[_Pending], cause: OutcomeUnknown) -> None:
+        """Answer each member of an in-doubt commit with its final outcome, asking etcd again (with
+        backoff) for up to settle_timeout; members still in doubt then fail with InDoubt."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._policy.settle_timeout
+        delay = 0.05
+        waiting = list(chosen)
+        while True:
+            still: list[_Pending] = []
+            for p in waiting:
+                try:
+                    async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                        holder = await self._decide(p.draft)
+                        if holder is not None and holder.id != p.draft.id:
+                            holder = await self._reuse(holder)
+                            if holder is None:  # the other allocation ended meanwhile: decide again
+                                still.append(p)
+                                continue
+                except (TimeoutError, GpuLeaseError) as exc:
+                    log.debug("in-doubt allocation %s not settled yet: %s", p.draft.id, exc)
+                    still.append(p)
+                    continue
+                if holder is None:
+                    _fail(p, Unavailable(f"{cause.message}; nothing was allocated, retry the request"))
+                else:
+                    _resolve(p, (holder, holder.id != p.draft.id))
+            waiting = still
+            if not waiting or loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        for p in waiting:
+            _fail(p, InDoubt(
+                f"{cause.message}; whether the allocation was made is not known yet: retry with the same "
+                "request id (an allocation nobody takes is released)"))  # fmt: skip
 
     def _still_contested(self) -> frozenset[str]:
         if not self._contested:

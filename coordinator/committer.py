@@ -2,7 +2,8 @@
 
 For each allocation in the batch, and each node it lands on, the compares are:
   reqs/<request_id>     version == 0     the request id has no live allocation (idempotency)
-  gpus/<node>/<i>       version == 0     each chosen GPU is free (no double allocation)
+  gpus/<node>/<uuid>    version == 0     each chosen GPU is free (no double allocation); by UUID,
+                                         and nodes/<node> below pins the index->UUID map used
   res/<node>/...        mod_revision < snapshot+1 over the whole range: no CPU/memory was
                         reserved on the node since the snapshot that judged its free capacity
                         (deletions only free capacity, so they may pass)
@@ -41,7 +42,8 @@ class Committed:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A compare failed: the view was stale. Retry once the view reaches `revision`."""
+    """A compare failed: the view was stale. Retry once the view has caught up with `revision`
+    (etcd's revision when it answered: whatever failed a compare is at or below it)."""
 
     revision: int
     # request id -> id of the live allocation that already holds it
@@ -90,9 +92,9 @@ class EtcdCommitter:
             p, lease = item.placement, a.lease_id
             nodes.setdefault(p.node, p)
             compares.append(Cmp(k.req(a.request_id), "version", "==", 0))
-            compares.extend(Cmp(k.gpu(p.node, i), "version", "==", 0) for i in p.gpu_indexes)
+            compares.extend(Cmp(k.gpu(p.node, g.uuid), "version", "==", 0) for g in a.gpus)
             success.append(Put(k.alloc(a.id), encode_alloc(a), lease))
-            success.extend(Put(k.gpu(p.node, i), a.id.encode(), lease) for i in p.gpu_indexes)
+            success.extend(Put(k.gpu(p.node, g.uuid), a.id.encode(), lease) for g in a.gpus)
             success.append(Put(k.res(p.node, a.id), encode_res(a.cpus, a.memory_bytes), lease))
             success.append(Put(k.req(a.request_id), a.id.encode(), lease))
         failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
@@ -104,7 +106,7 @@ class EtcdCommitter:
                 Cmp(k.alive(node), "version", ">", 0),
                 Cmp(k.cordoned(node), "version", "==", 0),
             ]
-            gpus = f"{k.prefix}gpus/{node}/"
+            gpus = k.gpus_prefix(node)
             failure += [Get(k.alive(node)), Get(k.cordoned(node)), Get(k.node(node)),
                         Get(gpus, range_end(gpus)), Get(res, range_end(res))]  # fmt: skip
         out = await self._store.txn(compares, success, failure)
@@ -118,5 +120,6 @@ class EtcdCommitter:
             for j, (node, p) in enumerate(nodes.items())
             if any(kv.mod_revision > p.snapshot_revision for read in per_node[5 * j + 2 : 5 * j + 5] for kv in read)
         )
-        seen = [kv.mod_revision for read in out.reads for kv in read]
-        return Rejected(max(seen, default=out.revision), taken, unusable, conflicted)
+        # out.revision, not the newest key read: a compare can fail on a deletion (a node record
+        # removed), which no read shows, and the view must have seen that too.
+        return Rejected(out.revision, taken, unusable, conflicted)

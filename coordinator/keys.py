@@ -4,9 +4,15 @@
     alive/<node>              "" on the node's lease: present <=> node is up
     cordoned/<node>           "" when an operator cordoned the node (no lease)
     allocs/<id>               allocation record (JSON) on the allocation's lease
-    gpus/<node>/<index>       allocation id on the allocation's lease: one key per held GPU
+    gpus/<node>/<uuid>        allocation id on the allocation's lease: one key per held GPU, by UUID
+                              (indexes move when a GPU falls off the bus and the host reboots)
     res/<node>/<id>           {"cpus","memory"} on the allocation's lease: CPU/memory held on a node
     reqs/<request_id>         allocation id on the allocation's lease: idempotency of Allocate
+                              ("" on a lease of its own: a settler blocked a commit in doubt)
+    claimed/<id>              "" on the allocation's lease: a retry was handed this allocation, so
+                              no settler may remove it
+    unsettled/<id>            {"lease","request_id"}, no lease: an allocation whose commit outcome
+                              is unknown and was not settled yet; any replica finishes the job
     marker                    "" rewritten by a coordinator to learn that its view has caught up
 
 Everything an allocation holds hangs on its lease, so lease expiry frees it with no
@@ -36,9 +42,13 @@ class Keys:
     def alloc(self, alloc_id: str) -> str:
         return f"{self.prefix}allocs/{alloc_id}"
 
-    def gpu(self, node: str, index: int) -> str:
-        # Zero-padded so a range read of gpus/<node>/ comes back in index order.
-        return f"{self.prefix}gpus/{node}/{index:04d}"
+    def gpu(self, node: str, uuid: str) -> str:
+        # By UUID, the physical GPU (containers get GPUs by UUID too): a claim on an index would
+        # follow the index to another GPU after a reboot re-numbers them (issue 11, defect 2).
+        return f"{self.prefix}gpus/{node}/{uuid}"
+
+    def gpus_prefix(self, node: str) -> str:
+        return f"{self.prefix}gpus/{node}/"
 
     def res_prefix(self, node: str) -> str:
         return f"{self.prefix}res/{node}/"
@@ -49,6 +59,15 @@ class Keys:
     def req(self, request_id: str) -> str:
         return f"{self.prefix}reqs/{request_id}"
 
+    def claimed(self, alloc_id: str) -> str:
+        return f"{self.prefix}claimed/{alloc_id}"
+
+    def unsettled(self, alloc_id: str) -> str:
+        return f"{self.prefix}unsettled/{alloc_id}"
+
+    def unsettled_prefix(self) -> str:
+        return f"{self.prefix}unsettled/"
+
     def marker(self) -> str:
         return f"{self.prefix}marker"
 
@@ -56,7 +75,7 @@ class Keys:
         return f"{self.prefix}allocs/"
 
     def parse(self, key: str) -> tuple[str, ...] | None:
-        """'/p/gpus/n1/0003' -> ('gpus', 'n1', '0003'); None for keys outside the prefix."""
+        """'/p/gpus/n1/GPU-1f2e' -> ('gpus', 'n1', 'GPU-1f2e'); None for keys outside the prefix."""
         if not key.startswith(self.prefix):
             return None
         return tuple(key[len(self.prefix) :].split("/"))

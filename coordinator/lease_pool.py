@@ -1,9 +1,10 @@
 """Leases granted ahead of demand, so an Allocate does not wait for a LeaseGrant round trip.
 
-Each pooled lease is young (at most `max_age` seconds old). Once its allocation commits, it is
-renewed to its full TTL unless it has lost less than 1 % of it (`needs_renewal`): at busy times
-leases leave the pool within milliseconds, and skipping that renewal saves an etcd call per
-allocation. If a renewal fails, the allocation is at most `max_age` short.
+Each pooled lease is young (at most `max_age` seconds old). Once its allocation commits, the
+lease's age *at that moment* decides: one that has lost more than 1 % of its TTL is renewed to
+the full TTL before the caller is answered (`needs_renewal`; see AllocationService). At busy
+times leases leave the pool within milliseconds, and skipping that renewal saves an etcd call
+per allocation.
 
 Pools exist only for TTLs that were asked for, refill only when used (after the allocation
 that used one has its answer, see `replenish`), and never grow past `size`: an idle coordinator
@@ -27,8 +28,8 @@ RENEW_AFTER_FRACTION = 0.01
 
 
 def needs_renewal(ttl: int, age: float) -> bool:
-    """Whether a lease taken `age` seconds after its grant must be renewed once it carries an
-    allocation, so that the allocation keeps (within 1 %) the TTL it asked for."""
+    """Whether a lease `age` seconds old when its allocation committed must be renewed before the
+    answer, so that the allocation keeps (within 1 %) the TTL it asked for."""
     return age > ttl * RENEW_AFTER_FRACTION
 
 
@@ -42,15 +43,16 @@ class LeasePool:
         self._refilling: dict[int, asyncio.Task[None]] = {}
 
     async def take(self, ttl: int) -> tuple[int, float]:
-        """(lease id, seconds since it was granted): 0.0 when granted just now for this call."""
+        """(lease id, time.monotonic() when it was granted, or when the grant was asked for: the
+        lease's clock may have started then)."""
         pool = self._pool(ttl)
         now = time.monotonic()
         while pool:
             lease, granted = pool.popleft()
             if now - granted <= self._max_age:
-                return lease, now - granted
+                return lease, granted
         self._refill(ttl)
-        return await self._store.grant(ttl), 0.0
+        return await self._store.grant(ttl), now
 
     def replenish(self, ttl: int) -> None:
         """Top the pool up again; callers do this once the allocation that took a lease has its

@@ -49,7 +49,7 @@ class NodeService:
         self._policy = policy
 
     async def register(self, info: NodeInfo) -> Registration:
-        validation.inventory(info)
+        info = validation.inventory(info)
         await self._write_record_if_changed(info)
         lease = await self._store.grant(self._policy.node_ttl)
         revision = await self._store.put(self._keys.alive(info.name), b"", lease)
@@ -60,7 +60,7 @@ class NodeService:
     async def heartbeat(self, name: str, lease_id: int, info: NodeInfo | None) -> Registration:
         validation.node_name(name)
         if info is not None:
-            validation.inventory(info)
+            info = validation.inventory(info)
             if info.name != name:
                 raise InvalidRequest(f"heartbeat for {name!r} carries inventory of {info.name!r}")
         renewal = await self._store.keepalive(lease_id) if lease_id > 0 else None

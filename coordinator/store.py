@@ -18,10 +18,16 @@ from urllib.parse import urlsplit
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError
-from etcd3aio._protobuf import Compare, LeaseKeepAliveRequest, LeaseStub
+from etcd3aio._protobuf import (
+    Compare,
+    LeaseKeepAliveRequest,
+    LeaseStub,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchStub,
+)
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
-from etcd3aio.watch import WatchService
 
 from gpulease.errors import InvalidRequest, Unavailable
 
@@ -60,6 +66,8 @@ class Renewal:
 
 @dataclass(frozen=True)
 class WatchBatch:
+    # The revision of the last event in `events`: what a consumer that applied them has seen.
+    # Never a response header's revision (see Store.watch).
     revision: int
     events: tuple[Event, ...]
     # The watch could not resume (history compacted or stream cancelled): reload everything.
@@ -206,12 +214,6 @@ class Store:
             raise RuntimeError("store not started")
         return self._client.lease
 
-    @property
-    def _watch(self) -> WatchService:
-        if self._client is None or self._client.watch is None:
-            raise RuntimeError("store not started")
-        return self._client.watch
-
     async def _call(self, coro: Awaitable[T]) -> T:
         # Callers pass timeout=self._timeout to etcd3aio (a gRPC deadline per attempt, inside an
         # asyncio.timeout): no extra task per call, which matters on the allocation hot path.
@@ -254,13 +256,57 @@ class Store:
             start = bytes(resp.kvs[-1].key) + b"\x00"
 
     async def watch(self, prefix: str, range_end: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
-        """Events after start_revision - 1, batch by batch; reconnects are etcd3aio's job."""
-        async for resp in self._watch.watch(prefix, range_end=range_end, start_revision=start_revision):
-            if resp.compact_revision > 0 or resp.canceled:
-                yield WatchBatch(resp.header.revision, (), resync=True)
-                return
-            events = tuple(Event("delete" if ev.type == 1 else "put", _kv(ev.kv)) for ev in resp.events)
-            yield WatchBatch(resp.header.revision, events)
+        """Every event from start_revision on, batch by batch, each batch ending on a whole revision.
+
+        A batch's revision is its last event's, never the response header's: etcd stamps every
+        response (the `created` one, each part of a long catch-up) with its *current* revision,
+        which is ahead of the events delivered so far. A view that took the header as "applied up
+        to" would place on state it has not seen, and pass the `res/` compare with it (issue 11,
+        defect 1). etcd cuts watch batches only between revisions (unless fragmenting, which we
+        never ask for), so after a batch every event up to its revision has been delivered.
+
+        The stream is our own rather than etcd3aio's watch, which reconnects from the last header
+        revision + 1 and so would skip, for good, events between the last one delivered and that
+        header. Here a broken stream is reopened from the last delivered event + 1; if etcd has
+        compacted that history meanwhile, a resync batch tells the consumer to reload.
+        Errors other than transport ones end the iteration with StoreUnavailable.
+        """
+        if self._client is None or self._client._channel is None:
+            raise RuntimeError("store not started")
+        stub = WatchStub(self._client._channel)
+        next_revision = start_revision
+        backoff = 0.1
+        while True:
+            opened = WatchCreateRequest(key=prefix.encode(), range_end=range_end, start_revision=next_revision)
+
+            async def requests(create: WatchCreateRequest = opened) -> AsyncIterator[WatchRequest]:
+                yield WatchRequest(create_request=create)
+                await asyncio.Event().wait()  # keep the request side open for the stream's life
+
+            stream = stub.Watch(requests())
+            try:
+                async for resp in stream:
+                    if resp.compact_revision > 0 or resp.canceled:
+                        yield WatchBatch(next_revision - 1, (), resync=True)
+                        return
+                    backoff = 0.1
+                    if not resp.events:  # created / progress: the header revision proves nothing here
+                        continue
+                    events = tuple(Event("delete" if ev.type == 1 else "put", _kv(ev.kv)) for ev in resp.events)
+                    last = events[-1].kv.mod_revision
+                    next_revision = last + 1
+                    yield WatchBatch(last, events)
+                why = "the stream ended"
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):  # fmt: skip
+                    raise self._unavailable(exc) from exc
+                why = exc.code().name
+            finally:
+                stream.cancel()
+            log.warning("etcd watch broke (%s); reopening from revision %d in %.1fs", why, next_revision, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     # --- leases ------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
-from coordinator.domain import NodeInfo, ResourceRequest
+from coordinator.domain import GpuInfo, NodeInfo, ResourceRequest
 from gpulease.errors import InvalidRequest
 
 MAX_GPUS = 1024
@@ -19,6 +20,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Airflow run ids look like "scheduled__2024-01-01T00:00:00+00:00": allow ':' '+' '@' '='.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:+@=-]{1,256}$")
 _ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
+# A GPU's UUID is part of an etcd key (gpus/<node>/<uuid>): no '/', nothing that reads as an index.
+_GPU_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+@-]{0,127}$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
@@ -124,20 +127,36 @@ def address(value: str) -> str:
 
 
 def inventory(info: NodeInfo) -> NodeInfo:
+    """The inventory as it may be stored: checked, and with every GPU that reports no UUID marked
+    unhealthy. GPUs are claimed by UUID, so one without a UUID (NVML could not read it) can never
+    be handed out; a node with such a GPU still registers. Callers store the returned value."""
     node_name(info.name)
     address(info.address)
     if len(info.gpus) > MAX_GPUS:
         raise InvalidRequest(f"node reports {len(info.gpus)} GPUs; the limit is {MAX_GPUS}")
     seen: set[int] = set()
+    uuids: set[str] = set()
+    gpus: list[GpuInfo] = []
     for g in info.gpus:
         if g.index in seen:
             raise InvalidRequest(f"node reports GPU index {g.index} twice")
         seen.add(g.index)
-        _text("gpu uuid", g.uuid, 128)
         _text("gpu model", g.model, 128)
         _text("gpu health detail", g.health_detail, 1024)
+        if not g.uuid:
+            detail = "; ".join(d for d in (g.health_detail, "no UUID reported, so it cannot be claimed") if d)
+            g = replace(g, healthy=False, health_detail=detail[:1024])
+        elif not _GPU_UUID_RE.match(g.uuid) or g.uuid.isdigit():
+            raise InvalidRequest(
+                f"GPU {g.index} reports UUID {g.uuid[:80]!r}: expected up to 128 letters, digits, '.', '_', ':', "
+                "'+', '@' or '-' (NVML's look like GPU-8f5d...)"
+            )
+        elif g.uuid in uuids:
+            raise InvalidRequest(f"node reports GPU UUID {g.uuid!r} twice")
+        uuids.add(g.uuid)
+        gpus.append(g)
     if info.cpus_total > MAX_CPUS or info.memory_total_bytes > MAX_MEMORY:
         raise InvalidRequest("node reports more CPUs or memory than gpulease supports")
     selector(info.labels, "labels")
     _text("hostname", info.hostname, 255)
-    return info
+    return replace(info, gpus=tuple(gpus))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
@@ -23,6 +23,20 @@ log = logging.getLogger(__name__)
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
 MARKER_AFTER_S = 0.05
 MARKER_SPACING_S = 0.05
+
+
+def held_indexes(info: NodeInfo, held: Mapping[str, str]) -> frozenset[int]:
+    """The record's indexes of the GPUs that live allocations hold, matched by UUID: after a
+    reboot re-numbers the GPUs, a held GPU stays held under its new index, and the GPU that took
+    its old index is free. A held UUID the record no longer lists is simply not offered.
+
+    Keys written before GPUs were claimed by UUID name a zero-padded index ("0003"); they are
+    honoured as indexes so that allocations live across an upgrade stay held."""
+    if not held:
+        return frozenset()
+    out = {g.index for g in info.gpus if g.uuid and g.uuid in held}
+    out.update(int(k) for k in held if len(k) == 4 and k.isdigit())
+    return frozenset(out)
 
 
 class ClusterView:
@@ -41,7 +55,8 @@ class ClusterView:
         self._records: dict[str, tuple[NodeInfo, int]] = {}
         self._alive: set[str] = set()
         self._cordoned: set[str] = set()
-        self._held: dict[str, dict[int, str]] = {}
+        # Per node: GPU key (UUID) -> allocation id. Mapped to the record's indexes in _rebuild.
+        self._held: dict[str, dict[str, str]] = {}
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
         # Raw record and create revision: decoded only when asked for (most never are).
         self._allocs: dict[str, tuple[bytes, int]] = {}
@@ -154,7 +169,7 @@ class ClusterView:
                     if batch.resync:
                         log.warning("watch lost its place at revision %d; reloading the view", batch.revision)
                         break
-                    self._apply(batch.events, batch.revision)
+                    self._apply(batch.events)
             except StoreUnavailable as exc:
                 self.synced.clear()
                 self.last_error = str(exc)
@@ -180,7 +195,13 @@ class ClusterView:
         log.info("view synced at revision %d: %d nodes, %d allocations", revision, len(self._views),
                  len(self._allocs))  # fmt: skip
 
-    def _apply(self, events: Iterable[Event], revision: int) -> None:
+    def _apply(self, events: Sequence[Event]) -> None:
+        """Apply one watch batch. The view's revision moves to the last event applied, never to a
+        response header's revision: a header names etcd's current revision, which may be ahead of
+        the events delivered so far (issue 11, defect 1). Snapshots, the `res/` compare and
+        wait_for_revision all trust this number."""
+        if not events:
+            return
         touched: set[str] = set()
         for ev in events:
             node = self._apply_one(ev)
@@ -188,7 +209,7 @@ class ClusterView:
                 touched.add(node)
         for name in touched:
             self._rebuild(name)
-        self._advance(revision)
+        self._advance(events[-1].kv.mod_revision)
 
     def _apply_one(self, ev: Event) -> str | None:
         """Apply one event to the raw maps; returns the node whose view must be rebuilt."""
@@ -212,9 +233,9 @@ class ClusterView:
         if kind == "gpus" and len(parts) == 3:
             held = self._held.setdefault(parts[1], {})
             if put:
-                held[int(parts[2])] = kv.value.decode()
+                held[parts[2]] = kv.value.decode()
             else:
-                held.pop(int(parts[2]), None)
+                held.pop(parts[2], None)
             return parts[1]
         if kind == "res" and len(parts) == 3:
             res = self._res.setdefault(parts[1], {})
@@ -246,7 +267,7 @@ class ClusterView:
             info=info,
             up=name in self._alive,
             record_revision=rec_rev,
-            gpus_held=frozenset(self._held.get(name, {})),
+            gpus_held=held_indexes(info, self._held.get(name, {})),
             cpus_used=cpus_used,
             memory_used=memory_used,
         )

@@ -33,6 +33,9 @@ class FakeSource:
         self.waited.append(revision)
         return True
 
+    async def caught_up(self, revision: int, timeout: float) -> bool:
+        return await self.wait_for_revision(revision, timeout)
+
 
 class FakeCommitter:
     """Rejects the first `reject` commits, then commits; records every batch it saw."""
@@ -79,9 +82,19 @@ async def no_lookup(_: str) -> Allocation | None:
     return None
 
 
+async def claim_as_is(alloc: Allocation) -> Allocation | None:
+    return alloc
+
+
+async def never_committed(_: Allocation) -> Allocation | None:
+    return None
+
+
 def make(source: FakeSource, committer: FakeCommitter, max_rounds: int = 5, **lookups) -> Batcher:  # type: ignore[no-untyped-def]
     return Batcher(source, committer, by_request_id=lookups.get("by_request_id", no_lookup),
-                   by_id=lookups.get("by_id", no_lookup), policy=BatchPolicy(max_rounds=max_rounds))  # fmt: skip
+                   by_id=lookups.get("by_id", no_lookup), claim=lookups.get("claim", claim_as_is),
+                   decide=lookups.get("decide", never_committed),
+                   policy=BatchPolicy(max_rounds=max_rounds))  # fmt: skip
 
 
 ONE = ResourceRequest(gpus=1, cpus=1, memory_bytes=1)
@@ -163,6 +176,7 @@ async def test_a_lost_race_does_not_stop_a_request_that_only_fits_there() -> Non
 async def test_contested_node_is_avoided_by_later_requests_for_a_while() -> None:
     committer = FakeCommitter(reject=1, rejection=Rejected(revision=6, conflicted=frozenset({"a"})))
     batcher = Batcher(FakeSource(node("a", 2), node("b", 8)), committer, by_request_id=no_lookup, by_id=no_lookup,
+                      claim=claim_as_is, decide=never_committed,
                       policy=BatchPolicy(max_rounds=5, contested_for=0.3))  # fmt: skip
     task = asyncio.create_task(batcher.run())
     try:
@@ -198,11 +212,11 @@ async def test_commit_errors_fail_the_batch_cleanly(exc: Exception, expected: ty
 async def test_unknown_outcome_that_did_commit_is_reported_as_committed() -> None:
     mine = replace(draft(1), node="a", revision=9)
 
-    async def by_request_id(rid: str) -> Allocation | None:
-        return mine if rid == mine.request_id else None
+    async def decide(d: Allocation) -> Allocation | None:
+        return mine if d.request_id == mine.request_id else None
 
     committer = FakeCommitter(raise_=OutcomeUnknown("timeout"))
-    [(alloc, reused)] = await run_batch(make(FakeSource(node("a")), committer, by_request_id=by_request_id),
+    [(alloc, reused)] = await run_batch(make(FakeSource(node("a")), committer, decide=decide),
                                         [(ONE, draft(1))])  # type: ignore[misc]  # fmt: skip
     assert alloc == mine and not reused
 

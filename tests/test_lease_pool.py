@@ -19,19 +19,26 @@ def test_pool_hands_out_young_granted_leases(etcd: harness.Etcd) -> None:
         await store.start()
         pool = LeasePool(store, size=4, max_age=0.5)
         try:
-            first, age = await pool.take(30)
-            assert age == 0.0 and await store.keepalive_once(first) == 30  # empty pool: granted directly
+            # take() says when the lease's clock started: at or after the call for a direct grant,
+            # before it for a pooled lease.
+            t0 = time.monotonic()
+            first, granted = await pool.take(30)
+            assert granted >= t0 and await store.keepalive_once(first) == 30  # empty pool: granted directly
             await asyncio.sleep(0.2)  # the refill runs in the background
-            second, age = await pool.take(30)
-            assert 0 < age <= 0.5 and second != first and await store.keepalive_once(second) == 30
+            t0 = time.monotonic()
+            second, granted = await pool.take(30)
+            assert 0 < t0 - granted <= 0.5 and second != first and await store.keepalive_once(second) == 30
             pool.replenish(30)  # as an allocation does once it has its answer: back to 4
             await asyncio.sleep(0.2)
-            assert [(await pool.take(30))[1] > 0 for _ in range(5)] == [True] * 4 + [False]
+            t0 = time.monotonic()
+            assert [(await pool.take(30))[1] < t0 for _ in range(5)] == [True] * 4 + [False]
             await asyncio.sleep(0.7)  # every pooled lease is now older than max_age: none is handed out
-            _, age = await pool.take(30)
-            assert age == 0.0
-            other, age = await pool.take(7)  # pools are per TTL
-            assert age == 0.0 and await store.keepalive_once(other) == 7
+            t0 = time.monotonic()
+            _, granted = await pool.take(30)
+            assert granted >= t0
+            t0 = time.monotonic()
+            other, granted = await pool.take(7)  # pools are per TTL
+            assert granted >= t0 and await store.keepalive_once(other) == 7
         finally:
             await pool.close()
             await store.close()
