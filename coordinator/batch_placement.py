@@ -97,6 +97,28 @@ def place_batch(
     return out
 
 
+def check_batch(snapshot: Snapshot, placements: Sequence[tuple[Placement, ResourceRequest]]) -> None:
+    """The invariant a commit relies on, checked once per commit before it is sent: on every node
+    of the batch, the GPUs chosen are free and distinct, and reserved CPUs and memory (the
+    snapshot's plus the batch's) stay within the node's totals. Placement guarantees this; a
+    failure is a bug, raised as AssertionError so that nothing is committed."""
+    changed: dict[str, tuple[set[int], int, int]] = {}
+    for p, req in placements:
+        view = snapshot.nodes[p.node]
+        gpus, cpus, memory = changed.setdefault(p.node, (set(view.gpus_held), view.cpus_used, view.memory_used))
+        clash = gpus & set(p.gpu_indexes)
+        if clash or len(set(p.gpu_indexes)) != len(p.gpu_indexes):
+            raise AssertionError(f"batch places held or repeated GPU(s) {sorted(clash)} on {p.node}")
+        gpus |= set(p.gpu_indexes)
+        cpus, memory = cpus + req.cpus, memory + req.memory_bytes
+        if cpus > view.info.cpus_total or memory > view.info.memory_total_bytes:
+            raise AssertionError(
+                f"batch reserves {cpus} CPUs / {memory} bytes on {p.node}, which has "
+                f"{view.info.cpus_total} / {view.info.memory_total_bytes}"
+            )
+        changed[p.node] = (gpus, cpus, memory)
+
+
 def _place_in_batch(
     snapshot: Snapshot,
     changed: Mapping[str, NodeView],

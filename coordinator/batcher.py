@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from coordinator.batch_placement import place_batch
+from coordinator.batch_placement import check_batch, place_batch
 from coordinator.committer import Committed, Committer, Item, Rejected, txn_size
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
 from coordinator.store import LeaseNotFound, OutcomeUnknown
@@ -188,6 +188,13 @@ class Batcher:
 
     async def _commit(self, chosen: list[_Pending], snapshot: Snapshot) -> None:
         items = [Item(p.placement, p.draft) for p in chosen]  # type: ignore[arg-type]
+        try:
+            check_batch(snapshot, [(p.placement, p.req) for p in chosen])  # type: ignore[misc]
+        except AssertionError as exc:  # nothing was sent: these requests fail, nothing is held
+            log.error("invariant broken, commit not sent: %s", exc)
+            for p in chosen:
+                _fail(p, Unavailable(f"internal error (nothing was allocated): {exc}; retry the request"))
+            return
         self.commits += 1
         try:
             result = await self._committer.commit(items, snapshot)

@@ -202,6 +202,12 @@ class ClusterView:
         wait_for_revision all trust this number."""
         if not events:
             return
+        if events[0].kv.mod_revision <= self.revision:
+            # A replay or a gap-filling resend would mean the view's revision was not what it had
+            # applied: reload rather than trust it.
+            raise RuntimeError(
+                f"watch delivered revision {events[0].kv.mod_revision} after the view reached {self.revision}"
+            )
         touched: set[str] = set()
         for ev in events:
             node = self._apply_one(ev)

@@ -225,3 +225,19 @@ async def test_oversized_request_is_refused_not_wedged() -> None:
     huge = ResourceRequest(gpus=200, cpus=1, memory_bytes=1)
     [err] = await run_batch(make(FakeSource(node("a", 256)), FakeCommitter()), [(huge, draft(1))])
     assert isinstance(err, InvalidRequest) and "max-txn-ops" in str(err)
+
+
+def test_the_per_commit_invariant_check_catches_what_placement_must_never_do() -> None:
+    from coordinator.batch_placement import check_batch
+    from coordinator.domain import Placement
+
+    snap = FakeSource(node("a", 4, held=frozenset({0}))).snap
+    one = ResourceRequest(gpus=1, cpus=32, memory_bytes=1)
+    check_batch(snap, [(Placement("a", (1,), 1, 10), one), (Placement("a", (2,), 1, 10), one)])  # 64 of 64 CPUs
+    for bad in (
+        [(Placement("a", (0,), 1, 10), one)],  # a held GPU
+        [(Placement("a", (1,), 1, 10), one), (Placement("a", (1,), 1, 10), one)],  # one GPU twice
+        [(Placement("a", (i,), 1, 10), one) for i in (1, 2, 3)],  # 96 of 64 CPUs
+    ):
+        with pytest.raises(AssertionError):
+            check_batch(snap, bad)
