@@ -179,6 +179,15 @@ class Batcher:
                 break
             p.placement = result
             chosen.append(p)
+        try:
+            # Here, before any await: the snapshot's node map is the view's own, which moves on
+            # while this coroutine waits (the commit's compares, not the map, pin what was placed).
+            check_batch(snapshot, [(p.placement, p.req) for p in chosen])  # type: ignore[misc]
+        except AssertionError as exc:  # nothing was sent: these requests fail, nothing is held
+            log.error("invariant broken, commit not sent: %s", exc)
+            for p in chosen:
+                _fail(p, Unavailable(f"internal error (nothing was allocated): {exc}; retry the request"))
+            chosen = []
         for p, err in failed:
             # It may not fit *because* this request id already holds its GPUs.
             existing = await self._reuse(await self._by_request_id(p.draft.request_id))
@@ -188,13 +197,6 @@ class Batcher:
 
     async def _commit(self, chosen: list[_Pending], snapshot: Snapshot) -> None:
         items = [Item(p.placement, p.draft) for p in chosen]  # type: ignore[arg-type]
-        try:
-            check_batch(snapshot, [(p.placement, p.req) for p in chosen])  # type: ignore[misc]
-        except AssertionError as exc:  # nothing was sent: these requests fail, nothing is held
-            log.error("invariant broken, commit not sent: %s", exc)
-            for p in chosen:
-                _fail(p, Unavailable(f"internal error (nothing was allocated): {exc}; retry the request"))
-            return
         self.commits += 1
         try:
             result = await self._committer.commit(items, snapshot)
