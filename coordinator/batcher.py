@@ -23,6 +23,7 @@ from typing import Protocol
 from coordinator.batch_placement import check_batch, place_batch
 from coordinator.committer import Committed, Committer, Item, Rejected, txn_size
 from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
+from coordinator.placement_index import PlacementIndex
 from coordinator.store import LeaseNotFound, OutcomeUnknown
 from gpulease.errors import Conflict, GpuLeaseError, InvalidRequest, Unavailable
 
@@ -44,6 +45,10 @@ class InDoubt(Unavailable):
 
 
 class SnapshotSource(Protocol):
+    @property
+    def index(self) -> PlacementIndex | None:
+        """Kept in step with snapshot(); None: place by the pure scan alone."""
+
     def snapshot(self) -> Snapshot: ...
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool: ...
@@ -158,7 +163,7 @@ class Batcher:
         snapshot = self._source.snapshot()
         contested = self._still_contested()
         results = place_batch(snapshot, [(p.req, p.excluded) for p in candidates],
-                              getattr(self._source, "index", None),
+                              self._source.index,
                               [p.avoid | contested for p in candidates])  # fmt: skip
         chosen: list[_Pending] = []
         failed: list[tuple[_Pending, GpuLeaseError]] = []

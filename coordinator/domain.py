@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 
 class NodeState(StrEnum):
@@ -58,6 +59,13 @@ class NodeInfo:
     source: str = ""
 
 
+def gpu_free(gpu: GpuInfo, held: frozenset[int]) -> bool:
+    """The one rule for a GPU that placement may hand out now, whatever the request: healthy
+    (which includes having a UUID to claim it by), not in use by something gpulease did not start,
+    and not held by a live allocation. Request filters (model, memory) come on top."""
+    return gpu.healthy and not gpu.foreign and gpu.index not in held
+
+
 @dataclass(frozen=True)
 class NodeView:
     """A node as placement sees it: record + liveness + what live allocations hold."""
@@ -89,9 +97,17 @@ class NodeView:
     def usable_gpus(self) -> tuple[GpuInfo, ...]:
         return tuple(g for g in self.info.gpus if g.healthy)
 
+    @cached_property
+    def free_indexes(self) -> frozenset[int]:
+        """Indexes of the GPUs `gpu_free` allows; computed once per view (views are rebuilt, never
+        changed, when an event touches their node)."""
+        held = self.gpus_held
+        return frozenset(g.index for g in self.info.gpus if gpu_free(g, held))
+
     @property
     def free_gpus(self) -> tuple[GpuInfo, ...]:
-        return tuple(g for g in self.info.gpus if g.healthy and not g.foreign and g.index not in self.gpus_held)
+        free = self.free_indexes
+        return tuple(g for g in self.info.gpus if g.index in free)
 
     @property
     def cpus_free(self) -> int:

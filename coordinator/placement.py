@@ -64,9 +64,10 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
         t.passed_labels += 1
 
         # Same test as _eligible(), inlined: this loop runs for every GPU in the cluster. Held GPUs
-        # count toward what the node could ever fit, not toward what is free now.
+        # count toward what the node could ever fit, not toward what is free now (NodeView's
+        # free_indexes: the one free-GPU rule, computed once per view).
         n_match = n_free = 0
-        held = view.gpus_held
+        free = view.free_indexes
         for gpu in info.gpus:
             if (
                 gpu.healthy
@@ -74,8 +75,7 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
                 and (not want_model or gpu.model == exact_model or gpu.model.casefold() == want_model)
             ):
                 n_match += 1
-                # A GPU something else is using looks free to etcd but is not: never hand it out.
-                if gpu.index not in held and not gpu.foreign:
+                if gpu.index in free:
                     n_free += 1
         if n_match < need_gpus:
             _note_gpu_shortfall(t, info, want_model, n_match)
@@ -137,15 +137,12 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
 
     # Lowest indexes first: deterministic, and re-placing the same request on an idle node gives
     # the same GPUs.
-    held = best.gpus_held
-    free = sorted(
-        g.index
-        for g in best.info.gpus
-        if g.index not in held and not g.foreign and _eligible(g, want_model, min_gpu_mem)
+    chosen = sorted(
+        g.index for g in best.info.gpus if g.index in best.free_indexes and _eligible(g, want_model, min_gpu_mem)
     )
     return Placement(
         node=best.name,
-        gpu_indexes=tuple(free[:need_gpus]),
+        gpu_indexes=tuple(chosen[:need_gpus]),
         node_record_revision=best.record_revision,
         snapshot_revision=snapshot.revision,
     )

@@ -20,8 +20,7 @@ _Key = tuple[int, int, str]  # (cpus_free, memory_free, name)
 
 
 def free_gpu_count(view: NodeView) -> int:
-    held = view.gpus_held
-    return sum(1 for g in view.info.gpus if g.healthy and not g.foreign and g.index not in held)
+    return len(view.free_indexes)
 
 
 class PlacementIndex:
@@ -61,8 +60,7 @@ class PlacementIndex:
 
 def placement_on(view: NodeView, req: ResourceRequest, snapshot_revision: int) -> Placement:
     """The lowest free eligible GPU indexes on a node the index chose (same rule as place())."""
-    held = view.gpus_held
-    free = sorted(g.index for g in view.info.gpus if g.healthy and not g.foreign and g.index not in held)
+    free = sorted(view.free_indexes)
     return Placement(
         node=view.name,
         gpu_indexes=tuple(free[: req.gpus]),

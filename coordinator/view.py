@@ -66,8 +66,10 @@ class ClusterView:
         # to the node's allocation set; the load revision stands for everything before it.
         self._changed: dict[str, int] = {}
         self._loaded_at = 0
-        # Rebuilt per touched node, so a snapshot costs O(1) however large the cluster is.
+        # Rebuilt per touched node. A snapshot shares this dict (O(1) however large the cluster)
+        # and the next change copies it first, so every snapshot stays as it was taken.
         self._views: dict[str, NodeView] = {}
+        self._views_shared = False
         self.index = PlacementIndex()
 
     # --- queries (synchronous: consistent until the caller's next await) ---------------
@@ -84,6 +86,10 @@ class ClusterView:
         )
 
     def snapshot(self) -> Snapshot:
+        """The cluster at the view's revision, immutable: a commit round awaits between placing and
+        committing, and reads the node records it placed on (index -> UUID) afterwards. The placement
+        index is not part of it: use it only in the same synchronous step as this call."""
+        self._views_shared = True
         return Snapshot(self.revision, MappingProxyType(self._views))
 
     def node(self, name: str) -> NodeView | None:
@@ -260,6 +266,9 @@ class ClusterView:
         return None
 
     def _rebuild(self, name: str) -> None:
+        if self._views_shared:  # copy on write: a snapshot holds the current dict
+            self._views = dict(self._views)
+            self._views_shared = False
         rec = self._records.get(name)
         if rec is None:
             self._views.pop(name, None)

@@ -22,6 +22,8 @@ def node(name: str, gpus: int = 8, held: frozenset[int] = frozenset()) -> NodeVi
 
 
 class FakeSource:
+    index = None  # place by the pure scan
+
     def __init__(self, *nodes: NodeView) -> None:
         self.snap = Snapshot(10, MappingProxyType({n.name: n for n in nodes}))
         self.waited: list[int] = []

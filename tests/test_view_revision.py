@@ -88,3 +88,16 @@ async def test_a_broken_watch_resumes_after_its_last_event(etcd: harness.Etcd, p
         await watcher.close()
         await writer.close()
         proxy.close()
+
+
+async def test_a_snapshot_stays_as_it_was_taken(etcd: harness.Etcd, prefix: str) -> None:
+    """A commit round awaits between placing and committing and reads its snapshot afterwards:
+    events applied meanwhile must not show through (copy on write)."""
+    async with core([etcd.url], prefix) as c:
+        await c.nodes.register(node_info("n1", gpus=4))
+        assert await c.view.wait_for_revision(await c.store.put(f"{prefix}sync", b""), 5)
+        before = c.view.snapshot()
+        alloc = await c.allocate(gpus=2)
+        assert await c.view.wait_for_revision(alloc.revision, 5)
+        assert before.nodes["n1"].gpus_held == frozenset() and before.revision < alloc.revision
+        assert c.view.snapshot().nodes["n1"].gpus_held == {0, 1}
