@@ -97,7 +97,12 @@ class AllocationService:
         finally:
             sweep.cancel()
             await asyncio.gather(sweep, return_exceptions=True)
-            await self.settler.close()
+
+    async def close(self) -> None:
+        """After run() has stopped and before the store closes: stop refilling the lease pool and
+        drain the background revokes and settles."""
+        await self._leases.close()
+        await self.settler.close()
 
     async def allocate(self, inp: AllocateInput) -> tuple[Allocation, bool]:
         """Returns (allocation, reused). reused=True when request_id matched a live allocation."""

@@ -101,6 +101,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await allocations.close()  # drains revokes and settles while the store can still carry them
     await agents.close()
     await store.close()
 

@@ -153,7 +153,11 @@ class Settler:
                 log.debug("unsettled sweep failed: %s", exc)
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 5.0) -> None:
+        """Let background revokes and settles finish (at most `drain` seconds), then cancel the rest:
+        a lease left behind lapses by itself, and a recorded allocation is another replica's job."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=drain)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -121,6 +121,7 @@ async def core(
         for t in c.tasks:
             t.cancel()
         await asyncio.gather(*c.tasks, return_exceptions=True)
+        await allocations.close()
         await store.close()
 
 
