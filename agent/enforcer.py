@@ -22,8 +22,9 @@ there is created, released or expires. While it equals the one seen when the age
 every running container is of an allocation in that answer, and a heartbeat answered within the
 last two heartbeat intervals, the enforcer judges from that answer without asking again: at
 10,000 nodes, asking every 2 s would be 5,000 calls a second, most of them answering "no change".
-A changed revision wakes the enforcer at once. Only an answer read from etcd ever stops a
-container; the revision only says when asking again is pointless.
+A changed revision wakes the enforcer at once. So does every container start, and a start refused
+because another allocation's container holds its GPU; those make it ask afresh (recheck). Only an
+answer read from etcd ever stops a container; the revision only says when asking again is pointless.
 
 Budget, with the defaults (interval 2 s, grace 1 s): a released allocation's containers are
 stopped within ~interval + ListAllocations + grace + docker's kill ~= 3.6 s; an expired lease's
@@ -138,6 +139,8 @@ class Enforcer:
         # The last ListAllocations answer, and the allocations revision known when it was asked.
         self._listed: tuple[int, list[Allocation]] | None = None
         self._wake = asyncio.Event()
+        # Set by recheck(): the next check asks ListAllocations even if a heartbeat vouches for the last answer.
+        self._fresh_needed = False
         self.lists = 0  # ListAllocations calls made (answered or not)
 
     @property
@@ -153,9 +156,23 @@ class Enforcer:
         return self._grace
 
     def note_started(self, info: ContainerInfo) -> None:
-        """A container was just started: count its PIDs as managed before the next check lists it."""
+        """A container was just started: count its PIDs as managed before the next check lists it,
+        and check at once (see recheck)."""
         if info.state == "running" and info.id not in self._running_ids:
             self._running_ids = (*self._running_ids, info.id)
+        self.recheck()
+
+    def recheck(self) -> None:
+        """Check now, on a fresh ListAllocations answer.
+
+        Called on every start, and when a start finds its GPU used by another allocation's
+        container. The start's own fencing covers the time up to just after the container ran;
+        an allocation that ends right after that would otherwise keep its container until the next
+        interval, or, if a heartbeat still vouches for the last answer, the next heartbeat. Both
+        are seconds during which the GPU may already be someone else's.
+        """
+        self._fresh_needed = True
+        self._wake.set()
 
     def inventory_context(self) -> InventoryContext:
         """Managed PIDs and allocated GPUs, for the inventory source. Runs in the collecting thread:
@@ -187,8 +204,11 @@ class Enforcer:
                 await self.tick()
             except Exception:
                 log.exception("enforcement check failed; trying again in %gs", self._interval)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as
+            # the wake fires (a start wakes it, and shutdown may come right after), and the loop runs on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, self._interval - (time.monotonic() - started)))
+                async with asyncio.timeout(max(0.0, self._interval - (time.monotonic() - started))):
+                    await self._wake.wait()
 
     def note_allocations_revision(self, revision: int, asked_at: float, valid_for: float) -> None:
         """A heartbeat's answer: the node's allocations revision (0: none), asked at ``asked_at``
@@ -204,6 +224,8 @@ class Enforcer:
         """The last answer, if a heartbeat since vouches that it still holds; None: ask again."""
         hint, listed = self._hint, self._listed
         if hint is None or listed is None or hint.revision != listed[0] or self._outage_since is not None:
+            return None
+        if self._fresh_needed:
             return None
         if self._vouchers.now() > hint.valid_until:
             return None
@@ -240,6 +262,8 @@ class Enforcer:
         """The node's live allocations; also records them (and the time of asking) as vouchers."""
         hint = self._hint
         asked_at = self._vouchers.now()
+        # Cleared before asking: a recheck() while the call is in flight asks again next time.
+        self._fresh_needed = False
         self.lists += 1
         allocs = await self._coordinator.list_allocations(self._node, timeout=self._list_timeout)
         self._vouchers.replace(allocs, asked_at)
