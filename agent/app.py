@@ -75,6 +75,10 @@ async def run_agent(cfg: AgentConfig) -> int:
             if enforcer is not None:
                 enforcer.note_started(info)
 
+        def recheck() -> None:
+            if enforcer is not None:
+                enforcer.recheck()
+
         inventory = AgentInventory(select_source(cfg), reconciling=lambda: gate.reconciling, context=context)
         containers = ContainerService(
             node=cfg.node_id,
@@ -85,6 +89,7 @@ async def run_agent(cfg: AgentConfig) -> int:
             network=cfg.container_network,
             stop_grace_seconds=cfg.stop_grace_seconds,
             on_started=started,
+            recheck=recheck,
         )
         enforcer = Enforcer(
             node=cfg.node_id,

@@ -15,13 +15,21 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from agent.fencing import Fence
 from agent.runtime import RESERVED_ENV, ContainerInfo, ContainerLaunch, ContainerRuntime, Volume
-from gpulease.errors import ContainerNotFound, InvalidRequest, Unavailable
+from gpulease.errors import (
+    Conflict,
+    ContainerNotFound,
+    GpuLeaseError,
+    Internal,
+    InvalidRequest,
+    StaleFencingToken,
+    Unavailable,
+)
 from gpulease.v1 import types_pb2 as tpb
 from gpulease.v1.types_pb2 import Allocation, NodeInventory
 
@@ -146,6 +154,7 @@ class ContainerService:
         network: str = "bridge",
         stop_grace_seconds: float = 10.0,
         on_started: Callable[[ContainerInfo], None] | None = None,
+        recheck: Callable[[], None] | None = None,
     ) -> None:
         self._node = node
         self._runtime = runtime
@@ -155,6 +164,10 @@ class ContainerService:
         self._network = network
         self._stop_grace = stop_grace_seconds
         self._on_started = on_started
+        # Asks the enforcer to check now (Enforcer.recheck): a start found another allocation's
+        # container on its GPU, or could not undo a start.
+        self._recheck = recheck
+        self._gpu_locks: dict[str, asyncio.Lock] = {}
         # Why gpulease stopped a container (container id -> reason); only this agent's lifetime.
         self._stop_reasons: dict[str, str] = {}
         self.log_readers = LogReaders()
@@ -170,6 +183,13 @@ class ContainerService:
     # -- start ---------------------------------------------------------------------------------
 
     async def start(self, allocation_id: str, revision: int, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
+        """Fence, pull, then under the GPUs' locks: fence, check the GPUs, create and start, fence.
+
+        The fence that lets a container be created comes after the pull and right before create,
+        and one more after the start catches an allocation that ended in between: its container is
+        stopped and removed, and the caller told so. A GPU whose index names another UUID than the
+        allocation's, or that another allocation's running container uses, is refused.
+        """
         _check_allocation_id(allocation_id)
         validate_spec(spec)
         if self._gate.reconciling:
@@ -178,21 +198,159 @@ class ContainerService:
                 "after a restart; no container is started until it is done: retry shortly"
             )
         runtime = await self._runtime.get()  # before fencing: no coordinator call when Docker is down
+        # A first check refuses a stale token, another node's allocation or shifted GPUs before a
+        # pull that can take minutes. It is not the check that counts: the allocation can end, and
+        # its GPUs go to someone else, while the image is pulled.
         alloc = await self._fence.confirm(allocation_id, revision)
-        launch = self.build_launch(alloc, spec)
-        log.info(
-            "starting container %r for allocation %s (revision %d) on GPU(s) %s: image %s",
-            launch.name,
-            alloc.id,
-            alloc.revision,
-            list(launch.gpu_indexes),
-            launch.image,
-        )
-        info = await asyncio.to_thread(runtime.start, launch)
+        self._check_gpus_match_inventory(alloc)
+        self.build_launch(alloc, spec)  # what it refuses, it refuses before the pull too
+        await asyncio.to_thread(runtime.ensure_image, spec.image)
+        # Shielded: once a container may exist, the check after its start and the undo run even if
+        # the caller goes away meanwhile.
+        task = asyncio.create_task(self._fenced_start(runtime, alloc, spec))
+        try:
+            info = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_unawaited_failure)
+            raise
+        return self.status(info)
+
+    async def _fenced_start(
+        self, runtime: ContainerRuntime, first: Allocation, spec: tpb.ContainerSpec
+    ) -> ContainerInfo:
+        """Fence, create and start, fence again; undo the start if the second check fails.
+
+        Under the GPUs' locks, so that two starts on one GPU never both pass the in-use check before
+        either container exists: the second one sees the first, or finds it undone.
+        """
+        allocation_id, revision = first.id, first.revision
+        async with self._holding_gpus(first):
+            alloc = await self._fence.confirm(allocation_id, revision)  # right before create
+            self._check_gpus_match_inventory(alloc)  # the inventory may have been read again meanwhile
+            launch = self.build_launch(alloc, spec)
+            await self._refuse_gpus_in_use(runtime, launch)
+            log.info(
+                "starting container %r for allocation %s (revision %d) on GPU(s) %s: image %s",
+                launch.name,
+                alloc.id,
+                alloc.revision,
+                list(launch.gpu_indexes),
+                launch.image,
+            )
+            info = await asyncio.to_thread(runtime.create_and_start, launch)
+            # The allocation may have ended between the check above and the start: only a check
+            # made after the container runs proves it started while the allocation was live.
+            try:
+                await self._fence.confirm(allocation_id, revision)
+            except Exception as e:
+                await self._undo_start(runtime, info, e)
         log.info("started container %s (%s) for allocation %s", info.id[:12], info.name, alloc.id)
         if self._on_started is not None:
             self._on_started(info)
-        return self.status(info)
+        return info
+
+    async def _undo_start(self, runtime: ContainerRuntime, info: ContainerInfo, cause: Exception) -> NoReturn:
+        """Stop (no grace: the GPU may be someone else's by now) and remove a container whose
+        allocation could not be confirmed after it started; raise what the caller is told."""
+        ended = isinstance(cause, StaleFencingToken)
+        detail = cause.message if isinstance(cause, GpuLeaseError) else f"{type(cause).__name__}: {cause}"
+        why = (
+            "the allocation ended (released or expired) while the container was being started"
+            if ended
+            else "the allocation could not be confirmed live after the container started"
+        )
+        failures: list[str] = []
+        try:
+            await self.stop_container(info, 0.0, f"started and then stopped: {why}", level=logging.WARNING)
+        except Exception as e:
+            failures.append(f"stop: {e}")
+        try:
+            await asyncio.to_thread(runtime.remove, info.id)
+        except Exception as e:
+            failures.append(f"remove: {e}")
+        if failures:
+            if self._recheck is not None:
+                self._recheck()  # the enforcer stops it, on a fresh answer
+            outcome = (
+                f"then it could not be stopped and removed ({'; '.join(failures)}): the enforcer stops it at "
+                "its next check"
+            )
+        else:
+            outcome = "then stopped and removed"
+        message = (
+            f"container {info.name} ({info.id[:12]}) of allocation {info.allocation_id} was started and {outcome}, "
+            f"because {why}: {detail}"
+        )
+        if ended:
+            raise StaleFencingToken(message) from None
+        if isinstance(cause, GpuLeaseError):
+            raise type(cause)(message) from None
+        raise Internal(message) from cause
+
+    def _check_gpus_match_inventory(self, alloc: Allocation) -> None:
+        """StaleFencingToken unless every (index, UUID) pair of the allocation is this node's now.
+
+        Containers get their GPUs by UUID, the coordinator's record names index and UUID, and
+        indexes shift when a GPU falls off the bus and the host reboots: the record's index may now
+        be another physical GPU, and its UUID someone else's. Nothing is started on a guess, so an
+        inventory not read yet is Unavailable.
+        """
+        if not alloc.gpus:
+            return
+        inventory = self._latest_inventory()
+        if inventory is None:
+            raise Unavailable(
+                f"the agent of node {self._node} has not read its GPU inventory yet, so it cannot check that the "
+                f"GPUs of allocation {alloc.id} are the ones it names: no container is started; retry shortly"
+            )
+        uuids = {g.index: g.uuid for g in inventory.gpus}
+        for g in alloc.gpus:
+            have = uuids.get(g.index)
+            if have is None:
+                raise StaleFencingToken(
+                    f"allocation {alloc.id} holds GPU {g.index} (UUID {g.uuid!r}), but node {self._node} has no "
+                    f"GPU {g.index} now: no container is started"
+                )
+            if have != g.uuid:
+                raise StaleFencingToken(
+                    f"allocation {alloc.id} holds GPU {g.index} as UUID {g.uuid!r}, but GPU {g.index} of node "
+                    f"{self._node} is now UUID {have!r} (indexes shift when a GPU falls off the bus and the host "
+                    "reboots): the container would get a GPU the allocation does not hold, so none is started"
+                )
+
+    async def _refuse_gpus_in_use(self, runtime: ContainerRuntime, launch: ContainerLaunch) -> None:
+        """Conflict when a running container of another allocation uses one of the launch's GPUs.
+
+        Normally that container's allocation has ended and the enforcer has not stopped it yet, so
+        the enforcer is asked to check now and the caller may retry shortly. If both allocations are
+        live, the records disagree with the hardware, and nothing is started until that is fixed.
+        """
+        infos = await asyncio.to_thread(runtime.list, "")
+        for other in infos:
+            if other.state != "running" or other.allocation_id == launch.allocation_id:
+                continue
+            shared = _shared_gpus(launch, other)
+            if not shared:
+                continue
+            if self._recheck is not None:
+                self._recheck()
+            index, uuid = shared[0]
+            raise Conflict(
+                f"GPU {index} ({uuid or 'UUID unknown'}) of node {self._node} is in use by container "
+                f"{other.name} ({other.id[:12]}) of allocation {other.allocation_id} (revision {other.revision}), "
+                f"which is still running: no container is started for allocation {launch.allocation_id}. If that "
+                "allocation has ended, the agent stops its container within seconds: retry then"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _holding_gpus(self, alloc: Allocation) -> AsyncIterator[None]:
+        # By UUID: that is what the container gets (the record's pairs were just checked against
+        # the inventory). Taken in one order, so two starts never hold each other up crosswise.
+        keys = sorted({g.uuid or f"index {g.index}" for g in alloc.gpus})
+        async with contextlib.AsyncExitStack() as stack:
+            for key in keys:
+                await stack.enter_async_context(self._gpu_locks.setdefault(key, asyncio.Lock()))
+            yield
 
     def build_launch(self, alloc: Allocation, spec: tpb.ContainerSpec) -> ContainerLaunch:
         """Resources from the allocation record; only what to run from the caller's spec."""
@@ -447,6 +605,26 @@ def validate_spec(spec: tpb.ContainerSpec) -> None:
             f"container name {spec.name[:80]!r} is invalid: 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
         )
+
+
+def _shared_gpus(launch: ContainerLaunch, other: ContainerInfo) -> list[tuple[int, str]]:
+    """The launch's (index, UUID) pairs that ``other`` uses too.
+
+    By UUID when both sides know theirs (indexes may have shifted since ``other`` started);
+    by index for a container without the UUID label, as that is all it says.
+    """
+    pairs = list(zip(launch.gpu_indexes, launch.gpu_uuids, strict=True))
+    if other.gpu_uuids and all(launch.gpu_uuids):
+        theirs = set(other.gpu_uuids)
+        return [(i, u) for i, u in pairs if u in theirs]
+    indexes = set(other.gpu_indexes)
+    return [(i, u) for i, u in pairs if i in indexes]
+
+
+def _log_unawaited_failure(task: asyncio.Task[Any]) -> None:
+    """A shielded start whose caller went away: its failure is logged, not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a container start whose caller had gone away failed: %s", task.exception())
 
 
 def _default_name(allocation_id: str) -> str:

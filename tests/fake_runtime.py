@@ -11,6 +11,9 @@ by its command:
 
 A container started with ``env["IGNORE_SIGTERM"] = "1"`` needs the full grace and a SIGKILL (137),
 like a process that traps SIGTERM; others exit on SIGTERM with 143.
+
+Like dockerd's create, ``create_and_start`` never pulls: it refuses an image that ``ensure_image``
+has not fetched first (or that is in ``missing_images``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 from agent.runtime import (
     LABEL_ALLOCATION,
+    LABEL_GPU_UUIDS,
     LABEL_GPUS,
     LABEL_MANAGED,
     LABEL_NODE,
@@ -105,19 +109,27 @@ class FakeRuntime:
         self.containers: dict[str, FakeContainer] = {}
         self.launches: list[ContainerLaunch] = []
         self.missing_images: set[str] = set()
+        self.images: set[str] = set()  # pulled by ensure_image
         self.active_log_readers = 0
         self.calls: list[str] = []
 
     # -- the Protocol ---------------------------------------------------------------------------
 
-    def start(self, launch: ContainerLaunch) -> ContainerInfo:
-        self.calls.append("start")
+    def ensure_image(self, image: str) -> None:
+        self.calls.append("ensure_image")
+        if image in self.missing_images:
+            raise ImageUnavailable(f"image {image} not found")
+        with self._cond:
+            self.images.add(image)
+
+    def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
+        self.calls.append("create_and_start")
         bad = RESERVED_ENV & set(launch.env)
         if bad:
             raise InvalidRequest(f"env {sorted(bad)} may not be set")
-        if launch.image in self.missing_images:
-            raise ImageUnavailable(f"image {launch.image} not found")
         with self._cond:
+            if launch.image not in self.images:  # like dockerd: create never pulls
+                raise ImageUnavailable(f"image {launch.image} is not on this node")
             if launch.name and any(c.name == launch.name for c in self.containers.values()):
                 raise Conflict(f"a container named {launch.name} already exists")
             labels = {
@@ -126,6 +138,7 @@ class FakeRuntime:
                 LABEL_REVISION: str(launch.revision),
                 LABEL_NODE: launch.node,
                 LABEL_GPUS: ",".join(str(i) for i in launch.gpu_indexes),
+                LABEL_GPU_UUIDS: ",".join(launch.gpu_uuids),
             }
             c = FakeContainer(
                 id=secrets.token_hex(32),
@@ -210,10 +223,23 @@ class FakeRuntime:
             if c.state == "running":
                 self._exit(c, exit_code)
 
-    def plant(self, *, allocation_id: str, revision: int, node: str, managed: bool = True) -> str:
-        """A running container as a previous agent (or someone else) might have left it."""
+    def plant(
+        self,
+        *,
+        allocation_id: str,
+        revision: int,
+        node: str,
+        managed: bool = True,
+        gpus: tuple[tuple[int, str], ...] = (),
+    ) -> str:
+        """A running container as a previous agent (or someone else) might have left it; ``gpus``
+        are its (index, uuid) pairs, a uuid "" for a container without the UUID label."""
         with self._cond:
             labels = {LABEL_ALLOCATION: allocation_id, LABEL_REVISION: str(revision), LABEL_NODE: node}
+            if gpus:
+                labels[LABEL_GPUS] = ",".join(str(i) for i, _ in gpus)
+                if all(u for _, u in gpus):
+                    labels[LABEL_GPU_UUIDS] = ",".join(u for _, u in gpus)
             if managed:
                 labels[LABEL_MANAGED] = "true"
             c = FakeContainer(id=secrets.token_hex(32), name=f"planted-{secrets.token_hex(4)}", image="planted",
@@ -276,6 +302,7 @@ class FakeRuntime:
             finished_unix_ms=c.finished_unix_ms,
             restart_count=c.restart_count,
             pid=c.pid,
+            gpu_uuids=tuple(u for u in c.labels.get(LABEL_GPU_UUIDS, "").split(",") if u),
         )
 
 

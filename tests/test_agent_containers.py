@@ -128,9 +128,20 @@ async def agent(
     grace: float = GRACE,
     retention: float = 3600.0,
     inventory: tpb.NodeInventory | None = None,
+    latest_inventory: Callable[[], tpb.NodeInventory | None] | None = None,
     factory: Callable[[], ContainerRuntime] | None = None,
 ) -> AsyncIterator[Agent]:
-    """The agent's container side, in process, as agent/app.py wires it."""
+    """The agent's container side, in process, as agent/app.py wires it.
+
+    Its inventory is ``latest_inventory()`` if given, else ``inventory``, else the one the cluster
+    fixture registered for ``node``: the agent checks allocations' GPUs against it.
+    """
+    if latest_inventory is None:
+        known = inventory if inventory is not None else node_inventory(node)
+
+        def latest_inventory() -> tpb.NodeInventory | None:
+            return known
+
     async with grpc.aio.insecure_channel(address, options=COORDINATOR_CHANNEL_OPTIONS) as channel:
         coordinator = CoordinatorClient(channel, address, timeout=3.0)
         vouchers = Vouchers()
@@ -140,10 +151,11 @@ async def agent(
             runtime=RuntimeHandle(factory or (lambda: runtime)),
             fence=Fence(coordinator, node, vouchers),
             gate=gate,
-            latest_inventory=lambda: inventory,
+            latest_inventory=latest_inventory,
             network="gpulease-test",
             stop_grace_seconds=10.0,
             on_started=lambda info: enforcer.note_started(info),
+            recheck=lambda: enforcer.recheck(),
         )
         enforcer = Enforcer(
             node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval,
@@ -274,7 +286,8 @@ async def test_stale_token_is_refused_and_nothing_is_created(cluster: Cluster) -
         await cluster.release(alloc.id)
         with pytest.raises(StaleFencingToken, match="not live"):
             await a.containers.start(alloc.id, alloc.revision, spec())
-    assert runtime.launches == [] and "start" not in runtime.calls
+    # Refused before the pull, too: a stale token costs no download.
+    assert runtime.launches == [] and runtime.calls == []
 
 
 async def test_allocation_of_another_node_is_refused(cluster: Cluster) -> None:

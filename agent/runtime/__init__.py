@@ -17,6 +17,8 @@ LABEL_ALLOCATION = "io.gpulease.allocation"
 LABEL_REVISION = "io.gpulease.revision"  # the fencing token it was started under
 LABEL_NODE = "io.gpulease.node"
 LABEL_GPUS = "io.gpulease.gpus"  # comma-separated indexes
+# Comma-separated UUIDs, in LABEL_GPUS' order: indexes can change across reboots, UUIDs do not.
+LABEL_GPU_UUIDS = "io.gpulease.gpu-uuids"
 LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in ContainerInfo.error
 
 # Never taken from the user: the allocation decides which GPUs a container sees.
@@ -70,11 +72,19 @@ class ContainerInfo:
     restart_count: int = 0
     # Host PID of the container's init process (0 when not running): for GPU process attribution.
     pid: int = 0
+    # From LABEL_GPU_UUIDS; empty for containers started before that label existed.
+    gpu_uuids: tuple[str, ...] = ()
 
 
 class ContainerRuntime(Protocol):
-    def start(self, launch: ContainerLaunch) -> ContainerInfo:
-        """Pull the image if missing (ImageUnavailable on failure), create and start the container."""
+    # Two steps, not one: a pull can take minutes, and the agent must check the fencing token
+    # after it, right before the container is created (agent/containers.py).
+    def ensure_image(self, image: str) -> None:
+        """Pull the image if it is missing; ImageUnavailable when it cannot be pulled."""
+        ...
+
+    def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
+        """Create and start the container; never pulls (ImageUnavailable if the image is missing)."""
         ...
 
     def stop(self, container_id: str, grace_seconds: float) -> ContainerInfo:

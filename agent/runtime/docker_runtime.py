@@ -40,6 +40,7 @@ import urllib3.exceptions
 
 from agent.runtime import (
     LABEL_ALLOCATION,
+    LABEL_GPU_UUIDS,
     LABEL_GPUS,
     LABEL_MANAGED,
     LABEL_NODE,
@@ -159,8 +160,16 @@ class DockerRuntime:
     # ----------------------------------------------------------------- start
 
     def start(self, launch: ContainerLaunch) -> ContainerInfo:
+        """ensure_image, then create_and_start: for callers with nothing to check in between.
+
+        The agent's container service calls the two itself, fencing between them.
+        """
+        self._environment(launch)  # a malformed launch fails before a pull, not after it
+        self.ensure_image(launch.image)
+        return self.create_and_start(launch)
+
+    def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
         env = self._environment(launch)
-        self._ensure_image(launch.image)
         api = self.api
         name = launch.name or default_name(launch.allocation_id)
         try:
@@ -175,8 +184,8 @@ class DockerRuntime:
                 name=name,
                 detach=True,
             )
-        except docker.errors.ImageNotFound as e:  # removed between pull and create
-            raise ImageUnavailable(f"image {launch.image!r} disappeared before the container was created: {e}") from e
+        except docker.errors.ImageNotFound as e:  # not pulled, or removed between pull and create
+            raise ImageUnavailable(f"image {launch.image!r} is not on this node (pulled first?): {e}") from e
         except docker.errors.NotFound as e:  # e.g. "network foo not found"
             raise InvalidRequest(f"cannot create container {name!r}: {_explain(e)}") from e
         except Exception as e:
@@ -246,7 +255,8 @@ class DockerRuntime:
 
     # ----------------------------------------------------------------- images
 
-    def _ensure_image(self, image: str) -> None:
+    def ensure_image(self, image: str) -> None:
+        """Pull the image if it is missing, with progress logged; ImageUnavailable on failure."""
         if not image or image != image.strip():
             raise InvalidRequest(f"invalid image reference {image!r}")
         api = self.api
@@ -441,6 +451,7 @@ def labels(launch: ContainerLaunch) -> dict[str, str]:
         LABEL_REVISION: str(launch.revision),
         LABEL_NODE: launch.node,
         LABEL_GPUS: ",".join(str(i) for i in launch.gpu_indexes),
+        LABEL_GPU_UUIDS: ",".join(launch.gpu_uuids),
     }
 
 
@@ -472,6 +483,7 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
     status = str(state.get("Status", "")).lower()
     name: ContainerStateName = _STATES.get(status, "exited" if state.get("Dead") else "created")
     gpus = tuple(int(g) for g in str(container_labels.get(LABEL_GPUS, "")).split(",") if g.strip().isdigit())
+    gpu_uuids = tuple(u.strip() for u in str(container_labels.get(LABEL_GPU_UUIDS, "")).split(",") if u.strip())
     started = unix_ms(state.get("StartedAt"))
     finished = unix_ms(state.get("FinishedAt")) if name == "exited" else 0
     if finished:
@@ -495,6 +507,7 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         finished_unix_ms=finished,
         restart_count=int(attrs.get("RestartCount") or 0),
         pid=int(state.get("Pid") or 0) if name == "running" else 0,
+        gpu_uuids=gpu_uuids,
     )
 
 
