@@ -120,3 +120,16 @@ def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
         created_unix_ms=a.created_unix_ms,
         node_address=node_address,
     )
+
+
+_SUMMED = ("gpus_total", "gpus_free", "cpus_total", "cpus_free", "memory_total_bytes", "memory_free_bytes")
+
+
+def cluster_summary(views: list[NodeView], revision: int) -> cpb.GetClusterSummaryResponse:
+    """One row per node and a TOTAL row summing them, at the view's revision."""
+    rows = [node_summary(v) for v in views]
+    totals = cpb.NodeSummary(name="TOTAL")
+    for r in rows:
+        for f in _SUMMED:
+            setattr(totals, f, getattr(totals, f) + getattr(r, f))
+    return cpb.GetClusterSummaryResponse(nodes=rows, totals=totals, revision=revision)

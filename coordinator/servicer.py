@@ -77,13 +77,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def GetClusterSummary(
         self, request: pb.GetClusterSummaryRequest, context: Ctx
     ) -> pb.GetClusterSummaryResponse:
-        rows = [convert.node_summary(v) for v in self._nodes.nodes()]
-        totals = pb.NodeSummary(name="TOTAL")
-        for r in rows:
-            for f in ("gpus_total", "gpus_free", "cpus_total", "cpus_free", "memory_total_bytes",
-                      "memory_free_bytes"):  # fmt: skip
-                setattr(totals, f, getattr(totals, f) + getattr(r, f))
-        return pb.GetClusterSummaryResponse(nodes=rows, totals=totals, revision=self._view.revision)
+        return convert.cluster_summary(self._nodes.nodes(), self._view.revision)
 
     @grpc_errors
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:

@@ -1,6 +1,6 @@
 """A whole cluster on one machine: a real etcd, coordinator(s) and agents with SIMULATED GPUs.
 
-LocalCluster is the reusable part (tests use it as a context manager); run_dev_cluster is
+LocalCluster is the reusable part (a context manager); run_dev_cluster is
 `gpuctl dev`: start, print how to use it, optionally run a demo, stay up until Ctrl-C.
 """
 
