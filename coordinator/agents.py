@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import grpc
 
-from gpulease.errors import REASON_METADATA_KEY, GpuLeaseError, Unavailable, error_for
+from gpulease import rpc_status
+from gpulease.errors import GpuLeaseError
 from gpulease.v1 import agent_pb2_grpc
 
 
@@ -32,14 +33,5 @@ class AgentChannels:
 
 
 def agent_error(exc: grpc.aio.AioRpcError, node: str, address: str) -> GpuLeaseError:
-    code = exc.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not _reason(exc):
-        return Unavailable(f"the agent of node {node} at {address} did not answer ({code.name}: {exc.details()})")
-    return error_for(code.name, _reason(exc), exc.details() or code.name)
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    for key, value in exc.trailing_metadata() or ():
-        if key == REASON_METADATA_KEY:
-            return str(value)
-    return ""
+    """An agent's failure, decoded by the one rule (gpulease.rpc_status)."""
+    return rpc_status.decode(exc, f"the agent of node {node} at {address}")

@@ -123,7 +123,8 @@ def raised_by(address: str | list[str], call: Callable[[Client], object]) -> err
         (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
         (grpc.StatusCode.INTERNAL, errors.Internal),
-        (grpc.StatusCode.UNKNOWN, errors.Internal),
+        # gRPC's own failure of the call (gpulease.rpc_status): the coordinator did not answer.
+        (grpc.StatusCode.UNKNOWN, errors.Unavailable),
         (grpc.StatusCode.UNIMPLEMENTED, errors.Internal),
         (grpc.StatusCode.ALREADY_EXISTS, errors.Internal),
         (grpc.StatusCode.DATA_LOSS, errors.Internal),
@@ -135,7 +136,7 @@ def test_status_code_maps_to_error_class(
     address = serve_fake(FakeCoordinator(fail=(code, None, "boom")))
     err = raised_by(address, lambda c: c.list_nodes())
     assert type(err) is expected
-    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN):
         assert err.message == "boom"
 
 

@@ -1,4 +1,6 @@
-"""grpc.RpcError -> gpulease.errors: callers of the client never see gRPC exceptions.
+"""grpc.RpcError -> gpulease.errors: callers of the client never see gRPC exceptions. Statuses are
+decoded by gpulease.rpc_status (one rule for client, coordinator and agent); this module adds
+what only the client needs: failover across addresses and which calls may be resent.
 
 Also the one place that decides whether an UNAVAILABLE may be sent again (``should_retry``).
 Works for both the sync errors and grpc.aio's AioRpcError: it only uses code(), details() and
@@ -11,31 +13,14 @@ from collections.abc import Sequence
 
 import grpc
 
-from gpulease.errors import REASON_METADATA_KEY, DeadlineExceeded, GpuLeaseError, Unavailable, error_for
+from gpulease import rpc_status
+from gpulease.errors import GpuLeaseError, Unavailable, error_for
+from gpulease.rpc_status import details as _details
+from gpulease.rpc_status import reason_of, status_code
 
 UNREACHABLE_HINT = "is gpulease-coordinator running? set --coordinator or GPULEASE_COORDINATOR"
 
-
-def status_code(err: grpc.RpcError) -> grpc.StatusCode | None:
-    # RpcError itself declares nothing; the errors raised by stubs are also grpc.Call objects.
-    code = getattr(err, "code", None)
-    return code() if callable(code) else None
-
-
-def _details(err: grpc.RpcError) -> str:
-    details = getattr(err, "details", None)
-    text = details() if callable(details) else None
-    return str(text) if text else ""
-
-
-def reason_of(err: grpc.RpcError) -> str | None:
-    """The gpulease reason the coordinator put in trailing metadata, if any."""
-    trailing = getattr(err, "trailing_metadata", None)
-    metadata = trailing() if callable(trailing) else None
-    for key, value in metadata or ():
-        if key == REASON_METADATA_KEY:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return None
+__all__ = ["never_sent", "outcome_unknown", "reason_of", "should_retry", "status_code", "to_error", "unavailable"]
 
 
 # What gRPC says when a call failed before any coordinator got it: no connection could be made, or
@@ -69,15 +54,8 @@ def should_retry(err: grpc.RpcError, resend_safe: bool) -> bool:
 
 
 def to_error(err: grpc.RpcError, target: str, timeout: float) -> GpuLeaseError:
-    """Rebuild the typed error the coordinator raised (reason first, status code as fallback)."""
-    code = status_code(err)
-    code_name = code.name if code is not None else "UNKNOWN"
-    reason = reason_of(err)
-    details = _details(err)
-    if code_name == "DEADLINE_EXCEEDED" and reason is None:
-        # Our own deadline expired: say which coordinator was slow and for how long we waited.
-        return DeadlineExceeded(f"the coordinator at {target} did not answer within {timeout:g}s")
-    return error_for(code_name, reason, details or f"{code_name} from the coordinator at {target}")
+    """Rebuild the typed error the coordinator raised (gpulease.rpc_status's one rule)."""
+    return rpc_status.decode(err, f"the coordinator at {target}", deadline=timeout)
 
 
 def outcome_unknown(err: grpc.RpcError, target: str, rpc: str) -> GpuLeaseError:
