@@ -18,14 +18,13 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from gpulease import rpc_status
 from gpulease.errors import (
-    REASON_METADATA_KEY,
     AllocationNotFound,
     GpuLeaseError,
     InvalidRequest,
     StaleFencingToken,
     Unavailable,
-    error_for,
 )
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import GetAllocationRequest, ListAllocationsRequest
@@ -82,17 +81,9 @@ class CoordinatorClient:
         return list(response.allocations)
 
     def _error(self, e: grpc.aio.AioRpcError, call: str) -> GpuLeaseError:
-        code = e.code()
-        reason = ""
-        for key, value in e.trailing_metadata() or ():
-            if key == REASON_METADATA_KEY:
-                reason = value.decode() if isinstance(value, bytes) else str(value)
-        details = e.details() or code.name
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) or (
-            code == grpc.StatusCode.UNKNOWN and not reason
-        ):
-            return Unavailable(f"coordinator at {self._address} did not answer {call} ({code.name}: {details})")
-        return error_for(code.name, reason or None, details)
+        # The one rule (gpulease.rpc_status): "did not answer" is Unavailable, so a fence never
+        # starts anything on a guess; the coordinator's own answers keep their class.
+        return rpc_status.decode(e, f"coordinator at {self._address}", call)
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,11 @@ class Registrar:
         while True:
             self._wake.clear()  # before the step: a wake() during the step makes the next one immediate
             delay = await self.step()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as
+            # the wake fires, and the loop would run on after shutdown (as the enforcer's did).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     def wake(self) -> None:
         """Heartbeat now rather than at the next interval (e.g. reconciliation just finished)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from agent.fencing import CoordinatorClient
 from coordinator.agents import agent_error
 from gpulease import errors
 from gpulease.client._errors import to_error
@@ -65,10 +66,15 @@ def test_the_rule(status: Status, deadline: float | None, cls: type[errors.GpuLe
 def test_every_decoder_follows_it(
     status: Status, deadline: float | None, cls: type[errors.GpuLeaseError], words: str
 ) -> None:
-    # The client always has its own deadline; the coordinator calling an agent sets none here.
+    # The client always has its own deadline; the coordinator calling an agent, and the agent
+    # checking a fencing token, report one as 'did not answer'.
     client = to_error(status, "h:1", deadline if deadline is not None else 10.0)
     coordinator = agent_error(status, "n1", "h:1")  # type: ignore[arg-type]
+    agent = CoordinatorClient.__new__(CoordinatorClient)  # only its decoding is used here
+    agent._address = "h:1"
+    fence = agent._error(status, "GetAllocation(x)")  # type: ignore[arg-type]
     expected_client = errors.DeadlineExceeded if status.status == S.DEADLINE_EXCEEDED and not status.reason else cls
     expected_coordinator = errors.Unavailable if status.status == S.DEADLINE_EXCEEDED and not status.reason else cls
     assert type(client) is expected_client
     assert type(coordinator) is expected_coordinator
+    assert type(fence) is expected_coordinator
