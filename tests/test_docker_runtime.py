@@ -24,6 +24,7 @@ import docker
 import psutil
 import pytest
 
+from agent.linux import process_tree
 from agent.runtime import (
     LABEL_ALLOCATION,
     LABEL_GPUS,
@@ -33,8 +34,9 @@ from agent.runtime import (
     ContainerInfo,
     ContainerLaunch,
     Volume,
+    default_name,
 )
-from agent.runtime.docker_runtime import DockerRuntime, container_info, default_name, process_tree, unix_ms
+from agent.runtime.docker_runtime import DockerRuntime, container_info, unix_ms
 from gpulease.errors import ContainerNotFound, ImageUnavailable, InvalidRequest, Unavailable
 from tests.dockerd import Dockerd, busybox_image, start_dockerd
 

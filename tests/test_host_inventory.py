@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.inventory.host import (
-    HostOnlyInventory,
-    cgroup_cpu_limit,
-    cgroup_memory_limit,
-    total_memory_bytes,
-    usable_cpus,
-)
+from agent.inventory.host import HostOnlyInventory, total_memory_bytes, usable_cpus
+from agent.linux import cgroup_cpu_limit, cgroup_memory_limit
 
 GiB = 2**30
 AFFINITY = len(os.sched_getaffinity(0))

@@ -43,6 +43,7 @@ from typing import Any
 
 from agent.inventory import InventoryContext
 from agent.inventory.host import HostOnlyInventory
+from agent.linux import PROC_ROOT, format_cpulist, parent_pid, read_kernel_file
 from gpulease.v1.types_pb2 import Gpu, GpuLink, GpuProcess, NodeInventory
 
 try:  # the agent extra installs nvidia-ml-py; without it the node simply has no NVML
@@ -228,7 +229,7 @@ class NvmlInventory(HostOnlyInventory):
         *,
         clock: Callable[[], float] = time.monotonic,
         sysfs_root: Path = Path("/sys"),
-        proc_root: Path = Path("/proc"),
+        proc_root: Path = PROC_ROOT,
     ) -> None:
         super().__init__(cpus=cpus, memory_bytes=memory_bytes, labels=labels, host=host)
         self._clock = clock
@@ -442,7 +443,7 @@ class NvmlInventory(HostOnlyInventory):
         numa_node = self._numa_fallback(numa_node, pci_key)
         words = max(16, math.ceil((os.cpu_count() or 1) / 64))
         mask = probe("nvmlDeviceGetCpuAffinity", handle, words)
-        cpu_affinity = _cpulist(int(w) for w in mask) if mask is not None else ""
+        cpu_affinity = format_cpulist(_affinity_cpus(int(w) for w in mask)) if mask is not None else ""
         nvlinks: list[tuple[PciKey | None, int | None]] = []
         max_links = int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", _DEFAULT_NVLINK_MAX_LINKS))
         for link in range(max_links):
@@ -475,13 +476,14 @@ class NvmlInventory(HostOnlyInventory):
         Grace Hopper): that node has no CPUs, and the CPUs nearest the GPU are the PCI device's node.
         """
         if nvml_node is not None:
-            cpulist = _read(self._sysfs / "devices/system/node" / f"node{nvml_node}" / "cpulist")
+            cpulist = read_kernel_file(self._sysfs / "devices/system/node" / f"node{nvml_node}" / "cpulist")
             if cpulist is None or cpulist:
                 return nvml_node
         if pci is None:
             return nvml_node
         domain, bus, device = pci
-        text = _read(self._sysfs / "bus/pci/devices" / f"{domain:04x}:{bus:02x}:{device:02x}.0" / "numa_node")
+        device_dir = self._sysfs / "bus/pci/devices" / f"{domain:04x}:{bus:02x}:{device:02x}.0"
+        text = read_kernel_file(device_dir / "numa_node")
         try:
             node = int(text or "x")
         except ValueError:
@@ -595,7 +597,7 @@ class NvmlInventory(HostOnlyInventory):
                 return True
             if current <= 1:
                 return False
-            parent = _parent_pid(self._proc, current)
+            parent = parent_pid(current, self._proc)
             if parent is None or parent == current:
                 return False
             current = parent
@@ -710,37 +712,6 @@ def _pci_key(pci: Any) -> PciKey | None:
         return None
 
 
-def _cpulist(words: Iterable[int]) -> str:
-    """64-bit affinity words -> Linux cpulist: [0xff, 0x3] -> "0-7,64-65"."""
-    cpus = [w * 64 + bit for w, word in enumerate(words) for bit in range(64) if word >> bit & 1]
-    ranges: list[str] = []
-    start = prev = None
-    for cpu in cpus:
-        if prev is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        if start is not None:
-            ranges.append(f"{start}-{prev}" if start != prev else f"{start}")
-        start = prev = cpu
-    if start is not None:
-        ranges.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ",".join(ranges)
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _parent_pid(proc: Path, pid: int) -> int | None:
-    text = _read(proc / str(pid) / "stat")
-    if not text:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
-    fields = text.rpartition(")")[2].split()
-    try:
-        return int(fields[1])
-    except (IndexError, ValueError):
-        return None
+def _affinity_cpus(words: Iterable[int]) -> set[int]:
+    """nvmlDeviceGetCpuAffinity's 64-bit mask words -> CPU numbers: [0xff, 0x3] -> {0..7, 64, 65}."""
+    return {w * 64 + bit for w, word in enumerate(words) for bit in range(64) if word >> bit & 1}

@@ -8,6 +8,8 @@ what runs, etcd (through the coordinator) for what may run.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -25,6 +27,18 @@ LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in Con
 RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
 
 ContainerStateName = Literal["created", "running", "exited"]
+
+_NAME_NOT_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+def default_name(allocation_id: str) -> str:
+    """gpulease-<allocation>-<random>, for a container whose caller named none.
+
+    Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]*, so anything else in the id becomes '-'. The
+    random suffix lets an allocation run several unnamed containers without a name clash.
+    """
+    safe = _NAME_NOT_OK.sub("-", allocation_id).strip("-.")[:64] or "allocation"
+    return f"gpulease-{safe}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,11 @@ import logging
 import math
 import os
 import re
-import secrets
 import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -38,6 +36,7 @@ import docker.utils
 import requests
 import urllib3.exceptions
 
+from agent.linux import cgroup_pids, process_tree
 from agent.runtime import (
     LABEL_ALLOCATION,
     LABEL_GPU_UUIDS,
@@ -49,6 +48,7 @@ from agent.runtime import (
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
+    default_name,
 )
 from gpulease.errors import ContainerNotFound, ImageUnavailable, Internal, InvalidRequest, Unavailable
 
@@ -62,7 +62,6 @@ MAX_POOL_SIZE = 64
 PULL_LOG_INTERVAL_S = 5.0
 _STREAM_HEADER = struct.Struct(">BxxxL")
 _STREAM_NAMES = {0: "stdout", 1: "stdout", 2: "stderr"}
-_NAME_OK = re.compile(r"[^a-zA-Z0-9_.-]+")
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 
@@ -455,12 +454,6 @@ def labels(launch: ContainerLaunch) -> dict[str, str]:
     }
 
 
-def default_name(allocation_id: str) -> str:
-    """gpulease-<allocation>-<random>: Docker names allow [a-zA-Z0-9][a-zA-Z0-9_.-]*."""
-    safe = _NAME_OK.sub("-", allocation_id).strip("-.")[:64] or "allocation"
-    return f"gpulease-{safe}-{secrets.token_hex(3)}"
-
-
 def unix_ms(timestamp: str | None) -> int:
     """Docker's RFC 3339 nanosecond timestamps -> Unix milliseconds; 0 for Go's zero time."""
     if not timestamp or timestamp.startswith("0001-01-01"):
@@ -509,93 +502,6 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         pid=int(state.get("Pid") or 0) if name == "running" else 0,
         gpu_uuids=gpu_uuids,
     )
-
-
-def process_tree(root: int, proc: Path = Path("/proc")) -> set[int]:
-    """root and all its descendants: /proc/<pid>/task/*/children when the kernel has it, else PPids."""
-    if not (proc / str(root)).exists():
-        return set()
-    children = _children_from_task_files(root, proc)
-    if children is None:
-        children = _children_from_stat(proc)
-    found = {root}
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _children_from_task_files(root: int, proc: Path) -> dict[int, list[int]] | None:
-    """Parent -> children by walking task/*/children (CONFIG_PROC_CHILDREN); None when unsupported."""
-    tasks = list((proc / str(root) / "task").glob("*/children"))
-    if not tasks:
-        return None
-    children: dict[int, list[int]] = {}
-    todo = [root]
-    seen = {root}
-    while todo:
-        pid = todo.pop()
-        kids: list[int] = []
-        for f in (proc / str(pid) / "task").glob("*/children"):
-            with contextlib.suppress(OSError, ValueError):
-                kids += [int(k) for k in f.read_text().split()]
-        children[pid] = kids
-        for k in kids:
-            if k not in seen:
-                seen.add(k)
-                todo.append(k)
-    return children
-
-
-def _children_from_stat(proc: Path) -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # Field 4 (ppid) follows the command name, which is in parentheses and may hold spaces.
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def cgroup_pids(pid: int, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> set[int]:
-    """Every PID in pid's cgroup (catches `docker exec` processes, which are not descendants of init).
-
-    Best effort: empty when the cgroup is not visible from here (e.g. another cgroup namespace).
-    """
-    try:
-        lines = (proc / str(pid) / "cgroup").read_text().splitlines()
-    except OSError:
-        return set()
-    candidates: list[Path] = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        rel = path.lstrip("/")
-        if not rel:
-            continue  # the root cgroup: everything on the host, not the container
-        if controllers == "":
-            candidates += [cgroup_root / rel, cgroup_root / "unified" / rel]
-        elif "pids" in controllers.split(",") or "memory" in controllers.split(","):
-            candidates.append(cgroup_root / controllers / rel)
-    for directory in candidates:
-        procs_file = directory / "cgroup.procs"
-        try:
-            found = {int(p) for p in procs_file.read_text().split()}
-        except (OSError, ValueError):
-            continue
-        if pid in found:
-            return found
-    return set()
 
 
 def _log_frames(response: Any, tty: bool) -> Iterator[tuple[str, bytes]]:
