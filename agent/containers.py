@@ -12,7 +12,6 @@ import concurrent.futures
 import contextlib
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from agent.fencing import Fence
-from agent.runtime import RESERVED_ENV, ContainerInfo, ContainerLaunch, ContainerRuntime, Volume
+from agent.linux import format_cpulist, parse_cpulist
+from agent.runtime import RESERVED_ENV, ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
 from gpulease.errors import (
     Conflict,
     ContainerNotFound,
@@ -373,7 +373,7 @@ class ContainerService:
             working_dir=spec.working_dir,
             volumes=tuple(Volume(v.source, v.target, v.read_only) for v in spec.volumes),
             shm_size_bytes=spec.shm_size_bytes,
-            name=spec.name or _default_name(alloc.id),
+            name=spec.name or default_name(alloc.id),
             cpuset=self._cpuset([(g.index, g.uuid) for g in alloc.gpus], alloc.cpus),
             network=self._network,
         )
@@ -625,42 +625,6 @@ def _log_unawaited_failure(task: asyncio.Task[Any]) -> None:
     """A shielded start whose caller went away: its failure is logged, not lost."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("a container start whose caller had gone away failed: %s", task.exception())
-
-
-def _default_name(allocation_id: str) -> str:
-    return f"gpulease-{allocation_id}-{secrets.token_hex(3)}"
-
-
-def parse_cpulist(text: str) -> set[int]:
-    """Linux cpulist ("0-3,8,10-11") -> {0, 1, 2, 3, 8, 10, 11}. ValueError if malformed."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low, sep, high = part.partition("-")
-        first, last = int(low), int(high) if sep else int(low)
-        if first < 0 or last < first or last > 1 << 16:
-            raise ValueError(f"bad cpulist range {part!r}")
-        cpus.update(range(first, last + 1))
-    if not cpus:
-        raise ValueError("empty cpulist")
-    return cpus
-
-
-def format_cpulist(cpus: set[int]) -> str:
-    """{0, 1, 2, 3, 8} -> "0-3,8"."""
-    parts: list[str] = []
-    ordered = sorted(cpus)
-    start = prev = ordered[0]
-    for cpu in [*ordered[1:], None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(parts)
 
 
 # -- a synchronous iterator, consumed asynchronously ------------------------------------------------
