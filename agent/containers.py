@@ -1,4 +1,6 @@
-"""Containers on this node's allocated GPUs: validation, fencing, and the runtime calls.
+"""Containers on this node's allocated GPUs: fencing, and the runtime calls.
+
+The rules for what a caller may ask to run, and for the ids it names, are in agent/container_spec.py.
 
 The runtime (agent/runtime) is synchronous; every call runs in a worker thread. Long calls are
 kept short per thread: WaitContainer waits in slices of at most WAIT_SLICE_S, and log streams
@@ -11,16 +13,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
+from agent.container_spec import check_allocation_id, check_container_id, validate_spec
 from agent.fencing import Fence
 from agent.linux import format_cpulist, parse_cpulist
-from agent.runtime import RESERVED_ENV, ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
+from agent.runtime import ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
 from gpulease.errors import (
     Conflict,
     ContainerNotFound,
@@ -37,14 +39,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_IMAGE_CHARS = 512
-MAX_COMMAND_ARGS = 1024
-MAX_COMMAND_BYTES = 128 * 1024
-MAX_ENV_ENTRIES = 256
-MAX_ENV_KEY_CHARS = 256
-MAX_ENV_VALUE_BYTES = 32 * 1024
-MAX_PATH_CHARS = 4096
-MAX_VOLUMES = 64
 MAX_WAIT_S = 300
 DEFAULT_WAIT_S = 30
 MAX_STOP_GRACE_S = 300
@@ -56,13 +50,6 @@ LOG_QUEUE_CHUNKS = 64
 # How long creating the runtime (connecting to dockerd) may take before it counts as unavailable.
 RUNTIME_CONNECT_TIMEOUT_S = 10.0
 RUNTIME_RETRY_S = 5.0
-
-_ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_CONTAINER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_CONTAINER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-_VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
-_BAD_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 RUNTIME_HINT = "is dockerd running and reachable? set --docker-host or DOCKER_HOST (the agent needs access to it)"
 
@@ -190,7 +177,7 @@ class ContainerService:
         stopped and removed, and the caller told so. A GPU whose index names another UUID than the
         allocation's, or that another allocation's running container uses, is refused.
         """
-        _check_allocation_id(allocation_id)
+        check_allocation_id(allocation_id)
         validate_spec(spec)
         if self._gate.reconciling:
             raise Unavailable(
@@ -454,7 +441,7 @@ class ContainerService:
 
     async def list(self, allocation_id: str) -> list[tpb.ContainerStatus]:
         if allocation_id:
-            _check_allocation_id(allocation_id)
+            check_allocation_id(allocation_id)
         runtime = await self._runtime.get()
         infos = await asyncio.to_thread(runtime.list, allocation_id)
         return [self.status(i) for i in sorted(infos, key=lambda i: (i.started_unix_ms, i.id))]
@@ -474,10 +461,9 @@ class ContainerService:
         """The container a ref names: by id (checked against the allocation when both are given),
         or the only container of the allocation."""
         if ref.allocation_id:
-            _check_allocation_id(ref.allocation_id)
+            check_allocation_id(ref.allocation_id)
         if ref.container_id:
-            if not _CONTAINER_REF_RE.match(ref.container_id):
-                raise InvalidRequest(f"container_id {ref.container_id[:80]!r} is malformed")
+            check_container_id(ref.container_id)
             info = await asyncio.to_thread(runtime.get, ref.container_id)
             if ref.allocation_id and info.allocation_id != ref.allocation_id:
                 raise ContainerNotFound(
@@ -515,96 +501,6 @@ class ContainerService:
         if info.exit_code is not None:
             status.exit_code = info.exit_code
         return status
-
-
-# -- validation -------------------------------------------------------------------------------
-
-
-def _check_allocation_id(value: str) -> None:
-    if not _ALLOC_ID_RE.match(value):
-        raise InvalidRequest(
-            f"allocation id {value[:80]!r} is malformed: ids are 8-64 lowercase hex characters "
-            "as printed by `gpuctl allocate`"
-        )
-
-
-def _check_text(what: str, value: str, max_chars: int, *, allow_empty: bool = True) -> None:
-    if not value and not allow_empty:
-        raise InvalidRequest(f"{what} is required")
-    if len(value) > max_chars:
-        raise InvalidRequest(f"{what} is too long: {len(value)} characters, at most {max_chars}")
-    if "\x00" in value:
-        raise InvalidRequest(f"{what} contains a NUL character")
-
-
-def validate_spec(spec: tpb.ContainerSpec) -> None:
-    """InvalidRequest naming the first problem of the spec, before anything else happens."""
-    _check_text("image", spec.image, MAX_IMAGE_CHARS, allow_empty=False)
-    if spec.image != spec.image.strip() or _BAD_CHARS_RE.search(spec.image) or " " in spec.image:
-        raise InvalidRequest(f"image {spec.image[:80]!r} must not contain spaces or control characters")
-
-    if len(spec.command) > MAX_COMMAND_ARGS:
-        raise InvalidRequest(f"command has {len(spec.command)} arguments, at most {MAX_COMMAND_ARGS}")
-    total = 0
-    for i, arg in enumerate(spec.command):
-        if "\x00" in arg:
-            raise InvalidRequest(f"command argument {i} contains a NUL character")
-        total += len(arg.encode())
-    if total > MAX_COMMAND_BYTES:
-        raise InvalidRequest(f"command is {total} bytes long, at most {MAX_COMMAND_BYTES}")
-
-    if len(spec.env) > MAX_ENV_ENTRIES:
-        raise InvalidRequest(f"env has {len(spec.env)} entries, at most {MAX_ENV_ENTRIES}")
-    for key, value in spec.env.items():
-        if key in RESERVED_ENV:
-            raise InvalidRequest(
-                f"env {key} may not be set: the allocation decides which GPUs the container sees "
-                f"({', '.join(sorted(RESERVED_ENV))} are set by gpulease)"
-            )
-        if not _ENV_KEY_RE.match(key) or len(key) > MAX_ENV_KEY_CHARS:
-            raise InvalidRequest(
-                f"env name {key[:80]!r} is invalid: use letters, digits, '_', '.' or '-', not starting with a digit, "
-                f"at most {MAX_ENV_KEY_CHARS} characters"
-            )
-        if len(value.encode()) > MAX_ENV_VALUE_BYTES:
-            raise InvalidRequest(f"env {key} is {len(value.encode())} bytes long, at most {MAX_ENV_VALUE_BYTES}")
-        if "\x00" in value:
-            raise InvalidRequest(f"env {key} contains a NUL character")
-
-    if spec.working_dir:
-        _check_text("working_dir", spec.working_dir, MAX_PATH_CHARS)
-        if not spec.working_dir.startswith("/"):
-            raise InvalidRequest(f"working_dir {spec.working_dir[:80]!r} must be an absolute path")
-
-    if len(spec.volumes) > MAX_VOLUMES:
-        raise InvalidRequest(f"{len(spec.volumes)} volumes, at most {MAX_VOLUMES}")
-    targets: set[str] = set()
-    for i, v in enumerate(spec.volumes):
-        _check_text(f"volumes[{i}].source", v.source, MAX_PATH_CHARS, allow_empty=False)
-        _check_text(f"volumes[{i}].target", v.target, MAX_PATH_CHARS, allow_empty=False)
-        if not (v.source.startswith("/") or _VOLUME_NAME_RE.match(v.source)):
-            raise InvalidRequest(
-                f"volumes[{i}].source {v.source[:80]!r} must be an absolute host path or a Docker volume name"
-            )
-        if not v.target.startswith("/") or v.target.rstrip("/") == "":
-            raise InvalidRequest(f"volumes[{i}].target {v.target[:80]!r} must be an absolute path other than /")
-        for what, path in (("source", v.source), ("target", v.target)):
-            if ":" in path or "," in path or _BAD_CHARS_RE.search(path):
-                raise InvalidRequest(
-                    f"volumes[{i}].{what} {path[:80]!r} must not contain ':', ',' or control characters"
-                )
-        if v.target in targets:
-            raise InvalidRequest(f"volumes[{i}].target {v.target!r} is mounted twice")
-        targets.add(v.target)
-
-    if spec.shm_size_bytes < 0:
-        raise InvalidRequest(f"shm_size_bytes must be 0 (Docker's default) or positive, got {spec.shm_size_bytes}")
-
-    if spec.name and not _CONTAINER_NAME_RE.match(spec.name):
-        raise InvalidRequest(
-            f"container name {spec.name[:80]!r} is invalid: 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
 
 
 def _shared_gpus(launch: ContainerLaunch, other: ContainerInfo) -> list[tuple[int, str]]:
