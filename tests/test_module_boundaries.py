@@ -48,3 +48,28 @@ def test_imports_respect_module_boundaries(path: Path) -> None:
 
 def test_the_rule_sees_the_store() -> None:
     assert "etcd3aio" in top_level_imports(ROOT / "coordinator/store.py")
+
+
+# Only agent/linux.py names the kernel's /proc and cgroup trees, so that each format read there has
+# one parser: copies drift (the parent-PID and cgroup-line parsers had been written twice).
+KERNEL_PATHS = ("/proc", "/sys/fs/cgroup")
+KERNEL_MODULE = "agent/linux.py"
+
+
+def kernel_path_literals(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(KERNEL_PATHS)
+    ]
+
+
+def test_only_the_linux_module_names_proc_and_cgroup_paths() -> None:
+    offenders = {
+        str(p.relative_to(ROOT)): found
+        for p in SOURCES
+        if str(p.relative_to(ROOT)) != KERNEL_MODULE and (found := kernel_path_literals(p))
+    }
+    assert not offenders, f"only {KERNEL_MODULE} may read /proc or cgroup files: {offenders}"
+    assert kernel_path_literals(ROOT / KERNEL_MODULE), "the rule no longer sees the Linux module's paths"
