@@ -48,7 +48,7 @@ class CoordinatorClient:
     """
 
     def __init__(self, channel: grpc.aio.Channel, address: str, *, timeout: float = DEFAULT_RPC_TIMEOUT_S) -> None:
-        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        self._stub = coordinator_pb2_grpc.NodeServiceStub(channel)
         self._address = address
         self._timeout = timeout
 
@@ -59,7 +59,7 @@ class CoordinatorClient:
     async def get_allocation(self, allocation_id: str, *, timeout: float | None = None) -> Allocation | None:
         """The live allocation, or None when it is not live (released, expired, never existed)."""
         try:
-            response = await self._stub.GetAllocation(
+            response = await self._stub.GetNodeAllocation(
                 GetAllocationRequest(allocation_id=allocation_id), timeout=timeout or self._timeout
             )
         except grpc.aio.AioRpcError as e:
@@ -73,7 +73,7 @@ class CoordinatorClient:
     async def list_allocations(self, node: str, *, timeout: float | None = None) -> list[Allocation]:
         """Every live allocation on ``node`` (read from etcd by the coordinator)."""
         try:
-            response = await self._stub.ListAllocations(
+            response = await self._stub.ListNodeAllocations(
                 ListAllocationsRequest(node=node), timeout=timeout or self._timeout
             )
         except grpc.aio.AioRpcError as e:

@@ -128,7 +128,7 @@ class Registrar:
     ) -> None:
         self._node = node
         self._address = address
-        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        self._stub = coordinator_pb2_grpc.NodeServiceStub(channel)
         self._source = source
         self._on_registered = on_registered
         self._on_allocations_revision = on_allocations_revision

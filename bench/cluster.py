@@ -108,7 +108,7 @@ async def register_nodes(address: str, names: list[str], concurrency: int = 64) 
     leases: dict[str, int] = {}
     sem = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub = pb_grpc.NodeServiceStub(channel)
 
         async def one(name: str) -> None:
             async with sem:

@@ -31,7 +31,7 @@ async def heartbeat(
     sent = errors = 0
     names = sorted(leases)
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub = pb_grpc.NodeServiceStub(channel)
         check = health_pb2_grpc.HealthStub(channel).Check
         sem = asyncio.Semaphore(256)
         tasks: set[asyncio.Task[None]] = set()

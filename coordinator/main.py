@@ -19,7 +19,7 @@ from coordinator.committer import EtcdCommitter
 from coordinator.containers import ContainerForwarder
 from coordinator.keys import Keys
 from coordinator.nodes import NodePolicy, NodeService
-from coordinator.servicer import CoordinatorServicer
+from coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
 from coordinator.store import Store, TlsFiles
 from coordinator.view import ClusterView
 from gpulease import eventloop
@@ -28,7 +28,8 @@ from gpulease.sdnotify import sd_notify
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("gpulease.coordinator")
-SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+# Users', agents' and operators' services (see coordinator/servicer.py); health is reported for each.
+SERVICE_NAMES = tuple(s.full_name for s in coordinator_pb2.DESCRIPTOR.services_by_name.values())
 
 
 async def serve(cfg: config_mod.CoordinatorConfig) -> None:
@@ -57,9 +58,11 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         CoordinatorServicer(allocations, nodes, view, containers), server
     )
+    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view), server)
+    coordinator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(allocations, nodes, view), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         server.add_insecure_port(cfg.listen)
     except RuntimeError as exc:
@@ -84,7 +87,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
             now = view.synced.is_set()
             if now != serving:
                 status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
-                for name in ("", SERVICE_NAME):
+                for name in ("", *SERVICE_NAMES):
                     await health_servicer.set(name, status)
                 if now and serving is None:
                     sd_notify("READY=1")

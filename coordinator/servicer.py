@@ -1,4 +1,6 @@
-"""Thin gRPC servicer: proto in, service call, proto out. Errors go through the catalog."""
+"""Thin gRPC servicers, one per audience: proto in, service call, proto out. Errors go through
+the catalog. CoordinatorServicer serves users, NodeServicer agents, AdminServicer operators, so
+that who may call what can be decided per service."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from coordinator.domain import Allocation
 from coordinator.errors import grpc_errors
 from coordinator.nodes import NodeService
 from coordinator.view import ClusterView
+from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -20,7 +23,14 @@ from gpulease.v1 import types_pb2 as tpb
 Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
+def _alloc_pb(view: ClusterView, a: Allocation) -> tpb.Allocation:
+    node = view.node(a.node)
+    return convert.allocation(a, node.info.address if node else "")
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
+    """Users: allocations, containers on them, and the cluster's state."""
+
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder
     ) -> None:
@@ -29,9 +39,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._view = view
         self._containers = containers
 
-    def _alloc_pb(self, a: Allocation):  # type: ignore[no-untyped-def]
-        node = self._view.node(a.node)
-        return convert.allocation(a, node.info.address if node else "")
+    def _alloc_pb(self, a: Allocation) -> tpb.Allocation:
+        return _alloc_pb(self._view, a)
 
     @grpc_errors
     async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
@@ -79,43 +88,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.GetClusterSummaryResponse:
         return convert.cluster_summary(self._nodes.nodes(), self._view.revision)
 
-    @grpc_errors
-    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
-        b = self._allocs.batcher
-        return pb.GetStatsResponse(
-            allocations_committed=b.committed,
-            commits=b.commits,
-            rejected_commits=b.rejections,
-            view_revision=self._view.revision,
-            nodes=len(self._view.nodes()),
-        )
-
-    @grpc_errors
-    async def CordonNode(self, request: pb.CordonNodeRequest, context: Ctx) -> pb.CordonNodeResponse:
-        view = await self._nodes.cordon(request.node, request.cordoned)
-        return pb.CordonNodeResponse(node=convert.node(view))
-
-    @grpc_errors
-    async def RegisterNode(self, request: pb.RegisterNodeRequest, context: Ctx) -> pb.RegisterNodeResponse:
-        reg = await self._nodes.register(convert.node_info(request.node, request.address, request.inventory))
-        return pb.RegisterNodeResponse(
-            lease_id=reg.lease_id,
-            heartbeat_interval_seconds=reg.heartbeat_interval,
-            node_ttl_seconds=reg.node_ttl,
-            allocations_revision=reg.allocations_revision,
-        )
-
-    @grpc_errors
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
-        info = (
-            convert.node_info(request.node, request.address, request.inventory)
-            if request.HasField("inventory")
-            else None
-        )
-        reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
-        return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
-                                    allocations_revision=reg.allocations_revision)  # fmt: skip
-
     # --- containers, forwarded to the allocation's agent ------------------------------------
 
     @grpc_errors
@@ -139,3 +111,69 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # A coroutine writing to the stream (not an async generator) so the error catalog applies.
         async for chunk in self._containers.logs(request):
             await context.write(chunk)
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    """Agents: registration, heartbeats, and the allocations that run on their node."""
+
+    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+        self._allocs = allocations
+        self._nodes = nodes
+        self._view = view
+
+    @grpc_errors
+    async def RegisterNode(self, request: pb.RegisterNodeRequest, context: Ctx) -> pb.RegisterNodeResponse:
+        reg = await self._nodes.register(convert.node_info(request.node, request.address, request.inventory))
+        return pb.RegisterNodeResponse(
+            lease_id=reg.lease_id,
+            heartbeat_interval_seconds=reg.heartbeat_interval,
+            node_ttl_seconds=reg.node_ttl,
+            allocations_revision=reg.allocations_revision,
+        )
+
+    @grpc_errors
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        info = (
+            convert.node_info(request.node, request.address, request.inventory)
+            if request.HasField("inventory")
+            else None
+        )
+        reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
+        return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
+                                    allocations_revision=reg.allocations_revision)  # fmt: skip
+
+    @grpc_errors
+    async def ListNodeAllocations(self, request: pb.ListAllocationsRequest, context: Ctx) -> pb.ListAllocationsResponse:
+        if not request.node:
+            raise InvalidRequest("ListNodeAllocations needs the node whose allocations to list")
+        allocs = await self._allocs.list(node=request.node, owner=request.owner)
+        return pb.ListAllocationsResponse(allocations=[_alloc_pb(self._view, a) for a in allocs])
+
+    @grpc_errors
+    async def GetNodeAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
+        return pb.GetAllocationResponse(allocation=_alloc_pb(self._view, await self._allocs.get(request.allocation_id)))
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    """Operators and the benchmark."""
+
+    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+        self._allocs = allocations
+        self._nodes = nodes
+        self._view = view
+
+    @grpc_errors
+    async def CordonNode(self, request: pb.CordonNodeRequest, context: Ctx) -> pb.CordonNodeResponse:
+        view = await self._nodes.cordon(request.node, request.cordoned)
+        return pb.CordonNodeResponse(node=convert.node(view))
+
+    @grpc_errors
+    async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
+        b = self._allocs.batcher
+        return pb.GetStatsResponse(
+            allocations_committed=b.committed,
+            commits=b.commits,
+            rejected_commits=b.rejections,
+            view_revision=self._view.revision,
+            nodes=len(self._view.nodes()),
+        )

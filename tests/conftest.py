@@ -52,6 +52,8 @@ def serve_fake() -> Iterator[harness.ServeFake]:
     def start(servicer: coordinator_pb2_grpc.CoordinatorServiceServicer) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+        if isinstance(servicer, coordinator_pb2_grpc.AdminServiceServicer):  # cordon, stats
+            coordinator_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -36,12 +37,30 @@ class Etcd:
     proc: procs.ManagedProcess
 
 
+# Which service serves each RPC: the coordinator's API is split by audience (users, agents,
+# operators), and test tooling speaks to all three.
+SERVICE_OF = {m.name: s.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
+
+
+class AnyService:
+    """The stubs of every coordinator service on one channel (sync or grpc.aio), called by RPC name:
+    `stub.Allocate(...)`, `stub.RegisterNode(...)` and `stub.CordonNode(...)` each reach their service."""
+
+    def __init__(self, channel: Any) -> None:
+        self._stubs = {name: getattr(pb_grpc, f"{name}Stub")(channel) for name in set(SERVICE_OF.values())}
+
+    def __getattr__(self, rpc: str) -> Any:
+        if rpc not in SERVICE_OF:
+            raise AttributeError(rpc)
+        return getattr(self._stubs[SERVICE_OF[rpc]], rpc)
+
+
 @dataclass
 class Coordinator:
     address: str
     proc: procs.ManagedProcess
     channel: grpc.Channel = field(repr=False)
-    stub: pb_grpc.CoordinatorServiceStub = field(repr=False)
+    stub: Any = field(repr=False)  # AnyService
 
 
 def start_etcd(tmp: Path) -> Etcd:
@@ -65,7 +84,7 @@ def start_coordinator(
     procs.wait_grpc_health(address, 20, proc)
     # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB: as the client does.
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
-    return Coordinator(address, proc, channel, pb_grpc.CoordinatorServiceStub(channel))
+    return Coordinator(address, proc, channel, AnyService(channel))
 
 
 def new_prefix() -> str:
@@ -88,7 +107,7 @@ def inventory(
     )
 
 
-def register(stub: pb_grpc.CoordinatorServiceStub, name: str, **inv: object) -> int:
+def register(stub: Any, name: str, **inv: object) -> int:
     resp = stub.RegisterNode(
         pb.RegisterNodeRequest(
             node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inventory(node=name, **inv)

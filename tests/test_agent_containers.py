@@ -39,7 +39,6 @@ from gpulease import procs
 from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
-from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
 from tests import harness
 from tests.dockerd import Dockerd
@@ -66,7 +65,7 @@ def node_inventory(name: str) -> tpb.NodeInventory:
 @dataclass
 class Cluster:
     address: str
-    stub: pb_grpc.CoordinatorServiceStub
+    stub: harness.AnyService
     inventories: dict[str, tpb.NodeInventory]
 
     async def allocate(self, node: str = NODE, gpus: int = 1, ttl: int = 60, cpus: int = 4) -> tpb.Allocation:
@@ -94,7 +93,7 @@ class Cluster:
 @pytest.fixture
 async def cluster(coordinator: harness.Coordinator) -> AsyncIterator[Cluster]:
     async with grpc.aio.insecure_channel(coordinator.address) as channel:
-        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub = harness.AnyService(channel)
         inventories = {name: node_inventory(name) for name in (NODE, OTHER)}
         for name, inv in inventories.items():
             await stub.RegisterNode(
@@ -512,7 +511,7 @@ async def test_heartbeat_revision_changes_exactly_when_the_nodes_allocations_do(
     # is never older than the last change, so an agent that switches replicas asks again, once.
     replica = start_coordinator()
     async with grpc.aio.insecure_channel(replica.address) as channel:
-        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub = harness.AnyService(channel)
         fresh = (await stub.Heartbeat(pb.HeartbeatRequest(node=NODE, lease_id=lease))).allocations_revision
         assert fresh >= after_expiry
         again = (await stub.Heartbeat(pb.HeartbeatRequest(node=NODE, lease_id=lease))).allocations_revision

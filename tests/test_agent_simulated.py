@@ -213,7 +213,7 @@ def test_simulation_from_config() -> None:
 # -- registration against a fake coordinator ------------------------------------------------
 
 
-class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
+class FakeCoordinator(coordinator_pb2_grpc.NodeServiceServicer):
     """Records RegisterNode/Heartbeat calls; `fail_with` makes the next calls fail with a status."""
 
     def __init__(self) -> None:
@@ -261,7 +261,7 @@ def _new_fake() -> FakeCoordinator:
 
 def _serve_fake(fake: FakeCoordinator, address: str) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
-    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(fake, server)
+    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(fake, server)
     server.add_insecure_port(address)
     server.start()
     return server

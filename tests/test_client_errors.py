@@ -19,8 +19,9 @@ from tests import harness
 Failure = tuple[grpc.StatusCode, str | None, str]
 
 
-class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    """Aborts every call with ``fail`` when set; records what reached it."""
+class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer, coordinator_pb2_grpc.AdminServiceServicer):
+    """Users' and operators' services (what a client calls): aborts every call with ``fail`` when
+    set; records what reached it."""
 
     def __init__(self, fail: Failure | None = None, delay: float = 0.0) -> None:
         self.fail = fail
@@ -81,14 +82,6 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._answer("CordonNode", context)
         node = types_pb2.Node(name=request.node, cordoned=request.cordoned, state=types_pb2.NODE_STATE_CORDONED)
         return pb.CordonNodeResponse(node=node)
-
-    def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.ServicerContext) -> pb.RegisterNodeResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a client call")
-        raise AssertionError("abort raises")
-
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a client call")
-        raise AssertionError("abort raises")
 
 
 def closed_port_address() -> str:

@@ -398,7 +398,7 @@ def test_retries_ride_out_a_coordinator_restart(etcd: harness.Etcd, prefix: str,
     try:
         with Client(address, timeout=2, retry_deadline=30) as client:
             with grpc.insecure_channel(address) as channel:
-                stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+                stub = harness.AnyService(channel)
                 harness.register(stub, "n1", gpus=NODE_GPUS)
                 harness.wait_nodes_up(stub, {"n1"})
             with client.allocate(gpus=1, ttl=10) as kept:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 
 from gpulease.client._failover import Rotation, check_response, failure, stream_failure
 from gpulease.client._retry import CHANNEL_OPTIONS
-from gpulease.v1 import coordinator_pb2_grpc
+from gpulease.client._stubs import Stubs
 
 R = TypeVar("R", bound=Message)
 
@@ -22,12 +22,12 @@ class AsyncFailoverChannels(Rotation):
     def __init__(self, targets: Sequence[str], timeout: float, retry_deadline: float | None) -> None:
         super().__init__(targets, timeout, retry_deadline)
         self._channels: list[grpc.aio.Channel] = []
-        self._stubs: list[Any] = []
+        self._stubs: list[Stubs] = []
 
-    def _stub(self, index: int) -> Any:
+    def _stub(self, index: int) -> Stubs:
         if not self._stubs:
             self._channels = [grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS) for t in self.targets]
-            self._stubs = [coordinator_pb2_grpc.CoordinatorServiceStub(c) for c in self._channels]
+            self._stubs = [Stubs(c) for c in self._channels]
         return self._stubs[index]
 
     async def call(
@@ -46,7 +46,7 @@ class AsyncFailoverChannels(Rotation):
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
             try:
-                response = await getattr(self._stub(attempt.index), rpc)(request, timeout=attempt.timeout)
+                response = await self._stub(attempt.index).method(rpc)(request, timeout=attempt.timeout)
             except grpc.RpcError as err:
                 error = failure(err, attempt, rpc, resend_safe)
                 if error is not None:
@@ -65,7 +65,7 @@ class AsyncFailoverChannels(Rotation):
         for attempt in plan.attempts():
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
-            call = getattr(self._stub(attempt.index), rpc)(request, timeout=attempt.timeout)
+            call = self._stub(attempt.index).method(rpc)(request, timeout=attempt.timeout)
             received = False
             try:
                 async for item in call:

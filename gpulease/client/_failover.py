@@ -14,8 +14,8 @@ from google.protobuf.message import Message
 
 from gpulease.client import _errors
 from gpulease.client._retry import CHANNEL_OPTIONS, Attempt, RetryPlan, check_settings
+from gpulease.client._stubs import Stubs
 from gpulease.errors import GpuLeaseError, Internal, InvalidRequest
-from gpulease.v1 import coordinator_pb2_grpc
 
 R = TypeVar("R", bound=Message)
 
@@ -84,7 +84,7 @@ class FailoverChannels(Rotation):
     def __init__(self, targets: Sequence[str], timeout: float, retry_deadline: float | None) -> None:
         super().__init__(targets, timeout, retry_deadline)
         self._channels = [grpc.insecure_channel(t, options=CHANNEL_OPTIONS) for t in self.targets]
-        self._stubs = [coordinator_pb2_grpc.CoordinatorServiceStub(c) for c in self._channels]
+        self._stubs = [Stubs(c) for c in self._channels]
 
     @staticmethod
     def _pause(plan: RetryPlan, delay: float, cancel: threading.Event | None) -> None:
@@ -118,7 +118,7 @@ class FailoverChannels(Rotation):
         for attempt in plan.attempts():
             self._pause(plan, attempt.delay, cancel)
             try:
-                response = getattr(self._stubs[attempt.index], rpc)(request, timeout=attempt.timeout)
+                response = self._stubs[attempt.index].method(rpc)(request, timeout=attempt.timeout)
             except grpc.RpcError as err:
                 error = failure(err, attempt, rpc, resend_safe)
                 if error is not None:
@@ -135,7 +135,7 @@ class FailoverChannels(Rotation):
         plan = self.plan(timeout, None)
         for attempt in plan.attempts():
             self._pause(plan, attempt.delay, None)
-            call = getattr(self._stubs[attempt.index], rpc)(request, timeout=attempt.timeout)
+            call = self._stubs[attempt.index].method(rpc)(request, timeout=attempt.timeout)
             received = False
             try:
                 for item in call:

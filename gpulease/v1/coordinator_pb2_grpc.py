@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class CoordinatorServiceStub(object):
-    """Missing associated documentation comment in .proto file."""
+    """Services are split by audience, so that who may call what is decided per service (and per
+    role within it): users, agents and operators never share a service.
+
+    Users: allocations, containers on them, and the cluster's state.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -70,16 +74,6 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryResponse.FromString,
                 _registered_method=True)
-        self.CordonNode = channel.unary_unary(
-                '/gpulease.v1.CoordinatorService/CordonNode',
-                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
-                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
-                _registered_method=True)
-        self.GetStats = channel.unary_unary(
-                '/gpulease.v1.CoordinatorService/GetStats',
-                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
-                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -105,24 +99,17 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
-        self.RegisterNode = channel.unary_unary(
-                '/gpulease.v1.CoordinatorService/RegisterNode',
-                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
-                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.FromString,
-                _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/gpulease.v1.CoordinatorService/Heartbeat',
-                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
-                _registered_method=True)
 
 
 class CoordinatorServiceServicer(object):
-    """Missing associated documentation comment in .proto file."""
+    """Services are split by audience, so that who may call what is decided per service (and per
+    role within it): users, agents and operators never share a service.
+
+    Users: allocations, containers on them, and the cluster's state.
+    """
 
     def Allocate(self, request, context):
-        """User-facing.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -163,19 +150,6 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CordonNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetStats(self, request, context):
-        """Counters of this coordinator replica since it started (for operators and the benchmark).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def RunContainer(self, request, context):
         """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
         agent's address.
@@ -203,19 +177,6 @@ class CoordinatorServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListContainers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RegisterNode(self, request, context):
-        """Agent-facing.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -259,16 +220,6 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryResponse.SerializeToString,
             ),
-            'CordonNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.CordonNode,
-                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.FromString,
-                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.SerializeToString,
-            ),
-            'GetStats': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetStats,
-                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.FromString,
-                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.SerializeToString,
-            ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.FromString,
@@ -294,16 +245,6 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=gpulease_dot_v1_dot_types__pb2.ListContainersRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_types__pb2.ListContainersResponse.SerializeToString,
             ),
-            'RegisterNode': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterNode,
-                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.FromString,
-                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.SerializeToString,
-            ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gpulease.v1.CoordinatorService', rpc_method_handlers)
@@ -313,7 +254,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CoordinatorService(object):
-    """Missing associated documentation comment in .proto file."""
+    """Services are split by audience, so that who may call what is decided per service (and per
+    role within it): users, agents and operators never share a service.
+
+    Users: allocations, containers on them, and the cluster's state.
+    """
 
     @staticmethod
     def Allocate(request,
@@ -505,60 +450,6 @@ class CoordinatorService(object):
             _registered_method=True)
 
     @staticmethod
-    def CordonNode(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gpulease.v1.CoordinatorService/CordonNode',
-            gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
-            gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetStats(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gpulease.v1.CoordinatorService/GetStats',
-            gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
-            gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def RunContainer(request,
             target,
             options=(),
@@ -693,6 +584,107 @@ class CoordinatorService(object):
             metadata,
             _registered_method=True)
 
+
+class NodeServiceStub(object):
+    """Agents: a node registers, heartbeats, and reads the allocations that run on it (fencing checks
+    and enforcement). Every call names the node it is about.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RegisterNode = channel.unary_unary(
+                '/gpulease.v1.NodeService/RegisterNode',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/gpulease.v1.NodeService/Heartbeat',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ListNodeAllocations = channel.unary_unary(
+                '/gpulease.v1.NodeService/ListNodeAllocations',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsResponse.FromString,
+                _registered_method=True)
+        self.GetNodeAllocation = channel.unary_unary(
+                '/gpulease.v1.NodeService/GetNodeAllocation',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetAllocationRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetAllocationResponse.FromString,
+                _registered_method=True)
+
+
+class NodeServiceServicer(object):
+    """Agents: a node registers, heartbeats, and reads the allocations that run on it (fencing checks
+    and enforcement). Every call names the node it is about.
+    """
+
+    def RegisterNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodeAllocations(self, request, context):
+        """The node's live allocations, read from etcd (`node` is required).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNodeAllocation(self, request, context):
+        """One allocation, read linearizably from etcd: the fencing check before a container starts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterNode,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ListNodeAllocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodeAllocations,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsResponse.SerializeToString,
+            ),
+            'GetNodeAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeAllocation,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetAllocationRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetAllocationResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gpulease.v1.NodeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gpulease.v1.NodeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeService(object):
+    """Agents: a node registers, heartbeats, and reads the allocations that run on it (fencing checks
+    and enforcement). Every call names the node it is about.
+    """
+
     @staticmethod
     def RegisterNode(request,
             target,
@@ -707,7 +699,7 @@ class CoordinatorService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gpulease.v1.CoordinatorService/RegisterNode',
+            '/gpulease.v1.NodeService/RegisterNode',
             gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.RegisterNodeResponse.FromString,
             options,
@@ -734,9 +726,182 @@ class CoordinatorService(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gpulease.v1.CoordinatorService/Heartbeat',
+            '/gpulease.v1.NodeService/Heartbeat',
             gpulease_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodeAllocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.NodeService/ListNodeAllocations',
+            gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.NodeService/GetNodeAllocation',
+            gpulease_dot_v1_dot_coordinator__pb2.GetAllocationRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.GetAllocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminServiceStub(object):
+    """Operators and the benchmark.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CordonNode = channel.unary_unary(
+                '/gpulease.v1.AdminService/CordonNode',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/gpulease.v1.AdminService/GetStats',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer(object):
+    """Operators and the benchmark.
+    """
+
+    def CordonNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counters of this coordinator replica since it started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gpulease.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gpulease.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService(object):
+    """Operators and the benchmark.
+    """
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/CordonNode',
+            gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/GetStats',
+            gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
