@@ -110,39 +110,27 @@ def process_tree(root: int, proc: Path = PROC_ROOT) -> set[int]:
     """root and all its descendants: /proc/<pid>/task/*/children when the kernel has it, else PPids."""
     if not (proc / str(root)).exists():
         return set()
-    children = _children_from_task_files(root, proc)
-    if children is None:
-        children = _children_from_stat(proc)
+    task_files = any((proc / str(root) / "task").glob("*/children"))
+    # Without CONFIG_PROC_CHILDREN, every process's stat is read, once, up front.
+    by_parent = {} if task_files else _children_from_stat(proc)
     found = {root}
     todo = [root]
     while todo:
-        for child in children.get(todo.pop(), ()):
+        pid = todo.pop()
+        for child in _children_from_task_files(pid, proc) if task_files else by_parent.get(pid, []):
             if child not in found:
                 found.add(child)
                 todo.append(child)
     return found
 
 
-def _children_from_task_files(root: int, proc: Path) -> dict[int, list[int]] | None:
-    """Parent -> children by walking task/*/children (CONFIG_PROC_CHILDREN); None when unsupported."""
-    tasks = list((proc / str(root) / "task").glob("*/children"))
-    if not tasks:
-        return None
-    children: dict[int, list[int]] = {}
-    todo = [root]
-    seen = {root}
-    while todo:
-        pid = todo.pop()
-        kids: list[int] = []
-        for f in (proc / str(pid) / "task").glob("*/children"):
-            with contextlib.suppress(OSError, ValueError):
-                kids += [int(k) for k in f.read_text().split()]
-        children[pid] = kids
-        for k in kids:
-            if k not in seen:
-                seen.add(k)
-                todo.append(k)
-    return children
+def _children_from_task_files(pid: int, proc: Path) -> list[int]:
+    """pid's children, from the children file of each of its threads (CONFIG_PROC_CHILDREN)."""
+    kids: list[int] = []
+    for f in (proc / str(pid) / "task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            kids += [int(k) for k in f.read_text().split()]
+    return kids
 
 
 def _children_from_stat(proc: Path) -> dict[int, list[int]]:
