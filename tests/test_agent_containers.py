@@ -19,17 +19,12 @@ import grpc
 import pytest
 
 from agent.app import COORDINATOR_CHANNEL_OPTIONS
-from agent.containers import (
-    ContainerService,
-    ReadyGate,
-    RuntimeHandle,
-    format_cpulist,
-    parse_cpulist,
-    validate_spec,
-)
+from agent.container_spec import validate_spec
+from agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from agent.enforcer import Enforcer
 from agent.fencing import CoordinatorClient, Fence, Vouchers
 from agent.inventory.simulated import SimulatedInventory
+from agent.linux import format_cpulist, parse_cpulist
 from agent.reconcile import Reconciler
 from agent.registration import AgentInventory, Registrar
 from agent.runtime import ContainerRuntime
