@@ -24,7 +24,6 @@ from agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from agent.enforcer import Enforcer
 from agent.fencing import CoordinatorClient, Fence, Vouchers
 from agent.inventory.simulated import SimulatedInventory
-from agent.linux import format_cpulist, parse_cpulist
 from agent.reconcile import Reconciler
 from agent.registration import AgentInventory, Registrar
 from agent.runtime import ContainerRuntime
@@ -255,13 +254,6 @@ def test_spec_validation_names_the_problem(bad: dict[str, Any], message: str) ->
     with pytest.raises(InvalidRequest) as e:
         validate_spec(spec(**bad))
     assert message in e.value.message
-
-
-def test_cpulist_round_trip() -> None:
-    assert parse_cpulist("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
-    assert format_cpulist({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
-    with pytest.raises(ValueError):
-        parse_cpulist("3-1")
 
 
 # -- fencing ------------------------------------------------------------------------------------
