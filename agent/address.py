@@ -6,20 +6,9 @@ import contextlib
 import ipaddress
 import socket
 
+from gpulease.settings import split_host_port
+
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """'10.0.0.1:50052' -> ('10.0.0.1', 50052); '[::1]:50052' -> ('::1', 50052)."""
-    host, sep, port_text = address.strip().rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} of {address!r} is out of range")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, port
 
 
 def join_host_port(host: str, port: int) -> str:

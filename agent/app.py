@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.address import advertised_address, split_host_port
+from agent.address import advertised_address
 from agent.config import AgentConfig
 from agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from agent.enforcer import Enforcer
@@ -30,6 +30,7 @@ from agent.registration import AgentInventory, Registrar
 from agent.runtime import ContainerInfo, ContainerRuntime
 from agent.server import start_server
 from gpulease.sdnotify import sd_notify
+from gpulease.settings import split_host_port
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from agent.address import split_host_port
+from gpulease import settings
 from gpulease.errors import InvalidRequest
+from gpulease.settings import ConfigError, split_host_port
 from gpulease.units import parse_size
 
 ENV_PREFIX = "GPULEASE_AGENT_"
@@ -42,10 +42,6 @@ DEFAULT_CONTAINER_RETENTION_S = 3600.0
 MAX_CONTAINER_RETENTION_S = 30 * 86400.0
 MAX_ENFORCE_INTERVAL_S = 60.0
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-
-
-class ConfigError(ValueError):
-    """The configuration is incomplete or malformed; the message says which setting and source."""
 
 
 @dataclass(frozen=True)
@@ -157,48 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> AgentConfig:
     """Merge flags, environment and the TOML file into one validated AgentConfig."""
     args = build_parser().parse_args(argv)
-    flags: dict[str, Any] = {name: getattr(args, name) for name in _SCALAR_SETTINGS if getattr(args, name) is not None}
-    flag_labels = _parse_label_list(args.labels or [], "--label")
-
-    env = {
-        name: environ[ENV_PREFIX + name.upper()] for name in _SCALAR_SETTINGS if ENV_PREFIX + name.upper() in environ
-    }
-    env_labels_text = environ.get(ENV_PREFIX + "LABELS", "")
-    env_labels = _parse_label_list([item for item in env_labels_text.split(",") if item.strip()], ENV_PREFIX + "LABELS")
-
-    config_file = args.config or environ.get(ENV_PREFIX + "CONFIG")
-    file_values, file_labels = _read_toml(config_file) if config_file else ({}, {})
-
-    merged: dict[str, Any] = {**file_values, **env, **flags}
+    layered = settings.layer(_SCALAR_SETTINGS, args, environ, ENV_PREFIX, extra_file_keys=("labels",))
+    merged = dict(layered.values)
     if "docker_host" not in merged and environ.get("DOCKER_HOST"):
         # Docker's own variable is the default, below every gpulease setting.
         merged["docker_host"] = environ["DOCKER_HOST"]
+    file_labels = _file_labels(layered.extra["labels"], layered.config_file) if "labels" in layered.extra else {}
+    env_labels_text = environ.get(ENV_PREFIX + "LABELS", "")
+    env_labels = _parse_label_list([item for item in env_labels_text.split(",") if item.strip()], ENV_PREFIX + "LABELS")
+    flag_labels = _parse_label_list(args.labels or [], "--label")
     # Labels merge key by key, so a flag can override one label of the file without dropping the rest.
     labels = {**file_labels, **env_labels, **flag_labels}
-    return _validate(merged, labels, config_file)
+    return _validate(merged, labels, layered.config_file)
 
 
-def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    values: dict[str, Any] = {}
-    labels: dict[str, str] = {}
-    for raw_key, value in data.items():
-        key = raw_key.replace("-", "_")
-        if key == "labels":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: labels must be a table, e.g. labels = {{ zone = 'a' }}")
-            labels = {str(k): _label_value(v, path) for k, v in value.items()}
-        elif key in _SCALAR_SETTINGS:
-            values[key] = value
-        else:
-            raise ConfigError(f"{path}: unknown setting {raw_key!r} (known: {', '.join(_SCALAR_SETTINGS)}, labels)")
-    return values, labels
+def _file_labels(value: object, path: str | None) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: labels must be a table, e.g. labels = {{ zone = 'a' }}")
+    return {str(k): _label_value(v, str(path)) for k, v in value.items()}
 
 
 def _label_value(value: object, path: str) -> str:

@@ -26,6 +26,7 @@ from gpulease.errors import (
     StaleFencingToken,
     Unavailable,
 )
+from gpulease.settings import AGENT_CALL_TIMEOUT_S, MIN_TTL_S
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import GetAllocationRequest, ListAllocationsRequest
 from gpulease.v1.types_pb2 import Allocation
@@ -33,10 +34,10 @@ from gpulease.v1.types_pb2 import Allocation
 log = logging.getLogger(__name__)
 
 # A fencing check is on the StartContainer path: fail fast rather than hang the caller.
-DEFAULT_RPC_TIMEOUT_S = 5.0
-# The shortest TTL an allocation can have (coordinator/validation.py MIN_TTL): assumed for an
+DEFAULT_RPC_TIMEOUT_S = AGENT_CALL_TIMEOUT_S
+# The shortest TTL an allocation can have (the coordinator refuses shorter ones): assumed for an
 # allocation the agent has never seen a record of.
-MIN_ALLOCATION_TTL_S = 5.0
+MIN_ALLOCATION_TTL_S = float(MIN_TTL_S)
 
 
 class CoordinatorClient:

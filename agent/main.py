@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from agent.app import run_agent
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from gpulease.settings import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

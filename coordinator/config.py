@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpulease import eventloop
+from gpulease import eventloop, settings
 from gpulease.errors import InvalidRequest
+from gpulease.settings import ConfigError
 from gpulease.units import parse_duration, parse_size
 
 ENV_PREFIX = "GPULEASE_COORDINATOR_"
@@ -79,36 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> CoordinatorConfig:
     args = build_parser().parse_args(argv)
-    env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
-    config_file = args.config or env.get(f"{ENV_PREFIX}CONFIG")
-    if config_file:
-        try:
-            with open(config_file, "rb") as fh:
-                merged.update(tomllib.load(fh))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InvalidRequest(f"cannot read config file {config_file}: {exc}") from exc
-    names = {f.name for f in fields(CoordinatorConfig)}
-    unknown = set(merged) - names
-    if unknown:
-        raise InvalidRequest(f"unknown setting(s) in {config_file}: {', '.join(sorted(unknown))}")
-    for name in names:
-        if (value := env.get(ENV_PREFIX + name.upper())) is not None:
-            merged[name] = value
-        if (value := getattr(args, name, None)) is not None:
-            merged[name] = value
-    out: dict[str, Any] = {}
-    for name, value in merged.items():
-        try:
-            out[name] = _PARSERS.get(name, lambda v: v)(value)
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequest(f"bad value for {name}: {value!r} ({exc})") from exc
-    cfg = CoordinatorConfig(**out)
+    layered = settings.layer((f.name for f in fields(CoordinatorConfig)), args,
+                             os.environ if env is None else env, ENV_PREFIX)  # fmt: skip
+    cfg = CoordinatorConfig(**settings.parse_values(layered.values, _PARSERS))
     if not cfg.prefix.startswith("/") or not cfg.prefix.endswith("/"):
-        raise InvalidRequest(f"--prefix must start and end with '/', got {cfg.prefix!r}")
+        raise ConfigError(f"--prefix must start and end with '/', got {cfg.prefix!r}")
     if cfg.etcd_max_txn_ops < 16:
-        raise InvalidRequest("--etcd-max-txn-ops must be at least 16")
-    eventloop.resolve(cfg.event_loop)  # an unknown or missing loop is a config error, said now
+        raise ConfigError("--etcd-max-txn-ops must be at least 16")
+    try:
+        eventloop.resolve(cfg.event_loop)  # an unknown or missing loop is a config error, said now
+    except InvalidRequest as exc:
+        raise ConfigError(exc.message) from exc
     if not 1 <= cfg.heartbeat_interval < cfg.node_ttl:
-        raise InvalidRequest("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
+        raise ConfigError("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
     return cfg

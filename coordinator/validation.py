@@ -8,12 +8,13 @@ from dataclasses import replace
 
 from coordinator.domain import GpuInfo, NodeInfo, ResourceRequest
 from gpulease.errors import InvalidRequest
+from gpulease.settings import MAX_TTL_S, MIN_TTL_S, split_host_port
 
 MAX_GPUS = 1024
 MAX_CPUS = 16384
 MAX_MEMORY = 2**50  # 1 PiB
-MIN_TTL = 5
-MAX_TTL = 86400
+MIN_TTL = MIN_TTL_S  # shared with the agent (gpulease.settings)
+MAX_TTL = MAX_TTL_S
 MAX_SELECTOR = 32
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -120,8 +121,11 @@ def owner(value: str) -> str:
 
 def address(value: str) -> str:
     _text("address", value, 255)
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        host, port = split_host_port(value)
+    except ValueError:
+        host, port = "", 0
+    if not host or port == 0:
         raise InvalidRequest(f"address {value[:80]!r} must be HOST:PORT")
     return value
 

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpulease.client import DEFAULT_TARGET, Client
+from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
 ENV_COORDINATOR = "GPULEASE_COORDINATOR"
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.settings: one value for every client
 
 
 @dataclass(frozen=True)
