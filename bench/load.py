@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections import defaultdict
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from bench.stats import Latencies
 from gpulease.client.aio import AsyncClient
 from gpulease.client.models import AllocationInfo
+from gpulease.history import Grant, double_allocations
 from gpulease.v1 import coordinator_pb2 as pb
 
 
@@ -26,33 +26,6 @@ class LoadResult:
     rejected_commits: int
     double_allocations: int
     errors: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Grant:
-    alloc_id: str
-    node: str
-    gpus: tuple[int, ...]
-    granted: int
-    released: int = 0
-
-
-def double_allocations(grants: list[Grant]) -> list[str]:
-    """Every time one GPU was held by two allocations at once, by etcd revision: each grant holds
-    its GPUs over [granted, released), and released 0 means still held. Empty when correct."""
-    spans: dict[tuple[str, int], list[tuple[int, int, str]]] = defaultdict(list)
-    for g in grants:
-        for i in g.gpus:
-            spans[(g.node, i)].append((g.granted, g.released or 2**62, g.alloc_id))
-    found: list[str] = []
-    for (node, index), held in spans.items():
-        held.sort()
-        found += [
-            f"GPU {node}/{index} held by {first} and {second} at once (revision {start} < {end})"
-            for (_, end, first), (start, _, second) in itertools.pairwise(held)
-            if start < end
-        ]
-    return found
 
 
 async def run_load(address: str, concurrency: int, duration: float, max_allocations: int) -> LoadResult:
