@@ -19,7 +19,7 @@ import grpc
 from coordinator.keys import range_end
 from coordinator.store import Store
 from gpulease import procs
-from gpulease.client._retry import MAX_RECEIVE_BYTES
+from gpulease.client import MAX_RECEIVE_BYTES
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb

@@ -26,7 +26,7 @@ import pytest
 
 from gpulease import errors, procs
 from gpulease.client import Allocation, AllocationInfo, Client, Container, ContainerHandle, Terminated
-from gpulease.client._retry import RetryPlan
+from gpulease.client.retry import RetryPlan
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb

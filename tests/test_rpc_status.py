@@ -11,7 +11,7 @@ import pytest
 from agent.fencing import CoordinatorClient
 from coordinator.agents import agent_error
 from gpulease import errors
-from gpulease.client._errors import to_error
+from gpulease.client.rpc_errors import to_error
 from gpulease.errors import REASON_METADATA_KEY
 from gpulease.rpc_status import decode
 

@@ -10,9 +10,12 @@
 
 ``gpulease.client.aio.AsyncClient`` is the asyncio twin (for Airflow triggers). Errors are
 ``gpulease.errors.GpuLeaseError`` subclasses; gRPC stays an implementation detail.
+``MAX_RECEIVE_BYTES`` is the receive limit the client sets on its channels (cluster-wide answers
+outgrow gRPC's default 4 MiB), for tools that open their own channel to a coordinator.
 """
 
 from gpulease.client._allocation import Allocation, ContainerHandle, Terminated
+from gpulease.client._retry import MAX_RECEIVE_BYTES
 from gpulease.client._sync import DEFAULT_TARGET, Client
 from gpulease.client.models import (
     AllocatedGpu,
@@ -27,6 +30,7 @@ from gpulease.client.models import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "MAX_RECEIVE_BYTES",
     "AllocatedGpu",
     "Allocation",
     "AllocationInfo",
