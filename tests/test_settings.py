@@ -75,3 +75,19 @@ def test_limits_the_tiers_share_are_declared_once() -> None:
     assert fencing.MIN_ALLOCATION_TTL_S == settings.MIN_TTL_S
     assert fencing.DEFAULT_RPC_TIMEOUT_S == settings.AGENT_CALL_TIMEOUT_S
     assert cli_config.DEFAULT_TIMEOUT_S == settings.CLIENT_CALL_TIMEOUT_S
+
+
+def test_the_client_has_a_typed_configuration() -> None:
+    from gpulease.client import Client, ClientConfig, RetryConfig
+    from gpulease.errors import InvalidRequest
+
+    cfg = ClientConfig.resolve(None, {"GPULEASE_COORDINATOR": "a:1, b:2,a:1"}, timeout=3)
+    assert cfg == ClientConfig(("a:1", "b:2"), 3, RetryConfig(None))
+    assert ClientConfig.resolve("c:3", {"GPULEASE_COORDINATOR": "a:1"}).targets == ("c:3",)
+    assert ClientConfig.resolve(None, {}).targets == ("127.0.0.1:50051",)
+    for bad in (lambda: ClientConfig(timeout=0), lambda: ClientConfig(retry=RetryConfig(-1)),
+                lambda: ClientConfig(targets=(" ",))):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            bad()
+    with Client(config=cfg) as client:  # no call is made: channels connect lazily
+        assert client.targets == ("a:1", "b:2") and client.config is cfg

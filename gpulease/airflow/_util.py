@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpulease.client.config import ClientConfig
 from gpulease.errors import InvalidRequest
 from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
@@ -117,6 +118,10 @@ class ConnectionSettings:
     timeout: float = DEFAULT_TIMEOUT_S
     tls: bool = False
     token: str | None = field(default=None, repr=False)
+
+    def client_config(self) -> ClientConfig:
+        """The client's typed configuration for this connection."""
+        return ClientConfig.of(self.targets, timeout=self.timeout)
 
 
 def settings_from(host: str | None, port: int | None, extra: Mapping[str, Any] | None) -> ConnectionSettings:

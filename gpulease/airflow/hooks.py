@@ -62,7 +62,7 @@ class GpuLeaseHook(BaseHook):
     def client_for(self, settings: ConnectionSettings) -> Client:
         settings = self._checked(settings)
         # Airflow's task runner handles SIGTERM (it calls on_kill): the client must not take it over.
-        return Client(list(settings.targets), timeout=settings.timeout, handle_sigterm=False)
+        return Client(config=settings.client_config(), handle_sigterm=False)
 
     def get_conn(self) -> Client:
         return self.client_for(self.settings())
@@ -71,4 +71,4 @@ class GpuLeaseHook(BaseHook):
         from gpulease.client.aio import AsyncClient
 
         settings = self._checked(await self.asettings())
-        return AsyncClient(list(settings.targets), timeout=settings.timeout)
+        return AsyncClient(config=settings.client_config())

@@ -1,35 +1,41 @@
-"""gpuctl's global settings, resolved once from flags and the environment."""
+"""gpuctl's global settings, resolved once from flags and the environment into the client's own
+typed configuration (gpulease.client.ClientConfig)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gpulease.client import DEFAULT_TARGET, Client
+from gpulease.client import Client, ClientConfig
+from gpulease.client.config import ENV_COORDINATOR
+from gpulease.errors import InvalidRequest
 from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
-ENV_COORDINATOR = "GPULEASE_COORDINATOR"
+__all__ = ["DEFAULT_TIMEOUT_S", "ENV_COORDINATOR", "CliConfig", "resolve"]
+
 DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.settings: one value for every client
 
 
 @dataclass(frozen=True)
 class CliConfig:
-    # Coordinator addresses in the order to try them.
-    targets: tuple[str, ...]
-    timeout: float
+    client_config: ClientConfig
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Coordinator addresses in the order to try them."""
+        return self.client_config.targets
+
+    @property
+    def timeout(self) -> float:
+        return self.client_config.timeout
 
     def client(self) -> Client:
-        return Client(self.targets, timeout=self.timeout)
-
-
-def split_targets(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+        return Client(config=self.client_config)
 
 
 def resolve(coordinator: str | None, timeout: float, environ: Mapping[str, str]) -> CliConfig:
     """--coordinator beats $GPULEASE_COORDINATOR beats the local default."""
-    text = coordinator if coordinator is not None else environ.get(ENV_COORDINATOR) or DEFAULT_TARGET
-    targets = split_targets(text)
-    if not targets:
-        raise ValueError(f"no coordinator address in {text!r}: expected HOST:PORT[,HOST:PORT...]")
-    return CliConfig(targets=targets, timeout=timeout)
+    try:
+        return CliConfig(ClientConfig.resolve(coordinator, environ, timeout=timeout))
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None

@@ -16,7 +16,8 @@ outgrow gRPC's default 4 MiB), for tools that open their own channel to a coordi
 
 from gpulease.client._allocation import Allocation, ContainerHandle, Terminated
 from gpulease.client._retry import MAX_RECEIVE_BYTES
-from gpulease.client._sync import DEFAULT_TARGET, Client
+from gpulease.client._sync import Client
+from gpulease.client.config import DEFAULT_TARGET, ClientConfig, RetryConfig
 from gpulease.client.models import (
     AllocatedGpu,
     AllocationInfo,
@@ -35,6 +36,7 @@ __all__ = [
     "Allocation",
     "AllocationInfo",
     "Client",
+    "ClientConfig",
     "ClusterSummary",
     "Container",
     "ContainerHandle",
@@ -42,5 +44,6 @@ __all__ = [
     "LogChunk",
     "Node",
     "NodeSummary",
+    "RetryConfig",
     "Terminated",
 ]

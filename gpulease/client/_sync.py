@@ -12,12 +12,12 @@ from google.protobuf.message import Message
 
 from gpulease.client import _ops
 from gpulease.client._allocation import Allocation
-from gpulease.client._failover import FailoverChannels, parse_targets
+from gpulease.client._failover import FailoverChannels
 from gpulease.client._retry import DEFAULT_TIMEOUT_S
+from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import ClusterSummary, Container, LogChunk, Node
 from gpulease.v1 import types_pb2 as tpb
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
@@ -47,8 +47,11 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT_S,
         retry_deadline: float | None = None,
         handle_sigterm: bool = True,
+        config: ClientConfig | None = None,
     ) -> None:
-        self._rpc = FailoverChannels(parse_targets(targets), timeout, retry_deadline)
+        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given."""
+        self.config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
+        self._rpc = FailoverChannels(self.config.targets, self.config.timeout, self.config.retry.deadline)
         self.handle_sigterm = handle_sigterm
 
     @property

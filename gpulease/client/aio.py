@@ -31,10 +31,9 @@ from google.protobuf.message import Message
 
 from gpulease.client import _convert, _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
-from gpulease.client._failover import parse_targets
 from gpulease.client._lease import LeaseTracker
 from gpulease.client._retry import DEFAULT_TIMEOUT_S
-from gpulease.client._sync import DEFAULT_TARGET
+from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo, ClusterSummary, Container, LogChunk, Node
 from gpulease.errors import GpuLeaseError, InvalidRequest
 from gpulease.v1 import types_pb2 as tpb
@@ -58,8 +57,11 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         retry_deadline: float | None = None,
+        config: ClientConfig | None = None,
     ) -> None:
-        self._rpc = AsyncFailoverChannels(parse_targets(targets), timeout, retry_deadline)
+        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given."""
+        self.config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
+        self._rpc = AsyncFailoverChannels(self.config.targets, self.config.timeout, self.config.retry.deadline)
 
     @property
     def targets(self) -> tuple[str, ...]:
