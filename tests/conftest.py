@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from gpulease.v1 import coordinator_pb2_grpc
-from tests import harness
+from tests.support import harness
 
 
 @pytest.fixture(scope="session")
@@ -65,4 +65,4 @@ def serve_fake() -> Iterator[harness.ServeFake]:
 
 
 # One private dockerd per session, shared by every module that asks for it.
-from tests.dockerd import busybox, dockerd  # noqa: E402, F401
+from tests.support.dockerd import busybox, dockerd  # noqa: E402, F401

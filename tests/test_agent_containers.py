@@ -11,18 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
-from agent.app import COORDINATOR_CHANNEL_OPTIONS
 from agent.container_spec import validate_spec
-from agent.containers import ContainerService, ReadyGate, RuntimeHandle
-from agent.enforcer import Enforcer
-from agent.fencing import CoordinatorClient, Fence, Vouchers
+from agent.containers import ReadyGate
 from agent.inventory.simulated import SimulatedInventory
 from agent.reconcile import Reconciler
 from agent.registration import AgentInventory, Registrar
@@ -34,154 +30,23 @@ from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness
-from tests.dockerd import Dockerd
-from tests.fake_runtime import FakeRuntime
-
-GiB = 2**30
-NODE = "n1"
-OTHER = "n2"
-# Enforcement defaults of agent/config.py: the bounds below are the budget they promise.
-INTERVAL = 2.0
-GRACE = 1.0
-
-
-# -- fixtures and helpers -----------------------------------------------------------------------
-
-
-def node_inventory(name: str) -> tpb.NodeInventory:
-    inv = harness.inventory(4, cpus=32, memory=256 * GiB, node=name, labels={"host": name})
-    for g in inv.gpus:
-        g.cpu_affinity = "0-7" if g.index < 2 else "8-15"
-    return inv
-
-
-@dataclass
-class Cluster:
-    address: str
-    stub: harness.AnyService
-    inventories: dict[str, tpb.NodeInventory]
-
-    async def allocate(self, node: str = NODE, gpus: int = 1, ttl: int = 60, cpus: int = 4) -> tpb.Allocation:
-        response = await self.stub.Allocate(
-            pb.AllocateRequest(
-                gpus=gpus, cpus=cpus, memory_bytes=8 * GiB, ttl_seconds=ttl, owner="test", node_selector={"host": node}
-            )
-        )
-        alloc: tpb.Allocation = response.allocation
-        assert alloc.node == node
-        return alloc
-
-    async def release(self, allocation_id: str) -> None:
-        assert (await self.stub.Release(pb.ReleaseRequest(allocation_id=allocation_id))).released
-
-    async def is_live(self, allocation_id: str) -> bool:
-        try:
-            await self.stub.GetAllocation(pb.GetAllocationRequest(allocation_id=allocation_id))
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.NOT_FOUND
-            return False
-        return True
-
-
-@pytest.fixture
-async def cluster(coordinator: harness.Coordinator) -> AsyncIterator[Cluster]:
-    async with grpc.aio.insecure_channel(coordinator.address) as channel:
-        stub = harness.AnyService(channel)
-        inventories = {name: node_inventory(name) for name in (NODE, OTHER)}
-        for name, inv in inventories.items():
-            await stub.RegisterNode(
-                pb.RegisterNodeRequest(node=name, address=f"127.0.0.1:{procs.free_port()}", inventory=inv)
-            )
-        yield Cluster(coordinator.address, stub, inventories)
-
-
-@dataclass
-class Agent:
-    runtime: FakeRuntime
-    coordinator: CoordinatorClient
-    vouchers: Vouchers
-    gate: ReadyGate
-    containers: ContainerService
-    enforcer: Enforcer
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-
-    def start_enforcer(self) -> None:
-        self.tasks.append(asyncio.create_task(self.enforcer.run()))
-
-
-@contextlib.asynccontextmanager
-async def agent(
-    address: str,
-    runtime: FakeRuntime,
-    *,
-    node: str = NODE,
-    reconciling: bool = False,
-    interval: float = INTERVAL,
-    grace: float = GRACE,
-    retention: float = 3600.0,
-    inventory: tpb.NodeInventory | None = None,
-    latest_inventory: Callable[[], tpb.NodeInventory | None] | None = None,
-    factory: Callable[[], ContainerRuntime] | None = None,
-) -> AsyncIterator[Agent]:
-    """The agent's container side, in process, as agent/app.py wires it.
-
-    Its inventory is ``latest_inventory()`` if given, else ``inventory``, else the one the cluster
-    fixture registered for ``node``: the agent checks allocations' GPUs against it.
-    """
-    if latest_inventory is None:
-        known = inventory if inventory is not None else node_inventory(node)
-
-        def latest_inventory() -> tpb.NodeInventory | None:
-            return known
-
-    async with grpc.aio.insecure_channel(address, options=COORDINATOR_CHANNEL_OPTIONS) as channel:
-        coordinator = CoordinatorClient(channel, address, timeout=3.0)
-        vouchers = Vouchers()
-        gate = ReadyGate(reconciling=reconciling)
-        containers = ContainerService(
-            node=node,
-            runtime=RuntimeHandle(factory or (lambda: runtime)),
-            fence=Fence(coordinator, node, vouchers),
-            gate=gate,
-            latest_inventory=latest_inventory,
-            network="gpulease-test",
-            stop_grace_seconds=10.0,
-            on_started=lambda info: enforcer.note_started(info),
-            recheck=lambda: enforcer.recheck(),
-        )
-        enforcer = Enforcer(
-            node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval,
-            grace=grace, retention=retention,
-        )  # fmt: skip
-        a = Agent(runtime, coordinator, vouchers, gate, containers, enforcer)
-        try:
-            yield a
-        finally:
-            for t in a.tasks:
-                t.cancel()
-            for t in a.tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-
-
-def spec(**kw: Any) -> tpb.ContainerSpec:
-    kw.setdefault("image", "registry.example/train:1")
-    kw.setdefault("command", ["sleep", "infinity"])
-    return tpb.ContainerSpec(**kw)
-
-
-async def eventually(predicate: Callable[[], Awaitable[Any] | Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+from tests.support import harness
+from tests.support.agent_cluster import (
+    GRACE,
+    INTERVAL,
+    NODE,
+    OTHER,
+    Cluster,
+    GiB,
+    agent,
+    eventually,
+    heartbeat,
+    register_again,
+    spec,
+)
+from tests.support.agent_cluster import cluster as cluster  # the fixture: NODE and OTHER registered
+from tests.support.dockerd import Dockerd
+from tests.support.fake_runtime import FakeRuntime
 
 
 class TcpProxy:
@@ -458,40 +323,27 @@ async def test_enforcer_stops_a_container_started_under_another_revision(cluster
 # -- allocations revision: heartbeats say when asking again is pointless --------------------------
 
 
-async def _register(cluster: Cluster) -> pb.RegisterNodeResponse:
-    """Register NODE again, as its agent would: the answer's lease is the test's to heartbeat."""
-    return await cluster.stub.RegisterNode(
-        pb.RegisterNodeRequest(node=NODE, address="127.0.0.1:9", inventory=cluster.inventories[NODE])
-    )
-
-
-async def _beat(cluster: Cluster, node: str, lease: int) -> int:
-    response = await cluster.stub.Heartbeat(pb.HeartbeatRequest(node=node, lease_id=lease))
-    assert response.lease_id == lease  # renewed, not re-registered
-    return int(response.allocations_revision)
-
-
 async def test_heartbeat_revision_changes_exactly_when_the_nodes_allocations_do(
     cluster: Cluster, start_coordinator: Callable[..., harness.Coordinator]
 ) -> None:
-    registered = await _register(cluster)
+    registered = await register_again(cluster)
     lease, first = registered.lease_id, registered.allocations_revision
     assert first > 0
-    assert await _beat(cluster, NODE, lease) == first
+    assert await heartbeat(cluster, NODE, lease) == first
     await cluster.allocate(node=OTHER)  # another node's allocation is not this node's news
-    assert await _beat(cluster, NODE, lease) == first
+    assert await heartbeat(cluster, NODE, lease) == first
 
     alloc = await cluster.allocate()
-    assert await _beat(cluster, NODE, lease) == alloc.revision  # the creating transaction's revision
-    assert await _beat(cluster, NODE, lease) == alloc.revision
+    assert await heartbeat(cluster, NODE, lease) == alloc.revision  # the creating transaction's revision
+    assert await heartbeat(cluster, NODE, lease) == alloc.revision
     released = await cluster.stub.Release(pb.ReleaseRequest(allocation_id=alloc.id))
-    assert released.released and await _beat(cluster, NODE, lease) == released.revision
+    assert released.released and await heartbeat(cluster, NODE, lease) == released.revision
 
     # Lease expiry is a change too: etcd deletes the keys, the watch brings the deletes.
     short = await cluster.allocate(ttl=5)
-    assert await _beat(cluster, NODE, lease) == short.revision
+    assert await heartbeat(cluster, NODE, lease) == short.revision
     await eventually(lambda: _expired(cluster, short.id), 12, "the allocation's lease expired")
-    after_expiry = await _beat(cluster, NODE, lease)
+    after_expiry = await heartbeat(cluster, NODE, lease)
     assert after_expiry > short.revision
 
     # A fresh replica has not seen those events one by one: it answers its load revision, which
@@ -514,8 +366,8 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
 ) -> None:
     """Writes outside the prefix (a shared etcd) move etcd's revision past anything the view's
     watch delivers; a marker put under the prefix proves the view has caught up anyway."""
-    lease = (await _register(cluster)).lease_id
-    before = await _beat(cluster, NODE, lease)
+    lease = (await register_again(cluster)).lease_id
+    before = await heartbeat(cluster, NODE, lease)
     assert before > 0
     store = Store([etcd.url])
     await store.start()
@@ -523,23 +375,23 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
         foreign = await store.put("/someone-else/key", b"x")
         assert foreign > before
         # Not 0 (what giving up after 1 s would send), and not fooled by the foreign write.
-        assert await _beat(cluster, NODE, lease) == before
+        assert await heartbeat(cluster, NODE, lease) == before
         marker = await store.get(f"{prefix}marker")
         assert marker is not None and marker.mod_revision > foreign
     finally:
         await store.close()
     alloc = await cluster.allocate()
-    assert await _beat(cluster, NODE, lease) == alloc.revision
+    assert await heartbeat(cluster, NODE, lease) == alloc.revision
 
 
 async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: Cluster) -> None:
-    lease = (await _register(cluster)).lease_id
+    lease = (await register_again(cluster)).lease_id
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime) as a:
 
         async def beat(valid_for: float = 60.0) -> float:
             asked_at = time.monotonic()
-            a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), asked_at, valid_for)
+            a.enforcer.note_allocations_revision(await heartbeat(cluster, NODE, lease), asked_at, valid_for)
             return asked_at
 
         alloc = await cluster.allocate()
@@ -590,16 +442,16 @@ async def test_enforcer_asks_only_when_the_heartbeat_revision_changes(cluster: C
 
 
 async def test_a_changed_revision_wakes_the_enforcer_at_once(cluster: Cluster) -> None:
-    lease = (await _register(cluster)).lease_id
+    lease = (await register_again(cluster)).lease_id
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime, interval=30.0) as a:
         alloc = await cluster.allocate()
         started = await a.containers.start(alloc.id, alloc.revision, spec())
-        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        a.enforcer.note_allocations_revision(await heartbeat(cluster, NODE, lease), time.monotonic(), 60)
         a.start_enforcer()
         await eventually(lambda: a.enforcer.lists == 1, 5, "the first check")
         await cluster.release(alloc.id)
-        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        a.enforcer.note_allocations_revision(await heartbeat(cluster, NODE, lease), time.monotonic(), 60)
         # Long before the 30 s interval would have come round: the new revision woke it.
         await eventually(lambda: runtime.info(started.container_id).state == "exited", 5, "the container stopped")
         assert a.enforcer.lists == 2

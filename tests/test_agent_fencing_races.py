@@ -24,21 +24,20 @@ from agent.runtime import ContainerInfo, ContainerLaunch
 from gpulease.errors import Conflict, StaleFencingToken, Unavailable
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness, test_agent_containers
-from tests.fake_runtime import FakeRuntime
-from tests.test_agent_containers import (
+from tests.support import harness
+from tests.support.agent_cluster import (
     NODE,
     Cluster,
     GiB,
-    _beat,
-    _register,
     agent,
     eventually,
+    heartbeat,
     node_inventory,
+    register_again,
     spec,
 )
-
-cluster = test_agent_containers.cluster  # the fixture: NODE and another node registered
+from tests.support.agent_cluster import cluster as cluster  # the fixture: NODE and another node registered
+from tests.support.fake_runtime import FakeRuntime
 
 GPUS = 4  # on NODE (node_inventory)
 
@@ -133,12 +132,12 @@ async def test_released_between_the_check_and_the_start_the_container_is_undone(
 async def test_a_gpu_used_by_an_ended_allocations_container_is_refused_until_the_enforcer_stops_it(
     cluster: Cluster, coordinator: harness.Coordinator
 ) -> None:
-    lease = (await _register(cluster)).lease_id
+    lease = (await register_again(cluster)).lease_id
     first = allocate_all(coordinator)
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime, interval=30.0) as a:
         old = await a.containers.start(first.id, first.revision, spec())
-        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        a.enforcer.note_allocations_revision(await heartbeat(cluster, NODE, lease), time.monotonic(), 60)
         a.start_enforcer()
         await eventually(lambda: a.enforcer.lists == 1, 5, "the first check")
         # Released and given away; no heartbeat says so, and the interval is 30 s: the enforcer
@@ -177,11 +176,11 @@ async def test_gpus_in_use_are_matched_by_uuid_or_for_old_containers_by_index(cl
 
 
 async def test_every_start_makes_the_enforcer_ask_at_once(cluster: Cluster) -> None:
-    lease = (await _register(cluster)).lease_id
+    lease = (await register_again(cluster)).lease_id
     alloc = await cluster.allocate()
     runtime = FakeRuntime()
     async with agent(cluster.address, runtime, interval=30.0) as a:
-        a.enforcer.note_allocations_revision(await _beat(cluster, NODE, lease), time.monotonic(), 60)
+        a.enforcer.note_allocations_revision(await heartbeat(cluster, NODE, lease), time.monotonic(), 60)
         a.start_enforcer()
         await eventually(lambda: a.enforcer.lists == 1, 5, "the first check")
         await a.containers.start(alloc.id, alloc.revision, spec())

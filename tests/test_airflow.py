@@ -40,9 +40,9 @@ from gpulease.airflow._util import (
 )
 from gpulease.client import Client
 from gpulease.errors import InvalidRequest
-from tests import harness
-from tests.airflow_runner import AirflowRunner
-from tests.dockerd import Dockerd
+from tests.support import harness
+from tests.support.airflow_runner import AirflowRunner
+from tests.support.dockerd import Dockerd
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_AIRFLOW = importlib.util.find_spec("airflow") is not None

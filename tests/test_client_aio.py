@@ -13,7 +13,7 @@ import pytest
 from gpulease import errors, procs
 from gpulease.client import Container
 from gpulease.client.aio import AsyncAllocation, AsyncClient, AsyncContainerHandle
-from tests import harness
+from tests.support import harness
 
 NODE_GPUS = 4
 

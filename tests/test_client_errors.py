@@ -14,7 +14,7 @@ from gpulease.cli.main import main
 from gpulease.client import Client
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc, types_pb2
-from tests import harness
+from tests.support import harness
 
 Failure = tuple[grpc.StatusCode, str | None, str]
 

@@ -12,7 +12,7 @@ import pytest
 from gpulease.client import Client
 from gpulease.client.aio import AsyncClient
 from gpulease.v1 import coordinator_pb2 as pb
-from tests import harness
+from tests.support import harness
 
 NODES = 80
 GPUS = 1024  # validation's per-node maximum: ~70 bytes per GPU, so ~5.5 MiB for the cluster

@@ -30,7 +30,7 @@ from gpulease.client.retry import RetryPlan
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness
+from tests.support import harness
 
 NODE_GPUS = 4
 Start = Callable[..., harness.Coordinator]

@@ -19,7 +19,7 @@ import grpc
 from gpulease.history import Grant, double_allocations
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
-from tests import harness
+from tests.support import harness
 
 NODES = {"n0": 8, "n1": 8, "n2": 4, "n3": 4}
 CLIENTS = 32

@@ -23,8 +23,8 @@ from gpulease.client import Client
 from gpulease.errors import ImageUnavailable, StaleFencingToken
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness
-from tests.dockerd import Dockerd
+from tests.support import harness
+from tests.support.dockerd import Dockerd
 
 pytestmark = pytest.mark.slow
 GiB = 2**30

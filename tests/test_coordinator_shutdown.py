@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from coordinator.store import Store
-from tests import harness
-from tests.inproc import core, node_info
+from tests.support import harness
+from tests.support.inproc import core, node_info
 
 
 class SlowRevokeStore(Store):

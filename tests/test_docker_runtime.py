@@ -38,7 +38,7 @@ from agent.runtime import (
 )
 from agent.runtime.docker_runtime import DockerRuntime, container_info, unix_ms
 from gpulease.errors import ContainerNotFound, ImageUnavailable, InvalidRequest, Unavailable
-from tests.dockerd import Dockerd, busybox_image, start_dockerd
+from tests.support.dockerd import Dockerd, busybox_image, start_dockerd
 
 # The session fixtures (until conftest imports them for every module).
 

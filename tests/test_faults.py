@@ -10,8 +10,8 @@ import grpc
 
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness
-from tests.harness import rpc_error
+from tests.support import harness
+from tests.support.harness import rpc_error
 
 
 def test_lease_expiry_frees_gpus_within_ttl_plus_3s(coordinator: harness.Coordinator) -> None:

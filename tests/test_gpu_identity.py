@@ -11,8 +11,8 @@ import grpc
 
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
-from tests import harness
-from tests.harness import GiB, rpc_error
+from tests.support import harness
+from tests.support.harness import GiB, rpc_error
 
 
 def inventory(uuids: list[str]) -> tpb.NodeInventory:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from gpulease import procs
-from tests import harness
+from tests.support import harness
 
 GiB = harness.GiB
 CLI_TIMEOUT_S = 30

@@ -20,9 +20,9 @@ from coordinator.domain import Snapshot
 from coordinator.keys import Keys
 from coordinator.store import OutcomeUnknown, Store
 from gpulease.errors import Unavailable
-from tests import harness
-from tests.inproc import Core, core, node_info, until
-from tests.tcp_proxy import TcpProxy
+from tests.support import harness
+from tests.support.inproc import Core, core, node_info, until
+from tests.support.tcp_proxy import TcpProxy
 
 
 class LosingCommitter:

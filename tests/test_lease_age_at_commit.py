@@ -12,8 +12,8 @@ import time
 import pytest
 
 from gpulease.errors import Conflict
-from tests import harness
-from tests.inproc import core, node_info
+from tests.support import harness
+from tests.support.inproc import core, node_info
 
 
 async def test_a_late_commit_is_renewed_to_the_full_ttl_before_the_answer(etcd: harness.Etcd, prefix: str) -> None:

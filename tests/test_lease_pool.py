@@ -10,7 +10,7 @@ import pytest
 from coordinator.lease_pool import LeasePool, needs_renewal
 from coordinator.store import Store
 from gpulease.v1 import coordinator_pb2 as pb
-from tests import harness
+from tests.support import harness
 
 
 def test_pool_hands_out_young_granted_leases(etcd: harness.Etcd) -> None:

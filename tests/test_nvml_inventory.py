@@ -27,8 +27,8 @@ from gpulease import procs
 from gpulease.cli import views
 from gpulease.client import Gpu, Node
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
-from tests import fakenvml, harness
-from tests.fakenvml import FakeGpu, FakeNvml, FakeProcess
+from tests.support import fakenvml, harness
+from tests.support.fakenvml import FakeGpu, FakeNvml, FakeProcess
 
 GiB = 2**30
 MiB = 2**20
@@ -71,7 +71,7 @@ def run_inventory(
     script_path = tmp_path / "script.json"
     script_path.write_text(json.dumps({"steps": list(steps), "sysfs_root": str(tmp_path / "sysfs"), **script}))
     done = subprocess.run(
-        [sys.executable, "-m", "tests.fakenvml.runner", str(script_path)],
+        [sys.executable, "-m", "tests.support.fakenvml.runner", str(script_path)],
         env=fakenvml.child_env(lib, config),
         cwd=REPO_ROOT,
         capture_output=True,

@@ -12,9 +12,18 @@ import asyncio
 from coordinator.allocations import AllocateInput
 from coordinator.batcher import Batcher, BatchPolicy
 from coordinator.domain import ResourceRequest
-from tests import harness
-from tests.inproc import core, node_info, until
-from tests.test_batcher import ONE, FakeCommitter, FakeSource, claim_as_is, draft, never_committed, no_lookup, node
+from tests.support import harness
+from tests.support.batcher_fakes import (
+    ONE,
+    FakeCommitter,
+    FakeSource,
+    claim_as_is,
+    draft,
+    never_committed,
+    no_lookup,
+    node,
+)
+from tests.support.inproc import core, node_info, until
 
 
 async def test_twins_in_one_round_get_the_same_allocation(etcd: harness.Etcd, prefix: str) -> None:

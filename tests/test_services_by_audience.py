@@ -7,8 +7,8 @@ import grpc
 
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
-from tests import harness
-from tests.harness import rpc_error
+from tests.support import harness
+from tests.support.harness import rpc_error
 
 AUDIENCES = {
     "CoordinatorService": {

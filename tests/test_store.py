@@ -6,7 +6,7 @@ import asyncio
 
 from coordinator.keys import range_end
 from coordinator.store import Store
-from tests import harness
+from tests.support import harness
 
 
 def test_prefix_reads_page_past_the_grpc_message_limit(etcd: harness.Etcd, prefix: str) -> None:

@@ -14,9 +14,9 @@ import pytest
 from coordinator.keys import range_end
 from coordinator.store import Put, Store
 from gpulease.errors import InsufficientResources
-from tests import harness
-from tests.inproc import HoldingStore, core, node_info
-from tests.tcp_proxy import TcpProxy
+from tests.support import harness
+from tests.support.inproc import HoldingStore, core, node_info
+from tests.support.tcp_proxy import TcpProxy
 
 
 async def test_a_watch_opened_in_the_past_never_oversubscribes(etcd: harness.Etcd, prefix: str) -> None:

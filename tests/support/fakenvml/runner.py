@@ -1,6 +1,6 @@
 """Runs the real NvmlInventory in this process and prints what it collects, one JSON line per collect.
 
-    python -m tests.fakenvml.runner SCRIPT.json
+    python -m tests.support.fakenvml.runner SCRIPT.json
 
 SCRIPT is {"sysfs_root": PATH, "steps": [...]}; each step is one of
     {"collect": {"managed_pids": [...], "allocated_gpus": [...]} | null, "fresh": false}

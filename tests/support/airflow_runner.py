@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = Path(__file__).resolve().parent / "airflow_dags"
 MIGRATED_MARKER = ".gpulease-db-migrated"
 MIGRATE_TIMEOUT_S = 300
