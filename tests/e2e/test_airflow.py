@@ -44,7 +44,7 @@ from tests.support import harness
 from tests.support.airflow_runner import AirflowRunner
 from tests.support.dockerd import Dockerd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_AIRFLOW = importlib.util.find_spec("airflow") is not None
 needs_airflow = pytest.mark.skipif(not HAVE_AIRFLOW, reason="apache-airflow is not installed (pip install -e '.[dev]')")
 NODE = "af-node"

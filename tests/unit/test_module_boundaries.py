@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [p for d in ("coordinator", "agent", "gpulease") for p in (ROOT / d).rglob("*.py") if "/v1/" not in str(p)]
 
 # third-party module -> the only places allowed to import it (path prefixes relative to ROOT)

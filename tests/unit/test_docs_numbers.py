@@ -10,7 +10,7 @@ from coordinator import config as coordinator_config
 from coordinator.batcher import BatchPolicy
 from coordinator.nodes import VIEW_CATCH_UP_S
 
-DOC = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
 
 
 def test_the_coordinator_settings_table_matches_the_defaults() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from agent.config import load_config as load_agent
 from coordinator.config import load as load_coordinator
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "config"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 
 
 def test_coordinator_example_config_loads() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GEN_PROTO = REPO / "scripts" / "gen-proto"
 COMMITTED = REPO / "gpulease" / "v1"
 HINT = "the committed stubs are stale: run scripts/gen-proto and commit the files in gpulease/v1"

@@ -32,7 +32,7 @@ from tests.support.fakenvml import FakeGpu, FakeNvml, FakeProcess
 
 GiB = 2**30
 MiB = 2**20
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60
 # Documented keys of `gpuctl nodes --json` (README / test_gpuctl_e2e) plus the extra foreign flag.
 NODE_KEYS = {"name", "state", "address", "gpus", "cpus_total", "memory_total_bytes", "labels"}
