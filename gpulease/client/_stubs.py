@@ -3,7 +3,7 @@
 The coordinator's API is split by audience (users, agents, operators: see coordinator.proto), and
 the client speaks to two of them (CoordinatorService, AdminService). Callers name the RPC only;
 the service comes from the proto's own descriptors, so a moved RPC needs no change here. RPC names
-are unique across the services (tests/test_proto_generated.py checks it).
+are unique across the services (tests/unit/test_proto_generated.py checks it).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def _host_has_nvml() -> bool:
 HOST_HAS_NVML = _host_has_nvml()
 
 
-@pytest.mark.skipif(HOST_HAS_NVML, reason="this host has a real NVML; tests/test_gpu_real.py covers it")
+@pytest.mark.skipif(HOST_HAS_NVML, reason="this host has a real NVML; tests/e2e/test_gpu_real.py covers it")
 def test_without_simulation_the_node_has_no_gpus(caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config(["--coordinator", "c:1", "--node-id", "n", "--cpus", "2"], {})
     with caplog.at_level(logging.WARNING):

@@ -4,8 +4,8 @@ Unit tests need no cluster and do not import Airflow here: registration (get_pro
 entry point, Airflow's own schema for it) and the plain helpers (request ids, allocation ids,
 connection parsing, log lines).
 
-DAG tests run real Airflow: tests/airflow_runner.py, a child process with its own AIRFLOW_HOME,
-runs dag.test() on the DAGs in tests/airflow_dags/ against a live local cluster (real etcd, a
+DAG tests run real Airflow: tests/support/airflow_runner.py, a child process with its own AIRFLOW_HOME,
+runs dag.test() on the DAGs in tests/support/airflow_dags/ against a live local cluster (real etcd, a
 coordinator, and an agent with 4 simulated GPUs on the test dockerd). Each checks the task
 states, the XComs, the task log, and that the cluster's GPUs are all free afterwards.
 """

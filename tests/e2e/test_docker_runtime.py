@@ -1,4 +1,4 @@
-"""DockerRuntime against a real, private dockerd (tests/dockerd.py): GPUs, limits, logs, stop, errors.
+"""DockerRuntime against a real, private dockerd (tests/support/dockerd.py): GPUs, limits, logs, stop, errors.
 
 No GPU is needed: a stand-in nvidia-container-runtime-hook lets dockerd accept nvidia
 DeviceRequests, and the container then sees NVIDIA_VISIBLE_DEVICES. Every container runs with

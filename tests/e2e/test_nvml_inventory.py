@@ -1,7 +1,7 @@
-"""NvmlInventory against a fake libnvidia-ml.so.1 (tests/fakenvml/fake_nvml.c, built against nvml.h).
+"""NvmlInventory against a fake libnvidia-ml.so.1 (tests/support/fakenvml/fake_nvml.c, built against nvml.h).
 
 The code under test is never mocked: a subprocess loads the fake through the normal library search
-(LD_LIBRARY_PATH), runs the real NvmlInventory (tests/fakenvml/runner.py) or the real agent
+(LD_LIBRARY_PATH), runs the real NvmlInventory (tests/support/fakenvml/runner.py) or the real agent
 process, and the tests read what it reports.
 """
 
@@ -66,7 +66,7 @@ class Result:
 def run_inventory(
     lib: Path, tmp_path: Path, nvml: FakeNvml | None, steps: Sequence[Mapping[str, Any]], **script: Any
 ) -> Result:
-    """Runs tests/fakenvml/runner.py with the fake library; returns each collect's inventory."""
+    """Runs tests/support/fakenvml/runner.py with the fake library; returns each collect's inventory."""
     config = nvml.write(tmp_path / "nvml.conf") if nvml is not None else None
     script_path = tmp_path / "script.json"
     script_path.write_text(json.dumps({"steps": list(steps), "sysfs_root": str(tmp_path / "sysfs"), **script}))

@@ -1,6 +1,6 @@
-"""Runs real Airflow (dag.test()) in a child process for tests/test_airflow.py.
+"""Runs real Airflow (dag.test()) in a child process for tests/e2e/test_airflow.py.
 
-The child (``python tests/airflow_runner.py --home H --dags D``) configures Airflow through the
+The child (``python tests/support/airflow_runner.py --home H --dags D``) configures Airflow through the
 environment *before* importing it: AIRFLOW_HOME=H (a temp dir), the dags folder D, no example
 DAGs, and none of the caller's AIRFLOW_* settings. It runs ``airflow db migrate`` once per home,
 then answers requests, one JSON object per line on stdin, with one JSON line each on its
@@ -19,7 +19,7 @@ A process keeps Airflow imported and its database warm between requests: the fir
 in a process takes seconds, later ones about one. ``AirflowRunner`` is the parent's side: it
 bounds every wait and kills the child (its whole process group) when done or stuck.
 
-For a look by hand: python tests/airflow_runner.py --home /tmp/af --dags tests/airflow_dags --run DAG_ID
+For a look by hand: python tests/support/airflow_runner.py --home /tmp/af --dags tests/support/airflow_dags --run DAG_ID
 """
 
 from __future__ import annotations

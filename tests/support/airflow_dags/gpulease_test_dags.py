@@ -1,4 +1,4 @@
-"""DAGs that tests/test_airflow.py runs with dag.test() (through tests/airflow_runner.py) against a
+"""DAGs that tests/e2e/test_airflow.py runs with dag.test() (through tests/support/airflow_runner.py) against a
 live local cluster. Settings come from the environment, read when the file is parsed:
 
   GPULEASE_TEST_IMAGE  the image every container runs (default: the test dockerd's offline busybox)

@@ -7,7 +7,7 @@
  *         NVMLError_FunctionNotFound for them, as with an old driver).
  * Use:    LD_LIBRARY_PATH=<dir of the .so> FAKE_NVML_CONFIG=<file> python ...
  *
- * The configuration is line based (tests/fakenvml/config.py writes it from a dict); '#' starts a
+ * The configuration is line based (tests/support/fakenvml/__init__.py writes it from a dict); '#' starts a
  * comment. It is read again by every nvmlInit and nvmlDeviceGetCount, so a test can change it
  * between two collects.
  *

@@ -8,7 +8,7 @@ SCRIPT is {"sysfs_root": PATH, "steps": [...]}; each step is one of
     {"config": TEXT, "path": P}   rewrites the fake NVML's configuration file P
 Output lines are {"inventory": <NodeInventory as JSON>}; the JSON keeps unset optional fields out,
 so a missing key means "unknown", and shows every other field, defaults included.
-Run it with the fake library on LD_LIBRARY_PATH (see tests/fakenvml/__init__.py).
+Run it with the fake library on LD_LIBRARY_PATH (see tests/support/fakenvml/__init__.py).
 """
 
 from __future__ import annotations
