@@ -73,3 +73,61 @@ def test_only_the_linux_module_names_proc_and_cgroup_paths() -> None:
     }
     assert not offenders, f"only {KERNEL_MODULE} may read /proc or cgroup files: {offenders}"
     assert kernel_path_literals(ROOT / KERNEL_MODULE), "the rule no longer sees the Linux module's paths"
+
+
+# Tests are arranged as the code is (tests/unit, tests/etcd, tests/e2e) and share helpers only
+# through tests/support: no test or helper imports another test module, the bench, or the client
+# library's private modules (gpulease.client._*), so each tests what a user of the code can reach.
+TEST_SOURCES = sorted((ROOT / "tests").rglob("*.py"))
+TEST_FOLDERS = ("unit", "etcd", "e2e")
+
+
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Every module ``path`` imports, as absolute dotted names (relative imports resolved against its
+    package); for ``from M import a`` both M and M.a, since ``a`` may be a module."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    mods: set[str] = set()
+    tree = ast.parse(source if source is not None else path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            module = ".".join((*base, *(node.module.split(".") if node.module else ())))
+            mods.add(module)
+            mods.update(f"{module}.{a.name}" for a in node.names)
+    return mods
+
+
+def forbidden_in_tests(module: str) -> bool:
+    parts = module.split(".")
+    if parts[0] == "bench" or module.startswith("gpulease.client._"):
+        return True
+    # Another test module: anything in the test folders, or a test_*.py anywhere under tests/.
+    return parts[0] == "tests" and (
+        (len(parts) > 1 and parts[1] in TEST_FOLDERS) or any(p.startswith("test_") for p in parts)
+    )
+
+
+def test_tests_import_no_bench_no_private_client_module_and_no_other_test() -> None:
+    offenders = {
+        str(p.relative_to(ROOT)): bad
+        for p in TEST_SOURCES
+        if (bad := sorted(m for m in imported_modules(p) if forbidden_in_tests(m)))
+    }
+    assert not offenders, f"tests import helpers from tests/support and public modules only: {offenders}"
+    # The rule sees each kind of import it forbids.
+    probe = ROOT / "tests" / "etcd" / "test_probe.py"
+    for line in (
+        "from bench.load import run_load",
+        "import bench",
+        "from gpulease.client._retry import RetryPlan",
+        "from gpulease.client import _errors",
+        "from tests.unit.test_batcher import node",
+        "from tests.etcd import test_store",
+        "from . import test_store",
+        "from .test_store import x",
+        "import tests.e2e.test_faults",
+    ):
+        assert any(forbidden_in_tests(m) for m in imported_modules(probe, line)), line
+    assert not any(forbidden_in_tests(m) for m in imported_modules(probe, "from tests.support import harness"))
