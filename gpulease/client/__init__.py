@@ -15,7 +15,6 @@ outgrow gRPC's default 4 MiB), for tools that open their own channel to a coordi
 """
 
 from gpulease.client._allocation import Allocation, ContainerHandle, Terminated
-from gpulease.client._retry import MAX_RECEIVE_BYTES
 from gpulease.client._sync import Client
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig, RetryConfig
 from gpulease.client.models import (
@@ -28,6 +27,7 @@ from gpulease.client.models import (
     Node,
     NodeSummary,
 )
+from gpulease.client.retry import MAX_RECEIVE_BYTES
 
 __all__ = [
     "DEFAULT_TARGET",

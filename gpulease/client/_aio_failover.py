@@ -12,8 +12,8 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from gpulease.client._failover import Rotation, check_response, failure, stream_failure
-from gpulease.client._retry import CHANNEL_OPTIONS
 from gpulease.client._stubs import Stubs
+from gpulease.client.retry import CHANNEL_OPTIONS
 
 R = TypeVar("R", bound=Message)
 

@@ -1,5 +1,5 @@
 """One gRPC channel per coordinator address; a call that gets UNAVAILABLE moves on to the next
-one, and round again with backoff until its retry deadline (rules: _retry and _errors)."""
+one, and round again with backoff until its retry deadline (rules: retry and rpc_errors)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from gpulease.client import _errors
-from gpulease.client._retry import CHANNEL_OPTIONS, Attempt, RetryPlan, check_settings
+from gpulease.client import rpc_errors
 from gpulease.client._stubs import Stubs
+from gpulease.client.retry import CHANNEL_OPTIONS, Attempt, RetryPlan, check_settings
 from gpulease.errors import GpuLeaseError, Internal, InvalidRequest
 
 R = TypeVar("R", bound=Message)
@@ -40,22 +40,22 @@ def check_response(rpc: str, response: object, response_type: type[R]) -> R:
 
 def failure(err: grpc.RpcError, attempt: Attempt, rpc: str, resend_safe: bool) -> GpuLeaseError | None:
     """None when ``err`` should be retried (``attempt`` is logged); otherwise the error to raise."""
-    if _errors.should_retry(err, resend_safe):
+    if rpc_errors.should_retry(err, resend_safe):
         if attempt.round:
             log.info("%s: the coordinator at %s is unavailable; retrying", rpc, attempt.target)
         return None
-    if _errors.status_code(err) == grpc.StatusCode.UNAVAILABLE:
-        return _errors.outcome_unknown(err, attempt.target, rpc)
-    return _errors.to_error(err, attempt.target, attempt.timeout or 0)
+    if rpc_errors.status_code(err) == grpc.StatusCode.UNAVAILABLE:
+        return rpc_errors.outcome_unknown(err, attempt.target, rpc)
+    return rpc_errors.to_error(err, attempt.target, attempt.timeout or 0)
 
 
 def stream_failure(err: grpc.RpcError, attempt: Attempt, rpc: str, received: bool) -> GpuLeaseError | None:
     """Like ``failure`` for a read-only stream: retried only before any item arrived."""
     if not received:
         return failure(err, attempt, rpc, True)
-    if _errors.status_code(err) == grpc.StatusCode.UNAVAILABLE and _errors.reason_of(err) is None:
-        return _errors.unavailable([(attempt.target, err)])
-    return _errors.to_error(err, attempt.target, attempt.timeout or 0)
+    if rpc_errors.status_code(err) == grpc.StatusCode.UNAVAILABLE and rpc_errors.reason_of(err) is None:
+        return rpc_errors.unavailable([(attempt.target, err)])
+    return rpc_errors.to_error(err, attempt.target, attempt.timeout or 0)
 
 
 class Rotation:

@@ -43,7 +43,7 @@ class Op(Generic[M, T]):
     # The deadline of one attempt; None: the client's timeout.
     timeout: float | None = None
     # False for calls that could take effect twice if resent (RunContainer): those are retried only
-    # when the failed attempt provably never reached a coordinator (see _errors.should_retry).
+    # when the failed attempt provably never reached a coordinator (see rpc_errors.should_retry).
     resend_safe: bool = True
 
 

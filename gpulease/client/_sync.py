@@ -13,9 +13,9 @@ from google.protobuf.message import Message
 from gpulease.client import _ops
 from gpulease.client._allocation import Allocation
 from gpulease.client._failover import FailoverChannels
-from gpulease.client._retry import DEFAULT_TIMEOUT_S
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import ClusterSummary, Container, LogChunk, Node
+from gpulease.client.retry import DEFAULT_TIMEOUT_S
 from gpulease.v1 import types_pb2 as tpb
 
 M = TypeVar("M", bound=Message)

@@ -32,9 +32,9 @@ from google.protobuf.message import Message
 from gpulease.client import _convert, _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
 from gpulease.client._lease import LeaseTracker
-from gpulease.client._retry import DEFAULT_TIMEOUT_S
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo, ClusterSummary, Container, LogChunk, Node
+from gpulease.client.retry import DEFAULT_TIMEOUT_S
 from gpulease.errors import GpuLeaseError, InvalidRequest
 from gpulease.v1 import types_pb2 as tpb
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpulease.client._failover import parse_targets
-from gpulease.client._retry import check_settings
+from gpulease.client.retry import check_settings
 from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
 DEFAULT_TARGET = "127.0.0.1:50051"
