@@ -6,7 +6,7 @@ import contextlib
 import ipaddress
 import socket
 
-from gpulease.settings import split_host_port
+from gpulease.common.settings import split_host_port
 
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 

@@ -18,19 +18,19 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.address import advertised_address
-from agent.config import AgentConfig
-from agent.containers import ContainerService, ReadyGate, RuntimeHandle
-from agent.enforcer import Enforcer
-from agent.fencing import CoordinatorClient, Fence, Vouchers
-from agent.inventory import InventoryContext
-from agent.inventory.select import select_source
-from agent.reconcile import Reconciler
-from agent.registration import AgentInventory, Registrar
-from agent.runtime import ContainerInfo, ContainerRuntime
-from agent.server import start_server
-from gpulease.sdnotify import sd_notify
-from gpulease.settings import split_host_port
+from gpulease.agent.address import advertised_address
+from gpulease.agent.config import AgentConfig
+from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
+from gpulease.agent.enforcer import Enforcer
+from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.inventory.select import select_source
+from gpulease.agent.reconcile import Reconciler
+from gpulease.agent.registration import AgentInventory, Registrar
+from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.agent.server import start_server
+from gpulease.common.sdnotify import sd_notify
+from gpulease.common.settings import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRun
     """Creates the Docker runtime on first use (imported late: only agent/runtime imports docker)."""
 
     def create() -> ContainerRuntime:
-        from agent.runtime.docker_runtime import DockerRuntime
+        from gpulease.agent.runtime.docker_runtime import DockerRuntime
 
         runtime: ContainerRuntime = DockerRuntime(docker_host)
         return runtime

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpulease import settings
+from gpulease.common import settings
+from gpulease.common.settings import ConfigError, split_host_port
+from gpulease.common.units import parse_size
 from gpulease.errors import InvalidRequest
-from gpulease.settings import ConfigError, split_host_port
-from gpulease.units import parse_size
 
 ENV_PREFIX = "GPULEASE_AGENT_"
 DEFAULT_LISTEN = "0.0.0.0:50052"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from agent.runtime import RESERVED_ENV
+from gpulease.agent.runtime import RESERVED_ENV
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import types_pb2 as tpb
 

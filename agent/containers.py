@@ -19,10 +19,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-from agent.container_spec import check_allocation_id, check_container_id, validate_spec
-from agent.fencing import Fence
-from agent.linux import format_cpulist, parse_cpulist
-from agent.runtime import ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
+from gpulease.agent.container_spec import check_allocation_id, check_container_id, validate_spec
+from gpulease.agent.fencing import Fence
+from gpulease.agent.linux import format_cpulist, parse_cpulist
+from gpulease.agent.runtime import ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
 from gpulease.errors import (
     Conflict,
     ContainerNotFound,

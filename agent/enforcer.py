@@ -42,10 +42,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.containers import ContainerService, gather_logged
-from agent.fencing import CoordinatorClient, Vouchers
-from agent.inventory import InventoryContext
-from agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.agent.containers import ContainerService, gather_logged
+from gpulease.agent.fencing import CoordinatorClient, Vouchers
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
 from gpulease.errors import GpuLeaseError, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from gpulease import rpc_status
+from gpulease.common import rpc_status
+from gpulease.common.settings import AGENT_CALL_TIMEOUT_S, MIN_TTL_S
 from gpulease.errors import (
     AllocationNotFound,
     GpuLeaseError,
@@ -26,7 +27,6 @@ from gpulease.errors import (
     StaleFencingToken,
     Unavailable,
 )
-from gpulease.settings import AGENT_CALL_TIMEOUT_S, MIN_TTL_S
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import GetAllocationRequest, ListAllocationsRequest
 from gpulease.v1.types_pb2 import Allocation
@@ -82,7 +82,7 @@ class CoordinatorClient:
         return list(response.allocations)
 
     def _error(self, e: grpc.aio.AioRpcError, call: str) -> GpuLeaseError:
-        # The one rule (gpulease.rpc_status): "did not answer" is Unavailable, so a fence never
+        # The one rule (gpulease.common.rpc_status): "did not answer" is Unavailable, so a fence never
         # starts anything on a guess; the coordinator's own answers keep their class.
         return rpc_status.decode(e, f"coordinator at {self._address}", call)
 

@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent.app import run_agent
-from agent.config import load_config
-from gpulease.settings import ConfigError
+from gpulease.agent.app import run_agent
+from gpulease.agent.config import load_config
+from gpulease.common.settings import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -24,9 +24,9 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent.containers import ReadyGate
-from agent.enforcer import Enforcer, Verdict, judge
-from agent.runtime import ContainerInfo
+from gpulease.agent.containers import ReadyGate
+from gpulease.agent.enforcer import Enforcer, Verdict, judge
+from gpulease.agent.runtime import ContainerInfo
 from gpulease.errors import GpuLeaseError
 
 log = logging.getLogger(__name__)

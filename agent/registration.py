@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from agent.inventory import InventoryContext, InventorySource
+from gpulease.agent.inventory import InventoryContext, InventorySource
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
 from gpulease.v1.types_pb2 import NodeInventory

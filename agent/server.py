@@ -14,10 +14,10 @@ from typing import Any, TypeAlias
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.containers import RUNTIME_HINT, ContainerService
-from agent.inventory import InventorySource
+from gpulease.agent.containers import RUNTIME_HINT, ContainerService
+from gpulease.agent.inventory import InventorySource
+from gpulease.common.grpc_errors import grpc_errors
 from gpulease.errors import Unavailable
-from gpulease.grpc_errors import grpc_errors
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
 

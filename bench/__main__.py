@@ -21,7 +21,7 @@ from bench.cluster import GPUS_PER_NODE, BenchCluster, register_nodes, wait_node
 from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
-from gpulease import eventloop
+from gpulease.common import eventloop
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -47,7 +47,9 @@ class BenchCluster:
             "--etcd", self.etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", str(node_ttl),
             "--heartbeat-interval", str(heartbeat), "--log-level", "WARNING", "--etcd-max-txn-ops", "1024",
         ]  # fmt: skip
-        proc = procs.start_python_module(f"coordinator-{port}", "coordinator.main", args, self.tmp / f"c-{port}.log")
+        proc = procs.start_python_module(
+            f"coordinator-{port}", "gpulease.coordinator.main", args, self.tmp / f"c-{port}.log"
+        )
         # Tracked before the wait, so a coordinator that never gets healthy is stopped too.
         self.coordinators.append((proc, address))
         procs.wait_grpc_health(address, 120, proc)

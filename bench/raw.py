@@ -1,4 +1,4 @@
-"""The physical reference: raw etcd transactions through our own client stack (coordinator.store,
+"""The physical reference: raw etcd transactions through our own client stack (gpulease.coordinator.store,
 i.e. etcd3aio), each a create-if-absent of a fresh key, at the same concurrency as the allocations."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.stats import Latencies
-from coordinator.store import Cmp, Put, Store
+from gpulease.coordinator.store import Cmp, Put, Store
 
 
 async def raw_txn(etcd_url: str, concurrency: int, duration: float) -> tuple[float, Latencies]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from gpulease import rpc_status
+from gpulease.common import rpc_status
 from gpulease.errors import GpuLeaseError
 from gpulease.v1 import agent_pb2_grpc
 
@@ -33,5 +33,5 @@ class AgentChannels:
 
 
 def agent_error(exc: grpc.aio.AioRpcError, node: str, address: str) -> GpuLeaseError:
-    """An agent's failure, decoded by the one rule (gpulease.rpc_status)."""
+    """An agent's failure, decoded by the one rule (gpulease.common.rpc_status)."""
     return rpc_status.decode(exc, f"the agent of node {node} at {address}")

@@ -17,17 +17,17 @@ import time
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from coordinator import validation
-from coordinator.batch_placement import place_one
-from coordinator.batcher import Batcher, BatchPolicy, InDoubt
-from coordinator.committer import Committer
-from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
-from coordinator.keys import Keys, range_end
-from coordinator.lease_pool import LeasePool, needs_renewal
-from coordinator.records import decode_alloc
-from coordinator.settle import Settler
-from coordinator.store import Get, Store, StoreUnavailable
-from coordinator.view import ClusterView
+from gpulease.coordinator import validation
+from gpulease.coordinator.batch_placement import place_one
+from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
+from gpulease.coordinator.committer import Committer
+from gpulease.coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
+from gpulease.coordinator.records import decode_alloc
+from gpulease.coordinator.settle import Settler
+from gpulease.coordinator.store import Get, Store, StoreUnavailable
+from gpulease.coordinator.view import ClusterView
 from gpulease.errors import AllocationNotFound, Conflict, InsufficientResources, Unavailable, Unsatisfiable
 
 log = logging.getLogger(__name__)

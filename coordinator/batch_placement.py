@@ -10,9 +10,9 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
-from coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot
-from coordinator.placement import place
-from coordinator.placement_index import PlacementIndex, placement_on
+from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.placement import place
+from gpulease.coordinator.placement_index import PlacementIndex, placement_on
 from gpulease.errors import InsufficientResources, Unsatisfiable
 
 PlacementError = InsufficientResources | Unsatisfiable

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from coordinator.batch_placement import check_batch, place_batch
-from coordinator.committer import Committed, Committer, Item, Rejected, txn_size
-from coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
-from coordinator.placement_index import PlacementIndex
-from coordinator.store import LeaseNotFound, OutcomeUnknown
+from gpulease.coordinator.batch_placement import check_batch, place_batch
+from gpulease.coordinator.committer import Committed, Committer, Item, Rejected, txn_size
+from gpulease.coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.placement_index import PlacementIndex
+from gpulease.coordinator.store import LeaseNotFound, OutcomeUnknown
 from gpulease.errors import Conflict, GpuLeaseError, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
-from coordinator.keys import Keys, range_end
-from coordinator.records import encode_alloc, encode_res
-from coordinator.store import Cmp, Get, Op, Put, Store
+from gpulease.coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
+from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.records import encode_alloc, encode_res
+from gpulease.coordinator.store import Cmp, Get, Op, Put, Store
 
 
 @dataclass(frozen=True)

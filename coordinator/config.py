@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpulease import eventloop, settings
+from gpulease.common import eventloop, settings
+from gpulease.common.settings import ConfigError
+from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
-from gpulease.settings import ConfigError
-from gpulease.units import parse_duration, parse_size
 
 ENV_PREFIX = "GPULEASE_COORDINATOR_"
 

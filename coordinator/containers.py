@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator.agents import AgentChannels, agent_error
-from coordinator.allocations import AllocationService
-from coordinator.view import ClusterView
+from gpulease.coordinator.agents import AgentChannels, agent_error
+from gpulease.coordinator.allocations import AllocationService
+from gpulease.coordinator.view import ClusterView
 from gpulease.errors import AllocationNotFound, ContainerNotFound, InvalidRequest
 from gpulease.v1 import agent_pb2
 from gpulease.v1 import types_pb2 as tpb

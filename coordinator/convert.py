@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeState, NodeView
+from gpulease.coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeState, NodeView
 from gpulease.v1 import coordinator_pb2 as cpb
 from gpulease.v1 import types_pb2 as tpb
 

@@ -7,6 +7,6 @@ Anything else is a bug: logged with its traceback, answered as INTERNAL, never a
 
 from __future__ import annotations
 
-from gpulease.grpc_errors import STATUS, grpc_errors, status_for
+from gpulease.common.grpc_errors import STATUS, grpc_errors, status_for
 
 __all__ = ["STATUS", "grpc_errors", "status_for"]

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from coordinator.store import Store
+from gpulease.coordinator.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator import config as config_mod
-from coordinator.agents import AgentChannels
-from coordinator.allocations import AllocationPolicy, AllocationService
-from coordinator.committer import EtcdCommitter
-from coordinator.containers import ContainerForwarder
-from coordinator.keys import Keys
-from coordinator.nodes import NodePolicy, NodeService
-from coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
-from coordinator.store import Store, TlsFiles
-from coordinator.view import ClusterView
-from gpulease import eventloop
+from gpulease.common import eventloop
+from gpulease.common.sdnotify import sd_notify
+from gpulease.coordinator import config as config_mod
+from gpulease.coordinator.agents import AgentChannels
+from gpulease.coordinator.allocations import AllocationPolicy, AllocationService
+from gpulease.coordinator.committer import EtcdCommitter
+from gpulease.coordinator.containers import ContainerForwarder
+from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.nodes import NodePolicy, NodeService
+from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
+from gpulease.coordinator.store import Store, TlsFiles
+from gpulease.coordinator.view import ClusterView
 from gpulease.errors import GpuLeaseError
-from gpulease.sdnotify import sd_notify
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("gpulease.coordinator")

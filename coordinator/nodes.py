@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from coordinator import validation
-from coordinator.domain import NodeInfo, NodeView
-from coordinator.keys import Keys
-from coordinator.records import decode_node, encode_node
-from coordinator.store import Store
-from coordinator.view import ClusterView
+from gpulease.coordinator import validation
+from gpulease.coordinator.domain import NodeInfo, NodeView
+from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.records import decode_node, encode_node
+from gpulease.coordinator.store import Store
+from gpulease.coordinator.view import ClusterView
 from gpulease.errors import InvalidRequest, NodeNotFound
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sortedcontainers import SortedList
 
-from coordinator.domain import NodeView, Placement, ResourceRequest
+from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest
 
 _Key = tuple[int, int, str]  # (cpus_free, memory_free, name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo
+from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo
 
 
 def encode_node(info: NodeInfo) -> bytes:

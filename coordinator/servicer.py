@@ -8,13 +8,13 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from coordinator import convert
-from coordinator.allocations import AllocateInput, AllocationService
-from coordinator.containers import ContainerForwarder
-from coordinator.domain import Allocation
-from coordinator.errors import grpc_errors
-from coordinator.nodes import NodeService
-from coordinator.view import ClusterView
+from gpulease.coordinator import convert
+from gpulease.coordinator.allocations import AllocateInput, AllocationService
+from gpulease.coordinator.containers import ContainerForwarder
+from gpulease.coordinator.domain import Allocation
+from gpulease.coordinator.errors import grpc_errors
+from gpulease.coordinator.nodes import NodeService
+from gpulease.coordinator.view import ClusterView
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc

@@ -27,10 +27,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator.domain import Allocation
-from coordinator.keys import Keys, range_end
-from coordinator.records import decode_alloc
-from coordinator.store import KV, Cmp, Delete, Get, LeaseNotFound, OutcomeUnknown, Put, Store
+from gpulease.coordinator.domain import Allocation
+from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.records import decode_alloc
+from gpulease.coordinator.store import KV, Cmp, Delete, Get, LeaseNotFound, OutcomeUnknown, Put, Store
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 
-from coordinator.domain import GpuInfo, NodeInfo, ResourceRequest
+from gpulease.common.settings import MAX_TTL_S, MIN_TTL_S, split_host_port
+from gpulease.coordinator.domain import GpuInfo, NodeInfo, ResourceRequest
 from gpulease.errors import InvalidRequest
-from gpulease.settings import MAX_TTL_S, MIN_TTL_S, split_host_port
 
 MAX_GPUS = 1024
 MAX_CPUS = 16384
 MAX_MEMORY = 2**50  # 1 PiB
-MIN_TTL = MIN_TTL_S  # shared with the agent (gpulease.settings)
+MIN_TTL = MIN_TTL_S  # shared with the agent (gpulease.common.settings)
 MAX_TTL = MAX_TTL_S
 MAX_SELECTOR = 32
 

@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
-from coordinator.keys import Keys, range_end
-from coordinator.placement_index import PlacementIndex
-from coordinator.records import decode_alloc, decode_node, decode_res
-from coordinator.store import KV, Event, Store, StoreUnavailable
+from gpulease.coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
+from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.placement_index import PlacementIndex
+from gpulease.coordinator.records import decode_alloc, decode_node, decode_res
+from gpulease.coordinator.store import KV, Event, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

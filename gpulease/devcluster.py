@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from gpulease import procs
+from gpulease.common.units import format_size
 from gpulease.procs import ManagedProcess, StartupError
-from gpulease.units import format_size
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ class LocalCluster:
         node_ttl: int | None = None,
         heartbeat_interval: int | None = None,
         prefix: str | None = None,
-        coordinator_module: str = "coordinator.main",
-        agent_module: str = "agent.main",
+        coordinator_module: str = "gpulease.coordinator.main",
+        agent_module: str = "gpulease.agent.main",
         startup_timeout: float = STARTUP_TIMEOUT_S,
         grace: float = STOP_GRACE_S,
     ) -> None:

@@ -120,14 +120,14 @@ def start_process(
 
 
 def python_child_env(extra: Mapping[str, str] | None = None, *, drop_prefixes: Sequence[str] = ()) -> dict[str, str]:
-    """Environment for `python -m coordinator.main` etc.: imports the same code as this process.
+    """Environment for `python -m gpulease.coordinator.main` etc.: imports the same code as this process.
 
     drop_prefixes removes inherited variables (e.g. a developer's GPULEASE_AGENT_*) that would
     otherwise leak into a child's configuration.
     """
     env = {k: v for k, v in os.environ.items() if not any(k.startswith(p) for p in drop_prefixes)}
-    # The directory holding the gpulease package also holds coordinator/ and agent/ in a checkout;
-    # putting it first makes children independent of how (or whether) the project was installed.
+    # The directory holding this gpulease package (in a checkout, with its coordinator/ and agent/
+    # symlinks) goes first: children import the same code however (or whether) it was installed.
     source_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"

@@ -14,8 +14,15 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.inventory import InventoryContext
-from agent.linux import CGROUP_ROOT, MEMINFO, PROC_SELF_CGROUP, cgroup_cpu_limit, cgroup_memory_limit, memtotal_bytes
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.linux import (
+    CGROUP_ROOT,
+    MEMINFO,
+    PROC_SELF_CGROUP,
+    cgroup_cpu_limit,
+    cgroup_memory_limit,
+    memtotal_bytes,
+)
 from gpulease.v1.types_pb2 import NodeInventory
 
 

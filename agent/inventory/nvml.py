@@ -41,9 +41,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.inventory import InventoryContext
-from agent.inventory.host import HostOnlyInventory
-from agent.linux import PROC_ROOT, format_cpulist, parent_pid, read_kernel_file
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.inventory.host import HostOnlyInventory
+from gpulease.agent.linux import PROC_ROOT, format_cpulist, parent_pid, read_kernel_file
 from gpulease.v1.types_pb2 import Gpu, GpuLink, GpuProcess, NodeInventory
 
 try:  # the agent extra installs nvidia-ml-py; without it the node simply has no NVML

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from agent.config import AgentConfig
-from agent.inventory import InventorySource
-from agent.inventory.nvml import NO_NVML_ADVICE, NvmlInventory
-from agent.inventory.simulated import SimulatedInventory
+from gpulease.agent.config import AgentConfig
+from gpulease.agent.inventory import InventorySource
+from gpulease.agent.inventory.nvml import NO_NVML_ADVICE, NvmlInventory
+from gpulease.agent.inventory.simulated import SimulatedInventory
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agent.inventory import SIMULATED_GPU_MEMORY_BYTES, InventoryContext
-from agent.inventory.host import HostOnlyInventory
+from gpulease.agent.inventory import SIMULATED_GPU_MEMORY_BYTES, InventoryContext
+from gpulease.agent.inventory.host import HostOnlyInventory
 from gpulease.v1.types_pb2 import Gpu, NodeInventory
 
 SIMULATED_HEALTH_DETAIL = "simulated"

@@ -36,8 +36,8 @@ import docker.utils
 import requests
 import urllib3.exceptions
 
-from agent.linux import cgroup_pids, process_tree
-from agent.runtime import (
+from gpulease.agent.linux import cgroup_pids, process_tree
+from gpulease.agent.runtime import (
     LABEL_ALLOCATION,
     LABEL_GPU_UUIDS,
     LABEL_GPUS,

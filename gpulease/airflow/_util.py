@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpulease.client.config import ClientConfig
+from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
 from gpulease.errors import InvalidRequest
-from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
 DEFAULT_PORT = 50051
-DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.settings: one value for every client
+DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.common.settings: one value for every client
 # The coordinator's limits (coordinator/validation.py): request ids are 1-256 characters from
 # letters, digits and ._:+@=- ; owners are at most 128 printable characters.
 MAX_OWNER = 128

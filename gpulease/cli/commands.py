@@ -10,8 +10,8 @@ from gpulease.cli import views
 from gpulease.cli.config import CliConfig
 from gpulease.cli.devconfig import DevClusterConfig
 from gpulease.cli.output import print_json, print_table
+from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
-from gpulease.units import parse_duration, parse_size
 
 Handler = Callable[[CliConfig, argparse.Namespace], int]
 

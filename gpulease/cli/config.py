@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from gpulease.client import Client, ClientConfig
 from gpulease.client.config import ENV_COORDINATOR
+from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
 from gpulease.errors import InvalidRequest
-from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ENV_COORDINATOR", "CliConfig", "resolve"]
 
-DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.settings: one value for every client
+DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.common.settings: one value for every client
 
 
 @dataclass(frozen=True)

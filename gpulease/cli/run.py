@@ -16,8 +16,8 @@ from types import FrameType
 
 from gpulease.cli.config import CliConfig
 from gpulease.client import Allocation, Client
+from gpulease.common.units import parse_duration
 from gpulease.errors import AllocationNotFound, GpuLeaseError, InvalidRequest
-from gpulease.units import parse_duration
 
 
 class _Terminated(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 from gpulease.cli.output import ratio
 from gpulease.client import Allocation, Gpu, Node, NodeSummary
-from gpulease.units import format_size
+from gpulease.common.units import format_size
 
 
 def summary_counters(s: NodeSummary) -> dict[str, int]:

@@ -16,8 +16,8 @@ from google.protobuf.message import Message
 
 from gpulease.client import _convert
 from gpulease.client.models import ClusterSummary, Container, Node
+from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
-from gpulease.units import parse_duration, parse_size
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from gpulease.client._failover import parse_targets
 from gpulease.client.retry import check_settings
-from gpulease.settings import CLIENT_CALL_TIMEOUT_S
+from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 ENV_COORDINATOR = "GPULEASE_COORDINATOR"

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import grpc
 
 from gpulease.client import rpc_errors
+from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
 from gpulease.errors import GpuLeaseError, InvalidRequest
-from gpulease.settings import CLIENT_CALL_TIMEOUT_S
 
-DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.settings: one value for every client
+DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.common.settings: one value for every client
 # Pause before the next target within a round: it is another process, so there is nothing to
 # wait for, only a burst of reconnects to spread out.
 NEXT_TARGET_PAUSE_S = 0.05

@@ -1,5 +1,5 @@
 """grpc.RpcError -> gpulease.errors: callers of the client never see gRPC exceptions. Statuses are
-decoded by gpulease.rpc_status (one rule for client, coordinator and agent); this module adds
+decoded by gpulease.common.rpc_status (one rule for client, coordinator and agent); this module adds
 what only the client needs: failover across addresses and which calls may be resent.
 
 Also the one place that decides whether an UNAVAILABLE may be sent again (``should_retry``).
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import grpc
 
-from gpulease import rpc_status
+from gpulease.common import rpc_status
+from gpulease.common.rpc_status import details as _details
+from gpulease.common.rpc_status import reason_of, status_code
 from gpulease.errors import GpuLeaseError, Unavailable, error_for
-from gpulease.rpc_status import details as _details
-from gpulease.rpc_status import reason_of, status_code
 
 UNREACHABLE_HINT = "is gpulease-coordinator running? set --coordinator or GPULEASE_COORDINATOR"
 
@@ -54,7 +54,7 @@ def should_retry(err: grpc.RpcError, resend_safe: bool) -> bool:
 
 
 def to_error(err: grpc.RpcError, target: str, timeout: float) -> GpuLeaseError:
-    """Rebuild the typed error the coordinator raised (gpulease.rpc_status's one rule)."""
+    """Rebuild the typed error the coordinator raised (gpulease.common.rpc_status's one rule)."""
     return rpc_status.decode(err, f"the coordinator at {target}", deadline=timeout)
 
 

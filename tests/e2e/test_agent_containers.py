@@ -17,15 +17,15 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.container_spec import validate_spec
-from agent.containers import ReadyGate
-from agent.inventory.simulated import SimulatedInventory
-from agent.reconcile import Reconciler
-from agent.registration import AgentInventory, Registrar
-from agent.runtime import ContainerRuntime
-from agent.server import start_server
-from coordinator.store import Store
 from gpulease import procs
+from gpulease.agent.container_spec import validate_spec
+from gpulease.agent.containers import ReadyGate
+from gpulease.agent.inventory.simulated import SimulatedInventory
+from gpulease.agent.reconcile import Reconciler
+from gpulease.agent.registration import AgentInventory, Registrar
+from gpulease.agent.runtime import ContainerRuntime
+from gpulease.agent.server import start_server
+from gpulease.coordinator.store import Store
 from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
@@ -691,7 +691,7 @@ async def test_without_docker_container_calls_are_unavailable_with_a_hint(cluste
 
 
 def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
-    from agent.config import ConfigError, load_config
+    from gpulease.agent.config import ConfigError, load_config
 
     base = ["--coordinator", "c:1", "--node-id", "n"]
     cfg = load_config(base, {})
@@ -726,7 +726,7 @@ def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
 def test_killed_agent_restarts_and_adopts_its_docker_container(
     tmp_path: Any, coordinator: harness.Coordinator, request: pytest.FixtureRequest
 ) -> None:
-    pytest.importorskip("agent.runtime.docker_runtime")
+    pytest.importorskip("gpulease.agent.runtime.docker_runtime")
     daemon: Dockerd = request.getfixturevalue("dockerd")
     image: str = request.getfixturevalue("busybox")
     listen = f"127.0.0.1:{procs.free_port()}"
@@ -752,7 +752,9 @@ def test_killed_agent_restarts_and_adopts_its_docker_container(
     agents: list[procs.ManagedProcess] = []
 
     def start_agent(n: int) -> procs.ManagedProcess:
-        agent = procs.start_python_module(f"agent-d1-{n}", "agent.main", args, tmp_path / f"agent-{n}.log", env=env)
+        agent = procs.start_python_module(
+            f"agent-d1-{n}", "gpulease.agent.main", args, tmp_path / f"agent-{n}.log", env=env
+        )
         agents.append(agent)
         procs.wait_grpc_health(listen, 60, agent)  # SERVING: registered and reconciled
         return agent

@@ -18,14 +18,14 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.address import advertised_address, join_host_port, split_host_port
-from agent.config import DEFAULT_GPU_MODEL, DEFAULT_LISTEN, ConfigError, load_config
-from agent.inventory import SIMULATED_GPU_MEMORY_BYTES
-from agent.inventory.host import HostOnlyInventory, total_memory_bytes, usable_cpus
-from agent.inventory.select import NO_GPU_SOURCE_MESSAGE, select_source
-from agent.inventory.simulated import SimulatedInventory
-from agent.registration import Registrar
 from gpulease import procs
+from gpulease.agent.address import advertised_address, join_host_port, split_host_port
+from gpulease.agent.config import DEFAULT_GPU_MODEL, DEFAULT_LISTEN, ConfigError, load_config
+from gpulease.agent.inventory import SIMULATED_GPU_MEMORY_BYTES
+from gpulease.agent.inventory.host import HostOnlyInventory, total_memory_bytes, usable_cpus
+from gpulease.agent.inventory.select import NO_GPU_SOURCE_MESSAGE, select_source
+from gpulease.agent.inventory.simulated import SimulatedInventory
+from gpulease.agent.registration import Registrar
 from gpulease.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from gpulease.v1.types_pb2 import NodeInventory
 
@@ -331,7 +331,7 @@ async def test_registrar_sends_inventory_only_when_changed(
         # An outage: logged once, bounded backoff, and heartbeating resumes afterwards.
         caplog.clear()
         fake.fail(grpc.StatusCode.UNAVAILABLE, times=3)
-        with caplog.at_level(logging.DEBUG, logger="agent.registration"):
+        with caplog.at_level(logging.DEBUG, logger="gpulease.agent.registration"):
             delays = [await reg.step() for _ in range(4)]
         assert all(0 < d <= 1.0 for d in delays)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -368,7 +368,7 @@ def _wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None
 def _start_agent(tmp_path: Path, coordinator: str, listen: str, *extra: str) -> procs.ManagedProcess:
     args = ["--coordinator", coordinator, "--node-id", "n1", "--listen", listen, "--cpus", "4", *extra]
     env = procs.python_child_env(drop_prefixes=("GPULEASE_AGENT_",))
-    return procs.start_python_module("agent n1", "agent.main", args, tmp_path / "agent.log", env=env)
+    return procs.start_python_module("agent n1", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from coordinator import validation
 from gpulease import __version__, procs
 from gpulease.airflow import get_provider_info
 from gpulease.airflow._util import (
@@ -39,6 +38,7 @@ from gpulease.airflow._util import (
     targets_from,
 )
 from gpulease.client import Client
+from gpulease.coordinator import validation
 from gpulease.errors import InvalidRequest
 from tests.support import harness
 from tests.support.airflow_runner import AirflowRunner
@@ -266,7 +266,7 @@ def cluster(
             "--docker-host", dockerd.base_url, "--container-network", "none",
         ]  # fmt: skip
         env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
-        agent = procs.start_python_module("agent-airflow", "agent.main", args, tmp / "agent.log", env=env)
+        agent = procs.start_python_module("agent-airflow", "gpulease.agent.main", args, tmp / "agent.log", env=env)
         procs.wait_grpc_health(listen, 60, agent)
         harness.wait_nodes_up(coordinator.stub, {NODE}, timeout=30)
         yield Cluster(coordinator.address, busybox)

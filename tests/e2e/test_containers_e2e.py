@@ -43,7 +43,7 @@ def running_node(coordinator: harness.Coordinator, dockerd: Dockerd, tmp_path: P
         "--cpus", "4", "--memory", "8GiB", "--docker-host", dockerd.base_url, "--container-network", "none", *extra,
     ]  # fmt: skip
     env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
-    agent = procs.start_python_module("agent-e2e", "agent.main", args, tmp_path / "agent.log", env=env)
+    agent = procs.start_python_module("agent-e2e", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
     try:
         procs.wait_grpc_health(listen, 60, agent)
         harness.wait_nodes_up(coordinator.stub, {"gpu-e2e"})

@@ -177,8 +177,8 @@ def expect_children(dev: DevProcess, etcd_url: str) -> list[psutil.Process]:
     for p in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             cmdlines.append(" ".join(p.cmdline()))
-    assert sum("coordinator.main" in c for c in cmdlines) == 1, cmdlines
-    assert sum("agent.main" in c for c in cmdlines) == NODES, cmdlines
+    assert sum("gpulease.coordinator.main" in c for c in cmdlines) == 1, cmdlines
+    assert sum("gpulease.agent.main" in c for c in cmdlines) == NODES, cmdlines
     assert sum(etcd_url in c and "etcd" in c.split()[0] for c in cmdlines) == 1, cmdlines
     return children
 

@@ -24,8 +24,8 @@ import docker
 import psutil
 import pytest
 
-from agent.linux import process_tree
-from agent.runtime import (
+from gpulease.agent.linux import process_tree
+from gpulease.agent.runtime import (
     LABEL_ALLOCATION,
     LABEL_GPUS,
     LABEL_MANAGED,
@@ -36,7 +36,7 @@ from agent.runtime import (
     Volume,
     default_name,
 )
-from agent.runtime.docker_runtime import DockerRuntime, container_info, unix_ms
+from gpulease.agent.runtime.docker_runtime import DockerRuntime, container_info, unix_ms
 from gpulease.errors import ContainerNotFound, ImageUnavailable, InvalidRequest, Unavailable
 from tests.support.dockerd import Dockerd, busybox_image, start_dockerd
 
@@ -391,7 +391,7 @@ def test_stop_kills_a_container_ignoring_term_after_the_grace(runtime: DockerRun
 
 def test_missing_image_that_cannot_be_pulled(runtime: DockerRuntime, alloc: str, caplog: Any) -> None:
     image = "gpulease-test/does-not-exist:1"
-    caplog.set_level(logging.INFO, logger="agent.runtime.docker_runtime")
+    caplog.set_level(logging.INFO, logger="gpulease.agent.runtime.docker_runtime")
     t0 = time.monotonic()
     with pytest.raises(ImageUnavailable) as e:
         runtime.start(make_launch(alloc, image, "true"))
@@ -579,7 +579,7 @@ def test_process_tree_finds_descendants() -> None:
 
 
 def test_pull_progress_logs_status_changes_and_throttles_bytes(caplog: Any) -> None:
-    from agent.runtime.docker_runtime import _PullProgress
+    from gpulease.agent.runtime.docker_runtime import _PullProgress
 
     logger = logging.getLogger("test.pull")
     caplog.set_level(logging.INFO, logger="test.pull")

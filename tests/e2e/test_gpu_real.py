@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.inventory import InventoryContext
-from agent.inventory.nvml import NvmlInventory
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.inventory.nvml import NvmlInventory
 
 SMI_TIMEOUT_S = 60
 MiB = 2**20

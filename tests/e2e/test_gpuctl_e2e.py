@@ -141,7 +141,9 @@ def sim_agent(coordinator: harness.Coordinator, tmp_path: Path) -> Iterator[str]
     args = ["--coordinator", coordinator.address, "--node-id", name, "--listen", f"127.0.0.1:{port}",
             "--simulate-gpus", "2", "--cpus", "8", "--memory", "16GiB"]  # fmt: skip
     env = procs.python_child_env(drop_prefixes=("GPULEASE_",))
-    agent = procs.start_python_module(f"agent-{name}", "agent.main", args, tmp_path / f"agent-{name}.log", env=env)
+    agent = procs.start_python_module(
+        f"agent-{name}", "gpulease.agent.main", args, tmp_path / f"agent-{name}.log", env=env
+    )
     try:
         procs.wait_grpc_health(f"127.0.0.1:{port}", 20, agent)
         harness.wait_nodes_up(coordinator.stub, {name})

@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.inventory.nvml import FOREIGN_MEMORY_THRESHOLD_BYTES, NO_NVML_ADVICE, TELEMETRY_REFRESH_S
 from gpulease import procs
+from gpulease.agent.inventory.nvml import FOREIGN_MEMORY_THRESHOLD_BYTES, NO_NVML_ADVICE, TELEMETRY_REFRESH_S
 from gpulease.cli import views
 from gpulease.client import Gpu, Node
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
@@ -335,7 +335,8 @@ def _no_gpus(result: Result, reason: str) -> None:
     assert all(inv["source"] == "none" and inv["gpus"] == [] for inv in result.inventories), result.inventories
     assert all(inv["cpus_total"] == 4 and inv["hostname"] == "fakehost" for inv in result.inventories)
     lines = [line for line in result.stderr.splitlines() if "NVML unavailable" in line]
-    assert lines == [f"WARNING agent.inventory.nvml: NVML unavailable ({reason}): {NO_NVML_ADVICE}"], result.stderr
+    expected = f"WARNING gpulease.agent.inventory.nvml: NVML unavailable ({reason}): {NO_NVML_ADVICE}"
+    assert lines == [expected], result.stderr
 
 
 @pytest.mark.skipif(ctypes.util.find_library("nvidia-ml") is not None, reason="this host has a real libnvidia-ml")
@@ -582,7 +583,7 @@ def test_agent_process_reports_nvml_gpus(
     listen = f"127.0.0.1:{procs.free_port()}"
     args = ["--coordinator", coordinator.address, "--node-id", "nvml-node", "--listen", listen]
     env = fakenvml.child_env(fake_nvml.full if build == "full" else fake_nvml.minimal, config)
-    agent = procs.start_python_module("agent nvml-node", "agent.main", args, tmp_path / "agent.log", env=env)
+    agent = procs.start_python_module("agent nvml-node", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
     try:
         procs.wait_grpc_health(listen, 30, agent)  # SERVING = registered
         with grpc.insecure_channel(listen) as channel:

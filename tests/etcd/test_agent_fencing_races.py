@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.runtime import ContainerInfo, ContainerLaunch
+from gpulease.agent.runtime import ContainerInfo, ContainerLaunch
 from gpulease.errors import Conflict, StaleFencingToken, Unavailable
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb

@@ -201,8 +201,10 @@ def test_lost_when_the_coordinator_is_gone_for_longer_than_the_ttl(coordinator: 
 
 SIGTERM_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import faulthandler, signal, sys, time
     from gpulease.client import Client
+
+    faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if this hangs
 
     with Client(sys.argv[1], timeout=5) as client:
         with client.allocate(gpus=2, ttl=60, owner="sigterm") as alloc:
@@ -232,7 +234,15 @@ def test_sigterm_releases_the_allocation(client: Client, address: str, tmp_path:
         assert free_gpus(client) == NODE_GPUS - 2
         sent = time.monotonic()
         child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=15)
+        try:
+            out, err = child.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGUSR1)  # faulthandler: where is each thread?
+            time.sleep(1)
+            child.kill()
+            _, err = child.communicate(timeout=10)
+            stacks = err.decode()
+            raise AssertionError(f"the child did not exit within 15 s of SIGTERM; its threads:\n{stacks}") from None
         assert child.returncode == 128 + signal.SIGTERM, err.decode()
         assert b"not reached" not in out
         # Free right away, not after the 60 s TTL.
@@ -384,7 +394,7 @@ def test_run_container_is_resent_only_when_it_never_reached_a_coordinator(serve_
 def _coordinator_at(tmp: Path, etcd_url: str, prefix: str, address: str) -> procs.ManagedProcess:
     """Like harness.start_coordinator, but on a given address (to restart one in place)."""
     args = ["--etcd", etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", "60"]
-    proc = procs.start_python_module(f"coordinator-{address}", "coordinator.main", args,
+    proc = procs.start_python_module(f"coordinator-{address}", "gpulease.coordinator.main", args,
                                      tmp / f"coordinator-{time.monotonic_ns()}.log",
                                      env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
     procs.wait_grpc_health(address, 20, proc)

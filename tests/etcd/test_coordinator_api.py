@@ -234,8 +234,8 @@ def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path, prefix: str) ->
     dead = f"http://127.0.0.1:{procs.free_port()}"
     port = procs.free_port()
     proc = procs.start_python_module(
-        "coordinator", "coordinator.main", ["--etcd", dead, "--listen", f"127.0.0.1:{port}", "--etcd-timeout", "1"],
-        tmp_path / "c.log",
+        "coordinator", "gpulease.coordinator.main",
+        ["--etcd", dead, "--listen", f"127.0.0.1:{port}", "--etcd-timeout", "1"], tmp_path / "c.log",
     )  # fmt: skip
     try:
         harness.wait_until(lambda: procs.port_is_free(port) is False, 15, "coordinator port")

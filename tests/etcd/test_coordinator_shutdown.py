@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.store import Store
+from gpulease.coordinator.store import Store
 from tests.support import harness
 from tests.support.inproc import core, node_info
 

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from coordinator.allocations import AllocateInput, AllocationPolicy
-from coordinator.committer import CommitResult, Committer, Item
-from coordinator.domain import Snapshot
-from coordinator.keys import Keys
-from coordinator.store import OutcomeUnknown, Store
+from gpulease.coordinator.allocations import AllocateInput, AllocationPolicy
+from gpulease.coordinator.committer import CommitResult, Committer, Item
+from gpulease.coordinator.domain import Snapshot
+from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.store import OutcomeUnknown, Store
 from gpulease.errors import Unavailable
 from tests.support import harness
 from tests.support.inproc import Core, core, node_info, until

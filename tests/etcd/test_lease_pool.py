@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from coordinator.lease_pool import LeasePool, needs_renewal
-from coordinator.store import Store
+from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
+from gpulease.coordinator.store import Store
 from gpulease.v1 import coordinator_pb2 as pb
 from tests.support import harness
 

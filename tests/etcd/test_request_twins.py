@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.allocations import AllocateInput
-from coordinator.batcher import Batcher, BatchPolicy
-from coordinator.domain import ResourceRequest
+from gpulease.coordinator.allocations import AllocateInput
+from gpulease.coordinator.batcher import Batcher, BatchPolicy
+from gpulease.coordinator.domain import ResourceRequest
 from tests.support import harness
 from tests.support.batcher_fakes import (
     ONE,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.keys import range_end
-from coordinator.store import Store
+from gpulease.coordinator.keys import range_end
+from gpulease.coordinator.store import Store
 from tests.support import harness
 
 

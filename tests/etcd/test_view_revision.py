@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from coordinator.keys import range_end
-from coordinator.store import Put, Store
+from gpulease.coordinator.keys import range_end
+from gpulease.coordinator.store import Put, Store
 from gpulease.errors import InsufficientResources
 from tests.support import harness
 from tests.support.inproc import HoldingStore, core, node_info

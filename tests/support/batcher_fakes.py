@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from types import MappingProxyType
 
-from coordinator.committer import CommitResult, Committed, Item, Rejected, gpus_of
-from coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeView, ResourceRequest, Snapshot
+from gpulease.coordinator.committer import CommitResult, Committed, Item, Rejected, gpus_of
+from gpulease.coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeView, ResourceRequest, Snapshot
 
 
 def node(name: str, gpus: int = 8, held: frozenset[int] = frozenset()) -> NodeView:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from agent.runtime import (
+from gpulease.agent.runtime import (
     LABEL_ALLOCATION,
     LABEL_GPU_UUIDS,
     LABEL_GPUS,

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from coordinator.keys import range_end
-from coordinator.store import Store
 from gpulease import procs
 from gpulease.client import MAX_RECEIVE_BYTES
+from gpulease.coordinator.keys import range_end
+from gpulease.coordinator.store import Store
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -79,7 +79,7 @@ def start_coordinator(
     args = ["--etcd", etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", str(node_ttl),
             "--heartbeat-interval", str(heartbeat), *(extra or [])]  # fmt: skip
     name = f"coordinator-{port}"
-    proc = procs.start_python_module(name, "coordinator.main", args, tmp / f"{name}.log",
+    proc = procs.start_python_module(name, "gpulease.coordinator.main", args, tmp / f"{name}.log",
                                      env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
     procs.wait_grpc_health(address, 20, proc)
     # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB: as the client does.
@@ -176,7 +176,7 @@ def start_agent(tmp: Path, coordinator: str, name: str, gpus: int, *, cpus: int 
     port = procs.free_port()
     args = ["--coordinator", coordinator, "--node-id", name, "--listen", f"127.0.0.1:{port}",
             "--simulate-gpus", str(gpus), "--cpus", str(cpus), "--memory", memory]  # fmt: skip
-    proc = procs.start_python_module(f"agent-{name}", "agent.main", args, tmp / f"agent-{name}.log",
+    proc = procs.start_python_module(f"agent-{name}", "gpulease.agent.main", args, tmp / f"agent-{name}.log",
                                      env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
     procs.wait_grpc_health(f"127.0.0.1:{port}", 20, proc)
     return proc

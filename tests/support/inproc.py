@@ -12,14 +12,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from coordinator.allocations import AllocateInput, AllocationPolicy, AllocationService
-from coordinator.committer import CommitResult, Committer, EtcdCommitter, Item
-from coordinator.domain import Allocation, GpuInfo, NodeInfo, Snapshot
-from coordinator.keys import Keys, range_end
-from coordinator.nodes import NodePolicy, NodeService
-from coordinator.records import decode_res
-from coordinator.store import Store, WatchBatch
-from coordinator.view import ClusterView
+from gpulease.coordinator.allocations import AllocateInput, AllocationPolicy, AllocationService
+from gpulease.coordinator.committer import CommitResult, Committer, EtcdCommitter, Item
+from gpulease.coordinator.domain import Allocation, GpuInfo, NodeInfo, Snapshot
+from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.nodes import NodePolicy, NodeService
+from gpulease.coordinator.records import decode_res
+from gpulease.coordinator.store import Store, WatchBatch
+from gpulease.coordinator.view import ClusterView
 
 GiB = 2**30
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.batcher import Batcher, BatchPolicy
-from coordinator.committer import Rejected
-from coordinator.domain import Allocation, ResourceRequest
-from coordinator.store import LeaseNotFound, OutcomeUnknown
+from gpulease.coordinator.batcher import Batcher, BatchPolicy
+from gpulease.coordinator.committer import Rejected
+from gpulease.coordinator.domain import Allocation, ResourceRequest
+from gpulease.coordinator.store import LeaseNotFound, OutcomeUnknown
 from gpulease.errors import Conflict, InsufficientResources, InvalidRequest, Unavailable
 from tests.support.batcher_fakes import (
     ONE,
@@ -169,8 +169,8 @@ async def test_oversized_request_is_refused_not_wedged() -> None:
 
 
 def test_the_per_commit_invariant_check_catches_what_placement_must_never_do() -> None:
-    from coordinator.batch_placement import check_batch
-    from coordinator.domain import Placement
+    from gpulease.coordinator.batch_placement import check_batch
+    from gpulease.coordinator.domain import Placement
 
     snap = FakeSource(node("a", 4, held=frozenset({0}))).snap
     one = ResourceRequest(gpus=1, cpus=32, memory_bytes=1)

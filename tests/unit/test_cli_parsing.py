@@ -13,8 +13,8 @@ from gpulease.cli.config import CliConfig
 from gpulease.cli.devconfig import DevClusterConfig
 from gpulease.cli.main import main
 from gpulease.client import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.common.units import format_size, parse_duration, parse_size
 from gpulease.errors import InvalidRequest
-from gpulease.units import format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def raised_by(address: str | list[str], call: Callable[[Client], object]) -> err
         (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
         (grpc.StatusCode.INTERNAL, errors.Internal),
-        # gRPC's own failure of the call (gpulease.rpc_status): the coordinator did not answer.
+        # gRPC's own failure of the call (gpulease.common.rpc_status): the coordinator did not answer.
         (grpc.StatusCode.UNKNOWN, errors.Unavailable),
         (grpc.StatusCode.UNIMPLEMENTED, errors.Internal),
         (grpc.StatusCode.ALREADY_EXISTS, errors.Internal),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import CoordinatorConfig, load
+from gpulease.coordinator.config import CoordinatorConfig, load
 from gpulease.errors import InvalidRequest
 
 
@@ -58,7 +58,7 @@ def test_unknown_file_keys_are_refused(tmp_path: Path) -> None:
 def test_event_loop_choice_runs_on_that_loop() -> None:
     import asyncio
 
-    from gpulease import eventloop
+    from gpulease.common import eventloop
 
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.config import load_config as load_agent
-from coordinator.config import load as load_coordinator
+from gpulease.agent.config import load_config as load_agent
+from gpulease.coordinator.config import load as load_coordinator
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 

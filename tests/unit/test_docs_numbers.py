@@ -6,9 +6,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from coordinator import config as coordinator_config
-from coordinator.batcher import BatchPolicy
-from coordinator.nodes import VIEW_CATCH_UP_S
+from gpulease.coordinator import config as coordinator_config
+from gpulease.coordinator.batcher import BatchPolicy
+from gpulease.coordinator.nodes import VIEW_CATCH_UP_S
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.inventory.host import HostOnlyInventory, total_memory_bytes, usable_cpus
-from agent.linux import cgroup_cpu_limit, cgroup_memory_limit
+from gpulease.agent.inventory.host import HostOnlyInventory, total_memory_bytes, usable_cpus
+from gpulease.agent.linux import cgroup_cpu_limit, cgroup_memory_limit
 
 GiB = 2**30
 AFFINITY = len(os.sched_getaffinity(0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.linux import (
+from gpulease.agent.linux import (
     CgroupEntry,
     cgroup_pids,
     format_cpulist,

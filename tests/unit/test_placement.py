@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pytest
 
-from coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
-from coordinator.placement import place
+from gpulease.coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.placement import place
 from gpulease.errors import GpuLeaseError, InsufficientResources, Unsatisfiable
 
 GIB = 1 << 30

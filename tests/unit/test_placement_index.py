@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.batch_placement import place_batch
-from coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
-from coordinator.placement import place
-from coordinator.placement_index import PlacementIndex, placement_on
+from gpulease.coordinator.batch_placement import place_batch
+from gpulease.coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.placement import place
+from gpulease.coordinator.placement_index import PlacementIndex, placement_on
 from gpulease.errors import InsufficientResources, Unsatisfiable
 
 

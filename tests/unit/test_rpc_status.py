@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from agent.fencing import CoordinatorClient
-from coordinator.agents import agent_error
 from gpulease import errors
+from gpulease.agent.fencing import CoordinatorClient
 from gpulease.client.rpc_errors import to_error
+from gpulease.common.rpc_status import decode
+from gpulease.coordinator.agents import agent_error
 from gpulease.errors import REASON_METADATA_KEY
-from gpulease.rpc_status import decode
 
 S = grpc.StatusCode
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gpulease.sdnotify import sd_notify
+from gpulease.common.sdnotify import sd_notify
 
 
 def test_sends_to_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

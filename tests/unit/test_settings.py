@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import fencing
-from agent.config import load_config as load_agent
-from coordinator import validation
-from coordinator.config import load as load_coordinator
-from gpulease import settings
+from gpulease.agent import fencing
+from gpulease.agent.config import load_config as load_agent
 from gpulease.cli import config as cli_config
-from gpulease.settings import ConfigError, split_host_port
+from gpulease.common import settings
+from gpulease.common.settings import ConfigError, split_host_port
+from gpulease.coordinator import validation
+from gpulease.coordinator.config import load as load_coordinator
 
 AGENT_BASE = ["--coordinator", "c:1", "--node-id", "n1"]
 

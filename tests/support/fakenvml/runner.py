@@ -20,8 +20,8 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from agent.inventory import InventoryContext
-from agent.inventory.nvml import NvmlInventory
+from gpulease.agent.inventory import InventoryContext
+from gpulease.agent.inventory.nvml import NvmlInventory
 
 
 class Clock:
