@@ -182,3 +182,22 @@ def test_the_per_commit_invariant_check_catches_what_placement_must_never_do() -
     ):
         with pytest.raises(AssertionError):
             check_batch(snap, bad)
+
+
+async def test_members_after_an_overflow_wait_a_round_and_take_nothing() -> None:
+    """Members that would push the txn past max_txn_ops wait, and so does every later member: they
+    were placed on an overlay that counted the overflowing one, so none of their results holds."""
+    committer = FakeCommitter()
+    big = ResourceRequest(gpus=6, cpus=1, memory_bytes=1)
+    batcher = Batcher(FakeSource(node("a", 8), node("b", 8)), committer, by_request_id=no_lookup, by_id=no_lookup,
+                      claim=claim_as_is, decide=never_committed, policy=BatchPolicy(max_txn_ops=16))  # fmt: skip
+    task = asyncio.create_task(batcher.run())
+    try:
+        futs = [batcher.submit(big, draft(1)), batcher.submit(big, draft(2)), batcher.submit(ONE, draft(3))]
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert all(not isinstance(r, BaseException) for r in results)
+    # The 2nd member overflows the first txn: it and the 3rd (which would have fitted) wait a round.
+    assert [[i.draft.id for i in b] for b in committer.batches] == [[draft(1).id], [draft(2).id, draft(3).id]]
