@@ -17,12 +17,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
-import grpc
-
 from gpulease import procs
-from gpulease.common.units import format_size
+from gpulease.client import Client
+from gpulease.errors import GpuLeaseError
 from gpulease.procs import ManagedProcess, StartupError
-from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
     from gpulease.cli.devconfig import DevClusterConfig
@@ -209,20 +207,19 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         missing = wanted
         last_error = ""
-        with grpc.insecure_channel(self.coordinator_address) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        # One attempt per poll (retry_deadline 0): this loop is the retry, and it watches the processes.
+        with Client(self.coordinator_address, timeout=RPC_TIMEOUT_S, retry_deadline=0, handle_sigterm=False) as client:
             while True:
                 dead = self.first_dead()
                 if dead is not None:
                     raise StartupError(_death_message(dead))
                 try:
-                    response = stub.ListNodes(coordinator_pb2.ListNodesRequest(), timeout=RPC_TIMEOUT_S)
-                    up = {n.name for n in response.nodes if n.state == types_pb2.NODE_STATE_UP}
+                    up = {n.name for n in client.list_nodes() if n.state == "up"}
                     missing = wanted - up
                     if not missing:
                         return
-                except grpc.RpcError as e:
-                    last_error = f"; last error {e.code().name}: {e.details()}"
+                except GpuLeaseError as e:
+                    last_error = f"; last error: {e.message}"
                 if time.monotonic() >= deadline:
                     raise StartupError(
                         f"coordinator does not list node(s) {', '.join(sorted(missing))} as up "
@@ -320,8 +317,8 @@ def run_dev_cluster(cfg: DevClusterConfig) -> int:
             print(f"error: {e}", file=sys.stderr)
             keep_data = True
             return 1
-        except grpc.RpcError as e:
-            print(f"error: coordinator call failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        except GpuLeaseError as e:
+            print(f"error: coordinator call failed: {e.message}", file=sys.stderr)
             keep_data = True
             return 1
         finally:
@@ -358,55 +355,20 @@ def _print_banner(cluster: LocalCluster, cfg: DevClusterConfig, names: Sequence[
 
 
 def _run_demo(address: str) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    """Allocate and release through the client library, printed by gpuctl's own output code."""
+    from gpulease.cli import views
+    from gpulease.cli.commands import print_status
+
+    with Client(address, timeout=RPC_TIMEOUT_S, handle_sigterm=False) as client:
         _say("demo: cluster before allocating")
-        _say(_summary(stub))
-        request = coordinator_pb2.AllocateRequest(gpus=2, owner="demo", ttl_seconds=60)
-        _say("\ndemo: Allocate(gpus=2, owner='demo', ttl=60s)")
-        allocation = stub.Allocate(request, timeout=RPC_TIMEOUT_S).allocation
-        _say(format_allocation(allocation))
-        _say(_summary(stub))
-        _say(f"\ndemo: Release({allocation.id})")
-        released = stub.Release(
-            coordinator_pb2.ReleaseRequest(allocation_id=allocation.id), timeout=RPC_TIMEOUT_S
-        ).released
-        _say(f"  released: {released}")
+        print_status(client.cluster_summary())
+        _say("\ndemo: allocate(gpus=2, owner='demo', ttl=60s)")
+        allocation = client.allocate(gpus=2, owner="demo", ttl=60)
+        _say(f"  {views.allocation_line(allocation)}")
+        _say(f"  GPUs (simulated): {', '.join(f'{g.index} ({g.uuid})' for g in allocation.gpus)}")
+        print_status(client.cluster_summary())
+        _say(f"\ndemo: release({allocation.id})")
+        _say(f"  released: {allocation.release()}")
         _say("\ndemo: cluster after releasing")
-        _say(_summary(stub) + "\n")
-
-
-def _summary(stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> str:
-    response = stub.GetClusterSummary(coordinator_pb2.GetClusterSummaryRequest(), timeout=RPC_TIMEOUT_S)
-    return format_summary(response)
-
-
-def format_allocation(a: types_pb2.Allocation) -> str:
-    gpus = ", ".join(f"{g.index} ({g.uuid})" for g in a.gpus)
-    return (
-        f"  allocation {a.id} on {a.node} ({a.node_address})\n"
-        f"    GPUs: {gpus}\n"
-        f"    {a.cpus} CPU(s), {format_size(a.memory_bytes)} memory, ttl {a.ttl_seconds}s, "
-        f"owner {a.owner!r}, fencing token (revision) {a.revision}"
-    )
-
-
-def format_summary(response: coordinator_pb2.GetClusterSummaryResponse) -> str:
-    rows = [("NODE", "STATE", "GPUS FREE/TOTAL", "CPUS FREE/TOTAL", "MEMORY FREE/TOTAL")]
-    totals = [(n, False) for n in response.nodes] + [(response.totals, True)]
-    for n, is_total in totals:
-        rows.append(
-            (
-                "TOTAL" if is_total else n.name,
-                "" if is_total else _state_name(n.state),
-                f"{n.gpus_free}/{n.gpus_total}",
-                f"{n.cpus_free}/{n.cpus_total}",
-                f"{format_size(n.memory_free_bytes)}/{format_size(n.memory_total_bytes)}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
-
-
-def _state_name(state: int) -> str:
-    return types_pb2.NodeState.Name(state).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
+        print_status(client.cluster_summary())
+        _say("")

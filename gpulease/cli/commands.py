@@ -10,6 +10,7 @@ from gpulease.cli import views
 from gpulease.cli.config import CliConfig
 from gpulease.cli.devconfig import DevClusterConfig
 from gpulease.cli.output import print_json, print_table
+from gpulease.client.models import ClusterSummary
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
 
@@ -23,10 +24,15 @@ def status(cfg: CliConfig, args: argparse.Namespace) -> int:
         nodes = [{"name": n.name, "state": n.state, **views.summary_counters(n)} for n in summary.nodes]
         print_json({"nodes": nodes, "totals": views.summary_counters(summary.totals)})
         return 0
+    print_status(summary)
+    return 0
+
+
+def print_status(summary: ClusterSummary) -> None:
+    """`gpuctl status`'s table: one row per node and a TOTAL row (gpuctl dev's demo prints it too)."""
     rows = [views.summary_row(n.name, n.state, n) for n in summary.nodes]
     rows.append(views.summary_row("TOTAL", "", summary.totals))
     print_table(["NODE", "STATE", "GPUS", "CPUS", "MEMORY"], rows)
-    return 0
 
 
 def nodes(cfg: CliConfig, args: argparse.Namespace) -> int:

@@ -231,14 +231,16 @@ def test_dev_cluster_demo_allocates_and_releases(tmp_path: Path) -> None:
             raise AssertionError(f"no line {text!r} after line {start} in:\n{out}")
 
         before = index("demo: cluster before allocating")
-        allocate = index("demo: Allocate(gpus=2, owner='demo', ttl=60s)", before)
-        m = re.fullmatch(r"\s*allocation ([0-9a-f]{8,64}) on (node-[01]) \(127\.0\.0\.1:\d+\)", lines[allocate + 1])
+        allocate = index("demo: allocate(gpus=2, owner='demo', ttl=60s)", before)
+        # gpuctl's own allocation line, then the simulated GPUs by UUID.
+        m = re.fullmatch(
+            r"\s*allocated ([0-9a-f]{8,64}) on (node-[01]): GPUs \d+,\d+ .* revision \d+", lines[allocate + 1]
+        )
         assert m, out
         alloc_id, node = m.groups()
-        assert re.fullmatch(rf"\s*GPUs: \d+ \(GPU-SIM-{node}-\d+\), \d+ \(GPU-SIM-{node}-\d+\)", lines[allocate + 2]), (
-            out
-        )
-        release = index(f"demo: Release({alloc_id})", allocate)
+        assert re.fullmatch(rf"\s*GPUs \(simulated\): \d+ \(GPU-SIM-{node}-\d+\), \d+ \(GPU-SIM-{node}-\d+\)",
+                            lines[allocate + 2]), out  # fmt: skip
+        release = index(f"demo: release({alloc_id})", allocate)
         assert lines[release + 1].strip() == "released: True", out
         after = index("demo: cluster after releasing", release)
         assert index(READY_LINE, after) > after
