@@ -33,6 +33,11 @@ from gpulease.errors import AllocationNotFound, Conflict, InsufficientResources,
 log = logging.getLogger(__name__)
 
 
+# How long an answer waits for this replica's view to show its own write (never an error: past it,
+# the answer goes out and the view catches up a moment later).
+VIEW_WAIT_S = 1.0
+
+
 @dataclass(frozen=True)
 class AllocationPolicy:
     default_ttl: int = 60
@@ -148,6 +153,9 @@ class AllocationService:
         alloc, reused = await asyncio.shield(fut)
         if alloc.id == alloc_id:
             await self._full_ttl(alloc, granted_at)
+            # Read your writes: a ListNodes or GetClusterSummary sent to this replica after the
+            # answer shows the allocation (the batcher waits for the same event before its next round).
+            await self._view.wait_for_revision(alloc.revision, VIEW_WAIT_S)
         return alloc, reused
 
     async def _full_ttl(self, alloc: Allocation, granted_at: float) -> None:
@@ -214,7 +222,10 @@ class AllocationService:
         if alloc is None:
             return 0
         # Revoking the lease deletes every key of the allocation in one step.
-        return await self._store.revoke(alloc.lease_id)
+        revision = await self._store.revoke(alloc.lease_id)
+        if revision > 0:  # read your writes, as for allocate(): the GPUs show as free once answered
+            await self._view.wait_for_revision(revision, VIEW_WAIT_S)
+        return revision
 
     async def keep_alive(self, alloc_id: str) -> int:
         validation.allocation_id(alloc_id)
