@@ -79,8 +79,8 @@ class AllocationService:
         self._batcher = Batcher(
             view,
             committer,
-            by_request_id=self._by_request_id,
-            by_id=self._by_id,
+            by_request_id=self.settler.by_request_id,
+            by_id=self.settler.by_id,
             claim=self.settler.claim,
             decide=self.settler.decide,
             policy=BatchPolicy(
@@ -133,7 +133,7 @@ class AllocationService:
             try:
                 self._place(req, self._view.snapshot())
             except (InsufficientResources, Unsatisfiable):
-                existing = await self._by_request_id(request_id)
+                existing = await self.settler.by_request_id(request_id)
                 existing = await self.settler.claim(existing) if existing else None
                 if existing:
                     return existing, True
@@ -197,19 +197,11 @@ class AllocationService:
     def _place(self, req: ResourceRequest, snapshot: Snapshot) -> Placement:
         return place_one(snapshot, req, self._view.index)
 
-    async def _by_request_id(self, request_id: str) -> Allocation | None:
-        kv = await self._store.get(self._keys.req(request_id))
-        return await self._by_id(kv.value.decode()) if kv else None
-
-    async def _by_id(self, alloc_id: str) -> Allocation | None:
-        kv = await self._store.get(self._keys.alloc(alloc_id))
-        return decode_alloc(kv.value, kv.create_revision) if kv else None
-
     # --- the rest of the allocation lifecycle -------------------------------------------
 
     async def get(self, alloc_id: str) -> Allocation:
         """Linearizable: agents use this to check fencing tokens."""
-        alloc = await self._by_id(validation.allocation_id(alloc_id))
+        alloc = await self.settler.by_id(validation.allocation_id(alloc_id))
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
         return alloc
@@ -218,7 +210,7 @@ class AllocationService:
         """Revision of the release, or 0 when the allocation was not live (release is idempotent)."""
         # The view usually knows the lease, saving a read; a stale entry is harmless (revoking a
         # lease that is already gone answers 0), a missing one (just created) falls back to etcd.
-        alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self._by_id(alloc_id)
+        alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self.settler.by_id(alloc_id)
         if alloc is None:
             return 0
         # Revoking the lease deletes every key of the allocation in one step.
@@ -229,7 +221,7 @@ class AllocationService:
 
     async def keep_alive(self, alloc_id: str) -> int:
         validation.allocation_id(alloc_id)
-        alloc = self._view.allocation(alloc_id) or await self._by_id(alloc_id)
+        alloc = self._view.allocation(alloc_id) or await self.settler.by_id(alloc_id)
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
         ttl = await self._store.keepalive_once(alloc.lease_id)

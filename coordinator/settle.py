@@ -58,7 +58,7 @@ class Settler:
             out = await self._store.txn([Cmp(req, "version", "==", 0)], [Put(req, b"", draft.lease_id)], [Get(req)])
         except LeaseNotFound:
             # The draft's lease is gone, and with it anything the draft could have written.
-            return await self._holder(req)
+            return await self.by_request_id(draft.request_id)
         if out.succeeded:
             return None
         kv = out.reads[0][0] if out.reads and out.reads[0] else None
@@ -70,7 +70,7 @@ class Settler:
             # Another in-doubt draft of the same request id blocked it: once that one's lease is
             # revoked the key is gone, and this draft could still commit. Not decided yet.
             raise OutcomeUnknown(f"request {draft.request_id} is being settled elsewhere; deciding again")
-        holder = await self._by_id(kv.value.decode())
+        holder = await self.by_id(kv.value.decode())
         if holder is None:  # it ended in between, freeing the request id: decide again
             raise OutcomeUnknown(f"the allocation holding request {draft.request_id} just ended; deciding again")
         return holder
@@ -192,11 +192,14 @@ class Settler:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _holder(self, req_key: str) -> Allocation | None:
-        kv = await self._store.get(req_key)
-        return await self._by_id(kv.value.decode()) if kv and kv.value else None
+    # --- linearizable reads (the allocation service uses them too) ---------------------------
 
-    async def _by_id(self, alloc_id: str) -> Allocation | None:
+    async def by_request_id(self, request_id: str) -> Allocation | None:
+        """The live allocation holding `request_id`; None if none does (or a settler's "" blocks it)."""
+        kv = await self._store.get(self._keys.req(request_id))
+        return await self.by_id(kv.value.decode()) if kv and kv.value else None
+
+    async def by_id(self, alloc_id: str) -> Allocation | None:
         kv = await self._store.get(self._keys.alloc(alloc_id))
         return decode_alloc(kv.value, kv.create_revision) if kv else None
 
