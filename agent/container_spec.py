@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from gpulease.agent.runtime import RESERVED_ENV
+from gpulease.common.settings import ALLOCATION_ID_RE
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import types_pb2 as tpb
 
@@ -25,7 +26,6 @@ MAX_ENV_VALUE_BYTES = 32 * 1024
 MAX_PATH_CHARS = 4096
 MAX_VOLUMES = 64
 
-_ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _CONTAINER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _CONTAINER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -35,7 +35,7 @@ _BAD_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 def check_allocation_id(value: str) -> None:
     """InvalidRequest unless value has the shape of an allocation id."""
-    if not _ALLOC_ID_RE.match(value):
+    if not ALLOCATION_ID_RE.match(value):
         raise InvalidRequest(
             f"allocation id {value[:80]!r} is malformed: ids are 8-64 lowercase hex characters "
             "as printed by `gpuctl allocate`"

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 
-from gpulease.common.settings import MAX_TTL_S, MIN_TTL_S, split_host_port
+from gpulease.common.settings import ALLOCATION_ID_RE, MAX_TTL_S, MIN_TTL_S, split_host_port
 from gpulease.coordinator.domain import GpuInfo, NodeInfo, ResourceRequest
 from gpulease.errors import InvalidRequest
 
@@ -20,7 +20,6 @@ MAX_SELECTOR = 32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Airflow run ids look like "scheduled__2024-01-01T00:00:00+00:00": allow ':' '+' '@' '='.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:+@=-]{1,256}$")
-_ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 # A GPU's UUID is part of an etcd key (gpus/<node>/<uuid>): no '/', nothing that reads as an index.
 _GPU_UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+@-]{0,127}$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -52,7 +51,7 @@ def node_name(value: str, field: str = "node") -> str:
 
 
 def allocation_id(value: str) -> str:
-    if not _ALLOC_ID_RE.match(value):
+    if not ALLOCATION_ID_RE.match(value):
         raise InvalidRequest(
             f"allocation id {value[:80]!r} is malformed: ids are 8-64 lowercase hex characters "
             "as printed by `gpuctl allocate`"

@@ -11,6 +11,7 @@ Also the limits that the tiers share (coordinator, agent, client), declared once
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ MAX_TTL_S = 86400
 # the StartContainer path, so it fails fast).
 CLIENT_CALL_TIMEOUT_S = 10.0
 AGENT_CALL_TIMEOUT_S = 5.0
+
+
+# An allocation id as the coordinator makes it (ms since the epoch, then randomness, in lowercase
+# hex): the coordinator and the agent refuse anything else before it reaches etcd or Docker.
+ALLOCATION_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 class ConfigError(InvalidRequest):
