@@ -78,8 +78,32 @@ class Conflict(GpuLeaseError):
 
 
 class PermissionDenied(GpuLeaseError):
+    """The caller is known but may not do this; the message names the rule that refused it."""
+
     reason = "PERMISSION_DENIED"
     code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(GpuLeaseError):
+    """No credential, or one the server does not accept (unknown, revoked or expired token;
+    a certificate from another CA or naming no gpulease identity)."""
+
+    reason = "UNAUTHENTICATED"
+    code = "UNAUTHENTICATED"
+
+
+class AlreadyExists(GpuLeaseError):
+    """The name or request id is taken by something of a different shape; it is not handed over."""
+
+    reason = "ALREADY_EXISTS"
+    code = "ALREADY_EXISTS"
+
+
+class RateLimited(GpuLeaseError):
+    """This caller sent more requests than its rate allows; retry after a short wait."""
+
+    reason = "RATE_LIMITED"
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(GpuLeaseError):
@@ -121,6 +145,9 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     AllocationLost,
     Conflict,
     PermissionDenied,
+    Unauthenticated,
+    AlreadyExists,
+    RateLimited,
     Unavailable,
     DeadlineExceeded,
     ContainerNotFound,
@@ -139,7 +166,8 @@ BY_CODE: dict[str, type[GpuLeaseError]] = {
     "NOT_FOUND": AllocationNotFound,
     "ABORTED": Conflict,
     "PERMISSION_DENIED": PermissionDenied,
-    "UNAUTHENTICATED": PermissionDenied,
+    "UNAUTHENTICATED": Unauthenticated,
+    "ALREADY_EXISTS": AlreadyExists,
     "UNAVAILABLE": Unavailable,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
 }

@@ -539,3 +539,289 @@ class GetStatsResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["allocations_committed", b"allocations_committed", "commits", b"commits", "nodes", b"nodes", "rejected_commits", b"rejected_commits", "view_revision", b"view_revision"]) -> None: ...
 
 global___GetStatsResponse = GetStatsResponse
+
+@typing.final
+class WhoAmIRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___WhoAmIRequest = WhoAmIRequest
+
+@typing.final
+class WhoAmIResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    METHOD_FIELD_NUMBER: builtins.int
+    principal: builtins.str
+    """"user:alice", "agent:node-1", "local:local" (a clear-text coordinator trusts every caller)."""
+    role: builtins.str
+    """admin, user or viewer; empty for agents and coordinators."""
+    tenant: builtins.str
+    method: builtins.str
+    """How the caller was identified: "certificate", "token" or "none" (clear text)."""
+    def __init__(
+        self,
+        *,
+        principal: builtins.str = ...,
+        role: builtins.str = ...,
+        tenant: builtins.str = ...,
+        method: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["method", b"method", "principal", b"principal", "role", b"role", "tenant", b"tenant"]) -> None: ...
+
+global___WhoAmIResponse = WhoAmIResponse
+
+@typing.final
+class DeleteNodeRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: builtins.int
+    node: builtins.str
+    def __init__(
+        self,
+        *,
+        node: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["node", b"node"]) -> None: ...
+
+global___DeleteNodeRequest = DeleteNodeRequest
+
+@typing.final
+class DeleteNodeResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: builtins.int
+    revision: builtins.int
+    def __init__(
+        self,
+        *,
+        revision: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["revision", b"revision"]) -> None: ...
+
+global___DeleteNodeResponse = DeleteNodeResponse
+
+@typing.final
+class TokenInfo(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: builtins.int
+    EXPIRES_UNIX_MS_FIELD_NUMBER: builtins.int
+    CREATED_BY_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    role: builtins.str
+    tenant: builtins.str
+    created_unix_ms: builtins.int
+    expires_unix_ms: builtins.int
+    """0 = never expires."""
+    created_by: builtins.str
+    """The principal that created it."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        role: builtins.str = ...,
+        tenant: builtins.str = ...,
+        created_unix_ms: builtins.int = ...,
+        expires_unix_ms: builtins.int = ...,
+        created_by: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["created_by", b"created_by", "created_unix_ms", b"created_unix_ms", "expires_unix_ms", b"expires_unix_ms", "name", b"name", "role", b"role", "tenant", b"tenant"]) -> None: ...
+
+global___TokenInfo = TokenInfo
+
+@typing.final
+class CreateTokenRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    TTL_SECONDS_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    role: builtins.str
+    """admin, user or viewer."""
+    tenant: builtins.str
+    """Empty = the token's name."""
+    ttl_seconds: builtins.int
+    """0 = never expires."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        role: builtins.str = ...,
+        tenant: builtins.str = ...,
+        ttl_seconds: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name", "role", b"role", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+
+global___CreateTokenRequest = CreateTokenRequest
+
+@typing.final
+class CreateTokenResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: builtins.int
+    INFO_FIELD_NUMBER: builtins.int
+    token: builtins.str
+    """The secret, shown this once: only its SHA-256 is stored."""
+    @property
+    def info(self) -> global___TokenInfo: ...
+    def __init__(
+        self,
+        *,
+        token: builtins.str = ...,
+        info: global___TokenInfo | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["info", b"info"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["info", b"info", "token", b"token"]) -> None: ...
+
+global___CreateTokenResponse = CreateTokenResponse
+
+@typing.final
+class ListTokensRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___ListTokensRequest = ListTokensRequest
+
+@typing.final
+class ListTokensResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: builtins.int
+    @property
+    def tokens(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TokenInfo]: ...
+    def __init__(
+        self,
+        *,
+        tokens: collections.abc.Iterable[global___TokenInfo] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["tokens", b"tokens"]) -> None: ...
+
+global___ListTokensResponse = ListTokensResponse
+
+@typing.final
+class RevokeTokenRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+global___RevokeTokenRequest = RevokeTokenRequest
+
+@typing.final
+class RevokeTokenResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: builtins.int
+    revoked: builtins.bool
+    def __init__(
+        self,
+        *,
+        revoked: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["revoked", b"revoked"]) -> None: ...
+
+global___RevokeTokenResponse = RevokeTokenResponse
+
+@typing.final
+class AuditEntry(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TIME_UNIX_MS_FIELD_NUMBER: builtins.int
+    ACTOR_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    ACTION_FIELD_NUMBER: builtins.int
+    TARGET_FIELD_NUMBER: builtins.int
+    OUTCOME_FIELD_NUMBER: builtins.int
+    REVISION_FIELD_NUMBER: builtins.int
+    DETAIL_FIELD_NUMBER: builtins.int
+    time_unix_ms: builtins.int
+    actor: builtins.str
+    """Principal id ("user:alice"), or "anonymous" with the peer address for a denied unauthenticated call."""
+    tenant: builtins.str
+    action: builtins.str
+    """allocate, release, force-release, expire, cordon, uncordon, node-delete, container-start,
+    container-stop, token-create, token-revoke, denied.
+    """
+    target: builtins.str
+    """What it acted on: an allocation id, a node, a token name, an RPC."""
+    outcome: builtins.str
+    """ok, or the refusal's reason."""
+    revision: builtins.int
+    """The etcd revision of the change, when it was an etcd write (0 otherwise)."""
+    detail: builtins.str
+    def __init__(
+        self,
+        *,
+        time_unix_ms: builtins.int = ...,
+        actor: builtins.str = ...,
+        tenant: builtins.str = ...,
+        action: builtins.str = ...,
+        target: builtins.str = ...,
+        outcome: builtins.str = ...,
+        revision: builtins.int = ...,
+        detail: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["action", b"action", "actor", b"actor", "detail", b"detail", "outcome", b"outcome", "revision", b"revision", "target", b"target", "tenant", b"tenant", "time_unix_ms", b"time_unix_ms"]) -> None: ...
+
+global___AuditEntry = AuditEntry
+
+@typing.final
+class ReadAuditRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    SINCE_UNIX_MS_FIELD_NUMBER: builtins.int
+    ACTOR_FIELD_NUMBER: builtins.int
+    LIMIT_FIELD_NUMBER: builtins.int
+    since_unix_ms: builtins.int
+    """Entries at or after this time (0 = from the oldest kept)."""
+    actor: builtins.str
+    """Only this actor ("user:alice"); empty = everyone."""
+    limit: builtins.int
+    """At most this many, the newest ones (0 = 1000)."""
+    def __init__(
+        self,
+        *,
+        since_unix_ms: builtins.int = ...,
+        actor: builtins.str = ...,
+        limit: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actor", b"actor", "limit", b"limit", "since_unix_ms", b"since_unix_ms"]) -> None: ...
+
+global___ReadAuditRequest = ReadAuditRequest
+
+@typing.final
+class ReadAuditResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: builtins.int
+    @property
+    def entries(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AuditEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: collections.abc.Iterable[global___AuditEntry] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["entries", b"entries"]) -> None: ...
+
+global___ReadAuditResponse = ReadAuditResponse

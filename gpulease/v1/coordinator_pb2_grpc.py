@@ -74,6 +74,11 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/WhoAmI',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -150,6 +155,13 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Who this connection's credential says the caller is: identity, role and tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunContainer(self, request, context):
         """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
         agent's address.
@@ -219,6 +231,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetClusterSummary,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.SerializeToString,
             ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
@@ -439,6 +456,33 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/GetClusterSummary',
             gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.GetClusterSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/WhoAmI',
+            gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -809,10 +853,35 @@ class AdminServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/gpulease.v1.AdminService/DeleteNode',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/gpulease.v1.AdminService/GetStats',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/gpulease.v1.AdminService/CreateToken',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/gpulease.v1.AdminService/ListTokens',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/gpulease.v1.AdminService/RevokeToken',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.ReadAudit = channel.unary_unary(
+                '/gpulease.v1.AdminService/ReadAudit',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.FromString,
                 _registered_method=True)
 
 
@@ -826,8 +895,41 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteNode(self, request, context):
+        """Removes a node record that no live allocation uses (a decommissioned or mistyped node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Counters of this coordinator replica since it started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Bearer tokens: the secret is returned once, by CreateToken; only its hash is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadAudit(self, request, context):
+        """The audit log, newest last.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -841,10 +943,35 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CordonNodeResponse.SerializeToString,
             ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeResponse.SerializeToString,
+            ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CreateTokenRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListTokensRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ReadAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAudit,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -886,6 +1013,33 @@ class AdminService(object):
             _registered_method=True)
 
     @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/DeleteNode',
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetStats(request,
             target,
             options=(),
@@ -902,6 +1056,114 @@ class AdminService(object):
             '/gpulease.v1.AdminService/GetStats',
             gpulease_dot_v1_dot_coordinator__pb2.GetStatsRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/CreateToken',
+            gpulease_dot_v1_dot_coordinator__pb2.CreateTokenRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/ListTokens',
+            gpulease_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/RevokeToken',
+            gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/ReadAudit',
+            gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,12 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.GetClusterSummaryResponse,
     ]
 
+    WhoAmI: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.WhoAmIRequest,
+        gpulease.v1.coordinator_pb2.WhoAmIResponse,
+    ]
+    """Who this connection's credential says the caller is: identity, role and tenant."""
+
     RunContainer: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
         gpulease.v1.types_pb2.ContainerStatus,
@@ -130,6 +136,12 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.GetClusterSummaryRequest,
         gpulease.v1.coordinator_pb2.GetClusterSummaryResponse,
     ]
+
+    WhoAmI: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.WhoAmIRequest,
+        gpulease.v1.coordinator_pb2.WhoAmIResponse,
+    ]
+    """Who this connection's credential says the caller is: identity, role and tenant."""
 
     RunContainer: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
@@ -214,6 +226,14 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.GetClusterSummaryRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.GetClusterSummaryResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.GetClusterSummaryResponse]]: ...
+
+    @abc.abstractmethod
+    def WhoAmI(
+        self,
+        request: gpulease.v1.coordinator_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.WhoAmIResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.WhoAmIResponse]]:
+        """Who this connection's credential says the caller is: identity, role and tenant."""
 
     @abc.abstractmethod
     def RunContainer(
@@ -356,11 +376,39 @@ class AdminServiceStub:
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
     ]
 
+    DeleteNode: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteNodeRequest,
+        gpulease.v1.coordinator_pb2.DeleteNodeResponse,
+    ]
+    """Removes a node record that no live allocation uses (a decommissioned or mistyped node)."""
+
     GetStats: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.GetStatsRequest,
         gpulease.v1.coordinator_pb2.GetStatsResponse,
     ]
     """Counters of this coordinator replica since it started."""
+
+    CreateToken: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CreateTokenRequest,
+        gpulease.v1.coordinator_pb2.CreateTokenResponse,
+    ]
+    """Bearer tokens: the secret is returned once, by CreateToken; only its hash is stored."""
+
+    ListTokens: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListTokensRequest,
+        gpulease.v1.coordinator_pb2.ListTokensResponse,
+    ]
+
+    RevokeToken: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.RevokeTokenRequest,
+        gpulease.v1.coordinator_pb2.RevokeTokenResponse,
+    ]
+
+    ReadAudit: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ReadAuditRequest,
+        gpulease.v1.coordinator_pb2.ReadAuditResponse,
+    ]
+    """The audit log, newest last."""
 
 class AdminServiceAsyncStub:
     """Operators and the benchmark."""
@@ -370,11 +418,39 @@ class AdminServiceAsyncStub:
         gpulease.v1.coordinator_pb2.CordonNodeResponse,
     ]
 
+    DeleteNode: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteNodeRequest,
+        gpulease.v1.coordinator_pb2.DeleteNodeResponse,
+    ]
+    """Removes a node record that no live allocation uses (a decommissioned or mistyped node)."""
+
     GetStats: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.GetStatsRequest,
         gpulease.v1.coordinator_pb2.GetStatsResponse,
     ]
     """Counters of this coordinator replica since it started."""
+
+    CreateToken: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CreateTokenRequest,
+        gpulease.v1.coordinator_pb2.CreateTokenResponse,
+    ]
+    """Bearer tokens: the secret is returned once, by CreateToken; only its hash is stored."""
+
+    ListTokens: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListTokensRequest,
+        gpulease.v1.coordinator_pb2.ListTokensResponse,
+    ]
+
+    RevokeToken: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.RevokeTokenRequest,
+        gpulease.v1.coordinator_pb2.RevokeTokenResponse,
+    ]
+
+    ReadAudit: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ReadAuditRequest,
+        gpulease.v1.coordinator_pb2.ReadAuditResponse,
+    ]
+    """The audit log, newest last."""
 
 class AdminServiceServicer(metaclass=abc.ABCMeta):
     """Operators and the benchmark."""
@@ -387,11 +463,49 @@ class AdminServiceServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[gpulease.v1.coordinator_pb2.CordonNodeResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CordonNodeResponse]]: ...
 
     @abc.abstractmethod
+    def DeleteNode(
+        self,
+        request: gpulease.v1.coordinator_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.DeleteNodeResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.DeleteNodeResponse]]:
+        """Removes a node record that no live allocation uses (a decommissioned or mistyped node)."""
+
+    @abc.abstractmethod
     def GetStats(
         self,
         request: gpulease.v1.coordinator_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.GetStatsResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.GetStatsResponse]]:
         """Counters of this coordinator replica since it started."""
+
+    @abc.abstractmethod
+    def CreateToken(
+        self,
+        request: gpulease.v1.coordinator_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.CreateTokenResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CreateTokenResponse]]:
+        """Bearer tokens: the secret is returned once, by CreateToken; only its hash is stored."""
+
+    @abc.abstractmethod
+    def ListTokens(
+        self,
+        request: gpulease.v1.coordinator_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ListTokensResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListTokensResponse]]: ...
+
+    @abc.abstractmethod
+    def RevokeToken(
+        self,
+        request: gpulease.v1.coordinator_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.RevokeTokenResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.RevokeTokenResponse]]: ...
+
+    @abc.abstractmethod
+    def ReadAudit(
+        self,
+        request: gpulease.v1.coordinator_pb2.ReadAuditRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ReadAuditResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ReadAuditResponse]]:
+        """The audit log, newest last."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

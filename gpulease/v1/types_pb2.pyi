@@ -352,6 +352,8 @@ class Allocation(google.protobuf.message.Message):
     REQUEST_ID_FIELD_NUMBER: builtins.int
     CREATED_UNIX_MS_FIELD_NUMBER: builtins.int
     NODE_ADDRESS_FIELD_NUMBER: builtins.int
+    PRINCIPAL_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
     id: builtins.str
     node: builtins.str
     cpus: builtins.int
@@ -363,6 +365,12 @@ class Allocation(google.protobuf.message.Message):
     request_id: builtins.str
     created_unix_ms: builtins.int
     node_address: builtins.str
+    principal: builtins.str
+    """Who made it, as the connection's credential said ("user:alice"); decides who may use it.
+    `owner` is a free-text description and decides nothing.
+    """
+    tenant: builtins.str
+    """The tenant its resources count against."""
     @property
     def gpus(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AllocatedGpu]: ...
     def __init__(
@@ -379,8 +387,10 @@ class Allocation(google.protobuf.message.Message):
         request_id: builtins.str = ...,
         created_unix_ms: builtins.int = ...,
         node_address: builtins.str = ...,
+        principal: builtins.str = ...,
+        tenant: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "request_id", b"request_id", "revision", b"revision", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "principal", b"principal", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___Allocation = Allocation
 
