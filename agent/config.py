@@ -14,11 +14,17 @@ from typing import Any
 
 from gpulease.common import settings
 from gpulease.common.settings import ConfigError, split_host_port
+from gpulease.common.transport import check_clear_text
 from gpulease.common.units import parse_size
 from gpulease.errors import InvalidRequest
 
 ENV_PREFIX = "GPULEASE_AGENT_"
-DEFAULT_LISTEN = "0.0.0.0:50052"
+# Loopback by default: an agent runs containers as root, so it is reachable from the network only
+# when the operator says where (a management address) and gives TLS files, or says --insecure.
+DEFAULT_LISTEN = "127.0.0.1:50052"
+TLS_FLAGS = "--tls-ca, --tls-cert and --tls-key"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 DEFAULT_GPU_MODEL = "Simulated GPU 80GB"
 # A simulated node is a demo/test device; this bound only catches typos like 8000 for 8.
 MAX_SIMULATED_GPUS = 1024
@@ -67,6 +73,17 @@ class AgentConfig:
     enforce_interval_seconds: float = DEFAULT_ENFORCE_INTERVAL_S
     enforce_grace_seconds: float = DEFAULT_ENFORCE_GRACE_S
     container_retention_seconds: float = DEFAULT_CONTAINER_RETENTION_S
+    # Mutual TLS, both directions (all three or none): the CA that signs coordinators and agents,
+    # and this agent's certificate (naming spiffe://gpulease/agent/<node_id>) and key.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Clear text off loopback (serving, and talking to the coordinator): refused unless this is set.
+    insecure: bool = False
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_ca is not None
 
 
 # Setting name -> env var suffix. TOML keys are the setting names (dashes also accepted).
@@ -86,6 +103,10 @@ _SCALAR_SETTINGS = (
     "enforce_interval_seconds",
     "enforce_grace_seconds",
     "container_retention_seconds",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "insecure",
 )
 
 
@@ -146,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="remove an exited container this long after it finished, once its allocation has ended "
         f"(default {DEFAULT_CONTAINER_RETENTION_S:g})",
+    )
+    tls = p.add_argument_group(
+        "transport security",
+        "Mutual TLS to and from the coordinator. Without TLS files the agent serves clear text on a loopback "
+        "address only, unless --insecure is given.",
+    )
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PEM) that signs coordinator certificates")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this agent's certificate (PEM); must name spiffe://gpulease/agent/<node-id> and carry the node id "
+        "as a DNS name",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow clear text without authentication on a non-loopback address (logged as a warning every hour)",
     )
     return p
 
@@ -231,6 +271,12 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from e
 
+    tls_ca, tls_cert, tls_key = _tls_files(values)
+    insecure = _bool(values, "insecure")
+    # Anyone who reaches a clear-text agent can run containers as root on it. (The channel to the
+    # coordinator is checked when the agent starts: gpulease.agent.security.load_tls.)
+    check_clear_text(listen, tls=tls_ca is not None, insecure=insecure, flag_hint=TLS_FLAGS)
+
     docker_host = str(values["docker_host"]).strip() if values.get("docker_host") is not None else None
     network = str(values.get("container_network", DEFAULT_CONTAINER_NETWORK)).strip()
     if not _NETWORK_RE.match(network):
@@ -258,7 +304,38 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         container_retention_seconds=_seconds(
             values, "container_retention_seconds", DEFAULT_CONTAINER_RETENTION_S, 0.0, MAX_CONTAINER_RETENTION_S
         ),
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure=insecure,
     )
+
+
+def _tls_files(values: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """The three TLS paths, all or none."""
+    names = ("tls_ca", "tls_cert", "tls_key")
+    paths = {name: str(values[name]).strip() for name in names if name in values and str(values[name]).strip()}
+    if not paths:
+        return None, None, None
+    if len(paths) < len(names):
+        missing = [n for n in names if n not in paths]
+        raise ConfigError(
+            f"TLS needs all three of tls_ca, tls_cert and tls_key ({TLS_FLAGS}); {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing"
+        )
+    return paths["tls_ca"], paths["tls_cert"], paths["tls_key"]
+
+
+def _bool(values: Mapping[str, Any], name: str) -> bool:
+    raw = values.get(name, False)
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _seconds(values: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
