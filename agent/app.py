@@ -1,11 +1,16 @@
 """Wires the agent together: inventory, containers, gRPC server, registration, reconciliation,
-enforcement and signal handling.
+enforcement, transport security and signal handling.
 
 Start-up order matters for containers: the node registers with ``reconciling=true`` (the
 coordinator offers none of its GPUs), the reconciler adopts or stops the containers a previous
 agent left running, and only then does the node offer its GPUs, StartContainer accept work, and
 the enforcer begin its periodic checks. Stopping the agent leaves containers running: the next
 agent adopts them.
+
+Transport security (gpulease.agent.security): with TLS files the server and the channel to the
+coordinator share one ``TlsFiles``; SIGHUP, or a change of the files, makes new connections use
+the new certificate while open ones stay up. With ``--insecure`` and no TLS a warning is logged at
+start and every hour.
 """
 
 from __future__ import annotations
@@ -16,9 +21,8 @@ import logging
 import signal
 from collections.abc import Callable
 
-import grpc
-
 from gpulease.agent.address import advertised_address
+from gpulease.agent.channel import COORDINATOR_CHANNEL_OPTIONS, CoordinatorChannel
 from gpulease.agent.config import AgentConfig
 from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from gpulease.agent.enforcer import Enforcer
@@ -28,19 +32,18 @@ from gpulease.agent.inventory.select import select_source
 from gpulease.agent.reconcile import Reconciler
 from gpulease.agent.registration import AgentInventory, Registrar
 from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.agent.security import certificate_problem, load_tls
 from gpulease.agent.server import start_server
 from gpulease.common.sdnotify import sd_notify
 from gpulease.common.settings import split_host_port
+from gpulease.common.tls import TlsFiles
+from gpulease.common.transport import is_loopback, warn_while_insecure
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Reconnect to the coordinator quickly after an outage: enforcement and fencing depend on it.
-COORDINATOR_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+__all__ = ["COORDINATOR_CHANNEL_OPTIONS", "run_agent"]
 
 
 def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRuntime]:
@@ -55,11 +58,27 @@ def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRun
     return create
 
 
-async def run_agent(cfg: AgentConfig) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the agent could not run."""
+async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the agent could not run.
+
+    ``tls``: the files ``load_tls(cfg)`` read (read here when the configuration names them and
+    none are given; a ConfigError then propagates).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    async with grpc.aio.insecure_channel(cfg.coordinator, options=COORDINATOR_CHANNEL_OPTIONS) as channel:
+    if tls is None and cfg.tls_enabled:
+        tls = load_tls(cfg)
+    _log_transport(cfg, tls)
+
+    def reloaded() -> None:
+        # The files were rotated: they are in use already (the server reads them per handshake),
+        # so a certificate that no longer names this node can only be reported, loudly.
+        assert tls is not None and tls.cert is not None and tls.key is not None
+        problem = certificate_problem(tls.cert, tls.key, cfg.node_id)
+        if problem is not None:
+            log.error("the rotated TLS certificate %s %s", cfg.tls_cert, problem)
+
+    async with CoordinatorChannel(cfg.coordinator, tls, on_reload=reloaded) as channel:
         gate = ReadyGate(reconciling=True)
         vouchers = Vouchers()
         coordinator = CoordinatorClient(channel, cfg.coordinator)
@@ -102,22 +121,32 @@ async def run_agent(cfg: AgentConfig) -> int:
             retention=cfg.container_retention_seconds,
         )
         try:
-            server = await start_server(cfg.listen, cfg.node_id, inventory, containers)
+            server = await start_server(cfg.listen, cfg.node_id, inventory, containers, tls=tls)
         except OSError as e:
             log.error("%s", e)
             return 1
         listen_host, _ = split_host_port(cfg.listen)
         address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
         log.info(
-            "agent for node %s listening on %s (advertised as %s); coordinator %s",
+            "agent for node %s listening on %s (advertised as %s, %s); coordinator %s",
             cfg.node_id,
             cfg.listen,
             address,
+            "mutual TLS" if tls is not None else "clear text",
             cfg.coordinator,
         )
+        if is_loopback(address) and not is_loopback(cfg.coordinator):
+            log.warning(
+                "this agent advertises the loopback address %s to the coordinator at %s, which cannot reach it "
+                "there: set --listen to this server's management address (or --advertise)",
+                address,
+                cfg.coordinator,
+            )
 
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, _request_stop, stop, sig)
+        # SIGHUP re-reads the TLS files (also read when they change); without this handler it would kill us.
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, channel)
 
         async def ready() -> None:
             # Registered with reconciliation done: healthy, and ready for systemd (Type=notify).
@@ -147,6 +176,9 @@ async def run_agent(cfg: AgentConfig) -> int:
                 asyncio.create_task(registrar.run(), name="registration"),
                 asyncio.create_task(reconcile_then_enforce(), name="containers"),
             }
+            if tls is None and cfg.insecure:
+                what = f"the agent of node {cfg.node_id} on {cfg.listen}"
+                tasks.add(asyncio.create_task(warn_while_insecure(log, what), name="insecure-warning"))
             stopping: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
             exit_code = 0
@@ -162,10 +194,33 @@ async def run_agent(cfg: AgentConfig) -> int:
             sd_notify("STOPPING=1")
             await server.stop(SHUTDOWN_GRACE_S)
         finally:
-            for sig in _STOP_SIGNALS:
+            for sig in (*_STOP_SIGNALS, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("agent for node %s stopped (its containers keep running)", cfg.node_id)
     return exit_code
+
+
+def _log_transport(cfg: AgentConfig, tls: TlsFiles | None) -> None:
+    if tls is not None:
+        log.info(
+            "mutual TLS: certificate %s, CA %s; AgentService takes calls from coordinator certificates only",
+            cfg.tls_cert,
+            cfg.tls_ca,
+        )
+        if cfg.insecure:
+            log.info("--insecure has no effect: TLS files are configured and used")
+    elif not cfg.insecure:
+        log.info("clear text on loopback (%s): no TLS files configured", cfg.listen)
+
+
+def _reload_tls(tls: TlsFiles | None, channel: CoordinatorChannel) -> None:
+    if tls is None:
+        log.info("received SIGHUP: no TLS files to re-read (clear text)")
+        return
+    log.info("received SIGHUP: re-reading the TLS files")
+    tls.request_reload()
+    if tls.refresh():
+        channel.node_service()  # renew the coordinator channel now rather than at the next call
 
 
 def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from gpulease.agent.channel import NodeServiceSource, node_service_source
 from gpulease.common import rpc_status
 from gpulease.common.settings import AGENT_CALL_TIMEOUT_S, MIN_TTL_S
 from gpulease.errors import (
@@ -27,7 +28,6 @@ from gpulease.errors import (
     StaleFencingToken,
     Unavailable,
 )
-from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import GetAllocationRequest, ListAllocationsRequest
 from gpulease.v1.types_pb2 import Allocation
 
@@ -48,8 +48,15 @@ class CoordinatorClient:
     (NOT_FOUND, INVALID_ARGUMENT, ...) keeps its class.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, *, timeout: float = DEFAULT_RPC_TIMEOUT_S) -> None:
-        self._stub = coordinator_pb2_grpc.NodeServiceStub(channel)
+    def __init__(
+        self,
+        channel: grpc.aio.Channel | NodeServiceSource,
+        address: str,
+        *,
+        timeout: float = DEFAULT_RPC_TIMEOUT_S,
+    ) -> None:
+        # A CoordinatorChannel (renewed when the TLS files change), or one plain channel.
+        self._channel = node_service_source(channel)
         self._address = address
         self._timeout = timeout
 
@@ -60,7 +67,7 @@ class CoordinatorClient:
     async def get_allocation(self, allocation_id: str, *, timeout: float | None = None) -> Allocation | None:
         """The live allocation, or None when it is not live (released, expired, never existed)."""
         try:
-            response = await self._stub.GetNodeAllocation(
+            response = await self._channel.node_service().GetNodeAllocation(
                 GetAllocationRequest(allocation_id=allocation_id), timeout=timeout or self._timeout
             )
         except grpc.aio.AioRpcError as e:
@@ -74,7 +81,7 @@ class CoordinatorClient:
     async def list_allocations(self, node: str, *, timeout: float | None = None) -> list[Allocation]:
         """Every live allocation on ``node`` (read from etcd by the coordinator)."""
         try:
-            response = await self._stub.ListNodeAllocations(
+            response = await self._channel.node_service().ListNodeAllocations(
                 ListAllocationsRequest(node=node), timeout=timeout or self._timeout
             )
         except grpc.aio.AioRpcError as e:

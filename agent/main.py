@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from gpulease.agent.app import run_agent
 from gpulease.agent.config import load_config
+from gpulease.agent.security import load_tls
 from gpulease.common.settings import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -18,11 +19,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = load_config(argv, os.environ)
+        # Read now, so that a certificate that does not name this node stops the agent before it serves.
+        tls = load_tls(cfg)
     except ConfigError as e:
         print(f"gpulease-agent: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(stream=sys.stderr, level=cfg.log_level, format=LOG_FORMAT)
-    raise SystemExit(asyncio.run(run_agent(cfg)))
+    raise SystemExit(asyncio.run(run_agent(cfg, tls)))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from gpulease.agent.channel import NodeServiceSource, node_service_source
 from gpulease.agent.inventory import InventoryContext, InventorySource
-from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
 from gpulease.v1.types_pb2 import NodeInventory
 
@@ -117,7 +117,8 @@ class Registrar:
         *,
         node: str,
         address: str,
-        channel: grpc.aio.Channel,
+        # A CoordinatorChannel (renewed when the TLS files change), or one plain channel.
+        channel: grpc.aio.Channel | NodeServiceSource,
         source: InventorySource,
         # Called once, after the first registration or heartbeat that delivered an inventory
         # with reconciling=false: the node is then usable for placements.
@@ -128,7 +129,7 @@ class Registrar:
     ) -> None:
         self._node = node
         self._address = address
-        self._stub = coordinator_pb2_grpc.NodeServiceStub(channel)
+        self._channel = node_service_source(channel)
         self._source = source
         self._on_registered = on_registered
         self._on_allocations_revision = on_allocations_revision
@@ -218,7 +219,7 @@ class Registrar:
     async def _register(self, inventory: NodeInventory) -> None:
         request = RegisterNodeRequest(node=self._node, address=self._address, inventory=inventory)
         asked_at = time.monotonic()
-        response = await self._stub.RegisterNode(request, timeout=self._rpc_timeout())
+        response = await self._channel.node_service().RegisterNode(request, timeout=self._rpc_timeout())
         self._lease_id = response.lease_id
         self._adopt_interval(response.heartbeat_interval_seconds)
         self._note_allocations(response.allocations_revision, asked_at)
@@ -239,7 +240,7 @@ class Registrar:
         if changed:
             request.inventory.CopyFrom(inventory)
         asked_at = time.monotonic()
-        response = await self._stub.Heartbeat(request, timeout=self._rpc_timeout())
+        response = await self._channel.node_service().Heartbeat(request, timeout=self._rpc_timeout())
         if changed:
             self._last_sent = inventory
             log.info("sent changed inventory of node %s (%d GPU(s))", self._node, len(inventory.gpus))

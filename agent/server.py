@@ -2,6 +2,8 @@
 
 The servicer is thin: proto in, ContainerService call, proto out. Errors go through the shared
 catalog (gpulease/grpc_errors.py), so a coordinator forwarding a call passes them on unchanged.
+With TLS files the server speaks mutual TLS only, and every AgentService RPC takes calls from a
+coordinator's certificate only (gpulease.agent.security).
 """
 
 from __future__ import annotations
@@ -16,19 +18,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gpulease.agent.containers import RUNTIME_HINT, ContainerService
 from gpulease.agent.inventory import InventorySource
+from gpulease.agent.security import coordinators_only
 from gpulease.common.grpc_errors import grpc_errors
+from gpulease.common.tls import TlsFiles
 from gpulease.errors import Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
 
-AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+AGENT_SERVICE_NAME = AGENT_SERVICE.full_name
 # "" is the whole server; probes that name the service get the same answer.
 _HEALTH_SERVICES = ("", AGENT_SERVICE_NAME)
 
 Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
+@coordinators_only
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    # Every RPC of this service checks its caller first (coordinators only, under mutual TLS).
+    SERVICE_DESCRIPTOR = AGENT_SERVICE
+
     def __init__(self, node: str, source: InventorySource, containers: ContainerService | None = None) -> None:
         self._node = node
         self._source = source
@@ -91,9 +100,19 @@ class AgentServer:
 
 
 async def start_server(
-    listen: str, node: str, source: InventorySource, containers: ContainerService | None = None
+    listen: str,
+    node: str,
+    source: InventorySource,
+    containers: ContainerService | None = None,
+    *,
+    tls: TlsFiles | None = None,
 ) -> AgentServer:
-    """Bind and start; health stays NOT_SERVING until set_serving() (i.e. until registered)."""
+    """Bind and start; health stays NOT_SERVING until set_serving() (i.e. until registered).
+
+    ``tls``: serve mutual TLS, requiring a client certificate signed by its CA; the files are
+    re-read when they change (or after ``tls.request_reload()``) for new connections, while open
+    ones keep theirs. None: clear text (the configuration allows it on loopback, or --insecure).
+    """
     # No SO_REUSEPORT (grpc's default on Linux): a second agent on the same port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(node, source, containers), server)
@@ -102,7 +121,10 @@ async def start_server(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        if tls is not None:
+            port = server.add_secure_port(listen, tls.server_credentials(require_client_cert=True))
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {listen}: {e}") from e
     if port == 0:  # older grpcio reports a failed bind this way instead of raising
