@@ -49,7 +49,7 @@ class ContainerForwarder:
             if not v.up or not v.info.address:
                 continue
             try:
-                found = await self._agents.stub(v.info.address).ListContainers(
+                found = await self._agents.stub(v.name, v.info.address).ListContainers(
                     tpb.ListContainersRequest(allocation_id=ref.allocation_id), timeout=5
                 )
             except grpc.aio.AioRpcError:
@@ -66,7 +66,7 @@ class ContainerForwarder:
         address = self._address(alloc.node)
         request = agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec)
         try:
-            started: tpb.ContainerStatus = await self._agents.stub(address).StartContainer(
+            started: tpb.ContainerStatus = await self._agents.stub(alloc.node, address).StartContainer(
                 request, timeout=START_TIMEOUT
             )
             return started
@@ -80,7 +80,7 @@ class ContainerForwarder:
         address = self._address(node)
         budget = (request.timeout_seconds or 30) + CALL_TIMEOUT
         try:
-            waited: tpb.ContainerStatus = await self._agents.stub(address).WaitContainer(request, timeout=budget)
+            waited: tpb.ContainerStatus = await self._agents.stub(node, address).WaitContainer(request, timeout=budget)
             return waited
         except grpc.aio.AioRpcError as exc:
             raise agent_error(exc, node, address) from None
@@ -91,7 +91,7 @@ class ContainerForwarder:
         node = await self._node_of(request.ref)
         address = self._address(node)
         try:
-            status: tpb.ContainerStatus = await self._agents.stub(address).StopContainer(
+            status: tpb.ContainerStatus = await self._agents.stub(node, address).StopContainer(
                 request, timeout=(request.grace_seconds or 10) + CALL_TIMEOUT
             )
             return status
@@ -102,7 +102,7 @@ class ContainerForwarder:
         node = await self._node_of(tpb.ContainerRef(allocation_id=allocation_id))
         address = self._address(node)
         try:
-            listed: tpb.ListContainersResponse = await self._agents.stub(address).ListContainers(
+            listed: tpb.ListContainersResponse = await self._agents.stub(node, address).ListContainers(
                 tpb.ListContainersRequest(allocation_id=allocation_id), timeout=CALL_TIMEOUT
             )
             return listed
@@ -112,7 +112,7 @@ class ContainerForwarder:
     async def logs(self, request: tpb.StreamLogsRequest) -> AsyncIterator[tpb.LogChunk]:
         node = await self._node_of(request.ref)
         address = self._address(node)
-        call = self._agents.stub(address).StreamLogs(request, timeout=None if request.follow else CALL_TIMEOUT)
+        call = self._agents.stub(node, address).StreamLogs(request, timeout=None if request.follow else CALL_TIMEOUT)
         try:
             async for chunk in call:
                 yield chunk
