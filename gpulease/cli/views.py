@@ -7,8 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpulease.cli.output import ratio
-from gpulease.client import Allocation, Gpu, Node, NodeSummary
+from gpulease.client import Allocation, AllocationInfo, Gpu, Node, NodeSummary
 from gpulease.common.units import format_size
+
+# A handle (Client.allocate's) or a plain record: both read the same fields.
+AnyAllocation = Allocation | AllocationInfo
 
 
 def summary_counters(s: NodeSummary) -> dict[str, int]:
@@ -94,7 +97,7 @@ def node_row(n: Node) -> list[str]:
     ]
 
 
-def allocation_json(a: Allocation) -> dict[str, Any]:
+def allocation_json(a: AnyAllocation) -> dict[str, Any]:
     return {
         "id": a.id,
         "node": a.node,
@@ -106,11 +109,11 @@ def allocation_json(a: Allocation) -> dict[str, Any]:
     }
 
 
-def gpu_indexes(a: Allocation) -> str:
+def gpu_indexes(a: AnyAllocation) -> str:
     return ",".join(str(i) for i in a.gpu_indexes)
 
 
-def allocation_row(a: Allocation) -> list[str]:
+def allocation_row(a: AnyAllocation) -> list[str]:
     return [
         a.id,
         a.node,
@@ -123,7 +126,7 @@ def allocation_row(a: Allocation) -> list[str]:
     ]
 
 
-def allocation_line(a: Allocation) -> str:
+def allocation_line(a: AnyAllocation) -> str:
     gpus = f"GPUs {gpu_indexes(a)}" if a.gpus else "no GPUs"
     return (
         f"allocated {a.id} on {a.node}: {gpus} ({a.cpus} CPUs, {format_size(a.memory_bytes)}) "

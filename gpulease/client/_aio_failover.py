@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from gpulease.client._failover import Rotation, check_response, failure, stream_failure
+from gpulease.client._failover import Rotation
+from gpulease.client._ops import Op, StreamOp, raw
 from gpulease.client._stubs import Stubs
 from gpulease.client.retry import CHANNEL_OPTIONS
 
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 
 
 class AsyncFailoverChannels(Rotation):
@@ -30,58 +32,33 @@ class AsyncFailoverChannels(Rotation):
             self._stubs = [Stubs(c) for c in self._channels]
         return self._stubs[index]
 
-    async def call(
-        self,
-        rpc: str,
-        request: Message,
-        response_type: type[R],
-        *,
-        timeout: float | None = None,
-        retry_deadline: float | None = None,
-        resend_safe: bool = True,
-    ) -> R:
-        """See FailoverChannels.call (cancel the awaiting task to give up)."""
-        plan = self.plan(self.timeout if timeout is None else timeout, retry_deadline)
-        for attempt in plan.attempts():
+    async def run(self, op: Op[Any, T], *, timeout: float | None = None, retry_deadline: float | None = None) -> T:
+        """See FailoverChannels.run (cancel the awaiting task to give up)."""
+        tries = self.tries(op, timeout, retry_deadline)
+        for attempt in tries:
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
-            try:
-                response = await self._stub(attempt.index).method(rpc)(request, timeout=attempt.timeout)
-            except grpc.RpcError as err:
-                error = failure(err, attempt, rpc, resend_safe)
-                if error is not None:
-                    raise error from None
-                plan.failed(attempt, err)
-                continue
-            self.answered(attempt.index)
-            return check_response(rpc, response, response_type)
-        raise plan.error()
+            with tries.attempt(attempt):
+                response = await self._stub(attempt.index).method(op.rpc)(op.request, timeout=attempt.timeout)
+                return tries.answer(attempt, response)
+        raise tries.error()
 
-    async def stream(
-        self, rpc: str, request: Message, response_type: type[R], *, timeout: float | None
-    ) -> AsyncIterator[R]:
-        """See FailoverChannels.stream."""
-        plan = self.plan(timeout, None)
-        for attempt in plan.attempts():
+    async def run_stream(self, op: StreamOp[Any, T]) -> AsyncIterator[T]:
+        """See FailoverChannels.run_stream."""
+        tries = self.tries(op, None, None)
+        for attempt in tries:
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
-            call = self._stub(attempt.index).method(rpc)(request, timeout=attempt.timeout)
-            received = False
-            try:
+            call = self._stub(attempt.index).method(op.rpc)(op.request, timeout=attempt.timeout)
+            with tries.attempt(attempt, call):
                 async for item in call:
-                    if not received:
-                        received = True
-                        self.answered(attempt.index)
-                    yield check_response(rpc, item, response_type)
+                    yield tries.answer(attempt, item)
                 return
-            except grpc.RpcError as err:
-                error = stream_failure(err, attempt, rpc, received)
-                if error is not None:
-                    raise error from None
-                plan.failed(attempt, err)
-            finally:
-                call.cancel()
-        raise plan.error()
+        raise tries.error()
+
+    async def call(self, rpc: str, request: Message, response_type: type[R]) -> R:
+        """See FailoverChannels.call."""
+        return await self.run(raw(rpc, request, response_type))
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = self._channels, [], []

@@ -13,29 +13,24 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-from gpulease.client import _convert, _ops
+from gpulease.client import _ops
+from gpulease.client._failover import FailoverChannels
+from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocationInfo, Container, LogChunk
-from gpulease.errors import GpuLeaseError, InvalidRequest
-from gpulease.v1 import types_pb2 as tpb
-
-if TYPE_CHECKING:
-    from gpulease.client._sync import Client
 
 log = logging.getLogger("gpulease.client")
 
-# How long __exit__ waits for the keepalive thread to notice it should stop (it may be inside a
-# call; it is a daemon and its answer is ignored after that).
+T = TypeVar("T")
+
+# How long stopping the keepalive waits for its thread to notice (it may be inside a call; it is a
+# daemon and its answer is ignored after that).
 _JOIN_S = 1.0
-# ContainerHandle.wait() waits in steps this long, checking in between that the lease is not lost.
-_WAIT_STEP_S = 30.0
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers
 
@@ -94,268 +89,164 @@ class _SigtermGuard:
 
 
 class _Keeper(threading.Thread):
-    """Renews the lease at once, then every ttl/3; stops when told to or when the lease is lost."""
+    """The keepalive loop (see _lease.Renewal) on a thread: it only waits and sends."""
 
-    def __init__(self, client: Client, tracker: LeaseTracker) -> None:
+    def __init__(self, rpc: FailoverChannels, tracker: LeaseTracker) -> None:
         super().__init__(name=f"gpulease-keepalive-{tracker.allocation_id}", daemon=True)
-        self._client = client
+        self._rpc = rpc
         self._tracker = tracker
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        tracker, client = self._tracker, self._client
-        op = _ops.keep_alive(tracker.allocation_id)
         wait: float | None = 0.0
         while wait is not None and not self.stopping.wait(wait):
-            timeout, budget = tracker.attempt_limits(client.timeout)
-            err: Exception | None = None
+            renewal = self._tracker.renewal(self._rpc.timeout)
+            error: Exception | None = None
             try:
-                client._run(op, timeout=timeout, retry_deadline=budget, cancel=self.stopping)
+                self._rpc.run(renewal.op, timeout=renewal.timeout, retry_deadline=renewal.budget, cancel=self.stopping)
             except Exception as exc:
-                err = exc
+                error = exc
             if self.stopping.is_set():  # released meanwhile: the answer no longer matters
                 return
-            wait = tracker.after_attempt(err)
+            wait = self._tracker.after_attempt(error)
 
 
-class _Session:
-    """The mutable part of a bound Allocation (the handle itself is a frozen record)."""
+class Session(SessionBase[FailoverChannels]):
+    """What an Allocation holds besides its record: the client's channels, the lease's tracker,
+    the keepalive thread and, inside a ``with`` block, the SIGTERM guard."""
 
-    def __init__(self, client: Client, tracker: LeaseTracker) -> None:
-        self.client = client
-        self.tracker = tracker
-        self.keeper: _Keeper | None = None
-        self.guard: _SigtermGuard | None = None
-        self.entered = False
-        self.lock = threading.Lock()
+    def __init__(self, rpc: FailoverChannels, info: AllocationInfo, *, handle_sigterm: bool) -> None:
+        super().__init__(rpc, info)
+        self.handle_sigterm = handle_sigterm
+        self._keeper: _Keeper | None = None
+        self._guard: _SigtermGuard | None = None
+        self._lock = threading.Lock()
+
+    def run(self, op: _ops.Op[Any, T]) -> T:
+        return self.rpc.run(op)
+
+    def run_stream(self, op: _ops.StreamOp[Any, T]) -> Iterator[T]:
+        return self.rpc.run_stream(op)
 
     def start_keeper(self) -> None:
-        with self.lock:
-            if self.keeper is not None and self.keeper.is_alive():
-                raise InvalidRequest(f"allocation {self.tracker.allocation_id} is already being kept alive")
-            self.keeper = _Keeper(self.client, self.tracker)
-            self.keeper.start()
+        with self._lock:
+            self.check_not_kept(self._keeper is not None and self._keeper.is_alive())
+            self._keeper = _Keeper(self.rpc, self.tracker)
+            self._keeper.start()
 
     def stop_keeper(self) -> None:
-        with self.lock:
-            keeper, self.keeper = self.keeper, None
+        with self._lock:
+            keeper, self._keeper = self._keeper, None
         if keeper is None:
             return
         keeper.stopping.set()
         if keeper is not threading.current_thread():
             keeper.join(_JOIN_S)
 
+    def renew(self) -> int:
+        with self.tracker.renewing():
+            ttl = self.rpc.run(_ops.keep_alive(self.tracker.allocation_id))
+        return ttl
 
-class Allocation(AllocationInfo):
+    def release(self, retry_deadline: float | None) -> bool:
+        self.stop_keeper()
+        if self.tracker.released:
+            return False
+        released = self.rpc.run(_ops.release(self.tracker.allocation_id), retry_deadline=retry_deadline)
+        return self.tracker.mark_released(released)
+
+    def enter(self) -> None:
+        super().enter()
+        if self.handle_sigterm:
+            self._guard = _SigtermGuard.install()
+
+    def exit(self, exc: BaseException | None) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.exiting = True
+        try:
+            with self.tracker.final_release(self.rpc.retry_deadline) as budget:
+                self.release(budget)
+        finally:
+            self.entered = False
+            if guard is not None:
+                guard.restore(exc)
+
+
+class Allocation(AllocationHandle[Session]):
     """An allocation and a handle on it, bound to the Client that made or fetched it.
 
-    The fields are the coordinator's record (see AllocationInfo). Used as a context manager it
-    keeps the lease alive on a background thread and releases the allocation on exit: normal
-    exit, exception, or SIGTERM (see Client's ``handle_sigterm``). If the lease cannot be renewed
-    for longer than its TTL, or the coordinator says the allocation is gone, it is *lost*: any
-    later use raises AllocationLost, saying when and why.
+    The fields are the coordinator's record (``info``, an AllocationInfo), also read through the
+    handle (``alloc.id``). Used as a context manager it keeps the lease alive on a background
+    thread and releases the allocation on exit: normal exit, exception, or SIGTERM (see Client's
+    ``handle_sigterm``). If the lease cannot be renewed for longer than its TTL, or the
+    coordinator says the allocation is gone, it is *lost*: any later use raises AllocationLost,
+    saying when and why.
     """
 
-    # Not a dataclass field (this class adds none): fields(), asdict(), ==, hash and replace() see
-    # the record only. Constructed by hand (like AllocationInfo) it is a record bound to nothing.
-    _session: _Session | None = None
-
-    @classmethod
-    def _bound(cls, msg: tpb.Allocation, client: Client) -> Allocation:
-        alloc = _convert.allocation(msg, cls)
-        alloc._session = _Session(client, LeaseTracker(alloc.id, alloc.ttl_seconds))
-        return alloc
-
-    def __reduce__(self) -> tuple[type[AllocationInfo], tuple[Any, ...]]:
-        # A handle's thread, lock and client do not travel: pickled or copied, it is the record.
-        return AllocationInfo, tuple(getattr(self, f.name) for f in fields(AllocationInfo))
-
-    def _bound_session(self) -> _Session:
-        if self._session is None:
-            raise InvalidRequest(
-                f"allocation {self.id} is a plain record, not bound to a client: use Client.allocate or "
-                "Client.get_allocation to get a handle"
-            )
-        return self._session
-
-    def _live(self) -> _Session:
-        session = self._bound_session()
-        session.tracker.check_live()
-        return session
-
-    # --- state ------------------------------------------------------------------------------------
-
-    @property
-    def lost(self) -> bool:
-        """True once the lease was lost (see the class doc); it never becomes false again."""
-        return self._session is not None and self._session.tracker.lost
-
-    @property
-    def lost_reason(self) -> str | None:
-        return None if self._session is None else self._session.tracker.lost_reason
-
-    @property
-    def released(self) -> bool:
-        return self._session is not None and self._session.tracker.released
-
-    # --- lease ------------------------------------------------------------------------------------
+    __slots__ = ()
 
     def keep_alive(self) -> int:
         """Renew the lease once; returns the TTL granted. AllocationLost if the allocation is gone."""
-        session = self._live()
-        try:
-            ttl = session.client._run(_ops.keep_alive(self.id))
-        except GpuLeaseError as err:
-            lost = session.tracker.keepalive_failed(err)
-            if lost is not None:
-                raise lost from None
-            raise
-        session.tracker.renewed()
-        return ttl
+        return self.session.renew()
 
     def release(self) -> bool:
         """Release the allocation (stopping its keepalive). True if this call ended it; False if it
         had already ended (released before, here or elsewhere, or expired). Idempotent."""
-        return self._release(None)
-
-    def _release(self, retry_deadline: float | None) -> bool:
-        session = self._bound_session()
-        session.stop_keeper()
-        if session.tracker.released:
-            return False
-        released = session.client._run(_ops.release(self.id), retry_deadline=retry_deadline)
-        session.tracker.mark_released()
-        return released
+        return self.session.release(None)
 
     @contextmanager
     def keepalive(self, ttl: int | None = None) -> Iterator[Allocation]:
         """Keep the lease alive while the block runs, without releasing at the end (for an
         allocation someone else releases). ``ttl`` overrides the TTL that renewals are paced by."""
-        session = self._live()
-        if ttl:
-            session.tracker.reset(ttl)
-        session.start_keeper()
+        self.session.renew_from(ttl)
+        self.session.start_keeper()
         try:
             yield self
         finally:
-            session.stop_keeper()
+            self.session.stop_keeper()
 
     def __enter__(self) -> Allocation:
-        session = self._live()
-        if session.entered:
-            raise InvalidRequest(f"allocation {self.id} is already in use as a context manager")
-        session.start_keeper()
-        session.entered = True
-        if session.client.handle_sigterm:
-            session.guard = _SigtermGuard.install()
+        self.session.enter()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        session = self._bound_session()
-        guard, session.guard = session.guard, None
-        if guard is not None:
-            guard.exiting = True
-        try:
-            session.stop_keeper()
-            # Past the lease's end the GPUs come back anyway: no point retrying longer than that.
-            budget = min(session.client.retry_deadline, max(session.tracker.time_left(), 1.0))
-            try:
-                self._release(budget)
-            except GpuLeaseError as err:
-                log.warning("could not release allocation %s (%s); its lease expires within %gs",
-                            self.id, err.message, session.tracker.ttl)  # fmt: skip
-            if session.tracker.lost:
-                log.warning("%s", session.tracker.lost_reason)
-        finally:
-            session.entered = False
-            if guard is not None:
-                guard.restore(exc)
+        self.session.exit(exc)
 
-    # --- containers -------------------------------------------------------------------------------
-
-    def run_container(
-        self,
-        image: str,
-        command: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        volumes: Sequence[_ops.Volume] = (),
-        working_dir: str = "",
-        shm_size: int | str | None = None,
-        name: str = "",
-        timeout: float = _ops.RUN_TIMEOUT_S,
-    ) -> ContainerHandle:
-        """Start a container on this allocation's GPUs; returns once it runs. See Client.run_container."""
-        session = self._live()
-        status = session.client.run_container(
-            self.id, image, command, env=env, volumes=volumes, working_dir=working_dir, shm_size=shm_size,
-            name=name, timeout=timeout,
-        )  # fmt: skip
-        return ContainerHandle(self, status)
+    def _start(self, make: Callable[[], _ops.Op[Any, Container]]) -> ContainerHandle:
+        session = self.session.live()
+        return ContainerHandle(self, session.run(make()))
 
     def containers(self) -> list[ContainerHandle]:
         """Handles on this allocation's containers."""
-        session = self._bound_session()
-        session.tracker.check_not_lost()
-        return [ContainerHandle(self, c) for c in session.client.list_containers(self.id)]
-
-    def _check_containers_usable(self) -> Client:
-        session = self._bound_session()
-        session.tracker.check_not_lost()
-        return session.client
+        return [ContainerHandle(self, c) for c in self.session.usable().run(_ops.list_containers(self.id))]
 
 
-class ContainerHandle:
-    """A container running on an allocation's GPUs. Every method raises AllocationLost once the
-    allocation is lost (the node's agent stops its containers then)."""
-
-    def __init__(self, allocation: Allocation, status: Container) -> None:
-        self.allocation = allocation
-        self._status = status
-
-    def __repr__(self) -> str:
-        return f"ContainerHandle(id={self.id!r}, allocation={self.allocation.id!r}, state={self._status.state!r})"
-
-    @property
-    def id(self) -> str:
-        return self._status.id
-
-    @property
-    def status(self) -> Container:
-        """The last status seen (refreshed by wait, stop and refresh)."""
-        return self._status
+class ContainerHandle(ContainerHandleBase[Allocation]):
+    __doc__ = ContainerHandleBase.__doc__
 
     def refresh(self) -> Container:
-        client = self.allocation._check_containers_usable()
-        for c in client.list_containers(self.allocation.id):
-            if c.id == self.id:
-                self._status = c
-        return self._status
+        return self._found(self.allocation.session.usable().run(_ops.list_containers(self.allocation.id)))
 
     def wait(self, timeout: float | None = None) -> Container:
         """Block until the container exits, or ``timeout`` seconds pass (None: no limit); returns
         its status (check ``.exited``)."""
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequest(f"timeout must be positive, got {timeout:g}")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = Waiting(timeout)
         while True:
-            client = self.allocation._check_containers_usable()
-            step = _WAIT_STEP_S if deadline is None else min(_WAIT_STEP_S, deadline - time.monotonic())
-            self._status = client.wait_container(self.allocation.id, self.id, timeout=max(1.0, step))
-            if self._status.exited or (deadline is not None and time.monotonic() >= deadline):
-                return self._status
+            session = self.allocation.session.usable()
+            status = self._seen(session.run(_ops.wait_container(self.allocation.id, self.id, waiting.step())))
+            if waiting.over(status):
+                return status
 
     def logs(self, follow: bool = True) -> Iterator[LogChunk]:
         """The container's output in order; with ``follow``, until it exits."""
-        client = self.allocation._check_containers_usable()
-        for chunk in client.logs(self.allocation.id, self.id, follow=follow):
+        session = self.allocation.session.usable()
+        for chunk in session.run_stream(_ops.logs(self.allocation.id, self.id, follow=follow)):
             yield chunk
-            self.allocation._check_containers_usable()
+            session.usable()
 
     def stop(self, grace: float = 10.0) -> Container:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the final status."""
-        client = self.allocation._check_containers_usable()
-        self._status = client.stop_container(self.allocation.id, self.id, grace=grace)
-        return self._status
+        return self._seen(self.allocation.session.usable().run(_ops.stop_container(self.allocation.id, self.id, grace)))

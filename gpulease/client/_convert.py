@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from gpulease.client.models import AllocatedGpu, AllocationInfo, ClusterSummary, Container, Gpu, Node, NodeSummary
 from gpulease.v1 import coordinator_pb2, types_pb2
 from gpulease.v1 import types_pb2 as tpb
-
-A = TypeVar("A", bound=AllocationInfo)
 
 _STATE_NAMES: dict[int, str] = {
     types_pb2.NODE_STATE_UP: "up",
@@ -21,9 +17,8 @@ def state_name(state: int) -> str:
     return _STATE_NAMES.get(state, "unknown")
 
 
-def allocation(msg: types_pb2.Allocation, cls: type[A]) -> A:
-    """The record as ``cls``: AllocationInfo or one of the handle classes built on it."""
-    return cls(
+def allocation(msg: types_pb2.Allocation) -> AllocationInfo:
+    return AllocationInfo(
         id=msg.id,
         node=msg.node,
         gpus=tuple(AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in msg.gpus),

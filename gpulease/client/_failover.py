@@ -7,17 +7,20 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from gpulease.client import rpc_errors
+from gpulease.client._ops import Op, StreamOp, raw
 from gpulease.client._stubs import Stubs
 from gpulease.client.retry import CHANNEL_OPTIONS, Attempt, RetryPlan, check_settings
 from gpulease.errors import GpuLeaseError, Internal, InvalidRequest
 
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 
 log = logging.getLogger("gpulease.client")
 
@@ -31,13 +34,6 @@ def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return cleaned
 
 
-def check_response(rpc: str, response: object, response_type: type[R]) -> R:
-    # grpc is untyped: check what came back rather than trust an Any.
-    if not isinstance(response, response_type):
-        raise Internal(f"{rpc} returned {type(response).__name__}, not {response_type.__name__}")
-    return response
-
-
 def failure(err: grpc.RpcError, attempt: Attempt, rpc: str, resend_safe: bool) -> GpuLeaseError | None:
     """None when ``err`` should be retried (``attempt`` is logged); otherwise the error to raise."""
     if rpc_errors.should_retry(err, resend_safe):
@@ -49,13 +45,75 @@ def failure(err: grpc.RpcError, attempt: Attempt, rpc: str, resend_safe: bool) -
     return rpc_errors.to_error(err, attempt.target, attempt.timeout or 0)
 
 
-def stream_failure(err: grpc.RpcError, attempt: Attempt, rpc: str, received: bool) -> GpuLeaseError | None:
-    """Like ``failure`` for a read-only stream: retried only before any item arrived."""
-    if not received:
-        return failure(err, attempt, rpc, True)
+def broken_stream(err: grpc.RpcError, attempt: Attempt) -> GpuLeaseError:
+    """A stream that failed once data flowed: never retried, since a resumed stream could repeat or
+    skip output."""
     if rpc_errors.status_code(err) == grpc.StatusCode.UNAVAILABLE and rpc_errors.reason_of(err) is None:
         return rpc_errors.unavailable([(attempt.target, err)])
     return rpc_errors.to_error(err, attempt.target, attempt.timeout or 0)
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+class Tries(Generic[T]):
+    """One call's attempts across the coordinators, and what each outcome means. The sync and the
+    asyncio channels share it and differ only in how they pause and invoke:
+
+        for attempt in tries:
+            (pause attempt.delay)
+            with tries.attempt(attempt):      # a grpc.RpcError: the next attempt, or the final error
+                (invoke the stub with attempt.timeout)
+                return tries.answer(attempt, response)   # (or yield, for each item of a stream)
+        raise tries.error()
+    """
+
+    def __init__(self, rotation: Rotation, op: Op[Any, T] | StreamOp[Any, T], plan: RetryPlan) -> None:
+        self._rotation = rotation
+        self._op = op
+        self._plan = plan
+        self._received = False
+
+    def __iter__(self) -> Iterator[Attempt]:
+        for attempt in self._plan.attempts():
+            self._received = False
+            yield attempt
+
+    def answer(self, attempt: Attempt, response: object) -> T:
+        """The answer (or a stream's item) as a model."""
+        if not self._received:
+            self._received = True
+            self._rotation.answered(attempt.index)
+        # grpc is untyped: check what came back rather than trust an Any.
+        op = self._op
+        if not isinstance(response, op.response_type):
+            raise Internal(f"{op.rpc} returned {type(response).__name__}, not {op.response_type.__name__}")
+        return op.convert(response)
+
+    @contextmanager
+    def attempt(self, attempt: Attempt, call: Cancellable | None = None) -> Iterator[None]:
+        """Around one attempt: a grpc.RpcError ends it, to try the next one (``failed``), or raises
+        the error to give up with; ``call``, a stream, is cancelled at the end either way."""
+        try:
+            yield
+        except grpc.RpcError as err:
+            self.failed(attempt, err)
+        finally:
+            if call is not None:
+                call.cancel()
+
+    def failed(self, attempt: Attempt, err: grpc.RpcError) -> None:
+        """Raise the error to give up with, or return to try the next attempt."""
+        if self._received:
+            raise broken_stream(err, attempt) from None
+        error = failure(err, attempt, self._op.rpc, self._op.resend_safe)
+        if error is not None:
+            raise error from None
+        self._plan.failed(attempt, err)
+
+    def error(self) -> GpuLeaseError:
+        return self._plan.error()
 
 
 class Rotation:
@@ -69,11 +127,18 @@ class Rotation:
         self._current = 0
         self._lock = threading.Lock()
 
-    def plan(self, timeout: float | None, retry_deadline: float | None) -> RetryPlan:
+    def tries(self, op: Op[Any, T] | StreamOp[Any, T], timeout: float | None, retry_deadline: float | None) -> Tries[T]:
+        """The attempts of ``op``. ``timeout``: the op's deadline unless given. ``retry_deadline``
+        None: the client's."""
         with self._lock:
             start = self._current
-        deadline = self.retry_deadline if retry_deadline is None else retry_deadline
-        return RetryPlan(self.targets, start, timeout=timeout, retry_deadline=deadline)
+        plan = RetryPlan(
+            self.targets,
+            start,
+            timeout=op.deadline(self.timeout) if timeout is None else timeout,
+            retry_deadline=self.retry_deadline if retry_deadline is None else retry_deadline,
+        )
+        return Tries(self, op, plan)
 
     def answered(self, index: int) -> None:
         with self._lock:
@@ -87,71 +152,56 @@ class FailoverChannels(Rotation):
         self._stubs = [Stubs(c) for c in self._channels]
 
     @staticmethod
-    def _pause(plan: RetryPlan, delay: float, cancel: threading.Event | None) -> None:
+    def _pause(tries: Tries[Any], delay: float, cancel: threading.Event | None) -> None:
         if not delay:
             return
         if cancel is None:
             time.sleep(delay)
         elif cancel.wait(delay):
-            raise plan.error()
+            raise tries.error()
 
-    def call(
+    def run(
         self,
-        rpc: str,
-        request: Message,
-        response_type: type[R],
+        op: Op[Any, T],
         *,
         timeout: float | None = None,
         retry_deadline: float | None = None,
-        resend_safe: bool = True,
         cancel: threading.Event | None = None,
-    ) -> R:
-        """Invoke ``rpc`` with a deadline of ``timeout`` per attempt (default: the client's).
+    ) -> T:
+        """Send ``op`` with a deadline of ``timeout`` per attempt (default: the op's, see Op.deadline).
 
         UNAVAILABLE is retried, on every target in turn and then in rounds with backoff, for up to
         ``retry_deadline`` seconds (default: the client's): the request object is resent as is, so
-        Allocate keeps its request id. ``resend_safe=False`` (RunContainer) retries only failures
-        that never reached a coordinator. Any other status is the coordinator's answer, raised as a
-        gpulease error. ``cancel`` set: give up at the next pause.
+        Allocate keeps its request id. An op that is not ``resend_safe`` (RunContainer) is retried
+        only after failures that never reached a coordinator. Any other status is the coordinator's
+        answer, raised as a gpulease error. ``cancel`` set: give up at the next pause.
         """
-        plan = self.plan(self.timeout if timeout is None else timeout, retry_deadline)
-        for attempt in plan.attempts():
-            self._pause(plan, attempt.delay, cancel)
-            try:
-                response = self._stubs[attempt.index].method(rpc)(request, timeout=attempt.timeout)
-            except grpc.RpcError as err:
-                error = failure(err, attempt, rpc, resend_safe)
-                if error is not None:
-                    raise error from None
-                plan.failed(attempt, err)
-                continue
-            self.answered(attempt.index)
-            return check_response(rpc, response, response_type)
-        raise plan.error()
+        tries = self.tries(op, timeout, retry_deadline)
+        for attempt in tries:
+            self._pause(tries, attempt.delay, cancel)
+            with tries.attempt(attempt):
+                return tries.answer(
+                    attempt, self._stubs[attempt.index].method(op.rpc)(op.request, timeout=attempt.timeout)
+                )
+        raise tries.error()
 
-    def stream(self, rpc: str, request: Message, response_type: type[R], *, timeout: float | None) -> Iterator[R]:
+    def run_stream(self, op: StreamOp[Any, T]) -> Iterator[T]:
         """A server-streaming call (read-only). Until the first item arrives it fails over and retries
-        like ``call``; once data flowed it does not: a resumed stream could repeat or skip output."""
-        plan = self.plan(timeout, None)
-        for attempt in plan.attempts():
-            self._pause(plan, attempt.delay, None)
-            call = self._stubs[attempt.index].method(rpc)(request, timeout=attempt.timeout)
-            received = False
-            try:
+        like ``run``; once data flowed it does not: a resumed stream could repeat or skip output."""
+        tries = self.tries(op, None, None)
+        for attempt in tries:
+            self._pause(tries, attempt.delay, None)
+            call = self._stubs[attempt.index].method(op.rpc)(op.request, timeout=attempt.timeout)
+            with tries.attempt(attempt, call):
                 for item in call:
-                    if not received:
-                        received = True
-                        self.answered(attempt.index)
-                    yield check_response(rpc, item, response_type)
+                    yield tries.answer(attempt, item)
                 return
-            except grpc.RpcError as err:
-                error = stream_failure(err, attempt, rpc, received)
-                if error is not None:
-                    raise error from None
-                plan.failed(attempt, err)
-            finally:
-                call.cancel()
-        raise plan.error()
+        raise tries.error()
+
+    def call(self, rpc: str, request: Message, response_type: type[R]) -> R:
+        """``rpc`` by name, with a request message, answering a message (for tools): ``run``'s rules."""
+        op: Op[R, R] = raw(rpc, request, response_type)
+        return self.run(op)
 
     def close(self) -> None:
         for channel in self._channels:

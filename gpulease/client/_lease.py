@@ -1,6 +1,7 @@
 """What an allocation handle knows about its lease: when it was last renewed, whether it was
-released, and whether (and why) it is lost. Shared by the sync and the asyncio handles; the
-keepalive loops around it differ only in how they wait.
+released, and whether (and why) it is lost; and every decision of the keepalive loop and of the
+release at the end of a ``with`` block. Shared by the sync and the asyncio handles, whose
+sessions only wait and send (a thread or a task; see ``Renewal`` for the loop).
 
 Renewals happen every ttl/3. A lease is lost when the coordinator says the allocation is gone
 (AllocationNotFound from KeepAlive), or when no renewal succeeded for longer than its TTL: by
@@ -12,10 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 
+from gpulease.client import _ops
 from gpulease.errors import AllocationLost, AllocationNotFound, GpuLeaseError
+from gpulease.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("gpulease.client")
 
@@ -23,6 +28,25 @@ log = logging.getLogger("gpulease.client")
 RENEW_FRACTION = 1 / 3
 MIN_INTERVAL_S = 0.5
 RETRY_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """One attempt of a keepalive loop. The loop, whose decisions are all the tracker's; the sync
+    thread and the asyncio task only wait and send:
+
+        wait = 0.0                               # renew at once
+        while wait is not None:                  # None: the lease is lost, the loop ends
+            (wait ``wait`` seconds; end if told to stop)
+            renewal = tracker.renewal(client_timeout)
+            (send renewal.op with renewal.timeout and renewal.budget; error: what it raised, or None)
+            wait = tracker.after_attempt(error)  # every ttl/3 after a success, sooner after a failure
+    """
+
+    op: _ops.Op[pb.KeepAliveResponse, int]
+    # The deadline of this attempt, and how long UNAVAILABLE may be retried within it.
+    timeout: float
+    budget: float
 
 
 class LeaseTracker:
@@ -65,11 +89,11 @@ class LeaseTracker:
 
     # --- one step of a keepalive loop (the sync thread and the asyncio task share these) ---------
 
-    def attempt_limits(self, timeout: float) -> tuple[float, float]:
-        """(deadline of one attempt, retry budget) for the next renewal: retry for as long as the
+    def renewal(self, timeout: float) -> Renewal:
+        """The next renewal, for a client whose calls take ``timeout``: retry for as long as the
         lease can last, but give even a late first try a real chance."""
         budget = max(self.time_left(), 0.0)
-        return min(timeout, max(budget, MIN_INTERVAL_S)), budget
+        return Renewal(_ops.keep_alive(self.allocation_id), min(timeout, max(budget, MIN_INTERVAL_S)), budget)
 
     def after_attempt(self, err: BaseException | None) -> float | None:
         """Record a renewal's outcome (``err`` None: success). Returns the seconds to wait before
@@ -88,6 +112,33 @@ class LeaseTracker:
             log.error("%s", lost.message)
             return None
         return self.retry_wait()
+
+    @contextmanager
+    def renewing(self) -> Iterator[None]:
+        """Around a renewal asked for by hand (``keep_alive()``): the allocation must be live; a
+        success counts, and a failure that makes the lease lost raises AllocationLost instead."""
+        self.check_live()
+        try:
+            yield
+        except GpuLeaseError as err:
+            lost = self.keepalive_failed(err)
+            if lost is not None:
+                raise lost from None
+            raise
+        self.renewed()
+
+    @contextmanager
+    def final_release(self, retry_deadline: float) -> Iterator[float]:
+        """Around the release at the end of a ``with`` block; yields its retry budget: past the
+        lease's end the GPUs come back anyway, so no longer than that. A failure is logged, not
+        raised (the block's own outcome stands); so is a lost lease."""
+        try:
+            yield min(retry_deadline, max(self.time_left(), 1.0))
+        except GpuLeaseError as err:
+            log.warning("could not release allocation %s (%s); its lease expires within %gs",
+                        self.allocation_id, err.message, self.ttl)  # fmt: skip
+        if self.lost:
+            log.warning("%s", self.lost_reason)
 
     def keepalive_failed(self, err: GpuLeaseError) -> AllocationLost | None:
         """Record a failed renewal; returns the AllocationLost error when that makes the lease lost."""
@@ -131,6 +182,9 @@ class LeaseTracker:
         if self.released:
             raise AllocationNotFound(f"allocation {self.allocation_id} was released by this client")
 
-    def mark_released(self) -> None:
+    def mark_released(self, released: bool = True) -> bool:
+        """Record that the allocation was released; returns ``released`` (whether the Release call
+        that did it ended a live allocation)."""
         with self._lock:
             self.released = True
+        return released

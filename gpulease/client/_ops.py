@@ -1,8 +1,10 @@
 """What each coordinator call sends, and how its answer becomes a model.
 
-Shared by ``Client`` and ``AsyncClient``: both build an ``Op`` here and only differ in how they
-send it. Local validation (sizes, durations, volumes, protobuf ranges) raises InvalidRequest
-before anything is sent; range checks that need the cluster's settings are the coordinator's.
+Each call is declared here once, as a function that builds an ``Op``: its parameters, defaults and
+documentation are those of the public method, which ``ClientBase`` makes of it for both Client
+and AsyncClient (see ``_calls``); the two differ only in how they send an Op.
+Local validation (sizes, durations, volumes, protobuf ranges) raises InvalidRequest before
+anything is sent; range checks that need the cluster's settings are the coordinator's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 
 from gpulease.client import _convert
-from gpulease.client.models import ClusterSummary, Container, Node
+from gpulease.client.models import AllocationInfo, ClusterSummary, Container, LogChunk, Node
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
@@ -40,11 +42,45 @@ class Op(Generic[M, T]):
     request: Message
     response_type: type[M]
     convert: Callable[[M], T]
-    # The deadline of one attempt; None: the client's timeout.
+    # The deadline of one attempt; None: the client's timeout, plus ``waits``.
     timeout: float | None = None
+    # Seconds the coordinator may spend on purpose before it answers (WaitContainer's wait,
+    # StopContainer's grace), on top of the client's timeout.
+    waits: float = 0.0
     # False for calls that could take effect twice if resent (RunContainer): those are retried only
     # when the failed attempt provably never reached a coordinator (see rpc_errors.should_retry).
     resend_safe: bool = True
+    # The answer holds allocation records, which the client hands out as handles bound to itself.
+    handles: bool = False
+
+    def deadline(self, client_timeout: float) -> float:
+        return self.timeout if self.timeout is not None else client_timeout + self.waits
+
+
+@dataclass(frozen=True)
+class StreamOp(Generic[M, T]):
+    """One server-streaming call (read-only): like Op, for each item of the stream."""
+
+    rpc: str
+    request: Message
+    response_type: type[M]
+    convert: Callable[[M], T]
+    # False: no deadline (a followed log stream lasts as long as the container).
+    bounded: bool = True
+    # Streams are read-only: resent freely until the first item arrived, never after.
+    resend_safe = True
+
+    def deadline(self, client_timeout: float) -> float | None:
+        return client_timeout if self.bounded else None
+
+
+def raw(rpc: str, request: Message, response_type: type[M]) -> Op[M, M]:
+    """A call by name with a request message, answering the response message as is (for tools)."""
+    return Op(rpc, request, response_type, _as_is)
+
+
+def _as_is(message: M) -> M:
+    return message
 
 
 def size(value: int | str | None, what: str) -> int | None:
@@ -79,24 +115,39 @@ def _positive(value: float, what: str) -> float:
     return value
 
 
-def _allocation_of(response: pb.AllocateResponse) -> tpb.Allocation:
-    return response.allocation
+def _allocation_of(response: pb.AllocateResponse) -> AllocationInfo:
+    return _convert.allocation(response.allocation)
+
+
+def _allocations_of(response: pb.ListAllocationsResponse) -> list[AllocationInfo]:
+    return [_convert.allocation(a) for a in response.allocations]
+
+
+# --- allocations ----------------------------------------------------------------------------------
 
 
 def allocate(
-    *,
     gpus: int,
-    cpus: int | None,
-    memory: int | str | None,
-    gpu_model: str,
-    min_gpu_memory: int | str | None,
-    node_selector: Mapping[str, str] | None,
-    ttl: int | str | None,
-    owner: str,
-    request_id: str | None,
-) -> Op[pb.AllocateResponse, tpb.Allocation]:
-    """The request id (a fresh one unless given) is built here, once: every retry of this Op
-    resends the same one, so the coordinator returns the allocation already made."""
+    cpus: int | None = None,
+    memory: int | str | None = None,
+    gpu_model: str = "",
+    min_gpu_memory: int | str | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    ttl: int | str | None = None,
+    owner: str = "",
+    request_id: str | None = None,
+) -> Op[pb.AllocateResponse, AllocationInfo]:
+    """Reserve ``gpus`` GPUs (plus CPUs/memory) on one node for ``ttl`` (default: the coordinator's).
+
+    Sizes take bytes or strings like "16GiB"; ttl takes seconds or "60s". Range checks are the
+    coordinator's. The request id (a fresh one unless given) makes the call safe to retry: a
+    repeat returns the allocation already made instead of a second one.
+
+    Returns an allocation handle; ``with client.allocate(...) as alloc:`` (``async with await``
+    for AsyncClient) keeps its lease alive and releases it on the way out.
+    """
+    # The request id is built here, once: every retry of this Op resends the same one, so the
+    # coordinator returns the allocation already made.
     memory_bytes = size(memory, "memory")
     min_gpu_memory_bytes = size(min_gpu_memory, "min_gpu_memory") or 0
     ttl_seconds = parse_duration(ttl) if isinstance(ttl, str) else (ttl or 0)
@@ -113,56 +164,76 @@ def allocate(
             request_id=request_id or uuid.uuid4().hex,
         )
     )
-    return Op("Allocate", request, pb.AllocateResponse, _allocation_of)
+    return Op("Allocate", request, pb.AllocateResponse, _allocation_of, handles=True)
 
 
 def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
+    """End an allocation. False when it was not live (already released or expired)."""
     request = build(lambda: pb.ReleaseRequest(allocation_id=allocation_id))
     return Op("Release", request, pb.ReleaseResponse, lambda r: r.released)
 
 
 def keep_alive(allocation_id: str) -> Op[pb.KeepAliveResponse, int]:
+    """Refresh an allocation's lease; returns the remaining TTL in seconds."""
     request = build(lambda: pb.KeepAliveRequest(allocation_id=allocation_id))
     return Op("KeepAlive", request, pb.KeepAliveResponse, lambda r: r.ttl_seconds)
 
 
-def get_allocation(allocation_id: str) -> Op[pb.GetAllocationResponse, tpb.Allocation]:
+def get_allocation(allocation_id: str) -> Op[pb.GetAllocationResponse, AllocationInfo]:
+    """A handle on a live allocation (e.g. made by another process); AllocationNotFound if none."""
     request = build(lambda: pb.GetAllocationRequest(allocation_id=allocation_id))
-    return Op("GetAllocation", request, pb.GetAllocationResponse, lambda r: r.allocation)
+    return Op(
+        "GetAllocation", request, pb.GetAllocationResponse, lambda r: _convert.allocation(r.allocation), handles=True
+    )
 
 
-def list_allocations(node: str, owner: str) -> Op[pb.ListAllocationsResponse, list[tpb.Allocation]]:
+def list_allocations(node: str = "", owner: str = "") -> Op[pb.ListAllocationsResponse, list[AllocationInfo]]:
+    """Live allocations, optionally only those on ``node`` and/or of ``owner``."""
     request = build(lambda: pb.ListAllocationsRequest(node=node, owner=owner))
-    return Op("ListAllocations", request, pb.ListAllocationsResponse, lambda r: list(r.allocations))
+    return Op("ListAllocations", request, pb.ListAllocationsResponse, _allocations_of, handles=True)
+
+
+# --- the cluster ----------------------------------------------------------------------------------
 
 
 def list_nodes() -> Op[pb.ListNodesResponse, list[Node]]:
+    """Every registered node, with its GPUs and what is allocated on it."""
     return Op("ListNodes", pb.ListNodesRequest(), pb.ListNodesResponse, lambda r: [_convert.node(n) for n in r.nodes])
 
 
 def cluster_summary() -> Op[pb.GetClusterSummaryResponse, ClusterSummary]:
+    """Free and total resources per node, and over the nodes that are up."""
     return Op(
         "GetClusterSummary", pb.GetClusterSummaryRequest(), pb.GetClusterSummaryResponse, _convert.cluster_summary
     )
 
 
-def cordon(node: str, cordoned: bool) -> Op[pb.CordonNodeResponse, Node]:
+def cordon(node: str, cordoned: bool = True) -> Op[pb.CordonNodeResponse, Node]:
+    """Exclude ``node`` from placement (``cordoned=False`` lets it take allocations again)."""
     request = build(lambda: pb.CordonNodeRequest(node=node, cordoned=cordoned))
     return Op("CordonNode", request, pb.CordonNodeResponse, lambda r: _convert.node(r.node))
+
+
+# --- containers on an allocation's GPUs (the coordinator forwards to the node's agent) -------------
 
 
 def run_container(
     allocation_id: str,
     image: str,
-    command: Sequence[str],
+    command: Sequence[str] = (),
     *,
-    env: Mapping[str, str] | None,
-    volumes: Sequence[Volume],
-    working_dir: str,
-    shm_size: int | str | None,
-    name: str,
-    timeout: float,
+    env: Mapping[str, str] | None = None,
+    volumes: Sequence[Volume] = (),
+    working_dir: str = "",
+    shm_size: int | str | None = None,
+    name: str = "",
+    timeout: float = RUN_TIMEOUT_S,
 ) -> Op[tpb.ContainerStatus, Container]:
+    """Start a container on the allocation's GPUs, CPUs and memory; returns once it is running.
+
+    volumes: "SRC:DST[:ro]" strings or (src, dst[, read_only]) tuples. ``timeout`` covers an
+    image pull on the node. Not resent after an UNAVAILABLE that may have reached a coordinator.
+    """
     if isinstance(command, str):
         # list("echo hi") would be ['e', 'c', 'h', ...]: refuse rather than run nonsense.
         raise InvalidRequest(f"command {command!r}: pass a list of arguments, e.g. ['sh', '-c', {command!r}]")
@@ -182,35 +253,37 @@ def run_container(
     return Op("RunContainer", request, tpb.ContainerStatus, _convert.container, timeout=timeout, resend_safe=False)
 
 
-def wait_container(
-    allocation_id: str, container_id: str, timeout: float, call_timeout: float
-) -> Op[tpb.ContainerStatus, Container]:
-    """The coordinator waits up to ``timeout`` seconds (taken as 1 to 300); the call's deadline is
-    that plus ``call_timeout``."""
+def wait_container(allocation_id: str, container_id: str, timeout: float = 30.0) -> Op[tpb.ContainerStatus, Container]:
+    """Block until the container exits or ``timeout`` seconds (1 to 300) pass; returns its status."""
+    # The coordinator waits up to that long; the call's deadline is that plus the client's timeout.
     seconds = min(MAX_WAIT_S, max(1, int(timeout)))
     ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
     request = tpb.WaitContainerRequest(ref=ref, timeout_seconds=seconds)
-    return Op("WaitContainer", request, tpb.ContainerStatus, _convert.container, timeout=seconds + call_timeout)
+    return Op("WaitContainer", request, tpb.ContainerStatus, _convert.container, waits=seconds)
 
 
-def stop_container(
-    allocation_id: str, container_id: str, grace: float, call_timeout: float
-) -> Op[tpb.ContainerStatus, Container]:
+def stop_container(allocation_id: str, container_id: str, grace: float = 10.0) -> Op[tpb.ContainerStatus, Container]:
     """SIGTERM, then SIGKILL after ``grace`` seconds. Stopping twice is harmless, so it is resent freely."""
     if not grace >= 0:
         raise InvalidRequest(f"grace must be 0 or more, got {grace:g}")
     ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
     request = build(lambda: tpb.StopContainerRequest(ref=ref, grace_seconds=int(grace)))
-    return Op("StopContainer", request, tpb.ContainerStatus, _convert.container, timeout=grace + call_timeout)
+    return Op("StopContainer", request, tpb.ContainerStatus, _convert.container, waits=grace)
 
 
 def list_containers(allocation_id: str) -> Op[tpb.ListContainersResponse, list[Container]]:
+    """The allocation's containers, running and exited."""
     request = build(lambda: tpb.ListContainersRequest(allocation_id=allocation_id))
     return Op(
         "ListContainers", request, tpb.ListContainersResponse, lambda r: [_convert.container(c) for c in r.containers]
     )
 
 
-def logs_request(allocation_id: str, container_id: str, follow: bool) -> tpb.StreamLogsRequest:
+def logs(allocation_id: str, container_id: str = "", *, follow: bool = False) -> StreamOp[tpb.LogChunk, LogChunk]:
+    """The container's output in order; with ``follow``, until it exits (no deadline then).
+
+    container_id "" means the allocation's only (or latest) container.
+    """
     ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
-    return tpb.StreamLogsRequest(ref=ref, follow=follow)
+    request = tpb.StreamLogsRequest(ref=ref, follow=follow)
+    return StreamOp("StreamLogs", request, tpb.LogChunk, lambda c: LogChunk(c.stream, c.data), bounded=not follow)

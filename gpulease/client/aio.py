@@ -20,34 +20,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import fields
 from types import TracebackType
 from typing import Any, TypeVar
 
-from google.protobuf.message import Message
-
-from gpulease.client import _convert, _ops
+from gpulease.client import _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
+from gpulease.client._base import ClientBase
+from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
-from gpulease.client.models import AllocationInfo, ClusterSummary, Container, LogChunk, Node
+from gpulease.client.models import AllocationInfo, Container, LogChunk
 from gpulease.client.retry import DEFAULT_TIMEOUT_S
-from gpulease.errors import GpuLeaseError, InvalidRequest
-from gpulease.v1 import types_pb2 as tpb
 
 __all__ = ["AsyncAllocation", "AsyncClient", "AsyncContainerHandle"]
 
 log = logging.getLogger("gpulease.client")
-M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
-_WAIT_STEP_S = 30.0
 
-
-class AsyncClient:
+class AsyncClient(ClientBase[AsyncFailoverChannels]):
     """See ``gpulease.client.Client``: the same constructor (less ``handle_sigterm``) and methods,
     as coroutines; ``logs`` is an async iterator."""
 
@@ -60,111 +53,20 @@ class AsyncClient:
         config: ClientConfig | None = None,
     ) -> None:
         """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given."""
-        self.config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
-        self._rpc = AsyncFailoverChannels(self.config.targets, self.config.timeout, self.config.retry.deadline)
+        config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
+        super().__init__(config, AsyncFailoverChannels(config.targets, config.timeout, config.retry.deadline))
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return self._rpc.targets
+    # How this client sends the calls that ClientBase declares: as coroutines.
 
-    @property
-    def timeout(self) -> float:
-        return self._rpc.timeout
+    def _handle(self, info: AllocationInfo) -> AsyncAllocation:
+        return AsyncAllocation(info, AsyncSession(self._rpc, info))
 
-    @property
-    def retry_deadline(self) -> float:
-        return self._rpc.retry_deadline
+    async def _send(self, op: _ops.Op[Any, T]) -> Any:
+        return self._answer(op, await self._rpc.run(op))
 
-    async def _run(self, op: _ops.Op[M, T], *, timeout: float | None = None, retry_deadline: float | None = None) -> T:
-        response = await self._rpc.call(
-            op.rpc,
-            op.request,
-            op.response_type,
-            timeout=timeout if timeout is not None else op.timeout,
-            retry_deadline=retry_deadline,
-            resend_safe=op.resend_safe,
-        )
-        return op.convert(response)
-
-    def _bind(self, msg: tpb.Allocation) -> AsyncAllocation:
-        return AsyncAllocation._bound(msg, self)
-
-    async def allocate(
-        self,
-        gpus: int,
-        cpus: int | None = None,
-        memory: int | str | None = None,
-        gpu_model: str = "",
-        min_gpu_memory: int | str | None = None,
-        node_selector: Mapping[str, str] | None = None,
-        ttl: int | str | None = None,
-        owner: str = "",
-        request_id: str | None = None,
-    ) -> AsyncAllocation:
-        """See Client.allocate. ``async with await client.allocate(...) as alloc:`` keeps the lease
-        alive and releases it on the way out."""
-        op = _ops.allocate(
-            gpus=gpus, cpus=cpus, memory=memory, gpu_model=gpu_model, min_gpu_memory=min_gpu_memory,
-            node_selector=node_selector, ttl=ttl, owner=owner, request_id=request_id,
-        )  # fmt: skip
-        return self._bind(await self._run(op))
-
-    async def release(self, allocation_id: str) -> bool:
-        return await self._run(_ops.release(allocation_id))
-
-    async def keep_alive(self, allocation_id: str) -> int:
-        return await self._run(_ops.keep_alive(allocation_id))
-
-    async def get_allocation(self, allocation_id: str) -> AsyncAllocation:
-        return self._bind(await self._run(_ops.get_allocation(allocation_id)))
-
-    async def list_allocations(self, node: str = "", owner: str = "") -> list[AsyncAllocation]:
-        return [self._bind(a) for a in await self._run(_ops.list_allocations(node, owner))]
-
-    async def list_nodes(self) -> list[Node]:
-        return await self._run(_ops.list_nodes())
-
-    async def cluster_summary(self) -> ClusterSummary:
-        return await self._run(_ops.cluster_summary())
-
-    async def cordon(self, node: str, cordoned: bool = True) -> Node:
-        return await self._run(_ops.cordon(node, cordoned))
-
-    async def run_container(
-        self,
-        allocation_id: str,
-        image: str,
-        command: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        volumes: Sequence[_ops.Volume] = (),
-        working_dir: str = "",
-        shm_size: int | str | None = None,
-        name: str = "",
-        timeout: float = _ops.RUN_TIMEOUT_S,
-    ) -> Container:
-        op = _ops.run_container(
-            allocation_id, image, command, env=env, volumes=volumes, working_dir=working_dir,
-            shm_size=shm_size, name=name, timeout=timeout,
-        )  # fmt: skip
-        return await self._run(op)
-
-    async def wait_container(self, allocation_id: str, container_id: str, timeout: float = 30.0) -> Container:
-        return await self._run(_ops.wait_container(allocation_id, container_id, timeout, self.timeout))
-
-    async def stop_container(self, allocation_id: str, container_id: str, grace: float = 10.0) -> Container:
-        return await self._run(_ops.stop_container(allocation_id, container_id, grace, self.timeout))
-
-    async def list_containers(self, allocation_id: str) -> list[Container]:
-        return await self._run(_ops.list_containers(allocation_id))
-
-    async def logs(
-        self, allocation_id: str, container_id: str = "", *, follow: bool = False
-    ) -> AsyncIterator[LogChunk]:
-        request = _ops.logs_request(allocation_id, container_id, follow)
-        timeout = None if follow else self.timeout
-        async for chunk in self._rpc.stream("StreamLogs", request, tpb.LogChunk, timeout=timeout):
-            yield LogChunk(chunk.stream, chunk.data)
+    async def _send_stream(self, make: Callable[[], _ops.StreamOp[Any, T]]) -> AsyncIterator[T]:
+        async for item in self._rpc.run_stream(make()):
+            yield item
 
     async def close(self) -> None:
         await self._rpc.close()
@@ -178,19 +80,18 @@ class AsyncClient:
         await self.close()
 
 
-async def _keep_alive_loop(client: AsyncClient, tracker: LeaseTracker) -> None:
-    """Renew at once, then every ttl/3, until cancelled or the lease is lost (see _lease)."""
-    op = _ops.keep_alive(tracker.allocation_id)
+async def _keep(rpc: AsyncFailoverChannels, tracker: LeaseTracker) -> None:
+    """The keepalive loop (see _lease.Renewal) as a task: it only waits and sends; cancel it to stop."""
     wait: float | None = 0.0
     while wait is not None:
         await asyncio.sleep(wait)
-        timeout, budget = tracker.attempt_limits(client.timeout)
-        err: Exception | None = None
+        renewal = tracker.renewal(rpc.timeout)
+        error: Exception | None = None
         try:
-            await client._run(op, timeout=timeout, retry_deadline=budget)
+            await rpc.run(renewal.op, timeout=renewal.timeout, retry_deadline=renewal.budget)
         except Exception as exc:
-            err = exc
-        wait = tracker.after_attempt(err)
+            error = exc
+        wait = tracker.after_attempt(error)
 
 
 def _report_late_release(task: asyncio.Future[bool]) -> None:
@@ -199,202 +100,119 @@ def _report_late_release(task: asyncio.Future[bool]) -> None:
         log.warning("could not release an allocation: %s", err)
 
 
-class _AsyncSession:
-    def __init__(self, client: AsyncClient, tracker: LeaseTracker) -> None:
-        self.client = client
-        self.tracker = tracker
-        self.keeper: asyncio.Task[None] | None = None
-        self.entered = False
+class AsyncSession(SessionBase[AsyncFailoverChannels]):
+    """See ``_allocation.Session``: the keepalive is an asyncio task, and there is no SIGTERM guard."""
+
+    def __init__(self, rpc: AsyncFailoverChannels, info: AllocationInfo) -> None:
+        super().__init__(rpc, info)
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def run(self, op: _ops.Op[Any, T]) -> T:
+        return await self.rpc.run(op)
+
+    def run_stream(self, op: _ops.StreamOp[Any, T]) -> AsyncIterator[T]:
+        return self.rpc.run_stream(op)
 
     def start_keeper(self) -> None:
-        if self.keeper is not None and not self.keeper.done():
-            raise InvalidRequest(f"allocation {self.tracker.allocation_id} is already being kept alive")
-        self.keeper = asyncio.create_task(
-            _keep_alive_loop(self.client, self.tracker), name=f"gpulease-keepalive-{self.tracker.allocation_id}"
-        )
+        self.check_not_kept(self._keeper is not None and not self._keeper.done())
+        name = f"gpulease-keepalive-{self.tracker.allocation_id}"
+        self._keeper = asyncio.create_task(_keep(self.rpc, self.tracker), name=name)
 
     async def stop_keeper(self) -> None:
-        keeper, self.keeper = self.keeper, None
+        keeper, self._keeper = self._keeper, None
         if keeper is None or keeper is asyncio.current_task():
             return
         keeper.cancel()
         await asyncio.wait([keeper])
 
+    async def renew(self) -> int:
+        with self.tracker.renewing():
+            ttl = await self.rpc.run(_ops.keep_alive(self.tracker.allocation_id))
+        return ttl
 
-class AsyncAllocation(AllocationInfo):
-    """The asyncio twin of ``gpulease.client.Allocation``: the same fields, coroutine methods, and
-    ``async with`` instead of ``with`` (keepalive as an asyncio task, release on exit or cancellation)."""
+    async def release(self, retry_deadline: float | None) -> bool:
+        await self.stop_keeper()
+        if self.tracker.released:
+            return False
+        released = await self.rpc.run(_ops.release(self.tracker.allocation_id), retry_deadline=retry_deadline)
+        return self.tracker.mark_released(released)
 
-    _session: _AsyncSession | None = None  # see Allocation._session
+    async def exit(self) -> None:
+        self.entered = False
+        await self.stop_keeper()
+        with self.tracker.final_release(self.rpc.retry_deadline) as budget:
+            # Shielded: a second cancellation while releasing must not leave the GPUs held until the TTL.
+            release = asyncio.ensure_future(self.release(budget))
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:
+                release.add_done_callback(_report_late_release)
+                raise
 
-    @classmethod
-    def _bound(cls, msg: tpb.Allocation, client: AsyncClient) -> AsyncAllocation:
-        alloc = _convert.allocation(msg, cls)
-        alloc._session = _AsyncSession(client, LeaseTracker(alloc.id, alloc.ttl_seconds))
-        return alloc
 
-    def __reduce__(self) -> tuple[type[AllocationInfo], tuple[Any, ...]]:
-        return AllocationInfo, tuple(getattr(self, f.name) for f in fields(AllocationInfo))
+class AsyncAllocation(AllocationHandle[AsyncSession]):
+    """The asyncio twin of ``gpulease.client.Allocation``: the same record and state, coroutine
+    methods, and ``async with`` instead of ``with`` (keepalive as an asyncio task, release on exit
+    or cancellation)."""
 
-    def _bound_session(self) -> _AsyncSession:
-        if self._session is None:
-            raise InvalidRequest(f"allocation {self.id} is a plain record, not bound to a client")
-        return self._session
-
-    def _live(self) -> _AsyncSession:
-        session = self._bound_session()
-        session.tracker.check_live()
-        return session
-
-    @property
-    def lost(self) -> bool:
-        return self._session is not None and self._session.tracker.lost
-
-    @property
-    def lost_reason(self) -> str | None:
-        return None if self._session is None else self._session.tracker.lost_reason
-
-    @property
-    def released(self) -> bool:
-        return self._session is not None and self._session.tracker.released
+    __slots__ = ()
 
     async def keep_alive(self) -> int:
-        session = self._live()
-        try:
-            ttl = await session.client._run(_ops.keep_alive(self.id))
-        except GpuLeaseError as err:
-            lost = session.tracker.keepalive_failed(err)
-            if lost is not None:
-                raise lost from None
-            raise
-        session.tracker.renewed()
-        return ttl
+        """See Allocation.keep_alive."""
+        return await self.session.renew()
 
     async def release(self) -> bool:
         """See Allocation.release."""
-        return await self._release(None)
-
-    async def _release(self, retry_deadline: float | None) -> bool:
-        session = self._bound_session()
-        await session.stop_keeper()
-        if session.tracker.released:
-            return False
-        released = await session.client._run(_ops.release(self.id), retry_deadline=retry_deadline)
-        session.tracker.mark_released()
-        return released
+        return await self.session.release(None)
 
     @asynccontextmanager
     async def keepalive(self, ttl: int | None = None) -> AsyncIterator[AsyncAllocation]:
         """See Allocation.keepalive."""
-        session = self._live()
-        if ttl:
-            session.tracker.reset(ttl)
-        session.start_keeper()
+        self.session.renew_from(ttl)
+        self.session.start_keeper()
         try:
             yield self
         finally:
-            await session.stop_keeper()
+            await self.session.stop_keeper()
 
     async def __aenter__(self) -> AsyncAllocation:
-        session = self._live()
-        if session.entered:
-            raise InvalidRequest(f"allocation {self.id} is already in use as a context manager")
-        session.start_keeper()
-        session.entered = True
+        self.session.enter()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        session = self._bound_session()
-        session.entered = False
-        await session.stop_keeper()
-        budget = min(session.client.retry_deadline, max(session.tracker.time_left(), 1.0))
-        # Shielded: a second cancellation while releasing must not leave the GPUs held until the TTL.
-        release = asyncio.ensure_future(self._release(budget))
-        try:
-            await asyncio.shield(release)
-        except GpuLeaseError as err:
-            log.warning("could not release allocation %s (%s); its lease expires within %gs",
-                        self.id, err.message, session.tracker.ttl)  # fmt: skip
-        except asyncio.CancelledError:
-            release.add_done_callback(_report_late_release)
-            raise
-        if session.tracker.lost:
-            log.warning("%s", session.tracker.lost_reason)
+        await self.session.exit()
 
-    async def run_container(
-        self,
-        image: str,
-        command: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        volumes: Sequence[_ops.Volume] = (),
-        working_dir: str = "",
-        shm_size: int | str | None = None,
-        name: str = "",
-        timeout: float = _ops.RUN_TIMEOUT_S,
-    ) -> AsyncContainerHandle:
-        session = self._live()
-        status = await session.client.run_container(
-            self.id, image, command, env=env, volumes=volumes, working_dir=working_dir, shm_size=shm_size,
-            name=name, timeout=timeout,
-        )  # fmt: skip
-        return AsyncContainerHandle(self, status)
+    async def _start(self, make: Callable[[], _ops.Op[Any, Container]]) -> AsyncContainerHandle:
+        session = self.session.live()
+        return AsyncContainerHandle(self, await session.run(make()))
 
     async def containers(self) -> list[AsyncContainerHandle]:
-        client = self._check_containers_usable()
-        return [AsyncContainerHandle(self, c) for c in await client.list_containers(self.id)]
-
-    def _check_containers_usable(self) -> AsyncClient:
-        session = self._bound_session()
-        session.tracker.check_not_lost()
-        return session.client
+        """Handles on this allocation's containers."""
+        return [AsyncContainerHandle(self, c) for c in await self.session.usable().run(_ops.list_containers(self.id))]
 
 
-class AsyncContainerHandle:
+class AsyncContainerHandle(ContainerHandleBase[AsyncAllocation]):
     """See ``gpulease.client.ContainerHandle``."""
 
-    def __init__(self, allocation: AsyncAllocation, status: Container) -> None:
-        self.allocation = allocation
-        self._status = status
-
-    def __repr__(self) -> str:
-        return f"AsyncContainerHandle(id={self.id!r}, allocation={self.allocation.id!r}, state={self._status.state!r})"
-
-    @property
-    def id(self) -> str:
-        return self._status.id
-
-    @property
-    def status(self) -> Container:
-        return self._status
-
     async def refresh(self) -> Container:
-        client = self.allocation._check_containers_usable()
-        for c in await client.list_containers(self.allocation.id):
-            if c.id == self.id:
-                self._status = c
-        return self._status
+        return self._found(await self.allocation.session.usable().run(_ops.list_containers(self.allocation.id)))
 
     async def wait(self, timeout: float | None = None) -> Container:
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequest(f"timeout must be positive, got {timeout:g}")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = Waiting(timeout)
         while True:
-            client = self.allocation._check_containers_usable()
-            step = _WAIT_STEP_S if deadline is None else min(_WAIT_STEP_S, deadline - time.monotonic())
-            self._status = await client.wait_container(self.allocation.id, self.id, timeout=max(1.0, step))
-            if self._status.exited or (deadline is not None and time.monotonic() >= deadline):
-                return self._status
+            session = self.allocation.session.usable()
+            status = self._seen(await session.run(_ops.wait_container(self.allocation.id, self.id, waiting.step())))
+            if waiting.over(status):
+                return status
 
     async def logs(self, follow: bool = True) -> AsyncIterator[LogChunk]:
-        client = self.allocation._check_containers_usable()
-        async for chunk in client.logs(self.allocation.id, self.id, follow=follow):
+        session = self.allocation.session.usable()
+        async for chunk in session.run_stream(_ops.logs(self.allocation.id, self.id, follow=follow)):
             yield chunk
-            self.allocation._check_containers_usable()
+            session.usable()
 
     async def stop(self, grace: float = 10.0) -> Container:
-        client = self.allocation._check_containers_usable()
-        self._status = await client.stop_container(self.allocation.id, self.id, grace=grace)
-        return self._status
+        status = await self.allocation.session.usable().run(_ops.stop_container(self.allocation.id, self.id, grace))
+        return self._seen(status)

@@ -1,8 +1,8 @@
 """What the client returns: plain frozen values, so callers never handle protobuf messages.
 
 ``AllocationInfo`` is the allocation record; the handles that ``Client.allocate`` and
-``AsyncClient.allocate`` return (``Allocation``, ``AsyncAllocation``) are subclasses of it bound to
-their client.
+``AsyncClient.allocate`` return (``Allocation``, ``AsyncAllocation``) hold one (``alloc.info``, its
+fields also read as ``alloc.id`` etc.) and a session bound to their client.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""What Client and AsyncClient share: their configuration, the channels they send through, and
+their methods, one per coordinator call, declared here once (see ``_calls``)."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from gpulease.client import _ops
+from gpulease.client._calls import Call, Stream
+from gpulease.client._failover import Rotation
+from gpulease.client.config import ClientConfig
+from gpulease.client.models import AllocationInfo
+
+C = TypeVar("C", bound=Rotation)
+
+
+class ClientBase(Generic[C]):
+    def __init__(self, config: ClientConfig, rpc: C) -> None:
+        self.config = config
+        self._rpc = rpc
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self._rpc.targets
+
+    @property
+    def timeout(self) -> float:
+        return self._rpc.timeout
+
+    @property
+    def retry_deadline(self) -> float:
+        return self._rpc.retry_deadline
+
+    # The calls. Each subclass says how it sends one (``_send``, ``_send_stream``) and what handle
+    # it makes of an allocation record (``_handle``).
+
+    allocate = Call(_ops.allocate)
+    release = Call(_ops.release)
+    keep_alive = Call(_ops.keep_alive)
+    get_allocation = Call(_ops.get_allocation)
+    list_allocations = Call(_ops.list_allocations)
+    list_nodes = Call(_ops.list_nodes)
+    cluster_summary = Call(_ops.cluster_summary)
+    cordon = Call(_ops.cordon)
+    # Containers on an allocation's GPUs (the coordinator forwards to the node's agent).
+    run_container = Call(_ops.run_container)
+    wait_container = Call(_ops.wait_container)
+    stop_container = Call(_ops.stop_container)
+    list_containers = Call(_ops.list_containers)
+    logs = Stream(_ops.logs)
+
+    def _handle(self, info: AllocationInfo) -> Any:
+        raise NotImplementedError
+
+    def _answer(self, op: _ops.Op[Any, Any], answer: Any) -> Any:
+        """The answer to ``op`` as the caller gets it: allocation records as handles on this client."""
+        if not op.handles:
+            return answer
+        if isinstance(answer, list):
+            return [self._handle(info) for info in answer]
+        return self._handle(answer)

@@ -1,0 +1,101 @@
+"""The client's handles hold a record and a session (composition), and the sync and asyncio sides
+have the same methods by construction: checked here without a coordinator (no call is sent)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import inspect
+import pickle
+
+import pytest
+
+from gpulease.client import AllocatedGpu, Allocation, AllocationInfo, Client, ContainerHandle
+from gpulease.client._allocation import Session
+from gpulease.client._failover import FailoverChannels
+from gpulease.client.aio import AsyncAllocation, AsyncClient, AsyncContainerHandle
+
+INFO = AllocationInfo(
+    id="0123456789a0123456789", node="n1", gpus=(AllocatedGpu(3, "GPU-3", "H100"),), cpus=4, memory_bytes=2**30,
+    ttl_seconds=60, revision=7, owner="me", request_id="r1", created_unix_ms=1, node_address="10.0.0.1:50052",
+)  # fmt: skip
+NOWHERE = "127.0.0.1:1"
+
+
+def handle(info: AllocationInfo = INFO) -> Allocation:
+    return Allocation(info, Session(FailoverChannels([NOWHERE], 1.0, 0), info, handle_sigterm=False))
+
+
+def public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_a_handle_has_a_record_and_reads_its_fields() -> None:
+    alloc = handle()
+    assert alloc.info is INFO
+    assert not isinstance(alloc, AllocationInfo)  # composition, not a subclass of the record
+    # Every field of the record reads through the handle: a field added to AllocationInfo without
+    # a matching one on the handle fails here.
+    for f in dataclasses.fields(AllocationInfo):
+        assert getattr(alloc, f.name) == getattr(INFO, f.name), f.name
+    assert alloc.gpu_indexes == (3,) and alloc.to_dict() == INFO.to_dict()
+    assert not alloc.lost and alloc.lost_reason is None and not alloc.released
+
+
+def test_a_handle_is_read_only_and_copies_as_its_record() -> None:
+    alloc = handle()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        alloc.id = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        alloc.extra = 1  # type: ignore[attr-defined]
+    # Equal records, equal handles (as when a dataclass); a record is not a handle.
+    assert alloc == handle() and hash(alloc) == hash(handle())
+    assert alloc != handle(dataclasses.replace(INFO, revision=8))
+    assert alloc != INFO
+    assert repr(alloc) == "Allocation" + repr(INFO).removeprefix("AllocationInfo")
+    # Pickled or copied: the record; threads, locks and channels do not travel.
+    for copied in (pickle.loads(pickle.dumps(alloc)), copy.copy(alloc), copy.deepcopy(alloc)):
+        assert type(copied) is AllocationInfo and copied == INFO
+
+
+def test_a_record_alone_cannot_act() -> None:
+    assert not hasattr(INFO, "release") and not hasattr(INFO, "keep_alive")
+    with pytest.raises(TypeError):
+        Allocation(**dataclasses.asdict(INFO))  # type: ignore[call-arg]
+
+
+def test_sync_and_async_sides_have_the_same_methods_and_signatures() -> None:
+    pairs = [(Client, AsyncClient), (Allocation, AsyncAllocation), (ContainerHandle, AsyncContainerHandle)]
+    for sync, aio in pairs:
+        assert public(sync) == public(aio), (sync, aio)
+        for name in public(aio):
+            if callable(getattr(aio, name)) and name != "keepalive":
+                s, a = inspect.signature(getattr(sync, name)), inspect.signature(getattr(aio, name))
+                assert list(s.parameters) == list(a.parameters), (sync, name)
+    # AsyncClient has no SIGTERM handling (signals belong to whoever runs the event loop).
+    sync_init = [p for p in inspect.signature(Client).parameters if p != "handle_sigterm"]
+    assert sync_init == list(inspect.signature(AsyncClient).parameters)
+
+
+def test_methods_are_named_and_documented_like_their_calls() -> None:
+    assert Client.release.__name__ == "release" and "End an allocation" in (Client.release.__doc__ or "")
+    assert list(inspect.signature(Client.allocate).parameters)[:3] == ["self", "gpus", "cpus"]
+    # The handle fills in the allocation id.
+    assert list(inspect.signature(Allocation.run_container).parameters)[:2] == ["self", "image"]
+    client = Client(NOWHERE, timeout=1)
+    try:
+        assert list(inspect.signature(client.wait_container).parameters) == ["allocation_id", "container_id", "timeout"]
+    finally:
+        client.close()
+
+
+async def test_async_methods_return_coroutines() -> None:
+    async with AsyncClient(NOWHERE, timeout=1, retry_deadline=0) as client:
+        call = client.cluster_summary()
+        assert inspect.iscoroutine(call)
+        call.close()
+        stream = client.logs("a1", follow=True)
+        assert inspect.isasyncgen(stream)
+        await stream.aclose()
+    assert asyncio.iscoroutinefunction(AsyncAllocation.keep_alive)
