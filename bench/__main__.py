@@ -17,11 +17,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.cluster import GPUS_PER_NODE, BenchCluster, register_nodes, wait_nodes
+from bench.cluster import GPUS_PER_NODE, register_nodes, start_cluster, wait_nodes
 from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
 from gpulease.common import eventloop
+from gpulease.dev.cluster import LocalCluster
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -46,14 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[str, object]:
+async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, object]:
     def log(msg: str) -> None:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
     runs = []
     log(f"registering {args.nodes} simulated nodes x 8 GPUs through RegisterNode ...")
-    address = cluster.start_coordinator("/bench/")
+    address = cluster.add_coordinator(prefix="/bench/").address
     await register_nodes(address, [f"node-{i:05d}" for i in range(args.nodes)])
     await wait_nodes(address, args.nodes, 120)
     for c in args.concurrency:
@@ -91,14 +92,14 @@ async def main_async(args: argparse.Namespace, cluster: BenchCluster) -> dict[st
     return {"runs": runs, "scale": scale}
 
 
-def machine(cluster: BenchCluster) -> dict[str, object]:
+def machine(cluster: LocalCluster) -> dict[str, object]:
     return {
         "cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "etcd_version": cluster.etcd_version(),
         "platform": platform.platform(),
-        "etcd_data": "tmpfs" if str(cluster.tmp).startswith("/dev/shm") else "disk",
+        "etcd_data": "tmpfs" if str(cluster.data_dir).startswith("/dev/shm") else "disk",
     }
 
 
@@ -121,7 +122,7 @@ def print_tables(result: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cluster = BenchCluster.start()
+    cluster = start_cluster()
     try:
         started = time.time()
         # The load generator runs on uvloop when it can, as the coordinator does: the bench

@@ -16,9 +16,10 @@ from pathlib import Path
 import grpc
 import psutil
 
-from bench.cluster import GPUS_PER_NODE, BenchCluster, register_nodes, wait_nodes
+from bench.cluster import GPUS_PER_NODE, register_nodes, wait_nodes
 from bench.load import run_cycles
-from gpulease import procs
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -88,10 +89,10 @@ async def _down_nodes(address: str) -> int:
     return sum(1 for n in summary.nodes if n.state == tpb.NODE_STATE_DOWN)
 
 
-async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: int, duration: float,
+async def run_scale(cluster: LocalCluster, nodes: int, small: int, concurrency: int, duration: float,
                     heartbeat_interval: int = 10) -> ScaleResult:  # fmt: skip
     # Small cluster first, on its own prefix.
-    small_addr = cluster.start_coordinator("/bench-small/")
+    small_addr = cluster.add_coordinator(prefix="/bench-small/").address
     await register_nodes(small_addr, [f"s{i:05d}" for i in range(small)])
     await wait_nodes(small_addr, small, 60)
     # Allocate+release cycles: an allocate-only run would fill 100 nodes' 800 GPUs in a second.
@@ -102,7 +103,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     # The large cluster. node_ttl 3 heartbeat intervals, as agents are told by default.
     node_ttl = 3 * heartbeat_interval
     prefix = "/bench-large/"
-    addr = cluster.start_coordinator(prefix, node_ttl=node_ttl, heartbeat=heartbeat_interval)
+    addr = cluster.add_coordinator(prefix=prefix, node_ttl=node_ttl, heartbeat_interval=heartbeat_interval).address
     t0 = time.perf_counter()
     leases = await register_nodes(addr, [f"n{i:05d}" for i in range(nodes)], concurrency=128)
     register_s = time.perf_counter() - t0
@@ -111,10 +112,10 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
     # Agents heartbeat from registration on (from their own process here); measure with them,
     # then right after stopping them, while every lease is at most one interval old.
     # What one heartbeat costs the coordinator with nothing else running (see _cpu_ms_per_call).
-    coordinator = psutil.Process(cluster.pid(addr))
+    coordinator = psutil.Process(cluster.coordinator(addr).process.pid)
     window = min(duration, 5)
     idle_cpu_s = await _cpu_seconds(coordinator, window)
-    beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp)
+    beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.data_dir)
     try:
         hb_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
         await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
@@ -124,11 +125,11 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
         sent, hb_errors = _stop_heartbeats(beats)
     quiet_rate, quiet_doubles = await run_cycles(addr, concurrency, duration)
     false_down = max(false_down, await _down_nodes(addr))
-    rss = cluster.coordinator_rss(addr) / 2**20
+    rss = cluster.coordinator(addr).process.rss() / 2**20
 
     # Empty unary calls at the heartbeats' pace, after the last down check: within the node TTL
     # (3 intervals) of the last heartbeat, so no lease expiry adds work to this window.
-    noops = _start_heartbeats(addr, leases, heartbeat_interval, cluster.tmp, noop=True)
+    noops = _start_heartbeats(addr, leases, heartbeat_interval, cluster.data_dir, noop=True)
     try:
         noop_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
     finally:
@@ -136,7 +137,7 @@ async def run_scale(cluster: BenchCluster, nodes: int, small: int, concurrency: 
 
     # A fresh replica: how long until its view holds all nodes.
     t1 = time.perf_counter()
-    fresh = cluster.start_coordinator(prefix, node_ttl=node_ttl, heartbeat=heartbeat_interval)
+    fresh = cluster.add_coordinator(prefix=prefix, node_ttl=node_ttl, heartbeat_interval=heartbeat_interval).address
     await wait_nodes(fresh, nodes, 120)
     resync_s = time.perf_counter() - t1
     cluster.stop_coordinator(fresh)

@@ -3,10 +3,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2_grpc
 from tests.support import harness
 
@@ -15,7 +17,7 @@ from tests.support import harness
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Etcd]:
     server = harness.start_etcd(tmp_path_factory.mktemp("etcd"))
     yield server
-    server.proc.stop()
+    server.cluster.stop()
 
 
 @pytest.fixture
@@ -24,19 +26,29 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def start_coordinator(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[Callable[..., harness.Coordinator]]:
-    """Factory: start one or more coordinators on the test's prefix; all stopped at teardown."""
+def local_cluster(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[LocalCluster]:
+    """The test's coordinators and agents (none started yet), on the session's etcd under the test's
+    prefix; every one stopped at teardown."""
+    cluster = harness.new_cluster(etcd, prefix, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def start_coordinator(local_cluster: LocalCluster) -> Iterator[Callable[..., harness.Coordinator]]:
+    """Factory: start one or more coordinators of the test's cluster; all stopped at teardown."""
     started: list[harness.Coordinator] = []
 
-    def start(**kw: object) -> harness.Coordinator:
-        c = harness.start_coordinator(tmp_path, etcd.url, prefix, **kw)  # type: ignore[arg-type]
+    def start(**kw: Any) -> harness.Coordinator:
+        c = harness.start_coordinator(local_cluster, **kw)
         started.append(c)
         return c
 
     yield start
     for c in started:
         c.channel.close()
-    harness.stop_all([c.proc for c in started])
 
 
 @pytest.fixture

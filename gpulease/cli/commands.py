@@ -146,7 +146,7 @@ def dev(cfg: CliConfig, args: argparse.Namespace) -> int:
     )
     try:
         # Imported here: it needs the coordinator/agent/etcd extras, which gpuctl alone does not.
-        from gpulease.devcluster import run_dev_cluster
+        from gpulease.dev.ui import run_dev_cluster
     except ImportError as e:
         print(
             f"gpuctl: error: gpuctl dev needs the server extras ({e}); "

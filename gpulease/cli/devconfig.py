@@ -1,4 +1,4 @@
-"""What `gpuctl dev` hands to gpulease.devcluster.run_dev_cluster."""
+"""What `gpuctl dev` hands to gpulease.dev.ui.run_dev_cluster."""
 
 from __future__ import annotations
 

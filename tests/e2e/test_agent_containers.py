@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 
-from gpulease import procs
 from gpulease.agent.container_spec import validate_spec
 from gpulease.agent.containers import ReadyGate
 from gpulease.agent.inventory.simulated import SimulatedInventory
@@ -26,6 +25,8 @@ from gpulease.agent.registration import AgentInventory, Registrar
 from gpulease.agent.runtime import ContainerRuntime
 from gpulease.agent.server import start_server
 from gpulease.coordinator.store import Store
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
@@ -724,44 +725,21 @@ def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
 
 @pytest.mark.slow
 def test_killed_agent_restarts_and_adopts_its_docker_container(
-    tmp_path: Any, coordinator: harness.Coordinator, request: pytest.FixtureRequest
+    coordinator: harness.Coordinator, local_cluster: LocalCluster, request: pytest.FixtureRequest
 ) -> None:
     pytest.importorskip("gpulease.agent.runtime.docker_runtime")
     daemon: Dockerd = request.getfixturevalue("dockerd")
     image: str = request.getfixturevalue("busybox")
-    listen = f"127.0.0.1:{procs.free_port()}"
-    args = [
-        "--coordinator",
-        coordinator.address,
-        "--node-id",
-        "d1",
-        "--listen",
-        listen,
-        "--simulate-gpus",
-        "2",
-        "--cpus",
-        "4",
-        "--memory",
-        "8GiB",
-        "--docker-host",
-        daemon.base_url,
-        "--container-network",
-        "none",
-    ]
-    env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
-    agents: list[procs.ManagedProcess] = []
+    port = procs.free_port()
+    listen = f"127.0.0.1:{port}"
 
-    def start_agent(n: int) -> procs.ManagedProcess:
-        agent = procs.start_python_module(
-            f"agent-d1-{n}", "gpulease.agent.main", args, tmp_path / f"agent-{n}.log", env=env
-        )
-        agents.append(agent)
-        procs.wait_grpc_health(listen, 60, agent)  # SERVING: registered and reconciled
-        return agent
+    def start_agent() -> procs.ManagedProcess:
+        # SERVING once registered and reconciled; the restarted agent listens where the first did.
+        return daemon.add_agent(local_cluster, "d1", 2, coordinator=coordinator.address, port=port).process
 
     client = daemon.client()
     try:
-        first = start_agent(1)
+        first = start_agent()
         alloc = coordinator.stub.Allocate(
             pb.AllocateRequest(gpus=1, cpus=1, memory_bytes=GiB, ttl_seconds=120, owner="e2e")
         ).allocation
@@ -779,7 +757,8 @@ def test_killed_agent_restarts_and_adopts_its_docker_container(
         before = client.api.inspect_container(started.container_id)
 
         first.kill()  # kill -9: no chance to clean up
-        second = start_agent(2)
+        log_before = first.log_path.read_text()
+        second = start_agent()
         with grpc.insecure_channel(listen) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             listed = stub.ListContainers(tpb.ListContainersRequest(allocation_id=alloc.id), timeout=30).containers
@@ -789,7 +768,8 @@ def test_killed_agent_restarts_and_adopts_its_docker_container(
         assert after["State"]["StartedAt"] == before["State"]["StartedAt"]  # not restarted
         ours = client.api.containers(all=True, filters={"label": f"io.gpulease.allocation={alloc.id}"})
         assert [c["Id"] for c in ours] == [started.container_id]  # no duplicate
-        assert "adopting container" in second.log_path.read_text()
+        # One log for both (agent-d1.log): what the restarted agent wrote comes after the first's.
+        assert "adopting container" in second.log_path.read_text()[len(log_before) :]
 
         # Released: the enforcer of the new agent stops it within the budget.
         coordinator.stub.Release(pb.ReleaseRequest(allocation_id=alloc.id))
@@ -800,4 +780,3 @@ def test_killed_agent_restarts_and_adopts_its_docker_container(
         )
     finally:
         client.close()
-        harness.stop_all(agents)

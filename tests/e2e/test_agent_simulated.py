@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 import pytest
 
-from gpulease import procs
 from gpulease.agent.address import advertised_address, join_host_port, split_host_port
 from gpulease.agent.config import DEFAULT_GPU_MODEL, DEFAULT_LISTEN, ConfigError, load_config
 from gpulease.agent.inventory import SIMULATED_GPU_MEMORY_BYTES
@@ -26,6 +25,8 @@ from gpulease.agent.inventory.host import HostOnlyInventory, total_memory_bytes,
 from gpulease.agent.inventory.select import NO_GPU_SOURCE_MESSAGE, select_source
 from gpulease.agent.inventory.simulated import SimulatedInventory
 from gpulease.agent.registration import Registrar
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from gpulease.v1.types_pb2 import NodeInventory
 
@@ -365,21 +366,30 @@ def _wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def _start_agent(tmp_path: Path, coordinator: str, listen: str, *extra: str) -> procs.ManagedProcess:
-    args = ["--coordinator", coordinator, "--node-id", "n1", "--listen", listen, "--cpus", "4", *extra]
-    env = procs.python_child_env(drop_prefixes=("GPULEASE_AGENT_",))
-    return procs.start_python_module("agent n1", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Agent processes only (no etcd, no coordinator: each test serves a fake one); stopped at teardown."""
+    cluster = LocalCluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _start_agent(agents: LocalCluster, coordinator: str, gpus: int | None = None, **kw: Any) -> procs.ManagedProcess:
+    """Agent n1 with 4 CPUs, started (not waited for): it reports to `coordinator`."""
+    return agents.add_agent("n1", gpus, cpus=4, coordinator=coordinator, wait=False, **kw).process
 
 
 @pytest.mark.slow
 def test_agent_process_registers_serves_and_stops(
-    tmp_path: Path, fake_coordinator: tuple[FakeCoordinator, str]
+    agents: LocalCluster, fake_coordinator: tuple[FakeCoordinator, str]
 ) -> None:
     fake, address = fake_coordinator
-    listen = f"127.0.0.1:{procs.free_port()}"
-    agent = _start_agent(tmp_path, address, listen, "--simulate-gpus", "2", "--label", "k=v")
+    agent = _start_agent(agents, address, 2, labels={"k": "v"})
+    listen = agents.agents["n1"].address
     try:
-        procs.wait_grpc_health(listen, 20, agent)  # SERVING means registered
+        agents.wait_agent("n1", 20)  # SERVING means registered
         assert fake.registers[0].node == "n1"
         assert fake.registers[0].address == listen
         with grpc.insecure_channel(listen) as channel:
@@ -399,17 +409,16 @@ def test_agent_process_registers_serves_and_stops(
 
 
 @pytest.mark.slow
-def test_agent_waits_for_a_coordinator_that_starts_late(tmp_path: Path) -> None:
+def test_agent_waits_for_a_coordinator_that_starts_late(agents: LocalCluster) -> None:
     fake = _new_fake()
     coordinator = f"127.0.0.1:{procs.free_port()}"
-    listen = f"127.0.0.1:{procs.free_port()}"
-    agent = _start_agent(tmp_path, coordinator, listen)
+    agent = _start_agent(agents, coordinator)
     server: grpc.Server | None = None
     try:
         _wait_until(lambda: "coordinator call failed" in agent.log_path.read_text(), 20, "a failed call")
         time.sleep(1.0)  # a few more failed attempts, which must not be logged again
         server = _serve_fake(fake, coordinator)
-        procs.wait_grpc_health(listen, 20, agent)
+        agents.wait_agent("n1", 20)
         assert fake.registers[0].node == "n1"
         agent.popen.send_signal(signal.SIGINT)
         assert agent.popen.wait(timeout=10) == 0
@@ -424,8 +433,8 @@ def test_agent_waits_for_a_coordinator_that_starts_late(tmp_path: Path) -> None:
             server.stop(0)
 
 
-def test_agent_rejects_bad_config(tmp_path: Path) -> None:
-    agent = _start_agent(tmp_path, "c:1", "127.0.0.1:1", "--memory", "lots")
+def test_agent_rejects_bad_config(agents: LocalCluster) -> None:
+    agent = _start_agent(agents, "c:1", port=1, memory="lots")
     assert agent.popen.wait(timeout=20) == 2
     assert "cannot parse size" in agent.log_tail()
 

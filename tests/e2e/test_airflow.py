@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from gpulease import __version__, procs
+from gpulease import __version__
 from gpulease.airflow import get_provider_info
 from gpulease.airflow._util import (
     MAX_OWNER,
@@ -255,24 +255,15 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowRunner]:
 def cluster(
     etcd: harness.Etcd, dockerd: Dockerd, busybox: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    tmp = tmp_path_factory.mktemp("af-cluster")
-    coordinator = harness.start_coordinator(tmp, etcd.url, harness.new_prefix())
-    agent = None
+    local = harness.new_cluster(etcd, harness.new_prefix(), tmp_path_factory.mktemp("af-cluster"))
     try:
-        listen = f"127.0.0.1:{procs.free_port()}"
-        args = [
-            "--coordinator", coordinator.address, "--node-id", NODE, "--listen", listen,
-            "--simulate-gpus", str(GPUS), "--cpus", "4", "--memory", "8GiB",
-            "--docker-host", dockerd.base_url, "--container-network", "none",
-        ]  # fmt: skip
-        env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
-        agent = procs.start_python_module("agent-airflow", "gpulease.agent.main", args, tmp / "agent.log", env=env)
-        procs.wait_grpc_health(listen, 60, agent)
-        harness.wait_nodes_up(coordinator.stub, {NODE}, timeout=30)
-        yield Cluster(coordinator.address, busybox)
+        coordinator = harness.start_coordinator(local)
+        with coordinator.channel:
+            dockerd.add_agent(local, NODE, GPUS)
+            harness.wait_nodes_up(coordinator.stub, {NODE}, timeout=30)
+            yield Cluster(coordinator.address, busybox)
     finally:
-        coordinator.channel.close()
-        harness.stop_all([p for p in (agent, coordinator.proc) if p is not None])
+        local.stop()
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import docker
 import grpc
 import pytest
 
-from gpulease import procs
 from gpulease.client import Client
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.errors import ImageUnavailable, StaleFencingToken
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -36,25 +36,20 @@ class Node:
 
 
 @contextlib.contextmanager
-def running_node(coordinator: harness.Coordinator, dockerd: Dockerd, tmp_path: Path, *extra: str) -> Iterator[Node]:
-    listen = f"127.0.0.1:{procs.free_port()}"
-    args = [
-        "--coordinator", coordinator.address, "--node-id", "gpu-e2e", "--listen", listen, "--simulate-gpus", "4",
-        "--cpus", "4", "--memory", "8GiB", "--docker-host", dockerd.base_url, "--container-network", "none", *extra,
-    ]  # fmt: skip
-    env = procs.python_child_env(drop_prefixes=("GPULEASE_", "DOCKER_"))
-    agent = procs.start_python_module("agent-e2e", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
+def running_node(cluster: LocalCluster, coordinator: harness.Coordinator, dockerd: Dockerd, *extra: str
+                 ) -> Iterator[Node]:  # fmt: skip
+    agent = dockerd.add_agent(cluster, "gpu-e2e", 4, *extra, coordinator=coordinator.address)
     try:
-        procs.wait_grpc_health(listen, 60, agent)
         harness.wait_nodes_up(coordinator.stub, {"gpu-e2e"})
-        yield Node(coordinator.address, listen, agent)
+        yield Node(coordinator.address, agent.address, agent.process)
     finally:
-        agent.stop()
+        cluster.stop_agent("gpu-e2e")
 
 
 @pytest.fixture
-def node(coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_path: Path) -> Iterator[Node]:
-    with running_node(coordinator, dockerd, tmp_path) as n:
+def node(local_cluster: LocalCluster, coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str
+         ) -> Iterator[Node]:  # fmt: skip
+    with running_node(local_cluster, coordinator, dockerd) as n:
         yield n
 
 
@@ -132,9 +127,9 @@ def test_release_stops_the_container(node: Node, busybox: str) -> None:
 
 
 def test_exited_container_is_removed_once_its_allocation_ends(
-    coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str, tmp_path: Path
+    local_cluster: LocalCluster, coordinator: harness.Coordinator, dockerd: Dockerd, busybox: str
 ) -> None:
-    with running_node(coordinator, dockerd, tmp_path, "--container-retention-seconds", "0") as node, \
+    with running_node(local_cluster, coordinator, dockerd, "--container-retention-seconds", "0") as node, \
             Client(node.coordinator) as c:  # fmt: skip
         a = c.allocate(gpus=1, ttl=60)
         done = c.run_container(a.id, busybox, ["sh", "-c", "exit 3"])

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from gpulease import procs
+from gpulease.dev import procs
 
 STARTUP_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 30.0

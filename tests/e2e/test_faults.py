@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 from tests.support import harness
@@ -43,44 +43,38 @@ def test_keepalive_holds_gpus_past_the_ttl(coordinator: harness.Coordinator) -> 
 
 
 def test_killed_agent_goes_down_and_gets_no_placements(
-    start_coordinator: Callable[..., harness.Coordinator], tmp_path: Path
+    start_coordinator: Callable[..., harness.Coordinator], local_cluster: LocalCluster
 ) -> None:
     c = start_coordinator(node_ttl=3, heartbeat=1)
-    small = harness.start_agent(tmp_path, c.address, "small", gpus=2)
-    big = harness.start_agent(tmp_path, c.address, "big", gpus=4)
-    try:
-        harness.wait_nodes_up(c.stub, {"small", "big"})
-        assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "small"  # best fit
-        small.kill()
-        killed = time.monotonic()
-        harness.wait_until(lambda: harness.node_states(c.stub)["small"] == tpb.NODE_STATE_DOWN,
-                           3 + 3, "killed agent's node shown as down")  # fmt: skip
-        assert time.monotonic() - killed >= 1, "a node must not be declared down before its lease can lapse"
-        # It would still be the best fit (1 free GPU), but it is down: placements go elsewhere.
-        for _ in range(3):
-            assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "big"
-        row = {r.name: r for r in harness.summary(c.stub).nodes}["small"]
-        assert row.state == tpb.NODE_STATE_DOWN and row.gpus_free == 0
-        big.kill()
-        harness.wait_until(lambda: harness.node_states(c.stub)["big"] == tpb.NODE_STATE_DOWN, 6, "big down")
-        err = rpc_error(lambda: c.stub.Allocate(pb.AllocateRequest(gpus=1)))
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "down" in err.details()
-        # A restarted agent registers again and takes placements again.
-        small = harness.start_agent(tmp_path, c.address, "small", gpus=2)
-        harness.wait_nodes_up(c.stub, {"small"})
-        assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "small"
-    finally:
-        harness.stop_all([small, big])
+    small = local_cluster.add_agent("small", 2, cpus=16, memory="64GiB").process
+    big = local_cluster.add_agent("big", 4, cpus=16, memory="64GiB").process
+    harness.wait_nodes_up(c.stub, {"small", "big"})
+    assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "small"  # best fit
+    small.kill()
+    killed = time.monotonic()
+    harness.wait_until(lambda: harness.node_states(c.stub)["small"] == tpb.NODE_STATE_DOWN,
+                       3 + 3, "killed agent's node shown as down")  # fmt: skip
+    assert time.monotonic() - killed >= 1, "a node must not be declared down before its lease can lapse"
+    # It would still be the best fit (1 free GPU), but it is down: placements go elsewhere.
+    for _ in range(3):
+        assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "big"
+    row = {r.name: r for r in harness.summary(c.stub).nodes}["small"]
+    assert row.state == tpb.NODE_STATE_DOWN and row.gpus_free == 0
+    big.kill()
+    harness.wait_until(lambda: harness.node_states(c.stub)["big"] == tpb.NODE_STATE_DOWN, 6, "big down")
+    err = rpc_error(lambda: c.stub.Allocate(pb.AllocateRequest(gpus=1)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "down" in err.details()
+    # A restarted agent registers again and takes placements again.
+    local_cluster.add_agent("small", 2, cpus=16, memory="64GiB")
+    harness.wait_nodes_up(c.stub, {"small"})
+    assert c.stub.Allocate(pb.AllocateRequest(gpus=1)).allocation.node == "small"
 
 
 def test_live_agent_is_never_marked_down(start_coordinator: Callable[..., harness.Coordinator],
-                                         tmp_path: Path) -> None:  # fmt: skip
+                                         local_cluster: LocalCluster) -> None:  # fmt: skip
     c = start_coordinator(node_ttl=3, heartbeat=1)
-    agent = harness.start_agent(tmp_path, c.address, "steady", gpus=1)
-    try:
-        harness.wait_nodes_up(c.stub, {"steady"})
-        for _ in range(20):  # 6 s: two node TTLs
-            assert harness.node_states(c.stub)["steady"] == tpb.NODE_STATE_UP
-            time.sleep(0.3)
-    finally:
-        agent.stop()
+    local_cluster.add_agent("steady", 1, cpus=16, memory="64GiB")
+    harness.wait_nodes_up(c.stub, {"steady"})
+    for _ in range(20):  # 6 s: two node TTLs
+        assert harness.node_states(c.stub)["steady"] == tpb.NODE_STATE_UP
+        time.sleep(0.3)

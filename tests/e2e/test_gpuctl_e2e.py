@@ -11,14 +11,14 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpulease import procs
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from tests.support import harness
 
 GiB = harness.GiB
@@ -134,22 +134,12 @@ def cluster(coordinator: harness.Coordinator) -> harness.Coordinator:
 
 
 @pytest.fixture
-def sim_agent(coordinator: harness.Coordinator, tmp_path: Path) -> Iterator[str]:
-    """A real agent process with 2 simulated GPUs registered with `coordinator`; yields its node name."""
+def sim_agent(coordinator: harness.Coordinator, local_cluster: LocalCluster) -> str:
+    """A real agent process with 2 simulated GPUs registered with `coordinator`; returns its node name."""
     name = "sim-0"
-    port = procs.free_port()
-    args = ["--coordinator", coordinator.address, "--node-id", name, "--listen", f"127.0.0.1:{port}",
-            "--simulate-gpus", "2", "--cpus", "8", "--memory", "16GiB"]  # fmt: skip
-    env = procs.python_child_env(drop_prefixes=("GPULEASE_",))
-    agent = procs.start_python_module(
-        f"agent-{name}", "gpulease.agent.main", args, tmp_path / f"agent-{name}.log", env=env
-    )
-    try:
-        procs.wait_grpc_health(f"127.0.0.1:{port}", 20, agent)
-        harness.wait_nodes_up(coordinator.stub, {name})
-        yield name
-    finally:
-        agent.stop(grace=5)
+    local_cluster.add_agent(name, 2, cpus=8, memory="16GiB", coordinator=coordinator.address)
+    harness.wait_nodes_up(coordinator.stub, {name})
+    return name
 
 
 # -- status / nodes ----------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from typing import Any
 import grpc
 import pytest
 
-from gpulease import procs
 from gpulease.agent.inventory.nvml import FOREIGN_MEMORY_THRESHOLD_BYTES, NO_NVML_ADVICE, TELEMETRY_REFRESH_S
 from gpulease.cli import views
 from gpulease.client import Gpu, Node
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from tests.support import fakenvml, harness
 from tests.support.fakenvml import FakeGpu, FakeNvml, FakeProcess
@@ -573,19 +574,18 @@ def _gpuctl(coordinator: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("build", ["full", "minimal"])
 def test_agent_process_reports_nvml_gpus(
-    fake_nvml: Libraries, tmp_path: Path, coordinator: harness.Coordinator, build: str
+    fake_nvml: Libraries, tmp_path: Path, local_cluster: LocalCluster, coordinator: harness.Coordinator, build: str
 ) -> None:
     # "minimal": an old driver without most functions; the agent runs all the same.
     nvml = four_gpus()
     nvml.gpus[1].processes = [FakeProcess(999_999, 3 * GiB)]  # not a gpulease process
     nvml.gpus[1].memory_used = 3 * GiB
     config = nvml.write(tmp_path / "nvml.conf")
-    listen = f"127.0.0.1:{procs.free_port()}"
-    args = ["--coordinator", coordinator.address, "--node-id", "nvml-node", "--listen", listen]
     env = fakenvml.child_env(fake_nvml.full if build == "full" else fake_nvml.minimal, config)
-    agent = procs.start_python_module("agent nvml-node", "gpulease.agent.main", args, tmp_path / "agent.log", env=env)
+    # No simulated GPUs: the agent reads the fake NVML. SERVING = registered.
+    started = local_cluster.add_agent("nvml-node", None, coordinator=coordinator.address, env=env, timeout=30)
+    agent, listen = started.process, started.address
     try:
-        procs.wait_grpc_health(listen, 30, agent)  # SERVING = registered
         with grpc.insecure_channel(listen) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             reply = stub.GetInventory(agent_pb2.GetInventoryRequest(), timeout=10)

@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from gpulease import errors, procs
+from gpulease import errors
 from gpulease.client import Container
 from gpulease.client.aio import AsyncAllocation, AsyncClient, AsyncContainerHandle
+from gpulease.dev import procs
 from tests.support import harness
 
 NODE_GPUS = 4

@@ -24,9 +24,11 @@ from types import FrameType
 import grpc
 import pytest
 
-from gpulease import errors, procs
+from gpulease import errors
 from gpulease.client import Allocation, AllocationInfo, Client, Container, ContainerHandle, Terminated
 from gpulease.client.retry import RetryPlan
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -391,45 +393,32 @@ def test_run_container_is_resent_only_when_it_never_reached_a_coordinator(serve_
     assert (agent_down.runs, spare.runs) == (1, 0)
 
 
-def _coordinator_at(tmp: Path, etcd_url: str, prefix: str, address: str) -> procs.ManagedProcess:
-    """Like harness.start_coordinator, but on a given address (to restart one in place)."""
-    args = ["--etcd", etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", "60"]
-    proc = procs.start_python_module(f"coordinator-{address}", "gpulease.coordinator.main", args,
-                                     tmp / f"coordinator-{time.monotonic_ns()}.log",
-                                     env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
-    procs.wait_grpc_health(address, 20, proc)
-    return proc
-
-
 @pytest.mark.slow
-def test_retries_ride_out_a_coordinator_restart(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> None:
-    address = dead_address()
-    started: list[procs.ManagedProcess] = [_coordinator_at(tmp_path, etcd.url, prefix, address)]
-    try:
-        with Client(address, timeout=2, retry_deadline=30) as client:
-            with grpc.insecure_channel(address) as channel:
-                stub = harness.AnyService(channel)
-                harness.register(stub, "n1", gpus=NODE_GPUS)
-                harness.wait_nodes_up(stub, {"n1"})
-            with client.allocate(gpus=1, ttl=10) as kept:
-                started[0].stop()
-                restarter = threading.Timer(2.0, lambda: started.append(
-                    _coordinator_at(tmp_path, etcd.url, prefix, address)))  # fmt: skip
-                restarter.start()
-                try:
-                    # Sent while the coordinator is down: retried until it is back.
-                    alloc = client.allocate(gpus=1, ttl=30, request_id="restart-req")
-                finally:
-                    restarter.join(30)
-                assert client.allocate(gpus=1, ttl=30, request_id="restart-req").id == alloc.id
-                assert alloc.release() is True
-                # The keepalive thread rode it out too (down ~2-3 s, TTL 10 s).
-                time.sleep(1)
-                assert not kept.lost
-                assert client.get_allocation(kept.id).id == kept.id
-            assert free_gpus(client) == NODE_GPUS
-    finally:
-        harness.stop_all(started)
+def test_retries_ride_out_a_coordinator_restart(local_cluster: LocalCluster) -> None:
+    port = procs.free_port()
+    address = local_cluster.add_coordinator(port).address
+    with Client(address, timeout=2, retry_deadline=30) as client:
+        with grpc.insecure_channel(address) as channel:
+            stub = harness.AnyService(channel)
+            harness.register(stub, "n1", gpus=NODE_GPUS)
+            harness.wait_nodes_up(stub, {"n1"})
+        with client.allocate(gpus=1, ttl=10) as kept:
+            local_cluster.stop_coordinator(address)
+            # Restarted in place, on the same address.
+            restarter = threading.Timer(2.0, lambda: local_cluster.add_coordinator(port))
+            restarter.start()
+            try:
+                # Sent while the coordinator is down: retried until it is back.
+                alloc = client.allocate(gpus=1, ttl=30, request_id="restart-req")
+            finally:
+                restarter.join(30)
+            assert client.allocate(gpus=1, ttl=30, request_id="restart-req").id == alloc.id
+            assert alloc.release() is True
+            # The keepalive thread rode it out too (down ~2-3 s, TTL 10 s).
+            time.sleep(1)
+            assert not kept.lost
+            assert client.get_allocation(kept.id).id == kept.id
+        assert free_gpus(client) == NODE_GPUS
 
 
 # --- containers: argument checks and error mapping (no container runtime here) ------------------

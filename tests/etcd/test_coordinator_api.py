@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 from tests.support import harness
@@ -228,18 +231,15 @@ def test_bad_registrations_are_refused(etcd: harness.Etcd, prefix: str, coordina
     assert harness.etcd_keys(etcd.url, prefix) == []
 
 
-def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    from gpulease import procs
+def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path: Path) -> None:
+    from gpulease.dev import procs
 
     dead = f"http://127.0.0.1:{procs.free_port()}"
-    port = procs.free_port()
-    proc = procs.start_python_module(
-        "coordinator", "gpulease.coordinator.main",
-        ["--etcd", dead, "--listen", f"127.0.0.1:{port}", "--etcd-timeout", "1"], tmp_path / "c.log",
-    )  # fmt: skip
-    try:
+    with LocalCluster(tmp_path, etcd_url=dead).start(coordinators=0) as cluster:
+        coordinator = cluster.add_coordinator(extra_args=["--etcd-timeout", "1"], wait=False)
+        port = int(coordinator.address.rsplit(":", 1)[1])
         harness.wait_until(lambda: procs.port_is_free(port) is False, 15, "coordinator port")
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channel = cluster.channel(coordinator.address)
         stub = harness.pb_grpc.CoordinatorServiceStub(channel)
         unknown = pb.GetAllocationRequest(allocation_id="0123456789abcdef")
         for call in (lambda: stub.Allocate(pb.AllocateRequest(gpus=1), timeout=10),
@@ -249,9 +249,7 @@ def test_unreachable_etcd_is_unavailable_with_url_hint(tmp_path, prefix: str) ->
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
             assert dead in err.details() and "--etcd" in err.details()
         channel.close()
-        assert proc.alive()  # bad input and a dead etcd never crash the coordinator
-    finally:
-        proc.stop()
+        assert coordinator.process.alive()  # bad input and a dead etcd never crash the coordinator
 
 
 def test_stats_count_commits_and_allocations(two_nodes: harness.Coordinator) -> None:

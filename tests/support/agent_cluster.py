@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 import pytest
 
-from gpulease import procs
 from gpulease.agent.app import COORDINATOR_CHANNEL_OPTIONS
 from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
 from gpulease.agent.runtime import ContainerRuntime
+from gpulease.dev import procs
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 from tests.support import harness

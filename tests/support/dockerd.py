@@ -24,7 +24,6 @@ import struct
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from typing import Any
 import psutil
 import pytest
 
-from gpulease import procs
+from gpulease.dev import procs
+from gpulease.dev.cluster import Child, LocalCluster
 
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
@@ -65,6 +65,16 @@ class Dockerd:
     hook_log: Path
     exec_root: Path = field(repr=False)
     data_root: Path = field(repr=False)
+
+    def add_agent(self, cluster: LocalCluster, name: str, gpus: int, *extra: str, **kw: Any) -> Child:
+        """An agent of cluster with simulated GPUs, 4 CPUs and 8 GiB, that runs its containers on
+        this daemon (no network); kw go to LocalCluster.add_agent."""
+        args = ["--docker-host", self.base_url, "--container-network", "none", *extra]
+        # The host's DOCKER_* (a DOCKER_HOST, TLS settings) must not point it elsewhere.
+        env = cluster.child_env(drop=("DOCKER_",))
+        return cluster.add_agent(
+            name, gpus, cpus=4, memory="8GiB", extra_args=args, env=env, timeout=STARTUP_TIMEOUT_S, **kw
+        )
 
     def client(self, timeout: int = 60) -> Any:
         """A docker.DockerClient on this daemon (typed loosely: docker ships no type hints)."""
@@ -232,30 +242,19 @@ def _empty_config(root: Path) -> Path:
 def _wait_ping(daemon: Dockerd, timeout: float) -> None:
     import docker
 
-    deadline = time.monotonic() + timeout
-    last_error = "never tried"
-    while True:
-        if not daemon.proc.alive():
-            raise procs.StartupError(
-                f"dockerd exited with status {daemon.proc.returncode} while starting; "
-                f"last lines of {daemon.proc.log_path}:\n{daemon.proc.log_tail()}"
-            )
-        if daemon.socket.exists():
+    def probe() -> str | None:
+        if not daemon.socket.exists():
+            return f"no socket {daemon.socket} yet"
+        try:
+            client = docker.APIClient(base_url=daemon.base_url, version="auto", timeout=5)
             try:
-                client = docker.APIClient(base_url=daemon.base_url, version="auto", timeout=5)
-                try:
-                    if client.ping():
-                        return
-                finally:
-                    client.close()
-            except Exception as e:  # the SDK raises DockerException, requests errors, OSError
-                last_error = str(e)
-        if time.monotonic() >= deadline:
-            raise procs.StartupError(
-                f"dockerd not ready after {timeout:.0f}s ({last_error}); "
-                f"last lines of {daemon.proc.log_path}:\n{daemon.proc.log_tail()}"
-            )
-        time.sleep(0.1)
+                return None if client.ping() else "ping failed"
+            finally:
+                client.close()
+        except Exception as e:  # the SDK raises DockerException, requests errors, OSError
+            return str(e)
+
+    procs.wait_ready("dockerd", probe, timeout, daemon.proc)
 
 
 def _is_static_elf(path: str) -> bool:

@@ -1,7 +1,8 @@
-"""Test harness: real etcd and coordinator processes, plus small gRPC helpers.
+"""Test harness: real etcd, coordinator and agent processes (a LocalCluster, gpulease/dev/cluster.py),
+plus small gRPC helpers.
 
-Each test gets its own key prefix on one session-wide etcd, so tests never see each other's
-state and no test needs a fresh etcd (about 1 s each).
+Each test gets its own cluster and key prefix on one session-wide etcd, so tests never see each
+other's state and no test needs a fresh etcd (about 1 s each).
 """
 
 from __future__ import annotations
@@ -9,22 +10,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from gpulease import procs
-from gpulease.client import MAX_RECEIVE_BYTES
 from gpulease.coordinator.keys import range_end
 from gpulease.coordinator.store import Store
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
 
 GiB = 2**30
+# How long a test's coordinator or agent may take to report SERVING.
+STARTUP_TIMEOUT_S = 20.0
 
 
 # Serves an in-process fake CoordinatorService and returns its address (conftest: serve_fake).
@@ -33,8 +36,15 @@ ServeFake = Callable[[pb_grpc.CoordinatorServiceServicer], str]
 
 @dataclass
 class Etcd:
+    """The session's etcd: a LocalCluster of etcd alone, which every test's cluster shares."""
+
     url: str
-    proc: procs.ManagedProcess
+    cluster: LocalCluster = field(repr=False)
+
+    @property
+    def proc(self) -> procs.ManagedProcess:
+        assert self.cluster.etcd is not None
+        return self.cluster.etcd
 
 
 # Which service serves each RPC: the coordinator's API is split by audience (users, agents,
@@ -64,27 +74,24 @@ class Coordinator:
 
 
 def start_etcd(tmp: Path) -> Etcd:
-    client, peer = procs.free_port(), procs.free_port()
-    proc = procs.start_etcd(tmp / "etcd", client, peer)
-    url = f"http://127.0.0.1:{client}"
-    procs.wait_etcd_healthy(url, 20, proc)
-    return Etcd(url, proc)
+    cluster = LocalCluster(tmp, startup_timeout=STARTUP_TIMEOUT_S).start(coordinators=0)
+    return Etcd(cluster.etcd_url, cluster)
 
 
-def start_coordinator(
-    tmp: Path, etcd_url: str, prefix: str, *, node_ttl: int = 60, heartbeat: int = 2, extra: list[str] | None = None
-) -> Coordinator:
-    port = procs.free_port()
-    address = f"127.0.0.1:{port}"
-    args = ["--etcd", etcd_url, "--listen", address, "--prefix", prefix, "--node-ttl", str(node_ttl),
-            "--heartbeat-interval", str(heartbeat), *(extra or [])]  # fmt: skip
-    name = f"coordinator-{port}"
-    proc = procs.start_python_module(name, "gpulease.coordinator.main", args, tmp / f"{name}.log",
-                                     env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
-    procs.wait_grpc_health(address, 20, proc)
-    # Test tooling reads cluster-wide answers too, some over gRPC's default 4 MiB: as the client does.
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
-    return Coordinator(address, proc, channel, AnyService(channel))
+def new_cluster(etcd: Etcd, prefix: str, tmp: Path) -> LocalCluster:
+    """A test's own cluster: its coordinators and agents on the shared etcd, under its prefix, with
+    their logs in tmp/logs. Quick heartbeats; node leases long enough to outlive a slow test."""
+    return LocalCluster(tmp, etcd_url=etcd.url, prefix=prefix, node_ttl=60, heartbeat_interval=2,
+                        startup_timeout=STARTUP_TIMEOUT_S)  # fmt: skip
+
+
+def start_coordinator(cluster: LocalCluster, *, node_ttl: int | None = None, heartbeat: int | None = None,
+                      extra: list[str] | None = None, port: int | None = None) -> Coordinator:  # fmt: skip
+    """A coordinator of cluster, with a channel and the stubs of every service; stopped with the
+    cluster (close its channel first)."""
+    child = cluster.add_coordinator(port, node_ttl=node_ttl, heartbeat_interval=heartbeat, extra_args=extra or ())
+    channel = cluster.channel(child.address)
+    return Coordinator(child.address, child.process, channel, AnyService(channel))
 
 
 def new_prefix() -> str:
@@ -165,21 +172,6 @@ def etcd_keys(url: str, prefix: str) -> list[str]:
             await store.close()
 
     return asyncio.run(read())
-
-
-def stop_all(items: Iterator[procs.ManagedProcess] | list[procs.ManagedProcess]) -> None:
-    procs.stop_all(list(items), grace=5)
-
-
-def start_agent(tmp: Path, coordinator: str, name: str, gpus: int, *, cpus: int = 16, memory: str = "64GiB"
-                ) -> procs.ManagedProcess:  # fmt: skip
-    port = procs.free_port()
-    args = ["--coordinator", coordinator, "--node-id", name, "--listen", f"127.0.0.1:{port}",
-            "--simulate-gpus", str(gpus), "--cpus", str(cpus), "--memory", memory]  # fmt: skip
-    proc = procs.start_python_module(f"agent-{name}", "gpulease.agent.main", args, tmp / f"agent-{name}.log",
-                                     env=procs.python_child_env(drop_prefixes=("GPULEASE_",)))  # fmt: skip
-    procs.wait_grpc_health(f"127.0.0.1:{port}", 20, proc)
-    return proc
 
 
 def node_states(stub: pb_grpc.CoordinatorServiceStub) -> dict[str, int]:

@@ -315,8 +315,8 @@ def test_dev_hands_a_config_to_the_dev_cluster(monkeypatch: pytest.MonkeyPatch) 
         received.append(config)
         return 3
 
-    # Stands in for gpulease.devcluster, which gpuctl imports only when `dev` runs.
-    monkeypatch.setitem(sys.modules, "gpulease.devcluster", SimpleNamespace(run_dev_cluster=run_dev_cluster))
+    # Stands in for gpulease.dev.ui, which gpuctl imports only when `dev` runs.
+    monkeypatch.setitem(sys.modules, "gpulease.dev.ui", SimpleNamespace(run_dev_cluster=run_dev_cluster))
     assert main(["dev"]) == 3
     assert main(["dev", "--nodes", "3", "--gpus-per-node", "0", "--port", "6000", "--data-dir", "/d", "--demo"]) == 3
     assert received == [

@@ -29,6 +29,11 @@ ALLOWED = {
 CLIENT_SIDE = ("gpulease/client/", "gpulease/cli/", "gpulease/errors.py", "gpulease/common/")
 SERVER_ONLY = ("etcd3aio", "pynvml", "docker", "grpc_health", "grpc_reflection", "gpulease.coordinator",
                "gpulease.agent")  # fmt: skip
+# Development-only code (LocalCluster, its child processes, `gpuctl dev`): it builds on the client
+# library and gpuctl, never the other way round, and no daemon runs it. gpuctl reaches it from its
+# `dev` command alone, imported there when that command runs (test below).
+DEV = "gpulease.dev"
+DEV_USERS = ("gpulease/dev/", "gpulease/cli/commands.py")
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -50,12 +55,30 @@ def test_imports_respect_module_boundaries(path: Path) -> None:
     if rel.startswith(CLIENT_SIDE):
         bad = sorted(m for m in imports if _under(m, SERVER_ONLY))
         assert not bad, f"{rel} is client-side (installed on Airflow workers) but imports {bad}"
+    if not rel.startswith(DEV_USERS):
+        bad = sorted(m for m in imports if _under(m, (DEV,)))
+        assert not bad, f"{rel} imports development-only code {bad}; only {DEV_USERS} may"
     # One namespace (issue 12, point 1): the daemons are gpulease.coordinator and gpulease.agent.
     assert not tops & {"coordinator", "agent"}, f"{rel} imports a top-level coordinator/agent package"
 
 
 def test_the_rule_sees_the_store() -> None:
     assert "etcd3aio" in top_level_imports(ROOT / "coordinator/store.py")
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """What ``path`` imports when it is imported: its top-level statements, not function bodies."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = ast.Module(body=[n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
+    return imported_modules(path, ast.unparse(top))
+
+
+def test_gpuctl_imports_the_dev_package_only_when_dev_runs() -> None:
+    commands = ROOT / "gpulease/cli/commands.py"
+    assert any(_under(m, (DEV,)) for m in imported_modules(commands)), "the rule no longer sees `gpuctl dev`"
+    assert not any(_under(m, (DEV,)) for m in module_level_imports(commands)), (
+        "gpulease/cli/commands.py imports gpulease.dev at module level: plain gpuctl would need the dev extras"
+    )
 
 
 # Only agent/linux.py names the kernel's /proc and cgroup trees, so that each format read there has

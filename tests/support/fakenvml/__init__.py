@@ -152,7 +152,7 @@ class FakeNvml:
 
 def child_env(lib_dir: Path, config: Path | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of a child that loads the fake NVML from lib_dir (and nothing from the host)."""
-    from gpulease import procs
+    from gpulease.dev import procs
 
     env = procs.python_child_env(extra, drop_prefixes=("GPULEASE_", "FAKE_NVML_", "LD_LIBRARY_PATH"))
     env["LD_LIBRARY_PATH"] = str(lib_dir)

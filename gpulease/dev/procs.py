@@ -1,4 +1,5 @@
-"""Child processes for the dev cluster and the tests: etcd, coordinators, agents.
+"""Child processes of a LocalCluster (gpulease/dev/cluster.py) and of the tests' other helpers
+(dockerd): start one with its output in a log file, wait until it is ready, stop it.
 
 Every child gets its own session (so a Ctrl-C in the terminal reaches only the parent, which
 then stops children in order) and writes stdout+stderr to a log file whose tail is quoted
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -51,6 +52,12 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def rss(self) -> int:
+        """Resident memory in bytes (psutil: a dev and agent dependency, not a client one)."""
+        import psutil
+
+        return int(psutil.Process(self.pid).memory_info().rss)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -128,7 +135,7 @@ def python_child_env(extra: Mapping[str, str] | None = None, *, drop_prefixes: S
     env = {k: v for k, v in os.environ.items() if not any(k.startswith(p) for p in drop_prefixes)}
     # The directory holding this gpulease package (in a checkout, with its coordinator/ and agent/
     # symlinks) goes first: children import the same code however (or whether) it was installed.
-    source_root = str(Path(__file__).resolve().parents[1])
+    source_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
@@ -207,68 +214,76 @@ def _check_alive(proc: ManagedProcess | None, what: str) -> None:
         )
 
 
-def _timed_out(proc: ManagedProcess | None, what: str, timeout: float, last_error: str) -> StartupError:
-    message = f"{what} not ready after {timeout:.0f}s ({last_error})"
-    if proc is not None:
-        message += f"; last lines of {proc.log_path}:\n{proc.log_tail()}"
-    return StartupError(message)
+def wait_ready(what: str, probe: Callable[[], str | None], timeout: float, proc: ManagedProcess | None = None) -> None:
+    """Poll probe (None: ready; else why not) until ready; StartupError, with proc's log tail, if
+    proc dies first or timeout passes. Every wait for a child goes through here."""
+    deadline = time.monotonic() + timeout
+    last_error = "never tried"
+    while True:
+        _check_alive(proc, what)
+        problem = probe()
+        if problem is None:
+            return
+        last_error = problem
+        if time.monotonic() >= deadline:
+            message = f"{what} not ready after {timeout:.0f}s ({last_error})"
+            if proc is not None:
+                message += f"; last lines of {proc.log_path}:\n{proc.log_tail()}"
+            raise StartupError(message)
+        time.sleep(POLL_INTERVAL_S)
 
 
 def wait_tcp(host: str, port: int, timeout: float, proc: ManagedProcess | None = None) -> None:
     """Until something accepts TCP connections on host:port (or proc dies, or timeout)."""
-    deadline = time.monotonic() + timeout
-    what = f"TCP {host}:{port}"
-    last_error = "never tried"
-    while True:
-        _check_alive(proc, what)
+
+    def probe() -> str | None:
         try:
             with socket.create_connection((host, port), timeout=1.0):
-                return
+                return None
         except OSError as e:
-            last_error = str(e)
-        if time.monotonic() >= deadline:
-            raise _timed_out(proc, what, timeout, last_error)
-        time.sleep(POLL_INTERVAL_S)
+            return str(e)
+
+    wait_ready(f"TCP {host}:{port}", probe, timeout, proc)
 
 
 def wait_etcd_healthy(client_url: str, timeout: float, proc: ManagedProcess | None = None) -> None:
     """Until etcd's /health says true: it listens before it has elected itself leader."""
-    deadline = time.monotonic() + timeout
-    what = f"etcd at {client_url}"
-    last_error = "never tried"
-    while True:
-        _check_alive(proc, what)
+
+    def probe() -> str | None:
         try:
             with urllib.request.urlopen(f"{client_url}/health", timeout=1.0) as response:
-                if json.loads(response.read()).get("health") == "true":
-                    return
-                last_error = "unhealthy"
+                return None if json.loads(response.read()).get("health") == "true" else "unhealthy"
         except (OSError, ValueError) as e:
-            last_error = str(e)
-        if time.monotonic() >= deadline:
-            raise _timed_out(proc, what, timeout, last_error)
-        time.sleep(POLL_INTERVAL_S)
+            return str(e)
+
+    wait_ready(f"etcd at {client_url}", probe, timeout, proc)
 
 
-def wait_grpc_health(address: str, timeout: float, proc: ManagedProcess | None = None, service: str = "") -> None:
-    """Until the grpc.health.v1 service at address reports SERVING for `service`."""
+def wait_grpc_health(
+    address: str,
+    timeout: float,
+    proc: ManagedProcess | None = None,
+    service: str = "",
+    *,
+    connect: Callable[[str], grpc.Channel] = grpc.insecure_channel,
+) -> None:
+    """Until the grpc.health.v1 service at address reports SERVING for `service`.
+
+    connect opens the channel (a LocalCluster passes its own, with the settings its children serve).
+    """
     # Imported here: grpcio-health-checking is not a dependency of the base (client) install.
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout
-    what = f"gRPC health of {address}"
-    last_error = "never tried"
-    with grpc.insecure_channel(address) as channel:
+    with connect(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            _check_alive(proc, what)
+
+        def probe() -> str | None:
             try:
                 response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.RpcError as e:
-                last_error = f"{e.code().name}: {e.details()}"
-            if time.monotonic() >= deadline:
-                raise _timed_out(proc, what, timeout, last_error)
-            time.sleep(POLL_INTERVAL_S)
+                return f"{e.code().name}: {e.details()}"
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                return None
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+        wait_ready(f"gRPC health of {address}", probe, timeout, proc)
