@@ -17,18 +17,34 @@ import time
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from gpulease.coordinator import validation
+from gpulease.common.identity import LOCAL_ADMIN, Principal
+from gpulease.coordinator import authz, validation
+from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.batch_placement import place_one
 from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
 from gpulease.coordinator.committer import Committer
-from gpulease.coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.domain import (
+    Allocation,
+    Placement,
+    ResourceRequest,
+    Snapshot,
+    request_shape,
+    scoped_request_id,
+)
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
 from gpulease.coordinator.records import decode_alloc
 from gpulease.coordinator.settle import Settler
-from gpulease.coordinator.store import Get, Store, StoreUnavailable
+from gpulease.coordinator.store import Cmp, Delete, Get, Op, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
-from gpulease.errors import AllocationNotFound, Conflict, InsufficientResources, Unavailable, Unsatisfiable
+from gpulease.errors import (
+    AllocationNotFound,
+    AlreadyExists,
+    Conflict,
+    InsufficientResources,
+    Unavailable,
+    Unsatisfiable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +75,9 @@ class AllocateInput:
     ttl_seconds: int = 0
     owner: str = ""
     request_id: str = ""
+    # The authenticated caller (from the connection, never from the request) and its tenant.
+    principal: str = LOCAL_ADMIN.id
+    tenant: str = LOCAL_ADMIN.tenant
 
 
 def new_allocation_id() -> str:
@@ -125,7 +144,11 @@ class AllocationService:
         ttl = validation.ttl(inp.ttl_seconds, self._policy.default_ttl)
         owner = validation.owner(inp.owner)
         alloc_id = new_allocation_id()
-        request_id = validation.request_id(inp.request_id) if inp.request_id else alloc_id
+        # Request ids belong to their caller: the same id from another principal is another request.
+        request_id = scoped_request_id(
+            inp.principal, validation.request_id(inp.request_id) if inp.request_id else alloc_id
+        )
+        shape = request_shape(req, ttl)
 
         # Placement before the lease: a request that cannot fit costs no etcd write. Unless its
         # twin (same request id) is queued or committing here: then the batcher answers both alike.
@@ -136,14 +159,14 @@ class AllocationService:
                 existing = await self.settler.by_request_id(request_id)
                 existing = await self.settler.claim(existing) if existing else None
                 if existing:
-                    return existing, True
+                    return _same_shape(existing, shape), True
                 raise
 
         lease, granted_at = await self._leases.take(ttl)
         draft = Allocation(
             id=alloc_id, node="", gpus=(), cpus=req.cpus, memory_bytes=req.memory_bytes, ttl_seconds=ttl,
             lease_id=lease, revision=0, owner=owner, request_id=request_id,
-            created_unix_ms=int(time.time() * 1000),
+            created_unix_ms=int(time.time() * 1000), principal=inp.principal, tenant=inp.tenant, shape=shape,
         )  # fmt: skip
         fut = self._batcher.submit(req, draft)
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
@@ -151,6 +174,8 @@ class AllocationService:
         # whole batch), so the decision waits for the batch's answer.
         fut.add_done_callback(functools.partial(self._settle_lease, draft))
         alloc, reused = await asyncio.shield(fut)
+        if reused:
+            _same_shape(alloc, shape)
         if alloc.id == alloc_id:
             await self._full_ttl(alloc, granted_at)
             # Read your writes: a ListNodes or GetClusterSummary sent to this replica after the
@@ -199,31 +224,57 @@ class AllocationService:
 
     # --- the rest of the allocation lifecycle -------------------------------------------
 
-    async def get(self, alloc_id: str) -> Allocation:
+    async def get(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> Allocation:
         """Linearizable: agents use this to check fencing tokens."""
         alloc = await self.settler.by_id(validation.allocation_id(alloc_id))
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
+        if by.node is not None:  # an agent reads only its own node's allocations
+            authz.check_node(by, alloc.node)
+        else:
+            authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         return alloc
 
-    async def release(self, alloc_id: str) -> int:
-        """Revision of the release, or 0 when the allocation was not live (release is idempotent)."""
-        # The view usually knows the lease, saving a read; a stale entry is harmless (revoking a
-        # lease that is already gone answers 0), a missing one (just created) falls back to etcd.
+    async def release(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
+        """Revision of the release, or 0 when the allocation was not live (release is idempotent).
+
+        One transaction deletes the allocation's keys and writes its audit entry ("release" by its
+        owner, "force-release" by an admin), compared on the allocation's create revision so that
+        a release of an allocation that already ended writes nothing. The lease, which then
+        carries nothing, is revoked in the background."""
+        # The view usually knows the record, saving a read; a stale one fails the compare.
         alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self.settler.by_id(alloc_id)
         if alloc is None:
             return 0
-        # Revoking the lease deletes every key of the allocation in one step.
-        revision = await self._store.revoke(alloc.lease_id)
-        if revision > 0:  # read your writes, as for allocate(): the GPUs show as free once answered
-            await self._view.wait_for_revision(revision, VIEW_WAIT_S)
-        return revision
+        authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
+        action = "release" if by.id == alloc.principal else "force-release"
+        out = await self._store.txn(
+            [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
+            [entry_put(self._keys, by, action, alloc.id, unique=f"{alloc.id}.{action}",
+                       detail=f"owner={alloc.principal or '-'} node={alloc.node}"),
+             *self._delete_ops(alloc)],
+        )  # fmt: skip
+        if not out.succeeded:
+            return 0
+        self.settler.revoke_later(alloc.lease_id, alloc.ttl_seconds)
+        # Read your writes, as for allocate(): the GPUs show as free once answered.
+        await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
+        return out.revision
 
-    async def keep_alive(self, alloc_id: str) -> int:
+    def _delete_ops(self, alloc: Allocation) -> builtins.list[Op]:
+        # The audit entry's put comes first: a watcher sees it before the deletes (same revision).
+        k = self._keys
+        ops: builtins.list[Op] = [Delete(k.alloc(alloc.id)), Delete(k.res(alloc.node, alloc.id))]
+        ops += [Delete(k.gpu(alloc.node, g.uuid)) for g in alloc.gpus]
+        ops += [Delete(k.req(alloc.request_id)), Delete(k.claimed(alloc.id))]
+        return ops
+
+    async def keep_alive(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
         validation.allocation_id(alloc_id)
         alloc = self._view.allocation(alloc_id) or await self.settler.by_id(alloc_id)
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
+        authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         ttl = await self._store.keepalive_once(alloc.lease_id)
         if ttl <= 0:
             raise AllocationNotFound(f"allocation {alloc_id} has expired: its lease lapsed")
@@ -253,3 +304,13 @@ class AllocationService:
         ids = [kv.key[len(prefix) :] for kv in res]
         out = await self._store.txn([], [Get(self._keys.alloc(i)) for i in ids])
         return [decode_alloc(kvs[0].value, kvs[0].create_revision) for kvs in out.reads if kvs]
+
+
+def _same_shape(alloc: Allocation, shape: str) -> Allocation:
+    """A request id reused for a different request is refused, never handed the other allocation."""
+    if alloc.shape and alloc.shape != shape:
+        raise AlreadyExists(
+            f"request id {alloc.client_request_id!r} is already used by allocation {alloc.id}, which asked for "
+            f"{alloc.shape}; this request asks for {shape}. Use a new request id for a different request"
+        )
+    return alloc

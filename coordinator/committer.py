@@ -11,7 +11,8 @@ For each allocation in the batch, and each node it lands on, the compares are:
   alive/<node>          version > 0      the node is up
   cordoned/<node>       version == 0     the node is not cordoned
 Success writes, per allocation, its record, one key per GPU, its reservation and its request
-key, each on the allocation's own lease. Failure reads back what the compares looked at, so
+key, each on the allocation's own lease, and its audit entry (no lease: it outlives the
+allocation). Failure reads back what the compares looked at, so
 the caller can tell a reused request id from a conflict and which revision its view must reach.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.records import encode_alloc, encode_res
@@ -72,7 +74,7 @@ def txn_size(items: Sequence[Item]) -> int:
     nodes = {i.placement.node for i in items}
     gpus = sum(len(i.placement.gpu_indexes) for i in items)
     compares = len(items) + gpus + 4 * len(nodes)
-    puts = 3 * len(items) + gpus
+    puts = 4 * len(items) + gpus
     reads = len(items) + 5 * len(nodes)
     return max(compares, puts, reads)
 
@@ -97,6 +99,9 @@ class EtcdCommitter:
             success.extend(Put(k.gpu(p.node, g.uuid), a.id.encode(), lease) for g in a.gpus)
             success.append(Put(k.res(p.node, a.id), encode_res(a.cpus, a.memory_bytes), lease))
             success.append(Put(k.req(a.request_id), a.id.encode(), lease))
+            detail = f"node={a.node} gpus={len(a.gpus)} request={a.client_request_id}"
+            success.append(entry_put(k, a.principal, "allocate", a.id, tenant=a.tenant, detail=detail,
+                                     unique=f"{a.id}.allocate"))  # fmt: skip
         failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
         for node, p in nodes.items():
             res = k.res_prefix(node)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpulease.common import eventloop, settings
+from gpulease.common import eventloop, settings, transport
 from gpulease.common.settings import ConfigError
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
@@ -36,6 +36,25 @@ class CoordinatorConfig:
     # "auto": uvloop when installed (lower latency per RPC, see docs/performance.md).
     event_loop: str = "auto"
     log_level: str = "INFO"
+    # TLS for clients and agents (all three, or none: clear text, loopback only unless insecure).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # A second port that requires client certificates: agents, and users with certificates.
+    mtls_listen: str = ""
+    insecure: bool = False
+    # Written (0600) with the first admin token when the prefix has none yet; empty: no bootstrap.
+    bootstrap_token_file: str = ""
+    # Requests a second per caller (a token bucket with twice this burst); 0: no limit.
+    rate_limit: float = 200.0
+    audit_max_age: int = 90 * 86400
+    audit_max_entries: int = 100_000
+    # How long who-owns-what is kept for an ended allocation's containers (the agents' retention).
+    container_retention: int = 3600
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 # How each setting is written in flags, env and TOML, and how its text is parsed.
@@ -48,6 +67,11 @@ _PARSERS: dict[str, Any] = {
     "default_memory_per_gpu": lambda v: parse_size(str(v)),
     "etcd_timeout": float,
     "etcd_max_txn_ops": int,
+    "insecure": lambda v: settings.parse_bool(v),
+    "rate_limit": float,
+    "audit_max_age": lambda v: parse_duration(str(v)),
+    "audit_max_entries": int,
+    "container_retention": lambda v: parse_duration(str(v)),
 }
 
 
@@ -74,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-max-txn-ops", help="etcd's --max-txn-ops; caps the size of a batched commit (128)")
     p.add_argument("--event-loop", help="auto, uvloop or asyncio (default auto: uvloop when installed)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--tls-ca", help="CA bundle that client and agent certificates must chain to")
+    p.add_argument("--tls-cert", help="this coordinator's certificate (enables TLS on every port)")
+    p.add_argument("--tls-key", help="this coordinator's private key")
+    p.add_argument("--mtls-listen", help="HOST:PORT of a port that requires client certificates (agents, "
+                                         "certificate users); needs TLS")  # fmt: skip
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow clear text on a non-loopback address (no authentication; warned hourly)")  # fmt: skip
+    p.add_argument("--bootstrap-token-file", help="where to write the first admin token (mode 0600) when the "
+                                                  "cluster has none yet")  # fmt: skip
+    p.add_argument("--rate-limit", help="requests per second per caller; 0 = no limit (default 200)")
+    p.add_argument("--audit-max-age", help="audit entries older than this are removed (default 90d)")
+    p.add_argument("--audit-max-entries", help="at most this many audit entries are kept (default 100000)")
+    p.add_argument("--container-retention", help="how long an ended allocation's container owner is kept (1h)")
     return p
 
 
@@ -92,4 +129,17 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(exc.message) from exc
     if not 1 <= cfg.heartbeat_interval < cfg.node_ttl:
         raise ConfigError("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_cert and not cfg.tls_ca):
+        raise ConfigError("TLS needs --tls-ca, --tls-cert and --tls-key together")
+    if cfg.mtls_listen and not cfg.tls:
+        raise ConfigError("--mtls-listen needs TLS (--tls-ca, --tls-cert, --tls-key)")
+    for address in (cfg.listen, *((cfg.mtls_listen,) if cfg.mtls_listen else ())):
+        try:
+            settings.split_host_port(address)
+        except ValueError as exc:
+            raise ConfigError(f"bad listen address: {exc}") from None
+    transport.check_clear_text(cfg.listen, tls=cfg.tls, insecure=cfg.insecure,
+                               flag_hint="--tls-ca, --tls-cert, --tls-key")  # fmt: skip
+    if cfg.rate_limit < 0 or cfg.audit_max_entries < 100 or cfg.audit_max_age < 3600:
+        raise ConfigError("--rate-limit must be >= 0, --audit-max-entries >= 100, --audit-max-age >= 1h")
     return cfg

@@ -116,9 +116,11 @@ def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
         ttl_seconds=a.ttl_seconds,
         revision=a.revision,
         owner=a.owner,
-        request_id=a.request_id,
+        request_id=a.client_request_id,
         created_unix_ms=a.created_unix_ms,
         node_address=node_address,
+        principal=a.principal,
+        tenant=a.tenant,
     )
 
 

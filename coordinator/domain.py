@@ -166,6 +166,33 @@ class Allocation:
     lease_id: int
     # create_revision of the allocation key: the fencing token.
     revision: int
+    # Free text from the request: describes, decides nothing.
     owner: str = ""
+    # Scoped by the principal that asked: "<principal>/<client's request id>" (request ids belong
+    # to their caller: another principal's equal id is another request). Older records: unscoped.
     request_id: str = ""
     created_unix_ms: int = 0
+    # The authenticated caller that made it ("user:alice"), which decides who may use it, and the
+    # tenant its resources count against. Empty in records made before identities existed.
+    principal: str = ""
+    tenant: str = ""
+    # What was asked for (see request_shape): a reuse of the request id must ask for the same.
+    shape: str = ""
+
+    @property
+    def client_request_id(self) -> str:
+        """The request id as its caller wrote it (without the principal's scope)."""
+        return self.request_id.rpartition("/")[2]
+
+
+def scoped_request_id(principal: str, request_id: str) -> str:
+    return f"{principal}/{request_id}"
+
+
+def request_shape(req: ResourceRequest, ttl_seconds: int) -> str:
+    """A canonical text of everything a request asks for; equal requests give equal text."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(req.node_selector.items()))
+    return (
+        f"gpus={req.gpus};cpus={req.cpus};memory={req.memory_bytes};model={req.gpu_model};"
+        f"min_gpu_memory={req.min_gpu_memory_bytes};selector={selector};ttl={ttl_seconds}"
+    )

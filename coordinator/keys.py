@@ -14,6 +14,12 @@
     unsettled/<id>            {"lease","request_id"}, no lease: an allocation whose commit outcome
                               is unknown and was not settled yet; any replica finishes the job
     marker                    "" rewritten by a coordinator to learn that its view has caught up
+    tokens/<name>             bearer token record (JSON): SHA-256 of the secret, role, tenant, expiry
+    bootstrapped              "" once the first admin token was made (never made again)
+    containers/<id>           {"node","principal","tenant","ended_ms"}: where an allocation's containers
+                              are and whose they are; on a retention-time lease once it ended
+    expired/<id>              "" on a short lease: the expiry of <id> is in the audit log (once)
+    audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
 
 Everything an allocation holds hangs on its lease, so lease expiry frees it with no
 coordinator action. The layout is per-resource rather than per-node so that one etcd
@@ -67,6 +73,24 @@ class Keys:
 
     def unsettled_prefix(self) -> str:
         return f"{self.prefix}unsettled/"
+
+    def token(self, name: str) -> str:
+        return f"{self.prefix}tokens/{name}"
+
+    def bootstrapped(self) -> str:
+        return f"{self.prefix}bootstrapped"
+
+    def containers(self, alloc_id: str) -> str:
+        return f"{self.prefix}containers/{alloc_id}"
+
+    def expired(self, alloc_id: str) -> str:
+        return f"{self.prefix}expired/{alloc_id}"
+
+    def audit(self, entry_id: str) -> str:
+        return f"{self.prefix}audit/{entry_id}"
+
+    def audit_prefix(self) -> str:
+        return f"{self.prefix}audit/"
 
     def marker(self) -> str:
         return f"{self.prefix}marker"

@@ -12,17 +12,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpulease.common import eventloop
+from gpulease.common import eventloop, transport
 from gpulease.common.sdnotify import sd_notify
+from gpulease.common.tls import TLSConfig, TlsFiles
 from gpulease.coordinator import config as config_mod
 from gpulease.coordinator.agents import AgentChannels
 from gpulease.coordinator.allocations import AllocationPolicy, AllocationService
+from gpulease.coordinator.audit import AuditLog, AuditPolicy
 from gpulease.coordinator.committer import EtcdCommitter
 from gpulease.coordinator.containers import ContainerForwarder
+from gpulease.coordinator.endings import Endings
+from gpulease.coordinator.guard import Guard, RateLimit
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.nodes import NodePolicy, NodeService
 from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
-from gpulease.coordinator.store import Store, TlsFiles
+from gpulease.coordinator.store import Store
+from gpulease.coordinator.store import TlsFiles as EtcdTls
+from gpulease.coordinator.tokens import Tokens
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import GpuLeaseError
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -33,8 +39,9 @@ SERVICE_NAMES = tuple(s.full_name for s in coordinator_pb2.DESCRIPTOR.services_b
 
 
 async def serve(cfg: config_mod.CoordinatorConfig) -> None:
-    tls = TlsFiles(cfg.etcd_ca, cfg.etcd_cert or None, cfg.etcd_key or None) if cfg.etcd_ca else None
-    store = Store(cfg.etcd, tls=tls, timeout=cfg.etcd_timeout)
+    etcd_tls = EtcdTls(cfg.etcd_ca, cfg.etcd_cert or None, cfg.etcd_key or None) if cfg.etcd_ca else None
+    tls = TlsFiles(TLSConfig(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)) if cfg.tls else None
+    store = Store(cfg.etcd, tls=etcd_tls, timeout=cfg.etcd_timeout)
     await store.start()
     keys = Keys(cfg.prefix)
     view = ClusterView(store, keys)
@@ -51,34 +58,61 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         ),
     )
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
-    agents = AgentChannels()
+    agents = AgentChannels(tls)
     containers = ContainerForwarder(allocations, view, agents)
+    audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
+    tokens = Tokens(store, keys, view, audit)
+    endings = Endings(store, keys, view, cfg.container_retention)
+    guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(allocations, nodes, view, containers), server
+        CoordinatorServicer(allocations, nodes, view, containers, guard, endings), server
     )
-    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view), server)
-    coordinator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(allocations, nodes, view), server)
+    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
+    coordinator_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(allocations, nodes, view, guard, tokens, audit), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        server.add_insecure_port(cfg.listen)
-    except RuntimeError as exc:
-        raise GpuLeaseError(f"cannot listen on {cfg.listen}: {exc} (is the port in use?)") from exc
+    ports = [(cfg.listen, tls.server_credentials(require_client_cert=False) if tls else None)]
+    if cfg.mtls_listen and tls:
+        ports.append((cfg.mtls_listen, tls.server_credentials(require_client_cert=True)))
+    for address, creds in ports:
+        try:
+            if creds is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, creds)
+        except RuntimeError as exc:
+            raise GpuLeaseError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
     await server.start()
     log.info(
-        "listening on %s, etcd %s, prefix %s, event loop %s",
-        cfg.listen, ",".join(cfg.etcd), cfg.prefix, eventloop.resolve(cfg.event_loop),
+        "listening on %s (%s)%s, etcd %s, prefix %s, event loop %s",
+        cfg.listen, "TLS, tokens" if tls else "clear text, no authentication",
+        f" and {cfg.mtls_listen} (mutual TLS)" if cfg.mtls_listen else "",
+        ",".join(cfg.etcd), cfg.prefix, eventloop.resolve(cfg.event_loop),
     )  # fmt: skip
 
     view_task = asyncio.create_task(view.run(), name="view")
     commit_task = asyncio.create_task(allocations.run(), name="commits")
+    background = [
+        asyncio.create_task(audit.run(), name="audit-retention"),
+        asyncio.create_task(endings.run(), name="container-records"),
+    ]
+    if tls is None and cfg.insecure and not transport.is_loopback(cfg.listen):
+        background.append(asyncio.create_task(transport.warn_while_insecure(log, "the coordinator"), name="warn"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload) re-reads the TLS files; without TLS it must still not kill us.
+    loop.add_signal_handler(
+        signal.SIGHUP, tls.request_reload if tls else lambda: log.info("SIGHUP: no TLS files to reload")
+    )
+    if cfg.bootstrap_token_file and tls is not None:
+        background.append(asyncio.create_task(_bootstrap(view, tokens, cfg.bootstrap_token_file), name="bootstrap"))
 
     async def track_health() -> None:
         # NOT_SERVING until the view is in sync with etcd, and again whenever it loses sync.
@@ -100,13 +134,28 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     sd_notify("STOPPING=1")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
-    for task in (commit_task, view_task, health_task):
+    for task in (commit_task, view_task, health_task, *background):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await allocations.close()  # drains revokes and settles while the store can still carry them
+    await endings.close()
+    await audit.close()
     await agents.close()
     await store.close()
+
+
+async def _bootstrap(view: ClusterView, tokens: Tokens, path: str) -> None:
+    """The first admin token, once the view is in sync (so a replica does not race a marker it
+    has not seen); retried while etcd is unreachable."""
+    while True:
+        await view.synced.wait()
+        try:
+            await tokens.bootstrap(path)
+            return
+        except GpuLeaseError as exc:
+            log.warning("bootstrap token not written yet: %s", exc.message)
+            await asyncio.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Node registry: registration, heartbeats (lease renewal), cordon.
+"""Node registry: registration, heartbeats (lease renewal), cordon, removal.
 
 A node is up while its alive/<node> key exists; that key hangs on the node's lease, which
 only heartbeats renew. The node record (inventory) is rewritten only when it changes, so a
@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.coordinator import validation
+from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import NodeInfo, NodeView
-from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.records import decode_node, encode_node
-from gpulease.coordinator.store import Store
+from gpulease.coordinator.store import Cmp, Delete, Put, Store
 from gpulease.coordinator.view import ClusterView
-from gpulease.errors import InvalidRequest, NodeNotFound
+from gpulease.errors import Conflict, InvalidRequest, NodeNotFound
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ class NodeService:
             info = validation.inventory(info)
             if info.name != name:
                 raise InvalidRequest(f"heartbeat for {name!r} carries inventory of {info.name!r}")
-        renewal = await self._store.keepalive(lease_id) if lease_id > 0 else None
+        # A lease that is not this node's own is never renewed (an agent could otherwise keep another
+        # node "up"): the node is registered again, as with a lapsed lease.
+        owned = lease_id > 0 and await self._owns_lease(name, lease_id)
+        renewal = await self._store.keepalive(lease_id) if owned else None
         if renewal is None or renewal.ttl <= 0:
             # The lease lapsed (the node was down, or etcd lost it): register again.
             if info is None:
@@ -86,18 +91,57 @@ class NodeService:
             return 0
         return self._view.allocations_revision(name)
 
-    async def cordon(self, name: str, cordoned: bool) -> NodeView:
+    async def _owns_lease(self, name: str, lease_id: int) -> bool:
+        # From the view when it agrees (no etcd call per heartbeat); else etcd decides (the view
+        # may not have seen a registration this moment old). A lapsed lease is the node's to renew.
+        if self._view.alive_lease(name) == lease_id:
+            return True
+        kv = await self._store.get(self._keys.alive(name))
+        if kv is not None:
+            return kv.lease == lease_id
+        # No alive key: the node's lease lapsed (renewing it fails anyway), or it is another
+        # node's lease. Either way, registering again is the answer.
+        return False
+
+    async def cordon(self, name: str, cordoned: bool, by: Principal = LOCAL_ADMIN) -> NodeView:
         validation.node_name(name)
-        if await self._store.get(self._keys.node(name)) is None:
+        key, node_key = self._keys.cordoned(name), self._keys.node(name)
+        action = "cordon" if cordoned else "uncordon"
+        out = await self._store.txn(
+            [Cmp(node_key, "create", ">", 0)],
+            [Put(key, b"") if cordoned else Delete(key), entry_put(self._keys, by, action, name)],
+        )
+        if not out.succeeded:
             raise NodeNotFound(f"node {name!r} is not registered")
-        key = self._keys.cordoned(name)
-        rev = await (self._store.put(key, b"") if cordoned else self._store.delete(key))
+        rev = out.revision
         # Answer with the node as it is after the write, not as the view last saw it.
         await self._view.wait_for_revision(rev, 2.0)
         view = self._view.node(name)
         if view is None:
             raise NodeNotFound(f"node {name!r} is not registered")
         return view
+
+    async def delete(self, name: str, by: Principal = LOCAL_ADMIN) -> int:
+        """Remove a node record that no live allocation uses, and whose agent is not up (it would
+        register again). Compared in the same transaction that deletes, so no allocation can land
+        on the node in between."""
+        validation.node_name(name)
+        k = self._keys
+        gpus, res = k.gpus_prefix(name), k.res_prefix(name)
+        out = await self._store.txn(
+            [Cmp(k.node(name), "create", ">", 0), Cmp(k.alive(name), "version", "==", 0),
+             Cmp(gpus, "version", "==", 0, range_end(gpus)), Cmp(res, "version", "==", 0, range_end(res))],
+            [Delete(k.node(name)), Delete(k.cordoned(name)), entry_put(k, by, "node-delete", name)],
+        )  # fmt: skip
+        if out.succeeded:
+            await self._view.wait_for_revision(out.revision, 2.0)
+            return out.revision
+        view = self._view.node(name)
+        if await self._store.get(k.node(name)) is None:
+            raise NodeNotFound(f"node {name!r} is not registered")
+        if view is not None and view.up:
+            raise Conflict(f"node {name} is up: stop its agent first, or it registers again")
+        raise Conflict(f"node {name} still has live allocations: release them or wait for them to end")
 
     def nodes(self) -> list[NodeView]:
         self._view.ensure_synced()

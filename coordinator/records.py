@@ -100,6 +100,9 @@ def encode_alloc(a: Allocation) -> bytes:
         "owner": a.owner,
         "request_id": a.request_id,
         "created_ms": a.created_unix_ms,
+        "principal": a.principal,
+        "tenant": a.tenant,
+        "shape": a.shape,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -118,6 +121,9 @@ def decode_alloc(raw: bytes, revision: int) -> Allocation:
         owner=d.get("owner", ""),
         request_id=d.get("request_id", ""),
         created_unix_ms=d.get("created_ms", 0),
+        principal=d.get("principal", ""),
+        tenant=d.get("tenant", ""),
+        shape=d.get("shape", ""),
     )
 
 

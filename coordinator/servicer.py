@@ -1,6 +1,11 @@
 """Thin gRPC servicers, one per audience: proto in, service call, proto out. Errors go through
 the catalog. CoordinatorServicer serves users, NodeServicer agents, AdminServicer operators, so
-that who may call what can be decided per service."""
+that who may call what can be decided per service.
+
+Every method is wrapped with @rpc (coordinator/guard.py): the caller is authenticated from the
+connection and checked against the RPC's rule (coordinator/authz.py) before the method runs;
+``caller()`` is that principal. Object-level checks (whose allocation, which node) follow here or
+in the services, with the same authz functions."""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from gpulease.coordinator import convert
+from gpulease.coordinator import authz, convert
 from gpulease.coordinator.allocations import AllocateInput, AllocationService
+from gpulease.coordinator.audit import AuditLog
 from gpulease.coordinator.containers import ContainerForwarder
 from gpulease.coordinator.domain import Allocation
-from gpulease.coordinator.errors import grpc_errors
+from gpulease.coordinator.endings import Endings
+from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
+from gpulease.coordinator.tokens import TokenRecord, Tokens
 from gpulease.coordinator.view import ClusterView
-from gpulease.errors import InvalidRequest
+from gpulease.errors import AllocationNotFound, InvalidRequest, PermissionDenied
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -28,21 +36,49 @@ def _alloc_pb(view: ClusterView, a: Allocation) -> tpb.Allocation:
     return convert.allocation(a, node.info.address if node else "")
 
 
+def _token_pb(r: TokenRecord) -> pb.TokenInfo:
+    return pb.TokenInfo(name=r.name, role=r.role.value, tenant=r.tenant, created_unix_ms=r.created_ms,
+                        expires_unix_ms=r.expires_ms, created_by=r.created_by)  # fmt: skip
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Users: allocations, containers on them, and the cluster's state."""
 
+    SERVICE = "gpulease.v1.CoordinatorService"
+
     def __init__(
-        self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder
-    ) -> None:
+        self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder,
+        guard: Guard, endings: Endings,
+    ) -> None:  # fmt: skip
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
         self._containers = containers
+        self._guard = guard
+        self._endings = endings
 
     def _alloc_pb(self, a: Allocation) -> tpb.Allocation:
         return _alloc_pb(self._view, a)
 
-    @grpc_errors
+    async def _check_owner(self, allocation_id: str) -> None:
+        """The caller owns the allocation (live, or ended with containers kept) or is an admin."""
+        who = caller()
+        if who.is_admin():
+            return
+        if not allocation_id:
+            raise InvalidRequest("allocation_id is required")
+        alloc = self._view.allocation(allocation_id)
+        if alloc is not None:
+            authz.check_owner(who, alloc.principal, f"allocation {allocation_id}")
+            return
+        home = self._endings.home(allocation_id)
+        if home is not None:
+            authz.check_owner(who, home.principal, f"allocation {allocation_id}")
+            return
+        alloc = await self._allocs.get(allocation_id)  # linearizable: the view may lag a fresh one
+        authz.check_owner(who, alloc.principal, f"allocation {allocation_id}")
+
+    @rpc
     async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
         alloc, reused = await self._allocs.allocate(
             AllocateInput(
@@ -55,74 +91,93 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 ttl_seconds=request.ttl_seconds,
                 owner=request.owner,
                 request_id=request.request_id,
+                principal=caller().id,
+                tenant=caller().tenant,
             )
         )
         return pb.AllocateResponse(allocation=self._alloc_pb(alloc), reused=reused)
 
-    @grpc_errors
+    @rpc
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
-        revision = await self._allocs.release(request.allocation_id)
+        revision = await self._allocs.release(request.allocation_id, caller())
         return pb.ReleaseResponse(released=revision > 0, revision=revision)
 
-    @grpc_errors
+    @rpc
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> pb.KeepAliveResponse:
-        return pb.KeepAliveResponse(ttl_seconds=await self._allocs.keep_alive(request.allocation_id))
+        return pb.KeepAliveResponse(ttl_seconds=await self._allocs.keep_alive(request.allocation_id, caller()))
 
-    @grpc_errors
+    @rpc
     async def GetAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
-        alloc = await self._allocs.get(request.allocation_id)
+        alloc = await self._allocs.get(request.allocation_id, caller())
         return pb.GetAllocationResponse(allocation=self._alloc_pb(alloc))
 
-    @grpc_errors
+    @rpc
     async def ListAllocations(self, request: pb.ListAllocationsRequest, context: Ctx) -> pb.ListAllocationsResponse:
         allocs = await self._allocs.list(node=request.node, owner=request.owner)
         return pb.ListAllocationsResponse(allocations=[self._alloc_pb(a) for a in allocs])
 
-    @grpc_errors
+    @rpc
     async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
         return pb.ListNodesResponse(nodes=[convert.node(v) for v in self._nodes.nodes()])
 
-    @grpc_errors
+    @rpc
     async def GetClusterSummary(
         self, request: pb.GetClusterSummaryRequest, context: Ctx
     ) -> pb.GetClusterSummaryResponse:
         return convert.cluster_summary(self._nodes.nodes(), self._view.revision)
 
+    @rpc
+    async def WhoAmI(self, request: pb.WhoAmIRequest, context: Ctx) -> pb.WhoAmIResponse:
+        who = caller()
+        return pb.WhoAmIResponse(principal=who.id, role=who.role.value if who.role else "", tenant=who.tenant,
+                                 method=auth_method())  # fmt: skip
+
     # --- containers, forwarded to the allocation's agent ------------------------------------
 
-    @grpc_errors
+    @rpc
     async def RunContainer(self, request: pb.RunContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        alloc = await self._allocs.get(request.allocation_id, caller())  # the owner's, and live
+        await self._endings.note_containers(alloc)
         return await self._containers.run(request.allocation_id, request.spec)
 
-    @grpc_errors
+    @rpc
     async def WaitContainer(self, request: tpb.WaitContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        await self._check_owner(request.ref.allocation_id)
         return await self._containers.wait(request)
 
-    @grpc_errors
+    @rpc
     async def StopContainer(self, request: tpb.StopContainerRequest, context: Ctx) -> tpb.ContainerStatus:
+        await self._check_owner(request.ref.allocation_id)
         return await self._containers.stop(request)
 
-    @grpc_errors
+    @rpc
     async def ListContainers(self, request: tpb.ListContainersRequest, context: Ctx) -> tpb.ListContainersResponse:
+        await self._check_owner(request.allocation_id)
         return await self._containers.list(request.allocation_id)
 
-    @grpc_errors
+    @rpc
     async def StreamLogs(self, request: tpb.StreamLogsRequest, context: Ctx) -> None:  # type: ignore[override]
         # A coroutine writing to the stream (not an async generator) so the error catalog applies.
+        await self._check_owner(request.ref.allocation_id)
         async for chunk in self._containers.logs(request):
             await context.write(chunk)
 
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
-    """Agents: registration, heartbeats, and the allocations that run on their node."""
+    """Agents: registration, heartbeats, and the allocations that run on their node. An agent's
+    certificate names its node, and every call here is about that node only (NodeRestriction)."""
 
-    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+    SERVICE = "gpulease.v1.NodeService"
+
+    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView, guard: Guard) -> None:
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
+        self._guard = guard
 
-    @grpc_errors
+    @rpc
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context: Ctx) -> pb.RegisterNodeResponse:
+        authz.check_node(caller(), request.node)
         reg = await self._nodes.register(convert.node_info(request.node, request.address, request.inventory))
         return pb.RegisterNodeResponse(
             lease_id=reg.lease_id,
@@ -131,8 +186,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             allocations_revision=reg.allocations_revision,
         )
 
-    @grpc_errors
+    @rpc
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.HeartbeatResponse:
+        authz.check_node(caller(), request.node)
         info = (
             convert.node_info(request.node, request.address, request.inventory)
             if request.HasField("inventory")
@@ -142,32 +198,73 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
                                     allocations_revision=reg.allocations_revision)  # fmt: skip
 
-    @grpc_errors
+    @rpc
     async def ListNodeAllocations(self, request: pb.ListAllocationsRequest, context: Ctx) -> pb.ListAllocationsResponse:
         if not request.node:
             raise InvalidRequest("ListNodeAllocations needs the node whose allocations to list")
+        authz.check_node(caller(), request.node)
         allocs = await self._allocs.list(node=request.node, owner=request.owner)
         return pb.ListAllocationsResponse(allocations=[_alloc_pb(self._view, a) for a in allocs])
 
-    @grpc_errors
+    @rpc
     async def GetNodeAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
-        return pb.GetAllocationResponse(allocation=_alloc_pb(self._view, await self._allocs.get(request.allocation_id)))
+        try:
+            alloc = await self._allocs.get(request.allocation_id, caller())
+        except PermissionDenied:  # another node's allocation: as good as absent for this agent
+            raise AllocationNotFound(
+                f"allocation {request.allocation_id} is not live on node {caller().node}"
+            ) from None
+        return pb.GetAllocationResponse(allocation=_alloc_pb(self._view, alloc))
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
     """Operators and the benchmark."""
 
-    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView) -> None:
+    SERVICE = "gpulease.v1.AdminService"
+
+    def __init__(
+        self, allocations: AllocationService, nodes: NodeService, view: ClusterView, guard: Guard, tokens: Tokens,
+        audit: AuditLog,
+    ) -> None:  # fmt: skip
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
+        self._guard = guard
+        self._tokens = tokens
+        self._audit = audit
 
-    @grpc_errors
+    @rpc
     async def CordonNode(self, request: pb.CordonNodeRequest, context: Ctx) -> pb.CordonNodeResponse:
-        view = await self._nodes.cordon(request.node, request.cordoned)
+        view = await self._nodes.cordon(request.node, request.cordoned, caller())
         return pb.CordonNodeResponse(node=convert.node(view))
 
-    @grpc_errors
+    @rpc
+    async def DeleteNode(self, request: pb.DeleteNodeRequest, context: Ctx) -> pb.DeleteNodeResponse:
+        return pb.DeleteNodeResponse(revision=await self._nodes.delete(request.node, caller()))
+
+    @rpc
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: Ctx) -> pb.CreateTokenResponse:
+        secret, record = await self._tokens.create(caller(), request.name, request.role, request.tenant,
+                                                   request.ttl_seconds)  # fmt: skip
+        return pb.CreateTokenResponse(token=secret, info=_token_pb(record))
+
+    @rpc
+    async def ListTokens(self, request: pb.ListTokensRequest, context: Ctx) -> pb.ListTokensResponse:
+        return pb.ListTokensResponse(tokens=[_token_pb(r) for r in self._tokens.list()])
+
+    @rpc
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context: Ctx) -> pb.RevokeTokenResponse:
+        await self._tokens.revoke(caller(), request.name)
+        return pb.RevokeTokenResponse(revoked=True)
+
+    @rpc
+    async def ReadAudit(self, request: pb.ReadAuditRequest, context: Ctx) -> pb.ReadAuditResponse:
+        if not 0 <= request.limit <= 100_000:
+            raise InvalidRequest("limit must be 0 (1000) to 100000")
+        entries = await self._audit.read(request.since_unix_ms, request.actor, request.limit or 1000)
+        return pb.ReadAuditResponse(entries=[pb.AuditEntry(**e.__dict__) for e in entries])
+
+    @rpc
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:
         b = self._allocs.batcher
         return pb.GetStatsResponse(

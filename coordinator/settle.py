@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.records import decode_alloc
@@ -89,9 +90,11 @@ class Settler:
         k = self._keys
         keys = [k.alloc(alloc.id), k.res(alloc.node, alloc.id), k.req(alloc.request_id)]
         keys += [k.gpu(alloc.node, g.uuid) for g in alloc.gpus]
+        audit = entry_put(k, "system:settler", "release", alloc.id, tenant=alloc.tenant, unique=f"{alloc.id}.unclaimed",
+                          detail="a commit in doubt that no caller was handed")  # fmt: skip
         out = await self._store.txn(
             [Cmp(k.claimed(alloc.id), "version", "==", 0), Cmp(k.alloc(alloc.id), "create", "==", alloc.revision)],
-            [Delete(key) for key in keys],
+            [audit, *(Delete(key) for key in keys)],
         )
         return out.succeeded
 

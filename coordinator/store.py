@@ -351,6 +351,11 @@ class Store:
         resp = await self._call(self._kv.delete(key, timeout=self._timeout))
         return int(resp.header.revision)
 
+    async def delete_range(self, key: str, range_end: bytes) -> int:
+        """Delete every key in [key, range_end); returns how many were deleted."""
+        resp = await self._call(self._kv.delete(key, range_end=range_end, timeout=self._timeout))
+        return int(resp.deleted)
+
     async def txn(self, compares: Sequence[Cmp], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnOutcome:
         """One etcd transaction, sent once. Raises OutcomeUnknown if no answer came back."""
         kv = self._kv

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from gpulease.coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
@@ -19,6 +19,14 @@ from gpulease.coordinator.records import decode_alloc, decode_node, decode_res
 from gpulease.coordinator.store import KV, Event, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# Key kinds the view keeps as raw records by the rest of their key, for services that read them
+# from memory: bearer tokens (checked on every call, so never an etcd read) and where an
+# allocation's containers are and whose they are (they outlive the allocation).
+TABLES = ("tokens", "containers")
+# Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
+# transaction: its deletion that follows is not an expiry.
+_ENDING_ACTIONS = ("release", "force-release", "unclaimed")
 
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
 MARKER_AFTER_S = 0.05
@@ -49,11 +57,16 @@ class ClusterView:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._marker: asyncio.Future[int] | None = None
         self._marker_at = -MARKER_SPACING_S
+        self.tables_version = 0
+        # Called with an allocation whose keys went without a release (its lease expired).
+        self.on_expired: Callable[[Allocation], None] | None = None
+        self._released: set[str] = set()
         self._reset()
 
     def _reset(self) -> None:
         self._records: dict[str, tuple[NodeInfo, int]] = {}
         self._alive: set[str] = set()
+        self._alive_leases: dict[str, int] = {}
         self._cordoned: set[str] = set()
         # Per node: GPU key (UUID) -> allocation id. Mapped to the record's indexes in _rebuild.
         self._held: dict[str, dict[str, str]] = {}
@@ -71,6 +84,9 @@ class ClusterView:
         self._views: dict[str, NodeView] = {}
         self._views_shared = False
         self.index = PlacementIndex()
+        self._tables: dict[str, dict[str, bytes]] = {t: {} for t in TABLES}
+        # Bumped on every change (and reset): readers rebuild what they derive when it moves.
+        self.tables_version += 1
 
     # --- queries (synchronous: consistent until the caller's next await) ---------------
 
@@ -105,6 +121,14 @@ class ClusterView:
         Agents compare it for equality only, and ask ListAllocations when it differs, so a fresh
         replica (whose floor is its own load revision) makes each agent ask once, never miss."""
         return self._changed.get(node, self._loaded_at)
+
+    def alive_lease(self, name: str) -> int:
+        """The lease of the node's alive key as last seen (0: none seen)."""
+        return self._alive_leases.get(name, 0)
+
+    def table(self, kind: str) -> Mapping[str, bytes]:
+        """Raw records of one of TABLES, by the rest of their key ('tokens' -> {name: record})."""
+        return MappingProxyType(self._tables[kind])
 
     def allocation(self, alloc_id: str) -> Allocation | None:
         raw = self._allocs.get(alloc_id)
@@ -238,6 +262,11 @@ class ClusterView:
         if kind in ("alive", "cordoned") and len(parts) == 2:
             target = self._alive if kind == "alive" else self._cordoned
             (target.add if put else target.discard)(parts[1])
+            if kind == "alive":
+                if put:
+                    self._alive_leases[parts[1]] = kv.lease
+                else:
+                    self._alive_leases.pop(parts[1], None)
             return parts[1]
         if kind in ("gpus", "res") and len(parts) == 3:
             # A delete event's mod_revision is the delete's own revision.
@@ -258,11 +287,27 @@ class ClusterView:
             cpus, mem = self._used.get(parts[1], (0, 0))
             self._used[parts[1]] = (cpus - before[0] + after[0], mem - before[1] + after[1])
             return parts[1]
+        if kind in self._tables and len(parts) == 2:
+            if put:
+                self._tables[kind][parts[1]] = kv.value
+            else:
+                self._tables[kind].pop(parts[1], None)
+            self.tables_version += 1
+            return None
+        if kind == "audit" and put and len(parts) == 2:
+            alloc_id, _, action = parts[1].partition("-")[2].partition(".")
+            if action in _ENDING_ACTIONS:
+                self._released.add(alloc_id)
+            return None
         if kind == "allocs" and len(parts) == 2:
             if put:
                 self._allocs[parts[1]] = (kv.value, kv.create_revision)
             else:
-                self._allocs.pop(parts[1], None)
+                raw = self._allocs.pop(parts[1], None)
+                if parts[1] in self._released:
+                    self._released.discard(parts[1])
+                elif raw is not None and self.on_expired is not None:
+                    self.on_expired(decode_alloc(*raw))
         return None
 
     def _rebuild(self, name: str) -> None:

@@ -56,6 +56,13 @@ class NodeNotFound(GpuLeaseError):
     code = "NOT_FOUND"
 
 
+class NotFound(GpuLeaseError):
+    """The named object (a token, say) does not exist."""
+
+    reason = "NOT_FOUND"
+    code = "NOT_FOUND"
+
+
 class StaleFencingToken(GpuLeaseError):
     """The fencing token (allocation revision) no longer matches a live allocation."""
 
@@ -141,6 +148,7 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     InsufficientResources,
     AllocationNotFound,
     NodeNotFound,
+    NotFound,
     StaleFencingToken,
     AllocationLost,
     Conflict,

@@ -3,7 +3,8 @@
 Shared by the coordinator's and the agent's servicers (coordinator/errors.py re-exports it).
 Servicer methods are wrapped with @grpc_errors. A GpuLeaseError becomes its status code plus
 a machine-readable reason in trailing metadata (the client rebuilds the exact class from it).
-Anything else is a bug: logged with its traceback, answered as INTERNAL, never a crash.
+Anything else is a bug: logged with its traceback and an error id, answered as INTERNAL with
+that id only (an exception's text may name files, hosts or secrets: it stays in the server log).
 
 Server-streaming methods use it too: write them as coroutines that call ``context.write``
 (not as async generators), so that an error raised mid-stream still goes through the catalog.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,10 +46,13 @@ def grpc_errors(fn: F) -> F:
             await context.abort(status_for(exc), exc.message)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", fn.__name__)
+        except Exception:
+            error_id = secrets.token_hex(6)
+            log.exception("unexpected error in %s (error id %s)", fn.__name__, error_id)
             context.set_trailing_metadata(((REASON_METADATA_KEY, "INTERNAL"),))
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}; the server's log has the details)"
+            )
 
     return wrapper  # type: ignore[return-value]
 

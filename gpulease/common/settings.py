@@ -126,5 +126,17 @@ def parse_values(values: Mapping[str, Any], parsers: Mapping[str, Callable[[Any]
     return out
 
 
+def parse_bool(value: Any) -> bool:
+    """True/False from TOML, or 'true'/'false'/'1'/'0'/'yes'/'no' from env and flags."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
 def _same(value: Any) -> Any:
     return value

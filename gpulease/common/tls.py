@@ -95,7 +95,7 @@ class TlsFiles:
         try:
             ca, cert, key = self._load()
             if cert is not None and key is not None:
-                grpc.ssl_server_certificate_configuration([(key, cert)], ca)  # parses, or raises
+                _check_pair(cert, key)
         except (InvalidRequest, ValueError, RuntimeError) as exc:
             log.error("TLS files changed but cannot be loaded; keeping the previous ones: %s", exc)
             return False
@@ -127,3 +127,18 @@ class TlsFiles:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+def _check_pair(cert: bytes, key: bytes) -> None:
+    """ValueError unless ``key`` is the private key of ``cert``: a rotation caught between its two
+    renames must keep the old pair, not serve a mismatched one (gRPC would accept it)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:  # the light client install: nothing to compare with; gRPC will complain
+        return
+    public = x509.load_pem_x509_certificate(cert).public_key()
+    private = serialization.load_pem_private_key(key, None)
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if public.public_bytes(*fmt) != private.public_key().public_bytes(*fmt):
+        raise ValueError("the key does not belong to the certificate (a rotation half done?)")

@@ -13,10 +13,12 @@ from tests.support.harness import rpc_error
 AUDIENCES = {
     "CoordinatorService": {
         "Allocate", "Release", "KeepAlive", "GetAllocation", "ListAllocations", "ListNodes", "GetClusterSummary",
-        "RunContainer", "WaitContainer", "StreamLogs", "StopContainer", "ListContainers",
+        "RunContainer", "WaitContainer", "StreamLogs", "StopContainer", "ListContainers", "WhoAmI",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
-    "AdminService": {"CordonNode", "GetStats"},
+    "AdminService": {
+        "CordonNode", "DeleteNode", "GetStats", "CreateToken", "ListTokens", "RevokeToken", "ReadAudit",
+    },
 }  # fmt: skip
 
 
