@@ -1,157 +1,164 @@
 """`gpuctl run`: allocate, start a container, stream its logs, exit with its exit code, and
 release the allocation on every path (normal exit, errors, Ctrl-C, SIGTERM).
 
-While the container runs, a background thread keeps the allocation's lease alive; if that
-fails for longer than the TTL the allocation is lost (the agent stops the container by itself).
+The allocation is the library's handle, used as a context manager: its keepalive thread renews
+the lease while the container runs (if that fails for longer than the TTL the allocation is
+lost, and the agent stops the container by itself), and it is released on the way out. Ctrl-C
+and SIGTERM are raised in the main thread wherever it is, also inside a gRPC call: that is safe
+(see gpulease/client/_allocation.py and tests/etcd/test_client_sigterm.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import signal
 import sys
-import threading
-from types import FrameType
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType, TracebackType
 
 from gpulease.cli.config import CliConfig
-from gpulease.client import Allocation, Client
+from gpulease.client import Allocation, ContainerHandle, Terminated
 from gpulease.common.units import parse_duration
-from gpulease.errors import AllocationNotFound, GpuLeaseError, InvalidRequest
+from gpulease.errors import GpuLeaseError, InvalidRequest
+
+# After the log stream ends, how long to wait for the container's exit code.
+_EXIT_WAIT_S = 3000.0
 
 
-class _Terminated(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+class _Signals:
+    """Ctrl-C and SIGTERM for the whole command: KeyboardInterrupt and Terminated in the main thread.
+    From ``hold()`` they are held back, then raised by ``raise_held()``: while the allocation is
+    being made, so that it is known when the signal is raised, inside its ``with`` block."""
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._pending: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._holding:
+            self._pending = signum
+        else:
+            _raise(signum)
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def raise_held(self) -> None:
+        self._holding = False
+        if self._pending is not None:
+            _raise(self._pending)
 
 
-class _KeepAlive(threading.Thread):
-    """Renews the lease every ttl/3 seconds; records when the allocation is gone for good."""
-
-    def __init__(self, client: Client, allocation_id: str, ttl: int) -> None:
-        super().__init__(name="gpuctl-keepalive", daemon=True)
-        self._client, self._id, self._interval = client, allocation_id, max(1.0, ttl / 3)
-        self._stop_event = threading.Event()
-        self.lost: str = ""
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            try:
-                self._client.keep_alive(self._id)
-            except AllocationNotFound as exc:
-                self.lost = exc.message
-                print(f"gpuctl: allocation lost: {exc.message}", file=sys.stderr, flush=True)
-                return
-            except GpuLeaseError as exc:  # transient: the next tick retries well within the TTL
-                print(f"gpuctl: keepalive failed (will retry): {exc.message}", file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise _Terminated(signum)
-
-
-class _Job(threading.Thread):
-    """Allocate, start, stream logs, get the exit code: all gRPC calls happen on this thread.
-
-    The main thread only waits and handles Ctrl-C / SIGTERM. A signal raised inside a blocking
-    gRPC call can corrupt gRPC's state (seen: an abort in malloc), so signals never reach one.
-    """
-
-    def __init__(self, client: Client, args: argparse.Namespace, ttl: int, env: dict[str, str]) -> None:
-        super().__init__(name="gpuctl-run", daemon=True)
-        self._client, self._args, self._ttl, self._env = client, args, ttl, env
-        self.cancelled = threading.Event()
-        self.alloc: Allocation | None = None
-        self.keeper: _KeepAlive | None = None
-        self.container_id = ""
-        self.exit_code: int | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        args, client = self._args, self._client
-        try:
-            self.alloc = alloc = client.allocate(
-                gpus=args.gpus,
-                cpus=args.cpus,
-                memory=args.memory,
-                gpu_model=args.gpu_model,
-                ttl=self._ttl,
-                owner=args.owner or f"gpuctl-run:{getpass.getuser()}",
-            )
-            gpus = ",".join(str(g.index) for g in alloc.gpus)
-            _note(f"allocated {alloc.id} on {alloc.node}: GPUs {gpus}, {alloc.cpus} CPUs, ttl {alloc.ttl_seconds}s")
-            self.keeper = _KeepAlive(client, alloc.id, alloc.ttl_seconds)
-            self.keeper.start()
-            if self.cancelled.is_set():
-                return
-            container = client.run_container(
-                alloc.id, args.image, args.command, env=self._env, volumes=args.volume, shm_size=args.shm_size
-            )
-            self.container_id = container.id
-            if self.cancelled.is_set():
-                return
-            _note(f"container {container.id[:12]} running on {alloc.node}")
-            for chunk in client.logs(alloc.id, container.id, follow=True):
-                out = sys.stdout if chunk.stream == "stdout" else sys.stderr
-                out.buffer.write(chunk.data)
-                out.flush()
-            for _ in range(100):  # the log stream ends when the container exits; confirm its exit code
-                status = client.wait_container(alloc.id, container.id, timeout=30)
-                if status.exited or self.cancelled.is_set():
-                    break
-            if status.exit_code is None and not self.cancelled.is_set():
-                raise GpuLeaseError(f"container {container.id[:12]} did not exit; state {status.state}")
-            self.exit_code = status.exit_code
-        except BaseException as exc:  # handed to the main thread
-            self.error = exc
+def _raise(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
 
 
 def run(cfg: CliConfig, args: argparse.Namespace) -> int:
     ttl = parse_duration(args.ttl) if args.ttl else 60
     env = dict(_pair(e, "--env") for e in args.env)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    with cfg.client() as client:
-        job = _Job(client, args, ttl, env)
-        job.start()
-        code: int | None = None
-        try:
-            while job.is_alive():
-                job.join(0.2)
-        except (KeyboardInterrupt, _Terminated) as exc:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the release
-            signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
-            _note(f"{signal.Signals(signum).name}: stopping the container and releasing the allocation")
-            job.cancelled.set()
-            if job.container_id and job.alloc:
-                _quietly(lambda: client.stop_container(job.alloc.id, job.container_id, grace=10))
-            job.join(60)  # let an allocate or start already in flight finish, so nothing is left behind
-            if job.container_id and job.alloc:
-                _quietly(lambda: client.stop_container(job.alloc.id, job.container_id, grace=10))
-            code = 128 + signum
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            if job.keeper:
-                job.keeper.stop()
-            if job.alloc:
-                alloc = job.alloc
-                try:
-                    released = client.release(alloc.id)
-                    _note(f"released {alloc.id}" if released else f"{alloc.id} had already ended")
-                except GpuLeaseError as exc:
-                    _note(f"could not release {alloc.id} ({exc.message}); it expires within {alloc.ttl_seconds}s")
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
-    if code is not None:
-        return code
-    if job.error is not None:
-        raise job.error
-    assert job.exit_code is not None
-    _note(f"container exited with code {job.exit_code}")
-    return job.exit_code
+    with cfg.client() as client, _Signals() as signals, _client_log_to_stderr():
+        signals.hold()
+        alloc = client.allocate(
+            gpus=args.gpus,
+            cpus=args.cpus,
+            memory=args.memory,
+            gpu_model=args.gpu_model,
+            ttl=ttl,
+            owner=args.owner or f"gpuctl-run:{getpass.getuser()}",
+        )
+        gpus = ",".join(str(g.index) for g in alloc.gpus)
+        _note(f"allocated {alloc.id} on {alloc.node}: GPUs {gpus}, {alloc.cpus} CPUs, ttl {alloc.ttl_seconds}s")
+        job: ContainerHandle | None = None
+        with alloc:  # keepalive meanwhile; SIGTERM raises Terminated here; released on every way out
+            try:
+                signals.raise_held()
+                job = alloc.run_container(
+                    args.image, args.command, env=env, volumes=args.volume, shm_size=args.shm_size
+                )
+                _note(f"container {job.id[:12]} running on {alloc.node}")
+                code = _follow(job)
+            except (KeyboardInterrupt, Terminated) as exc:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the release
+                signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+                _note(f"{signal.Signals(signum).name}: stopping the container and releasing the allocation")
+                if job is not None:
+                    _quietly(lambda: job.stop(grace=10))
+                return 128 + signum
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                _release(alloc)
+    _note(f"container exited with code {code}")
+    return code
+
+
+def _follow(job: ContainerHandle) -> int:
+    """Stream the container's output until it exits; its exit code."""
+    for chunk in job.logs(follow=True):
+        out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+        out.buffer.write(chunk.data)
+        out.flush()
+    # The log stream ends when the container exits; confirm its exit code.
+    status = job.wait(timeout=_EXIT_WAIT_S)
+    if status.exit_code is None:
+        raise GpuLeaseError(f"container {job.id[:12]} did not exit; state {status.state}")
+    return status.exit_code
+
+
+def _release(alloc: Allocation) -> None:
+    try:
+        released = alloc.release()
+        _note(f"released {alloc.id}" if released else f"{alloc.id} had already ended")
+    except GpuLeaseError as exc:
+        _note(f"could not release {alloc.id} ({exc.message}); it expires within {alloc.ttl_seconds}s")
+
+
+class _Once(logging.Filter):
+    """Each message once: a lost allocation is reported by the keepalive thread and again when the
+    ``with`` block ends; a keepalive that keeps failing the same way says so once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+@contextmanager
+def _client_log_to_stderr() -> Iterator[None]:
+    """The client library's warnings (a keepalive that failed and will retry, a lost allocation)
+    as gpuctl's own lines."""
+    logger = logging.getLogger("gpulease.client")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpuctl: %(message)s"))
+    handler.addFilter(_Once())
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def logs(cfg: CliConfig, args: argparse.Namespace) -> int:
