@@ -8,6 +8,8 @@ exactly the allocated GPUs, and real cgroup limits.
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -193,7 +195,18 @@ def test_wait_and_stop_through_the_coordinator(node: Node, busybox: str) -> None
         assert logs.returncode == 0, logs.stderr
 
 
-def test_gpuctl_run_ctrl_c_stops_and_releases(node: Node, busybox: str) -> None:
+def test_gpuctl_run_keeps_a_short_lease_alive(node: Node, busybox: str) -> None:
+    # A 5 s lease, a container that runs 9 s: without renewals the lease would expire and the
+    # agent stop the container.
+    out = gpuctl(node, "run", "--gpus", "1", "--ttl", "5s", busybox, "sh", "-c", "sleep 9; echo done")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    assert "lost" not in out.stderr and "released" in out.stderr, out.stderr
+    assert live_allocations(node) == []
+
+
+@pytest.mark.parametrize(("signum", "name"), [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
+def test_gpuctl_run_ctrl_c_or_sigterm_stops_and_releases(node: Node, busybox: str, signum: int, name: str) -> None:
     env = procs.python_child_env(drop_prefixes=("GPULEASE_",))
     p = subprocess.Popen([sys.executable, "-m", "gpulease.cli.main", "--coordinator", node.coordinator, "run",
                           "--gpus", "1", busybox, "sh", "-c", "echo started; sleep 3600"],
@@ -201,11 +214,16 @@ def test_gpuctl_run_ctrl_c_stops_and_releases(node: Node, busybox: str) -> None:
     try:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "started"
-        p.send_signal(2)  # SIGINT, as Ctrl-C
+        p.send_signal(signum)  # SIGINT, as Ctrl-C; SIGTERM, as a scheduler or systemd
         _, err = p.communicate(timeout=60)
-        assert p.returncode == 130, err
-        assert "released" in err
+        assert p.returncode == 128 + signum, err
+        assert f"{name}: stopping the container and releasing the allocation" in err, err
+        assert "released" in err and "Traceback" not in err, err
         assert live_allocations(node) == []
+        match = re.search(r"allocated (\w+) on", err)
+        assert match, err
+        with Client(node.coordinator) as c:
+            assert [x.state for x in c.list_containers(match.group(1))] == ["exited"]
     finally:
         if p.poll() is None:
             p.kill()

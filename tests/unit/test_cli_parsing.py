@@ -12,7 +12,7 @@ import pytest
 from gpulease.cli.config import CliConfig
 from gpulease.cli.devconfig import DevClusterConfig
 from gpulease.cli.main import main
-from gpulease.client import AllocatedGpu, Allocation, ClusterSummary, Gpu, Node, NodeSummary
+from gpulease.client import AllocatedGpu, AllocationInfo, ClusterSummary, Gpu, Node, NodeSummary
 from gpulease.common.units import format_size, parse_duration, parse_size
 from gpulease.errors import InvalidRequest
 
@@ -65,7 +65,7 @@ def test_format_size() -> None:
 
 # --- gpuctl with a fake client -------------------------------------------------------------
 
-ALLOC = Allocation(
+ALLOC = AllocationInfo(
     id="a1b2",
     node="node-0",
     gpus=(AllocatedGpu(0, "GPU-0", "sim"), AllocatedGpu(1, "GPU-1", "sim")),
@@ -109,7 +109,7 @@ class FakeClient:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         pass
 
-    def allocate(self, **kwargs: Any) -> Allocation:
+    def allocate(self, **kwargs: Any) -> AllocationInfo:
         self.calls.append(("allocate", kwargs))
         return ALLOC
 
@@ -117,7 +117,7 @@ class FakeClient:
         self.calls.append(("release", {"allocation_id": allocation_id}))
         return allocation_id == ALLOC.id
 
-    def list_allocations(self, node: str = "", owner: str = "") -> list[Allocation]:
+    def list_allocations(self, node: str = "", owner: str = "") -> list[AllocationInfo]:
         self.calls.append(("list_allocations", {"node": node, "owner": owner}))
         return [ALLOC]
 
