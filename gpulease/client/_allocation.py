@@ -140,7 +140,7 @@ class Session(SessionBase[FailoverChannels]):
 
     def start_keeper(self) -> None:
         with self._lock:
-            self.check_not_kept(self._keeper is not None and self._keeper.is_alive())
+            self.refuse_second_keeper(self._keeper is not None and self._keeper.is_alive())
             self._keeper = _Keeper(self.rpc, self.tracker)
             self._keeper.start()
 
@@ -175,6 +175,7 @@ class Session(SessionBase[FailoverChannels]):
         if guard is not None:
             guard.exiting = True
         try:
+            self.stop_keeper()
             with self.tracker.final_release(self.rpc.retry_deadline) as budget:
                 self.release(budget)
         finally:
@@ -209,7 +210,7 @@ class Allocation(AllocationHandle[Session]):
     def keepalive(self, ttl: int | None = None) -> Iterator[Allocation]:
         """Keep the lease alive while the block runs, without releasing at the end (for an
         allocation someone else releases). ``ttl`` overrides the TTL that renewals are paced by."""
-        self.session.renew_from(ttl)
+        self.session.prepare_keepalive(ttl)
         self.session.start_keeper()
         try:
             yield self

@@ -3,6 +3,7 @@ their methods, one per coordinator call, declared here once (see ``_calls``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from gpulease.client import _ops
@@ -49,7 +50,17 @@ class ClientBase(Generic[C]):
     list_containers = Call(_ops.list_containers)
     logs = Stream(_ops.logs)
 
+    def _send(self, op: _ops.Op[Any, Any]) -> Any:
+        """Send ``op``: its answer (as ``_answer`` makes it), or a coroutine of it."""
+        raise NotImplementedError
+
+    def _send_stream(self, make: Callable[[], _ops.StreamOp[Any, Any]]) -> Any:
+        """Send the stream ``make`` builds, once its first item is asked for: an iterator of the
+        items, or an async iterator."""
+        raise NotImplementedError
+
     def _handle(self, info: AllocationInfo) -> Any:
+        """A handle on the allocation ``info`` bound to this client."""
         raise NotImplementedError
 
     def _answer(self, op: _ops.Op[Any, Any], answer: Any) -> Any:

@@ -10,6 +10,7 @@ session's methods only; neither reaches into the other's private state.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError, fields
 from typing import Any, Generic, NoReturn, Self, TypeVar, overload
 
@@ -61,12 +62,14 @@ class SessionBase(Generic[C]):
         self.start_keeper()
         self.entered = True
 
-    def check_not_kept(self, keeping: bool) -> None:
+    def refuse_second_keeper(self, keeping: bool) -> None:
+        """``keeping``: a keepalive loop of this handle runs already."""
         if keeping:
             raise InvalidRequest(f"allocation {self.tracker.allocation_id} is already being kept alive")
 
-    def renew_from(self, ttl: int | None) -> None:
-        """Before a keepalive loop starts: the allocation is live; ``ttl`` paces its renewals."""
+    def prepare_keepalive(self, ttl: int | None) -> None:
+        """Before ``keepalive()`` starts the loop: the allocation must be live; ``ttl``, when given,
+        paces the renewals, its time counted from now."""
         self.tracker.check_live()
         if ttl:
             self.tracker.reset(ttl)
@@ -119,9 +122,13 @@ class AllocationHandle(Generic[S]):
         self._info = info
         self._session = session
 
-    # Start a container on this allocation's GPUs; see Client.run_container. Each handle says how
-    # it sends the call (``_start``).
+    # Start a container on this allocation's GPUs; see Client.run_container.
     run_container = ContainerStart(_ops.run_container)
+
+    def _start(self, make: Callable[[], _ops.Op[Any, Container]]) -> Any:
+        """How this handle sends RunContainer (``make`` builds it once the allocation is known to
+        be live): a container handle, or a coroutine of one."""
+        raise NotImplementedError
 
     @property
     def info(self) -> AllocationInfo:

@@ -114,7 +114,7 @@ class AsyncSession(SessionBase[AsyncFailoverChannels]):
         return self.rpc.run_stream(op)
 
     def start_keeper(self) -> None:
-        self.check_not_kept(self._keeper is not None and not self._keeper.done())
+        self.refuse_second_keeper(self._keeper is not None and not self._keeper.done())
         name = f"gpulease-keepalive-{self.tracker.allocation_id}"
         self._keeper = asyncio.create_task(_keep(self.rpc, self.tracker), name=name)
 
@@ -168,7 +168,7 @@ class AsyncAllocation(AllocationHandle[AsyncSession]):
     @asynccontextmanager
     async def keepalive(self, ttl: int | None = None) -> AsyncIterator[AsyncAllocation]:
         """See Allocation.keepalive."""
-        self.session.renew_from(ttl)
+        self.session.prepare_keepalive(ttl)
         self.session.start_keeper()
         try:
             yield self
