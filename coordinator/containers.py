@@ -13,6 +13,7 @@ import grpc
 
 from gpulease.coordinator.agents import AgentChannels, agent_error
 from gpulease.coordinator.allocations import AllocationService
+from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import AllocationNotFound, ContainerNotFound, InvalidRequest
 from gpulease.v1 import agent_pb2
@@ -25,10 +26,13 @@ MAX_WAIT = 300
 
 
 class ContainerForwarder:
-    def __init__(self, allocations: AllocationService, view: ClusterView, agents: AgentChannels) -> None:
+    def __init__(
+        self, allocations: AllocationService, view: ClusterView, agents: AgentChannels, endings: Endings | None = None
+    ) -> None:
         self._allocs = allocations
         self._view = view
         self._agents = agents
+        self._endings = endings
 
     def _address(self, node: str) -> str:
         v = self._view.node(node)
@@ -37,28 +41,21 @@ class ContainerForwarder:
         return v.info.address
 
     async def _node_of(self, ref: tpb.ContainerRef) -> str:
-        """The node holding the allocation's containers. Falls back to asking every node when the
-        allocation has ended, so logs and exit codes stay reachable after a release."""
+        """The node holding the allocation's containers: the live allocation's, or, once it ended,
+        the one recorded when its first container started (coordinator/endings.py), so logs and
+        exit codes stay reachable after a release. Never every node in turn."""
         if not ref.allocation_id:
             raise InvalidRequest("allocation_id is required")
+        home = self._endings.home(ref.allocation_id) if self._endings else None
+        if home is not None:
+            return home.node
         try:
             return (await self._allocs.get(ref.allocation_id)).node
         except AllocationNotFound:
             pass
-        for v in self._view.nodes():
-            if not v.up or not v.info.address:
-                continue
-            try:
-                found = await self._agents.stub(v.name, v.info.address).ListContainers(
-                    tpb.ListContainersRequest(allocation_id=ref.allocation_id), timeout=5
-                )
-            except grpc.aio.AioRpcError:
-                continue
-            if any(not ref.container_id or c.container_id == ref.container_id for c in found.containers):
-                return v.name
         raise ContainerNotFound(
-            f"no container of allocation {ref.allocation_id} was found: the allocation is not live and no "
-            "node reports its containers"
+            f"no container of allocation {ref.allocation_id} is known: the allocation is not live, and none of its "
+            "containers ran within the retention time"
         )
 
     async def run(self, allocation_id: str, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:

@@ -59,15 +59,15 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     )
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
     agents = AgentChannels(tls)
-    containers = ContainerForwarder(allocations, view, agents)
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
     tokens = Tokens(store, keys, view, audit)
     endings = Endings(store, keys, view, cfg.container_retention)
+    containers = ContainerForwarder(allocations, view, agents, endings)
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(allocations, nodes, view, containers, guard, endings), server
+        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit), server
     )
     coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(

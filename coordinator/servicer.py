@@ -48,7 +48,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder,
-        guard: Guard, endings: Endings,
+        guard: Guard, endings: Endings, audit: AuditLog,
     ) -> None:  # fmt: skip
         self._allocs = allocations
         self._nodes = nodes
@@ -56,6 +56,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._containers = containers
         self._guard = guard
         self._endings = endings
+        self._audit = audit
 
     def _alloc_pb(self, a: Allocation) -> tpb.Allocation:
         return _alloc_pb(self._view, a)
@@ -138,7 +139,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def RunContainer(self, request: pb.RunContainerRequest, context: Ctx) -> tpb.ContainerStatus:
         alloc = await self._allocs.get(request.allocation_id, caller())  # the owner's, and live
         await self._endings.note_containers(alloc)
-        return await self._containers.run(request.allocation_id, request.spec)
+        status = await self._containers.run(request.allocation_id, request.spec)
+        await self._audit.record(caller(), "container-start", alloc.id,
+                                 detail=f"container={status.container_id} image={request.spec.image}")  # fmt: skip
+        return status
 
     @rpc
     async def WaitContainer(self, request: tpb.WaitContainerRequest, context: Ctx) -> tpb.ContainerStatus:
@@ -148,7 +152,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @rpc
     async def StopContainer(self, request: tpb.StopContainerRequest, context: Ctx) -> tpb.ContainerStatus:
         await self._check_owner(request.ref.allocation_id)
-        return await self._containers.stop(request)
+        status = await self._containers.stop(request)
+        await self._audit.record(caller(), "container-stop", request.ref.allocation_id,
+                                 detail=f"container={status.container_id}")  # fmt: skip
+        return status
 
     @rpc
     async def ListContainers(self, request: tpb.ListContainersRequest, context: Ctx) -> tpb.ListContainersResponse:
