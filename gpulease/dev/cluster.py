@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
@@ -32,6 +33,7 @@ RPC_TIMEOUT_S = 5.0
 # Inherited variables no child sees: a developer's GPULEASE_COORDINATOR_* or GPULEASE_AGENT_* must
 # not reconfigure the cluster's processes behind its back.
 CHILD_ENV_DROP = ("GPULEASE_",)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -195,14 +197,8 @@ class LocalCluster:
         argv = self._coordinator_argv(address, prefix, node_ttl, heartbeat_interval, extra_args)
         name = f"coordinator-{self._started_coordinators}"
         self._started_coordinators += 1
-        process = procs.start_python_module(
-            name, self._coordinator_module, argv, self.logs_dir / f"{name}.log", env=self.child_env()
-        )
-        # Tracked before the wait, so a coordinator that never gets healthy is stopped too.
-        child = self.coordinators[address] = Child(name, address, process)
-        if wait:
-            self.wait_serving(child, timeout)
-        return child
+        return self._launch(self.coordinators, address, name, address, self._coordinator_module, argv,
+                            self.child_env(), wait, timeout)  # fmt: skip
 
     def stop_coordinator(self, address: str) -> None:
         self.coordinators.pop(address).process.stop(self.grace)
@@ -215,15 +211,17 @@ class LocalCluster:
         heartbeat_interval: int | None,
         extra_args: Sequence[str],
     ) -> list[str]:
-        argv = ["--etcd", self.etcd_url, "--listen", address]
-        for flag, value in (
-            ("--prefix", prefix if prefix is not None else self.prefix),
-            ("--node-ttl", node_ttl if node_ttl is not None else self.node_ttl),
-            ("--heartbeat-interval", heartbeat_interval if heartbeat_interval is not None else self.heartbeat_interval),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
-        return [*argv, *self.coordinator_args, *extra_args]
+        return [
+            "--etcd", self.etcd_url,
+            "--listen", address,
+            *_flags(
+                ("--prefix", _or(prefix, self.prefix)),
+                ("--node-ttl", _or(node_ttl, self.node_ttl)),
+                ("--heartbeat-interval", _or(heartbeat_interval, self.heartbeat_interval)),
+            ),
+            *self.coordinator_args,
+            *extra_args,
+        ]  # fmt: skip
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -253,18 +251,8 @@ class LocalCluster:
         argv = self._agent_argv(
             name, address, coordinator or self.coordinator_address, gpus, cpus, memory, labels, gpu_model
         )
-        child_name = f"agent-{name}"
-        process = procs.start_python_module(
-            child_name,
-            self._agent_module,
-            [*argv, *extra_args],
-            self.logs_dir / f"{child_name}.log",
-            env=env if env is not None else self.child_env(),
-        )
-        child = self.agents[name] = Child(child_name, address, process)
-        if wait:
-            self.wait_serving(child, timeout)
-        return child
+        return self._launch(self.agents, name, f"agent-{name}", address, self._agent_module, [*argv, *extra_args],
+                            env if env is not None else self.child_env(), wait, timeout)  # fmt: skip
 
     def stop_agent(self, name: str) -> None:
         self.agents.pop(name).process.stop(self.grace)
@@ -280,22 +268,37 @@ class LocalCluster:
         labels: Mapping[str, str] | None,
         gpu_model: str | None,
     ) -> list[str]:
-        argv = ["--coordinator", coordinator, "--node-id", name, "--listen", address]
-        for flag, value in (
-            ("--simulate-gpus", gpus),
-            ("--cpus", cpus),
-            ("--memory", memory),
-            ("--gpu-model", gpu_model),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
-        for key, value in (labels or {}).items():
-            argv += ["--label", f"{key}={value}"]
-        return argv
+        return [
+            "--coordinator", coordinator,
+            "--node-id", name,
+            "--listen", address,
+            *_flags(("--simulate-gpus", gpus), ("--cpus", cpus), ("--memory", memory), ("--gpu-model", gpu_model)),
+            *_flags(*(("--label", f"{key}={value}") for key, value in (labels or {}).items())),
+        ]  # fmt: skip
 
     def wait_agent(self, name: str, timeout: float | None = None) -> None:
         """Until the agent reports SERVING, which it does once registered with the coordinator."""
         self.wait_serving(self.agents[name], timeout)
+
+    def _launch(
+        self,
+        registry: dict[str, Child],
+        key: str,
+        name: str,
+        address: str,
+        module: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        wait: bool,
+        timeout: float | None,
+    ) -> Child:
+        """Start `python -m module argv` (its log logs/<name>.log) and track it in registry under key
+        before waiting, so that one which never gets healthy is stopped too."""
+        process = procs.start_python_module(name, module, argv, self.logs_dir / f"{name}.log", env=env)
+        child = registry[key] = Child(name, address, process)
+        if wait:
+            self.wait_serving(child, timeout)
+        return child
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -378,6 +381,15 @@ class LocalCluster:
                 self._ports_taken.add(port)
                 return port
         raise RuntimeError("no free TCP port found")
+
+
+def _or(value: T | None, default: T | None) -> T | None:
+    return value if value is not None else default
+
+
+def _flags(*pairs: tuple[str, object]) -> list[str]:
+    """["--flag", "value", ...] for each pair whose value is not None."""
+    return [arg for flag, value in pairs if value is not None for arg in (flag, str(value))]
 
 
 def death_message(proc: ManagedProcess) -> str:
