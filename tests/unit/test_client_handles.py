@@ -1,5 +1,6 @@
 """The client's handles hold a record and a session (composition), and the sync and asyncio sides
-have the same methods by construction: checked here without a coordinator (no call is sent)."""
+have the same methods by construction: checked against a tiny in-process fake coordinator that
+hands out one allocation record (no etcd)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import copy
 import dataclasses
 import inspect
 import pickle
+from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from gpulease.client import AllocatedGpu, Allocation, AllocationInfo, Client, ContainerHandle
-from gpulease.client._allocation import Session
-from gpulease.client._failover import FailoverChannels
 from gpulease.client.aio import AsyncAllocation, AsyncClient, AsyncContainerHandle
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import coordinator_pb2_grpc
+from gpulease.v1 import types_pb2 as tpb
+from tests.support import harness
 
 INFO = AllocationInfo(
     id="0123456789a0123456789", node="n1", gpus=(AllocatedGpu(3, "GPU-3", "H100"),), cpus=4, memory_bytes=2**30,
@@ -23,17 +28,33 @@ INFO = AllocationInfo(
 NOWHERE = "127.0.0.1:1"
 
 
-def handle(info: AllocationInfo = INFO) -> Allocation:
-    return Allocation(info, Session(FailoverChannels([NOWHERE], 1.0, 0), info, handle_sigterm=False))
+class Records(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    """GetAllocation answers INFO; asked for another id (a number), INFO with that revision."""
+
+    def GetAllocation(
+        self, request: pb.GetAllocationRequest, context: grpc.ServicerContext
+    ) -> pb.GetAllocationResponse:
+        info = (
+            INFO if request.allocation_id == INFO.id else dataclasses.replace(INFO, revision=int(request.allocation_id))
+        )
+        record = tpb.Allocation(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "gpus"})
+        record.gpus.extend(tpb.AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in info.gpus)
+        return pb.GetAllocationResponse(allocation=record)
+
+
+@pytest.fixture
+def client(serve_fake: harness.ServeFake) -> Iterator[Client]:
+    with Client(serve_fake(Records()), timeout=5, handle_sigterm=False) as c:
+        yield c
 
 
 def public(cls: type) -> set[str]:
     return {name for name in dir(cls) if not name.startswith("_")}
 
 
-def test_a_handle_has_a_record_and_reads_its_fields() -> None:
-    alloc = handle()
-    assert alloc.info is INFO
+def test_a_handle_has_a_record_and_reads_its_fields(client: Client) -> None:
+    alloc = client.get_allocation(INFO.id)
+    assert isinstance(alloc, Allocation) and alloc.info == INFO
     assert not isinstance(alloc, AllocationInfo)  # composition, not a subclass of the record
     # Every field of the record reads through the handle: a field added to AllocationInfo without
     # a matching one on the handle fails here.
@@ -43,15 +64,16 @@ def test_a_handle_has_a_record_and_reads_its_fields() -> None:
     assert not alloc.lost and alloc.lost_reason is None and not alloc.released
 
 
-def test_a_handle_is_read_only_and_copies_as_its_record() -> None:
-    alloc = handle()
+def test_a_handle_is_read_only_and_copies_as_its_record(client: Client) -> None:
+    alloc = client.get_allocation(INFO.id)
     with pytest.raises(dataclasses.FrozenInstanceError):
         alloc.id = "other"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         alloc.extra = 1  # type: ignore[attr-defined]
     # Equal records, equal handles (as when a dataclass); a record is not a handle.
-    assert alloc == handle() and hash(alloc) == hash(handle())
-    assert alloc != handle(dataclasses.replace(INFO, revision=8))
+    again = client.get_allocation(INFO.id)
+    assert again is not alloc and again == alloc and hash(again) == hash(alloc)
+    assert alloc != client.get_allocation("8")  # the same record but for its revision
     assert alloc != INFO
     assert repr(alloc) == "Allocation" + repr(INFO).removeprefix("AllocationInfo")
     # Pickled or copied: the record; threads, locks and channels do not travel.
