@@ -23,7 +23,7 @@ from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.tokens import TokenRecord, Tokens
 from gpulease.coordinator.view import ClusterView
-from gpulease.errors import AllocationNotFound, InvalidRequest, PermissionDenied
+from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -215,12 +215,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     @rpc
     async def GetNodeAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
-        try:
-            alloc = await self._allocs.get(request.allocation_id, caller())
-        except PermissionDenied:  # another node's allocation: as good as absent for this agent
-            raise AllocationNotFound(
-                f"allocation {request.allocation_id} is not live on node {caller().node}"
-            ) from None
+        alloc = await self._allocs.get(request.allocation_id, caller())  # another node's: PERMISSION_DENIED
         return pb.GetAllocationResponse(allocation=_alloc_pb(self._view, alloc))
 
 

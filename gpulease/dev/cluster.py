@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import TypeVar
 import grpc
 
 from gpulease.client import MAX_RECEIVE_BYTES, Client, ClientConfig
+from gpulease.common import pki
+from gpulease.common.identity import Kind, Role
 from gpulease.dev import procs
 from gpulease.dev.procs import ManagedProcess, StartupError
 from gpulease.errors import GpuLeaseError
@@ -38,11 +41,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Child:
-    """A coordinator or an agent: its name (its log is logs/<name>.log), gRPC address and process."""
+    """A coordinator or an agent: its name (its log is logs/<name>.log), gRPC address and process.
+    A secure cluster's coordinator also has a mutual-TLS port (agents, certificate users)."""
 
     name: str
     address: str
     process: ManagedProcess
+    mtls_address: str = ""
 
 
 class LocalCluster:
@@ -52,6 +57,11 @@ class LocalCluster:
 
     With etcd_url, the cluster uses that etcd (another LocalCluster's, say) and neither starts nor
     stops one: the tests run one etcd per session and one cluster per test, on its own prefix.
+
+    secure=True: mutual TLS on every hop and token auth, as `gpuctl dev --auth` runs it. A
+    development CA in data_dir/pki issues each coordinator's and agent's certificate; each
+    coordinator also serves a mutual-TLS port (agents report there); the first one writes the admin
+    token to data_dir/admin.token (its bootstrap file), which client_config() uses.
     prefix, node_ttl and heartbeat_interval are every coordinator's defaults (None: the
     coordinator's own); coordinator_args are added to every coordinator's command line.
     """
@@ -72,6 +82,7 @@ class LocalCluster:
         agent_module: str = "gpulease.agent.main",
         startup_timeout: float = STARTUP_TIMEOUT_S,
         grace: float = STOP_GRACE_S,
+        secure: bool = False,
     ) -> None:
         # Only a directory this cluster made is removed by stop(): a given one may hold a user's state.
         self.made_data_dir = data_dir is None
@@ -100,6 +111,9 @@ class LocalCluster:
         self._started_coordinators = 0
         self._started = False
         self._stopped = False
+        self.secure = secure
+        self.pki_dir = self.data_dir / "pki"
+        self.token_file = self.data_dir / "admin.token"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -193,12 +207,15 @@ class LocalCluster:
         if not self.etcd_url:
             raise RuntimeError("start etcd before coordinators")
         address = f"127.0.0.1:{self._port(port)}"
-        self._check_not_running(self.coordinators.get(address), address)
-        argv = self._coordinator_argv(address, prefix, node_ttl, heartbeat_interval, extra_args)
+        before = self.coordinators.get(address)
+        self._check_not_running(before, address)
+        # A coordinator restarted in place keeps its mutual-TLS port too.
+        mtls = (before.mtls_address if before else f"127.0.0.1:{self._port()}") if self.secure else ""
+        argv = self._coordinator_argv(address, prefix, node_ttl, heartbeat_interval, extra_args, mtls)
         name = f"coordinator-{self._started_coordinators}"
         self._started_coordinators += 1
         return self._launch(self.coordinators, address, name, address, self._coordinator_module, argv,
-                            self.child_env(), wait, timeout)  # fmt: skip
+                            self.child_env(), wait, timeout, mtls)  # fmt: skip
 
     def stop_coordinator(self, address: str) -> None:
         self.coordinators.pop(address).process.stop(self.grace)
@@ -210,10 +227,14 @@ class LocalCluster:
         node_ttl: int | None,
         heartbeat_interval: int | None,
         extra_args: Sequence[str],
+        mtls_address: str = "",
     ) -> list[str]:
         return [
             "--etcd", self.etcd_url,
             "--listen", address,
+            *self._tls_flags(Kind.COORDINATOR, f"c-{address.rsplit(':', 1)[1]}"),
+            *_flags(("--mtls-listen", mtls_address or None),
+                    ("--bootstrap-token-file", self.token_file if self.secure else None)),
             *_flags(
                 ("--prefix", _or(prefix, self.prefix)),
                 ("--node-ttl", _or(node_ttl, self.node_ttl)),
@@ -248,9 +269,10 @@ class LocalCluster:
         reports SERVING, which it does once registered."""
         self._check_not_running(self.agents.get(name), f"agent {name!r}")
         address = f"127.0.0.1:{self._port(port)}"
-        argv = self._agent_argv(
-            name, address, coordinator or self.coordinator_address, gpus, cpus, memory, labels, gpu_model
-        )
+        target = coordinator or self.coordinator_address
+        if self.secure:  # agents report on the coordinator's mutual-TLS port
+            target = self.coordinators[target].mtls_address if target in self.coordinators else target
+        argv = self._agent_argv(name, address, target, gpus, cpus, memory, labels, gpu_model)
         return self._launch(self.agents, name, f"agent-{name}", address, self._agent_module, [*argv, *extra_args],
                             env if env is not None else self.child_env(), wait, timeout)  # fmt: skip
 
@@ -272,6 +294,7 @@ class LocalCluster:
             "--coordinator", coordinator,
             "--node-id", name,
             "--listen", address,
+            *self._tls_flags(Kind.AGENT, name),
             *_flags(("--simulate-gpus", gpus), ("--cpus", cpus), ("--memory", memory), ("--gpu-model", gpu_model)),
             *_flags(*(("--label", f"{key}={value}") for key, value in (labels or {}).items())),
         ]  # fmt: skip
@@ -291,11 +314,12 @@ class LocalCluster:
         env: Mapping[str, str],
         wait: bool,
         timeout: float | None,
+        mtls_address: str = "",
     ) -> Child:
         """Start `python -m module argv` (its log logs/<name>.log) and track it in registry under key
         before waiting, so that one which never gets healthy is stopped too."""
         process = procs.start_python_module(name, module, argv, self.logs_dir / f"{name}.log", env=env)
-        child = registry[key] = Child(name, address, process)
+        child = registry[key] = Child(name, address, process, mtls_address)
         if wait:
             self.wait_serving(child, timeout)
         return child
@@ -335,8 +359,57 @@ class LocalCluster:
 
     def channel(self, address: str) -> grpc.Channel:
         """A channel to one of the cluster's processes. Answers can be cluster-wide and over gRPC's
-        default 4 MiB: it reads as much as the client library does."""
-        return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+        default 4 MiB: it reads as much as the client library does. In a secure cluster it verifies
+        the server with the cluster's CA and carries the admin token once there is one (health
+        checks need no credential)."""
+        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+        if not self.secure:
+            return grpc.insecure_channel(address, options=options)
+        # A certificate too: agents require one at the handshake (their health service takes any the
+        # CA signed; their RPCs only a coordinator's). Coordinators' token ports do not ask for it.
+        me = self.issue(Kind.USER, "dev-admin", role=Role.ADMIN)
+        creds = grpc.ssl_channel_credentials(self.ca_file.read_bytes(), me.key.read_bytes(), me.cert.read_bytes())
+        if self.token_file.exists():
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.admin_token()))
+        return grpc.secure_channel(address, creds, options=options)
+
+    # -- security (secure=True) ----------------------------------------------------------------
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki_dir / pki.CA_CERT
+
+    def _ensure_ca(self) -> None:
+        if not self.ca_file.exists():
+            pki.init_ca(self.pki_dir, name="gpulease dev cluster CA")
+
+    def issue(self, kind: Kind, name: str, *, role: Role | None = None, tenant: str = "") -> pki.Issued:
+        """A certificate of the cluster's CA (reused if already issued under that name)."""
+        self._ensure_ca()
+        base = f"{kind.value}-{name}"
+        if (self.pki_dir / f"{base}.pem").exists():
+            return pki.Issued(self.pki_dir / f"{base}.pem", self.pki_dir / f"{base}.key")
+        return pki.issue(self.pki_dir, kind, name, role=role, tenant=tenant)
+
+    def _tls_flags(self, kind: Kind, name: str) -> list[str]:
+        if not self.secure:
+            return []
+        issued = self.issue(kind, name)
+        return ["--tls-ca", str(self.ca_file), "--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
+
+    def admin_token(self, timeout: float = 10.0) -> str:
+        """The bootstrap admin token the first coordinator wrote (waits for it to appear)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                text = self.token_file.read_text().strip()
+                if text:
+                    return text
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise StartupError(f"no admin token in {self.token_file} after {timeout}s (logs in {self.logs_dir})")
+            time.sleep(0.05)
 
     def client_config(
         self,

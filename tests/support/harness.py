@@ -78,11 +78,12 @@ def start_etcd(tmp: Path) -> Etcd:
     return Etcd(cluster.etcd_url, cluster)
 
 
-def new_cluster(etcd: Etcd, prefix: str, tmp: Path) -> LocalCluster:
+def new_cluster(etcd: Etcd, prefix: str, tmp: Path, *, secure: bool = False) -> LocalCluster:
     """A test's own cluster: its coordinators and agents on the shared etcd, under its prefix, with
-    their logs in tmp/logs. Quick heartbeats; node leases long enough to outlive a slow test."""
+    their logs in tmp/logs. Quick heartbeats; node leases long enough to outlive a slow test.
+    secure: mutual TLS and tokens everywhere (see LocalCluster)."""
     return LocalCluster(tmp, etcd_url=etcd.url, prefix=prefix, node_ttl=60, heartbeat_interval=2,
-                        startup_timeout=STARTUP_TIMEOUT_S)  # fmt: skip
+                        startup_timeout=STARTUP_TIMEOUT_S, secure=secure)  # fmt: skip
 
 
 def start_coordinator(cluster: LocalCluster, *, node_ttl: int | None = None, heartbeat: int | None = None,
