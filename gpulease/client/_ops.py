@@ -35,13 +35,19 @@ Volume = str | tuple[str, str] | tuple[str, str, bool]
 
 
 @dataclass(frozen=True)
-class Op(Generic[M, T]):
-    """One unary call: the request, the response type to expect, and the conversion of the answer."""
+class Rpc(Generic[M, T]):
+    """What a call sends, the response type to expect, and the conversion of the answer."""
 
     rpc: str
     request: Message
     response_type: type[M]
     convert: Callable[[M], T]
+
+
+@dataclass(frozen=True)
+class Op(Rpc[M, T]):
+    """One unary call."""
+
     # The deadline of one attempt; None: the client's timeout, plus ``waits``.
     timeout: float | None = None
     # Seconds the coordinator may spend on purpose before it answers (WaitContainer's wait,
@@ -58,13 +64,9 @@ class Op(Generic[M, T]):
 
 
 @dataclass(frozen=True)
-class StreamOp(Generic[M, T]):
-    """One server-streaming call (read-only): like Op, for each item of the stream."""
+class StreamOp(Rpc[M, T]):
+    """One server-streaming call (read-only); ``convert`` applies to each item."""
 
-    rpc: str
-    request: Message
-    response_type: type[M]
-    convert: Callable[[M], T]
     # False: no deadline (a followed log stream lasts as long as the container).
     bounded: bool = True
     # Streams are read-only: resent freely until the first item arrived, never after.
