@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,15 @@ import pytest
 from gpulease.common import pki
 from gpulease.common.identity import Kind, Role
 from gpulease.coordinator import authz
+from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 from tests.support import harness
+from tests.support.secure import Caller, bearer, channel
 
 ALLOWED, UNAUTH, DENIED, HANDSHAKE = "allowed", "UNAUTHENTICATED", "PERMISSION_DENIED", "handshake refused"
 REFUSALS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-
-
-@dataclass
-class Caller:
-    name: str
-    stub: Any  # harness.AnyService
-    metadata: tuple[tuple[str, str], ...] = ()
 
 
 def expected(caller: str, rule: authz.Rule) -> str:
@@ -78,24 +72,12 @@ def secure(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[LocalClu
         cluster.stop()
 
 
-def _channel(cluster: LocalCluster, address: str, cert: pki.Issued | None = None, ca: Path | None = None) -> Any:
-    creds = grpc.ssl_channel_credentials(
-        (ca or cluster.ca_file).read_bytes(),
-        cert.key.read_bytes() if cert else None,
-        cert.cert.read_bytes() if cert else None,
-    )
-    return grpc.secure_channel(address, creds)
-
-
 def callers(cluster: LocalCluster, tmp: Path, closers: list[Callable[[], None]]) -> dict[str, Caller]:
     coordinator = next(iter(cluster.coordinators.values()))
     admin = cluster.admin_token()
-    token_channel = _channel(cluster, coordinator.address)
+    token_channel = channel(cluster, coordinator.address)
     closers.append(token_channel.close)
     stub = harness.AnyService(token_channel)
-
-    def bearer(token: str) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {token}"),)
 
     made = {}
     for name, role in (("viewer", "viewer"), ("alice", "user"), ("bob", "user")):
@@ -117,9 +99,9 @@ def callers(cluster: LocalCluster, tmp: Path, closers: list[Callable[[], None]])
         "admin": Caller("admin", stub, bearer(admin)),
     }
     for name, (cert, ca) in certs.items():
-        channel = _channel(cluster, coordinator.mtls_address, cert, ca)
-        closers.append(channel.close)
-        out[name] = Caller(name, harness.AnyService(channel))
+        mtls = channel(cluster, coordinator.mtls_address, cert, ca)
+        closers.append(mtls.close)
+        out[name] = Caller(name, harness.AnyService(mtls))
     return out
 
 
@@ -176,7 +158,7 @@ def test_every_rpc_for_every_caller(secure: LocalCluster, tmp_path: Path) -> Non
     closers: list[Callable[[], None]] = []
     try:
         who = callers(secure, tmp_path, closers)
-        node_address = f"127.0.0.1:{harness.procs.free_port()}"
+        node_address = f"127.0.0.1:{procs.free_port()}"
         agent1 = who["agent-1"].stub
         agent1.RegisterNode(requests("", node_address, 0)["RegisterNode"], timeout=10)
         alice, admin = who["owner"], who["admin"]
