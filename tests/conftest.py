@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -78,3 +80,40 @@ def serve_fake() -> Iterator[harness.ServeFake]:
 
 # One private dockerd per session, shared by every module that asks for it.
 from tests.support.dockerd import busybox, dockerd  # noqa: E402, F401
+
+# --- no token in anything the suite wrote -----------------------------------------------------
+# Every token the coordinator makes has this form (coordinator/tokens.py). After the run, every
+# file under the session's temporary directory (daemons' logs, gpuctl output saved by tests,
+# Airflow task logs and XCom stores) is scanned; only files meant to hold a token may: those
+# named *.token, and the test that writes a token file on purpose names it so.
+_TOKEN_RE = re.compile(rb"gpl_[A-Za-z0-9_-]{43}")
+_TOKEN_FILES = (".token",)
+
+
+def _token_leaks(root: Path) -> list[str]:
+    leaks = []
+    for path in root.rglob("*"):
+        try:
+            if not path.is_file() or path.is_symlink() or path.name.endswith(_TOKEN_FILES):
+                continue
+            if path.stat().st_size > 64 * 2**20:
+                continue
+            if _TOKEN_RE.search(path.read_bytes()):
+                leaks.append(str(path))
+        except OSError:
+            continue
+    return leaks
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        root = factory.getbasetemp()
+    except Exception:
+        return
+    leaks = _token_leaks(Path(root))
+    if leaks:
+        sys.stderr.write("\nA bearer token was written outside a *.token file:\n  " + "\n  ".join(leaks[:20]) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
