@@ -30,6 +30,9 @@ class CoordinatorConfig:
     etcd_cert: str = ""
     etcd_key: str = ""
     etcd_timeout: float = 5.0
+    # etcd's own auth: a user and a file holding its password (the password never on a command line).
+    etcd_user: str = ""
+    etcd_password_file: str = ""
     # Must not exceed etcd's own --max-txn-ops (default 128): it caps how many allocations
     # one batched transaction may carry.
     etcd_max_txn_ops: int = 128
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert", help="client certificate for mutual TLS to etcd")
     p.add_argument("--etcd-key", help="client key for mutual TLS to etcd")
     p.add_argument("--etcd-timeout", help="seconds per etcd call (default 5)")
+    p.add_argument("--etcd-user", help="etcd username (etcd auth); needs --etcd-password-file")
+    p.add_argument("--etcd-password-file", help="file holding the etcd user's password")
     p.add_argument("--etcd-max-txn-ops", help="etcd's --max-txn-ops; caps the size of a batched commit (128)")
     p.add_argument("--event-loop", help="auto, uvloop or asyncio (default auto: uvloop when installed)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -140,6 +145,19 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"bad listen address: {exc}") from None
     transport.check_clear_text(cfg.listen, tls=cfg.tls, insecure=cfg.insecure,
                                flag_hint="--tls-ca, --tls-cert, --tls-key")  # fmt: skip
+    if bool(cfg.etcd_user) != bool(cfg.etcd_password_file):
+        raise ConfigError("etcd auth needs --etcd-user and --etcd-password-file together")
     if cfg.rate_limit < 0 or cfg.audit_max_entries < 100 or cfg.audit_max_age < 3600:
         raise ConfigError("--rate-limit must be >= 0, --audit-max-entries >= 100, --audit-max-age >= 1h")
     return cfg
+
+
+def etcd_password(cfg: CoordinatorConfig) -> str:
+    """The etcd user's password, read from its file at start (trailing newline dropped)."""
+    if not cfg.etcd_password_file:
+        return ""
+    try:
+        with open(cfg.etcd_password_file, encoding="utf-8") as fh:
+            return fh.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read --etcd-password-file {cfg.etcd_password_file}: {exc.strerror or exc}") from exc

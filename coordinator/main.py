@@ -41,7 +41,8 @@ SERVICE_NAMES = tuple(s.full_name for s in coordinator_pb2.DESCRIPTOR.services_b
 async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     etcd_tls = EtcdTls(cfg.etcd_ca, cfg.etcd_cert or None, cfg.etcd_key or None) if cfg.etcd_ca else None
     tls = TlsFiles(TLSConfig(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)) if cfg.tls else None
-    store = Store(cfg.etcd, tls=etcd_tls, timeout=cfg.etcd_timeout)
+    store = Store(cfg.etcd, tls=etcd_tls, timeout=cfg.etcd_timeout, user=cfg.etcd_user,
+                  password=config_mod.etcd_password(cfg))  # fmt: skip
     await store.start()
     keys = Keys(cfg.prefix)
     view = ClusterView(store, keys)

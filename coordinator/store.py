@@ -33,6 +33,9 @@ from gpulease.errors import InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# etcd's auth tokens expire (simple tokens after --auth-token-ttl, 300 s by default, of disuse;
+# JWTs at their TTL): authenticate again well before.
+AUTH_REFRESH_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,17 @@ def _kv(pb: Any) -> KV:
 
 
 class Store:
-    def __init__(self, urls: Sequence[str], *, tls: TlsFiles | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self, urls: Sequence[str], *, tls: TlsFiles | None = None, timeout: float = 5.0,
+        user: str = "", password: str = "",
+    ) -> None:  # fmt: skip
         self.urls = tuple(urls)
+        # etcd's own auth (username/password): a token from Authenticate, sent on every call and
+        # on our own streams, renewed every AUTH_REFRESH_S (etcd's tokens expire).
+        self._user = user
+        self._password = password
+        self._token = ""
+        self._auth_task: asyncio.Task[None] | None = None
         # Read at construction (synchronously, once): a missing file fails at startup.
         self._tls_bytes: tuple[bytes | None, bytes | None, bytes | None] = (None, None, None)
         if tls:
@@ -193,8 +205,39 @@ class Store:
             targets, tls_server_name=tls_name if ca else None, ca_cert=ca, cert_chain=cert, cert_key=key
         )
         await self._client.connect()
+        if self._user:
+            await self._authenticate()
+            self._auth_task = asyncio.create_task(self._keep_authenticated(), name="etcd-auth")
+
+    async def _authenticate(self) -> None:
+        assert self._client is not None and self._client.auth is not None
+        try:
+            resp = await self._client.auth.authenticate(self._user, self._password, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                              grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):  # fmt: skip
+                # Never the password; etcd's words say whether the user or the password is wrong.
+                raise InvalidRequest(f"etcd refused user {self._user!r}: {exc.details()}") from None
+            raise self._unavailable(exc) from exc
+        self._token = str(resp.token)
+        self._client.set_token(self._token)
+
+    async def _keep_authenticated(self) -> None:
+        while True:
+            await asyncio.sleep(AUTH_REFRESH_S)
+            try:
+                await self._authenticate()
+            except Exception as exc:  # the current token may still be good; retried next round
+                log.warning("etcd: renewing the auth token failed: %s", exc)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("token", self._token),) if self._token else None
 
     async def close(self) -> None:
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            await asyncio.gather(self._auth_task, return_exceptions=True)
+            self._auth_task = None
         if self._keepalives is not None:
             await self._keepalives.close()
             self._keepalives = None
@@ -283,7 +326,7 @@ class Store:
                 yield WatchRequest(create_request=create)
                 await asyncio.Event().wait()  # keep the request side open for the stream's life
 
-            stream = stub.Watch(requests())
+            stream = stub.Watch(requests(), metadata=self._metadata())
             try:
                 async for resp in stream:
                     if resp.compact_revision > 0 or resp.canceled:
@@ -337,7 +380,7 @@ class Store:
         """
         if self._keepalives is None:
             assert self._client is not None
-            self._keepalives = _KeepAliveMux(LeaseStub(self._client._channel), self._unavailable)
+            self._keepalives = _KeepAliveMux(LeaseStub(self._client._channel), self._unavailable, self._metadata)
         return await self._keepalives.renew(lease_id, self._timeout)
 
     # --- writes ------------------------------------------------------------------------
@@ -405,9 +448,10 @@ class Store:
 class _KeepAliveMux:
     """One bidirectional LeaseKeepAlive stream for every renewal; answers matched by lease id."""
 
-    def __init__(self, stub: Any, unavailable: Any) -> None:
+    def __init__(self, stub: Any, unavailable: Any, metadata: Any = lambda: None) -> None:
         self._stub = stub
         self._unavailable = unavailable
+        self._metadata = metadata
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._waiters: dict[int, list[asyncio.Future[Renewal]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -434,7 +478,7 @@ class _KeepAliveMux:
             while True:
                 yield LeaseKeepAliveRequest(ID=await self._queue.get())
 
-        call = self._stub.LeaseKeepAlive(requests())
+        call = self._stub.LeaseKeepAlive(requests(), metadata=self._metadata())
         try:
             async for resp in call:
                 for fut in self._waiters.pop(resp.ID, []):
