@@ -97,7 +97,8 @@ class _Client:
         self._client = AsyncClient(address, timeout=60, retry_deadline=0)
 
     async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> AllocationInfo:
-        return await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id)
+        handle = await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id)
+        return handle.info
 
     async def release_revision(self, allocation_id: str) -> int:
         # AsyncClient.release answers only whether it released; the bench needs the release's

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from gpulease.common.settings import ConfigError
 from gpulease.coordinator.config import CoordinatorConfig, load
 from gpulease.errors import InvalidRequest
 
@@ -18,7 +20,7 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('etcd = ["http://file:1"]\nlisten = "0.0.0.0:1"\nprefix = "/file/"\ndefault_ttl = "2m"\n')
     env = {"GPULEASE_COORDINATOR_LISTEN": "0.0.0.0:2", "GPULEASE_COORDINATOR_PREFIX": "/env/"}
-    cfg = load(["--config", str(f), "--prefix", "/flag/"], env=env)
+    cfg = load(["--config", str(f), "--prefix", "/flag/", "--insecure"], env=env)
     assert cfg.etcd == ("http://file:1",)  # file only
     assert cfg.listen == "0.0.0.0:2"  # env beats file
     assert cfg.prefix == "/flag/"  # flag beats env
@@ -67,3 +69,30 @@ def test_event_loop_choice_runs_on_that_loop() -> None:
     # uvloop is a dependency of the coordinator extra, so "auto" must pick it here.
     assert eventloop.resolve(load([], env={}).event_loop) == "uvloop"
     assert eventloop.run(loop_module(), "auto").startswith("uvloop")
+
+
+def test_clear_text_off_loopback_is_refused_unless_insecure() -> None:
+    with pytest.raises(ConfigError, match=re.escape("refusing to serve clear text on 0.0.0.0:50051")):
+        load(["--listen", "0.0.0.0:50051"], env={})
+    assert load(["--listen", "0.0.0.0:50051", "--insecure"], env={}).insecure
+    assert load(["--listen", "0.0.0.0:50051"], env={"GPULEASE_COORDINATOR_INSECURE": "true"}).insecure
+    assert not load(["--listen", "127.0.0.1:50051"], env={}).insecure
+    tls = ["--tls-ca", "ca.pem", "--tls-cert", "c.pem", "--tls-key", "c.key"]
+    assert load(["--listen", "0.0.0.0:50051", *tls], env={}).tls  # TLS anywhere
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-cert", "c.pem"], "TLS needs --tls-ca, --tls-cert and --tls-key together"),
+        (["--tls-ca", "ca.pem", "--tls-cert", "c.pem"], "TLS needs"),
+        (["--mtls-listen", "127.0.0.1:1"], "--mtls-listen needs TLS"),
+        (["--etcd-user", "u"], "etcd auth needs --etcd-user and --etcd-password-file together"),
+        (["--rate-limit", "-1"], "--rate-limit must be >= 0"),
+        (["--audit-max-entries", "5"], "--audit-max-entries >= 100"),
+        (["--insecure", "--listen", "nope"], "bad listen address"),
+    ],
+)
+def test_security_settings_are_checked(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(argv, env={})
