@@ -13,22 +13,28 @@ from google.protobuf.message import Message
 
 from gpulease.client._failover import Rotation
 from gpulease.client._ops import Op, StreamOp, raw
+from gpulease.client._security import ChannelSecurity
 from gpulease.client._stubs import Stubs
-from gpulease.client.retry import CHANNEL_OPTIONS
 
 R = TypeVar("R", bound=Message)
 T = TypeVar("T")
 
 
 class AsyncFailoverChannels(Rotation):
-    def __init__(self, targets: Sequence[str], timeout: float, retry_deadline: float | None) -> None:
-        super().__init__(targets, timeout, retry_deadline)
+    def __init__(
+        self,
+        targets: Sequence[str],
+        timeout: float,
+        retry_deadline: float | None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(targets, timeout, retry_deadline, security)
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[Stubs] = []
 
     def _stub(self, index: int) -> Stubs:
         if not self._stubs:
-            self._channels = [grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS) for t in self.targets]
+            self._channels = [self.security.aio_channel(t) for t in self.targets]
             self._stubs = [Stubs(c) for c in self._channels]
         return self._stubs[index]
 
@@ -39,7 +45,8 @@ class AsyncFailoverChannels(Rotation):
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
             with tries.attempt(attempt):
-                response = await self._stub(attempt.index).method(op.rpc)(op.request, timeout=attempt.timeout)
+                method = self._stub(attempt.index).method(op.rpc)
+                response = await method(op.request, timeout=attempt.timeout, metadata=self.security.metadata)
                 return tries.answer(attempt, response)
         raise tries.error()
 
@@ -49,7 +56,9 @@ class AsyncFailoverChannels(Rotation):
         for attempt in tries:
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
-            call = self._stub(attempt.index).method(op.rpc)(op.request, timeout=attempt.timeout)
+            call = self._stub(attempt.index).method(op.rpc)(
+                op.request, timeout=attempt.timeout, metadata=self.security.metadata
+            )
             with tries.attempt(attempt, call):
                 async for item in call:
                     yield tries.answer(attempt, item)

@@ -9,10 +9,16 @@ from typing import Any, Generic, TypeVar
 from gpulease.client import _ops
 from gpulease.client._calls import Call, Stream
 from gpulease.client._failover import Rotation
+from gpulease.client._security import ChannelSecurity
 from gpulease.client.config import ClientConfig
 from gpulease.client.models import AllocationInfo
 
 C = TypeVar("C", bound=Rotation)
+
+
+def channel_security(config: ClientConfig) -> ChannelSecurity:
+    """The TLS credentials and token metadata of ``config``'s channels (reads the TLS files now)."""
+    return ChannelSecurity(config.tls, config.token)
 
 
 class ClientBase(Generic[C]):
@@ -43,6 +49,13 @@ class ClientBase(Generic[C]):
     list_nodes = Call(_ops.list_nodes)
     cluster_summary = Call(_ops.cluster_summary)
     cordon = Call(_ops.cordon)
+    delete_node = Call(_ops.delete_node)
+    # Who is asking; tokens and the audit log (admins).
+    whoami = Call(_ops.whoami)
+    create_token = Call(_ops.create_token)
+    list_tokens = Call(_ops.list_tokens)
+    revoke_token = Call(_ops.revoke_token)
+    read_audit = Call(_ops.read_audit)
     # Containers on an allocation's GPUs (the coordinator forwards to the node's agent).
     run_container = Call(_ops.run_container)
     wait_container = Call(_ops.wait_container)

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from gpulease.client.models import AllocatedGpu, AllocationInfo, ClusterSummary, Container, Gpu, Node, NodeSummary
+from gpulease.client.models import (
+    AllocatedGpu,
+    AllocationInfo,
+    AuditEntry,
+    ClusterSummary,
+    Container,
+    Gpu,
+    Node,
+    NodeSummary,
+    TokenInfo,
+    WhoAmI,
+)
 from gpulease.v1 import coordinator_pb2, types_pb2
 from gpulease.v1 import types_pb2 as tpb
 
@@ -30,6 +41,8 @@ def allocation(msg: types_pb2.Allocation) -> AllocationInfo:
         request_id=msg.request_id,
         created_unix_ms=msg.created_unix_ms,
         node_address=msg.node_address,
+        principal=msg.principal,
+        tenant=msg.tenant,
     )
 
 
@@ -107,4 +120,32 @@ def container(c: tpb.ContainerStatus) -> Container:
         started_unix_ms=c.started_unix_ms,
         finished_unix_ms=c.finished_unix_ms,
         restart_count=c.restart_count,
+    )
+
+
+def whoami(msg: coordinator_pb2.WhoAmIResponse) -> WhoAmI:
+    return WhoAmI(principal=msg.principal, role=msg.role, tenant=msg.tenant, method=msg.method)
+
+
+def token_info(msg: coordinator_pb2.TokenInfo) -> TokenInfo:
+    return TokenInfo(
+        name=msg.name,
+        role=msg.role,
+        tenant=msg.tenant,
+        created_unix_ms=msg.created_unix_ms,
+        expires_unix_ms=msg.expires_unix_ms,
+        created_by=msg.created_by,
+    )
+
+
+def audit_entry(msg: coordinator_pb2.AuditEntry) -> AuditEntry:
+    return AuditEntry(
+        time_unix_ms=msg.time_unix_ms,
+        actor=msg.actor,
+        tenant=msg.tenant,
+        action=msg.action,
+        target=msg.target,
+        outcome=msg.outcome,
+        revision=msg.revision,
+        detail=msg.detail,
     )

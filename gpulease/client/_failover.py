@@ -15,8 +15,9 @@ from google.protobuf.message import Message
 
 from gpulease.client import rpc_errors
 from gpulease.client._ops import Op, StreamOp, raw
+from gpulease.client._security import ChannelSecurity
 from gpulease.client._stubs import Stubs
-from gpulease.client.retry import CHANNEL_OPTIONS, Attempt, RetryPlan, check_settings
+from gpulease.client.retry import Attempt, RetryPlan, check_settings
 from gpulease.errors import GpuLeaseError, Internal, InvalidRequest
 
 R = TypeVar("R", bound=Message)
@@ -113,17 +114,26 @@ class Tries(Generic[T]):
         self._plan.failed(attempt, err)
 
     def error(self) -> GpuLeaseError:
-        return self._plan.error()
+        tls = self._rotation.security.tls
+        return self._plan.error(tls=tls is not None, mutual=tls is not None and tls.mutual)
 
 
 class Rotation:
     """The targets, the client's deadlines, and which target to start at (the last that answered).
     Shared by the sync and the asyncio channels."""
 
-    def __init__(self, targets: Sequence[str], timeout: float, retry_deadline: float | None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        timeout: float,
+        retry_deadline: float | None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.retry_deadline = check_settings(timeout, retry_deadline)
         self.targets = tuple(targets)
         self.timeout = timeout
+        # TLS and the token: how every channel is made, and the metadata every call carries.
+        self.security = security or ChannelSecurity()
         self._current = 0
         self._lock = threading.Lock()
 
@@ -146,9 +156,15 @@ class Rotation:
 
 
 class FailoverChannels(Rotation):
-    def __init__(self, targets: Sequence[str], timeout: float, retry_deadline: float | None) -> None:
-        super().__init__(targets, timeout, retry_deadline)
-        self._channels = [grpc.insecure_channel(t, options=CHANNEL_OPTIONS) for t in self.targets]
+    def __init__(
+        self,
+        targets: Sequence[str],
+        timeout: float,
+        retry_deadline: float | None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(targets, timeout, retry_deadline, security)
+        self._channels = [self.security.channel(t) for t in self.targets]
         self._stubs = [Stubs(c) for c in self._channels]
 
     @staticmethod
@@ -181,7 +197,10 @@ class FailoverChannels(Rotation):
             self._pause(tries, attempt.delay, cancel)
             with tries.attempt(attempt):
                 return tries.answer(
-                    attempt, self._stubs[attempt.index].method(op.rpc)(op.request, timeout=attempt.timeout)
+                    attempt,
+                    self._stubs[attempt.index].method(op.rpc)(
+                        op.request, timeout=attempt.timeout, metadata=self.security.metadata
+                    ),
                 )
         raise tries.error()
 
@@ -191,7 +210,9 @@ class FailoverChannels(Rotation):
         tries = self.tries(op, None, None)
         for attempt in tries:
             self._pause(tries, attempt.delay, None)
-            call = self._stubs[attempt.index].method(op.rpc)(op.request, timeout=attempt.timeout)
+            call = self._stubs[attempt.index].method(op.rpc)(
+                op.request, timeout=attempt.timeout, metadata=self.security.metadata
+            )
             with tries.attempt(attempt, call):
                 for item in call:
                     yield tries.answer(attempt, item)

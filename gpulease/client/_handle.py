@@ -117,6 +117,9 @@ class AllocationHandle(Generic[S]):
     created_unix_ms = _Field[int]()
     # host:port of the node's agent.
     node_address = _Field[str]()
+    # Who made it ("user:alice") and the tenant it counts against.
+    principal = _Field[str]()
+    tenant = _Field[str]()
 
     def __init__(self, info: AllocationInfo, session: S) -> None:
         self._info = info

@@ -17,7 +17,16 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 
 from gpulease.client import _convert
-from gpulease.client.models import AllocationInfo, ClusterSummary, Container, LogChunk, Node
+from gpulease.client.models import (
+    AllocationInfo,
+    AuditEntry,
+    ClusterSummary,
+    Container,
+    LogChunk,
+    Node,
+    TokenInfo,
+    WhoAmI,
+)
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
@@ -214,6 +223,68 @@ def cordon(node: str, cordoned: bool = True) -> Op[pb.CordonNodeResponse, Node]:
     """Exclude ``node`` from placement (``cordoned=False`` lets it take allocations again)."""
     request = build(lambda: pb.CordonNodeRequest(node=node, cordoned=cordoned))
     return Op("CordonNode", request, pb.CordonNodeResponse, lambda r: _convert.node(r.node))
+
+
+def delete_node(name: str) -> Op[pb.DeleteNodeResponse, int]:
+    """Remove a node's record (a decommissioned or mistyped node); the coordinator refuses one that
+    is up or that a live allocation uses. Returns the etcd revision of the removal."""
+    request = build(lambda: pb.DeleteNodeRequest(node=name))
+    return Op("DeleteNode", request, pb.DeleteNodeResponse, lambda r: r.revision)
+
+
+# --- who is asking, tokens and the audit log ------------------------------------------------------
+
+
+def whoami() -> Op[pb.WhoAmIResponse, WhoAmI]:
+    """Who the coordinator takes this client for: principal, role, tenant, and how it was identified."""
+    return Op("WhoAmI", pb.WhoAmIRequest(), pb.WhoAmIResponse, _convert.whoami)
+
+
+def _secret_and_info(response: pb.CreateTokenResponse) -> tuple[str, TokenInfo]:
+    return response.token, _convert.token_info(response.info)
+
+
+def create_token(
+    name: str, role: str, *, tenant: str = "", ttl_seconds: int = 0
+) -> Op[pb.CreateTokenResponse, tuple[str, TokenInfo]]:
+    """Make a bearer token (admins only): ``role`` is "admin", "user" or "viewer"; ``tenant`` ""
+    is the token's name; ``ttl_seconds`` 0 never expires.
+
+    Returns (secret, info). The secret is shown this once (the coordinator keeps only its hash):
+    hand it over, never log it. Not sent again after a failure that may have reached a coordinator
+    (the secret of a token made then would be lost; the retry would find the name taken).
+    """
+    if ttl_seconds < 0:
+        raise InvalidRequest(f"ttl_seconds must be 0 (never expires) or more, got {ttl_seconds}")
+    request = build(lambda: pb.CreateTokenRequest(name=name, role=str(role), tenant=tenant, ttl_seconds=ttl_seconds))
+    return Op("CreateToken", request, pb.CreateTokenResponse, _secret_and_info, resend_safe=False)
+
+
+def list_tokens() -> Op[pb.ListTokensResponse, list[TokenInfo]]:
+    """Every token's name, role, tenant, dates and creator (admins only); never a secret."""
+    return Op(
+        "ListTokens",
+        pb.ListTokensRequest(),
+        pb.ListTokensResponse,
+        lambda r: [_convert.token_info(t) for t in r.tokens],
+    )
+
+
+def revoke_token(name: str) -> Op[pb.RevokeTokenResponse, bool]:
+    """Revoke a token (admins only): every coordinator refuses it from then on (within about a
+    second). True once revoked; NotFound when no token has that name (never made, or revoked)."""
+    request = build(lambda: pb.RevokeTokenRequest(name=name))
+    return Op("RevokeToken", request, pb.RevokeTokenResponse, lambda r: r.revoked)
+
+
+def read_audit(
+    *, since_unix_ms: int = 0, actor: str = "", limit: int = 0
+) -> Op[pb.ReadAuditResponse, list[AuditEntry]]:
+    """The audit log, oldest first (admins only): entries at or after ``since_unix_ms`` (0: the
+    oldest kept), of ``actor`` only ("user:alice"; "": everyone), at most ``limit`` of the newest
+    (0: the coordinator's default, 1000)."""
+    request = build(lambda: pb.ReadAuditRequest(since_unix_ms=since_unix_ms, actor=actor, limit=limit))
+    return Op("ReadAudit", request, pb.ReadAuditResponse, lambda r: [_convert.audit_entry(e) for e in r.entries])
 
 
 # --- containers on an allocation's GPUs (the coordinator forwards to the node's agent) -------------

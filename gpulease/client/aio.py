@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
-from gpulease.client._base import ClientBase
+from gpulease.client._base import ClientBase, channel_security
 from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
@@ -52,9 +52,11 @@ class AsyncClient(ClientBase[AsyncFailoverChannels]):
         retry_deadline: float | None = None,
         config: ClientConfig | None = None,
     ) -> None:
-        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given."""
+        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given; TLS and a
+        token come with it (see gpulease.client.config)."""
         config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
-        super().__init__(config, AsyncFailoverChannels(config.targets, config.timeout, config.retry.deadline))
+        rpc = AsyncFailoverChannels(config.targets, config.timeout, config.retry.deadline, channel_security(config))
+        super().__init__(config, rpc)
 
     # How this client sends the calls that ClientBase declares: as coroutines.
 

@@ -35,6 +35,11 @@ class AllocationInfo:
     created_unix_ms: int
     # host:port of the node's agent.
     node_address: str
+    # Who made it, as the coordinator identified the caller ("user:alice"): who may use it. `owner`
+    # is a free-text description and decides nothing.
+    principal: str = ""
+    # The tenant its resources count against.
+    tenant: str = ""
 
     @property
     def gpu_indexes(self) -> tuple[int, ...]:
@@ -53,6 +58,8 @@ class AllocationInfo:
             "request_id": self.request_id,
             "created_unix_ms": self.created_unix_ms,
             "node_address": self.node_address,
+            "principal": self.principal,
+            "tenant": self.tenant,
         }
 
 
@@ -135,3 +142,50 @@ class Container:
 class LogChunk:
     stream: str  # "stdout" or "stderr"
     data: bytes
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    """Who the coordinator takes the caller for."""
+
+    # "user:alice", "agent:node-1", or "local:local" (a clear-text coordinator trusts every caller).
+    principal: str
+    # "admin", "user" or "viewer"; empty for agents and coordinators.
+    role: str
+    tenant: str
+    # How the caller was identified: "certificate", "token" or "none" (clear text).
+    method: str
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A bearer token as the coordinator lists it: never its secret (only its hash is stored)."""
+
+    name: str
+    role: str
+    tenant: str
+    created_unix_ms: int
+    # 0: never expires.
+    expires_unix_ms: int
+    # The principal that created it.
+    created_by: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the coordinator's audit log."""
+
+    time_unix_ms: int
+    # "user:alice", or "anonymous" (with the peer's address) for a refused unauthenticated call.
+    actor: str
+    tenant: str
+    # allocate, release, force-release, expire, cordon, uncordon, node-delete, container-start,
+    # container-stop, token-create, token-revoke, denied.
+    action: str
+    # What it acted on: an allocation id, a node, a token name, an RPC.
+    target: str
+    # "ok", or the refusal's reason.
+    outcome: str
+    # The etcd revision of the change (0 when it was not an etcd write).
+    revision: int
+    detail: str

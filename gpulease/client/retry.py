@@ -114,5 +114,6 @@ class RetryPlan:
     def failed(self, attempt: Attempt, err: grpc.RpcError) -> None:
         self.failures.append((attempt.target, err))
 
-    def error(self) -> GpuLeaseError:
-        return rpc_errors.unavailable(self.failures)
+    def error(self, *, tls: bool = False, mutual: bool = False) -> GpuLeaseError:
+        """``tls``/``mutual``: how the client connects, for the error's hint."""
+        return rpc_errors.unavailable(self.failures, tls=tls, mutual=mutual)

@@ -20,7 +20,16 @@ from gpulease.errors import GpuLeaseError, Unavailable, error_for
 
 UNREACHABLE_HINT = "is gpulease-coordinator running? set --coordinator or GPULEASE_COORDINATOR"
 
-__all__ = ["never_sent", "outcome_unknown", "reason_of", "should_retry", "status_code", "to_error", "unavailable"]
+__all__ = [
+    "connection_hint",
+    "never_sent",
+    "outcome_unknown",
+    "reason_of",
+    "should_retry",
+    "status_code",
+    "to_error",
+    "unavailable",
+]
 
 
 # What gRPC says when a call failed before any coordinator got it: no connection could be made, or
@@ -72,8 +81,32 @@ def outcome_unknown(err: grpc.RpcError, target: str, rpc: str) -> GpuLeaseError:
     )
 
 
-def unavailable(errors: Sequence[tuple[str, grpc.RpcError]]) -> GpuLeaseError:
-    """The error for a call where every target answered UNAVAILABLE (``errors``: target, error)."""
+def connection_hint(detail: str, *, tls: bool = False, mutual: bool = False) -> str:
+    """What to check, from gRPC's words for a connection that failed: a TLS mismatch reads like
+    an unreachable coordinator unless said. ``tls``/``mutual``: how this client connects."""
+    text = detail.lower()
+    if "handshake" in text:
+        if "wrong_version_number" in text:
+            return "the coordinator does not speak TLS there: is --ca (GPULEASE_CA) meant for another address?"
+        if "certificate_verify_failed" in text:
+            return (
+                "the coordinator's certificate is not signed by the CA in --ca (GPULEASE_CA), or does not name "
+                "the address dialled"
+            )
+        return "the TLS handshake failed: check --ca, --cert and --key (GPULEASE_CA, GPULEASE_CERT, GPULEASE_KEY)"
+    if "socket closed" in text:
+        if not tls:
+            return f"{UNREACHABLE_HINT}; if it serves TLS, give --ca or set GPULEASE_CA"
+        if not mutual:
+            return f"{UNREACHABLE_HINT}; a mutual-TLS port also needs --cert and --key"
+    return UNREACHABLE_HINT
+
+
+def unavailable(
+    errors: Sequence[tuple[str, grpc.RpcError]], *, tls: bool = False, mutual: bool = False
+) -> GpuLeaseError:
+    """The error for a call where every target answered UNAVAILABLE (``errors``: target, error;
+    ``tls``/``mutual``: how the client connects, for the hint)."""
     tried = ", ".join(target for target, _ in errors)
     last_target, last = errors[-1]
     if reason_of(last) is not None:
@@ -86,4 +119,5 @@ def unavailable(errors: Sequence[tuple[str, grpc.RpcError]]) -> GpuLeaseError:
         suffix = f" ({detail})"
     else:
         suffix = f" (last error, from {last_target}: {detail})"
-    return Unavailable(f"cannot reach the gpulease coordinator at {tried}{suffix}; {UNREACHABLE_HINT}")
+    hint = connection_hint(detail, tls=tls, mutual=mutual)
+    return Unavailable(f"cannot reach the gpulease coordinator at {tried}{suffix}; {hint}")

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import grpc
 
-from gpulease.client import MAX_RECEIVE_BYTES, Client, ClientConfig
+from gpulease.client import MAX_RECEIVE_BYTES, Client, ClientConfig, TLSConfig
 from gpulease.common import pki
 from gpulease.common.identity import Kind, Role
 from gpulease.dev import procs
@@ -418,11 +418,15 @@ class LocalCluster:
         timeout: float = RPC_TIMEOUT_S,
         retry_deadline: float | None = None,
     ) -> ClientConfig:
-        """The client library's settings for this cluster: every coordinator unless targets says otherwise."""
+        """The client library's settings for this cluster: every coordinator unless targets says
+        otherwise. A secure cluster's: TLS verified with the cluster's CA, and the admin token
+        (waits for the first coordinator to write it)."""
         return ClientConfig.of(
             list(targets) if targets is not None else self.coordinator_addresses,
             timeout=timeout,
             retry_deadline=retry_deadline,
+            tls=TLSConfig(str(self.ca_file)) if self.secure else None,
+            token=self.admin_token() if self.secure else None,
         )
 
     def client(

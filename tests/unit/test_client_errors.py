@@ -112,14 +112,14 @@ def raised_by(address: str | list[str], call: Callable[[Client], object]) -> err
         (grpc.StatusCode.NOT_FOUND, errors.AllocationNotFound),
         (grpc.StatusCode.ABORTED, errors.Conflict),
         (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
-        (grpc.StatusCode.UNAUTHENTICATED, errors.PermissionDenied),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
         (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
         (grpc.StatusCode.INTERNAL, errors.Internal),
         # gRPC's own failure of the call (gpulease.common.rpc_status): the coordinator did not answer.
         (grpc.StatusCode.UNKNOWN, errors.Unavailable),
         (grpc.StatusCode.UNIMPLEMENTED, errors.Internal),
-        (grpc.StatusCode.ALREADY_EXISTS, errors.Internal),
+        (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyExists),
         (grpc.StatusCode.DATA_LOSS, errors.Internal),
     ],
 )
