@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gpulease.client import Client
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2_grpc
 from tests.support import harness
@@ -56,6 +57,24 @@ def start_coordinator(local_cluster: LocalCluster) -> Iterator[Callable[..., har
 @pytest.fixture
 def coordinator(start_coordinator: Callable[..., harness.Coordinator]) -> harness.Coordinator:
     return start_coordinator()
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[Client]:
+    """A Client of the module's `address` fixture (a coordinator the module sets up)."""
+    with Client(address, timeout=5) as c:
+        yield c
+
+
+@pytest.fixture
+def secure_cluster(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A secure cluster (mutual TLS, tokens) with one coordinator, on the session's etcd."""
+    cluster = harness.new_cluster(etcd, prefix, tmp_path, secure=True)
+    try:
+        cluster.add_coordinator()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

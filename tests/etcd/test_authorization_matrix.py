@@ -21,12 +21,11 @@ allocation is still live: a refusal changes nothing.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from gpulease.common import pki
 from gpulease.common.identity import Kind, Role
@@ -60,16 +59,6 @@ def expected(caller: str, rule: authz.Rule) -> str:
     if caller == "stranger" and rule is authz.Rule.OWNER:
         return DENIED
     return ALLOWED  # owner: read, use, owner
-
-
-@pytest.fixture
-def secure(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = harness.new_cluster(etcd, prefix, tmp_path, secure=True)
-    try:
-        cluster.add_coordinator()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def callers(cluster: LocalCluster, tmp: Path, closers: list[Callable[[], None]]) -> dict[str, Caller]:
@@ -154,10 +143,10 @@ def outcome(caller: Caller, rpc: str, request: Any) -> tuple[str, grpc.StatusCod
         return ALLOWED, code, details
 
 
-def test_every_rpc_for_every_caller(secure: LocalCluster, tmp_path: Path) -> None:
+def test_every_rpc_for_every_caller(secure_cluster: LocalCluster, tmp_path: Path) -> None:
     closers: list[Callable[[], None]] = []
     try:
-        who = callers(secure, tmp_path, closers)
+        who = callers(secure_cluster, tmp_path, closers)
         node_address = f"127.0.0.1:{procs.free_port()}"
         agent1 = who["agent-1"].stub
         agent1.RegisterNode(requests("", node_address, 0)["RegisterNode"], timeout=10)

@@ -12,7 +12,7 @@ import dataclasses
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -39,16 +39,6 @@ def address(coordinator: harness.Coordinator) -> str:
     return coordinator.address
 
 
-@pytest.fixture
-def client(address: str) -> Iterator[Client]:
-    with Client(address, timeout=5) as c:
-        yield c
-
-
-def free_gpus(client: Client) -> int:
-    return client.cluster_summary().totals.gpus_free
-
-
 def dead_address() -> str:
     return f"127.0.0.1:{procs.free_port()}"
 
@@ -67,10 +57,10 @@ def test_context_manager_releases_on_normal_exit(client: Client) -> None:
     with client.allocate(gpus=2, ttl=30, owner="lifecycle") as alloc:
         assert isinstance(alloc, Allocation)
         assert len(alloc.gpus) == 2 and alloc.to_dict()["id"] == alloc.id
-        assert free_gpus(client) == NODE_GPUS - 2
+        assert harness.free_gpus(client) == NODE_GPUS - 2
         assert not alloc.lost and not alloc.released
     assert alloc.released
-    assert free_gpus(client) == NODE_GPUS
+    assert harness.free_gpus(client) == NODE_GPUS
     with pytest.raises(errors.AllocationNotFound):
         client.get_allocation(alloc.id)
     # Idempotent: nothing left to release.
@@ -83,17 +73,17 @@ def test_context_manager_releases_on_normal_exit(client: Client) -> None:
 
 def test_context_manager_releases_on_exception(client: Client) -> None:
     with pytest.raises(RuntimeError, match="boom"), client.allocate(gpus=3, ttl=30) as alloc:
-        assert free_gpus(client) == NODE_GPUS - 3
+        assert harness.free_gpus(client) == NODE_GPUS - 3
         raise RuntimeError("boom")
     assert alloc.released
-    assert free_gpus(client) == NODE_GPUS
+    assert harness.free_gpus(client) == NODE_GPUS
 
 
 def test_release_inside_the_block_is_idempotent(client: Client) -> None:
     with client.allocate(gpus=1, ttl=30) as alloc:
         assert alloc.release() is True
         assert alloc.release() is False
-        assert free_gpus(client) == NODE_GPUS
+        assert harness.free_gpus(client) == NODE_GPUS
     assert not alloc.lost
 
 
@@ -122,7 +112,7 @@ def test_handles_from_get_and_list_are_bound(client: Client) -> None:
     copied = pickle.loads(pickle.dumps(made))
     assert type(copied) is AllocationInfo and copied.to_dict() == made.to_dict()
     assert listed.release() is True
-    assert free_gpus(client) == NODE_GPUS
+    assert harness.free_gpus(client) == NODE_GPUS
 
 
 # --- keepalive and lease loss -----------------------------------------------------------------
@@ -138,7 +128,7 @@ def test_keepalive_keeps_a_short_lease_alive(client: Client) -> None:
         # The control: the same TTL without a keepalive has expired by now.
         with pytest.raises(errors.AllocationNotFound):
             client.get_allocation(unattended.id)
-    assert free_gpus(client) == NODE_GPUS
+    assert harness.free_gpus(client) == NODE_GPUS
 
 
 @pytest.mark.slow
@@ -158,7 +148,7 @@ def test_lost_when_released_behind_its_back(address: str, client: Client) -> Non
             with pytest.raises(errors.AllocationLost):
                 use()
     # Leaving the block neither raises nor hangs; the allocation is gone either way.
-    assert free_gpus(client) == NODE_GPUS
+    assert harness.free_gpus(client) == NODE_GPUS
 
 
 @pytest.mark.slow
@@ -191,7 +181,7 @@ def test_fails_over_from_a_dead_address(address: str) -> None:
     with Client([dead_address(), address], timeout=5) as client:
         with client.allocate(gpus=1, ttl=30) as alloc:
             assert alloc.node == "n1"
-        assert free_gpus(client) == NODE_GPUS
+        assert harness.free_gpus(client) == NODE_GPUS
 
 
 def test_only_dead_addresses_raise_unavailable_after_a_bounded_backoff() -> None:
@@ -211,7 +201,7 @@ def test_the_same_request_id_allocates_once(client: Client) -> None:
     again = client.allocate(gpus=2, ttl=30, request_id="lifecycle-req-1", owner="idem")
     assert again.id == first.id and again.request_id == "lifecycle-req-1"
     assert len(client.list_allocations(owner="idem")) == 1
-    assert free_gpus(client) == NODE_GPUS - 2
+    assert harness.free_gpus(client) == NODE_GPUS - 2
     assert first.release() is True
     assert again.release() is False  # already released through the other handle
 
@@ -307,7 +297,7 @@ def test_retries_ride_out_a_coordinator_restart(local_cluster: LocalCluster) -> 
             time.sleep(1)
             assert not kept.lost
             assert client.get_allocation(kept.id).id == kept.id
-        assert free_gpus(client) == NODE_GPUS
+        assert harness.free_gpus(client) == NODE_GPUS
 
 
 # --- containers: argument checks and error mapping (no container runtime here) ------------------

@@ -121,16 +121,6 @@ def address(coordinator: harness.Coordinator, agent_address: str) -> str:
     return coordinator.address
 
 
-@pytest.fixture
-def client(address: str) -> Iterator[Client]:
-    with Client(address, timeout=5) as c:
-        yield c
-
-
-def free_gpus(client: Client) -> int:
-    return client.cluster_summary().totals.gpus_free
-
-
 class Child:
     """A Python child running ``body`` (with Client, signal, sys, threading and time imported): it
     prints the id of the allocation it holds, then waits for SIGTERM."""
@@ -180,7 +170,7 @@ def check_released_at_once(client: Client, alloc_id: str, status: int, out: str,
     assert status == 128 + signal.SIGTERM, err[-3000:]  # Terminated; not -SIGABRT, -SIGSEGV, 1, ...
     assert "not reached" not in out
     # Free right away, not after the TTL.
-    assert free_gpus(client) == NODE_GPUS, err[-3000:]
+    assert harness.free_gpus(client) == NODE_GPUS, err[-3000:]
     with pytest.raises(errors.AllocationNotFound):
         client.get_allocation(alloc_id)
 
@@ -189,7 +179,7 @@ def check_released_at_once(client: Client, alloc_id: str, status: int, out: str,
 def test_sigterm_releases_the_allocation(client: Client, address: str, tmp_path: Path) -> None:
     with Child(tmp_path, HOLD_AND_SLEEP, address) as child:
         alloc_id = child.allocation_id()
-        assert free_gpus(client) == NODE_GPUS - 2
+        assert harness.free_gpus(client) == NODE_GPUS - 2
         sent = time.monotonic()
         check_released_at_once(client, alloc_id, *child.terminate())
         assert time.monotonic() - sent < 10
@@ -208,7 +198,7 @@ def test_raising_from_a_sigterm_handler_during_grpc_calls_is_safe(
             node.heartbeat()
             with Child(tmp_path, HOLD_AND_CALL, coordinator.address) as child:
                 alloc_id = child.allocation_id()
-                assert free_gpus(client) == NODE_GPUS - 1
+                assert harness.free_gpus(client) == NODE_GPUS - 1
                 time.sleep(delay)
                 try:
                     check_released_at_once(client, alloc_id, *child.terminate())
@@ -230,7 +220,7 @@ def test_sigterm_in_process_chains_the_previous_handler_and_restores_it(client: 
             time.sleep(5)  # interrupted by the handler
         assert info.value.code == 128 + signal.SIGTERM
         assert seen == [signal.SIGTERM]
-        assert alloc.released and free_gpus(client) == NODE_GPUS
+        assert alloc.released and harness.free_gpus(client) == NODE_GPUS
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, original)
@@ -251,4 +241,4 @@ def test_no_sigterm_handler_when_disabled_or_off_the_main_thread(address: str) -
         worker.start()
         worker.join(30)
         assert seen == [before]
-        assert free_gpus(client) == NODE_GPUS
+        assert harness.free_gpus(client) == NODE_GPUS

@@ -28,27 +28,17 @@ from tests.support.secure import Caller, channel, make_token, token_caller
 
 
 @pytest.fixture
-def secure(etcd: harness.Etcd, prefix: str, tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = harness.new_cluster(etcd, prefix, tmp_path, secure=True)
-    try:
-        cluster.add_coordinator()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def people(secure: LocalCluster) -> Iterator[dict[str, Caller]]:
+def people(secure_cluster: LocalCluster) -> Iterator[dict[str, Caller]]:
     """admin, alice and bob (users, tenant ml), vic (viewer), and node-1 registered with 8 GPUs."""
     channels = []
-    admin, ch = token_caller(secure, "admin", secure.admin_token())
+    admin, ch = token_caller(secure_cluster, "admin", secure_cluster.admin_token())
     channels.append(ch)
     out = {"admin": admin}
     for name, role in (("alice", "user"), ("bob", "user"), ("vic", "viewer")):
-        out[name], ch = token_caller(secure, name, make_token(admin, name, role, "ml"))
+        out[name], ch = token_caller(secure_cluster, name, make_token(admin, name, role, "ml"))
         channels.append(ch)
-    agent_ch = channel(secure, secure.coordinator(secure.coordinator_address).mtls_address,
-                       secure.issue(Kind.AGENT, "node-1"))  # fmt: skip
+    agent_ch = channel(secure_cluster, secure_cluster.coordinator(secure_cluster.coordinator_address).mtls_address,
+                       secure_cluster.issue(Kind.AGENT, "node-1"))  # fmt: skip
     channels.append(agent_ch)
     out["agent"] = Caller("agent", harness.AnyService(agent_ch))
     out["agent"].RegisterNode(pb.RegisterNodeRequest(node="node-1", address=f"127.0.0.1:{procs.free_port()}",
@@ -107,12 +97,12 @@ def test_only_the_owner_or_an_admin_touches_an_allocation(people: dict[str, Call
 
 
 def test_a_revoked_token_stops_working_on_every_replica_within_a_second(
-    secure: LocalCluster, people: dict[str, Caller]
+    secure_cluster: LocalCluster, people: dict[str, Caller]
 ) -> None:
-    second = secure.add_coordinator()
+    second = secure_cluster.add_coordinator()
     admin = people["admin"]
     token = make_token(admin, "temp", "viewer")
-    there, ch = token_caller(secure, "temp", token, second.address)
+    there, ch = token_caller(secure_cluster, "temp", token, second.address)
     try:
         harness.wait_until(lambda: _works(there), 5, "the new token on the other replica")
         admin.RevokeToken(pb.RevokeTokenRequest(name="temp"))
@@ -135,25 +125,25 @@ def _works(caller: Caller) -> bool:
         return False
 
 
-def test_bootstrap_writes_one_admin_token_once(secure: LocalCluster) -> None:
-    token = secure.admin_token()
-    mode = stat.S_IMODE(os.stat(secure.token_file).st_mode)
+def test_bootstrap_writes_one_admin_token_once(secure_cluster: LocalCluster) -> None:
+    token = secure_cluster.admin_token()
+    mode = stat.S_IMODE(os.stat(secure_cluster.token_file).st_mode)
     assert mode == 0o600, oct(mode)
-    secure.add_coordinator()  # a second replica on the same prefix: no second bootstrap
+    secure_cluster.add_coordinator()  # a second replica on the same prefix: no second bootstrap
     time.sleep(0.5)
-    assert secure.admin_token() == token
-    admin, ch = token_caller(secure, "admin", token)
+    assert secure_cluster.admin_token() == token
+    admin, ch = token_caller(secure_cluster, "admin", token)
     try:
         assert admin.WhoAmI(pb.WhoAmIRequest()).role == "admin"
         assert [t.name for t in admin.ListTokens(pb.ListTokensRequest()).tokens] == ["bootstrap-admin"]
     finally:
         ch.close()
-    for log in secure.logs_dir.iterdir():
+    for log in secure_cluster.logs_dir.iterdir():
         assert token not in log.read_text(errors="replace"), f"the admin token is in {log}"
 
 
-def test_an_expiry_is_audited_once_with_two_replicas(secure: LocalCluster, people: dict[str, Caller]) -> None:
-    secure.add_coordinator()
+def test_an_expiry_is_audited_once_with_two_replicas(secure_cluster: LocalCluster, people: dict[str, Caller]) -> None:
+    secure_cluster.add_coordinator()
     a = people["alice"].Allocate(pb.AllocateRequest(gpus=1, ttl_seconds=5)).allocation
     admin = people["admin"]
 

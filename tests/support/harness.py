@@ -177,3 +177,8 @@ def etcd_keys(url: str, prefix: str) -> list[str]:
 
 def node_states(stub: pb_grpc.CoordinatorServiceStub) -> dict[str, int]:
     return {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest()).nodes}
+
+
+def free_gpus(client: Any) -> int:
+    """Free GPUs in the cluster, as a Client sees them."""
+    return int(client.cluster_summary().totals.gpus_free)
