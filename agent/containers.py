@@ -363,6 +363,8 @@ class ContainerService:
             name=spec.name or default_name(alloc.id),
             cpuset=self._cpuset([(g.index, g.uuid) for g in alloc.gpus], alloc.cpus),
             network=self._network,
+            owner=alloc.principal,
+            tenant=alloc.tenant,
         )
 
     def _cpuset(self, gpus: list[tuple[int, str]], cpus: int) -> str:

@@ -21,6 +21,10 @@ LABEL_NODE = "io.gpulease.node"
 LABEL_GPUS = "io.gpulease.gpus"  # comma-separated indexes
 # Comma-separated UUIDs, in LABEL_GPUS' order: indexes can change across reboots, UUIDs do not.
 LABEL_GPU_UUIDS = "io.gpulease.gpu-uuids"
+# Who the allocation belongs to ("user:alice") and its tenant, as the coordinator recorded them:
+# an operator on the GPU server can tell whose container it is without asking the coordinator.
+LABEL_OWNER = "io.gpulease.owner"
+LABEL_TENANT = "io.gpulease.tenant"
 LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in ContainerInfo.error
 
 # Never taken from the user: the allocation decides which GPUs a container sees.
@@ -69,6 +73,8 @@ class ContainerLaunch:
     # CPUs close to the GPUs (Linux cpulist), "" when unknown: becomes the cpuset.
     cpuset: str = ""
     network: str = "bridge"
+    owner: str = ""
+    tenant: str = ""
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,9 @@ from gpulease.agent.runtime import (
     LABEL_GPUS,
     LABEL_MANAGED,
     LABEL_NODE,
+    LABEL_OWNER,
     LABEL_REVISION,
+    LABEL_TENANT,
     RESERVED_ENV,
     ContainerInfo,
     ContainerLaunch,
@@ -451,6 +453,8 @@ def labels(launch: ContainerLaunch) -> dict[str, str]:
         LABEL_NODE: launch.node,
         LABEL_GPUS: ",".join(str(i) for i in launch.gpu_indexes),
         LABEL_GPU_UUIDS: ",".join(launch.gpu_uuids),
+        LABEL_OWNER: launch.owner,
+        LABEL_TENANT: launch.tenant,
     }
 
 

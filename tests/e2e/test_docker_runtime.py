@@ -30,7 +30,9 @@ from gpulease.agent.runtime import (
     LABEL_GPUS,
     LABEL_MANAGED,
     LABEL_NODE,
+    LABEL_OWNER,
     LABEL_REVISION,
+    LABEL_TENANT,
     ContainerInfo,
     ContainerLaunch,
     Volume,
@@ -82,6 +84,8 @@ def make_launch(alloc: str, image: str, *command: str, **kw: Any) -> ContainerLa
         "image": image,
         "command": tuple(command),
         "network": "none",
+        "owner": "user:alice",
+        "tenant": "ml",
     }
     fields.update(kw)
     return ContainerLaunch(**fields)
@@ -146,6 +150,7 @@ def test_container_sees_exactly_its_gpus_by_uuid(
     assert labels[LABEL_REVISION] == "42"
     assert labels[LABEL_NODE] == "node-a"
     assert labels[LABEL_GPUS] == "1,3"
+    assert (labels[LABEL_OWNER], labels[LABEL_TENANT]) == ("user:alice", "ml")
     assert attrs["HostConfig"]["RestartPolicy"]["Name"] in ("no", "")
     assert attrs["HostConfig"]["AutoRemove"] is False
     assert info.name.startswith(f"gpulease-{alloc}-")
