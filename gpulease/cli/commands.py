@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
 from gpulease.cli import views
@@ -136,13 +137,92 @@ def uncordon(cfg: CliConfig, args: argparse.Namespace) -> int:
     return _set_cordon(cfg, args, cordoned=False)
 
 
-def dev(cfg: CliConfig, args: argparse.Namespace) -> int:
+def node_delete(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        revision = client.delete_node(args.node)
+    if args.json:
+        print_json({"node": args.node, "deleted": True, "revision": revision})
+    else:
+        print(f"deleted node {args.node} (revision {revision})")
+    return 0
+
+
+def whoami(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        me = client.whoami()
+    if args.json:
+        print_json(views.whoami_json(me))
+    else:
+        for key, value in views.whoami_json(me).items():
+            print(f"{key + ':':<11}{value or '-'}")
+    return 0
+
+
+def token_create(cfg: CliConfig, args: argparse.Namespace) -> int:
+    ttl = _flag_value("--expires", args.expires, parse_duration) or 0
+    with cfg.client() as client:
+        secret, info = client.create_token(args.name, args.role, tenant=args.tenant, ttl_seconds=ttl)
+    # The secret alone on stdout (`gpuctl token create ci --role user > ci.token`); it is not stored
+    # anywhere, so this is the only time it is shown. What it is goes to stderr.
+    print(secret, flush=True)
+    expires = f"expires {views.when(info.expires_unix_ms)}" if info.expires_unix_ms else "never expires"
+    print(
+        f"gpuctl: created token {info.name} (role {info.role}, tenant {info.tenant}, {expires}); "
+        "the secret above is shown only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def token_list(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        tokens = client.list_tokens()
+    if args.json:
+        print_json([views.token_json(t) for t in tokens])
+    elif not tokens:
+        print("no tokens")
+    else:
+        print_table(
+            ["NAME", "ROLE", "TENANT", "CREATED", "EXPIRES", "CREATED_BY"], [views.token_row(t) for t in tokens]
+        )
+    return 0
+
+
+def token_revoke(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        revoked = client.revoke_token(args.name)
+    if args.json:
+        print_json({"name": args.name, "revoked": revoked})
+    elif revoked:
+        print(f"revoked token {args.name}: it no longer authenticates anyone")
+    else:
+        print(f"no token {args.name} was live; nothing to do")
+    return 0
+
+
+def audit(cfg: CliConfig, args: argparse.Namespace) -> int:
+    since = _flag_value("--since", args.since, parse_duration)
+    since_ms = int((time.time() - since) * 1000) if since is not None else 0
+    with cfg.client() as client:
+        entries = client.read_audit(since_unix_ms=since_ms, actor=args.actor, limit=args.limit or 0)
+    if args.json:
+        print_json([views.audit_json(e) for e in entries])
+    elif not entries:
+        print("no audit entries")
+    else:
+        headers = ["TIME", "ACTOR", "TENANT", "ACTION", "TARGET", "OUTCOME", "REVISION", "DETAIL"]
+        print_table(headers, [views.audit_row(e) for e in entries])
+    return 0
+
+
+def dev(args: argparse.Namespace) -> int:
     config = DevClusterConfig(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         port=args.port,
         data_dir=args.data_dir,
         demo=args.demo,
+        auth=args.auth,
     )
     try:
         # Imported here: it needs the coordinator/agent/etcd extras, which gpuctl alone does not.

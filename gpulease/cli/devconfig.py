@@ -19,3 +19,6 @@ class DevClusterConfig:
     data_dir: str | None
     # Also run the demo workload against the cluster once it is up.
     demo: bool
+    # Mutual TLS on every hop and token auth (LocalCluster(secure=True)); writes data_dir/ca.pem and
+    # data_dir/admin.token for gpuctl and the client library.
+    auth: bool = False

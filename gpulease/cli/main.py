@@ -1,4 +1,16 @@
-"""gpuctl entry point: argument parsing and error reporting; the work is in commands.py."""
+"""gpuctl entry point: argument parsing and error reporting; the work is in commands.py.
+
+Exit codes (also in `gpuctl --help` and README.md):
+
+    0    success
+    1    the request failed (the reason is on stderr)
+    2    usage or configuration error (bad flags, unreadable --ca/--cert/--key/--token-file)
+    3    UNAUTHENTICATED: no credential, or one the coordinator does not accept (unknown,
+         revoked or expired token; a certificate it does not trust)
+    4    PERMISSION_DENIED: the credential is valid but lacks the right; the reason names the rule
+    130  interrupted (Ctrl-C); `gpuctl run` also 143 on SIGTERM, and the container's own exit
+         code once the container ran
+"""
 
 from __future__ import annotations
 
@@ -8,13 +20,49 @@ import sys
 from collections.abc import Callable
 
 from gpulease import __version__
-from gpulease.cli import commands, run
-from gpulease.cli.config import DEFAULT_TIMEOUT_S, ENV_COORDINATOR, resolve
+from gpulease.cli import certs, commands, run
+from gpulease.cli.config import (
+    DEFAULT_TIMEOUT_S,
+    ENV_CA,
+    ENV_CERT,
+    ENV_COORDINATOR,
+    ENV_KEY,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    CliConfig,
+    resolve,
+)
 from gpulease.cli.devconfig import MAX_GPUS_PER_NODE, MAX_NODES
+from gpulease.cli.output import client_log_to_stderr
 from gpulease.client import DEFAULT_TARGET
-from gpulease.errors import GpuLeaseError
+from gpulease.common.identity import ROLE_NAMES
+from gpulease.errors import GpuLeaseError, PermissionDenied, Unauthenticated
 
 PROG = "gpuctl"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAUTHENTICATED = 3
+EXIT_PERMISSION_DENIED = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    the request failed (the reason is on stderr)
+  {EXIT_USAGE}    usage or configuration error
+  {EXIT_UNAUTHENTICATED}    UNAUTHENTICATED: no credential, or one the coordinator does not accept
+  {EXIT_PERMISSION_DENIED}    PERMISSION_DENIED: valid credential without the right (the reason names the rule)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); gpuctl run: 143 on SIGTERM, else the container's exit code
+
+credentials (flags beat the environment):
+  --ca FILE            ${ENV_CA}           CA certificate that verifies the coordinator (TLS)
+  --token-file FILE    ${ENV_TOKEN_FILE}   file holding a bearer token
+                       ${ENV_TOKEN}        the token itself (prefer a file: environments leak)
+  --cert/--key FILE    ${ENV_CERT}/${ENV_KEY}   client certificate and key (mutual TLS)
+"""
+
+LocalHandler = Callable[[argparse.Namespace], int]
 
 
 def _positive_float(text: str) -> float:
@@ -50,33 +98,77 @@ def _label(text: str) -> tuple[str, str]:
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # Accepted before and after the command; the copies on subcommands use SUPPRESS so they
     # only set a value when given and do not overwrite one given before the command.
+    def unset(default: object) -> object:
+        return argparse.SUPPRESS if suppress else default
+
     parser.add_argument(
         "--coordinator",
         metavar="HOST:PORT[,HOST:PORT...]",
-        default=argparse.SUPPRESS if suppress else None,
+        default=unset(None),
         help=f"coordinator address(es), tried in order (default: ${ENV_COORDINATOR} or {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--timeout",
         type=_positive_float,
         metavar="SECONDS",
-        default=argparse.SUPPRESS if suppress else DEFAULT_TIMEOUT_S,
+        default=unset(DEFAULT_TIMEOUT_S),
         help=f"deadline of each request to a coordinator (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=unset(None),
+        help=f"CA certificate to verify the coordinator with (TLS; ${ENV_CA})",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=unset(None),
+        help=f"file holding the bearer token (${ENV_TOKEN_FILE}; the token itself: ${ENV_TOKEN})",
+    )
+    parser.add_argument(
+        "--cert", metavar="FILE", default=unset(None), help=f"client certificate for mutual TLS (${ENV_CERT})"
+    )
+    parser.add_argument("--key", metavar="FILE", default=unset(None), help=f"its private key (${ENV_KEY})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Inspect and allocate GPUs of a gpulease cluster.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect and allocate GPUs of a gpulease cluster.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: commands.Handler, summary: str, *, remote: bool = True) -> argparse.ArgumentParser:
+    def group(name: str, summary: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
         p = sub.add_parser(name, help=summary, description=summary)
-        if remote:  # talks to a coordinator and prints what it says
-            _add_global_options(p, suppress=True)
+        return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str,
+        handler: commands.Handler,
+        summary: str,
+        *,
+        within: argparse._SubParsersAction[argparse.ArgumentParser] | None = None,
+        json: bool = True,
+    ) -> argparse.ArgumentParser:
+        """A command that talks to a coordinator and prints what it says."""
+        p = (within or sub).add_parser(name, help=summary, description=summary)
+        _add_global_options(p, suppress=True)
+        if json:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, local=None)
+        return p
+
+    def local(
+        name: str, handler: LocalHandler, summary: str, within: argparse._SubParsersAction[argparse.ArgumentParser]
+    ) -> argparse.ArgumentParser:
+        """A command that works on this machine alone (no coordinator settings needed)."""
+        p = within.add_parser(name, help=summary, description=summary)
+        p.set_defaults(local=handler)
         return p
 
     command("status", commands.status, "free/total GPUs, CPUs and memory per node")
@@ -113,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("uncordon", commands.uncordon, "let a cordoned node take allocations again")
     p.add_argument("node", metavar="NODE")
 
+    node = group("node", "manage node records (admin)")
+    p = command("delete", commands.node_delete, "remove a node record no live allocation uses", within=node)
+    p.add_argument("node", metavar="NODE")
+
     p = command("run", run.run, "allocate, run a container on the GPUs, stream its logs, release")
     p.add_argument("--gpus", type=int, required=True, metavar="N")
     p.add_argument("--cpus", type=int, metavar="N", help="default: the coordinator's per-GPU default")
@@ -131,12 +227,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--container", default="", metavar="ID", help="container id (default: the allocation's)")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the container exits")
 
-    p = command("dev", commands.dev, "run a local coordinator, etcd and simulated agents", remote=False)
+    command("whoami", commands.whoami, "who the coordinator takes you for: principal, role, tenant, how identified")
+
+    token = group("token", "bearer tokens (admin): create, list, revoke")
+    p = command("create", commands.token_create, "create a token and print it, alone, on stdout (shown once)",
+                within=token, json=False)  # fmt: skip
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--role", required=True, choices=ROLE_NAMES)
+    p.add_argument("--tenant", default="", help="what quotas count it under (default: the token's name)")
+    p.add_argument("--expires", metavar="DURATION", help="lifetime, e.g. 12h or 30d (default: never expires)")
+    command("list", commands.token_list, "tokens, without their secrets", within=token)
+    p = command("revoke", commands.token_revoke, "revoke a token: it stops working at once", within=token)
+    p.add_argument("name", metavar="NAME")
+
+    p = command("audit", commands.audit, "read the audit log, oldest first (admin)")
+    p.add_argument("--since", metavar="DURATION", help="only entries of the last DURATION, e.g. 1h (default: all kept)")
+    p.add_argument("--actor", default="", metavar="NAME", help="only this actor, as the log names it: user:alice")
+    p.add_argument("--limit", type=_int_between(1, 100_000), metavar="N", help="the newest N entries (default: 1000)")
+
+    certs_cmds = group("certs", "make a development CA and certificates (files only; no coordinator)")
+    p = local("init", certs.init, "create a development CA: DIR/ca.pem and DIR/ca.key (0600)", certs_cmds)
+    p.add_argument("--dir", required=True, metavar="DIR", help="where the CA lives")
+    p.add_argument("--days", type=_int_between(1, 36500), default=3650, help="validity (default: 3650)")
+    issue = certs_cmds.add_parser("issue", help="issue a certificate signed by the CA in --dir",
+                                  description="issue a certificate signed by the CA in --dir")  # fmt: skip
+    kinds = issue.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, what in (("coordinator", "NAME"), ("agent", "NODE")):
+        p = local(kind, certs.issue, f"a {kind}'s certificate (server and client use)", kinds)
+        p.add_argument("name", metavar=what)
+        p.add_argument(
+            "--host",
+            action="append",
+            default=[],
+            metavar="HOST",
+            help="DNS name or IP address it is reached at (repeatable; loopback is always added)",
+        )
+    p = local("user", certs.issue, "a user's certificate (client use) with a role and a tenant", kinds)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--role", choices=ROLE_NAMES, default="user", help="default: user")
+    p.add_argument("--tenant", default="", help="what quotas count the user under (default: the user's name)")
+    for p in kinds.choices.values():
+        p.add_argument("--dir", required=True, metavar="DIR", help="the CA's directory; the files are written there")
+        p.add_argument("--days", type=_int_between(1, 36500), default=365, help="validity (default: 365)")
+
+    p = sub.add_parser("dev", help="run a local coordinator, etcd and simulated agents",
+                       description="run a local coordinator, etcd and simulated agents")  # fmt: skip
+    p.set_defaults(local=commands.dev)
     p.add_argument("--nodes", type=_int_between(1, MAX_NODES), default=2, metavar="N")
     p.add_argument("--gpus-per-node", type=_int_between(0, MAX_GPUS_PER_NODE), default=8, metavar="N")
     p.add_argument("--port", type=_int_between(1, 65535), default=50051, help="coordinator port")
     p.add_argument("--data-dir", metavar="DIR", help="state directory (default: chosen by the dev cluster)")
     p.add_argument("--demo", action="store_true", help="also run a short demo workload")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="mutual TLS on every hop and token auth; writes DATA_DIR/ca.pem and DATA_DIR/admin.token",
+    )
     return parser
 
 
@@ -146,25 +292,46 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         # Usage errors (2), --help and --version (0): argparse has printed the message already.
-        return e.code if isinstance(e.code, int) else 2
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.local is not None:
+        return _report(lambda: int(args.local(args)), None)
+    with client_log_to_stderr():
+        try:
+            config = resolve(args, os.environ)
+        except ValueError as e:
+            parser.print_usage(sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        handler: commands.Handler = args.handler
+        return _report(lambda: handler(config, args), config)
+
+
+def _report(command: Callable[[], int], config: CliConfig | None) -> int:
+    """Run the command; errors become one `gpuctl: error:` line and their exit code."""
     try:
-        config = resolve(args.coordinator, args.timeout, os.environ)
-    except ValueError as e:
-        parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    handler: commands.Handler = args.handler
-    try:
-        return handler(config, args)
+        return command()
+    except Unauthenticated as e:
+        _error(f"not authenticated: {e.message}", config)
+        return EXIT_UNAUTHENTICATED
+    except PermissionDenied as e:
+        _error(f"permission denied: {e.message}", config)
+        return EXIT_PERMISSION_DENIED
     except GpuLeaseError as e:
-        print(f"{PROG}: error: {e.message}", file=sys.stderr)
-        return 1
+        _error(e.message, config)
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Reader went away (gpuctl allocs | head): silence the flush at exit, too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED
+
+
+def _error(message: str, config: CliConfig | None) -> None:
+    # A secret never reaches the terminal, whatever a message might quote.
+    if config is not None:
+        message = config.redact(message)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Shared output helpers: one table printer, one JSON printer."""
+"""Shared output helpers: one table printer, one JSON printer, and the client library's warnings
+as gpuctl's own stderr lines."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 
@@ -22,3 +25,36 @@ def print_json(data: Any, out: TextIO | None = None) -> None:
 
 def ratio(free: int, total: int) -> str:
     return f"{free}/{total}"
+
+
+class _Once(logging.Filter):
+    """Each message once: a lost allocation is reported by the keepalive thread and again when the
+    ``with`` block ends; a keepalive that keeps failing the same way says so once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+@contextmanager
+def client_log_to_stderr() -> Iterator[None]:
+    """The client library's warnings (a token file others may read, a keepalive that failed and
+    will retry, a lost allocation) as gpuctl's own lines: `gpuctl: <message>`, each once."""
+    logger = logging.getLogger("gpulease.client")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpuctl: %(message)s"))
+    handler.addFilter(_Once())
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import FrameType, TracebackType
 
 from gpulease.cli.config import CliConfig
@@ -72,7 +69,7 @@ def _raise(signum: int) -> None:
 def run(cfg: CliConfig, args: argparse.Namespace) -> int:
     ttl = parse_duration(args.ttl) if args.ttl else 60
     env = dict(_pair(e, "--env") for e in args.env)
-    with cfg.client() as client, _Signals() as signals, _client_log_to_stderr():
+    with cfg.client() as client, _Signals() as signals:
         signals.hold()
         alloc = client.allocate(
             gpus=args.gpus,
@@ -126,39 +123,6 @@ def _release(alloc: Allocation) -> None:
         _note(f"released {alloc.id}" if released else f"{alloc.id} had already ended")
     except GpuLeaseError as exc:
         _note(f"could not release {alloc.id} ({exc.message}); it expires within {alloc.ttl_seconds}s")
-
-
-class _Once(logging.Filter):
-    """Each message once: a lost allocation is reported by the keepalive thread and again when the
-    ``with`` block ends; a keepalive that keeps failing the same way says so once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self._seen:
-            return False
-        self._seen.add(message)
-        return True
-
-
-@contextmanager
-def _client_log_to_stderr() -> Iterator[None]:
-    """The client library's warnings (a keepalive that failed and will retry, a lost allocation)
-    as gpuctl's own lines."""
-    logger = logging.getLogger("gpulease.client")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("gpuctl: %(message)s"))
-    handler.addFilter(_Once())
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
 
 
 def logs(cfg: CliConfig, args: argparse.Namespace) -> int:

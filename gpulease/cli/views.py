@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from gpulease.cli.output import ratio
-from gpulease.client import Allocation, AllocationInfo, Gpu, Node, NodeSummary
+from gpulease.client import Allocation, AllocationInfo, AuditEntry, Gpu, Node, NodeSummary, TokenInfo, WhoAmI
 from gpulease.common.units import format_size
 
 # A handle (Client.allocate's) or a plain record: both read the same fields.
@@ -132,3 +133,56 @@ def allocation_line(a: AnyAllocation) -> str:
         f"allocated {a.id} on {a.node}: {gpus} ({a.cpus} CPUs, {format_size(a.memory_bytes)}) "
         f"ttl {a.ttl_seconds}s revision {a.revision}"
     )
+
+
+def when(unix_ms: int) -> str:
+    """'2025-01-31T12:00:00Z' (UTC, to the second)."""
+    moment = datetime.datetime.fromtimestamp(unix_ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def whoami_json(me: WhoAmI) -> dict[str, str]:
+    return {"principal": me.principal, "role": me.role, "tenant": me.tenant, "method": me.method}
+
+
+def token_json(t: TokenInfo) -> dict[str, Any]:
+    # Never a secret: the coordinator keeps only its digest, and TokenInfo has no field for it.
+    return {
+        "name": t.name,
+        "role": t.role,
+        "tenant": t.tenant,
+        "created_unix_ms": t.created_unix_ms,
+        "expires_unix_ms": t.expires_unix_ms,
+        "created_by": t.created_by,
+    }
+
+
+def token_row(t: TokenInfo) -> list[str]:
+    expires = when(t.expires_unix_ms) if t.expires_unix_ms else "never"
+    return [t.name, t.role, t.tenant or "-", when(t.created_unix_ms), expires, t.created_by or "-"]
+
+
+def audit_json(e: AuditEntry) -> dict[str, Any]:
+    return {
+        "time_unix_ms": e.time_unix_ms,
+        "actor": e.actor,
+        "tenant": e.tenant,
+        "action": e.action,
+        "target": e.target,
+        "outcome": e.outcome,
+        "revision": e.revision,
+        "detail": e.detail,
+    }
+
+
+def audit_row(e: AuditEntry) -> list[str]:
+    return [
+        when(e.time_unix_ms),
+        e.actor or "-",
+        e.tenant or "-",
+        e.action,
+        e.target or "-",
+        e.outcome or "-",
+        str(e.revision) if e.revision else "-",
+        e.detail or "-",
+    ]

@@ -1,13 +1,24 @@
 """`gpuctl dev`: a LocalCluster with simulated GPUs, started, announced, optionally shown off by a
-demo that goes through the client library and gpuctl's own output, and kept up until Ctrl-C."""
+demo that goes through the client library and gpuctl's own output, and kept up until Ctrl-C.
+
+With --auth the cluster is a secure one (LocalCluster(secure=True)): mutual TLS on every hop and
+token auth. What a user needs to reach it is put at the top of the data dir, ca.pem (the cluster's
+CA certificate) and admin.token (the bootstrap admin token, mode 0600), and the banner prints the
+exports that point gpuctl and the client library at them; the token itself is never printed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -24,6 +35,17 @@ SIMULATED_LABEL = "gpulease.dev/simulated"
 DEMO_NODE_CPUS = 32
 DEMO_NODE_MEMORY = "256GiB"
 _POLL_S = 0.2
+# What `gpuctl dev --auth` leaves at the top of its data dir for clients.
+CA_FILE = "ca.pem"
+TOKEN_FILE = "admin.token"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where a secure dev cluster's CA certificate and admin token are, for clients."""
+
+    ca: Path
+    token_file: Path
 
 
 class _Stop(Exception):
@@ -64,12 +86,14 @@ def run_dev_cluster(cfg: DevClusterConfig) -> int:
         )
         return 1
     names = [f"node-{i}" for i in range(cfg.nodes)]
-    cluster = LocalCluster(cfg.data_dir, coordinator_port=cfg.port)
+    cluster = LocalCluster(cfg.data_dir, coordinator_port=cfg.port, secure=cfg.auth)
     keep_data = False
     with _stop_on_signals() as stopper:
         try:
-            _say(f"starting etcd, a coordinator and {cfg.nodes} agent(s) in {cluster.data_dir} ...")
+            security = " (mutual TLS and token auth)" if cfg.auth else ""
+            _say(f"starting etcd, a coordinator and {cfg.nodes} agent(s){security} in {cluster.data_dir} ...")
             cluster.start()
+            credentials = publish_credentials(cluster) if cfg.auth else None
             for name in names:
                 cluster.add_agent(
                     name,
@@ -82,7 +106,7 @@ def run_dev_cluster(cfg: DevClusterConfig) -> int:
             for name in names:
                 cluster.wait_agent(name)
             cluster.wait_nodes_up(names)
-            _print_banner(cluster, cfg, names)
+            _print_banner(cluster, cfg, names, credentials)
             if cfg.demo:
                 _run_demo(cluster)
             _say("Press Ctrl-C to stop the cluster.")
@@ -116,25 +140,47 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _print_banner(cluster: LocalCluster, cfg: DevClusterConfig, names: Sequence[str]) -> None:
+def publish_credentials(cluster: LocalCluster) -> Credentials:
+    """data_dir/ca.pem (a copy of the cluster's CA certificate) and data_dir/admin.token (mode 0600),
+    once the first coordinator has written the bootstrap token."""
+    top = cluster.data_dir.resolve()
+    ca, token_file = top / CA_FILE, top / TOKEN_FILE
+    if cluster.ca_file.resolve() != ca:
+        shutil.copyfile(cluster.ca_file, ca)
+    token = cluster.admin_token()  # waits until it is written
+    if cluster.token_file.resolve() != token_file:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    os.chmod(token_file, 0o600)
+    return Credentials(ca, token_file)
+
+
+def _print_banner(
+    cluster: LocalCluster, cfg: DevClusterConfig, names: Sequence[str], credentials: Credentials | None
+) -> None:
     removal = "removed on exit" if cluster.made_data_dir else "kept on exit"
-    _say(
-        "\n".join(
-            [
-                "",
-                f"gpulease dev cluster is up: {cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s).",
-                "  *** GPUs are SIMULATED: no real GPU is used or reserved. ***",
-                f"  coordinator: {cluster.coordinator_address}",
-                f"  etcd:        {cluster.etcd_url}",
-                f"  nodes:       {', '.join(names)} (label {SIMULATED_LABEL}=true)",
-                f"  data dir:    {cluster.data_dir} ({removal}); logs in {cluster.logs_dir}",
-                "",
-                "Point gpuctl and the client library at it with:",
-                f"  export GPULEASE_COORDINATOR={cluster.coordinator_address}",
-                "",
-            ]
-        )
-    )
+    lines = [
+        "",
+        f"gpulease dev cluster is up: {cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s).",
+        "  *** GPUs are SIMULATED: no real GPU is used or reserved. ***",
+        f"  coordinator: {cluster.coordinator_address}",
+        f"  etcd:        {cluster.etcd_url}",
+        f"  nodes:       {', '.join(names)} (label {SIMULATED_LABEL}=true)",
+        f"  data dir:    {cluster.data_dir} ({removal}); logs in {cluster.logs_dir}",
+    ]
+    exports = [f"  export GPULEASE_COORDINATOR={cluster.coordinator_address}"]
+    if credentials is not None:
+        lines += [
+            "  security:    mutual TLS on every hop, token auth",
+            f"  CA:          {credentials.ca}",
+            f"  admin token: {credentials.token_file} (mode 0600; keep it secret)",
+        ]
+        exports += [
+            f"  export GPULEASE_CA={shlex.quote(str(credentials.ca))}",
+            f"  export GPULEASE_TOKEN_FILE={shlex.quote(str(credentials.token_file))}",
+        ]
+    _say("\n".join([*lines, "", "Point gpuctl and the client library at it with:", *exports, ""]))
 
 
 def _run_demo(cluster: LocalCluster) -> None:

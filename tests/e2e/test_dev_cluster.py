@@ -9,11 +9,12 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +132,24 @@ def gpuctl_dev(tmp_path: Path, *extra: str) -> Iterator[tuple[DevProcess, int, P
         dev.cleanup()
 
 
-def gpuctl(address: str, *args: str) -> Any:
-    """gpuctl ARGS --json against address; must succeed; returns the parsed JSON."""
+def run_gpuctl(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """gpuctl ARGS with only `env` of GPULEASE_* set; no traceback."""
     done = subprocess.run(
-        [sys.executable, "-m", "gpulease.cli.main", "--coordinator", address, *args, "--json"],
+        [sys.executable, "-m", "gpulease.cli.main", *args],
         capture_output=True,
         text=True,
-        env=procs.python_child_env(drop_prefixes=("GPULEASE_",)),
+        env=procs.python_child_env(env, drop_prefixes=("GPULEASE_",)),
         stdin=subprocess.DEVNULL,
         timeout=CLI_TIMEOUT_S,
     )
-    assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, (args, done.returncode, done.stdout, done.stderr)
+    return done
+
+
+def gpuctl(address: str, *args: str) -> Any:
+    """gpuctl ARGS --json against address; must succeed; returns the parsed JSON."""
+    done = run_gpuctl("--coordinator", address, *args, "--json")
+    assert done.returncode == 0, (args, done.returncode, done.stdout, done.stderr)
     return json.loads(done.stdout)
 
 
@@ -216,6 +224,61 @@ def test_dev_cluster_serves_gpuctl_and_stops_every_child(tmp_path: Path, sig: si
         assert "Traceback" not in dev.stderr() + dev.output, dev.describe()
         # A data dir given on the command line is the user's: kept, with the processes' logs.
         assert (data_dir / "logs").is_dir()
+
+
+def exports(dev: DevProcess) -> dict[str, str]:
+    """The `export NAME=VALUE` lines of the banner."""
+    found = [re.fullmatch(r"\s*export (GPULEASE_\w+)=(\S+)", line) for line in dev.lines]
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def test_dev_cluster_auth_serves_gpuctl_with_the_printed_exports(tmp_path: Path) -> None:
+    """`gpuctl dev --auth`: mutual TLS and tokens; D/ca.pem and D/admin.token (0600) and the exports
+    that use them; the token printed nowhere; every child stopped on Ctrl-C."""
+    with gpuctl_dev(tmp_path, "--auth") as (dev, port, data_dir):
+        address, etcd_url = wait_ready(dev, port)
+        env = exports(dev)
+        ca, token_file = data_dir.resolve() / "ca.pem", data_dir.resolve() / "admin.token"
+        assert env == {"GPULEASE_COORDINATOR": address, "GPULEASE_CA": str(ca),
+                       "GPULEASE_TOKEN_FILE": str(token_file)}, dev.output  # fmt: skip
+        assert ca.read_bytes() == (data_dir / "pki" / "ca.pem").read_bytes()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert token
+
+        status = run_gpuctl("status", "--json", env=env)
+        assert status.returncode == 0, status
+        assert sorted((n["name"], n["state"]) for n in json.loads(status.stdout)["nodes"]) == [
+            ("node-0", "up"),
+            ("node-1", "up"),
+        ]
+        me = run_gpuctl("whoami", "--json", env=env)
+        assert me.returncode == 0, me
+        assert json.loads(me.stdout) | {"principal": ""} == {"principal": "", "role": "admin", "tenant": "admin",
+                                                             "method": "token"}  # fmt: skip
+        # Without the token: UNAUTHENTICATED (exit 3). Without the CA, gpuctl refuses to send it (exit 2).
+        no_token = run_gpuctl("status", env={k: v for k, v in env.items() if k != "GPULEASE_TOKEN_FILE"})
+        assert no_token.returncode == 3 and "not authenticated" in no_token.stderr, no_token
+        no_ca = run_gpuctl("status", env={k: v for k, v in env.items() if k != "GPULEASE_CA"})
+        assert no_ca.returncode == 2, no_ca
+        children = expect_children(dev, etcd_url)
+        assert sum("--mtls-listen" in " ".join(p.cmdline()) for p in children if p.is_running()) == 1
+
+        dev.popen.send_signal(signal.SIGINT)
+        try:
+            rc = dev.popen.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"gpuctl dev --auth still running {EXIT_TIMEOUT_S:.0f}s after SIGINT; {dev.describe()}")
+        assert rc == 0, dev.describe()
+        assert still_running(children) == [], dev.describe()
+        dev.wait_for_line(r"^dev cluster stopped\.$", timeout=5)
+        assert "Traceback" not in dev.stderr() + dev.output, dev.describe()
+
+        # The token is in admin.token alone: not in gpuctl dev's output, its children's logs or gpuctl's stderr.
+        for text in (dev.output, dev.stderr(), status.stderr, me.stderr, no_token.stderr, no_ca.stderr):
+            assert token not in text
+        for log in (data_dir / "logs").glob("*.log"):
+            assert token not in log.read_text(errors="replace"), log
 
 
 def test_dev_cluster_demo_allocates_and_releases(tmp_path: Path) -> None:
