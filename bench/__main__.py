@@ -2,7 +2,8 @@
 
 Measures, in one run on this machine with etcd on loopback (tmpfs when available):
 raw etcd transactions/s through our client stack; allocations/s and latency through the real
-coordinator and client library at each concurrency; their ratio; and scale at 10,000 nodes.
+coordinator and client library at each concurrency; their ratio; what TLS and tokens cost
+(allocations/s against clear text at concurrency 64); and scale at 10,000 nodes.
 Every run checks its own grants for double allocations; a non-zero count fails the run.
 """
 
@@ -21,6 +22,7 @@ from bench.cluster import GPUS_PER_NODE, register_nodes, start_cluster, wait_nod
 from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
+from bench.security import run_security
 from gpulease.common import eventloop
 from gpulease.dev.cluster import LocalCluster
 
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="seconds per measurement (5)")
     p.add_argument("--scale-nodes", type=int, default=None, help="nodes for the scale run (10000)")
     p.add_argument("--no-scale", action="store_true", help="skip the scale run")
+    p.add_argument("--no-security", action="store_true", help="skip the TLS + tokens against clear text run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = p.parse_args(argv)
     quick = args.quick
@@ -84,12 +87,17 @@ async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[st
             "errors": load.errors,
         })  # fmt: skip
     cluster.stop_coordinator(address)
+    security = None
+    if not args.no_security:
+        c = 16 if args.quick else 64
+        log(f"security: allocations with TLS and tokens against clear text, concurrency {c} ...")
+        security = asdict(await run_security(cluster.etcd_url, args.nodes, c, args.duration))
     scale = None
     if not args.no_scale:
         log(f"scale: {args.scale_nodes} nodes ...")
         scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
                                        args.duration, heartbeat_interval=10))  # fmt: skip
-    return {"runs": runs, "scale": scale}
+    return {"runs": runs, "security": security, "scale": scale}
 
 
 def machine(cluster: LocalCluster) -> dict[str, object]:
@@ -114,6 +122,10 @@ def print_tables(result: dict[str, object]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    if result.get("security"):
+        print("\nsecurity (TLS + tokens against clear text):")
+        for k, v in result["security"].items():  # type: ignore[attr-defined]
+            print(f"  {k:32} {v}")
     if result.get("scale"):
         print("\nscale:")
         for k, v in result["scale"].items():  # type: ignore[attr-defined]
@@ -142,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     doubles = sum(r["double_allocations"] for r in result["runs"])
     if result.get("scale"):
         doubles += result["scale"]["double_allocations"]
+    if result.get("security"):
+        doubles += result["security"]["double_allocations"]
     if doubles:
         print(f"FAILED: {doubles} double allocations", file=sys.stderr)
         return 1
     # Every allocation in these runs has room: a failed call means a broken run, not a slow one.
     errors = {f"concurrency {r['concurrency']}": r["errors"] for r in result["runs"] if r["errors"]}
+    if result.get("security") and result["security"]["errors"]:
+        errors["security"] = result["security"]["errors"]
     if errors:
         print(f"FAILED: calls failed: {errors}", file=sys.stderr)
         return 1

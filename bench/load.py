@@ -6,9 +6,10 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bench.stats import Latencies
+from gpulease.client import ClientConfig, RetryConfig
 from gpulease.client.aio import AsyncClient
 from gpulease.client.models import AllocationInfo
 from gpulease.history import Grant, double_allocations
@@ -28,13 +29,15 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-async def run_load(address: str, concurrency: int, duration: float, max_allocations: int) -> LoadResult:
+async def run_load(
+    address: str, concurrency: int, duration: float, max_allocations: int, *, config: ClientConfig | None = None
+) -> LoadResult:
     """Allocations/s for `duration`, or until `max_allocations` are held: an allocate-only run must
     stop before the cluster is full, or it would time capacity errors instead of allocations."""
     errors: dict[str, int] = defaultdict(int)
     grants: list[Grant] = []
     lat = Latencies()
-    client = _Client(address)
+    client = _Client(address, config)
     try:
         stats0 = await client.stats()
 
@@ -92,9 +95,10 @@ async def run_load(address: str, concurrency: int, duration: float, max_allocati
 class _Client:
     """The calls the bench makes, through the real client library (gpulease.client.aio)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, config: ClientConfig | None = None) -> None:
         # No retry deadline: a failed call is counted, never retried behind the bench's back.
-        self._client = AsyncClient(address, timeout=60, retry_deadline=0)
+        base = config or ClientConfig.of(address)
+        self._client = AsyncClient(config=replace(base, targets=(address,), timeout=60, retry=RetryConfig(0)))
 
     async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> AllocationInfo:
         handle = await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id)

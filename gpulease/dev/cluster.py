@@ -37,6 +37,8 @@ RPC_TIMEOUT_S = 5.0
 # not reconfigure the cluster's processes behind its back.
 CHILD_ENV_DROP = ("GPULEASE_",)
 T = TypeVar("T")
+# Answers can be cluster-wide and over gRPC's default 4 MiB: read as much as the client library does.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
 
 
 @dataclass(frozen=True)
@@ -362,16 +364,25 @@ class LocalCluster:
         default 4 MiB: it reads as much as the client library does. In a secure cluster it verifies
         the server with the cluster's CA and carries the admin token once there is one (health
         checks need no credential)."""
-        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         if not self.secure:
-            return grpc.insecure_channel(address, options=options)
-        # A certificate too: agents require one at the handshake (their health service takes any the
-        # CA signed; their RPCs only a coordinator's). Coordinators' token ports do not ask for it.
-        me = self.issue(Kind.USER, "dev-admin", role=Role.ADMIN)
+            return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.secure_channel(address, self._credentials(), options=_CHANNEL_OPTIONS)
+
+    def aio_channel(self, address: str, cert: pki.Issued | None = None) -> grpc.aio.Channel:
+        """channel() for asyncio; in a secure cluster presenting ``cert`` if given (an agent's, to
+        speak for its node on a coordinator's mutual-TLS port)."""
+        if not self.secure:
+            return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, self._credentials(cert), options=_CHANNEL_OPTIONS)
+
+    def _credentials(self, cert: pki.Issued | None = None) -> grpc.ChannelCredentials:
+        # A certificate always: agents require one at the handshake (their health service takes any
+        # the CA signed; their RPCs only a coordinator's). Coordinators' token ports do not ask for it.
+        me = cert or self.issue(Kind.USER, "dev-admin", role=Role.ADMIN)
         creds = grpc.ssl_channel_credentials(self.ca_file.read_bytes(), me.key.read_bytes(), me.cert.read_bytes())
-        if self.token_file.exists():
+        if cert is None and self.token_file.exists():
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.admin_token()))
-        return grpc.secure_channel(address, creds, options=options)
+        return creds
 
     # -- security (secure=True) ----------------------------------------------------------------
 
