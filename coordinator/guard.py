@@ -144,10 +144,14 @@ class Guard:
 
 
 def _peer(context: Any) -> str:
+    """The caller's address without its port ('ipv4:10.0.0.5'): refusals are audited per actor at
+    a bounded rate, and a flood from one host must not count as a new actor per connection."""
     try:
-        return str(context.peer())
+        peer = str(context.peer())
     except Exception:
         return "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
