@@ -7,22 +7,19 @@ needed. Every run asserts the exit code, the exact JSON shape and that no traceb
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
+from tests.support import gpuctl as cli
 from tests.support import harness
+from tests.support.gpuctl import Run
 
 GiB = harness.GiB
-CLI_TIMEOUT_S = 30
 ALLOC_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 SUMMARY_COUNTERS = {"gpus_total", "gpus_free", "cpus_total", "cpus_free", "memory_total_bytes", "memory_free_bytes"}
@@ -37,39 +34,9 @@ ALLOC_GPU_KEYS = {"index", "uuid"}
 NODES = {"gpu-a": (4, 16, 64 * GiB), "gpu-b": (2, 8, 32 * GiB)}
 
 
-@dataclass
-class Run:
-    argv: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.stdout)
-        except ValueError as e:
-            raise AssertionError(f"{self} did not print JSON: {e}") from None
-
-    def __str__(self) -> str:
-        return f"gpuctl {' '.join(self.argv)} (exit {self.rc})\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-
-
 def gpuctl(*args: str, coordinator: str | None = None, env: Mapping[str, str] | None = None) -> Run:
     """Run gpuctl as a subprocess. coordinator=None leaves the address to the environment."""
-    argv = ([] if coordinator is None else ["--coordinator", coordinator]) + list(args)
-    # No inherited GPULEASE_* (a developer's GPULEASE_COORDINATOR would change what is tested).
-    child_env = procs.python_child_env(env, drop_prefixes=("GPULEASE_",))
-    done = subprocess.run(
-        [sys.executable, "-m", "gpulease.cli.main", *argv],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT_S,
-    )
-    run = Run(argv, done.returncode, done.stdout, done.stderr)
-    assert "Traceback" not in run.stderr, str(run)
-    return run
+    return cli.run(([] if coordinator is None else ["--coordinator", coordinator]) + list(args), env)
 
 
 def ok(*args: str, coordinator: str | None = None, env: Mapping[str, str] | None = None) -> Run:

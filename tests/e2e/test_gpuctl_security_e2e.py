@@ -10,48 +10,27 @@ stdout.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gpulease.common.identity import Kind
-from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
+from tests.support import gpuctl as cli
 from tests.support import harness
 from tests.support import secure as raw
+from tests.support.gpuctl import Run
 
-CLI_TIMEOUT_S = 30
 TOKEN_RE = re.compile(r"gpl_[A-Za-z0-9_-]{43}")
 EXIT_FAILED, EXIT_UNAUTHENTICATED, EXIT_PERMISSION_DENIED = 1, 3, 4
 TOKEN_KEYS = {"name", "role", "tenant", "created_unix_ms", "expires_unix_ms", "created_by"}
 AUDIT_KEYS = {"time_unix_ms", "actor", "tenant", "action", "target", "outcome", "revision", "detail"}
-
-
-@dataclass
-class Run:
-    argv: list[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.stdout)
-        except ValueError as e:
-            raise AssertionError(f"{self} did not print JSON: {e}") from None
-
-    def __str__(self) -> str:
-        return f"gpuctl {' '.join(self.argv)} (exit {self.rc})\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
 
 
 @dataclass
@@ -80,17 +59,7 @@ class Secure:
 
     def gpuctl(self, *args: str, env: Mapping[str, str] | None = None) -> Run:
         """gpuctl ARGS as the admin unless env says otherwise; no traceback, no token on stderr."""
-        child_env = procs.python_child_env(self.env() if env is None else env, drop_prefixes=("GPULEASE_",))
-        done = subprocess.run(
-            [sys.executable, "-m", "gpulease.cli.main", *args],
-            capture_output=True,
-            text=True,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            timeout=CLI_TIMEOUT_S,
-        )
-        run = Run(list(args), done.returncode, done.stdout, done.stderr)
-        assert "Traceback" not in run.stderr, str(run)
+        run = cli.run(args, self.env() if env is None else env)
         assert not TOKEN_RE.search(run.stderr), f"a token on stderr: {run}"
         if args[:2] != ("token", "create"):
             assert not TOKEN_RE.search(run.stdout), f"a token on stdout: {run}"
