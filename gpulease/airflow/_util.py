@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpulease.client.config import ClientConfig
+from gpulease.client.config import ClientConfig, TLSConfig
 from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
 from gpulease.errors import InvalidRequest
 
@@ -110,22 +114,74 @@ def _flag(name: str, value: Any) -> bool:
     raise InvalidRequest(f"the gpulease connection's extra {name!r} must be true or false, got {value!r}")
 
 
+def _path(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"the gpulease connection's extra {name!r} must be a file path")
+    return value.strip()
+
+
+# PEM text from connections, written once per process into a directory only this user can read
+# (mkdtemp: 0700, an unguessable name), since the TLS settings name files.
+_pem_dir: str | None = None
+
+
+def pem_file(text: str) -> str:
+    """A path holding ``text`` (a CA bundle in PEM): a file per distinct text, removed at exit."""
+    global _pem_dir
+    if _pem_dir is None:
+        _pem_dir = tempfile.mkdtemp(prefix="gpulease-airflow-")
+        atexit.register(shutil.rmtree, _pem_dir, True)
+    path = os.path.join(_pem_dir, f"ca-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pem")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def _ca(value: Any) -> str:
+    """The extra's "ca": a path, or the PEM text itself (written to a private file)."""
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return pem_file(value.strip())
+    return _path("ca", value)
+
+
 @dataclass(frozen=True)
 class ConnectionSettings:
-    """What a gpulease connection says: where the coordinators are and how to talk to them."""
+    """What a gpulease connection says: where the coordinators are and how to talk to them.
+
+    ``ca``, ``cert``, ``key``: file paths (TLS with the coordinator's CA; a client certificate);
+    ``token``: the connection's password, kept out of repr."""
 
     targets: tuple[str, ...]
     timeout: float = DEFAULT_TIMEOUT_S
-    tls: bool = False
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca)
 
     def client_config(self) -> ClientConfig:
         """The client's typed configuration for this connection."""
-        return ClientConfig.of(self.targets, timeout=self.timeout)
+        tls = TLSConfig(self.ca, self.cert, self.key) if self.ca else None
+        return ClientConfig.of(self.targets, timeout=self.timeout, tls=tls, token=self.token)
 
 
-def settings_from(host: str | None, port: int | None, extra: Mapping[str, Any] | None) -> ConnectionSettings:
-    """Connection fields -> ConnectionSettings. Extra: {"timeout": 10, "tls": false, "token": "..."}."""
+def settings_from(
+    host: str | None, port: int | None, extra: Mapping[str, Any] | None, password: str | None = None
+) -> ConnectionSettings:
+    """Connection fields -> ConnectionSettings. The password is the token; the extra:
+    {"timeout": 10, "ca": "/path/ca.pem" or PEM text, "cert": "/path", "key": "/path", "tls": true}.
+
+    Refused, without quoting the token: a token or a certificate without a CA (it would travel in
+    clear text, or mean nothing), "tls": true without a CA, and a token in the extra (Airflow masks
+    the password field; the token belongs there)."""
     extra = extra or {}
     raw_timeout = extra.get("timeout", DEFAULT_TIMEOUT_S)
     try:
@@ -136,26 +192,31 @@ def settings_from(host: str | None, port: int | None, extra: Mapping[str, Any] |
         raise InvalidRequest(
             f"the gpulease connection's extra 'timeout' must be a positive number, got {raw_timeout!r}"
         )
-    token = extra.get("token")
-    return ConnectionSettings(
-        targets=tuple(targets_from(host or "", port)),
-        timeout=timeout,
-        tls=_flag("tls", extra.get("tls", False)),
-        token=str(token) if token else None,
-    )
-
-
-def check_supported(settings: ConnectionSettings, conn_id: str) -> list[str]:
-    """Refuse what this client cannot do yet (TLS: never downgrade to clear text silently);
-    returns warnings for what it ignores (a token)."""
-    if settings.tls:
+    if extra.get("token"):
         raise InvalidRequest(
-            f"connection {conn_id!r} asks for TLS, which this gpulease client does not support yet: "
-            'remove "tls" from its extra to connect without it'
+            "the gpulease connection has a 'token' in its extra: put the token in the connection's "
+            "password field (Airflow masks it) and remove it from the extra"
         )
-    if settings.token:
-        return [f"connection {conn_id!r} has a token; this gpulease client does not send tokens yet"]
-    return []
+    ca, cert, key = _ca(extra.get("ca")), _path("cert", extra.get("cert")), _path("key", extra.get("key"))
+    token = password.strip() if password and password.strip() else None
+    tls = _flag("tls", extra.get("tls", bool(ca)))
+    if tls and not ca:
+        raise InvalidRequest(
+            "the gpulease connection asks for TLS but names no CA: set 'ca' in its extra to the "
+            "coordinator's CA bundle (a path, or the PEM text)"
+        )
+    if ca and not tls:
+        raise InvalidRequest("the gpulease connection's extra sets 'ca' and 'tls': false: remove one of them")
+    if not ca and token:
+        raise InvalidRequest(
+            "the gpulease connection has a token (its password) but no CA, and a token never travels in "
+            "clear text: set 'ca' in its extra to the coordinator's CA bundle (a path, or the PEM text)"
+        )
+    if not ca and (cert or key):
+        raise InvalidRequest("the gpulease connection has a client certificate but no CA: set 'ca' in its extra")
+    settings = ConnectionSettings(tuple(targets_from(host or "", port)), timeout, ca, cert, key, token)
+    settings.client_config()  # refuses now what a client would refuse (a lone cert, an unusable token)
+    return settings
 
 
 class LineSplitter:

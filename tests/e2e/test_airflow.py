@@ -31,14 +31,14 @@ from gpulease.airflow._util import (
     ConnectionSettings,
     LineSplitter,
     allocation_id_of,
-    check_supported,
     owner_for,
     request_id_for,
     settings_from,
     targets_from,
 )
-from gpulease.client import Client
+from gpulease.client import Client, TLSConfig
 from gpulease.coordinator import validation
+from gpulease.dev.cluster import LocalCluster
 from gpulease.errors import InvalidRequest
 from tests.support import harness
 from tests.support.airflow_runner import AirflowRunner
@@ -51,6 +51,7 @@ NODE = "af-node"
 GPUS = 4
 # The first request also waits for `airflow db migrate` and the first dag.test() of the process.
 RUN_TIMEOUT_S = 240
+TOKEN = "gpl_not-a-real-token_0123456789"
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,26 +194,59 @@ def test_targets_from_without_a_host_says_so(host: str) -> None:
         targets_from(host, 50051)
 
 
-def test_settings_from_connection_fields() -> None:
-    s = settings_from("a:1,b", 2, {"timeout": "2.5", "tls": "false", "token": "s3cret"})
-    assert s == ConnectionSettings(targets=("a:1", "b:2"), timeout=2.5, tls=False, token="s3cret")
-    assert "s3cret" not in repr(s)
+def test_settings_from_connection_fields(tmp_path: Path) -> None:
+    s = settings_from("a:1,b", 2, {"timeout": "2.5"})
+    assert s == ConnectionSettings(targets=("a:1", "b:2"), timeout=2.5)
+    assert not s.tls and s.client_config().tls is None
     assert settings_from("h", None, None) == ConnectionSettings(targets=("h:50051",), timeout=10.0)
-    assert settings_from("h", None, {"tls": True}).tls and settings_from("h", None, {"tls": "yes"}).tls
+    assert settings_from("h", None, None, password="") == ConnectionSettings(targets=("h:50051",), timeout=10.0)
+
+
+def test_the_token_is_the_password_and_the_ca_comes_from_the_extra() -> None:
+    s = settings_from("h", None, {"ca": " /etc/ca.pem "}, password=f" {TOKEN}\n")
+    assert (s.ca, s.token, s.tls) == ("/etc/ca.pem", TOKEN, True)
+    assert TOKEN not in repr(s) and TOKEN not in str(s)
+    config = s.client_config()
+    assert config.tls == TLSConfig("/etc/ca.pem") and config.token == TOKEN and TOKEN not in repr(config)
+    assert settings_from("h", None, {"ca": "/c", "tls": "true"}).tls
+    mutual = settings_from("h", None, {"ca": "/c", "cert": "/u.pem", "key": "/u.key"}).client_config()
+    assert mutual.tls == TLSConfig("/c", "/u.pem", "/u.key") and mutual.token is None
+
+
+def test_ca_as_pem_text_goes_to_a_private_file() -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    first = settings_from("h", None, {"ca": pem}).ca
+    assert Path(first).read_text() == pem + "\n"
+    assert settings_from("h", None, {"ca": "\n" + pem + "\n"}).ca == first  # one file per text
+    assert Path(first).parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize(
+    ("extra", "password", "words"),
+    [
+        ({}, TOKEN, "no CA"),  # a token never travels in clear text
+        ({"tls": False}, TOKEN, "no CA"),
+        ({"token": TOKEN, "ca": "/c"}, None, "password field"),  # the extra is the wrong place
+        ({"tls": True}, None, "names no CA"),
+        ({"ca": "/c", "tls": False}, None, "remove one"),
+        ({"cert": "/u.pem", "key": "/u.key"}, None, "no CA"),
+        ({"ca": "/c", "cert": "/u.pem"}, None, "--cert and --key"),
+        ({"ca": "/c"}, "two words", "spaces"),
+        ({"ca": 7}, None, "file path"),
+    ],
+)
+def test_settings_from_refuses_insecure_or_broken_security_without_quoting_the_token(
+    extra: dict[str, Any], password: str | None, words: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=words) as info:
+        settings_from("h", None, extra, password=password)
+    assert TOKEN not in str(info.value) and "two words" not in str(info.value)
 
 
 @pytest.mark.parametrize("extra", [{"timeout": 0}, {"timeout": "soon"}, {"timeout": None}, {"tls": "maybe"}])
 def test_settings_from_rejects_bad_extras(extra: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         settings_from("h", None, extra)
-
-
-def test_tls_is_refused_not_downgraded_and_a_token_is_warned_about() -> None:
-    with pytest.raises(InvalidRequest, match="TLS"):
-        check_supported(ConnectionSettings(targets=("h:1",), tls=True), "gpulease_default")
-    assert check_supported(ConnectionSettings(targets=("h:1",)), "c") == []
-    [warning] = check_supported(ConnectionSettings(targets=("h:1",), token="s3cret-value"), "c")
-    assert "token" in warning and "s3cret-value" not in warning
 
 
 def test_line_splitter_joins_lines_split_across_chunks() -> None:
@@ -455,3 +489,171 @@ def test_airflow_discovers_the_provider_and_its_hook(runner: AirflowRunner) -> N
     assert answer["provider"] is not None, "Airflow did not find the gpulease provider (is the package installed?)"
     assert answer["provider"]["version"] == __version__
     assert answer["hook"] == {"class": "gpulease.airflow.hooks.GpuLeaseHook", "attr": "gpulease_conn_id"}
+
+
+# --------------------------------------------------------------------------------------------
+# A secure cluster (issue 13): TLS, the token in the connection's password, the CA in its extra.
+# These DAGs allocate and release only, so the agent needs no dockerd; the deferrable one runs a
+# container, waited for by the trigger with the token, on a secure cluster of its own.
+
+SECURE_NODE = "af-secure-node"
+
+
+@dataclass
+class SecureCluster:
+    local: LocalCluster
+    address: str
+    # name -> secret: a user's and a viewer's token, made by the admin.
+    tokens: dict[str, str]
+
+    def client(self) -> Client:
+        """The admin's client."""
+        return self.local.client(targets=[self.address], timeout=10)
+
+
+def start_secure(etcd: harness.Etcd, tmp: Path, add_agent: Any) -> SecureCluster:
+    local = harness.new_cluster(etcd, harness.new_prefix(), tmp, secure=True)
+    coordinator = local.add_coordinator()
+    add_agent(local)
+    local.wait_nodes_up([SECURE_NODE])
+    with local.client() as admin:
+        tokens = {
+            name: admin.create_token(name, role)[0] for name, role in (("af-user", "user"), ("af-viewer", "viewer"))
+        }
+    return SecureCluster(local, coordinator.address, tokens)
+
+
+@pytest.fixture(scope="module")
+def secure_cluster(etcd: harness.Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureCluster]:
+    tmp = tmp_path_factory.mktemp("af-secure")
+    cluster = None
+    try:
+        cluster = start_secure(etcd, tmp, lambda local: local.add_agent(SECURE_NODE, GPUS))
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.local.stop()
+
+
+def run_secure_dag(
+    runner: AirflowRunner, cluster: SecureCluster, dag_id: str, token: str, extra: dict[str, Any] | None = None,
+    image: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    conn = {
+        "conn_type": "gpulease",
+        "host": cluster.address,
+        "password": token,
+        "extra": {"timeout": 10, "ca": str(cluster.local.ca_file), **(extra or {})},
+    }
+    env = {"AIRFLOW_CONN_GPULEASE_DEFAULT": json.dumps(conn), "GPULEASE_TEST_IMAGE": image}
+    answer = runner.request({"op": "test", "dag_id": dag_id, "env": env}, timeout=RUN_TIMEOUT_S)
+    assert answer["ok"], f"{answer.get('error')}\n--- log ---\n{answer.get('log', '')[-6000:]}"
+    return answer
+
+
+def assert_token_hidden(answer: dict[str, Any], *tokens: str) -> None:
+    """No token in the task logs, the XComs or anything else the run answered; nor a masked one
+    (Airflow's masker writes *** for a secret it knows: nothing should have tried)."""
+    everything = json.dumps(answer, default=str)
+    for token in tokens:
+        assert token not in everything, "a token reached the task log, an XCom or the run's answer"
+    assert "***" not in answer["log"], "something logged a masked secret"
+
+
+def assert_secure_free(cluster: SecureCluster) -> None:
+    def free() -> bool:
+        with cluster.client() as c:
+            return not c.list_allocations()
+
+    harness.wait_until(free, 15, "no allocation left")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ca_as", ["path", "pem"])
+def test_secure_connection_allocates_and_releases_and_the_token_stays_hidden(
+    runner: AirflowRunner, secure_cluster: SecureCluster, ca_as: str
+) -> None:
+    token = secure_cluster.tokens["af-user"]
+    extra = {"ca": secure_cluster.local.ca_file.read_text()} if ca_as == "pem" else None
+    answer = run_secure_dag(runner, secure_cluster, "gpulease_test_release_twice", token, extra)
+    assert answer["state"] == "success", answer["log"][-4000:]
+    assert states(answer) == {"allocate": ("success", 1), "release": ("success", 1), "release_again": ("success", 1)}
+    alloc = answer["xcoms"]["allocate"]["return_value"]
+    assert (alloc["node"], alloc["principal"], alloc["tenant"]) == (SECURE_NODE, "user:af-user", "af-user")
+    assert answer["xcoms"]["release"]["return_value"] is True
+    assert_token_hidden(answer, token, secure_cluster.local.admin_token())
+    assert_secure_free(secure_cluster)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("who", "error", "words"),
+    [
+        ("af-viewer", "PermissionDenied", "rule 'use'"),
+        ("bad", "Unauthenticated", "not valid"),
+        ("no-ca", "InvalidRequest", "no CA"),
+    ],
+)
+def test_secure_connection_refusals_fail_the_task_without_the_token(
+    runner: AirflowRunner, secure_cluster: SecureCluster, who: str, error: str, words: str
+) -> None:
+    token = secure_cluster.tokens.get(who, "gpl_" + "b" * 43)
+    extra = {"ca": ""} if who == "no-ca" else None
+    answer = run_secure_dag(runner, secure_cluster, "gpulease_test_release_twice", token, extra)
+    assert answer["state"] == "failed"
+    assert answer["tasks"]["allocate"]["state"] == "failed"
+    assert "return_value" not in answer["xcoms"].get("allocate", {})
+    assert error in answer["log"] and words in answer["log"]
+    assert_token_hidden(answer, token, *secure_cluster.tokens.values(), secure_cluster.local.admin_token())
+    assert_secure_free(secure_cluster)
+
+
+@pytest.fixture(scope="module")
+def secure_docker_cluster(
+    etcd: harness.Etcd, dockerd: Dockerd, busybox: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecureCluster]:
+    tmp = tmp_path_factory.mktemp("af-secure-docker")
+    cluster = None
+    try:
+        cluster = start_secure(etcd, tmp, lambda local: dockerd.add_agent(local, SECURE_NODE, GPUS))
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.local.stop()
+
+
+@pytest.mark.slow
+def test_secure_deferrable_container_waits_in_the_trigger_with_the_token(
+    runner: AirflowRunner, secure_docker_cluster: SecureCluster, busybox: str
+) -> None:
+    cluster = secure_docker_cluster
+    token = cluster.tokens["af-user"]
+    answer = run_secure_dag(runner, cluster, "gpulease_test_deferrable", token, image=busybox)
+    assert answer["state"] == "success", answer["log"][-4000:]
+    assert all(t["state"] == "success" for t in answer["tasks"].values())
+    assert answer["xcoms"]["train"]["return_value"] == 0
+    assert answer["log"].index("deferring: container") < answer["log"].index("resumed: container")
+    assert container_says(answer, "run") == [answer["run_id"]]
+    assert_token_hidden(answer, token, cluster.local.admin_token())
+    assert_secure_free(cluster)
+
+
+@needs_airflow
+@pytest.mark.slow
+def test_the_hooks_connection_test_says_who_the_coordinator_takes_it_for(
+    secure_cluster: SecureCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpulease.airflow.hooks import GpuLeaseHook
+
+    hook = GpuLeaseHook()
+    for token, expected in ((secure_cluster.tokens["af-user"], True), ("gpl_" + "b" * 43, False)):
+        conn = SimpleNamespace(host=secure_cluster.address, port=None, password=token,
+                               extra_dejson={"ca": str(secure_cluster.local.ca_file)})  # fmt: skip
+        monkeypatch.setattr(hook, "get_connection", lambda conn_id, conn=conn: conn)
+        ok, message = hook.test_connection()
+        assert ok is expected, message
+        assert token not in message
+        if ok:
+            assert message.startswith("connected as user:af-user (role user, tenant af-user, by token)")
+        else:
+            assert message.startswith("Unauthenticated: ")
