@@ -21,9 +21,12 @@ Metadata = tuple[tuple[str, str], ...]
 
 # What each file must hold, so that a wrong file fails here with its name rather than at the first
 # handshake with an OpenSSL error.
-_PEM_MARKERS = {"CA bundle": b"-----BEGIN CERTIFICATE-----", "certificate": b"-----BEGIN CERTIFICATE-----",
-                "key": b"PRIVATE KEY-----"}  # fmt: skip
-_PEM_WHAT = {"CA bundle": "certificate", "certificate": "certificate", "key": "private key"}
+# File -> (a line its PEM holds, what that is).
+_PEM = {
+    "CA bundle": (b"-----BEGIN CERTIFICATE-----", "certificate"),
+    "certificate": (b"-----BEGIN CERTIFICATE-----", "certificate"),
+    "key": (b"PRIVATE KEY-----", "private key"),
+}
 
 
 class ChannelSecurity:
@@ -64,6 +67,7 @@ def _credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
     files = TlsFiles(tls)  # reads the files (InvalidRequest naming the one it cannot read)
     for what, path, data in (("CA bundle", tls.ca, files.ca), ("certificate", tls.cert, files.cert),
                              ("key", tls.key, files.key)):  # fmt: skip
-        if data is not None and _PEM_MARKERS[what] not in data:
-            raise InvalidRequest(f"the {what} {path} holds no PEM {_PEM_WHAT[what]}")
+        marker, holds = _PEM[what]
+        if data is not None and marker not in data:
+            raise InvalidRequest(f"the {what} {path} holds no PEM {holds}")
     return files.channel_credentials()
