@@ -4,39 +4,21 @@ over grpc.aio channels. Channels are made on first use, inside the running event
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-import grpc
-import grpc.aio
 from google.protobuf.message import Message
 
 from gpulease.client._failover import Rotation
 from gpulease.client._ops import Op, StreamOp, raw
-from gpulease.client._security import ChannelSecurity
-from gpulease.client._stubs import Stubs
 
 R = TypeVar("R", bound=Message)
 T = TypeVar("T")
 
 
 class AsyncFailoverChannels(Rotation):
-    def __init__(
-        self,
-        targets: Sequence[str],
-        timeout: float,
-        retry_deadline: float | None,
-        security: ChannelSecurity | None = None,
-    ) -> None:
-        super().__init__(targets, timeout, retry_deadline, security)
-        self._channels: list[grpc.aio.Channel] = []
-        self._stubs: list[Stubs] = []
-
-    def _stub(self, index: int) -> Stubs:
-        if not self._stubs:
-            self._channels = [self.security.aio_channel(t) for t in self.targets]
-            self._stubs = [Stubs(c) for c in self._channels]
-        return self._stubs[index]
+    def _connect(self, target: str) -> Any:
+        return self.security.aio_channel(target)
 
     async def run(self, op: Op[Any, T], *, timeout: float | None = None, retry_deadline: float | None = None) -> T:
         """See FailoverChannels.run (cancel the awaiting task to give up)."""

@@ -3,15 +3,16 @@ their methods, one per coordinator call, declared here once (see ``_calls``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._calls import Call, Stream
 from gpulease.client._failover import Rotation
 from gpulease.client._security import ChannelSecurity
-from gpulease.client.config import ClientConfig
+from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo
+from gpulease.client.retry import DEFAULT_TIMEOUT_S
 
 C = TypeVar("C", bound=Rotation)
 
@@ -22,9 +23,23 @@ def channel_security(config: ClientConfig) -> ChannelSecurity:
 
 
 class ClientBase(Generic[C]):
-    def __init__(self, config: ClientConfig, rpc: C) -> None:
-        self.config = config
-        self._rpc = rpc
+    # The channels a client sends through (sync or asyncio), made from its configuration.
+    _channels_class: type[C]
+
+    def __init__(
+        self,
+        targets: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry_deadline: float | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given; TLS and a
+        token come with it (see gpulease.client.config)."""
+        self.config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
+        self._rpc = self._channels_class(
+            self.config.targets, self.config.timeout, self.config.retry.deadline, channel_security(self.config)
+        )
 
     @property
     def targets(self) -> tuple[str, ...]:

@@ -136,6 +136,20 @@ class Rotation:
         self.security = security or ChannelSecurity()
         self._current = 0
         self._lock = threading.Lock()
+        # One channel per target, made at the first call (gRPC channels connect lazily anyway).
+        self._channels: list[Any] = []
+        self._stubs: list[Stubs] = []
+
+    def _connect(self, target: str) -> Any:
+        """A channel to ``target``: sync or asyncio, by subclass."""
+        raise NotImplementedError
+
+    def _stub(self, index: int) -> Stubs:
+        with self._lock:
+            if not self._stubs:
+                self._channels = [self._connect(t) for t in self.targets]
+                self._stubs = [Stubs(c) for c in self._channels]
+            return self._stubs[index]
 
     def tries(self, op: Op[Any, T] | StreamOp[Any, T], timeout: float | None, retry_deadline: float | None) -> Tries[T]:
         """The attempts of ``op``. ``timeout``: the op's deadline unless given. ``retry_deadline``
@@ -156,16 +170,8 @@ class Rotation:
 
 
 class FailoverChannels(Rotation):
-    def __init__(
-        self,
-        targets: Sequence[str],
-        timeout: float,
-        retry_deadline: float | None,
-        security: ChannelSecurity | None = None,
-    ) -> None:
-        super().__init__(targets, timeout, retry_deadline, security)
-        self._channels = [self.security.channel(t) for t in self.targets]
-        self._stubs = [Stubs(c) for c in self._channels]
+    def _connect(self, target: str) -> Any:
+        return self.security.channel(target)
 
     @staticmethod
     def _pause(tries: Tries[Any], delay: float, cancel: threading.Event | None) -> None:
@@ -198,7 +204,7 @@ class FailoverChannels(Rotation):
             with tries.attempt(attempt):
                 return tries.answer(
                     attempt,
-                    self._stubs[attempt.index].method(op.rpc)(
+                    self._stub(attempt.index).method(op.rpc)(
                         op.request, timeout=attempt.timeout, metadata=self.security.metadata
                     ),
                 )
@@ -210,7 +216,7 @@ class FailoverChannels(Rotation):
         tries = self.tries(op, None, None)
         for attempt in tries:
             self._pause(tries, attempt.delay, None)
-            call = self._stubs[attempt.index].method(op.rpc)(
+            call = self._stub(attempt.index).method(op.rpc)(
                 op.request, timeout=attempt.timeout, metadata=self.security.metadata
             )
             with tries.attempt(attempt, call):
@@ -225,5 +231,7 @@ class FailoverChannels(Rotation):
         return self.run(op)
 
     def close(self) -> None:
-        for channel in self._channels:
+        with self._lock:
+            channels, self._channels, self._stubs = self._channels, [], []
+        for channel in channels:
             channel.close()

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._allocation import Allocation, Session
-from gpulease.client._base import ClientBase, channel_security
+from gpulease.client._base import ClientBase
 from gpulease.client._failover import FailoverChannels
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo
@@ -37,6 +37,8 @@ class Client(ClientBase[FailoverChannels]):
     Errors are ``gpulease.errors.GpuLeaseError`` subclasses, never gRPC exceptions.
     """
 
+    _channels_class = FailoverChannels
+
     def __init__(
         self,
         targets: str | Sequence[str] = DEFAULT_TARGET,
@@ -46,11 +48,8 @@ class Client(ClientBase[FailoverChannels]):
         handle_sigterm: bool = True,
         config: ClientConfig | None = None,
     ) -> None:
-        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given; TLS and a
-        token come with it (see gpulease.client.config)."""
-        config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
-        rpc = FailoverChannels(config.targets, config.timeout, config.retry.deadline, channel_security(config))
-        super().__init__(config, rpc)
+        """As ClientBase; handle_sigterm: an allocation's ``with`` block turns SIGTERM into Terminated."""
+        super().__init__(targets, timeout=timeout, retry_deadline=retry_deadline, config=config)
         self.handle_sigterm = handle_sigterm
 
     # How this client sends the calls that ClientBase declares: blocking.

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
-from gpulease.client._base import ClientBase, channel_security
+from gpulease.client._base import ClientBase
 from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
 from gpulease.client._lease import LeaseTracker
-from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo, Container, LogChunk
-from gpulease.client.retry import DEFAULT_TIMEOUT_S
 
 __all__ = ["AsyncAllocation", "AsyncClient", "AsyncContainerHandle"]
 
@@ -44,19 +42,7 @@ class AsyncClient(ClientBase[AsyncFailoverChannels]):
     """See ``gpulease.client.Client``: the same constructor (less ``handle_sigterm``) and methods,
     as coroutines; ``logs`` is an async iterator."""
 
-    def __init__(
-        self,
-        targets: str | Sequence[str] = DEFAULT_TARGET,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        retry_deadline: float | None = None,
-        config: ClientConfig | None = None,
-    ) -> None:
-        """`config` (a ClientConfig) replaces targets, timeout and retry_deadline when given; TLS and a
-        token come with it (see gpulease.client.config)."""
-        config = config or ClientConfig.of(targets, timeout=timeout, retry_deadline=retry_deadline)
-        rpc = AsyncFailoverChannels(config.targets, config.timeout, config.retry.deadline, channel_security(config))
-        super().__init__(config, rpc)
+    _channels_class = AsyncFailoverChannels
 
     # How this client sends the calls that ClientBase declares: as coroutines.
 
