@@ -34,6 +34,7 @@ from gpulease.agent.registration import AgentInventory, Registrar
 from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
 from gpulease.agent.security import certificate_problem, load_tls
 from gpulease.agent.server import start_server
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.sdnotify import sd_notify
 from gpulease.common.settings import split_host_port
 from gpulease.common.tls import TlsFiles
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 __all__ = ["COORDINATOR_CHANNEL_OPTIONS", "run_agent"]
+
+
+def _log_policy(policy: ContainerPolicy) -> None:
+    log.info(
+        "container policy: bind mounts (read-only) under %s; shared volumes (read-only) %s; tenant volumes "
+        "t-<tenant>-<name>; images from %s",
+        ", ".join(policy.bind_allowlist) or "nothing",
+        ", ".join(policy.volume_allowlist) or "none",
+        ", ".join(policy.registry_allowlist) or "nowhere",
+    )
 
 
 def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRuntime]:
@@ -110,6 +121,7 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
             stop_grace_seconds=cfg.stop_grace_seconds,
             on_started=started,
             recheck=recheck,
+            policy=cfg.container_policy,
         )
         enforcer = Enforcer(
             node=cfg.node_id,
@@ -125,6 +137,7 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
         except OSError as e:
             log.error("%s", e)
             return 1
+        _log_policy(containers.policy)
         listen_host, _ = split_host_port(cfg.listen)
         address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
         log.info(

@@ -6,13 +6,15 @@ Everything below the entry point receives an AgentConfig and never looks at argv
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpulease.common import settings
+from gpulease.common import container_policy, settings
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.settings import ConfigError, split_host_port
 from gpulease.common.transport import check_clear_text
 from gpulease.common.units import parse_size
@@ -80,10 +82,38 @@ class AgentConfig:
     tls_key: str | None = None
     # Clear text off loopback (serving, and talking to the coordinator): refused unless this is set.
     insecure: bool = False
+    # The container policy (gpulease/common/container_policy.py): this agent's own copy, enforced
+    # whatever the coordinator's says. Host directories containers may bind-mount (read-only; none
+    # by default), admin-made volumes they may mount (read-only), registries images may come from.
+    bind_allowlist: tuple[str, ...] = ()
+    volume_allowlist: tuple[str, ...] = ()
+    registry_allowlist: tuple[str, ...] = container_policy.DEFAULT_REGISTRIES
 
     @property
     def tls_enabled(self) -> bool:
         return self.tls_ca is not None
+
+    @property
+    def container_policy(self) -> ContainerPolicy:
+        """The policy, with this agent's own Docker socket never mounted, wherever it is."""
+        socket = docker_socket_path(self.docker_host)
+        return ContainerPolicy(
+            bind_allowlist=self.bind_allowlist,
+            volume_allowlist=self.volume_allowlist,
+            registry_allowlist=self.registry_allowlist,
+            also_forbidden=(socket,) if socket else (),
+        )
+
+
+def docker_socket_path(docker_host: str | None) -> str | None:
+    """'unix:///srv/docker.sock' -> '/srv/docker.sock' (normalised); None for TCP or the default."""
+    if not docker_host or not docker_host.startswith("unix://"):
+        return None
+    path = os.path.normpath(docker_host[len("unix://") :])
+    if not path.startswith("/"):
+        return None
+    path = "/" + path.lstrip("/")  # normpath keeps a leading '//'
+    return path if path != "/" else None
 
 
 # Setting name -> env var suffix. TOML keys are the setting names (dashes also accepted).
@@ -107,6 +137,9 @@ _SCALAR_SETTINGS = (
     "tls_cert",
     "tls_key",
     "insecure",
+    "bind_allowlist",
+    "volume_allowlist",
+    "registry_allowlist",
 )
 
 
@@ -186,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="allow clear text without authentication on a non-loopback address (logged as a warning every hour)",
+    )
+    policy = p.add_argument_group(
+        "container policy",
+        "What a container may ask of this server, enforced here whatever the coordinator says. Lists are "
+        "comma-separated (TOML: arrays).",
+    )
+    policy.add_argument(
+        "--bind-allowlist",
+        metavar="DIRS",
+        help="host directories whose contents containers may bind-mount, always read-only (default: none)",
+    )
+    policy.add_argument(
+        "--volume-allowlist",
+        metavar="NAMES",
+        help="admin-made named volumes containers may mount, read-only (default: none; tenant volumes "
+        "t-<tenant>-<name> are always allowed to their tenant)",
+    )
+    policy.add_argument(
+        "--registry-allowlist",
+        metavar="REGISTRIES",
+        help="registries (or registry/path prefixes) images may come from "
+        f"(default: {','.join(container_policy.DEFAULT_REGISTRIES)})",
     )
     return p
 
@@ -282,7 +337,20 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
     if not _NETWORK_RE.match(network):
         raise ConfigError(f"container_network {network!r} is not a valid Docker network name")
 
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, parse in (
+        ("bind_allowlist", container_policy.parse_bind_allowlist),
+        ("volume_allowlist", container_policy.parse_volume_allowlist),
+        ("registry_allowlist", container_policy.parse_registry_allowlist),
+    ):
+        if name in values:
+            try:
+                lists[name] = parse(values[name])
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+
     return AgentConfig(
+        **lists,
         coordinator=coordinator,
         node_id=node_id,
         listen=listen,

@@ -5,14 +5,15 @@ fences, before a pull), so a malformed request costs no coordinator call and no 
 is refused with InvalidRequest naming its first problem. Apart from the service so that the rules
 of what may be asked can be read, and changed, without the code that starts and stops
 containers. What resources a container gets is not the caller's to say: the service takes those
-from the allocation record.
+from the allocation record. What a well-formed spec may ask of this server (which mounts, volumes,
+env, names and images) is the container policy's: gpulease/common/container_policy.py, checked
+right after these by the service, and by the coordinator before it forwards the call.
 """
 
 from __future__ import annotations
 
 import re
 
-from gpulease.agent.runtime import RESERVED_ENV
 from gpulease.common.settings import ALLOCATION_ID_RE
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import types_pb2 as tpb
@@ -76,11 +77,6 @@ def validate_spec(spec: tpb.ContainerSpec) -> None:
     if len(spec.env) > MAX_ENV_ENTRIES:
         raise InvalidRequest(f"env has {len(spec.env)} entries, at most {MAX_ENV_ENTRIES}")
     for key, value in spec.env.items():
-        if key in RESERVED_ENV:
-            raise InvalidRequest(
-                f"env {key} may not be set: the allocation decides which GPUs the container sees "
-                f"({', '.join(sorted(RESERVED_ENV))} are set by gpulease)"
-            )
         if not _ENV_KEY_RE.match(key) or len(key) > MAX_ENV_KEY_CHARS:
             raise InvalidRequest(
                 f"env name {key[:80]!r} is invalid: use letters, digits, '_', '.' or '-', not starting with a digit, "

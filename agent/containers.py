@@ -1,6 +1,8 @@
 """Containers on this node's allocated GPUs: fencing, and the runtime calls.
 
-The rules for what a caller may ask to run, and for the ids it names, are in agent/container_spec.py.
+The rules for what a caller may ask to run, and for the ids it names, are in agent/container_spec.py
+(their shape) and gpulease/common/container_policy.py (what this server allows: mounts, volumes,
+env, names, images), with the host's part of the latter in agent/host_mounts.py.
 
 The runtime (agent/runtime) is synchronous; every call runs in a worker thread. Long calls are
 kept short per thread: WaitContainer waits in slices of at most WAIT_SLICE_S, and log streams
@@ -21,8 +23,19 @@ from typing import Any, NoReturn, TypeVar
 
 from gpulease.agent.container_spec import check_allocation_id, check_container_id, validate_spec
 from gpulease.agent.fencing import Fence
+from gpulease.agent.host_mounts import check_bind_source
 from gpulease.agent.linux import format_cpulist, parse_cpulist
-from gpulease.agent.runtime import ContainerInfo, ContainerLaunch, ContainerRuntime, Volume, default_name
+from gpulease.agent.runtime import (
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_TENANT,
+    ContainerInfo,
+    ContainerLaunch,
+    ContainerRuntime,
+    Volume,
+    default_name,
+)
+from gpulease.common.container_policy import ContainerPolicy, refuse, tenant_of_volume, volume_backing_problem
 from gpulease.errors import (
     Conflict,
     ContainerNotFound,
@@ -142,8 +155,12 @@ class ContainerService:
         stop_grace_seconds: float = 10.0,
         on_started: Callable[[ContainerInfo], None] | None = None,
         recheck: Callable[[], None] | None = None,
+        policy: ContainerPolicy | None = None,
     ) -> None:
         self._node = node
+        # What a spec may ask of this server (gpulease/common/container_policy.py): this agent's own
+        # copy, enforced whatever the coordinator's says.
+        self._policy = policy if policy is not None else ContainerPolicy()
         self._runtime = runtime
         self._fence = fence
         self._gate = gate
@@ -158,6 +175,11 @@ class ContainerService:
         # Why gpulease stopped a container (container id -> reason); only this agent's lifetime.
         self._stop_reasons: dict[str, str] = {}
         self.log_readers = LogReaders()
+        # Named volumes of starts in progress (name -> how many): the enforcer never removes these.
+        # It removes a volume holding volume_lock, after checking this; a start registers first,
+        # then waits for the lock once, so it never inspects a volume that is being removed.
+        self._volumes_starting: dict[str, int] = {}
+        self.volume_lock = asyncio.Lock()
 
     @property
     def node(self) -> str:
@@ -167,18 +189,32 @@ class ContainerService:
     def runtime(self) -> RuntimeHandle:
         return self._runtime
 
+    @property
+    def policy(self) -> ContainerPolicy:
+        return self._policy
+
+    def volumes_starting(self) -> frozenset[str]:
+        """Named volumes that a start in progress will mount: not to be removed meanwhile."""
+        return frozenset(self._volumes_starting)
+
     # -- start ---------------------------------------------------------------------------------
 
     async def start(self, allocation_id: str, revision: int, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
-        """Fence, pull, then under the GPUs' locks: fence, check the GPUs, create and start, fence.
+        """Check, fence, pull, then under the GPUs' locks: fence, check the GPUs, create and start, fence.
 
-        The fence that lets a container be created comes after the pull and right before create,
-        and one more after the start catches an allocation that ended in between: its container is
-        stopped and removed, and the caller told so. A GPU whose index names another UUID than the
-        allocation's, or that another allocation's running container uses, is refused.
+        The container policy is checked first (no coordinator call, no Docker call), again once the
+        fence has said whose allocation it is (tenant volumes), then on the host (bind sources
+        without symlinks, what named volumes are backed by) before the pull and again right before
+        create, when tenant volumes are made. The fence that lets a container be created comes after
+        the pull and right before create, and one more after the start catches an allocation that
+        ended in between: its container is stopped and removed, and the caller told so. A GPU whose
+        index names another UUID than the allocation's, or that another allocation's running
+        container uses, is refused.
         """
         check_allocation_id(allocation_id)
         validate_spec(spec)
+        # The policy, before anything else: a refusal costs no coordinator call and no Docker call.
+        self._policy.check(spec)
         if self._gate.reconciling:
             raise Unavailable(
                 f"the agent of node {self._node} is still reconciling its containers with the coordinator "
@@ -189,18 +225,83 @@ class ContainerService:
         # pull that can take minutes. It is not the check that counts: the allocation can end, and
         # its GPUs go to someone else, while the image is pulled.
         alloc = await self._fence.confirm(allocation_id, revision)
+        self._policy.check(spec, tenant=alloc.tenant)  # tenant volumes: whose they are
         self._check_gpus_match_inventory(alloc)
         self.build_launch(alloc, spec)  # what it refuses, it refuses before the pull too
-        await asyncio.to_thread(runtime.ensure_image, spec.image)
-        # Shielded: once a container may exist, the check after its start and the undo run even if
-        # the caller goes away meanwhile.
-        task = asyncio.create_task(self._fenced_start(runtime, alloc, spec))
+        volumes = tuple(v.source for v in spec.volumes if not v.source.startswith("/"))
+        for name in volumes:
+            self._volumes_starting[name] = self._volumes_starting.get(name, 0) + 1
         try:
-            info = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_log_unawaited_failure)
-            raise
+            if volumes:
+                async with self.volume_lock:
+                    pass  # a removal that began before this start registered has ended
+            # The host's part of the policy (symlinks, what volumes are backed by), before the pull.
+            await self._check_mounts(runtime, spec, alloc.tenant, create=False)
+            await asyncio.to_thread(runtime.ensure_image, spec.image)
+            # Shielded: once a container may exist, the check after its start and the undo run even if
+            # the caller goes away meanwhile.
+            task = asyncio.create_task(self._fenced_start(runtime, alloc, spec))
+            try:
+                info = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(_log_unawaited_failure)
+                held, volumes = volumes, ()  # released when the shielded start ends, not now
+                task.add_done_callback(lambda _: self._volumes_started(held))
+                raise
+        finally:
+            self._volumes_started(volumes)
         return self.status(info)
+
+    def _volumes_started(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            left = self._volumes_starting.get(name, 0) - 1
+            if left > 0:
+                self._volumes_starting[name] = left
+            else:
+                self._volumes_starting.pop(name, None)
+
+    async def _check_mounts(
+        self, runtime: ContainerRuntime, spec: tpb.ContainerSpec, tenant: str, *, create: bool
+    ) -> None:
+        """The policy's checks that need this host, for mounts the policy allows by name.
+
+        Bind sources: no symlink in any component, a directory or a regular file (agent/host_mounts.py).
+        Named volumes: on the local driver with no bind or device (rule 'volume-driver'); an
+        allowlisted one must exist (an admin makes it); a tenant volume is made by the agent, with
+        ``create`` (right before the container), and one that exists must be the agent's, for that
+        tenant. Docker is asked about volumes only: reads, and with ``create`` a create.
+        """
+        binds = [(i, v.source) for i, v in enumerate(spec.volumes) if v.source.startswith("/")]
+        if binds:
+            await asyncio.to_thread(_check_bind_sources, binds)
+        for i, v in enumerate(spec.volumes):
+            if v.source.startswith("/"):
+                continue
+            what = f"volumes[{i}].source"
+            owner = tenant_of_volume(v.source)
+            info = await asyncio.to_thread(runtime.inspect_volume, v.source)
+            if info is None:
+                if owner is None:
+                    raise refuse(
+                        "volume-allowlist",
+                        f"{what}: volume {v.source!r} is allowlisted but does not exist on node {self._node}; an "
+                        "admin creates it",
+                    )
+                if not create:
+                    continue  # made right before the container is
+                labels = {LABEL_MANAGED: "true", LABEL_TENANT: owner, LABEL_NODE: self._node}
+                info = await asyncio.to_thread(runtime.create_volume, v.source, labels)
+            problem = volume_backing_problem(v.source, info.driver, info.options)
+            if problem is not None:
+                raise refuse("volume-driver", f"{what}: {problem}")
+            if owner is not None and (
+                info.labels.get(LABEL_MANAGED) != "true" or info.labels.get(LABEL_TENANT) != owner
+            ):
+                raise refuse(
+                    "volume-tenant",
+                    f"{what}: volume {v.source!r} exists on node {self._node} but was not made by gpulease for tenant "
+                    f"{owner!r}, so it is not mounted",
+                )
 
     async def _fenced_start(
         self, runtime: ContainerRuntime, first: Allocation, spec: tpb.ContainerSpec
@@ -216,6 +317,8 @@ class ContainerService:
             self._check_gpus_match_inventory(alloc)  # the inventory may have been read again meanwhile
             launch = self.build_launch(alloc, spec)
             await self._refuse_gpus_in_use(runtime, launch)
+            # Again after the pull, which can take minutes; tenant volumes are made now.
+            await self._check_mounts(runtime, spec, alloc.tenant, create=True)
             log.info(
                 "starting container %r for allocation %s (revision %d) on GPU(s) %s: image %s",
                 launch.name,
@@ -503,6 +606,11 @@ class ContainerService:
         if info.exit_code is not None:
             status.exit_code = info.exit_code
         return status
+
+
+def _check_bind_sources(binds: list[tuple[int, str]]) -> None:
+    for i, source in binds:
+        check_bind_source(f"volumes[{i}]", source)
 
 
 def _shared_gpus(launch: ContainerLaunch, other: ContainerInfo) -> list[tuple[int, str]]:

@@ -15,7 +15,10 @@ fencing check) before the allocation list was read: missing from that list means
 
 Exited containers are removed (with their writable layer and logs) once their allocation is not
 live and they finished more than ``retention`` seconds ago; only after an answer from the
-coordinator, so an outage never removes anything.
+coordinator, so an outage never removes anything. Tenant volumes the agent made (t-<tenant>-<name>,
+gpulease/common/container_policy.py) go the same way: once no container refers to one (Docker's
+"dangling"), it was made more than ``retention`` ago and no start in progress names it, it is
+removed, checked every VOLUME_SWEEP_S and after each tick that removed a container.
 
 Heartbeat answers carry the node's allocations revision, which changes whenever an allocation
 there is created, released or expires. While it equals the one seen when the agent last asked,
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from gpulease.agent.containers import ContainerService, gather_logged
 from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
-from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, VolumeInfo
 from gpulease.errors import GpuLeaseError, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 
@@ -57,6 +60,8 @@ MAX_LIST_TIMEOUT_S = 2.0
 STOP_SLACK_S = 30.0
 # Heartbeats and GetInventory may collect often: look up container PIDs at most this often.
 CONTEXT_CACHE_S = 1.0
+# How often unused tenant volumes are looked for, besides after a container was removed.
+VOLUME_SWEEP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class TickReport:
     stopped: list[Verdict] = field(default_factory=list)
     kept: list[ContainerInfo] = field(default_factory=list)
     removed: list[ContainerInfo] = field(default_factory=list)
+    removed_volumes: list[VolumeInfo] = field(default_factory=list)
 
 
 def judge(
@@ -142,6 +148,7 @@ class Enforcer:
         # Set by recheck(): the next check asks ListAllocations even if a heartbeat vouches for the last answer.
         self._fresh_needed = False
         self.lists = 0  # ListAllocations calls made (answered or not)
+        self._volume_sweep_at = -VOLUME_SWEEP_S
 
     @property
     def node(self) -> str:
@@ -300,6 +307,7 @@ class Enforcer:
             report = TickReport(contacted=True, running=running, kept=keep, stopped=stop)
             exited = [i for i in infos if i.state == "exited"]
             report.removed = await self._remove_expired(exited, {a.id for a in live})
+            report.removed_volumes = await self._remove_unused_volumes(force=bool(report.removed))
         await self.stop_all(report.stopped)
         return report
 
@@ -319,6 +327,36 @@ class Enforcer:
                 continue
             log.info("removed exited container %s of ended allocation %s", c.id[:12], c.allocation_id)
             removed.append(c)
+        return removed
+
+    async def _remove_unused_volumes(self, *, force: bool) -> list[VolumeInfo]:
+        """Remove this node's tenant volumes that no container refers to, made over `retention` ago."""
+        now = time.monotonic()
+        if not force and now - self._volume_sweep_at < VOLUME_SWEEP_S:
+            return []
+        self._volume_sweep_at = now
+        try:
+            runtime: ContainerRuntime = await self._containers.runtime.get()
+            unused = await asyncio.to_thread(runtime.list_volumes, True)
+        except Exception as e:  # tried again at the next sweep
+            log.warning("cannot list unused volumes: %s", e)
+            return []
+        cutoff_ms = time.time() * 1000 - self._retention * 1000
+        removed: list[VolumeInfo] = []
+        for v in unused:
+            if v.labels.get(LABEL_NODE) != self._node or v.created_unix_ms > cutoff_ms:
+                continue
+            try:
+                async with self._containers.volume_lock:
+                    if v.name in self._containers.volumes_starting():
+                        continue  # a start is about to mount it
+                    gone = await asyncio.to_thread(runtime.remove_volume, v.name)
+            except Exception as e:
+                log.warning("cannot remove unused volume %s: %s", v.name, e)
+                continue
+            if gone:
+                log.info("removed volume %s: no container uses it", v.name)
+                removed.append(v)
         return removed
 
     def _judge_unvouched(self, running: list[ContainerInfo]) -> tuple[list[ContainerInfo], list[Verdict]]:

@@ -8,6 +8,7 @@ what runs, etcd (through the coordinator) for what may run.
 
 from __future__ import annotations
 
+import builtins
 import re
 import secrets
 from collections.abc import Iterator, Mapping
@@ -27,8 +28,8 @@ LABEL_OWNER = "io.gpulease.owner"
 LABEL_TENANT = "io.gpulease.tenant"
 LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in ContainerInfo.error
 
-# Never taken from the user: the allocation decides which GPUs a container sees.
-RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
+# What the user may not set in env (every NVIDIA_* variable, and CUDA_VISIBLE_DEVICES) is decided by
+# gpulease.common.container_policy.reserved_env (rule 'env-reserved').
 
 ContainerStateName = Literal["created", "running", "exited"]
 
@@ -75,6 +76,17 @@ class ContainerLaunch:
     network: str = "bridge"
     owner: str = ""
     tenant: str = ""
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A named volume as Docker describes it."""
+
+    name: str
+    driver: str
+    options: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created_unix_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,4 +145,23 @@ class ContainerRuntime(Protocol):
 
     def pids(self, container_id: str) -> frozenset[int]:
         """Host PIDs of every process in the container (empty when not running)."""
+        ...
+
+    # Named volumes: the agent judges a volume from what Docker says of it before mounting it, and
+    # makes tenant volumes itself (labelled LABEL_MANAGED and LABEL_TENANT) so that it can remove them.
+
+    def inspect_volume(self, name: str) -> VolumeInfo | None:
+        """The volume, or None when there is none of that name."""
+        ...
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> VolumeInfo:
+        """A volume on the local driver with no options and these labels; as it is if it exists."""
+        ...
+
+    def list_volumes(self, unused_only: bool) -> builtins.list[VolumeInfo]:
+        """Volumes labelled LABEL_MANAGED=true; with unused_only, those no container refers to."""
+        ...
+
+    def remove_volume(self, name: str) -> bool:
+        """Remove a volume no container refers to; False if one does (or it is gone)."""
         ...

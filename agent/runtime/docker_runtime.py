@@ -9,7 +9,9 @@ no restart policy (the agent decides) and is never auto-removed (exit codes and 
 Errors come out as gpulease errors: daemon unreachable -> Unavailable; container missing or not
 ours -> ContainerNotFound; image missing and not pullable -> ImageUnavailable; anything the
 daemon rejects as malformed (bad image reference, bad name, missing bind source, command not
-found) -> InvalidRequest.
+found) -> InvalidRequest. A failed pull is reported in generic words; the registry's own message
+goes to the agent's log. Which images, mounts and volumes may be asked for at all is decided
+before the runtime is called (gpulease/common/container_policy.py, agent/host_mounts.py).
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from gpulease.agent.runtime import (
     LABEL_OWNER,
     LABEL_REVISION,
     LABEL_TENANT,
-    RESERVED_ENV,
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
+    VolumeInfo,
     default_name,
 )
+from gpulease.common.container_policy import reserved_env
 from gpulease.errors import ContainerNotFound, ImageUnavailable, Internal, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
@@ -212,7 +215,7 @@ class DockerRuntime:
     def _environment(launch: ContainerLaunch) -> dict[str, str]:
         env: dict[str, str] = {}
         for key, value in launch.env.items():
-            if key in RESERVED_ENV:
+            if reserved_env(key):  # checked by the agent's policy first; the runtime never passes one on
                 raise InvalidRequest(f"{key} is set by gpulease from the allocation; remove it")
             if not key or "=" in key or "\0" in key or "\0" in value:
                 raise InvalidRequest(f"invalid environment variable name {key!r}")
@@ -268,11 +271,22 @@ class DockerRuntime:
             pass
         except docker.errors.APIError as e:
             if e.status_code == 400:  # "invalid reference format"
-                raise InvalidRequest(f"invalid image reference {image!r}: {_explain(e)}") from e
+                raise self._pull_failed(image, _explain(e), invalid=True) from e
             raise self._translate(e, f"cannot inspect image {image!r}") from e
         except Exception as e:
             raise self._translate(e, f"cannot inspect image {image!r}") from e
         self._pull(image)
+
+    def _pull_failed(self, image: str, cause: object, *, invalid: bool = False) -> ImageUnavailable | InvalidRequest:
+        """The caller is told that the pull failed, in generic words; the cause (a registry's
+        message, a proxy's, an address that did not answer) goes to the agent's log only: it can
+        name internal hosts and tell a caller which of them answer."""
+        self._log.warning("pull of image %s failed: %s", image, cause)
+        if invalid:
+            return InvalidRequest(f"invalid image reference {image!r} (the agent's log on this node says why)")
+        return ImageUnavailable(
+            f"image {image!r} is not on this node and could not be pulled (the agent's log on this node says why)"
+        )
 
     def _pull(self, image: str) -> None:
         api = self.api
@@ -283,7 +297,7 @@ class DockerRuntime:
             registry, _ = docker.auth.resolve_repository_name(repository)
             auth_header = docker.auth.get_config_header(api, registry)
         except docker.errors.DockerException as e:
-            raise InvalidRequest(f"invalid image reference {image!r}: {e}") from e
+            raise self._pull_failed(image, e, invalid=True) from e
         if auth_header:
             headers["X-Registry-Auth"] = auth_header
         self._log.info("pulling image %s", image)
@@ -297,26 +311,25 @@ class DockerRuntime:
             raise self._translate(e, f"cannot pull image {image!r}") from e
         try:
             if response.status_code >= 400:
-                cause = _response_message(response)
-                if response.status_code == 400:
-                    raise InvalidRequest(f"invalid image reference {image!r}: {cause}")
-                raise ImageUnavailable(f"image {image!r} is not on this node and could not be pulled: {cause}")
+                raise self._pull_failed(image, _response_message(response), invalid=response.status_code == 400)
             progress = _PullProgress(image, self._log)
             for line in response.iter_lines():
                 if not line:
                     continue
                 event = _json(line)
                 if event.get("error") or event.get("errorDetail"):
-                    cause = event.get("error") or event["errorDetail"].get("message", "unknown error")
-                    raise ImageUnavailable(f"image {image!r} is not on this node and could not be pulled: {cause}")
+                    raise self._pull_failed(
+                        image, event.get("error") or event["errorDetail"].get("message", "unknown error")
+                    )
                 progress.update(event)
                 if time.monotonic() > deadline:
+                    self._log.warning("pull of image %s: not done after %.0fs, given up", image, self._pull_timeout)
                     raise ImageUnavailable(
                         f"image {image!r} could not be pulled: not done after {self._pull_timeout:.0f}s "
                         "(raise the agent's pull timeout or pre-pull the image)"
                     )
         except requests.exceptions.RequestException as e:
-            raise ImageUnavailable(f"image {image!r} could not be pulled: {e}") from e
+            raise self._pull_failed(image, e) from e
         finally:
             response.close()  # also cancels the pull in dockerd when we give up early
         try:
@@ -326,6 +339,48 @@ class DockerRuntime:
         except Exception as e:
             raise self._translate(e, f"cannot inspect image {image!r}") from e
         self._log.info("pulled image %s in %.1fs", image, time.monotonic() - started)
+
+    # ----------------------------------------------------------------- volumes
+
+    def inspect_volume(self, name: str) -> VolumeInfo | None:
+        try:
+            attrs = self.api.inspect_volume(name)
+        except docker.errors.NotFound:
+            return None
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect volume {name!r}") from e
+        return volume_info(attrs)
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> VolumeInfo:
+        try:
+            attrs = self.api.create_volume(name, driver="local", labels=dict(labels))
+        except Exception as e:
+            raise self._translate(e, f"cannot create volume {name!r}") from e
+        self._log.info("created volume %s (%s)", name, ", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
+        return volume_info(attrs)
+
+    def list_volumes(self, unused_only: bool) -> list[VolumeInfo]:
+        filters: dict[str, Any] = {"label": f"{LABEL_MANAGED}=true"}
+        if unused_only:
+            filters["dangling"] = True
+        try:
+            answer = self.api.volumes(filters=filters)
+        except Exception as e:
+            raise self._translate(e, "cannot list volumes") from e
+        return [volume_info(v) for v in (answer or {}).get("Volumes") or ()]
+
+    def remove_volume(self, name: str) -> bool:
+        try:
+            self.api.remove_volume(name)
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as e:
+            if e.status_code == 409:  # in use by a container
+                return False
+            raise self._translate(e, f"cannot remove volume {name!r}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot remove volume {name!r}") from e
+        return True
 
     # ----------------------------------------------------------------- stop / inspect
 
@@ -471,6 +526,16 @@ def unix_ms(timestamp: str | None) -> int:
         dt = dt.replace(tzinfo=UTC)
     millis = int((fraction or "0")[:3].ljust(3, "0"))
     return int(dt.timestamp()) * 1000 + millis
+
+
+def volume_info(attrs: Mapping[str, Any]) -> VolumeInfo:
+    return VolumeInfo(
+        name=str(attrs.get("Name", "")),
+        driver=str(attrs.get("Driver", "")),
+        options={str(k): str(v) for k, v in (attrs.get("Options") or {}).items()},
+        labels={str(k): str(v) for k, v in (attrs.get("Labels") or {}).items()},
+        created_unix_ms=unix_ms(attrs.get("CreatedAt")),
+    )
 
 
 def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:

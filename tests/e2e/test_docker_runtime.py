@@ -169,7 +169,7 @@ def test_no_gpus_means_none_visible(runtime: DockerRuntime, busybox: str, alloc:
     assert not docker_client.api.inspect_container(info.id)["HostConfig"]["DeviceRequests"]
 
 
-@pytest.mark.parametrize("key", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"])
+@pytest.mark.parametrize("key", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"])
 def test_user_gpu_env_is_refused_and_nothing_created(
     runtime: DockerRuntime, busybox: str, alloc: str, docker_client: Any, key: str
 ) -> None:
@@ -405,6 +405,13 @@ def test_missing_image_that_cannot_be_pulled(runtime: DockerRuntime, alloc: str,
     assert "could not be pulled" in str(e.value)
     assert f"pulling image {image}" in caplog.text
     assert runtime.list(alloc) == []
+    # The caller is told in generic words; what the registry (or the network) said is in the log only.
+    (failure,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"pull of image {image} failed")]
+    cause = failure.split(" failed: ", 1)[1]
+    assert cause and cause not in str(e.value)
+    assert str(e.value) == (
+        f"image {image!r} is not on this node and could not be pulled (the agent's log on this node says why)"
+    )
 
 
 @pytest.mark.parametrize("image", ["Bad/Name", "busybox::latest", "bad image", "UPPER:1", ""])

@@ -21,6 +21,7 @@ from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
 from gpulease.agent.runtime import ContainerRuntime
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.dev import procs
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -109,11 +110,14 @@ async def agent(
     inventory: tpb.NodeInventory | None = None,
     latest_inventory: Callable[[], tpb.NodeInventory | None] | None = None,
     factory: Callable[[], ContainerRuntime] | None = None,
+    policy: ContainerPolicy | None = None,
+    network: str = "gpulease-test",
 ) -> AsyncIterator[Agent]:
     """The agent's container side, in process, as agent/app.py wires it.
 
     Its inventory is ``latest_inventory()`` if given, else ``inventory``, else the one the cluster
-    fixture registered for ``node``: the agent checks allocations' GPUs against it.
+    fixture registered for ``node``: the agent checks allocations' GPUs against it. ``policy``:
+    the agent's container policy (default: ContainerPolicy(), as an agent with no allowlists).
     """
     if latest_inventory is None:
         known = inventory if inventory is not None else node_inventory(node)
@@ -131,10 +135,11 @@ async def agent(
             fence=Fence(coordinator, node, vouchers),
             gate=gate,
             latest_inventory=latest_inventory,
-            network="gpulease-test",
+            network=network,
             stop_grace_seconds=10.0,
             on_started=lambda info: enforcer.note_started(info),
             recheck=lambda: enforcer.recheck(),
+            policy=policy,
         )
         enforcer = Enforcer(
             node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval,
@@ -152,7 +157,7 @@ async def agent(
 
 
 def spec(**kw: Any) -> tpb.ContainerSpec:
-    kw.setdefault("image", "registry.example/train:1")
+    kw.setdefault("image", "example/train:1")  # Docker Hub: on the default registry allowlist
     kw.setdefault("command", ["sleep", "infinity"])
     return tpb.ContainerSpec(**kw)
 

@@ -22,7 +22,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from gpulease.agent.runtime import (
@@ -32,11 +32,12 @@ from gpulease.agent.runtime import (
     LABEL_MANAGED,
     LABEL_NODE,
     LABEL_REVISION,
-    RESERVED_ENV,
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
+    VolumeInfo,
 )
+from gpulease.common.container_policy import reserved_env
 from gpulease.errors import Conflict, ContainerNotFound, ImageUnavailable, InvalidRequest
 
 _pids = itertools.count(40000)
@@ -112,6 +113,8 @@ class FakeRuntime:
         self.images: set[str] = set()  # pulled by ensure_image
         self.active_log_readers = 0
         self.calls: list[str] = []
+        # Named volumes (name -> info); one that a container mounts is not removed, as in dockerd.
+        self.volumes: dict[str, VolumeInfo] = {}
 
     # -- the Protocol ---------------------------------------------------------------------------
 
@@ -124,7 +127,7 @@ class FakeRuntime:
 
     def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
         self.calls.append("create_and_start")
-        bad = RESERVED_ENV & set(launch.env)
+        bad = [key for key in launch.env if reserved_env(key)]
         if bad:
             raise InvalidRequest(f"env {sorted(bad)} may not be set")
         with self._cond:
@@ -148,6 +151,9 @@ class FakeRuntime:
                 launch=launch,
                 ignores_sigterm=launch.env.get("IGNORE_SIGTERM") == "1",
             )
+            for v in launch.volumes:  # like dockerd: a named volume that does not exist is made, unlabelled
+                if not v.source.startswith("/") and v.source not in self.volumes:
+                    self.volumes[v.source] = VolumeInfo(v.source, "local", {}, {}, _now_ms())
             self.containers[c.id] = c
             self.launches.append(launch)
             self._run(c)
@@ -210,7 +216,41 @@ class FakeRuntime:
             c = self._find(container_id)
             return frozenset({c.pid, c.pid + 1}) if c.state == "running" else frozenset()
 
+    def inspect_volume(self, name: str) -> VolumeInfo | None:
+        self.calls.append("inspect_volume")
+        with self._cond:
+            return self.volumes.get(name)
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> VolumeInfo:
+        self.calls.append("create_volume")
+        with self._cond:
+            return self.volumes.setdefault(name, VolumeInfo(name, "local", {}, dict(labels), created_unix_ms=_now_ms()))
+
+    def list_volumes(self, unused_only: bool) -> list[VolumeInfo]:
+        self.calls.append("list_volumes")
+        with self._cond:
+            used = self._used_volumes()
+            return [
+                v
+                for v in self.volumes.values()
+                if v.labels.get(LABEL_MANAGED) == "true" and not (unused_only and v.name in used)
+            ]
+
+    def remove_volume(self, name: str) -> bool:
+        self.calls.append("remove_volume")
+        with self._cond:
+            if name not in self.volumes or name in self._used_volumes():
+                return False
+            del self.volumes[name]
+            return True
+
     # -- test helpers ---------------------------------------------------------------------------
+
+    def add_volume(self, name: str, driver: str = "local", options: Mapping[str, str] | None = None,
+                   labels: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """A volume made outside gpulease (an admin's, or anyone's)."""
+        with self._cond:
+            self.volumes[name] = VolumeInfo(name, driver, dict(options or {}), dict(labels or {}), _now_ms())
 
     def emit(self, container_id: str, data: bytes, stream: str = "stdout") -> None:
         with self._cond:
@@ -256,6 +296,15 @@ class FakeRuntime:
         return self.get(container_id)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _used_volumes(self) -> set[str]:
+        return {
+            v.source
+            for c in self.containers.values()
+            if c.launch is not None
+            for v in c.launch.volumes
+            if not v.source.startswith("/")
+        }
 
     def _run(self, c: FakeContainer) -> None:
         c.state = "running"

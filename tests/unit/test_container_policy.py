@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gpulease.agent.config import load_config as load_agent_config
 from gpulease.agent.host_mounts import check_bind_source
 from gpulease.common.container_policy import (
     ContainerPolicy,
@@ -23,6 +24,7 @@ from gpulease.common.container_policy import (
     tenant_volume_name,
     volume_backing_problem,
 )
+from gpulease.common.settings import ConfigError
 from gpulease.errors import GpuLeaseError, InvalidRequest, PermissionDenied
 from gpulease.v1 import types_pb2 as tpb
 
@@ -198,6 +200,28 @@ def test_tenant_volume_names_say_their_tenant_without_doubt() -> None:
 )
 def test_volume_backing(driver: str, options: dict[str, str], refused: bool) -> None:
     assert (volume_backing_problem("v", driver, options) is not None) == refused
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_agent_settings(tmp_path: Path) -> None:
+    base = ["--coordinator", "c:1", "--node-id", "n"]
+    cfg = load_agent_config(base, {})
+    assert cfg.container_policy == ContainerPolicy()
+    cfg = load_agent_config(
+        [*base, "--docker-host", "unix:///srv//docker.sock", "--registry-allowlist", "registry.internal:5000"],
+        {"GPULEASE_AGENT_BIND_ALLOWLIST": "/data"},
+    )
+    policy = cfg.container_policy
+    assert policy.bind_allowlist == ("/data",) and policy.registry_allowlist == ("registry.internal:5000",)
+    assert policy.also_forbidden == ("/srv/docker.sock",)
+    toml = tmp_path / "a.toml"
+    toml.write_text('bind-allowlist = ["/data", "/scratch"]\nvolume_allowlist = "datasets"\n')
+    cfg = load_agent_config([*base, "--config", str(toml)], {})
+    assert (cfg.bind_allowlist, cfg.volume_allowlist) == (("/data", "/scratch"), ("datasets",))
+    with pytest.raises(ConfigError, match=r"bind_allowlist: .*never mounted"):
+        load_agent_config([*base, "--bind-allowlist", "/etc/ssl"], {})
 
 
 # --- the host's part (agent/host_mounts.py) -----------------------------------------------------
