@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpulease.common import eventloop, settings, transport
+from gpulease.common import container_policy, eventloop, settings, transport
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.settings import ConfigError
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
@@ -54,10 +55,19 @@ class CoordinatorConfig:
     audit_max_entries: int = 100_000
     # How long who-owns-what is kept for an ended allocation's containers (the agents' retention).
     container_retention: int = 3600
+    # The container policy (gpulease/common/container_policy.py), checked on RunContainer before
+    # anything is forwarded; each agent enforces its own copy too.
+    bind_allowlist: tuple[str, ...] = ()
+    volume_allowlist: tuple[str, ...] = ()
+    registry_allowlist: tuple[str, ...] = container_policy.DEFAULT_REGISTRIES
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def container_policy(self) -> ContainerPolicy:
+        return ContainerPolicy(self.bind_allowlist, self.volume_allowlist, self.registry_allowlist)
 
 
 # How each setting is written in flags, env and TOML, and how its text is parsed.
@@ -75,6 +85,9 @@ _PARSERS: dict[str, Any] = {
     "audit_max_age": lambda v: parse_duration(str(v)),
     "audit_max_entries": int,
     "container_retention": lambda v: parse_duration(str(v)),
+    "bind_allowlist": container_policy.parse_bind_allowlist,
+    "volume_allowlist": container_policy.parse_volume_allowlist,
+    "registry_allowlist": container_policy.parse_registry_allowlist,
 }
 
 
@@ -116,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-max-age", help="audit entries older than this are removed (default 90d)")
     p.add_argument("--audit-max-entries", help="at most this many audit entries are kept (default 100000)")
     p.add_argument("--container-retention", help="how long an ended allocation's container owner is kept (1h)")
+    p.add_argument("--bind-allowlist", help="host directories containers may bind-mount, read-only, comma-separated "
+                                            "(default: none)")  # fmt: skip
+    p.add_argument("--volume-allowlist", help="admin-made volumes containers may mount, read-only (default: none)")
+    p.add_argument("--registry-allowlist", help="registries (or registry/path prefixes) images may come from "
+                                                "(default docker.io)")  # fmt: skip
     return p
 
 

@@ -2,7 +2,9 @@
 
 The coordinator adds what the caller cannot be trusted with: the allocation's fencing token
 (read linearizably from etcd) and the agent's address. The agent checks the token again
-against etcd before it creates anything.
+against etcd before it creates anything. What a spec may ask of a GPU server is checked here
+against the coordinator's copy of the container policy before anything is forwarded
+(``check_spec``, gpulease/common/container_policy.py); the agent checks its own copy again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.coordinator.agents import AgentChannels, agent_error
 from gpulease.coordinator.allocations import AllocationService
 from gpulease.coordinator.endings import Endings
@@ -27,12 +30,24 @@ MAX_WAIT = 300
 
 class ContainerForwarder:
     def __init__(
-        self, allocations: AllocationService, view: ClusterView, agents: AgentChannels, endings: Endings | None = None
+        self,
+        allocations: AllocationService,
+        view: ClusterView,
+        agents: AgentChannels,
+        endings: Endings | None = None,
+        *,
+        policy: ContainerPolicy | None = None,
     ) -> None:
         self._allocs = allocations
         self._view = view
         self._agents = agents
         self._endings = endings
+        self._policy = policy if policy is not None else ContainerPolicy()
+
+    def check_spec(self, spec: tpb.ContainerSpec, tenant: str) -> None:
+        """PermissionDenied or InvalidRequest naming the container policy's rule that ``spec``
+        breaks for an allocation of ``tenant``; nothing is forwarded then."""
+        self._policy.check(spec, tenant=tenant)
 
     def _address(self, node: str) -> str:
         v = self._view.node(node)

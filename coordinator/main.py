@@ -63,7 +63,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
     tokens = Tokens(store, keys, view, audit)
     endings = Endings(store, keys, view, cfg.container_retention)
-    containers = ContainerForwarder(allocations, view, agents, endings)
+    containers = ContainerForwarder(allocations, view, agents, endings, policy=cfg.container_policy)
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

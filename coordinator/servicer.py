@@ -138,6 +138,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @rpc
     async def RunContainer(self, request: pb.RunContainerRequest, context: Ctx) -> tpb.ContainerStatus:
         alloc = await self._allocs.get(request.allocation_id, caller())  # the owner's, and live
+        self._containers.check_spec(request.spec, alloc.tenant)  # the container policy, before anything is sent
         await self._endings.note_containers(alloc)
         status = await self._containers.run(request.allocation_id, request.spec)
         await self._audit.record(caller(), "container-start", alloc.id,

@@ -12,20 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from gpulease.agent.config import load_config as load_agent_config
 from gpulease.agent.runtime import LABEL_ALLOCATION, LABEL_MANAGED, LABEL_NODE, LABEL_TENANT, ContainerLaunch, Volume
 from gpulease.agent.runtime.docker_runtime import DockerRuntime
+from gpulease.client import Client
 from gpulease.common.container_policy import ContainerPolicy
+from gpulease.dev.cluster import LocalCluster
 from gpulease.errors import GpuLeaseError, InvalidRequest, PermissionDenied
+from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
+from tests.support import harness
 from tests.support.agent_cluster import NODE, Cluster, agent, node_inventory
 from tests.support.agent_cluster import cluster as cluster  # the fixture: NODE and OTHER registered
 from tests.support.dockerd import Dockerd
@@ -270,3 +276,74 @@ async def test_what_the_policy_allows_runs(
         assert [v.name for v in report.removed_volumes] == [volume]
     assert [v["Name"] for v in docker_client.api.volumes()["Volumes"] or () if v["Name"] == volume] == []
     assert docker_client.api.containers(all=True, filters={"label": f"{LABEL_ALLOCATION}={alloc.id}"}) == []
+
+
+# --- the coordinator refuses before forwarding; the agent enforces its own copy --------------------
+
+
+async def test_the_coordinator_refuses_before_forwarding(cluster: Cluster) -> None:
+    """The cluster fixture's nodes are registered at addresses where nothing listens: a call the
+    coordinator forwarded would be UNAVAILABLE, so a refusal naming the rule was the coordinator's."""
+    alloc = await cluster.allocate()
+    cases = [
+        (spec("busybox", volumes=mount("/etc", "/x")), grpc.StatusCode.PERMISSION_DENIED, "bind-forbidden"),
+        (spec("busybox", volumes=mount("/data", "/x")), grpc.StatusCode.PERMISSION_DENIED, "bind-allowlist"),
+        (spec("busybox", volumes=mount("/a/../b", "/x")), grpc.StatusCode.INVALID_ARGUMENT, "mount-canonical"),
+        (spec("ghcr.io/acme/x:1"), grpc.StatusCode.PERMISSION_DENIED, "image-registry"),
+        (spec("busybox", env={"NVIDIA_DRIVER_CAPABILITIES": "all"}), grpc.StatusCode.INVALID_ARGUMENT,
+         "env-reserved"),
+        (spec("busybox", name="gpulease-x"), grpc.StatusCode.INVALID_ARGUMENT, "container-name"),
+        (spec("busybox", volumes=mount("t-other-x", "/x")), grpc.StatusCode.PERMISSION_DENIED, "volume-tenant"),
+    ]  # fmt: skip
+    for s, code, rule in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cluster.stub.RunContainer(pb.RunContainerRequest(allocation_id=alloc.id, spec=s))
+        assert e.value.code() == code and (e.value.details() or "").startswith(f"rule {rule!r}: "), e.value
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await cluster.stub.RunContainer(pb.RunContainerRequest(allocation_id=alloc.id, spec=spec("busybox")))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # allowed: forwarded, to an agent that is not there
+
+
+@contextlib.contextmanager
+def policy_node(
+    cluster: LocalCluster, dockerd: Dockerd, coordinator_args: list[str], agent_args: list[str]
+) -> Iterator[str]:
+    """A coordinator and a Docker agent of the test's cluster, each with its own policy settings."""
+    c = harness.start_coordinator(cluster, extra=coordinator_args)
+    try:
+        dockerd.add_agent(cluster, "gpu-policy", 1, *agent_args, coordinator=c.address)
+        harness.wait_nodes_up(c.stub, {"gpu-policy"})
+        yield c.address
+    finally:
+        c.channel.close()
+
+
+@pytest.mark.slow
+def test_the_agent_enforces_its_own_copy(
+    local_cluster: LocalCluster, dockerd: Dockerd, busybox: str, docker_client: Any, allowed: Path
+) -> None:
+    """The coordinator allows a bind mount its allowlist names, the agent's allowlist does not:
+    the agent refuses it, and no container is made. With both allowing it, it runs."""
+    source = f"{allowed}/in"
+    with policy_node(local_cluster, dockerd, ["--bind-allowlist", str(allowed)], []) as address, \
+            Client(address) as c:  # fmt: skip
+        a = c.allocate(gpus=1, ttl=60)
+        before = container_ids(docker_client)
+        with pytest.raises(PermissionDenied) as e:
+            c.run_container(a.id, busybox, ["true"], volumes=[f"{source}:/in:ro"])
+        assert e.value.message.startswith("rule 'bind-allowlist': ") and "bind mounts are off" in e.value.message
+        assert container_ids(docker_client) == before
+        c.release(a.id)
+    local_cluster.stop_agent("gpu-policy")
+
+    with policy_node(local_cluster, dockerd, ["--bind-allowlist", str(allowed)],
+                     ["--bind-allowlist", str(allowed)]) as address, Client(address) as c:  # fmt: skip
+        a = c.allocate(gpus=1, ttl=60)
+        try:
+            started = c.run_container(a.id, busybox, ["cat", "/in/hello.txt"], volumes=[f"{source}:/in:ro"])
+            deadline = time.monotonic() + 30
+            while c.wait_container(a.id, started.id, timeout=5).state != "exited" and time.monotonic() < deadline:
+                pass
+            assert b"".join(chunk.data for chunk in c.logs(a.id, started.id)) == b"hello from the host\n"
+        finally:
+            c.release(a.id)

@@ -25,6 +25,7 @@ from gpulease.common.container_policy import (
     volume_backing_problem,
 )
 from gpulease.common.settings import ConfigError
+from gpulease.coordinator.config import load as load_coordinator_config
 from gpulease.errors import GpuLeaseError, InvalidRequest, PermissionDenied
 from gpulease.v1 import types_pb2 as tpb
 
@@ -203,6 +204,31 @@ def test_volume_backing(driver: str, options: dict[str, str], refused: bool) -> 
 
 
 # --- settings ----------------------------------------------------------------------------------
+
+
+def test_coordinator_settings(tmp_path: Path) -> None:
+    cfg = load_coordinator_config([], env={})
+    assert cfg.container_policy == ContainerPolicy()
+    cfg = load_coordinator_config(
+        ["--bind-allowlist", "/data, /scratch"],
+        env={"GPULEASE_COORDINATOR_REGISTRY_ALLOWLIST": "ghcr.io/acme,docker.io"},
+    )
+    assert cfg.bind_allowlist == ("/data", "/scratch")
+    assert cfg.registry_allowlist == ("ghcr.io/acme", "docker.io")
+    toml = tmp_path / "c.toml"
+    toml.write_text('volume_allowlist = ["datasets", "models"]\nregistry_allowlist = []\n')
+    cfg = load_coordinator_config(["--config", str(toml)], env={})
+    assert cfg.volume_allowlist == ("datasets", "models") and cfg.registry_allowlist == ()
+    for flag, value, message in (
+        ("--bind-allowlist", "/", "never mounted"),
+        ("--bind-allowlist", "/var", "/var/run"),
+        ("--bind-allowlist", "/data/", "ends with '/'"),
+        ("--bind-allowlist", "data", "not an absolute path"),
+        ("--volume-allowlist", "t-ml-scratch", "tenant's volume"),
+        ("--registry-allowlist", "https://ghcr.io", "not REGISTRY"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_coordinator_config([flag, value], env={})
 
 
 def test_agent_settings(tmp_path: Path) -> None:
