@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpulease.agent.config import load_config as load_agent
+from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.transport import is_loopback
 from gpulease.coordinator.config import load as load_coordinator
 
@@ -28,6 +29,9 @@ def test_coordinator_example_config_loads() -> None:
     assert cfg.mtls_listen == "0.0.0.0:50053" and not cfg.insecure
     # Written by the coordinator: in its StateDirectory, the one place its unit lets it write.
     assert cfg.bootstrap_token_file == "/var/lib/gpulease/bootstrap-token"
+    assert cfg.container_policy == ContainerPolicy(
+        ("/data", "/scratch/datasets"), ("models-cache",), ("registry.internal:5000", "ghcr.io/acme", "docker.io")
+    )
 
 
 def test_agent_example_config_loads() -> None:
@@ -41,6 +45,11 @@ def test_agent_example_config_loads() -> None:
         "/etc/gpulease/tls/agent.key",
     )
     assert not cfg.insecure
+    # The same container policy as the coordinator's example.
+    assert (
+        cfg.container_policy
+        == load_coordinator(["--config", str(DEPLOY / "coordinator.toml")], env={}).container_policy
+    )
     # A management address: neither a wildcard nor loopback (the coordinator must reach it).
     assert cfg.listen == "10.20.0.17:50052" and not is_loopback(cfg.listen)
 
