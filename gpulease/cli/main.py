@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", metavar="SIZE", help="e.g. 16GiB (default: the coordinator's)")
     p.add_argument("--gpu-model", default="", metavar="MODEL", help="exact GPU model name")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="container env (repeatable)")
-    p.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]", help="bind mount (repeatable)")
+    p.add_argument("--volume", action="append", default=[], metavar="SRC:DST[:ro]",
+                   help="a host directory the server allows, read-only (SRC:DST:ro), or your tenant's writable "
+                        "volume t-<tenant>-<name> (repeatable)")  # fmt: skip
     p.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm, e.g. 8GiB")
     p.add_argument("--ttl", metavar="DURATION", help="lease TTL, kept alive while running (default: 60s)")
     p.add_argument("--owner", default="", help="who holds the allocation (default: gpuctl-run:$USER)")
