@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpulease.agent.config import load_config as load_agent_config
 from gpulease.agent.host_mounts import check_bind_source
@@ -285,3 +287,26 @@ def test_bind_sources_must_be_directories_or_regular_files(tmp_path: Path) -> No
     os.mkfifo(fifo)
     with pytest.raises(PermissionDenied, match="rule 'bind-file-type'"):
         check_bind_source("volumes[0]", str(fifo))
+
+
+_TEXT = st.text(alphabet=st.sampled_from("/.-_:@atT0f9NVIDA\x00 "), max_size=24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    image=_TEXT,
+    name=_TEXT,
+    env=st.dictionaries(_TEXT, _TEXT, max_size=3),
+    mounts=st.lists(st.tuples(_TEXT, _TEXT, st.booleans()), max_size=3),
+    tenant=st.one_of(st.none(), _TEXT),
+)
+def test_any_spec_is_allowed_or_refused_with_a_rule(
+    image: str, name: str, env: dict[str, str], mounts: list[tuple[str, str, bool]], tenant: str | None
+) -> None:
+    """Whatever a caller sends, the policy answers with a refusal naming a rule, or not at all:
+    never another exception (the coordinator would answer INTERNAL)."""
+    volumes = [tpb.VolumeMount(source=s, target=t, read_only=ro) for s, t, ro in mounts]
+    try:
+        POLICY.check(tpb.ContainerSpec(image=image, name=name, env=env, volumes=volumes), tenant=tenant)
+    except (InvalidRequest, PermissionDenied) as e:
+        assert e.message.startswith("rule '")
