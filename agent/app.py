@@ -27,6 +27,7 @@ from gpulease.agent.config import AgentConfig
 from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
+from gpulease.agent.host_mounts import check_bind_source
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.inventory.select import select_source
 from gpulease.agent.reconcile import Reconciler
@@ -39,6 +40,7 @@ from gpulease.common.sdnotify import sd_notify
 from gpulease.common.settings import split_host_port
 from gpulease.common.tls import TlsFiles
 from gpulease.common.transport import is_loopback, warn_while_insecure
+from gpulease.errors import GpuLeaseError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,12 @@ def _log_policy(policy: ContainerPolicy) -> None:
         ", ".join(policy.volume_allowlist) or "none",
         ", ".join(policy.registry_allowlist) or "nowhere",
     )
+    for root in policy.bind_allowlist:
+        # Sources are walked with no symlink in any component, the allowlisted part included.
+        try:
+            check_bind_source("bind_allowlist", root)
+        except GpuLeaseError as e:
+            log.warning("nothing under bind allowlist entry %s can be mounted as it is now: %s", root, e.message)
 
 
 def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRuntime]:
