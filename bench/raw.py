@@ -40,14 +40,17 @@ async def raw_txn(etcd_url: str, concurrency: int, duration: float) -> tuple[flo
     return done / (time.perf_counter() - t0), lat
 
 
-async def noop_rpc(address: str, concurrency: int, duration: float) -> tuple[float, Latencies]:
+async def noop_rpc(
+    address: str, concurrency: int, duration: float, channel: grpc.aio.Channel | None = None
+) -> tuple[float, Latencies]:
     """The Python gRPC front's own ceiling: health checks/s against the coordinator, which do no
     work. No allocate can be cheaper than this, so it bounds allocations/s on this machine; and
-    their latency, plus a raw transaction's, bounds an allocate's latency from below."""
+    their latency, plus a raw transaction's, bounds an allocate's latency from below. ``channel``:
+    one to use instead of a clear-text one (a TLS channel measures what TLS alone costs)."""
     lat = Latencies()
     done = 0
     stop = time.perf_counter() + duration
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel or grpc.aio.insecure_channel(address) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
 
         async def worker() -> None:

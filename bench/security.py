@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bench.cluster import GPUS_PER_NODE, register_nodes, start_cluster, wait_nodes
 from bench.load import LoadResult, run_load
+from bench.raw import noop_rpc
 from gpulease.dev.cluster import LocalCluster
 
 ROUNDS = 2
@@ -30,18 +31,24 @@ class SecurityCost:
     cycles_ratio: float
     clear_p50_ms: float
     secure_p50_ms: float
+    # Empty health checks on the same coordinators: what TLS alone costs a call, no auth involved
+    noop_clear_per_s: float
+    noop_tls_per_s: float
+    noop_ratio: float
     double_allocations: int
     errors: dict[str, int]
 
 
-async def _one(cluster: LocalCluster, nodes: int, concurrency: int, duration: float) -> LoadResult:
+async def _one(cluster: LocalCluster, nodes: int, concurrency: int, duration: float) -> tuple[LoadResult, float]:
     address = cluster.add_coordinator(prefix="/security/", extra_args=["--rate-limit", "0"]).address
     try:
         names = [f"node-{i:05d}" for i in range(nodes)]
         await register_nodes(address, names, cluster=cluster)
         await wait_nodes(address, nodes, 120, cluster=cluster)
         config = cluster.client_config(targets=[address]) if cluster.secure else None
-        return await run_load(address, concurrency, duration, nodes * GPUS_PER_NODE * 9 // 10, config=config)
+        load = await run_load(address, concurrency, duration, nodes * GPUS_PER_NODE * 9 // 10, config=config)
+        noop, _ = await noop_rpc(address, concurrency, min(duration, 3), cluster.aio_channel(address))
+        return load, noop
     finally:
         cluster.stop_coordinator(address)
 
@@ -50,12 +57,15 @@ async def run_security(etcd_url: str, nodes: int, concurrency: int, duration: fl
     clear = start_cluster(etcd_url=etcd_url, temp_prefix="gpulease-bench-clear-")
     secure = start_cluster(etcd_url=etcd_url, temp_prefix="gpulease-bench-tls-", secure=True)
     results: dict[bool, list[LoadResult]] = {False: [], True: []}
+    noops: dict[bool, list[float]] = {False: [], True: []}
     try:
         for _ in range(ROUNDS):
             for cluster in (clear, secure):
                 # A fresh prefix state each time: the previous run's coordinator is gone and its
                 # allocations released; nodes register again (idempotent).
-                results[cluster.secure].append(await _one(cluster, nodes, concurrency, duration))
+                load, noop = await _one(cluster, nodes, concurrency, duration)
+                results[cluster.secure].append(load)
+                noops[cluster.secure].append(noop)
     finally:
         clear.stop()
         secure.stop()
@@ -80,6 +90,9 @@ async def run_security(etcd_url: str, nodes: int, concurrency: int, duration: fl
         cycles_ratio=round(secure_cycles / clear_cycles, 3) if clear_cycles else 0.0,
         clear_p50_ms=round(mean([r.alloc_lat.ms(0.5) for r in c]), 2),
         secure_p50_ms=round(mean([r.alloc_lat.ms(0.5) for r in s]), 2),
+        noop_clear_per_s=round(mean(noops[False]), 1),
+        noop_tls_per_s=round(mean(noops[True]), 1),
+        noop_ratio=round(mean(noops[True]) / mean(noops[False]), 3) if noops[False] and mean(noops[False]) else 0.0,
         double_allocations=sum(r.double_allocations for r in (*c, *s)),
         errors=errors,
     )
