@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
+
 from bench.cluster import GPUS_PER_NODE, register_nodes, start_cluster, wait_nodes
 from bench.load import LoadResult, run_load
 from bench.raw import noop_rpc
@@ -47,7 +49,13 @@ async def _one(cluster: LocalCluster, nodes: int, concurrency: int, duration: fl
         await wait_nodes(address, nodes, 120, cluster=cluster)
         config = cluster.client_config(targets=[address]) if cluster.secure else None
         load = await run_load(address, concurrency, duration, nodes * GPUS_PER_NODE * 9 // 10, config=config)
-        noop, _ = await noop_rpc(address, concurrency, min(duration, 3), cluster.aio_channel(address))
+        # TLS alone (health checks need no token): a channel verified with the cluster's CA.
+        channel = (
+            grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(cluster.ca_file.read_bytes()))
+            if cluster.secure
+            else None
+        )
+        noop, _ = await noop_rpc(address, concurrency, min(duration, 3), channel)
         return load, noop
     finally:
         cluster.stop_coordinator(address)
