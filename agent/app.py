@@ -1,6 +1,11 @@
 """Wires the agent together: inventory, containers, gRPC server, registration, reconciliation,
 enforcement, transport security and signal handling.
 
+Two event loops (agent/control.py): the gRPC server and the container service run on the main
+one; the heartbeats, restart reconciliation and enforcement on a control loop with a thread, a
+channel to the coordinator and a Docker connection of their own, so that no amount of container
+traffic delays a heartbeat or a stop.
+
 Start-up order matters for containers: the node registers with ``reconciling=true`` (the
 coordinator offers none of its GPUs), the reconciler adopts or stops the containers a previous
 agent left running, and only then does the node offer its GPUs, StartContainer accept work, and
@@ -20,11 +25,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from gpulease.agent.address import advertised_address
 from gpulease.agent.channel import COORDINATOR_CHANNEL_OPTIONS, CoordinatorChannel
 from gpulease.agent.config import AgentConfig
-from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
+from gpulease.agent.containers import ContainerService, Limits, ReadyGate, RuntimeHandle
+from gpulease.agent.control import ControlLoop, on_loop
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
 from gpulease.agent.host_mounts import check_bind_source
@@ -32,7 +39,7 @@ from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.inventory.select import select_source
 from gpulease.agent.reconcile import Reconciler
 from gpulease.agent.registration import AgentInventory, Registrar
-from gpulease.agent.runtime import ContainerInfo, ContainerRuntime
+from gpulease.agent.runtime import LOG_MAX_FILES, ContainerInfo, ContainerRuntime
 from gpulease.agent.security import certificate_problem, load_tls
 from gpulease.agent.server import start_server
 from gpulease.common.container_policy import ContainerPolicy
@@ -65,16 +72,42 @@ def _log_policy(policy: ContainerPolicy) -> None:
             log.warning("nothing under bind allowlist entry %s can be mounted as it is now: %s", root, e.message)
 
 
-def docker_runtime_factory(docker_host: str | None) -> Callable[[], ContainerRuntime]:
+def _log_hardening(cfg: AgentConfig) -> None:
+    h = cfg.hardening
+    log.info(
+        "containers run with profile %s (%s), not privileged, no-new-privileges, at most %d processes, logs of "
+        "%d x %d bytes; limits: %d pull(s) in flight on the node (deadline %.0fs), per allocation 1 start, "
+        "%d log stream(s), %d wait(s)",
+        h.profile,
+        "no capabilities, user nobody" if h.profile == "restricted" else "Docker's default capabilities minus NET_RAW",
+        h.pids_limit,
+        LOG_MAX_FILES,
+        h.log_max_size,
+        cfg.max_concurrent_pulls,
+        cfg.pull_timeout_seconds,
+        cfg.max_log_streams_per_allocation,
+        cfg.max_waits_per_allocation,
+    )
+
+
+def docker_runtime_factory(
+    docker_host: str | None, *, pull_timeout: float | None = None
+) -> Callable[[], ContainerRuntime]:
     """Creates the Docker runtime on first use (imported late: only agent/runtime imports docker)."""
 
     def create() -> ContainerRuntime:
-        from gpulease.agent.runtime.docker_runtime import DockerRuntime
+        from gpulease.agent.runtime.docker_runtime import DEFAULT_PULL_TIMEOUT_S, DockerRuntime
 
-        runtime: ContainerRuntime = DockerRuntime(docker_host)
+        timeout = DEFAULT_PULL_TIMEOUT_S if pull_timeout is None else pull_timeout
+        runtime: ContainerRuntime = DockerRuntime(docker_host, pull_timeout=timeout)
         return runtime
 
     return create
+
+
+async def _open_channel(target: str, tls: TlsFiles | None) -> CoordinatorChannel:
+    """A channel made on (and so bound to) the loop this runs on."""
+    return CoordinatorChannel(target, tls)
 
 
 async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
@@ -83,8 +116,6 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
     ``tls``: the files ``load_tls(cfg)`` read (read here when the configuration names them and
     none are given; a ConfigError then propagates).
     """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     if tls is None and cfg.tls_enabled:
         tls = load_tls(cfg)
     _log_transport(cfg, tls)
@@ -101,10 +132,11 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
         gate = ReadyGate(reconciling=True)
         vouchers = Vouchers()
         coordinator = CoordinatorClient(channel, cfg.coordinator)
-        runtime = RuntimeHandle(
-            docker_runtime_factory(cfg.docker_host),
-            description=f"Docker ({cfg.docker_host or 'the default socket'})",
-        )
+        docker_description = f"Docker ({cfg.docker_host or 'the default socket'})"
+        factory = docker_runtime_factory(cfg.docker_host, pull_timeout=cfg.pull_timeout_seconds)
+        runtime = RuntimeHandle(factory, description=docker_description)
+        # The enforcer's own Docker connection: container traffic never holds it up.
+        control_runtime = RuntimeHandle(factory, description=docker_description)
         enforcer: Enforcer | None = None
 
         def context() -> InventoryContext | None:
@@ -130,93 +162,134 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
             on_started=started,
             recheck=recheck,
             policy=cfg.container_policy,
+            hardening=cfg.hardening,
+            limits=Limits(
+                max_concurrent_pulls=cfg.max_concurrent_pulls,
+                max_log_streams_per_allocation=cfg.max_log_streams_per_allocation,
+                max_waits_per_allocation=cfg.max_waits_per_allocation,
+            ),
         )
-        enforcer = Enforcer(
-            node=cfg.node_id,
-            coordinator=coordinator,
-            containers=containers,
-            vouchers=vouchers,
-            interval=cfg.enforce_interval_seconds,
-            grace=cfg.enforce_grace_seconds,
-            retention=cfg.container_retention_seconds,
-        )
+        control = ControlLoop()
+        control.start()
         try:
-            server = await start_server(cfg.listen, cfg.node_id, inventory, containers, tls=tls)
-        except OSError as e:
-            log.error("%s", e)
-            return 1
-        _log_policy(containers.policy)
-        listen_host, _ = split_host_port(cfg.listen)
-        address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
-        log.info(
-            "agent for node %s listening on %s (advertised as %s, %s); coordinator %s",
-            cfg.node_id,
-            cfg.listen,
+            control_channel = await control.run(_open_channel(cfg.coordinator, tls))
+            try:
+                enforcer = Enforcer(
+                    node=cfg.node_id,
+                    coordinator=CoordinatorClient(control_channel, cfg.coordinator),
+                    containers=containers,
+                    vouchers=vouchers,
+                    interval=cfg.enforce_interval_seconds,
+                    grace=cfg.enforce_grace_seconds,
+                    retention=cfg.container_retention_seconds,
+                    runtime=control_runtime,
+                )
+                return await _serve(cfg, tls, channel, control, control_channel, containers, enforcer, inventory, gate)
+            finally:
+                await control.run(control_channel.close())
+        finally:
+            await control.stop()
+            containers.close()
+            if enforcer is not None:
+                enforcer.close()
+
+
+async def _serve(
+    cfg: AgentConfig,
+    tls: TlsFiles | None,
+    channel: CoordinatorChannel,
+    control: ControlLoop,
+    control_channel: CoordinatorChannel,
+    containers: ContainerService,
+    enforcer: Enforcer,
+    inventory: AgentInventory,
+    gate: ReadyGate,
+) -> int:
+    """Serve until SIGTERM/SIGINT: the server here, heartbeats and enforcement on the control loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        server = await start_server(cfg.listen, cfg.node_id, inventory, containers, tls=tls)
+    except OSError as e:
+        log.error("%s", e)
+        return 1
+    _log_policy(containers.policy)
+    _log_hardening(cfg)
+    listen_host, _ = split_host_port(cfg.listen)
+    address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
+    log.info(
+        "agent for node %s listening on %s (advertised as %s, %s); coordinator %s",
+        cfg.node_id,
+        cfg.listen,
+        address,
+        "mutual TLS" if tls is not None else "clear text",
+        cfg.coordinator,
+    )
+    if is_loopback(address) and not is_loopback(cfg.coordinator):
+        log.warning(
+            "this agent advertises the loopback address %s to the coordinator at %s, which cannot reach it "
+            "there: set --listen to this server's management address (or --advertise)",
             address,
-            "mutual TLS" if tls is not None else "clear text",
             cfg.coordinator,
         )
-        if is_loopback(address) and not is_loopback(cfg.coordinator):
-            log.warning(
-                "this agent advertises the loopback address %s to the coordinator at %s, which cannot reach it "
-                "there: set --listen to this server's management address (or --advertise)",
-                address,
-                cfg.coordinator,
-            )
 
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, _request_stop, stop, sig)
-        # SIGHUP re-reads the TLS files (also read when they change); without this handler it would kill us.
-        loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, channel)
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, _request_stop, stop, sig)
+    # SIGHUP re-reads the TLS files (also read when they change); without this handler it would kill us.
+    loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, channel)
 
-        async def ready() -> None:
-            # Registered with reconciliation done: healthy, and ready for systemd (Type=notify).
-            await server.set_serving()
-            sd_notify("READY=1")
+    async def ready() -> None:
+        # Registered with reconciliation done: healthy, and ready for systemd (Type=notify).
+        await server.set_serving()
+        sd_notify("READY=1")
 
-        try:
-            registrar = Registrar(
-                node=cfg.node_id,
-                address=address,
-                channel=channel,
-                source=inventory,
-                on_registered=ready,
-                on_allocations_revision=enforcer.note_allocations_revision,
-            )
+    try:
+        # On the control loop: its own channel; readiness is set on this loop.
+        registrar = Registrar(
+            node=cfg.node_id,
+            address=address,
+            channel=control_channel,
+            source=inventory,
+            on_registered=on_loop(loop, ready),
+            on_allocations_revision=enforcer.note_allocations_revision,
+        )
 
-            async def wake_registrar() -> None:
-                registrar.wake()  # tell the coordinator at once that the node's GPUs are usable
+        async def wake_registrar() -> None:
+            registrar.wake()  # tell the coordinator at once that the node's GPUs are usable
 
-            reconciler = Reconciler(enforcer=enforcer, gate=gate, on_done=wake_registrar)
+        reconciler = Reconciler(enforcer=enforcer, gate=gate, on_done=wake_registrar)
 
-            async def reconcile_then_enforce() -> None:
-                await reconciler.run()
-                await enforcer.run()
+        async def reconcile_then_enforce() -> None:
+            await reconciler.run()
+            await enforcer.run()
 
-            tasks: set[asyncio.Task[object]] = {
-                asyncio.create_task(registrar.run(), name="registration"),
-                asyncio.create_task(reconcile_then_enforce(), name="containers"),
-            }
-            if tls is None and cfg.insecure:
-                what = f"the agent of node {cfg.node_id} on {cfg.listen}"
-                tasks.add(asyncio.create_task(warn_while_insecure(log, what), name="insecure-warning"))
-            stopping: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop-signal")
-            await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            exit_code = 0
-            for task in tasks:
-                if task.done():
-                    # These loops only return by cancellation, so this is a bug; say so and shut down.
-                    log.error("%s loop ended unexpectedly: %r", task.get_name(), task.exception())
-                    exit_code = 1
-            for task in (*tasks, stopping):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            sd_notify("STOPPING=1")
-            await server.stop(SHUTDOWN_GRACE_S)
-        finally:
-            for sig in (*_STOP_SIGNALS, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+        tasks: set[asyncio.Future[Any]] = {
+            asyncio.wrap_future(control.submit(registrar.run())),
+            asyncio.wrap_future(control.submit(reconcile_then_enforce())),
+        }
+        names = dict(zip(tasks, ("registration", "containers"), strict=False))
+        if tls is None and cfg.insecure:
+            what = f"the agent of node {cfg.node_id} on {cfg.listen}"
+            tasks.add(asyncio.create_task(warn_while_insecure(log, what), name="insecure-warning"))
+        stopping: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop-signal")
+        await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        for task in tasks:
+            if task.done():
+                # These loops only return by cancellation, so this is a bug; say so and shut down.
+                failure = task.exception() if not task.cancelled() else None
+                name = names.get(task) or getattr(task, "get_name", lambda: "a")()
+                log.error("%s loop ended unexpectedly: %r", name, failure)
+                exit_code = 1
+        for task in (*tasks, stopping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        sd_notify("STOPPING=1")
+        await server.stop(SHUTDOWN_GRACE_S)
+    finally:
+        for sig in (*_STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
     log.info("agent for node %s stopped (its containers keep running)", cfg.node_id)
     return exit_code
 

@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpulease.agent.runtime import (
+    AGENT_NETWORK,
+    DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_PIDS_LIMIT,
+    LOG_MAX_FILES,
+    PROFILES,
+    ContainerProfile,
+    Hardening,
+    network_problem,
+)
 from gpulease.common import container_policy, settings
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.settings import ConfigError, split_host_port
@@ -33,7 +43,8 @@ MAX_SIMULATED_GPUS = 1024
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_CONTAINER_NETWORK = "bridge"
+# The agent's own bridge, made with inter-container traffic off (agent/runtime: AGENT_NETWORK).
+DEFAULT_CONTAINER_NETWORK = AGENT_NETWORK
 # StopContainer's default grace (SIGTERM, then SIGKILL), as the API documents.
 DEFAULT_STOP_GRACE_S = 10.0
 # Enforcement: how often containers are checked against the node's live allocations, and the
@@ -50,6 +61,15 @@ DEFAULT_CONTAINER_RETENTION_S = 3600.0
 MAX_CONTAINER_RETENTION_S = 30 * 86400.0
 MAX_ENFORCE_INTERVAL_S = 60.0
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# Run-time limits (issue 14, part B): what one tenant may hold of this agent at once.
+DEFAULT_PULL_TIMEOUT_S = 600.0  # a pull's hard wall-clock deadline (the coordinator waits 900 s for a start)
+MAX_PULL_TIMEOUT_S = 3600.0
+DEFAULT_MAX_CONCURRENT_PULLS = 2  # per node, queued first come first served
+DEFAULT_MAX_LOG_STREAMS_PER_ALLOCATION = 4
+DEFAULT_MAX_WAITS_PER_ALLOCATION = 8
+MAX_PIDS_LIMIT = 4_194_304  # the kernel's pid_max ceiling
+MIN_PIDS_LIMIT = 16
+MIN_LOG_MAX_SIZE = 2**20
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,21 @@ class AgentConfig:
     bind_allowlist: tuple[str, ...] = ()
     volume_allowlist: tuple[str, ...] = ()
     registry_allowlist: tuple[str, ...] = container_policy.DEFAULT_REGISTRIES
+    # How every container runs (agent/runtime: Hardening): "baseline" (Docker's default capabilities
+    # minus NET_RAW) or "restricted" (no capabilities, user nobody); its PID limit; the size of each
+    # of its LOG_MAX_FILES json-file log files.
+    container_profile: ContainerProfile = "baseline"
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    # What one tenant may hold of this agent at once (agent/containers.py: Limits).
+    pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_S
+    max_concurrent_pulls: int = DEFAULT_MAX_CONCURRENT_PULLS
+    max_log_streams_per_allocation: int = DEFAULT_MAX_LOG_STREAMS_PER_ALLOCATION
+    max_waits_per_allocation: int = DEFAULT_MAX_WAITS_PER_ALLOCATION
+
+    @property
+    def hardening(self) -> Hardening:
+        return Hardening(profile=self.container_profile, pids_limit=self.pids_limit, log_max_size=self.log_max_size)
 
     @property
     def tls_enabled(self) -> bool:
@@ -140,6 +175,13 @@ _SCALAR_SETTINGS = (
     "bind_allowlist",
     "volume_allowlist",
     "registry_allowlist",
+    "container_profile",
+    "pids_limit",
+    "log_max_size",
+    "pull_timeout_seconds",
+    "max_concurrent_pulls",
+    "max_log_streams_per_allocation",
+    "max_waits_per_allocation",
 )
 
 
@@ -173,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--container-network",
         metavar="NAME",
-        help=f"Docker network for containers (default {DEFAULT_CONTAINER_NETWORK})",
+        help=f"Docker network for containers: 'none', or a bridge with inter-container traffic off (default "
+        f"{DEFAULT_CONTAINER_NETWORK}, which the agent creates so); never host",
     )
     p.add_argument(
         "--stop-grace-seconds",
@@ -241,6 +284,49 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGISTRIES",
         help="registries (or registry/path prefixes) images may come from "
         f"(default: {','.join(container_policy.DEFAULT_REGISTRIES)})",
+    )
+    run = p.add_argument_group(
+        "container run time",
+        "How every container runs and what one allocation may hold of this agent at once, whatever it asks.",
+    )
+    run.add_argument(
+        "--container-profile",
+        metavar="PROFILE",
+        choices=PROFILES,
+        help="baseline: Docker's default capabilities minus NET_RAW; restricted: no capabilities and user "
+        "nobody (65534). Both: not privileged, no-new-privileges, a PID limit (default baseline)",
+    )
+    run.add_argument(
+        "--pids-limit", metavar="N", type=int, help=f"processes per container (default {DEFAULT_PIDS_LIMIT})"
+    )
+    run.add_argument(
+        "--log-max-size",
+        metavar="SIZE",
+        help=f"size of each of a container's {LOG_MAX_FILES} log files (default {DEFAULT_LOG_MAX_SIZE // 2**20}MiB)",
+    )
+    run.add_argument(
+        "--pull-timeout-seconds",
+        metavar="S",
+        type=float,
+        help=f"hard wall-clock deadline of an image pull (default {DEFAULT_PULL_TIMEOUT_S:g})",
+    )
+    run.add_argument(
+        "--max-concurrent-pulls",
+        metavar="N",
+        type=int,
+        help=f"image pulls in flight on this node; more wait in turn (default {DEFAULT_MAX_CONCURRENT_PULLS})",
+    )
+    run.add_argument(
+        "--max-log-streams-per-allocation",
+        metavar="N",
+        type=int,
+        help=f"open log streams per allocation (default {DEFAULT_MAX_LOG_STREAMS_PER_ALLOCATION})",
+    )
+    run.add_argument(
+        "--max-waits-per-allocation",
+        metavar="N",
+        type=int,
+        help=f"WaitContainer calls in flight per allocation (default {DEFAULT_MAX_WAITS_PER_ALLOCATION})",
     )
     return p
 
@@ -336,6 +422,21 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
     network = str(values.get("container_network", DEFAULT_CONTAINER_NETWORK)).strip()
     if not _NETWORK_RE.match(network):
         raise ConfigError(f"container_network {network!r} is not a valid Docker network name")
+    problem = network_problem(network)
+    if problem is not None:
+        raise ConfigError(f"container_network: {problem}, which no container of gpulease may join")
+    profile = str(values.get("container_profile", "baseline")).strip().lower()
+    if profile not in PROFILES:
+        raise ConfigError(f"container_profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    log_max_size = DEFAULT_LOG_MAX_SIZE
+    if "log_max_size" in values:
+        raw = values["log_max_size"]
+        try:
+            log_max_size = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
+        except InvalidRequest as e:
+            raise ConfigError(f"log_max_size: {e.message}") from e
+        if log_max_size < MIN_LOG_MAX_SIZE:
+            raise ConfigError(f"log_max_size must be at least 1MiB, got {raw!r}")
 
     lists: dict[str, tuple[str, ...]] = {}
     for name, parse in (
@@ -376,7 +477,27 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         tls_cert=tls_cert,
         tls_key=tls_key,
         insecure=insecure,
+        container_profile="restricted" if profile == "restricted" else "baseline",
+        pids_limit=_bounded_int(values, "pids_limit", DEFAULT_PIDS_LIMIT, MIN_PIDS_LIMIT, MAX_PIDS_LIMIT),
+        log_max_size=log_max_size,
+        pull_timeout_seconds=_seconds(values, "pull_timeout_seconds", DEFAULT_PULL_TIMEOUT_S, 1.0, MAX_PULL_TIMEOUT_S),
+        max_concurrent_pulls=_bounded_int(values, "max_concurrent_pulls", DEFAULT_MAX_CONCURRENT_PULLS, 1, 64),
+        max_log_streams_per_allocation=_bounded_int(
+            values, "max_log_streams_per_allocation", DEFAULT_MAX_LOG_STREAMS_PER_ALLOCATION, 1, 128
+        ),
+        max_waits_per_allocation=_bounded_int(
+            values, "max_waits_per_allocation", DEFAULT_MAX_WAITS_PER_ALLOCATION, 1, 1024
+        ),
     )
+
+
+def _bounded_int(values: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = _optional_int(values, name, minimum=low)
+    if value is None:
+        return default
+    if value > high:
+        raise ConfigError(f"{name} must be at most {high}, got {value}")
+    return value
 
 
 def _tls_files(values: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:

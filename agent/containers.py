@@ -4,16 +4,33 @@ The rules for what a caller may ask to run, and for the ids it names, are in age
 (their shape) and gpulease/common/container_policy.py (what this server allows: mounts, volumes,
 env, names, images), with the host's part of the latter in agent/host_mounts.py.
 
-The runtime (agent/runtime) is synchronous; every call runs in a worker thread. Long calls are
-kept short per thread: WaitContainer waits in slices of at most WAIT_SLICE_S, and log streams
-run in daemon threads of their own, so neither can exhaust the shared pool or block shutdown.
+The runtime (agent/runtime) is synchronous; every call runs in a worker thread of the service's
+own pool (never the event loop's default one, which the heartbeat and enforcement must not queue
+behind). Long calls are kept short per thread: all waits on one container share one watcher,
+which waits in slices of at most WAIT_SLICE_S, and log streams run in daemon threads of their own.
+
+One tenant cannot starve the agent (issue 14, part B; ``Limits``): at most one StartContainer in
+flight per allocation, and one running container per allocation (so the CPU and memory limits of
+an allocation's containers never add up to more than the allocation's: each gets all of them);
+at most ``max_concurrent_pulls`` image pulls in flight on the node, the others waiting in turn
+(first come, first served: as each allocation has at most one start in flight, no allocation
+waits behind another's second pull), each with a hard deadline (the runtime's); at most
+``max_log_streams_per_allocation`` log streams and ``max_waits_per_allocation`` waits per
+allocation. A call whose client has gone stops its work: a queued pull leaves the queue, a pull
+in flight is cut, a wait's or a log stream's reader ends.
+
+The agent touches only its own node's containers: one labelled with another node (two agents on
+one dockerd) is not found here, and no start, stop or wait acts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import logging
 import threading
 import time
@@ -29,9 +46,11 @@ from gpulease.agent.runtime import (
     LABEL_MANAGED,
     LABEL_NODE,
     LABEL_TENANT,
+    PULL_CANCEL,
     ContainerInfo,
     ContainerLaunch,
     ContainerRuntime,
+    Hardening,
     Volume,
     default_name,
 )
@@ -42,6 +61,7 @@ from gpulease.errors import (
     GpuLeaseError,
     Internal,
     InvalidRequest,
+    RateLimited,
     StaleFencingToken,
     Unavailable,
 )
@@ -57,6 +77,8 @@ DEFAULT_WAIT_S = 30
 MAX_STOP_GRACE_S = 300
 # One blocking runtime.wait() lasts at most this long, so a cancelled WaitContainer frees its thread soon.
 WAIT_SLICE_S = 1.0
+# Threads of the service's own pool (runtime calls for StartContainer, Stop, Get, Wait, List, ...).
+CONTAINER_THREADS = 32
 MAX_LOG_STREAMS = 128
 MAX_STOP_REASONS = 4096
 LOG_QUEUE_CHUNKS = 64
@@ -127,6 +149,10 @@ class ReadyGate:
     def __init__(self, reconciling: bool = True) -> None:
         self._reconciling = reconciling
         self._done = asyncio.Event()
+        try:  # the loop waiters wait on; open() may be called from another thread (the control loop's)
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         if not reconciling:
             self._done.set()
 
@@ -136,10 +162,114 @@ class ReadyGate:
 
     def open(self) -> None:
         self._reconciling = False
-        self._done.set()
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop is running:
+            self._done.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._done.set)
 
     async def wait(self) -> None:
         await self._done.wait()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one allocation may hold of this agent at once (settings of agent/config.py)."""
+
+    max_concurrent_pulls: int = 2
+    max_log_streams_per_allocation: int = 4
+    max_waits_per_allocation: int = 8
+
+
+class PerAllocation:
+    """Calls in flight per allocation, refused beyond ``limit`` with a message naming ``rule``."""
+
+    def __init__(self, rule: str, what: str, limit: int, node: str, error: type[GpuLeaseError] = RateLimited) -> None:
+        self.rule = rule
+        self._what = what
+        self.limit = limit
+        self._node = node
+        self._error = error
+        self._counts: dict[str, int] = {}
+
+    def count(self, allocation_id: str) -> int:
+        return self._counts.get(allocation_id, 0)
+
+    def acquire(self, allocation_id: str) -> None:
+        n = self._counts.get(allocation_id, 0)
+        if n >= self.limit:
+            raise self._error(
+                f"rule {self.rule!r}: allocation {allocation_id} has {n} {self._what} in flight on node {self._node}, "
+                f"the most it may have at once; retry when one has ended"
+            )
+        self._counts[allocation_id] = n + 1
+
+    def release(self, allocation_id: str) -> None:
+        n = self._counts.get(allocation_id, 0) - 1
+        if n > 0:
+            self._counts[allocation_id] = n
+        else:
+            self._counts.pop(allocation_id, None)
+
+    @contextlib.contextmanager
+    def hold(self, allocation_id: str) -> Iterator[None]:
+        self.acquire(allocation_id)
+        try:
+            yield
+        finally:
+            self.release(allocation_id)
+
+
+class FairSlots:
+    """A semaphore whose waiters get their turn in the order they came (a waiter that is cancelled
+    leaves the queue). Event-loop only."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = slots
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def in_use(self) -> int:
+        return self.slots - self._free
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._queue if not f.done())
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # the turn came as the waiter was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(turn)
+            raise
+
+    def release(self) -> None:
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+
+@dataclass
+class _ExitWatch:
+    task: asyncio.Task[ContainerInfo]
+    waiters: int = 0
 
 
 class ContainerService:
@@ -156,8 +286,21 @@ class ContainerService:
         on_started: Callable[[ContainerInfo], None] | None = None,
         recheck: Callable[[], None] | None = None,
         policy: ContainerPolicy | None = None,
+        hardening: Hardening | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._node = node
+        # How every container runs (not privileged, no-new-privileges, capabilities, PID and log limits).
+        self._hardening = hardening if hardening is not None else Hardening()
+        self._limits = limits if limits is not None else Limits()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._starts = PerAllocation("starts", "StartContainer call(s)", 1, node, Conflict)
+        self._log_streams = PerAllocation(
+            "log-streams", "log stream(s)", self._limits.max_log_streams_per_allocation, node
+        )
+        self._waits = PerAllocation("waits", "WaitContainer call(s)", self._limits.max_waits_per_allocation, node)
+        self.pulls = FairSlots(self._limits.max_concurrent_pulls)
+        self._exit_watches: dict[str, _ExitWatch] = {}
         # What a spec may ask of this server (gpulease/common/container_policy.py): this agent's own
         # copy, enforced whatever the coordinator's says.
         self._policy = policy if policy is not None else ContainerPolicy()
@@ -179,7 +322,9 @@ class ContainerService:
         # It removes a volume holding volume_lock, after checking this; a start registers first,
         # then waits for the lock once, so it never inspects a volume that is being removed.
         self._volumes_starting: dict[str, int] = {}
-        self.volume_lock = asyncio.Lock()
+        self._volumes_starting_lock = threading.Lock()  # the enforcer may read it from its own thread
+        # Held (in a worker thread) around removing a volume; a start waits for it once: see start().
+        self.volume_lock = threading.Lock()
 
     @property
     def node(self) -> str:
@@ -193,9 +338,38 @@ class ContainerService:
     def policy(self) -> ContainerPolicy:
         return self._policy
 
+    @property
+    def hardening(self) -> Hardening:
+        return self._hardening
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
     def volumes_starting(self) -> frozenset[str]:
         """Named volumes that a start in progress will mount: not to be removed meanwhile."""
-        return frozenset(self._volumes_starting)
+        with self._volumes_starting_lock:
+            return frozenset(self._volumes_starting)
+
+    def close(self) -> None:
+        """Let the service's threads go (those in a runtime call finish it first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the service's own pool, with the caller's context (PULL_CANCEL)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(CONTAINER_THREADS, thread_name_prefix="agent-containers")
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(context.run, fn, *args))
+
+    def mine(self, info: ContainerInfo) -> bool:
+        """Whether a container is this node's (its LABEL_NODE): the agent touches no other."""
+        return info.node == self._node
+
+    async def own_containers(self, runtime: ContainerRuntime, allocation_id: str = "") -> list[ContainerInfo]:
+        return [i for i in await self._call(runtime.list, allocation_id) if self.mine(i)]
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -220,6 +394,21 @@ class ContainerService:
                 f"the agent of node {self._node} is still reconciling its containers with the coordinator "
                 "after a restart; no container is started until it is done: retry shortly"
             )
+        # One start in flight per allocation; held until the start has ended, even when its caller
+        # has gone (the shielded part below releases it then).
+        self._starts.acquire(allocation_id)
+        handed_over = False
+        try:
+            return await self._start(allocation_id, revision, spec)
+        except _HandedOver as e:
+            handed_over = True
+            e.task.add_done_callback(lambda _: self._starts.release(allocation_id))
+            raise asyncio.CancelledError from None
+        finally:
+            if not handed_over:
+                self._starts.release(allocation_id)
+
+    async def _start(self, allocation_id: str, revision: int, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
         runtime = await self._runtime.get()  # before fencing: no coordinator call when Docker is down
         # A first check refuses a stale token, another node's allocation or shifted GPUs before a
         # pull that can take minutes. It is not the check that counts: the allocation can end, and
@@ -229,15 +418,19 @@ class ContainerService:
         self._check_gpus_match_inventory(alloc)
         self.build_launch(alloc, spec)  # what it refuses, it refuses before the pull too
         volumes = tuple(v.source for v in spec.volumes if not v.source.startswith("/"))
-        for name in volumes:
-            self._volumes_starting[name] = self._volumes_starting.get(name, 0) + 1
+        with self._volumes_starting_lock:
+            for name in volumes:
+                self._volumes_starting[name] = self._volumes_starting.get(name, 0) + 1
         try:
             if volumes:
-                async with self.volume_lock:
-                    pass  # a removal that began before this start registered has ended
+                # A removal that began before this start registered ends first.
+                await self._call(_pass_through, self.volume_lock)
             # The host's part of the policy (symlinks, what volumes are backed by), before the pull.
             await self._check_mounts(runtime, spec, alloc.tenant, create=False)
-            await asyncio.to_thread(runtime.ensure_image, spec.image)
+            await self._refuse_second_container(runtime, allocation_id)  # before the pull too
+            # Containers of different allocations cannot reach each other on it (rule 'network-isolation').
+            await self._call(runtime.prepare_network, self._network)
+            await self._ensure_image(runtime, spec.image)
             # Shielded: once a container may exist, the check after its start and the undo run even if
             # the caller goes away meanwhile.
             task = asyncio.create_task(self._fenced_start(runtime, alloc, spec))
@@ -247,18 +440,58 @@ class ContainerService:
                 task.add_done_callback(_log_unawaited_failure)
                 held, volumes = volumes, ()  # released when the shielded start ends, not now
                 task.add_done_callback(lambda _: self._volumes_started(held))
-                raise
+                raise _HandedOver(task) from None
         finally:
             self._volumes_started(volumes)
         return self.status(info)
 
+    async def _ensure_image(self, runtime: ContainerRuntime, image: str) -> None:
+        """The image, pulled if missing: in turn (``Limits.max_concurrent_pulls`` at once on the node),
+        and given up as soon as the caller has gone (queued: it leaves the queue; pulling: the pull
+        is cut, and its slot freed once the runtime has let go of it)."""
+        if await self._call(runtime.has_image, image):
+            return
+        await self.pulls.acquire()
+        cancel = threading.Event()
+        token = PULL_CANCEL.set(cancel)
+        try:
+            pull = asyncio.ensure_future(self._call(runtime.ensure_image, image))
+        finally:
+            PULL_CANCEL.reset(token)
+        try:
+            await asyncio.shield(pull)
+        except asyncio.CancelledError:
+            cancel.set()
+            pull.add_done_callback(lambda _: self.pulls.release())
+            pull.add_done_callback(_log_unawaited_failure)
+            raise
+        except BaseException:
+            self.pulls.release()
+            raise
+        self.pulls.release()
+
+    async def _refuse_second_container(self, runtime: ContainerRuntime, allocation_id: str) -> None:
+        """Conflict while the allocation has a container that runs (or was created) on this node.
+
+        One running container per allocation (issue 14, part B): each container gets all of the
+        allocation's CPUs and memory, so two would together hold twice what it was granted."""
+        for other in await self.own_containers(runtime, allocation_id):
+            if other.state in ("running", "created"):
+                raise Conflict(
+                    f"rule 'one-container': allocation {allocation_id} already has container {other.name} "
+                    f"({other.id[:12]}, {other.state}) on node {self._node}; an allocation runs one container at a "
+                    "time, so that its containers never hold more CPU and memory than it does: stop that one (or "
+                    "wait for it to exit) first"
+                )
+
     def _volumes_started(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            left = self._volumes_starting.get(name, 0) - 1
-            if left > 0:
-                self._volumes_starting[name] = left
-            else:
-                self._volumes_starting.pop(name, None)
+        with self._volumes_starting_lock:
+            for name in names:
+                left = self._volumes_starting.get(name, 0) - 1
+                if left > 0:
+                    self._volumes_starting[name] = left
+                else:
+                    self._volumes_starting.pop(name, None)
 
     async def _check_mounts(
         self, runtime: ContainerRuntime, spec: tpb.ContainerSpec, tenant: str, *, create: bool
@@ -273,13 +506,13 @@ class ContainerService:
         """
         binds = [(i, v.source) for i, v in enumerate(spec.volumes) if v.source.startswith("/")]
         if binds:
-            await asyncio.to_thread(_check_bind_sources, binds)
+            await self._call(_check_bind_sources, binds)
         for i, v in enumerate(spec.volumes):
             if v.source.startswith("/"):
                 continue
             what = f"volumes[{i}].source"
             owner = tenant_of_volume(v.source)
-            info = await asyncio.to_thread(runtime.inspect_volume, v.source)
+            info = await self._call(runtime.inspect_volume, v.source)
             if info is None:
                 if owner is None:
                     raise refuse(
@@ -290,7 +523,7 @@ class ContainerService:
                 if not create:
                     continue  # made right before the container is
                 labels = {LABEL_MANAGED: "true", LABEL_TENANT: owner, LABEL_NODE: self._node}
-                info = await asyncio.to_thread(runtime.create_volume, v.source, labels)
+                info = await self._call(runtime.create_volume, v.source, labels)
             problem = volume_backing_problem(v.source, info.driver, info.options)
             if problem is not None:
                 raise refuse("volume-driver", f"{what}: {problem}")
@@ -317,6 +550,7 @@ class ContainerService:
             self._check_gpus_match_inventory(alloc)  # the inventory may have been read again meanwhile
             launch = self.build_launch(alloc, spec)
             await self._refuse_gpus_in_use(runtime, launch)
+            await self._refuse_second_container(runtime, allocation_id)
             # Again after the pull, which can take minutes; tenant volumes are made now.
             await self._check_mounts(runtime, spec, alloc.tenant, create=True)
             log.info(
@@ -327,7 +561,7 @@ class ContainerService:
                 list(launch.gpu_indexes),
                 launch.image,
             )
-            info = await asyncio.to_thread(runtime.create_and_start, launch)
+            info = await self._call(runtime.create_and_start, launch)
             # The allocation may have ended between the check above and the start: only a check
             # made after the container runs proves it started while the allocation was live.
             try:
@@ -355,7 +589,7 @@ class ContainerService:
         except Exception as e:
             failures.append(f"stop: {e}")
         try:
-            await asyncio.to_thread(runtime.remove, info.id)
+            await self._call(runtime.remove, info.id)
         except Exception as e:
             failures.append(f"remove: {e}")
         if failures:
@@ -415,7 +649,7 @@ class ContainerService:
         the enforcer is asked to check now and the caller may retry shortly. If both allocations are
         live, the records disagree with the hardware, and nothing is started until that is fixed.
         """
-        infos = await asyncio.to_thread(runtime.list, "")
+        infos = await self.own_containers(runtime)
         for other in infos:
             if other.state != "running" or other.allocation_id == launch.allocation_id:
                 continue
@@ -436,7 +670,8 @@ class ContainerService:
     async def _holding_gpus(self, alloc: Allocation) -> AsyncIterator[None]:
         # By UUID: that is what the container gets (the record's pairs were just checked against
         # the inventory). Taken in one order, so two starts never hold each other up crosswise.
-        keys = sorted({g.uuid or f"index {g.index}" for g in alloc.gpus})
+        # The allocation's own lock too: its creates never overlap (one container per allocation).
+        keys = sorted({g.uuid or f"index {g.index}" for g in alloc.gpus} | {f"allocation {alloc.id}"})
         async with contextlib.AsyncExitStack() as stack:
             for key in keys:
                 await stack.enter_async_context(self._gpu_locks.setdefault(key, asyncio.Lock()))
@@ -468,6 +703,7 @@ class ContainerService:
             network=self._network,
             owner=alloc.principal,
             tenant=alloc.tenant,
+            hardening=self._hardening,
         )
 
     def _cpuset(self, gpus: list[tuple[int, str]], cpus: int) -> str:
@@ -512,9 +748,7 @@ class ContainerService:
         """Stop one container (no-op if it is not running) and remember why."""
         runtime = await self._runtime.get()
         if info.state == "running":
-            self._stop_reasons.setdefault(info.id, reason)
-            while len(self._stop_reasons) > MAX_STOP_REASONS:
-                del self._stop_reasons[next(iter(self._stop_reasons))]  # the oldest
+            self.note_stop_reason(info.id, reason)
             log.log(
                 level,
                 "stopping container %s (%s) of allocation %s, grace %gs: %s",
@@ -524,7 +758,15 @@ class ContainerService:
                 grace,
                 reason,
             )
-        return await asyncio.to_thread(runtime.stop, info.id, grace)
+        return await self._call(runtime.stop, info.id, grace)
+
+    def note_stop_reason(self, container_id: str, reason: str) -> None:
+        """Why gpulease stopped a container (shown in its status); callable from any thread."""
+        reasons = dict(self._stop_reasons)
+        reasons.setdefault(container_id, reason)
+        while len(reasons) > MAX_STOP_REASONS:
+            del reasons[next(iter(reasons))]  # the oldest
+        self._stop_reasons = reasons
 
     async def get(self, ref: tpb.ContainerRef) -> tpb.ContainerStatus:
         runtime = await self._runtime.get()
@@ -536,29 +778,57 @@ class ContainerService:
         timeout = float(timeout_seconds or DEFAULT_WAIT_S)
         runtime = await self._runtime.get()
         info = await self._resolve(runtime, ref)
-        deadline = time.monotonic() + timeout
-        while info.state != "exited":
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            info = await asyncio.to_thread(runtime.wait, info.id, min(left, WAIT_SLICE_S))
+        if info.state == "exited":
+            return self.status(info)
+        with self._waits.hold(info.allocation_id):
+            info = await self._wait_for_exit(runtime, info, timeout)
         return self.status(info)
+
+    async def _wait_for_exit(self, runtime: ContainerRuntime, info: ContainerInfo, timeout: float) -> ContainerInfo:
+        """The container once it exits, or as it is after ``timeout``. Every wait on one container
+        shares one watcher (one thread at a time, in WAIT_SLICE_S slices), which ends when the
+        container exits or no one waits any more: waits cost threads per container, not per call."""
+        watch = self._exit_watches.get(info.id)
+        if watch is None or watch.task.done():
+            watch = _ExitWatch(asyncio.create_task(self._watch_exit(runtime, info.id), name=f"wait-{info.id[:12]}"))
+            self._exit_watches[info.id] = watch
+        watch.waiters += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(watch.task)
+        except TimeoutError:
+            return await self._call(runtime.get, info.id)
+        finally:
+            watch.waiters -= 1
+
+    async def _watch_exit(self, runtime: ContainerRuntime, container_id: str) -> ContainerInfo:
+        try:
+            while True:
+                info = await self._call(runtime.wait, container_id, WAIT_SLICE_S)
+                watch = self._exit_watches.get(container_id)
+                if info.state == "exited" or watch is None or watch.waiters <= 0:
+                    return info
+        finally:
+            watch = self._exit_watches.get(container_id)
+            if watch is not None and watch.task is asyncio.current_task():
+                del self._exit_watches[container_id]
 
     async def list(self, allocation_id: str) -> list[tpb.ContainerStatus]:
         if allocation_id:
             check_allocation_id(allocation_id)
         runtime = await self._runtime.get()
-        infos = await asyncio.to_thread(runtime.list, allocation_id)
+        infos = await self.own_containers(runtime, allocation_id)
         return [self.status(i) for i in sorted(infos, key=lambda i: (i.started_unix_ms, i.id))]
 
     async def logs(self, ref: tpb.ContainerRef, follow: bool) -> AsyncGenerator[tpb.LogChunk, None]:
         """Chunks in order; with follow, until the container exits. Ends cleanly when the consumer stops."""
         runtime = await self._runtime.get()
         info = await self._resolve(runtime, ref)
-        chunks = iterate_in_thread(lambda: runtime.logs(info.id, follow), self.log_readers)
-        async with contextlib.aclosing(chunks):
-            async for stream, data in chunks:
-                yield tpb.LogChunk(data=data, stream=stream)
+        with self._log_streams.hold(info.allocation_id):
+            chunks = iterate_in_thread(lambda: runtime.logs(info.id, follow), self.log_readers)
+            async with contextlib.aclosing(chunks):
+                async for stream, data in chunks:
+                    yield tpb.LogChunk(data=data, stream=stream)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -569,7 +839,9 @@ class ContainerService:
             check_allocation_id(ref.allocation_id)
         if ref.container_id:
             check_container_id(ref.container_id)
-            info = await asyncio.to_thread(runtime.get, ref.container_id)
+            info = await self._call(runtime.get, ref.container_id)
+            if not self.mine(info):
+                raise ContainerNotFound(f"container {ref.container_id} is not one of node {self._node}'s")
             if ref.allocation_id and info.allocation_id != ref.allocation_id:
                 raise ContainerNotFound(
                     f"container {ref.container_id} does not belong to allocation {ref.allocation_id}"
@@ -577,7 +849,7 @@ class ContainerService:
             return info
         if not ref.allocation_id:
             raise InvalidRequest("name the container: set container_id, allocation_id, or both")
-        infos = await asyncio.to_thread(runtime.list, ref.allocation_id)
+        infos = await self.own_containers(runtime, ref.allocation_id)
         if not infos:
             raise ContainerNotFound(f"allocation {ref.allocation_id} has no container on node {self._node}")
         if len(infos) > 1:
@@ -606,6 +878,19 @@ class ContainerService:
         if info.exit_code is not None:
             status.exit_code = info.exit_code
         return status
+
+
+class _HandedOver(Exception):
+    """Not an error: a start whose caller has gone while its shielded part runs on (see start())."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        super().__init__("handed over")
+        self.task = task
+
+
+def _pass_through(lock: threading.Lock) -> None:
+    with lock:
+        pass
 
 
 def _check_bind_sources(binds: list[tuple[int, str]]) -> None:
@@ -677,7 +962,10 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]], readers: LogReaders
     ``readers`` until it ends, so neither shutdown nor the thread pool waits for it.
     """
     if not readers.acquire():
-        raise Unavailable(f"too many log streams are open on this node ({readers.limit}); retry later")
+        raise RateLimited(
+            f"rule 'log-streams': too many log streams are open on this node ({readers.limit}); retry later, or wait "
+            "for the container instead"
+        )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=LOG_QUEUE_CHUNKS)
     stopped = threading.Event()

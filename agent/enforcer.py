@@ -29,6 +29,14 @@ A changed revision wakes the enforcer at once. So does every container start, an
 because another allocation's container holds its GPU; those make it ask afresh (recheck). Only an
 answer read from etcd ever stops a container; the revision only says when asking again is pointless.
 
+The enforcer touches only its own node's containers (LABEL_NODE): two agents on one dockerd never
+stop or remove each other's. It runs its runtime calls in a pool of its own (and, in the agent,
+on the control thread's event loop with its own Docker connection: agent/control.py), so no amount
+of container traffic (waits, log streams, pulls) delays it. A coordinator that answers NOT_FOUND
+for the node is never a reason to stop anything: nothing can be placed on a node the coordinator
+does not know, and only a list of the node's allocations, once it is registered again, says which
+of its containers to stop.
+
 Budget, with the defaults (interval 2 s, grace 1 s): a released allocation's containers are
 stopped within ~interval + ListAllocations + grace + docker's kill ~= 3.6 s; an expired lease's
 within TTL + etcd's expiry lag (<= ~0.5 s) + that ~= TTL + 4.1 s, inside the TTL + 5 s promise.
@@ -39,20 +47,24 @@ interval, tells the agent to ask: add up to one heartbeat interval to both.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from gpulease.agent.containers import ContainerService, gather_logged
+from gpulease.agent.containers import ContainerService, RuntimeHandle, gather_logged
 from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, VolumeInfo
-from gpulease.errors import GpuLeaseError, Unavailable
+from gpulease.errors import GpuLeaseError, NodeNotFound, NotFound, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The allocation list must not take the whole tick: a slow coordinator counts as unreachable.
 MAX_LIST_TIMEOUT_S = 2.0
@@ -62,6 +74,8 @@ STOP_SLACK_S = 30.0
 CONTEXT_CACHE_S = 1.0
 # How often unused tenant volumes are looked for, besides after a container was removed.
 VOLUME_SWEEP_S = 60.0
+# The enforcer's own threads: runtime calls never queue behind the container service's.
+ENFORCER_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -126,8 +140,15 @@ class Enforcer:
         interval: float,
         grace: float,
         retention: float = 3600.0,
+        runtime: RuntimeHandle | None = None,
     ) -> None:
         self._node = node
+        # Its own handle (its own Docker connection) where given; else the container service's.
+        self._runtime = runtime if runtime is not None else containers.runtime
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # The loop run() runs on: wake-ups from other threads are handed to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._node_unknown = False
         self._coordinator = coordinator
         self._containers = containers
         self._vouchers = vouchers
@@ -179,7 +200,29 @@ class Enforcer:
         are seconds during which the GPU may already be someone else's.
         """
         self._fresh_needed = True
-        self._wake.set()
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        """Set the wake event, from any thread."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop is running:
+            self._wake.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(ENFORCER_THREADS, thread_name_prefix="agent-enforcer")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def inventory_context(self) -> InventoryContext:
         """Managed PIDs and allocated GPUs, for the inventory source. Runs in the collecting thread:
@@ -191,7 +234,7 @@ class Enforcer:
             pids = cached
         else:
             found: set[int] = set()
-            runtime = self._containers.runtime.current
+            runtime = self._runtime.current
             if runtime is not None:
                 for container_id in ids:
                     try:
@@ -204,6 +247,7 @@ class Enforcer:
 
     async def run(self) -> None:
         """Check every interval (measured start to start) until cancelled."""
+        self._loop = asyncio.get_running_loop()
         while True:
             started = time.monotonic()
             self._wake.clear()  # before the tick: a changed revision during it makes the next one immediate
@@ -225,7 +269,7 @@ class Enforcer:
             return
         self._hint = AllocationsHint(revision, asked_at, asked_at + valid_for)
         if self._listed is None or self._listed[0] != revision:
-            self._wake.set()
+            self._wake_up()
 
     def _unchanged_allocations(self, running: list[ContainerInfo]) -> list[Allocation] | None:
         """The last answer, if a heartbeat since vouches that it still holds; None: ask again."""
@@ -251,8 +295,9 @@ class Enforcer:
         """Every managed container, running or not (None when the runtime cannot be asked); also
         notes which are running, for the inventory context."""
         try:
-            runtime: ContainerRuntime = await self._containers.runtime.get()
-            infos = await asyncio.to_thread(runtime.list, "")
+            runtime: ContainerRuntime = await self._runtime.get()
+            # This node's only: another agent's containers on the same dockerd are not ours to judge.
+            infos = [i for i in await self._call(runtime.list, "") if self._containers.mine(i)]
         except Exception as e:
             detail = e.message if isinstance(e, GpuLeaseError) else f"{type(e).__name__}: {e}"
             if detail != self._listing_error:
@@ -292,6 +337,18 @@ class Enforcer:
             live = self._unchanged_allocations(running)
             if live is None:
                 live = await self.list_live()
+        except (NodeNotFound, NotFound) as e:
+            # Never a reason to stop anything: see the module's docstring. Not an outage either, so
+            # the TTL rule below does not apply; the registrar registers the node again.
+            if not self._node_unknown:
+                log.warning(
+                    "the coordinator does not know node %s (%s); no container is stopped on that answer, "
+                    "only on a list of the node's allocations once it is registered again",
+                    self._node,
+                    e.message,
+                )
+            self._node_unknown = True
+            return TickReport(contacted=False, running=running, kept=running)
         except GpuLeaseError as e:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
@@ -303,6 +360,7 @@ class Enforcer:
             keep, stop = self._judge_unvouched(running)
             report = TickReport(contacted=False, running=running, kept=keep, stopped=stop)
         else:
+            self._node_unknown = False
             keep, stop = judge(self._node, running, live)
             report = TickReport(contacted=True, running=running, kept=keep, stopped=stop)
             exited = [i for i in infos if i.state == "exited"]
@@ -317,11 +375,11 @@ class Enforcer:
         due = [c for c in exited if c.allocation_id not in live and c.finished_unix_ms <= cutoff_ms]
         if not due:
             return []
-        runtime: ContainerRuntime = await self._containers.runtime.get()
+        runtime: ContainerRuntime = await self._runtime.get()
         removed: list[ContainerInfo] = []
         for c in due:
             try:
-                await asyncio.to_thread(runtime.remove, c.id)
+                await self._call(runtime.remove, c.id)
             except Exception as e:  # tried again next tick
                 log.warning("cannot remove exited container %s: %s", c.id[:12], e)
                 continue
@@ -336,8 +394,8 @@ class Enforcer:
             return []
         self._volume_sweep_at = now
         try:
-            runtime: ContainerRuntime = await self._containers.runtime.get()
-            unused = await asyncio.to_thread(runtime.list_volumes, True)
+            runtime: ContainerRuntime = await self._runtime.get()
+            unused = await self._call(runtime.list_volumes, True)
         except Exception as e:  # tried again at the next sweep
             log.warning("cannot list unused volumes: %s", e)
             return []
@@ -347,10 +405,7 @@ class Enforcer:
             if v.labels.get(LABEL_NODE) != self._node or v.created_unix_ms > cutoff_ms:
                 continue
             try:
-                async with self._containers.volume_lock:
-                    if v.name in self._containers.volumes_starting():
-                        continue  # a start is about to mount it
-                    gone = await asyncio.to_thread(runtime.remove_volume, v.name)
+                gone = await self._call(self._remove_volume_unless_starting, runtime, v.name)
             except Exception as e:
                 log.warning("cannot remove unused volume %s: %s", v.name, e)
                 continue
@@ -358,6 +413,14 @@ class Enforcer:
                 log.info("removed volume %s: no container uses it", v.name)
                 removed.append(v)
         return removed
+
+    def _remove_volume_unless_starting(self, runtime: ContainerRuntime, name: str) -> bool:
+        """In a worker thread, holding the service's volume lock (a start waits for it once after
+        registering its volumes): False when a start in progress will mount the volume."""
+        with self._containers.volume_lock:
+            if name in self._containers.volumes_starting():
+                return False  # a start is about to mount it
+            return runtime.remove_volume(name)
 
     def _judge_unvouched(self, running: list[ContainerInfo]) -> tuple[list[ContainerInfo], list[Verdict]]:
         keep: list[ContainerInfo] = []
@@ -379,11 +442,20 @@ class Enforcer:
     async def stop_all(self, verdicts: list[Verdict]) -> None:
         if not verdicts:
             return
-        calls = [
-            asyncio.wait_for(
-                self._containers.stop_container(v.container, self._grace, v.reason, level=logging.WARNING),
-                self._grace + STOP_SLACK_S,
-            )
-            for v in verdicts
-        ]
+        runtime: ContainerRuntime = await self._runtime.get()
+        calls = [asyncio.wait_for(self._stop(runtime, v), self._grace + STOP_SLACK_S) for v in verdicts]
         await gather_logged("stopping a container", list(calls))
+
+    async def _stop(self, runtime: ContainerRuntime, verdict: Verdict) -> ContainerInfo:
+        info = verdict.container
+        if info.state == "running":
+            self._containers.note_stop_reason(info.id, verdict.reason)
+            log.warning(
+                "stopping container %s (%s) of allocation %s, grace %gs: %s",
+                info.id[:12],
+                info.name,
+                info.allocation_id,
+                self._grace,
+                verdict.reason,
+            )
+        return await self._call(runtime.stop, info.id, self._grace)

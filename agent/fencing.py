@@ -12,6 +12,7 @@ the enforcer uses it to stop containers the agent can no longer vouch for during
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -109,6 +110,9 @@ class Vouchers:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        # Copy on write, each write under the lock: fences (main loop), the enforcer (control loop)
+        # and the inventory thread use it from different threads.
+        self._lock = threading.Lock()
         self._by_id: dict[str, Voucher] = {}
         self._last_list: float | None = None
         self._started = clock()
@@ -118,30 +122,34 @@ class Vouchers:
 
     def confirm(self, alloc: Allocation, at: float) -> None:
         """One allocation was live at ``at`` (a fencing check)."""
-        current = self._by_id.get(alloc.id)
-        if current is None or current.confirmed_at <= at:
-            # Copy on write: the inventory thread reads the mapping while the loop updates it.
-            self._by_id = {**self._by_id, alloc.id: _voucher(alloc, at)}
+        with self._lock:
+            current = self._by_id.get(alloc.id)
+            if current is None or current.confirmed_at <= at:
+                # Copy on write: the inventory thread reads the mapping while the loop updates it.
+                self._by_id = {**self._by_id, alloc.id: _voucher(alloc, at)}
 
     def replace(self, allocs: Iterable[Allocation], at: float) -> None:
         """The complete list of the node's live allocations as of ``at``: anything else is not live."""
         fresh = {a.id: _voucher(a, at) for a in allocs}
-        # A fencing check that finished after the list began is newer news: keep it.
-        for alloc_id, v in self._by_id.items():
-            if alloc_id not in fresh and v.confirmed_at > at:
-                fresh[alloc_id] = v
-        self._by_id = fresh
-        self._last_list = at
+        with self._lock:
+            # A fencing check that finished after the list began is newer news: keep it.
+            for alloc_id, v in self._by_id.items():
+                if alloc_id not in fresh and v.confirmed_at > at:
+                    fresh[alloc_id] = v
+            self._by_id = fresh
+            self._last_list = at
 
     def reaffirm(self, allocation_ids: Iterable[str], at: float) -> None:
         """The coordinator said at ``at`` that the node's allocations have not changed since the
         last list: those of ``allocation_ids`` (that list's) are still live, nothing else is."""
         ids = set(allocation_ids)
-        self._by_id = {
-            k: (replace(v, confirmed_at=at) if k in ids and v.confirmed_at < at else v) for k, v in self._by_id.items()
-        }
-        if self._last_list is not None:
-            self._last_list = max(self._last_list, at)
+        with self._lock:
+            self._by_id = {
+                k: (replace(v, confirmed_at=at) if k in ids and v.confirmed_at < at else v)
+                for k, v in self._by_id.items()
+            }
+            if self._last_list is not None:
+                self._last_list = max(self._last_list, at)
 
     def get(self, allocation_id: str) -> Voucher | None:
         return self._by_id.get(allocation_id)

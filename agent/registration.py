@@ -33,6 +33,8 @@ DEFAULT_INTERVAL_S = 5.0
 MIN_BACKOFF_S = 0.2
 # Heartbeats must not hang longer than this even if the coordinator's interval is long.
 MAX_RPC_TIMEOUT_S = 10.0
+# A heartbeat that starts this much after it was due is logged as late: the agent is overloaded.
+LATE_HEARTBEAT_S = 1.0
 
 
 class AgentInventory:
@@ -140,6 +142,10 @@ class Registrar:
         self._outage = _OutageLog()
         self._ready = False
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Heartbeats that started more than LATE_HEARTBEAT_S after they were due (see run()).
+        self.late_heartbeats = 0
+        self.heartbeats = 0
 
     @property
     def lease_id(self) -> int | None:
@@ -151,18 +157,43 @@ class Registrar:
 
     async def run(self) -> None:
         """Register, then heartbeat every interval. Returns only by cancellation."""
+        self._loop = asyncio.get_running_loop()
+        due: float | None = None
         while True:
             self._wake.clear()  # before the step: a wake() during the step makes the next one immediate
+            started = time.monotonic()
+            if due is not None and self._lease_id is not None:
+                self._note_lateness(started - due)
             delay = await self.step()
+            due = time.monotonic() + delay
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as
             # the wake fires, and the loop would run on after shutdown (as the enforcer's did).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
 
+    def _note_lateness(self, late: float) -> None:
+        self.heartbeats += 1
+        if late > LATE_HEARTBEAT_S:
+            self.late_heartbeats += 1
+            log.warning(
+                "the heartbeat of node %s is %.1fs late (every %gs): the agent's control loop is overloaded",
+                self._node,
+                late,
+                self._interval,
+            )
+
     def wake(self) -> None:
-        """Heartbeat now rather than at the next interval (e.g. reconciliation just finished)."""
-        self._wake.set()
+        """Heartbeat now rather than at the next interval (e.g. reconciliation just finished); from any thread."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop is running:
+            self._wake.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def step(self) -> float:
         """One register-or-heartbeat attempt; returns how long to wait before the next one."""

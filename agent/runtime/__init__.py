@@ -9,8 +9,10 @@ what runs, etcd (through the coordinator) for what may run.
 from __future__ import annotations
 
 import builtins
+import contextvars
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -28,6 +30,31 @@ LABEL_OWNER = "io.gpulease.owner"
 LABEL_TENANT = "io.gpulease.tenant"
 LABEL_STOP_REASON = "io.gpulease.stop-reason"  # not a Docker label: kept in ContainerInfo.error
 
+# How a container runs (issue 14, part B): set by the agent for every container, never by the caller.
+# "baseline": Docker's default capabilities minus NET_RAW; "restricted": no capabilities at all and
+# a non-root user (nobody). Named after Kubernetes' Pod Security Standards.
+PROFILES = ("baseline", "restricted")
+ContainerProfile = Literal["baseline", "restricted"]
+RESTRICTED_USER = "65534:65534"
+DEFAULT_PIDS_LIMIT = 4096
+# The json-file log driver keeps LOG_MAX_FILES files of at most log_max_size bytes per container.
+DEFAULT_LOG_MAX_SIZE = 50 * 2**20
+LOG_MAX_FILES = 2
+LOG_DRIVER = "json-file"
+# Docker networks no container of gpulease may join: the host's stack, or another container's.
+FORBIDDEN_NETWORKS = ("host",)
+FORBIDDEN_NETWORK_PREFIX = "container:"
+# The agent's own network (the default): a bridge it creates with inter-container traffic off, so
+# that containers of different allocations cannot reach each other (dockerd enforces it with
+# iptables). Any other configured network must have it off too, or be "none".
+AGENT_NETWORK = "gpulease"
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+
+# Set (by the agent's container service) around a call to ensure_image: the pull gives up as soon as
+# the event is set, because the caller that asked for it has gone. A context variable rather than a
+# parameter, so that runtimes without pulls ignore it; asyncio.to_thread carries it into the thread.
+PULL_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("PULL_CANCEL", default=None)
+
 # What the user may not set in env (every NVIDIA_* variable, and CUDA_VISIBLE_DEVICES) is decided by
 # gpulease.common.container_policy.reserved_env (rule 'env-reserved').
 
@@ -44,6 +71,32 @@ def default_name(allocation_id: str) -> str:
     """
     safe = _NAME_NOT_OK.sub("-", allocation_id).strip("-.")[:64] or "allocation"
     return f"gpulease-{safe}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Hardening:
+    """What every container runs with, whatever its spec: the agent's settings (agent/config.py).
+
+    Besides these, the runtime always sets: not privileged, no-new-privileges, a private IPC
+    namespace, the host's PID and UTS namespaces never shared, no devices but the allocation's GPUs.
+    """
+
+    profile: ContainerProfile = "baseline"
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"container profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.pids_limit <= 0 or self.log_max_size <= 0:
+            raise ValueError("pids_limit and log_max_size must be positive")
+
+
+def network_problem(network: str) -> str | None:
+    """Why a container may not use this Docker network mode (None: it may)."""
+    if network in FORBIDDEN_NETWORKS or network.startswith(FORBIDDEN_NETWORK_PREFIX):
+        return f"network {network!r} shares the host's or another container's network namespace"
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,6 +129,7 @@ class ContainerLaunch:
     network: str = "bridge"
     owner: str = ""
     tenant: str = ""
+    hardening: Hardening = field(default_factory=Hardening)
 
 
 @dataclass(frozen=True)
@@ -106,17 +160,30 @@ class ContainerInfo:
     pid: int = 0
     # From LABEL_GPU_UUIDS; empty for containers started before that label existed.
     gpu_uuids: tuple[str, ...] = ()
+    # From LABEL_NODE: the node whose agent started it. An agent touches only its own node's.
+    node: str = ""
 
 
 class ContainerRuntime(Protocol):
     # Two steps, not one: a pull can take minutes, and the agent must check the fencing token
     # after it, right before the container is created (agent/containers.py).
+    def has_image(self, image: str) -> bool:
+        """Whether the image is on this node already (no pull needed)."""
+        ...
+
     def ensure_image(self, image: str) -> None:
-        """Pull the image if it is missing; ImageUnavailable when it cannot be pulled."""
+        """Pull the image if it is missing; ImageUnavailable when it cannot be pulled. A pull has a
+        hard wall-clock deadline, and ends early once PULL_CANCEL's event is set."""
         ...
 
     def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
         """Create and start the container; never pulls (ImageUnavailable if the image is missing)."""
+        ...
+
+    def prepare_network(self, name: str) -> None:
+        """Make sure containers on network ``name`` cannot reach each other: "none" is fine; the
+        agent's own (AGENT_NETWORK) is created if missing, with inter-container traffic off; any
+        other must exist with it off. PermissionDenied (rule 'network-isolation') otherwise."""
         ...
 
     def stop(self, container_id: str, grace_seconds: float) -> ContainerInfo:

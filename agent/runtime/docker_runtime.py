@@ -6,6 +6,16 @@ quota (NanoCpus), an optional cpuset near the GPUs, and a hard memory limit with
 beyond it. It carries the LABEL_* labels from which a restarted agent rebuilds its state, has
 no restart policy (the agent decides) and is never auto-removed (exit codes and logs outlive it).
 
+Hardening (issue 14, part B; ``ContainerLaunch.hardening``), set here for every container
+whatever asked for it: not privileged, no-new-privileges, a PID limit, a private IPC namespace,
+never the host's network, PID or UTS namespace, no devices but the DeviceRequest's GPUs, the
+json-file log driver with a size limit, and the profile's capabilities: "baseline" drops NET_RAW
+from Docker's default set, "restricted" drops them all and runs as nobody (65534:65534).
+
+A pull has a hard wall-clock deadline (``pull_timeout``): a watcher thread shuts the connection
+to dockerd down when it passes, or when the caller's PULL_CANCEL event is set, whatever the
+registry sends meanwhile (dockerd cancels a pull whose client has gone).
+
 Errors come out as gpulease errors: daemon unreachable -> Unavailable; container missing or not
 ours -> ContainerNotFound; image missing and not pullable -> ImageUnavailable; anything the
 daemon rejects as malformed (bad image reference, bad name, missing bind source, command not
@@ -22,6 +32,7 @@ import logging
 import math
 import os
 import re
+import socket
 import struct
 import threading
 import time
@@ -40,6 +51,8 @@ import urllib3.exceptions
 
 from gpulease.agent.linux import cgroup_pids, process_tree
 from gpulease.agent.runtime import (
+    AGENT_NETWORK,
+    ICC_OPTION,
     LABEL_ALLOCATION,
     LABEL_GPU_UUIDS,
     LABEL_GPUS,
@@ -48,13 +61,18 @@ from gpulease.agent.runtime import (
     LABEL_OWNER,
     LABEL_REVISION,
     LABEL_TENANT,
+    LOG_DRIVER,
+    LOG_MAX_FILES,
+    PULL_CANCEL,
+    RESTRICTED_USER,
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
     VolumeInfo,
     default_name,
+    network_problem,
 )
-from gpulease.common.container_policy import reserved_env
+from gpulease.common.container_policy import refuse, reserved_env
 from gpulease.errors import ContainerNotFound, ImageUnavailable, Internal, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
@@ -65,6 +83,9 @@ NO_GPUS = "void"
 API_TIMEOUT_S = 60
 MAX_POOL_SIZE = 64
 PULL_LOG_INTERVAL_S = 5.0
+DEFAULT_PULL_TIMEOUT_S = 600.0
+# How often a pull's watcher looks at its deadline and its caller's cancel event.
+PULL_WATCH_S = 0.2
 _STREAM_HEADER = struct.Struct(">BxxxL")
 _STREAM_NAMES = {0: "stdout", 1: "stdout", 2: "stderr"}
 _ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -92,7 +113,7 @@ class DockerRuntime:
         self,
         base_url: str | None = None,
         *,
-        pull_timeout: float = 600,
+        pull_timeout: float = DEFAULT_PULL_TIMEOUT_S,
         api_timeout: int = API_TIMEOUT_S,
         logger: logging.Logger = log,
     ) -> None:
@@ -187,6 +208,8 @@ class DockerRuntime:
                 host_config=host_config,
                 name=name,
                 detach=True,
+                # "restricted": never root, whatever the image says.
+                user=RESTRICTED_USER if launch.hardening.profile == "restricted" else None,
             )
         except docker.errors.ImageNotFound as e:  # not pulled, or removed between pull and create
             raise ImageUnavailable(f"image {launch.image!r} is not on this node (pulled first?): {e}") from e
@@ -227,10 +250,24 @@ class DockerRuntime:
 
     @staticmethod
     def _host_config(launch: ContainerLaunch) -> dict[str, Any]:
+        network = launch.network or "bridge"
+        problem = network_problem(network)
+        if problem is not None:  # the agent's configuration refuses these first
+            raise InvalidRequest(f"{problem}: no container is started on it")
+        hardening = launch.hardening
         config: dict[str, Any] = {
-            "network_mode": launch.network or "bridge",
+            "network_mode": network,
             "restart_policy": {"Name": "no"},
             "auto_remove": False,
+            # Run-time hardening: whatever the spec says, and whatever dockerd's defaults are.
+            "privileged": False,
+            "security_opt": ["no-new-privileges:true"],
+            "pids_limit": hardening.pids_limit,
+            "cap_drop": ["ALL"] if hardening.profile == "restricted" else ["NET_RAW"],
+            "ipc_mode": "private",  # a daemon's default may be "shareable"
+            "log_config": docker.types.LogConfig(
+                type=LOG_DRIVER, config={"max-size": str(hardening.log_max_size), "max-file": str(LOG_MAX_FILES)}
+            ),
         }
         ids = device_ids(launch)
         if ids:
@@ -257,25 +294,74 @@ class DockerRuntime:
             config["mounts"] = mounts
         return config
 
-    # ----------------------------------------------------------------- images
+    # ----------------------------------------------------------------- networks
 
-    def ensure_image(self, image: str) -> None:
-        """Pull the image if it is missing, with progress logged; ImageUnavailable on failure."""
-        if not image or image != image.strip():
-            raise InvalidRequest(f"invalid image reference {image!r}")
+    def prepare_network(self, name: str) -> None:
+        if name == "none":
+            return
+        problem = network_problem(name)
+        if problem is not None:
+            raise refuse("network-isolation", f"{problem}: no container is started on it")
         api = self.api
         try:
-            api.inspect_image(image)
-            return
+            attrs = api.inspect_network(name)
+        except docker.errors.NotFound:
+            if name != AGENT_NETWORK:
+                raise refuse(
+                    "network-isolation",
+                    f"network {name!r} does not exist on this node: an admin creates it (a bridge with "
+                    f"{ICC_OPTION}=false), or the agent uses its own ({AGENT_NETWORK!r})",
+                ) from None
+            attrs = self._create_agent_network(name)
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect network {name!r}") from e
+        problem = isolation_problem(attrs)
+        if problem is not None:
+            raise refuse("network-isolation", f"network {name!r}: {problem}, so no container is started on it")
+
+    def _create_agent_network(self, name: str) -> dict[str, Any]:
+        api = self.api
+        try:
+            api.create_network(
+                name,
+                driver="bridge",
+                options={ICC_OPTION: "false"},
+                labels={LABEL_MANAGED: "true"},
+                check_duplicate=True,
+            )
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # made meanwhile by another agent on this dockerd: use it
+                raise self._translate(e, f"cannot create network {name!r}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot create network {name!r}") from e
+        self._log.info("created network %s (bridge, inter-container traffic off)", name)
+        try:
+            attrs: dict[str, Any] = api.inspect_network(name)
+        except Exception as e:
+            raise self._translate(e, f"cannot inspect network {name!r}") from e
+        return attrs
+
+    # ----------------------------------------------------------------- images
+
+    def has_image(self, image: str) -> bool:
+        if not image or image != image.strip():
+            raise InvalidRequest(f"invalid image reference {image!r}")
+        try:
+            self.api.inspect_image(image)
+            return True
         except docker.errors.ImageNotFound:
-            pass
+            return False
         except docker.errors.APIError as e:
             if e.status_code == 400:  # "invalid reference format"
                 raise self._pull_failed(image, _explain(e), invalid=True) from e
             raise self._translate(e, f"cannot inspect image {image!r}") from e
         except Exception as e:
             raise self._translate(e, f"cannot inspect image {image!r}") from e
-        self._pull(image)
+
+    def ensure_image(self, image: str) -> None:
+        """Pull the image if it is missing, with progress logged; ImageUnavailable on failure."""
+        if not self.has_image(image):
+            self._pull(image)
 
     def _pull_failed(self, image: str, cause: object, *, invalid: bool = False) -> ImageUnavailable | InvalidRequest:
         """The caller is told that the pull failed, in generic words; the cause (a registry's
@@ -300,20 +386,30 @@ class DockerRuntime:
             raise self._pull_failed(image, e, invalid=True) from e
         if auth_header:
             headers["X-Registry-Auth"] = auth_header
+        cancel = PULL_CANCEL.get()
         self._log.info("pulling image %s", image)
         started = time.monotonic()
         deadline = started + self._pull_timeout
         url = f"{api.base_url}/v{api.api_version}/images/create"
         try:
-            # The read timeout bounds a silent registry; the deadline below bounds the whole pull.
+            # The read timeout bounds a silent dockerd until the answer starts; the watcher below
+            # bounds the whole pull, whatever the registry trickles meanwhile.
             response = api.post(url, params=params, headers=headers, stream=True, timeout=(10, self._pull_timeout))
         except requests.exceptions.RequestException as e:
             raise self._translate(e, f"cannot pull image {image!r}") from e
+        done = threading.Event()
+        ended: list[str] = []  # why the watcher cut the pull short: "deadline" or "cancelled"
+        watcher = threading.Thread(
+            target=_watch_pull, args=(response, deadline, cancel, done, ended), name="pull-deadline", daemon=True
+        )
+        watcher.start()
         try:
             if response.status_code >= 400:
                 raise self._pull_failed(image, _response_message(response), invalid=response.status_code == 400)
             progress = _PullProgress(image, self._log)
             for line in response.iter_lines():
+                if ended or time.monotonic() > deadline:
+                    break
                 if not line:
                     continue
                 event = _json(line)
@@ -322,16 +418,23 @@ class DockerRuntime:
                         image, event.get("error") or event["errorDetail"].get("message", "unknown error")
                     )
                 progress.update(event)
-                if time.monotonic() > deadline:
-                    self._log.warning("pull of image %s: not done after %.0fs, given up", image, self._pull_timeout)
-                    raise ImageUnavailable(
-                        f"image {image!r} could not be pulled: not done after {self._pull_timeout:.0f}s "
-                        "(raise the agent's pull timeout or pre-pull the image)"
-                    )
-        except requests.exceptions.RequestException as e:
-            raise self._pull_failed(image, e) from e
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            if not ended:
+                raise self._pull_failed(image, e) from e
         finally:
-            response.close()  # also cancels the pull in dockerd when we give up early
+            done.set()
+            _abort_response(response)  # also cancels the pull in dockerd when we give up early
+            watcher.join(timeout=5.0)
+        if ended == ["cancelled"]:
+            took = time.monotonic() - started
+            self._log.info("pull of image %s: its caller has gone, given up after %.1fs", image, took)
+            raise Unavailable(f"the pull of image {image!r} was given up: its caller has gone")
+        if ended or time.monotonic() > deadline:
+            self._log.warning("pull of image %s: not done after %.0fs, given up", image, self._pull_timeout)
+            raise ImageUnavailable(
+                f"image {image!r} could not be pulled: not done after {self._pull_timeout:.0f}s "
+                "(raise the agent's pull timeout or pre-pull the image)"
+            )
         try:
             api.inspect_image(image)
         except docker.errors.ImageNotFound as e:
@@ -493,6 +596,22 @@ class DockerRuntime:
 # --------------------------------------------------------------------- helpers (pure)
 
 
+def isolation_problem(attrs: Mapping[str, Any]) -> str | None:
+    """Why containers on this network could talk to each other (None when they cannot)."""
+    driver = str(attrs.get("Driver", ""))
+    if driver == "null":  # "none"
+        return None
+    if driver != "bridge":
+        return f"its driver is {driver!r}, not a bridge whose inter-container traffic can be turned off"
+    options = attrs.get("Options") or {}
+    if str(options.get(ICC_OPTION, "true")).lower() != "false":
+        return (
+            f'inter-container traffic is on ({ICC_OPTION} is not false: for the default bridge, set "icc": '
+            "false in daemon.json), so containers of different allocations could reach each other"
+        )
+    return None
+
+
 def device_ids(launch: ContainerLaunch) -> list[str]:
     """UUIDs when known for every GPU (stable across reboots), else indexes."""
     if launch.gpu_uuids and all(launch.gpu_uuids) and len(launch.gpu_uuids) >= len(launch.gpu_indexes):
@@ -570,7 +689,43 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         restart_count=int(attrs.get("RestartCount") or 0),
         pid=int(state.get("Pid") or 0) if name == "running" else 0,
         gpu_uuids=gpu_uuids,
+        node=str(container_labels.get(LABEL_NODE, "")),
     )
+
+
+def _watch_pull(
+    response: Any, deadline: float, cancel: threading.Event | None, done: threading.Event, ended: list[str]
+) -> None:
+    """Until the pull is done: at its deadline, or once its caller has gone, cut the connection.
+
+    Bounded: it returns by the deadline at the latest."""
+    while not done.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            ended.append("deadline")
+            break
+        if cancel is not None and cancel.is_set():
+            ended.append("cancelled")
+            break
+        done.wait(min(PULL_WATCH_S, deadline - now))
+    else:
+        return
+    _abort_response(response)
+
+
+def _abort_response(response: Any) -> None:
+    """Close a streamed response so that a read blocked on it in another thread returns at once.
+
+    Closing alone does not wake a thread blocked in recv(): the socket is shut down first (as the
+    Docker SDK's CancellableStream does)."""
+    with contextlib.suppress(Exception):
+        sock_fp = response.raw._fp.fp
+        raw = getattr(sock_fp, "raw", sock_fp)
+        sock = getattr(raw, "_sock", None) or getattr(raw, "sock", None)
+        if isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        response.close()
 
 
 def _log_frames(response: Any, tty: bool) -> Iterator[tuple[str, bytes]]:

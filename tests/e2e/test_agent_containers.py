@@ -29,7 +29,7 @@ from gpulease.common.container_policy import ContainerPolicy
 from gpulease.coordinator.store import Store
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
-from gpulease.errors import InvalidRequest, StaleFencingToken, Unavailable
+from gpulease.errors import Conflict, InvalidRequest, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -527,6 +527,11 @@ async def test_reconciling_until_the_coordinator_answers(cluster: Cluster) -> No
             assert not inventory.collect().reconciling
             report = task.result()
             assert [c.id for c in report.adopted] == [planted] and report.attempts > 1
+            # Starts are accepted again; the adopted container is the allocation's one running
+            # container (issue 14), so a second waits until it has stopped.
+            with pytest.raises(Conflict, match="rule 'one-container'"):
+                await a.containers.start(alloc.id, alloc.revision, spec())
+            await a.containers.stop(tpb.ContainerRef(container_id=planted), 1)
             started = await a.containers.start(alloc.id, alloc.revision, spec())
             assert started.state == tpb.CONTAINER_STATE_RUNNING
     finally:
@@ -698,7 +703,7 @@ def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
 
     base = ["--coordinator", "c:1", "--node-id", "n"]
     cfg = load_config(base, {})
-    assert cfg.docker_host is None and cfg.container_network == "bridge"
+    assert cfg.docker_host is None and cfg.container_network == "gpulease"  # the agent's own, icc off
     assert (cfg.stop_grace_seconds, cfg.enforce_interval_seconds, cfg.enforce_grace_seconds) == (10.0, 2.0, 1.0)
 
     # DOCKER_HOST is the default; every gpulease source beats it.
@@ -708,15 +713,16 @@ def test_container_settings_defaults_and_sources(tmp_path: Any) -> None:
     assert load_config([*base, "--docker-host", "unix:///f.sock"], env).docker_host == "unix:///f.sock"
 
     toml = tmp_path / "a.toml"
-    toml.write_text('container-network = "host"\nenforce_interval_seconds = 0.5\nstop_grace_seconds = 3\n')
+    toml.write_text('container-network = "jobs"\nenforce_interval_seconds = 0.5\nstop_grace_seconds = 3\n')
     cfg = load_config([*base, "--config", str(toml), "--enforce-grace-seconds", "2.5"], {})
-    assert (cfg.container_network, cfg.enforce_interval_seconds, cfg.stop_grace_seconds) == ("host", 0.5, 3.0)
+    assert (cfg.container_network, cfg.enforce_interval_seconds, cfg.stop_grace_seconds) == ("jobs", 0.5, 3.0)
     assert cfg.enforce_grace_seconds == 2.5
 
     for bad, message in (
         (["--enforce-interval-seconds", "0"], "enforce_interval_seconds must be between"),
         (["--stop-grace-seconds", "-1"], "stop_grace_seconds must be between"),
         (["--container-network", "bad net"], "not a valid Docker network name"),
+        (["--container-network", "host"], "shares the host's or another container's network namespace"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config([*base, *bad], {})

@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from gpulease.agent.app import COORDINATOR_CHANNEL_OPTIONS
-from gpulease.agent.containers import ContainerService, ReadyGate, RuntimeHandle
+from gpulease.agent.containers import ContainerService, Limits, ReadyGate, RuntimeHandle
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
-from gpulease.agent.runtime import ContainerRuntime
+from gpulease.agent.runtime import ContainerRuntime, Hardening
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.dev import procs
 from gpulease.v1 import coordinator_pb2 as pb
@@ -112,12 +112,16 @@ async def agent(
     factory: Callable[[], ContainerRuntime] | None = None,
     policy: ContainerPolicy | None = None,
     network: str = "gpulease-test",
+    hardening: Hardening | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Agent]:
     """The agent's container side, in process, as agent/app.py wires it.
 
     Its inventory is ``latest_inventory()`` if given, else ``inventory``, else the one the cluster
     fixture registered for ``node``: the agent checks allocations' GPUs against it. ``policy``:
-    the agent's container policy (default: ContainerPolicy(), as an agent with no allowlists).
+    the agent's container policy (default: ContainerPolicy(), as an agent with no allowlists);
+    ``hardening`` and ``limits``: how its containers run and what an allocation may hold (defaults
+    as an agent's).
     """
     if latest_inventory is None:
         known = inventory if inventory is not None else node_inventory(node)
@@ -140,6 +144,8 @@ async def agent(
             on_started=lambda info: enforcer.note_started(info),
             recheck=lambda: enforcer.recheck(),
             policy=policy,
+            hardening=hardening,
+            limits=limits,
         )
         enforcer = Enforcer(
             node=node, coordinator=coordinator, containers=containers, vouchers=vouchers, interval=interval,
@@ -154,6 +160,8 @@ async def agent(
             for t in a.tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            containers.close()
+            enforcer.close()
 
 
 def spec(**kw: Any) -> tpb.ContainerSpec:

@@ -113,10 +113,16 @@ class FakeRuntime:
         self.images: set[str] = set()  # pulled by ensure_image
         self.active_log_readers = 0
         self.calls: list[str] = []
+        self.networks_prepared: list[str] = []  # not in calls: tests count the calls of a start
         # Named volumes (name -> info); one that a container mounts is not removed, as in dockerd.
         self.volumes: dict[str, VolumeInfo] = {}
 
     # -- the Protocol ---------------------------------------------------------------------------
+
+    def has_image(self, image: str) -> bool:
+        self.calls.append("has_image")
+        with self._cond:
+            return image in self.images and image not in self.missing_images
 
     def ensure_image(self, image: str) -> None:
         self.calls.append("ensure_image")
@@ -124,6 +130,9 @@ class FakeRuntime:
             raise ImageUnavailable(f"image {image} not found")
         with self._cond:
             self.images.add(image)
+
+    def prepare_network(self, name: str) -> None:
+        self.networks_prepared.append(name)
 
     def create_and_start(self, launch: ContainerLaunch) -> ContainerInfo:
         self.calls.append("create_and_start")
@@ -352,6 +361,7 @@ class FakeRuntime:
             restart_count=c.restart_count,
             pid=c.pid,
             gpu_uuids=tuple(u for u in c.labels.get(LABEL_GPU_UUIDS, "").split(",") if u),
+            node=c.labels.get(LABEL_NODE, ""),
         )
 
 

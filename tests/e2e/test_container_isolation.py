@@ -1,0 +1,404 @@
+"""What a granted allocation's container may do to its GPU server (issue 14, part B), against the
+real test dockerd (tests/support/dockerd.py).
+
+- Inspection: every container the agent starts is not privileged, has no-new-privileges, the PID
+  limit, no NET_RAW, its profile's capabilities (and user), the log size limit and exactly the
+  allocated GPUs, as dockerd reports it and as the container's own /proc/self/status says.
+- One running container per allocation: a second start is refused while one runs, concurrent
+  starts give one container, so the summed CPU and memory limits never exceed the allocation's.
+- Two agents on one dockerd: neither stops, removes or answers for the other's containers.
+- Networks: the agent's own bridge with inter-container traffic off; other networks checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from gpulease.agent.containers import Limits
+from gpulease.agent.runtime import (
+    AGENT_NETWORK,
+    ICC_OPTION,
+    LABEL_ALLOCATION,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LOG_MAX_FILES,
+    Hardening,
+)
+from gpulease.agent.runtime.docker_runtime import DockerRuntime
+from gpulease.dev import procs
+from gpulease.dev.cluster import LocalCluster
+from gpulease.errors import Conflict, ContainerNotFound, PermissionDenied
+from gpulease.v1 import agent_pb2, agent_pb2_grpc
+from gpulease.v1 import coordinator_pb2 as pb
+from gpulease.v1 import types_pb2 as tpb
+from tests.support import harness
+from tests.support.agent_cluster import GRACE, INTERVAL, NODE, Cluster, agent, node_inventory
+from tests.support.agent_cluster import cluster as cluster  # the fixture: NODE and OTHER registered
+from tests.support.dockerd import Dockerd
+from tests.support.fake_runtime import FakeRuntime
+
+GiB = 2**30
+MiB = 2**20
+# Docker's default capabilities (moby's oci/caps/defaults.go) and their numbers (linux/capability.h).
+DOCKER_DEFAULT_CAPS = {
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7, "SETPCAP": 8,
+    "NET_BIND_SERVICE": 10, "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31,
+}  # fmt: skip
+NET_RAW = 1 << DOCKER_DEFAULT_CAPS["NET_RAW"]
+STATUS_SCRIPT = "grep -E '^(CapEff|CapBnd|CapPrm|NoNewPrivs)' /proc/self/status; echo uid=$(id -u) gid=$(id -g)"
+
+
+@pytest.fixture
+def docker_client(dockerd: Dockerd) -> Iterator[Any]:
+    client = dockerd.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def runtime(dockerd: Dockerd) -> Iterator[DockerRuntime]:
+    rt = DockerRuntime(dockerd.base_url, pull_timeout=60)
+    yield rt
+    rt.close()
+
+
+def no_affinity() -> tpb.NodeInventory:
+    """The fixture's node without CPU affinity: no cpuset (its 0-7 may be more CPUs than this machine has)."""
+    inventory = node_inventory(NODE)
+    for g in inventory.gpus:
+        g.cpu_affinity = ""
+    return inventory
+
+
+def docker_agent(cluster: Cluster, runtime: DockerRuntime, **kw: Any) -> Any:
+    """The agent's container side in process, on the test dockerd."""
+    kw.setdefault("network", "none")
+    return agent(cluster.address, FakeRuntime(), factory=lambda: runtime, inventory=no_affinity(), **kw)
+
+
+def remove_allocation_containers(docker_client: Any, allocation_id: str) -> None:
+    for c in docker_client.api.containers(all=True, filters={"label": f"{LABEL_ALLOCATION}={allocation_id}"}):
+        with contextlib.suppress(Exception):
+            docker_client.api.remove_container(c["Id"], force=True)
+
+
+def caps(hex_mask: str) -> int:
+    return int(hex_mask, 16)
+
+
+def status_of(output: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        if ":" in line:
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        for word in line.split():
+            if "=" in word:
+                key, _, value = word.partition("=")
+                fields[key] = value
+    return fields
+
+
+async def run_to_exit(
+    a: Any, runtime: DockerRuntime, alloc: tpb.Allocation, image: str, script: str
+) -> tuple[str, dict[str, Any]]:
+    status = await a.containers.start(
+        alloc.id, alloc.revision, tpb.ContainerSpec(image=image, command=["sh", "-c", script])
+    )
+    info = await asyncio.to_thread(runtime.wait, status.container_id, 30)
+    assert info.state == "exited" and info.exit_code == 0, info
+    output = b"".join(chunk for _, chunk in runtime.logs(status.container_id, follow=False)).decode()
+    return output, runtime.api.inspect_container(status.container_id)
+
+
+# -- inspection -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["baseline", "restricted"])
+async def test_every_container_runs_hardened_with_its_profile(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any, profile: str
+) -> None:
+    hardening = Hardening(profile=profile, pids_limit=321, log_max_size=3 * MiB)  # type: ignore[arg-type]
+    alloc = await cluster.allocate(gpus=2, cpus=2)
+    try:
+        async with docker_agent(cluster, runtime, hardening=hardening) as a:
+            output, attrs = await run_to_exit(a, runtime, alloc, busybox, STATUS_SCRIPT)
+    finally:
+        remove_allocation_containers(docker_client, alloc.id)
+    host = attrs["HostConfig"]
+    assert host["Privileged"] is False
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["PidsLimit"] == 321
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": str(3 * MiB), "max-file": str(LOG_MAX_FILES)},
+    }
+    # No namespace of the host's: network "none" here (the agent's setting), private IPC, and
+    # neither the host's PID nor UTS namespace.
+    assert host["NetworkMode"] == "none" and host["IpcMode"] == "private"
+    assert host["PidMode"] == "" and host["UTSMode"] == "" and host.get("UsernsMode", "") == ""
+    # No devices but the allocated GPUs (by UUID), and nothing that could add any.
+    uuids = [g.uuid for g in alloc.gpus]
+    assert not host.get("Devices") and not host.get("DeviceCgroupRules")
+    assert [(r["Driver"], r["DeviceIDs"], r["Capabilities"]) for r in host["DeviceRequests"]] == [
+        ("nvidia", uuids, [["gpu"]])
+    ]
+    env = dict(e.split("=", 1) for e in attrs["Config"]["Env"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == ",".join(uuids)
+    assert not host.get("CapAdd")
+
+    seen = status_of(output)
+    assert seen["NoNewPrivs"] == "1"
+    bounding = caps(seen["CapBnd"])
+    assert not bounding & NET_RAW
+    if profile == "baseline":
+        assert host["CapDrop"] == ["NET_RAW"] and attrs["Config"]["User"] == ""
+        expected = sum(1 << bit for name, bit in DOCKER_DEFAULT_CAPS.items() if name != "NET_RAW")
+        assert bounding == expected, f"{bounding:#x} != {expected:#x}"
+        assert (seen["uid"], seen["gid"]) == ("0", "0")
+    else:
+        assert host["CapDrop"] == ["ALL"] and attrs["Config"]["User"] == "65534:65534"
+        assert bounding == 0 and caps(seen["CapEff"]) == 0 and caps(seen["CapPrm"]) == 0
+        assert (seen["uid"], seen["gid"]) == ("65534", "65534")
+
+
+async def test_the_pid_limit_holds_inside_the_container(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any
+) -> None:
+    # 40 sleeping children against a limit of 24: forks fail once the limit is reached (counted with
+    # shell builtins only: counting must not need a fork itself), and the container carries on.
+    # busybox sh gives up at the first failed fork: the forks run in a subshell.
+    script = (
+        "(i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done) 2>/dev/null; "
+        "n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo started=$n; kill -9 -1 2>/dev/null; exit 0"
+    )
+    alloc = await cluster.allocate(cpus=1)
+    try:
+        async with docker_agent(cluster, runtime, hardening=Hardening(pids_limit=24)) as a:
+            output, attrs = await run_to_exit(a, runtime, alloc, busybox, script)
+    finally:
+        remove_allocation_containers(docker_client, alloc.id)
+    assert attrs["HostConfig"]["PidsLimit"] == 24
+    assert 10 <= int(status_of(output)["started"]) <= 24, output
+
+
+# -- one running container per allocation ------------------------------------------------------------
+
+
+async def test_an_allocation_runs_one_container_at_a_time(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any
+) -> None:
+    alloc = await cluster.allocate(gpus=1, cpus=2)
+    sleeper = tpb.ContainerSpec(image=busybox, command=["sleep", "300"])
+    try:
+        async with docker_agent(cluster, runtime) as a:
+            # Five starts at once: one container, the others refused (one start in flight per
+            # allocation, and one running container).
+            results = await asyncio.gather(
+                *(a.containers.start(alloc.id, alloc.revision, sleeper) for _ in range(5)), return_exceptions=True
+            )
+            started = [r for r in results if isinstance(r, tpb.ContainerStatus)]
+            refused = [r for r in results if isinstance(r, Conflict)]
+            assert len(started) == 1 and len(refused) == 4, results
+            assert all(r.message.startswith(("rule 'starts': ", "rule 'one-container': ")) for r in refused)
+            # While it runs, another start is refused before any pull or create.
+            with pytest.raises(Conflict) as e:
+                await a.containers.start(alloc.id, alloc.revision, sleeper)
+            assert e.value.message.startswith("rule 'one-container': ") and started[0].container_id[:12] in str(e.value)
+            assert_within_allocation(docker_client, alloc)
+
+            # Once it has stopped, the allocation may run another, again with all of its limits.
+            await a.containers.stop(tpb.ContainerRef(container_id=started[0].container_id), 1)
+            second = await a.containers.start(alloc.id, alloc.revision, sleeper)
+            assert second.container_id != started[0].container_id
+            assert_within_allocation(docker_client, alloc)
+            await a.containers.stop(tpb.ContainerRef(container_id=second.container_id), 1)
+    finally:
+        remove_allocation_containers(docker_client, alloc.id)
+
+
+def assert_within_allocation(docker_client: Any, alloc: tpb.Allocation) -> None:
+    """The summed CPU and memory limits of the allocation's running containers are at most its own."""
+    running = docker_client.api.containers(filters={"label": f"{LABEL_ALLOCATION}={alloc.id}", "status": "running"})
+    hosts = [docker_client.api.inspect_container(c["Id"])["HostConfig"] for c in running]
+    assert len(hosts) <= 1
+    assert sum(h["NanoCpus"] for h in hosts) <= alloc.cpus * 1_000_000_000
+    assert sum(h["Memory"] for h in hosts) <= alloc.memory_bytes
+    assert all(h["NanoCpus"] > 0 and h["Memory"] > 0 for h in hosts)  # limits, not "unlimited"
+
+
+# -- two agents on one dockerd ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_agents_on_one_dockerd_touch_only_their_own_containers(
+    coordinator: harness.Coordinator, local_cluster: LocalCluster, dockerd: Dockerd, busybox: str
+) -> None:
+    """d1 and d2 share a dockerd. d2's agent is killed; its allocation is released. d1's agent,
+    whose enforcer lists every managed container on the daemon, leaves d2's container running,
+    does not find it by id, and still stops its own on release. d2's agent, back, stops its own."""
+    ports = {name: procs.free_port() for name in ("d1", "d2")}
+
+    def start_agent(name: str) -> procs.ManagedProcess:
+        return dockerd.add_agent(
+            local_cluster, name, 2, coordinator=coordinator.address, port=ports[name], labels={"host": name}
+        ).process
+
+    def allocate(name: str) -> tpb.Allocation:
+        request = pb.AllocateRequest(gpus=1, cpus=1, memory_bytes=GiB, ttl_seconds=120, owner="e2e",
+                                     node_selector={"host": name})  # fmt: skip
+        return coordinator.stub.Allocate(request).allocation
+
+    def stub(name: str) -> tuple[grpc.Channel, agent_pb2_grpc.AgentServiceStub]:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports[name]}")
+        return channel, agent_pb2_grpc.AgentServiceStub(channel)
+
+    def running(container_id: str) -> bool:
+        return bool(client.api.inspect_container(container_id)["State"]["Running"])
+
+    client = dockerd.client()
+    ids: dict[str, str] = {}
+    agents = {name: start_agent(name) for name in ("d1", "d2")}
+    try:
+        harness.wait_nodes_up(coordinator.stub, {"d1", "d2"})
+        allocs = {name: allocate(name) for name in ("d1", "d2")}
+        for name, alloc in allocs.items():
+            channel, s = stub(name)
+            with channel:
+                spec = tpb.ContainerSpec(
+                    image=busybox, command=["sleep", "600"], name=f"two-{name}-{uuid.uuid4().hex[:6]}"
+                )
+                status = s.StartContainer(
+                    agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec),
+                    timeout=120,
+                )
+            ids[name] = status.container_id
+            labels = client.api.inspect_container(status.container_id)["Config"]["Labels"]
+            assert labels[LABEL_NODE] == name
+
+        agents["d2"].kill()  # no agent for d2 now: nothing of d2's may be stopped but by d2's own
+        coordinator.stub.Release(pb.ReleaseRequest(allocation_id=allocs["d2"].id))
+        channel, s = stub("d1")
+        with channel:
+            for call, request in (
+                (s.GetContainer, tpb.ContainerRef(container_id=ids["d2"])),
+                (s.StopContainer, tpb.StopContainerRequest(ref=tpb.ContainerRef(container_id=ids["d2"]))),
+                (s.WaitContainer, tpb.WaitContainerRequest(ref=tpb.ContainerRef(container_id=ids["d2"]))),
+            ):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request, timeout=30)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+            listed = s.ListContainers(tpb.ListContainersRequest(), timeout=30).containers
+            assert [c.container_id for c in listed] == [ids["d1"]]
+        # Several enforcement rounds of d1's agent: d2's container (its allocation gone) keeps running.
+        time.sleep(3 * INTERVAL + GRACE)
+        assert running(ids["d2"]) and running(ids["d1"])
+
+        coordinator.stub.Release(pb.ReleaseRequest(allocation_id=allocs["d1"].id))
+        harness.wait_until(lambda: not running(ids["d1"]), INTERVAL + GRACE + 3, "d1's container to stop")
+        assert running(ids["d2"])
+
+        agents["d2"] = start_agent("d2")  # reconciles: its allocation has ended, so it stops it
+        harness.wait_until(lambda: not running(ids["d2"]), 30, "d2's container to be stopped by d2's agent")
+    finally:
+        for name in agents:
+            with contextlib.suppress(Exception):
+                local_cluster.stop_agent(name)
+        for container_id in ids.values():
+            with contextlib.suppress(Exception):
+                client.api.remove_container(container_id, force=True)
+        client.close()
+
+
+async def test_an_agent_ignores_other_nodes_containers_in_process(cluster: Cluster) -> None:
+    """The same with an in-memory runtime: a planted container of another node, of an allocation
+    that is not live, is never stopped; one of this node's is."""
+    runtime = FakeRuntime()
+    theirs = runtime.plant(allocation_id="gone-elsewhere", revision=1, node="somewhere-else")
+    mine = runtime.plant(allocation_id="gone-here", revision=1, node="n1")
+    async with agent(cluster.address, runtime) as a:
+        report = await a.enforcer.tick()
+        assert [v.container.id for v in report.stopped] == [mine]
+        assert runtime.info(theirs).state == "running" and runtime.info(mine).state == "exited"
+        with pytest.raises(ContainerNotFound):
+            await a.containers.get(tpb.ContainerRef(container_id=theirs))
+        assert [c.container_id for c in await a.containers.list("")] == [mine]
+
+
+def test_limits_have_the_documented_defaults() -> None:
+    assert Limits() == Limits(max_concurrent_pulls=2, max_log_streams_per_allocation=4, max_waits_per_allocation=8)
+    assert Hardening().profile == "baseline" and Hardening().pids_limit == 4096
+    with pytest.raises(ValueError):
+        Hardening(profile="privileged")  # type: ignore[arg-type]
+
+
+# -- networks ------------------------------------------------------------------------------------------
+
+
+async def test_containers_join_the_agents_network_with_inter_container_traffic_off(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any
+) -> None:
+    """The agent's own network (made on first use): a bridge with inter-container traffic off.
+
+    What dockerd does with that setting (iptables rules dropping traffic between two containers on
+    the bridge) cannot be exercised here: the test dockerd runs with --iptables=false, so no
+    connection between containers of two allocations is attempted. Tested: the container's
+    NetworkMode, the network's options, a network with that traffic on refused before any pull,
+    and that the coordinator's port (on loopback, as agents' are by default) is not reachable from a
+    container, neither at 127.0.0.1 (the container's own) nor at the bridge's gateway (the host)."""
+    with contextlib.suppress(Exception):
+        docker_client.api.remove_network(AGENT_NETWORK)  # made by the agent below
+    alloc = await cluster.allocate(cpus=1)
+    port = int(cluster.address.rsplit(":", 1)[1])
+    probe = (
+        "gw=$(ip route | awk '/default/ {print $3}'); echo gateway=$gw; "
+        f"nc -w 2 127.0.0.1 {port} </dev/null; echo loopback=$?; nc -w 2 $gw {port} </dev/null; echo host=$?"
+    )
+    try:
+        async with docker_agent(cluster, runtime, network=AGENT_NETWORK) as a:
+            output, attrs = await run_to_exit(a, runtime, alloc, busybox, probe)
+    finally:
+        remove_allocation_containers(docker_client, alloc.id)
+    assert attrs["HostConfig"]["NetworkMode"] == AGENT_NETWORK
+    net = docker_client.api.inspect_network(AGENT_NETWORK)
+    assert net["Driver"] == "bridge" and net["Options"][ICC_OPTION] == "false" and not net["Internal"]
+    assert net["Labels"] == {LABEL_MANAGED: "true"}
+    seen = status_of(output)
+    assert seen["gateway"], output  # the container has a route to the host
+    assert seen["loopback"] != "0" and seen["host"] != "0", output
+
+
+async def test_a_network_that_lets_containers_talk_is_refused_before_any_pull(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any
+) -> None:
+    name = f"icc-on-{uuid.uuid4().hex[:6]}"
+    docker_client.api.create_network(name, driver="bridge")  # Docker's default: inter-container traffic on
+    alloc = await cluster.allocate(cpus=1)
+    try:
+        for network, why in ((name, "inter-container traffic is on"), ("no-such-network", "does not exist")):
+            async with docker_agent(cluster, runtime, network=network) as a:
+                with pytest.raises(PermissionDenied) as e:
+                    await a.containers.start(
+                        alloc.id, alloc.revision, tpb.ContainerSpec(image=busybox, command=["true"])
+                    )
+            assert e.value.message.startswith("rule 'network-isolation': ") and why in e.value.message
+        assert not docker_client.api.containers(all=True, filters={"label": f"{LABEL_ALLOCATION}={alloc.id}"})
+    finally:
+        docker_client.api.remove_network(name)
+    # Never the host's network namespace, nor another container's: refused by the configuration
+    # (and by the runtime, should a launch ask for it).
+    from gpulease.agent.config import ConfigError, load_config
+
+    for bad in ("host", "container:abc"):
+        with pytest.raises(ConfigError, match="network namespace"):
+            load_config(["--coordinator", "c:1", "--node-id", "n", "--container-network", bad], {})
+        with pytest.raises(PermissionDenied, match="network-isolation"):
+            runtime.prepare_network(bad)
