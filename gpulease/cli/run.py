@@ -17,12 +17,9 @@ import sys
 from types import FrameType, TracebackType
 
 from gpulease.cli.config import CliConfig
-from gpulease.client import Allocation, ContainerHandle, Terminated
+from gpulease.client import Allocation, ContainerHandle, LogChunk, Terminated
 from gpulease.common.units import parse_duration
 from gpulease.errors import GpuLeaseError, InvalidRequest
-
-# After the log stream ends, how long to wait for the container's exit code.
-_EXIT_WAIT_S = 3000.0
 
 
 class _Signals:
@@ -105,13 +102,19 @@ def run(cfg: CliConfig, args: argparse.Namespace) -> int:
 
 
 def _follow(job: ContainerHandle) -> int:
-    """Stream the container's output until it exits; its exit code."""
-    for chunk in job.logs(follow=True):
+    """Stream the container's output until it exits; its exit code. When its logs cannot be
+    streamed (the node's or the allocation's limit of log streams, a stream that broke), wait for
+    it to exit instead: the job is never given up because of its logs."""
+
+    def write(chunk: LogChunk) -> None:
         out = sys.stdout if chunk.stream == "stdout" else sys.stderr
         out.buffer.write(chunk.data)
         out.flush()
-    # The log stream ends when the container exits; confirm its exit code.
-    status = job.wait(timeout=_EXIT_WAIT_S)
+
+    def fallback(exc: GpuLeaseError) -> None:
+        _note(f"cannot stream the container's output ({exc.message}); waiting for it to exit")
+
+    status = job.follow(write, on_fallback=fallback)
     if status.exit_code is None:
         raise GpuLeaseError(f"container {job.id[:12]} did not exit; state {status.state}")
     return status.exit_code

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._failover import FailoverChannels
-from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
+from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting, log_fallback
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocationInfo, Container, LogChunk
+from gpulease.errors import GpuLeaseError
 
 log = logging.getLogger("gpulease.client")
 
@@ -257,6 +258,30 @@ class ContainerHandle(ContainerHandleBase[Allocation]):
         for chunk in session.run_stream(_ops.logs(self.allocation.id, self.id, follow=follow)):
             yield chunk
             session.usable()
+
+    def follow(
+        self,
+        write: Callable[[LogChunk], object],
+        *,
+        on_fallback: Callable[[GpuLeaseError], object] | None = None,
+    ) -> Container:
+        """Stream the container's output to ``write`` until it exits; its final status.
+
+        When the log stream is refused (the node's or the allocation's limit of log streams:
+        RateLimited) or breaks, this waits for the container to exit instead (WaitContainer),
+        without the rest of its output, after telling ``on_fallback`` why: a running job is never
+        given up because its logs could not be streamed. A lost allocation, a container that is
+        gone, or a refused caller is raised."""
+        try:
+            for chunk in self.logs(follow=True):
+                write(chunk)
+        except GpuLeaseError as e:
+            if not log_fallback(e):
+                raise
+            log.info("container %s: no log stream (%s); waiting for it to exit instead", self.id[:12], e.message)
+            if on_fallback is not None:
+                on_fallback(e)
+        return self.wait()
 
     def stop(self, grace: float = 10.0) -> Container:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the final status."""

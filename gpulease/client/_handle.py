@@ -19,7 +19,7 @@ from gpulease.client._calls import ContainerStart
 from gpulease.client._failover import Rotation
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocatedGpu, AllocationInfo, Container
-from gpulease.errors import InvalidRequest
+from gpulease.errors import DeadlineExceeded, GpuLeaseError, Internal, InvalidRequest, RateLimited, Unavailable
 
 C = TypeVar("C", bound=Rotation)
 S = TypeVar("S", bound="SessionBase[Any]")
@@ -212,6 +212,17 @@ class ContainerHandleBase(Generic[A]):
             if c.id == self.id:
                 self._status = c
         return self._status
+
+
+# Log stream failures after which ContainerHandle.follow waits for the container instead: the node's
+# or the allocation's log-stream limit (RATE_LIMITED), a stream that broke or could not be opened.
+# Anything about the allocation, the container or the caller (lost, not found, refused) is raised.
+LOG_FALLBACK_ERRORS: tuple[type[GpuLeaseError], ...] = (RateLimited, Unavailable, DeadlineExceeded, Internal)
+
+
+def log_fallback(error: GpuLeaseError) -> bool:
+    """Whether ``follow`` waits for the container instead of raising ``error`` from its log stream."""
+    return isinstance(error, LOG_FALLBACK_ERRORS)
 
 
 class Waiting:

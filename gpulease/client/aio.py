@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 from gpulease.client import _ops
 from gpulease.client._aio_failover import AsyncFailoverChannels
 from gpulease.client._base import ClientBase
-from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting
+from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting, log_fallback
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocationInfo, Container, LogChunk
+from gpulease.errors import GpuLeaseError
 
 __all__ = ["AsyncAllocation", "AsyncClient", "AsyncContainerHandle"]
 
@@ -200,6 +201,24 @@ class AsyncContainerHandle(ContainerHandleBase[AsyncAllocation]):
         async for chunk in session.run_stream(_ops.logs(self.allocation.id, self.id, follow=follow)):
             yield chunk
             session.usable()
+
+    async def follow(
+        self,
+        write: Callable[[LogChunk], object],
+        *,
+        on_fallback: Callable[[GpuLeaseError], object] | None = None,
+    ) -> Container:
+        """See ContainerHandle.follow: when the log stream is refused or breaks, waits instead."""
+        try:
+            async for chunk in self.logs(follow=True):
+                write(chunk)
+        except GpuLeaseError as e:
+            if not log_fallback(e):
+                raise
+            log.info("container %s: no log stream (%s); waiting for it to exit instead", self.id[:12], e.message)
+            if on_fallback is not None:
+                on_fallback(e)
+        return await self.wait()
 
     async def stop(self, grace: float = 10.0) -> Container:
         status = await self.allocation.session.usable().run(_ops.stop_container(self.allocation.id, self.id, grace))

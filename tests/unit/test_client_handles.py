@@ -16,6 +16,8 @@ import pytest
 
 from gpulease.client import AllocatedGpu, Allocation, AllocationInfo, Client, ContainerHandle
 from gpulease.client.aio import AsyncAllocation, AsyncClient, AsyncContainerHandle
+from gpulease.client.models import Container
+from gpulease.errors import GpuLeaseError, PermissionDenied
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc
 from gpulease.v1 import types_pb2 as tpb
@@ -121,3 +123,68 @@ async def test_async_methods_return_coroutines() -> None:
         assert inspect.isasyncgen(stream)
         await stream.aclose()
     assert asyncio.iscoroutinefunction(AsyncAllocation.keep_alive)
+
+
+class LogsRefused(Records):
+    """StreamLogs is refused as an agent at its log-stream limit refuses it; WaitContainer answers
+    that the container exited with 7 (after ``waits`` calls that say it still runs)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, waits: int = 2) -> None:
+        self.code, self.reason, self.waits, self.asked = code, reason, waits, []
+
+    def StreamLogs(self, request: tpb.StreamLogsRequest, context: grpc.ServicerContext) -> Iterator[tpb.LogChunk]:
+        self.asked.append("StreamLogs")
+        yield tpb.LogChunk(data=b"first line\n", stream="stdout")
+        context.set_trailing_metadata((("gpulease-reason", self.reason),))
+        context.abort(self.code, "rule 'log-streams': allocation a1 has 4 log stream(s) in flight on node n1")
+
+    def WaitContainer(self, request: tpb.WaitContainerRequest, context: grpc.ServicerContext) -> tpb.ContainerStatus:
+        self.asked.append("WaitContainer")
+        self.waits -= 1
+        state = tpb.CONTAINER_STATE_EXITED if self.waits < 0 else tpb.CONTAINER_STATE_RUNNING
+        status = tpb.ContainerStatus(container_id="c" * 64, allocation_id=INFO.id, state=state, node="n1")
+        if state == tpb.CONTAINER_STATE_EXITED:
+            status.exit_code = 7
+        return status
+
+
+def running_container() -> Container:
+    return Container(id="c" * 64, allocation_id=INFO.id, revision=7, state="running", exit_code=None, image="i",
+                     name="job", node="n1", gpu_indexes=(3,))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"), (grpc.StatusCode.INTERNAL, "INTERNAL")],
+)
+def test_follow_waits_for_the_container_when_its_log_stream_is_refused(
+    serve_fake: harness.ServeFake, code: grpc.StatusCode, reason: str
+) -> None:
+    fake = LogsRefused(code, reason)
+    with Client(serve_fake(fake), timeout=5, handle_sigterm=False) as client:
+        job = ContainerHandle(client.get_allocation(INFO.id), running_container())
+        chunks: list[bytes] = []
+        why: list[GpuLeaseError] = []
+        status = job.follow(lambda c: chunks.append(c.data), on_fallback=why.append)
+    assert status.exited and status.exit_code == 7
+    assert chunks == [b"first line\n"] and len(why) == 1 and "log-streams" in why[0].message
+    assert fake.asked == ["StreamLogs", "WaitContainer", "WaitContainer", "WaitContainer"]
+
+
+def test_follow_raises_what_waiting_cannot_help(serve_fake: harness.ServeFake) -> None:
+    fake = LogsRefused(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    with Client(serve_fake(fake), timeout=5, handle_sigterm=False) as client:
+        job = ContainerHandle(client.get_allocation(INFO.id), running_container())
+        with pytest.raises(PermissionDenied):
+            job.follow(lambda c: None)
+    assert fake.asked == ["StreamLogs"]
+
+
+async def test_async_follow_waits_for_the_container_when_its_log_stream_is_refused(
+    serve_fake: harness.ServeFake,
+) -> None:
+    fake = LogsRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", waits=0)
+    async with AsyncClient(serve_fake(fake), timeout=5) as client:
+        job = AsyncContainerHandle(await client.get_allocation(INFO.id), running_container())
+        status = await job.follow(lambda c: None)
+    assert status.exit_code == 7 and fake.asked == ["StreamLogs", "WaitContainer"]
