@@ -27,6 +27,7 @@ before the runtime is called (gpulease/common/container_policy.py, agent/host_mo
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import math
@@ -38,8 +39,9 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from http.client import HTTPException
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import docker
 import docker.auth
@@ -378,7 +380,7 @@ class DockerRuntime:
         api = self.api
         repository, tag = docker.utils.parse_repository_tag(image)
         params = {"fromImage": repository, "tag": tag or "latest"}  # a digest goes in "tag" too
-        headers = {}
+        headers: dict[str, str] = {}
         try:
             registry, _ = docker.auth.resolve_repository_name(repository)
             auth_header = docker.auth.get_config_header(api, registry)
@@ -390,24 +392,21 @@ class DockerRuntime:
         self._log.info("pulling image %s", image)
         started = time.monotonic()
         deadline = started + self._pull_timeout
-        url = f"{api.base_url}/v{api.api_version}/images/create"
-        try:
-            # The read timeout bounds a silent dockerd until the answer starts; the watcher below
-            # bounds the whole pull, whatever the registry trickles meanwhile.
-            response = api.post(url, params=params, headers=headers, stream=True, timeout=(10, self._pull_timeout))
-        except requests.exceptions.RequestException as e:
-            raise self._translate(e, f"cannot pull image {image!r}") from e
+        stream = _PullStream(api, params, headers, self._pull_timeout)
         done = threading.Event()
         ended: list[str] = []  # why the watcher cut the pull short: "deadline" or "cancelled"
+        # Started before the request: dockerd sends no answer at all until the registry has said
+        # something, so the wait for the answer's headers is cut too.
         watcher = threading.Thread(
-            target=_watch_pull, args=(response, deadline, cancel, done, ended), name="pull-deadline", daemon=True
+            target=_watch_pull, args=(stream, deadline, cancel, done, ended), name="pull-deadline", daemon=True
         )
         watcher.start()
         try:
-            if response.status_code >= 400:
-                raise self._pull_failed(image, _response_message(response), invalid=response.status_code == 400)
+            status = stream.open()
+            if status >= 400:
+                raise self._pull_failed(image, stream.error_message(), invalid=status == 400)
             progress = _PullProgress(image, self._log)
-            for line in response.iter_lines():
+            for line in stream.lines():
                 if ended or time.monotonic() > deadline:
                     break
                 if not line:
@@ -418,12 +417,17 @@ class DockerRuntime:
                         image, event.get("error") or event["errorDetail"].get("message", "unknown error")
                     )
                 progress.update(event)
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, HTTPException) as e:
             if not ended:
+                if not stream.answered:  # dockerd itself did not answer
+                    raise self._translate(
+                        e if isinstance(e, requests.exceptions.RequestException) else ConnectionError(str(e)),
+                        f"cannot pull image {image!r}",
+                    ) from e
                 raise self._pull_failed(image, e) from e
         finally:
             done.set()
-            _abort_response(response)  # also cancels the pull in dockerd when we give up early
+            stream.close()  # also cancels the pull in dockerd when we give up early
             watcher.join(timeout=5.0)
         if ended == ["cancelled"]:
             took = time.monotonic() - started
@@ -694,7 +698,7 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
 
 
 def _watch_pull(
-    response: Any, deadline: float, cancel: threading.Event | None, done: threading.Event, ended: list[str]
+    stream: _PullStream, deadline: float, cancel: threading.Event | None, done: threading.Event, ended: list[str]
 ) -> None:
     """Until the pull is done: at its deadline, or once its caller has gone, cut the connection.
 
@@ -710,7 +714,107 @@ def _watch_pull(
         done.wait(min(PULL_WATCH_S, deadline - now))
     else:
         return
-    _abort_response(response)
+    stream.abort()
+
+
+class _PullStream:
+    """POST /images/create and its JSON lines, on a connection that abort() (from another thread)
+    ends at any moment.
+
+    On a unix socket (the agent's usual docker_host) the connection is a socket of its own, so it
+    is cut while dockerd has not answered yet too: dockerd sends nothing until the registry has
+    said something. Elsewhere (tcp://, ssh://) it goes through the Docker SDK's session, which is
+    cut once dockerd has answered; before that its read timeout (the pull timeout) bounds it."""
+
+    def __init__(self, api: Any, params: Mapping[str, str], headers: Mapping[str, str], timeout: float) -> None:
+        self._api = api
+        self._params = dict(params)
+        self._headers = dict(headers)
+        self._timeout = timeout
+        adapter = None
+        with contextlib.suppress(Exception):
+            adapter = api.get_adapter(api.base_url)
+        path = getattr(adapter, "socket_path", None)
+        self._socket_path: str | None = path if isinstance(path, str) and path else None
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._sock: socket.socket | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._answer: http.client.HTTPResponse | None = None
+        self._response: Any = None  # requests.Response, off unix sockets
+        self.answered = False
+
+    def open(self) -> int:
+        """Send the request; the answer's HTTP status."""
+        if self._socket_path is None:
+            url = f"{self._api.base_url}/v{self._api.api_version}/images/create"
+            response = self._api.post(
+                url, params=self._params, headers=self._headers, stream=True, timeout=(10, self._timeout)
+            )
+            with self._lock:
+                self._response = response
+                aborted = self._aborted
+            if aborted:
+                _abort_response(response)
+            self.answered = True
+            return int(response.status_code)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            self._sock = sock
+        sock.settimeout(10)
+        sock.connect(self._socket_path)
+        sock.settimeout(self._timeout)
+        with self._lock:  # an abort() before the connect could not shut it down: it said so here
+            if self._aborted:
+                raise ConnectionAbortedError("the pull was cut before it was sent")
+        conn = http.client.HTTPConnection("localhost", timeout=self._timeout)
+        conn.sock = sock
+        self._conn = conn
+        path = f"/v{self._api.api_version}/images/create?{urlencode(self._params)}"
+        conn.request("POST", path, headers=self._headers)
+        self._answer = conn.getresponse()
+        self.answered = True
+        return int(self._answer.status)
+
+    def error_message(self) -> str:
+        if self._answer is None:
+            return str(_response_message(self._response))
+        body = self._answer.read(64 * 1024)
+        try:
+            message = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return str(message) if message else f"HTTP {self._answer.status}: {body[:500].decode(errors='replace')}"
+
+    def lines(self) -> Iterator[bytes]:
+        if self._answer is None:
+            yield from self._response.iter_lines()
+            return
+        while True:
+            line = self._answer.readline(1 << 20)
+            if not line:
+                return
+            yield line.strip()
+
+    def abort(self) -> None:
+        """Cut the connection, from any thread; a read blocked on it returns at once."""
+        with self._lock:
+            self._aborted = True
+            sock, response = self._sock, self._response
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if response is not None:
+            _abort_response(response)
+
+    def close(self) -> None:
+        self.abort()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        elif self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
 
 
 def _abort_response(response: Any) -> None:
