@@ -49,6 +49,9 @@ FORBIDDEN_NETWORK_PREFIX = "container:"
 # iptables). Any other configured network must have it off too, or be "none".
 AGENT_NETWORK = "gpulease"
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
+# The Linux bridge of AGENT_NETWORK, by name, so that the host's firewall rules can name it.
+AGENT_BRIDGE = "gpulease0"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
 # Set (by the agent's container service) around a call to ensure_image: the pull gives up as soon as
 # the event is set, because the caller that asked for it has gone. A context variable rather than a

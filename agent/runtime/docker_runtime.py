@@ -53,7 +53,9 @@ import urllib3.exceptions
 
 from gpulease.agent.linux import cgroup_pids, process_tree
 from gpulease.agent.runtime import (
+    AGENT_BRIDGE,
     AGENT_NETWORK,
+    BRIDGE_NAME_OPTION,
     ICC_OPTION,
     LABEL_ALLOCATION,
     LABEL_GPU_UUIDS,
@@ -327,7 +329,7 @@ class DockerRuntime:
             api.create_network(
                 name,
                 driver="bridge",
-                options={ICC_OPTION: "false"},
+                options={ICC_OPTION: "false", BRIDGE_NAME_OPTION: AGENT_BRIDGE},
                 labels={LABEL_MANAGED: "true"},
                 check_duplicate=True,
             )
@@ -336,7 +338,7 @@ class DockerRuntime:
                 raise self._translate(e, f"cannot create network {name!r}") from e
         except Exception as e:
             raise self._translate(e, f"cannot create network {name!r}") from e
-        self._log.info("created network %s (bridge, inter-container traffic off)", name)
+        self._log.info("created network %s (bridge %s, inter-container traffic off)", name, AGENT_BRIDGE)
         try:
             attrs: dict[str, Any] = api.inspect_network(name)
         except Exception as e:

@@ -370,6 +370,7 @@ async def test_containers_join_the_agents_network_with_inter_container_traffic_o
     assert attrs["HostConfig"]["NetworkMode"] == AGENT_NETWORK
     net = docker_client.api.inspect_network(AGENT_NETWORK)
     assert net["Driver"] == "bridge" and net["Options"][ICC_OPTION] == "false" and not net["Internal"]
+    assert net["Options"]["com.docker.network.bridge.name"] == "gpulease0"  # for the host's firewall rules
     assert net["Labels"] == {LABEL_MANAGED: "true"}
     seen = status_of(output)
     assert seen["gateway"], output  # the container has a route to the host

@@ -4,6 +4,7 @@ example of issue 13: TLS files everywhere, --insecure nowhere, the agent on a ma
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpulease.agent.config import load_config as load_agent
+from gpulease.agent.runtime import AGENT_NETWORK, Hardening
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.transport import is_loopback
 from gpulease.coordinator.config import load as load_coordinator
@@ -52,6 +54,29 @@ def test_agent_example_config_loads() -> None:
     )
     # A management address: neither a wildcard nor loopback (the coordinator must reach it).
     assert cfg.listen == "10.20.0.17:50052" and not is_loopback(cfg.listen)
+    # How containers run, and what one tenant may hold (issue 14, part B): the defaults, spelled out.
+    assert cfg.hardening == Hardening() and cfg.container_network == AGENT_NETWORK
+    assert (cfg.max_concurrent_pulls, cfg.pull_timeout_seconds) == (2, 600.0)
+    assert (cfg.max_log_streams_per_allocation, cfg.max_waits_per_allocation) == (4, 8)
+
+
+def test_the_agent_unit_lets_only_loopback_and_the_coordinators_reach_it() -> None:
+    unit = (DEPLOY.parent / "systemd" / "gpulease-agent.service").read_text()
+    service = unit[unit.index("[Service]") : unit.index("[Install]")]
+    lines = [line.strip() for line in service.splitlines() if line.strip() and not line.startswith("#")]
+    assert "IPAddressDeny=any" in lines
+    allowed = [word for line in lines if line.startswith("IPAddressAllow=") for word in line.split("=", 1)[1].split()]
+    assert allowed[0] == "localhost" and len(allowed) > 1
+    assert not {"any", "0.0.0.0/0", "::/0"} & set(allowed)
+
+
+def test_the_docker_daemon_example_has_what_the_agent_relies_on() -> None:
+    daemon = json.loads((DEPLOY.parent / "docker" / "daemon.json").read_text())
+    # Containers on the default bridge cannot talk to each other; nothing gains privileges;
+    # logs are bounded for containers the agent did not make (its own carry their own limits).
+    assert daemon["icc"] is False and daemon["no-new-privileges"] is True
+    assert daemon["log-driver"] == "json-file" and set(daemon["log-opts"]) == {"max-size", "max-file"}
+    assert "iptables" not in daemon  # icc=false is enforced with iptables: never turned off
 
 
 @pytest.mark.parametrize("path", [*sorted(DEPLOY.glob("*.toml")), *UNITS], ids=lambda p: p.name)
