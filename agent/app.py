@@ -183,6 +183,8 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
                     grace=cfg.enforce_grace_seconds,
                     retention=cfg.container_retention_seconds,
                     runtime=control_runtime,
+                    image_retention=cfg.image_retention_seconds,
+                    image_disk_limit=cfg.image_disk_limit,
                 )
                 return await _serve(cfg, tls, channel, control, control_channel, containers, enforcer, inventory, gate)
             finally:

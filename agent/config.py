@@ -70,6 +70,10 @@ DEFAULT_MAX_WAITS_PER_ALLOCATION = 8
 MAX_PIDS_LIMIT = 4_194_304  # the kernel's pid_max ceiling
 MIN_PIDS_LIMIT = 16
 MIN_LOG_MAX_SIZE = 2**20
+# Unused images (agent/enforcer.py): removed once unused this long, and while images take more than this.
+DEFAULT_IMAGE_RETENTION_S = 86400.0
+MAX_IMAGE_RETENTION_S = 365 * 86400.0
+DEFAULT_IMAGE_DISK_LIMIT = 200 * 2**30
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,10 @@ class AgentConfig:
     max_concurrent_pulls: int = DEFAULT_MAX_CONCURRENT_PULLS
     max_log_streams_per_allocation: int = DEFAULT_MAX_LOG_STREAMS_PER_ALLOCATION
     max_waits_per_allocation: int = DEFAULT_MAX_WAITS_PER_ALLOCATION
+    # Unused images: removed once unused this long (0: never by age), and least recently used
+    # first while all images take more than this many bytes (0: no limit).
+    image_retention_seconds: float = DEFAULT_IMAGE_RETENTION_S
+    image_disk_limit: int = DEFAULT_IMAGE_DISK_LIMIT
 
     @property
     def hardening(self) -> Hardening:
@@ -182,6 +190,8 @@ _SCALAR_SETTINGS = (
     "max_concurrent_pulls",
     "max_log_streams_per_allocation",
     "max_waits_per_allocation",
+    "image_retention_seconds",
+    "image_disk_limit",
 )
 
 
@@ -328,6 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"WaitContainer calls in flight per allocation (default {DEFAULT_MAX_WAITS_PER_ALLOCATION})",
     )
+    images = p.add_argument_group(
+        "images", "Unused images (no container refers to them) are removed by age and by disk use."
+    )
+    images.add_argument(
+        "--image-retention-seconds",
+        metavar="S",
+        type=float,
+        help=f"remove an image unused this long; 0: never by age (default {DEFAULT_IMAGE_RETENTION_S:g})",
+    )
+    images.add_argument(
+        "--image-disk-limit",
+        metavar="SIZE",
+        help="while images take more than this, remove unused ones, least recently used first; 0: no limit "
+        f"(default {DEFAULT_IMAGE_DISK_LIMIT // 2**30}GiB)",
+    )
     return p
 
 
@@ -437,6 +462,19 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
             raise ConfigError(f"log_max_size: {e.message}") from e
         if log_max_size < MIN_LOG_MAX_SIZE:
             raise ConfigError(f"log_max_size must be at least 1MiB, got {raw!r}")
+    image_disk_limit = DEFAULT_IMAGE_DISK_LIMIT
+    if "image_disk_limit" in values:
+        raw = values["image_disk_limit"]
+        try:
+            image_disk_limit = (
+                raw
+                if isinstance(raw, int) and not isinstance(raw, bool)
+                else (0 if str(raw).strip() == "0" else parse_size(str(raw)))
+            )
+        except InvalidRequest as e:
+            raise ConfigError(f"image_disk_limit: {e.message}") from e
+        if image_disk_limit < 0:
+            raise ConfigError(f"image_disk_limit must be 0 (no limit) or a size, got {raw!r}")
 
     lists: dict[str, tuple[str, ...]] = {}
     for name, parse in (
@@ -488,6 +526,10 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         max_waits_per_allocation=_bounded_int(
             values, "max_waits_per_allocation", DEFAULT_MAX_WAITS_PER_ALLOCATION, 1, 1024
         ),
+        image_retention_seconds=_seconds(
+            values, "image_retention_seconds", DEFAULT_IMAGE_RETENTION_S, 0.0, MAX_IMAGE_RETENTION_S
+        ),
+        image_disk_limit=image_disk_limit,
     )
 
 

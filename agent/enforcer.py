@@ -20,6 +20,15 @@ gpulease/common/container_policy.py) go the same way: once no container refers t
 "dangling"), it was made more than ``retention`` ago and no start in progress names it, it is
 removed, checked every VOLUME_SWEEP_S and after each tick that removed a container.
 
+Unused images are removed by age and by disk use, every IMAGE_SWEEP_S: an image no container
+refers to (running or not, gpulease's or not) goes once it has not been used for
+``image_retention`` seconds (default 24 h; 0: never by age), counted from the latest of when it was
+pulled or tagged here (Docker's LastTagTime), when the enforcer last saw a container use it, and
+when this agent started (so a restart never makes an image look old); and while the images take
+more than ``image_disk_limit`` bytes (default 200 GiB, as Docker counts each image's size; 0: no
+limit), unused images go, least recently used first. An image a container starts from meanwhile
+is not removed (Docker refuses).
+
 Heartbeat answers carry the node's allocations revision, which changes whenever an allocation
 there is created, released or expires. While it equals the one seen when the agent last asked,
 every running container is of an allocation in that answer, and a heartbeat answered within the
@@ -58,7 +67,7 @@ from typing import Any, TypeVar
 from gpulease.agent.containers import ContainerService, RuntimeHandle, gather_logged
 from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
-from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, VolumeInfo
+from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, ImageInfo, VolumeInfo
 from gpulease.errors import GpuLeaseError, NodeNotFound, NotFound, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 
@@ -76,6 +85,10 @@ CONTEXT_CACHE_S = 1.0
 VOLUME_SWEEP_S = 60.0
 # The enforcer's own threads: runtime calls never queue behind the container service's.
 ENFORCER_THREADS = 4
+# How often unused images are looked for (the first time this long after the agent starts).
+IMAGE_SWEEP_S = 600.0
+DEFAULT_IMAGE_RETENTION_S = 86400.0
+DEFAULT_IMAGE_DISK_LIMIT = 200 * 2**30
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class TickReport:
     kept: list[ContainerInfo] = field(default_factory=list)
     removed: list[ContainerInfo] = field(default_factory=list)
     removed_volumes: list[VolumeInfo] = field(default_factory=list)
+    removed_images: list[ImageInfo] = field(default_factory=list)
 
 
 def judge(
@@ -141,8 +155,17 @@ class Enforcer:
         grace: float,
         retention: float = 3600.0,
         runtime: RuntimeHandle | None = None,
+        image_retention: float = DEFAULT_IMAGE_RETENTION_S,
+        image_disk_limit: int = DEFAULT_IMAGE_DISK_LIMIT,
+        image_sweep_interval: float = IMAGE_SWEEP_S,
     ) -> None:
         self._node = node
+        self._image_retention = image_retention
+        self._image_disk_limit = image_disk_limit
+        self._image_sweep_interval = image_sweep_interval
+        self._image_sweep_at = time.monotonic()
+        self._started_unix_ms = int(time.time() * 1000)
+        self._image_last_used: dict[str, int] = {}
         # Its own handle (its own Docker connection) where given; else the container service's.
         self._runtime = runtime if runtime is not None else containers.runtime
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -367,7 +390,60 @@ class Enforcer:
             report.removed = await self._remove_expired(exited, {a.id for a in live})
             report.removed_volumes = await self._remove_unused_volumes(force=bool(report.removed))
         await self.stop_all(report.stopped)
+        report.removed_images = await self.remove_unused_images()
         return report
+
+    async def remove_unused_images(self, *, force: bool = False) -> list[ImageInfo]:
+        """Remove unused images by age and by disk use (see the module's docstring): at most once
+        every image sweep interval, or now with ``force``. Nothing is asked of the coordinator."""
+        now = time.monotonic()
+        if not force and now - self._image_sweep_at < self._image_sweep_interval:
+            return []
+        self._image_sweep_at = now
+        if self._image_retention <= 0 and self._image_disk_limit <= 0:
+            return []
+        try:
+            runtime: ContainerRuntime = await self._runtime.get()
+            images = await self._call(runtime.list_images)
+        except Exception as e:  # tried again at the next sweep
+            log.warning("cannot list images: %s", e)
+            return []
+        wall_ms = int(time.time() * 1000)
+        for image in images:
+            if image.in_use:
+                self._image_last_used[image.id] = wall_ms
+        known = {i.id for i in images}
+        self._image_last_used = {k: v for k, v in self._image_last_used.items() if k in known}
+
+        def last_used(image: ImageInfo) -> int:
+            return max(image.tagged_unix_ms, self._image_last_used.get(image.id, 0), self._started_unix_ms)
+
+        unused = sorted((i for i in images if not i.in_use), key=last_used)  # least recently used first
+        due: list[tuple[ImageInfo, str]] = []
+        if self._image_retention > 0:
+            cutoff = wall_ms - self._image_retention * 1000
+            due = [(i, f"unused for over {self._image_retention:g}s") for i in unused if last_used(i) <= cutoff]
+        if self._image_disk_limit > 0:
+            total = sum(i.size for i in images) - sum(i.size for i, _ in due)
+            for image in unused:
+                if total <= self._image_disk_limit:
+                    break
+                if any(image is d for d, _ in due):
+                    continue
+                due.append((image, f"images take {total} bytes, over the limit of {self._image_disk_limit}"))
+                total -= image.size
+        removed: list[ImageInfo] = []
+        for image, why in due:
+            try:
+                gone = await self._call(runtime.remove_image, image)
+            except Exception as e:
+                log.warning("cannot remove image %s: %s", ", ".join(image.tags) or image.id[:19], e)
+                continue
+            if gone:
+                log.info("removed image %s (%d bytes): %s", ", ".join(image.tags) or image.id[:19], image.size, why)
+                self._image_last_used.pop(image.id, None)
+                removed.append(image)
+        return removed
 
     async def _remove_expired(self, exited: list[ContainerInfo], live: set[str]) -> list[ContainerInfo]:
         """Remove exited containers of ended allocations that finished over `retention` ago."""

@@ -147,6 +147,19 @@ class VolumeInfo:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    """An image as Docker describes it, for the image clean-up (agent/enforcer.py)."""
+
+    id: str
+    tags: tuple[str, ...]
+    size: int  # bytes, as Docker counts them per image (layers shared with other images included)
+    # When it was last pulled or tagged here (Docker's LastTagTime), else when it was built.
+    tagged_unix_ms: int
+    # Some container, running or not, of gpulease or not, refers to it.
+    in_use: bool
+
+
+@dataclass(frozen=True)
 class ContainerInfo:
     id: str
     name: str
@@ -234,4 +247,14 @@ class ContainerRuntime(Protocol):
 
     def remove_volume(self, name: str) -> bool:
         """Remove a volume no container refers to; False if one does (or it is gone)."""
+        ...
+
+    # Images: the agent removes unused ones by age and by disk use (agent/enforcer.py).
+
+    def list_images(self) -> builtins.list[ImageInfo]:
+        """Every image on the daemon (tagged or not), with whether a container refers to it."""
+        ...
+
+    def remove_image(self, image: ImageInfo) -> bool:
+        """Remove an image no container refers to (all its tags); False if one does (or it is gone)."""
         ...

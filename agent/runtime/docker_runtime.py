@@ -72,6 +72,7 @@ from gpulease.agent.runtime import (
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
+    ImageInfo,
     VolumeInfo,
     default_name,
     network_problem,
@@ -489,6 +490,46 @@ class DockerRuntime:
             raise self._translate(e, f"cannot remove volume {name!r}") from e
         except Exception as e:
             raise self._translate(e, f"cannot remove volume {name!r}") from e
+        return True
+
+    # ----------------------------------------------------------------- image clean-up
+
+    def list_images(self) -> list[ImageInfo]:
+        api = self.api
+        try:
+            used = {str(c.get("ImageID", "")) for c in api.containers(all=True)}
+            summaries = api.images()
+        except Exception as e:
+            raise self._translate(e, "cannot list images") from e
+        out: list[ImageInfo] = []
+        for summary in summaries:
+            image_id = str(summary.get("Id", ""))
+            try:
+                attrs = api.inspect_image(image_id)
+            except docker.errors.NotFound:
+                continue  # removed since the listing
+            except Exception as e:
+                raise self._translate(e, f"cannot inspect image {image_id[:19]}") from e
+            tags = tuple(t for t in summary.get("RepoTags") or () if t and t != "<none>:<none>")
+            tagged = unix_ms((attrs.get("Metadata") or {}).get("LastTagTime"))
+            tagged = tagged or int(summary.get("Created") or 0) * 1000
+            out.append(ImageInfo(image_id, tags, int(summary.get("Size") or 0), tagged, image_id in used))
+        return out
+
+    def remove_image(self, image: ImageInfo) -> bool:
+        api = self.api
+        try:
+            # By tag when it has several (removing by id would need force), else by id.
+            for ref in image.tags or (image.id,):
+                api.remove_image(ref, force=False, noprune=False)
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as e:
+            if e.status_code == 409:  # a container refers to it (made since the listing)
+                return False
+            raise self._translate(e, f"cannot remove image {image.id[:19]}") from e
+        except Exception as e:
+            raise self._translate(e, f"cannot remove image {image.id[:19]}") from e
         return True
 
     # ----------------------------------------------------------------- stop / inspect

@@ -8,12 +8,16 @@ real test dockerd (tests/support/dockerd.py).
   starts give one container, so the summed CPU and memory limits never exceed the allocation's.
 - Two agents on one dockerd: neither stops, removes or answers for the other's containers.
 - Networks: the agent's own bridge with inter-container traffic off; other networks checked.
+- Unused images: removed by age and by disk use; images in use stay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +27,7 @@ import grpc
 import pytest
 
 from gpulease.agent.containers import Limits
+from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.runtime import (
     AGENT_NETWORK,
     ICC_OPTION,
@@ -403,3 +408,73 @@ async def test_a_network_that_lets_containers_talk_is_refused_before_any_pull(
             load_config(["--coordinator", "c:1", "--node-id", "n", "--container-network", bad], {})
         with pytest.raises(PermissionDenied, match="network-isolation"):
             runtime.prepare_network(bad)
+
+
+# -- unused images ---------------------------------------------------------------------------------
+
+
+def import_image(docker_client: Any, ref: str, size: int) -> str:
+    """A one-file image of about ``size`` bytes (random: each image its own layer); its id."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = os.urandom(size)
+        info = tarfile.TarInfo("blob")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    repository, tag = ref.rsplit(":", 1)
+    docker_client.api.import_image_from_data(buf.getvalue(), repository=repository, tag=tag)
+    return str(docker_client.api.inspect_image(ref)["Id"])
+
+
+def image_refs(docker_client: Any) -> set[str]:
+    return {t for i in docker_client.api.images() for t in i.get("RepoTags") or ()}
+
+
+async def test_unused_images_are_removed_by_age_and_by_disk_use(
+    cluster: Cluster, dockerd: Dockerd, busybox: str, runtime: DockerRuntime, docker_client: Any
+) -> None:
+    """Age: an image no container uses goes once unused for image_retention; one an exited
+    container refers to, and the one a running container uses, stay. Disk use: over the limit,
+    unused images go least recently used first, until under it."""
+    alloc = await cluster.allocate(cpus=1)
+    refs = {name: f"gpl-img/{name}-{uuid.uuid4().hex[:6]}:1" for name in ("old", "kept", "lru", "mru")}
+    try:
+        async with docker_agent(cluster, runtime) as a:
+            await a.containers.start(
+                alloc.id, alloc.revision, tpb.ContainerSpec(image=busybox, command=["sleep", "300"])
+            )
+            import_image(docker_client, refs["old"], 4096)
+            import_image(docker_client, refs["kept"], 4096)
+            exited = docker_client.api.create_container(refs["kept"], command=["none"])["Id"]  # never started
+            ages = Enforcer(node=NODE, coordinator=a.coordinator, containers=a.containers, vouchers=a.vouchers,
+                            interval=INTERVAL, grace=GRACE, image_retention=1.0, image_disk_limit=0)  # fmt: skip
+            await asyncio.sleep(1.5)
+            removed = {t for i in await ages.remove_unused_images(force=True) for t in i.tags}
+            assert refs["old"] in removed and refs["kept"] not in removed and busybox not in removed
+            assert refs["old"] not in image_refs(docker_client)
+            assert {refs["kept"], busybox} <= image_refs(docker_client)
+            docker_client.api.remove_container(exited, force=True)
+
+            # Disk use: two unused images, the older-tagged one goes first; nothing by age.
+            import_image(docker_client, refs["lru"], 64 * 1024)
+            await asyncio.sleep(1.1)  # LastTagTime apart
+            import_image(docker_client, refs["mru"], 64 * 1024)
+            images = docker_client.api.images()
+            in_use = {c["ImageID"] for c in docker_client.api.containers(all=True)}
+            # Room for what is in use and the most recent image: every other unused one must go.
+            budget = sum(int(i["Size"]) for i in images if i["Id"] in in_use)
+            budget += sum(int(i["Size"]) for i in images if refs["mru"] in (i.get("RepoTags") or ()))
+            disk = Enforcer(node=NODE, coordinator=a.coordinator, containers=a.containers, vouchers=a.vouchers,
+                            interval=INTERVAL, grace=GRACE, image_retention=0, image_disk_limit=budget)  # fmt: skip
+            disk._started_unix_ms = 0  # as if the agent had run for long: only the tag times count
+            removed = [t for i in await disk.remove_unused_images(force=True) for t in i.tags]
+            # Least recently used first: "kept" (tagged first) before "lru"; never what is in use.
+            assert removed.index(refs["kept"]) < removed.index(refs["lru"]) and busybox not in removed, removed
+            assert refs["mru"] not in removed and {refs["mru"], busybox} <= image_refs(docker_client)
+            for enforcer in (ages, disk):
+                enforcer.close()
+    finally:
+        remove_allocation_containers(docker_client, alloc.id)
+        for ref in refs.values():
+            with contextlib.suppress(Exception):
+                docker_client.api.remove_image(ref, force=True)

@@ -35,6 +35,7 @@ from gpulease.agent.runtime import (
     ContainerInfo,
     ContainerLaunch,
     ContainerStateName,
+    ImageInfo,
     VolumeInfo,
 )
 from gpulease.common.container_policy import reserved_env
@@ -251,6 +252,20 @@ class FakeRuntime:
             if name not in self.volumes or name in self._used_volumes():
                 return False
             del self.volumes[name]
+            return True
+
+    def list_images(self) -> list[ImageInfo]:
+        self.calls.append("list_images")
+        with self._cond:
+            used = {c.image for c in self.containers.values()}
+            return [ImageInfo(i, (i,), 0, 0, i in used) for i in sorted(self.images)]
+
+    def remove_image(self, image: ImageInfo) -> bool:
+        self.calls.append("remove_image")
+        with self._cond:
+            if image.id not in self.images or any(c.image == image.id for c in self.containers.values()):
+                return False
+            self.images.discard(image.id)
             return True
 
     # -- test helpers ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def test_agent_example_config_loads() -> None:
     assert cfg.hardening == Hardening() and cfg.container_network == AGENT_NETWORK
     assert (cfg.max_concurrent_pulls, cfg.pull_timeout_seconds) == (2, 600.0)
     assert (cfg.max_log_streams_per_allocation, cfg.max_waits_per_allocation) == (4, 8)
+    assert (cfg.image_retention_seconds, cfg.image_disk_limit) == (86400.0, 200 * 2**30)
 
 
 def test_the_agent_unit_lets_only_loopback_and_the_coordinators_reach_it() -> None:
