@@ -276,11 +276,7 @@ class ContainerHandle(ContainerHandleBase[Allocation]):
             for chunk in self.logs(follow=True):
                 write(chunk)
         except GpuLeaseError as e:
-            if not log_fallback(e):
-                raise
-            log.info("container %s: no log stream (%s); waiting for it to exit instead", self.id[:12], e.message)
-            if on_fallback is not None:
-                on_fallback(e)
+            log_fallback(e, self.id, on_fallback)
         return self.wait()
 
     def stop(self, grace: float = 10.0) -> Container:

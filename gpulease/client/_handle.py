@@ -9,6 +9,7 @@ session's methods only; neither reaches into the other's private state.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import FrozenInstanceError, fields
@@ -20,6 +21,8 @@ from gpulease.client._failover import Rotation
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocatedGpu, AllocationInfo, Container
 from gpulease.errors import DeadlineExceeded, GpuLeaseError, Internal, InvalidRequest, RateLimited, Unavailable
+
+log = logging.getLogger("gpulease.client")
 
 C = TypeVar("C", bound=Rotation)
 S = TypeVar("S", bound="SessionBase[Any]")
@@ -220,9 +223,16 @@ class ContainerHandleBase(Generic[A]):
 LOG_FALLBACK_ERRORS: tuple[type[GpuLeaseError], ...] = (RateLimited, Unavailable, DeadlineExceeded, Internal)
 
 
-def log_fallback(error: GpuLeaseError) -> bool:
-    """Whether ``follow`` waits for the container instead of raising ``error`` from its log stream."""
-    return isinstance(error, LOG_FALLBACK_ERRORS)
+def log_fallback(
+    error: GpuLeaseError, container_id: str, on_fallback: Callable[[GpuLeaseError], object] | None
+) -> None:
+    """``follow``'s decision when its log stream failed with ``error``: raise it, or (a refused or
+    broken stream) say why and return, so that the caller waits for the container instead."""
+    if not isinstance(error, LOG_FALLBACK_ERRORS):
+        raise error
+    log.info("container %s: no log stream (%s); waiting for it to exit instead", container_id[:12], error.message)
+    if on_fallback is not None:
+        on_fallback(error)
 
 
 class Waiting:

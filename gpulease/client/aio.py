@@ -213,11 +213,7 @@ class AsyncContainerHandle(ContainerHandleBase[AsyncAllocation]):
             async for chunk in self.logs(follow=True):
                 write(chunk)
         except GpuLeaseError as e:
-            if not log_fallback(e):
-                raise
-            log.info("container %s: no log stream (%s); waiting for it to exit instead", self.id[:12], e.message)
-            if on_fallback is not None:
-                on_fallback(e)
+            log_fallback(e, self.id, on_fallback)
         return await self.wait()
 
     async def stop(self, grace: float = 10.0) -> Container:
