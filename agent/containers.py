@@ -54,6 +54,7 @@ from gpulease.agent.runtime import (
     Volume,
     default_name,
 )
+from gpulease.common import eventloop
 from gpulease.common.container_policy import ContainerPolicy, refuse, tenant_of_volume, volume_backing_problem
 from gpulease.errors import (
     Conflict,
@@ -162,15 +163,7 @@ class ReadyGate:
 
     def open(self) -> None:
         self._reconciling = False
-        loop = self._loop
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or loop is running:
-            self._done.set()
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._done.set)
+        eventloop.set_from_any_thread(self._done, self._loop)
 
     async def wait(self) -> None:
         await self._done.wait()

@@ -68,6 +68,7 @@ from gpulease.agent.containers import ContainerService, RuntimeHandle, gather_lo
 from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, ImageInfo, VolumeInfo
+from gpulease.common import eventloop
 from gpulease.errors import GpuLeaseError, NodeNotFound, NotFound, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 
@@ -227,15 +228,7 @@ class Enforcer:
 
     def _wake_up(self) -> None:
         """Set the wake event, from any thread."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or loop is running:
-            self._wake.set()
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake.set)
+        eventloop.set_from_any_thread(self._wake, self._loop)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._pool is None:

@@ -23,6 +23,7 @@ import grpc
 
 from gpulease.agent.channel import NodeServiceSource, node_service_source
 from gpulease.agent.inventory import InventoryContext, InventorySource
+from gpulease.common import eventloop
 from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
 from gpulease.v1.types_pb2 import NodeInventory
 
@@ -185,15 +186,7 @@ class Registrar:
 
     def wake(self) -> None:
         """Heartbeat now rather than at the next interval (e.g. reconciliation just finished); from any thread."""
-        loop = self._loop
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or loop is running:
-            self._wake.set()
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake.set)
+        eventloop.set_from_any_thread(self._wake, self._loop)
 
     async def step(self) -> float:
         """One register-or-heartbeat attempt; returns how long to wait before the next one."""

@@ -42,3 +42,17 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     """asyncio.run(main) on the chosen loop."""
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+def set_from_any_thread(event: asyncio.Event, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Set ``event``, which belongs to ``loop`` (None: not bound yet), from whatever thread calls:
+    directly on the loop's own thread, through call_soon_threadsafe from another (asyncio events
+    are not thread-safe), not at all once the loop has closed."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is None or loop is running:
+        event.set()
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(event.set)
