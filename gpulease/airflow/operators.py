@@ -13,8 +13,8 @@ from airflow.sdk import BaseOperator
 
 from gpulease.airflow._util import ConnectionSettings, LineSplitter, allocation_id_of, owner_for, request_id_for
 from gpulease.airflow.hooks import GpuLeaseHook
-from gpulease.client import Allocation, Client, Container, ContainerHandle
-from gpulease.errors import AllocationLost, GpuLeaseError
+from gpulease.client import Allocation, Client, Container, ContainerHandle, LogChunk
+from gpulease.errors import GpuLeaseError
 
 __all__ = [
     "DEFAULT_SETUP_TTL",
@@ -214,8 +214,7 @@ class GpuContainerOperator(BaseOperator):
                         if self.deferrable:
                             deferring = True
                             self._defer(alloc, job.id)
-                        self._stream_logs(job)
-                        status = job.wait()
+                        status = self._follow(job)
                     except BaseException:
                         # Timed out, interrupted, or the wait failed: the container must not run on
                         # unattended (a retry would start another). Not when handing it to the trigger.
@@ -248,19 +247,24 @@ class GpuContainerOperator(BaseOperator):
                 self.log.info("stopping container %s of an earlier try", c.id[:12])
                 client.stop_container(allocation_id, c.id, grace=self.stop_grace)
 
-    def _stream_logs(self, job: ContainerHandle) -> None:
+    def _follow(self, job: ContainerHandle) -> Container:
+        """The container's output into the task log, line by line, until it exits; its status. A
+        refused or broken log stream turns into a wait (ContainerHandle.follow): the container does
+        not depend on its log stream, and is never given up for it."""
         lines = LineSplitter()
-        try:
-            for chunk in job.logs(follow=True):
-                for line in lines.feed(chunk.stream, chunk.data):
-                    self.log.info("[%s] %s", chunk.stream, line)
-        except AllocationLost:
-            raise
-        except GpuLeaseError as exc:
-            # The container does not depend on its log stream: keep waiting for it.
+
+        def write(chunk: LogChunk) -> None:
+            for line in lines.feed(chunk.stream, chunk.data):
+                self.log.info("[%s] %s", chunk.stream, line)
+
+        def fell_back(exc: GpuLeaseError) -> None:
             self.log.warning("the log stream of container %s broke off (%s); waiting for it to exit", job.id[:12], exc)
-        for stream, rest in lines.flush():
-            self.log.info("[%s] %s", stream, rest)
+
+        try:
+            return job.follow(write, on_fallback=fell_back)
+        finally:
+            for stream, rest in lines.flush():
+                self.log.info("[%s] %s", stream, rest)
 
     def _defer(self, alloc: Allocation, container_id: str) -> None:
         from gpulease.airflow.triggers import GpuContainerTrigger
