@@ -158,7 +158,3 @@ class AuditLog:
     async def close(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-
-
-def to_entry_dict(e: Entry) -> dict[str, object]:
-    return e.__dict__.copy()

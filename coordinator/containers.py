@@ -16,6 +16,7 @@ import grpc
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.coordinator.agents import AgentChannels, agent_error
 from gpulease.coordinator.allocations import AllocationService
+from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import AllocationNotFound, ContainerNotFound, InvalidRequest
@@ -73,8 +74,9 @@ class ContainerForwarder:
             "containers ran within the retention time"
         )
 
-    async def run(self, allocation_id: str, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
-        alloc = await self._allocs.get(allocation_id)  # linearizable: the token is current
+    async def run(self, alloc: Allocation, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
+        """``alloc`` as read linearizably for this call (AllocationService.get): its revision is the
+        current fencing token, which the agent checks again before it creates anything."""
         address = self._address(alloc.node)
         request = agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec)
         try:

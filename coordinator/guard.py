@@ -81,7 +81,8 @@ class Guard:
         self._tokens = tokens
         self._audit = audit
         self.tls = tls
-        self._buckets = _Buckets(rate or RateLimit())
+        self._rate = rate or RateLimit()
+        self._buckets = _Buckets(self._rate)
 
     def identify(self, context: Any) -> tuple[Principal, str]:
         if not self.tls:
@@ -128,7 +129,7 @@ class Guard:
             raise
         # Clear text has no caller identity (everyone is the local admin): nothing to limit per caller.
         if self.tls and not self._buckets.take(who.id):
-            raise RateLimited(f"{who} sent more than {self._buckets._limit.per_second:g} requests a second; slow down")
+            raise RateLimited(f"{who} sent more than {self._rate.per_second:g} requests a second; slow down")
         _CALLER.set(who)
         _METHOD.set(method)
         return who

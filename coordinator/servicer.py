@@ -140,7 +140,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         alloc = await self._allocs.get(request.allocation_id, caller())  # the owner's, and live
         self._containers.check_spec(request.spec, alloc.tenant)  # the container policy, before anything is sent
         await self._endings.note_containers(alloc)
-        status = await self._containers.run(request.allocation_id, request.spec)
+        status = await self._containers.run(alloc, request.spec)  # no second read: this one is current
         await self._audit.record(caller(), "container-start", alloc.id,
                                  detail=f"container={status.container_id} image={request.spec.image}")  # fmt: skip
         return status

@@ -88,11 +88,11 @@ class Tokens:
         self._version = -1
 
     def _index(self) -> dict[str, TokenRecord]:
-        # Rebuilt when the view's tables changed: tokens are few and change rarely.
-        if self._version != self._view.tables_version:
+        # Rebuilt when the view's tokens table changed: tokens are few and change rarely.
+        if self._version != self._view.table_version("tokens"):
             records = (decode(n, raw) for n, raw in self._view.table("tokens").items())
             self._by_digest = {r.digest: r for r in records if r}
-            self._version = self._view.tables_version
+            self._version = self._view.table_version("tokens")
         return self._by_digest
 
     def lookup(self, secret: str) -> TokenRecord | None:

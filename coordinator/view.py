@@ -57,7 +57,9 @@ class ClusterView:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._marker: asyncio.Future[int] | None = None
         self._marker_at = -MARKER_SPACING_S
-        self.tables_version = 0
+        # Per table, bumped on every change to it (and on reload): readers rebuild what they derive
+        # from one table when its version moves, not when another table changes.
+        self._table_versions = dict.fromkeys(TABLES, 0)
         # Called with an allocation whose keys went without a release (its lease expired).
         self.on_expired: Callable[[Allocation], None] | None = None
         self._released: set[str] = set()
@@ -85,8 +87,8 @@ class ClusterView:
         self._views_shared = False
         self.index = PlacementIndex()
         self._tables: dict[str, dict[str, bytes]] = {t: {} for t in TABLES}
-        # Bumped on every change (and reset): readers rebuild what they derive when it moves.
-        self.tables_version += 1
+        for t in TABLES:
+            self._table_versions[t] += 1
 
     # --- queries (synchronous: consistent until the caller's next await) ---------------
 
@@ -125,6 +127,10 @@ class ClusterView:
     def alive_lease(self, name: str) -> int:
         """The lease of the node's alive key as last seen (0: none seen)."""
         return self._alive_leases.get(name, 0)
+
+    def table_version(self, kind: str) -> int:
+        """Moves whenever table ``kind`` changes (see TABLES)."""
+        return self._table_versions[kind]
 
     def table(self, kind: str) -> Mapping[str, bytes]:
         """Raw records of one of TABLES, by the rest of their key ('tokens' -> {name: record})."""
@@ -292,7 +298,7 @@ class ClusterView:
                 self._tables[kind][parts[1]] = kv.value
             else:
                 self._tables[kind].pop(parts[1], None)
-            self.tables_version += 1
+            self._table_versions[kind] += 1
             return None
         if kind == "audit" and put and len(parts) == 2:
             alloc_id, _, action = parts[1].partition("-")[2].partition(".")

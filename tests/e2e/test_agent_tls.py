@@ -327,7 +327,8 @@ async def test_a_coordinator_forwards_nothing_to_an_agent_whose_certificate_name
             channels = AgentChannels(certs.files(certs.coordinator))
             forwarder = ContainerForwarder(cast(Any, Allocations()), cast(Any, View(impostor.address)), channels)
             try:
-                for attempt in (forwarder.run(ALLOC_ID, SPEC), forwarder.list(ALLOC_ID)):
+                alloc = await Allocations().get(ALLOC_ID)
+                for attempt in (forwarder.run(alloc, SPEC), forwarder.list(ALLOC_ID)):
                     with pytest.raises(Unavailable) as refused:
                         await attempt
                     message = refused.value.message
@@ -344,7 +345,7 @@ async def test_a_coordinator_forwards_nothing_to_an_agent_whose_certificate_name
             channels = AgentChannels(certs.files(certs.coordinator))
             forwarder = ContainerForwarder(cast(Any, Allocations()), cast(Any, View(agent.address)), channels)
             try:
-                status = await forwarder.run(ALLOC_ID, SPEC)
+                status = await forwarder.run(await Allocations().get(ALLOC_ID), SPEC)
                 assert status.allocation_id == ALLOC_ID and len(agent.runtime.containers) == 1
                 assert len((await forwarder.list(ALLOC_ID)).containers) == 1
             finally:

@@ -106,9 +106,8 @@ def test_a_revoked_token_stops_working_on_every_replica_within_a_second(
     try:
         harness.wait_until(lambda: _works(there), 5, "the new token on the other replica")
         admin.RevokeToken(pb.RevokeTokenRequest(name="temp"))
-        start = time.monotonic()
+        # The bound: a revoke reaches every replica within a second (through the watch).
         harness.wait_until(lambda: not _works(there), 1.0, "the revoke on the other replica", interval=0.02)
-        assert time.monotonic() - start <= 1.0
         err = rpc_error(lambda: there.ListNodes(pb.ListNodesRequest()))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED and token not in err.details()
         listed = admin.ListTokens(pb.ListTokensRequest()).tokens
