@@ -62,6 +62,7 @@ from gpulease.errors import (
     GpuLeaseError,
     Internal,
     InvalidRequest,
+    PermissionDenied,
     RateLimited,
     StaleFencingToken,
     Unavailable,
@@ -287,7 +288,7 @@ class ContainerService:
         self._hardening = hardening if hardening is not None else Hardening()
         self._limits = limits if limits is not None else Limits()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._starts = PerAllocation("starts", "StartContainer call(s)", 1, node, Conflict)
+        self._starts = PerAllocation("starts", "StartContainer call(s)", 1, node)
         self._log_streams = PerAllocation(
             "log-streams", "log stream(s)", self._limits.max_log_streams_per_allocation, node
         )
@@ -464,13 +465,15 @@ class ContainerService:
         self.pulls.release()
 
     async def _refuse_second_container(self, runtime: ContainerRuntime, allocation_id: str) -> None:
-        """Conflict while the allocation has a container that runs (or was created) on this node.
+        """PermissionDenied while the allocation has a container that runs (or was created) on this node.
 
         One running container per allocation (issue 14, part B): each container gets all of the
         allocation's CPUs and memory, so two would together hold twice what it was granted."""
         for other in await self.own_containers(runtime, allocation_id):
             if other.state in ("running", "created"):
-                raise Conflict(
+                # A policy refusal (issue 14: PERMISSION_DENIED naming the rule), not a race: retrying
+                # does not help until that container has ended.
+                raise PermissionDenied(
                     f"rule 'one-container': allocation {allocation_id} already has container {other.name} "
                     f"({other.id[:12]}, {other.state}) on node {self._node}; an allocation runs one container at a "
                     "time, so that its containers never hold more CPU and memory than it does: stop that one (or "

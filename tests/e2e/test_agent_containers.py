@@ -29,7 +29,7 @@ from gpulease.common.container_policy import ContainerPolicy
 from gpulease.coordinator.store import Store
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
-from gpulease.errors import Conflict, InvalidRequest, StaleFencingToken, Unavailable
+from gpulease.errors import InvalidRequest, PermissionDenied, StaleFencingToken, Unavailable
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -529,7 +529,7 @@ async def test_reconciling_until_the_coordinator_answers(cluster: Cluster) -> No
             assert [c.id for c in report.adopted] == [planted] and report.attempts > 1
             # Starts are accepted again; the adopted container is the allocation's one running
             # container (issue 14), so a second waits until it has stopped.
-            with pytest.raises(Conflict, match="rule 'one-container'"):
+            with pytest.raises(PermissionDenied, match="rule 'one-container'"):
                 await a.containers.start(alloc.id, alloc.revision, spec())
             await a.containers.stop(tpb.ContainerRef(container_id=planted), 1)
             started = await a.containers.start(alloc.id, alloc.revision, spec())

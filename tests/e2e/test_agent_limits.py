@@ -5,7 +5,7 @@ the container service, in process against a real coordinator and etcd, with an i
   'log-streams'); another allocation streams meanwhile;
 - waits: at most Limits.max_waits_per_allocation per allocation (rule 'waits'), all of one
   container's waits sharing one watcher;
-- starts: one in flight per allocation (CONFLICT, rule 'starts');
+- starts: one in flight per allocation (RATE_LIMITED, rule 'starts');
 - pulls: at most Limits.max_concurrent_pulls in flight on the node, the rest waiting in the order
   they came; a caller that goes away leaves the queue, or has its pull cut (PULL_CANCEL).
 
@@ -23,7 +23,7 @@ import pytest
 
 from gpulease.agent.containers import FairSlots, Limits
 from gpulease.agent.runtime import PULL_CANCEL
-from gpulease.errors import Conflict, RateLimited
+from gpulease.errors import RateLimited
 from gpulease.v1 import types_pb2 as tpb
 from tests.support.agent_cluster import Cluster, agent, eventually, spec
 from tests.support.agent_cluster import cluster as cluster  # the fixture: NODE and OTHER registered
@@ -130,7 +130,7 @@ async def test_one_start_in_flight_per_allocation(cluster: Cluster) -> None:
         alloc = await cluster.allocate()
         first = asyncio.create_task(a.containers.start(alloc.id, alloc.revision, spec(image="example/slow:1")))
         await eventually(lambda: runtime.pulling, 5, "the first start to pull")
-        with pytest.raises(Conflict) as e:
+        with pytest.raises(RateLimited) as e:
             await a.containers.start(alloc.id, alloc.revision, spec(image="example/other:1"))
         assert e.value.message.startswith("rule 'starts': ")
         runtime.gates["example/slow:1"].set()

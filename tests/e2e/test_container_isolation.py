@@ -40,7 +40,7 @@ from gpulease.agent.runtime import (
 from gpulease.agent.runtime.docker_runtime import DockerRuntime
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
-from gpulease.errors import Conflict, ContainerNotFound, PermissionDenied
+from gpulease.errors import ContainerNotFound, PermissionDenied, RateLimited
 from gpulease.v1 import agent_pb2, agent_pb2_grpc
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -211,11 +211,11 @@ async def test_an_allocation_runs_one_container_at_a_time(
                 *(a.containers.start(alloc.id, alloc.revision, sleeper) for _ in range(5)), return_exceptions=True
             )
             started = [r for r in results if isinstance(r, tpb.ContainerStatus)]
-            refused = [r for r in results if isinstance(r, Conflict)]
+            refused = [r for r in results if isinstance(r, (RateLimited, PermissionDenied))]
             assert len(started) == 1 and len(refused) == 4, results
             assert all(r.message.startswith(("rule 'starts': ", "rule 'one-container': ")) for r in refused)
             # While it runs, another start is refused before any pull or create.
-            with pytest.raises(Conflict) as e:
+            with pytest.raises(PermissionDenied) as e:
                 await a.containers.start(alloc.id, alloc.revision, sleeper)
             assert e.value.message.startswith("rule 'one-container': ") and started[0].container_id[:12] in str(e.value)
             assert_within_allocation(docker_client, alloc)
