@@ -34,6 +34,7 @@ from gpulease.agent.containers import ContainerService, Limits, ReadyGate, Runti
 from gpulease.agent.control import ControlLoop, on_loop
 from gpulease.agent.enforcer import Enforcer
 from gpulease.agent.fencing import CoordinatorClient, Fence, Vouchers
+from gpulease.agent.firewall import NetworkGuard
 from gpulease.agent.host_mounts import check_bind_source
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.inventory.select import select_source
@@ -91,7 +92,7 @@ def _log_hardening(cfg: AgentConfig) -> None:
 
 
 def docker_runtime_factory(
-    docker_host: str | None, *, pull_timeout: float | None = None
+    docker_host: str | None, *, pull_timeout: float | None = None, network_guard: NetworkGuard | None = None
 ) -> Callable[[], ContainerRuntime]:
     """Creates the Docker runtime on first use (imported late: only agent/runtime imports docker)."""
 
@@ -99,7 +100,7 @@ def docker_runtime_factory(
         from gpulease.agent.runtime.docker_runtime import DEFAULT_PULL_TIMEOUT_S, DockerRuntime
 
         timeout = DEFAULT_PULL_TIMEOUT_S if pull_timeout is None else pull_timeout
-        runtime: ContainerRuntime = DockerRuntime(docker_host, pull_timeout=timeout)
+        runtime: ContainerRuntime = DockerRuntime(docker_host, pull_timeout=timeout, network_guard=network_guard)
         return runtime
 
     return create
@@ -110,11 +111,13 @@ async def _open_channel(target: str, tls: TlsFiles | None) -> CoordinatorChannel
     return CoordinatorChannel(target, tls)
 
 
-async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
+async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None, network_guard: NetworkGuard | None = None) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the agent could not run.
 
     ``tls``: the files ``load_tls(cfg)`` read (read here when the configuration names them and
-    none are given; a ConfigError then propagates).
+    none are given; a ConfigError then propagates). ``network_guard``: what ``firewall.start(cfg)``
+    returned (the entry point installs the firewall before this runs); None: the runtime's own,
+    which checks dockerd's rules but installs nothing.
     """
     if tls is None and cfg.tls_enabled:
         tls = load_tls(cfg)
@@ -133,7 +136,9 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None) -> int:
         vouchers = Vouchers()
         coordinator = CoordinatorClient(channel, cfg.coordinator)
         docker_description = f"Docker ({cfg.docker_host or 'the default socket'})"
-        factory = docker_runtime_factory(cfg.docker_host, pull_timeout=cfg.pull_timeout_seconds)
+        factory = docker_runtime_factory(
+            cfg.docker_host, pull_timeout=cfg.pull_timeout_seconds, network_guard=network_guard
+        )
         runtime = RuntimeHandle(factory, description=docker_description)
         # The enforcer's own Docker connection: container traffic never holds it up.
         control_runtime = RuntimeHandle(factory, description=docker_description)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpulease.agent.firewall import METADATA_CIDR, parse_cidrs
 from gpulease.agent.runtime import (
     AGENT_NETWORK,
     DEFAULT_LOG_MAX_SIZE,
@@ -95,6 +96,11 @@ class AgentConfig:
     # Docker daemon URL (unix:///var/run/docker.sock, tcp://...); None = the Docker SDK's default.
     docker_host: str | None = None
     container_network: str = DEFAULT_CONTAINER_NETWORK
+    # The agent's firewall around its own bridge (agent/firewall.py): containers reach neither this
+    # server (its ports, the agent's included), nor the coordinator, nor the cloud metadata address,
+    # nor these IPv4 CIDRs. None: on, except on a node that simulates its GPUs (a demo or test node).
+    container_firewall: bool | None = None
+    container_egress_deny: tuple[str, ...] = ()
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_S
     enforce_interval_seconds: float = DEFAULT_ENFORCE_INTERVAL_S
     enforce_grace_seconds: float = DEFAULT_ENFORCE_GRACE_S
@@ -131,6 +137,11 @@ class AgentConfig:
     @property
     def hardening(self) -> Hardening:
         return Hardening(profile=self.container_profile, pids_limit=self.pids_limit, log_max_size=self.log_max_size)
+
+    @property
+    def firewall_enabled(self) -> bool:
+        """container_firewall as set; unset, on unless the node simulates its GPUs."""
+        return self.container_firewall if self.container_firewall is not None else self.simulate_gpus is None
 
     @property
     def tls_enabled(self) -> bool:
@@ -172,6 +183,8 @@ _SCALAR_SETTINGS = (
     "log_level",
     "docker_host",
     "container_network",
+    "container_firewall",
+    "container_egress_deny",
     "stop_grace_seconds",
     "enforce_interval_seconds",
     "enforce_grace_seconds",
@@ -227,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"Docker network for containers: 'none', or a bridge with inter-container traffic off (default "
         f"{DEFAULT_CONTAINER_NETWORK}, which the agent creates so); never host",
+    )
+    p.add_argument(
+        "--container-firewall",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"on the agent's own network, install iptables rules so that containers reach neither this server "
+        f"(the agent's port included), nor the coordinator, nor {METADATA_CIDR.removesuffix('/32')}, nor "
+        "--container-egress-deny (default: on, unless GPUs are simulated); off: the host's firewall does it",
+    )
+    p.add_argument(
+        "--container-egress-deny",
+        metavar="CIDRS",
+        help="IPv4 addresses or networks containers may not reach besides the coordinator and the metadata "
+        "address, e.g. etcd's or the management subnet (comma-separated; default: none)",
     )
     p.add_argument(
         "--stop-grace-seconds",
@@ -450,6 +477,11 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
     problem = network_problem(network)
     if problem is not None:
         raise ConfigError(f"container_network: {problem}, which no container of gpulease may join")
+    container_firewall = _bool(values, "container_firewall") if "container_firewall" in values else None
+    try:
+        egress_deny = parse_cidrs(_list(values.get("container_egress_deny", ())))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     profile = str(values.get("container_profile", "baseline")).strip().lower()
     if profile not in PROFILES:
         raise ConfigError(f"container_profile must be one of {', '.join(PROFILES)}, got {profile!r}")
@@ -503,6 +535,8 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         config_file=config_file,
         docker_host=docker_host or None,
         container_network=network,
+        container_firewall=container_firewall,
+        container_egress_deny=egress_deny,
         stop_grace_seconds=_seconds(values, "stop_grace_seconds", DEFAULT_STOP_GRACE_S, 0.0, MAX_GRACE_S),
         enforce_interval_seconds=_seconds(
             values, "enforce_interval_seconds", DEFAULT_ENFORCE_INTERVAL_S, 0.1, MAX_ENFORCE_INTERVAL_S
@@ -555,6 +589,13 @@ def _tls_files(values: Mapping[str, Any]) -> tuple[str | None, str | None, str |
             f"{'is' if len(missing) == 1 else 'are'} missing"
         )
     return paths["tls_ca"], paths["tls_cert"], paths["tls_key"]
+
+
+def _list(value: object) -> list[str]:
+    """A TOML array, or a comma-separated string (flags, environment)."""
+    if isinstance(value, list | tuple):
+        return [str(item) for item in value]
+    return str(value).split(",")
 
 
 def _bool(values: Mapping[str, Any], name: str) -> bool:

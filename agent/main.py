@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from gpulease.agent import firewall
 from gpulease.agent.app import run_agent
 from gpulease.agent.config import load_config
 from gpulease.agent.security import load_tls
@@ -22,10 +24,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Read now, so that a certificate that does not name this node stops the agent before it serves.
         tls = load_tls(cfg)
     except ConfigError as e:
-        print(f"gpulease-agent: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _config_error(e)
     logging.basicConfig(stream=sys.stderr, level=cfg.log_level, format=LOG_FORMAT)
-    raise SystemExit(asyncio.run(run_agent(cfg, tls)))
+    try:
+        # Before any container can start: what containers on the agent's bridge cannot reach.
+        guard = firewall.start(cfg)
+    except ConfigError as e:
+        _config_error(e)
+    raise SystemExit(asyncio.run(run_agent(cfg, tls, network_guard=guard)))
+
+
+def _config_error(e: ConfigError) -> NoReturn:
+    print(f"gpulease-agent: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import docker.utils
 import requests
 import urllib3.exceptions
 
+from gpulease.agent.firewall import NetworkGuard
 from gpulease.agent.linux import cgroup_pids, process_tree
 from gpulease.agent.runtime import (
     AGENT_BRIDGE,
@@ -121,8 +122,12 @@ class DockerRuntime:
         pull_timeout: float = DEFAULT_PULL_TIMEOUT_S,
         api_timeout: int = API_TIMEOUT_S,
         logger: logging.Logger = log,
+        network_guard: NetworkGuard | None = None,
     ) -> None:
         self._base_url = base_url
+        # Asked before every start on a bridge: does dockerd drop traffic between its containers
+        # (and, for the agent's own, are the agent's firewall rules in place)? agent/firewall.py.
+        self._network_guard = network_guard or NetworkGuard()
         self._pull_timeout = pull_timeout
         self._api_timeout = api_timeout
         self._log = logger
@@ -321,6 +326,9 @@ class DockerRuntime:
         except Exception as e:
             raise self._translate(e, f"cannot inspect network {name!r}") from e
         problem = isolation_problem(attrs)
+        if problem is None and attrs.get("Driver") == "bridge":
+            # The option says icc is off; whether dockerd drops that traffic is the firewall's to say.
+            problem = self._network_guard.problem(bridge_name(attrs))
         if problem is not None:
             raise refuse("network-isolation", f"network {name!r}: {problem}, so no container is started on it")
 
@@ -657,6 +665,12 @@ def isolation_problem(attrs: Mapping[str, Any]) -> str | None:
             "false in daemon.json), so containers of different allocations could reach each other"
         )
     return None
+
+
+def bridge_name(attrs: Mapping[str, Any]) -> str:
+    """The Linux bridge of a bridge network: its bridge.name option, else Docker's br-<id[:12]>."""
+    options = attrs.get("Options") or {}
+    return str(options.get(BRIDGE_NAME_OPTION) or f"br-{str(attrs.get('Id', ''))[:12]}")
 
 
 def device_ids(launch: ContainerLaunch) -> list[str]:
