@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
@@ -25,6 +27,7 @@ from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
 from gpulease.coordinator.committer import Committer
 from gpulease.coordinator.domain import (
     Allocation,
+    PendingRequest,
     Placement,
     ResourceRequest,
     Snapshot,
@@ -33,6 +36,7 @@ from gpulease.coordinator.domain import (
 )
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
+from gpulease.coordinator.queue_plan import Decision, Wait
 from gpulease.coordinator.records import decode_alloc
 from gpulease.coordinator.settle import Settler
 from gpulease.coordinator.store import Cmp, Delete, Get, Op, Store, StoreUnavailable
@@ -42,6 +46,8 @@ from gpulease.errors import (
     AlreadyExists,
     Conflict,
     InsufficientResources,
+    InvalidRequest,
+    RuntimeLimitReached,
     Unavailable,
     Unsatisfiable,
 )
@@ -54,6 +60,9 @@ log = logging.getLogger(__name__)
 VIEW_WAIT_S = 1.0
 
 
+DEFAULT_PRIORITY_CLASSES: Mapping[str, int] = MappingProxyType({"low": -100, "default": 0, "high": 100})
+
+
 @dataclass(frozen=True)
 class AllocationPolicy:
     default_ttl: int = 60
@@ -62,6 +71,39 @@ class AllocationPolicy:
     max_commit_rounds: int = 20
     max_txn_ops: int = 128
     settle_timeout: float = 5.0
+    # Named priorities a request may ask for (higher goes first in the queue); "" = default_class.
+    priority_classes: Mapping[str, int] = field(default_factory=lambda: DEFAULT_PRIORITY_CLASSES)
+    default_class: str = "default"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: what it asks for, and the id its allocation (or pending request) gets."""
+
+    id: str
+    req: ResourceRequest
+    ttl: int
+    owner: str
+    request_id: str  # scoped
+    shape: str
+    principal: str
+    tenant: str
+    priority: int
+    priority_class: str
+    max_runtime_s: int
+
+    def pending(self, created_ms: int, wait_until_ms: int = 0, lease_id: int = 0) -> PendingRequest:
+        return PendingRequest(
+            id=self.id, request_id=self.request_id, req=self.req, ttl_s=self.ttl, principal=self.principal,
+            tenant=self.tenant, owner=self.owner, shape=self.shape, priority=self.priority,
+            priority_class=self.priority_class, created_ms=created_ms, wait_until_ms=wait_until_ms,
+            max_runtime_s=self.max_runtime_s, lease_id=lease_id,
+        )  # fmt: skip
+
+
+# Whether a request may be placed now, given the pending requests (coordinator/waiting.py):
+# Admit (with nodes reserved for requests ahead of it) or Wait (why). None: nothing is pending.
+Gate = Callable[[PendingRequest], Decision | None]
 
 
 @dataclass(frozen=True)
@@ -78,6 +120,8 @@ class AllocateInput:
     # The authenticated caller (from the connection, never from the request) and its tenant.
     principal: str = LOCAL_ADMIN.id
     tenant: str = LOCAL_ADMIN.tenant
+    max_runtime_s: int = 0
+    priority_class: str = ""
 
 
 def new_allocation_id() -> str:
@@ -94,6 +138,8 @@ class AllocationService:
         self._keys = keys
         self._policy = policy
         self._leases = LeasePool(store)
+        # Set by the waiting queue: fresh requests go through it while anything is pending.
+        self.gate: Gate | None = None
         self.settler = Settler(store, keys)
         self._batcher = Batcher(
             view,
@@ -128,8 +174,8 @@ class AllocationService:
         await self._leases.close()
         await self.settler.close()
 
-    async def allocate(self, inp: AllocateInput) -> tuple[Allocation, bool]:
-        """Returns (allocation, reused). reused=True when request_id matched a live allocation."""
+    def prepare(self, inp: AllocateInput) -> Prepared:
+        """Validate a request (InvalidRequest says what to fix) and give it its id."""
         self._view.ensure_synced()
         req = validation.resource_request(
             gpus=inp.gpus,
@@ -142,41 +188,86 @@ class AllocationService:
             default_memory_per_gpu=self._policy.default_memory_per_gpu,
         )
         ttl = validation.ttl(inp.ttl_seconds, self._policy.default_ttl)
-        owner = validation.owner(inp.owner)
+        max_runtime = validation.max_runtime(inp.max_runtime_s)
+        klass = inp.priority_class or self._policy.default_class
+        if klass not in self._policy.priority_classes:
+            known = ", ".join(f"{k} ({v})" for k, v in sorted(self._policy.priority_classes.items()))
+            raise InvalidRequest(f"priority class {klass[:64]!r} is not defined; the classes are: {known}")
         alloc_id = new_allocation_id()
         # Request ids belong to their caller: the same id from another principal is another request.
         request_id = scoped_request_id(
             inp.principal, validation.request_id(inp.request_id) if inp.request_id else alloc_id
         )
-        shape = request_shape(req, ttl)
+        shape = request_shape(req, ttl) + (f";max_runtime={max_runtime}" if max_runtime else "")
+        return Prepared(alloc_id, req, ttl, validation.owner(inp.owner), request_id, shape, inp.principal,
+                        inp.tenant, self._policy.priority_classes[klass], klass, max_runtime)  # fmt: skip
 
+    async def existing(self, request_id: str, shape: str) -> Allocation | None:
+        """The live allocation of a request id, claimed for this caller (None: there is none)."""
+        found = await self.settler.by_request_id(request_id)
+        found = await self.settler.claim(found) if found else None
+        return _same_shape(found, shape) if found else None
+
+    async def allocate(self, inp: AllocateInput) -> tuple[Allocation, bool]:
+        """Returns (allocation, reused). reused=True when request_id matched a live allocation."""
+        return await self.allocate_prepared(self.prepare(inp))
+
+    async def allocate_prepared(self, prep: Prepared) -> tuple[Allocation, bool]:
+        """Place now or fail: InsufficientResources when nothing fits, or when requests pending in
+        the queue come first (its message says why)."""
+        excluded: frozenset[str] = frozenset()
         # Placement before the lease: a request that cannot fit costs no etcd write. Unless its
         # twin (same request id) is queued or committing here: then the batcher answers both alike.
-        if not self._batcher.has_request(request_id):
+        if not self._batcher.has_request(prep.request_id):
             try:
-                self._place(req, self._view.snapshot())
+                excluded = self._admissible(prep)
             except (InsufficientResources, Unsatisfiable):
-                existing = await self.settler.by_request_id(request_id)
-                existing = await self.settler.claim(existing) if existing else None
+                existing = await self.existing(prep.request_id, prep.shape)
                 if existing:
-                    return _same_shape(existing, shape), True
+                    return existing, True
                 raise
+        return await self._commit(prep, excluded, queued=False)
 
-        lease, granted_at = await self._leases.take(ttl)
+    def _admissible(self, prep: Prepared) -> frozenset[str]:
+        """Nodes it must stay off (reserved for pending requests ahead of it); raises when it cannot
+        be placed now, or must wait behind pending requests."""
+        snapshot = self._view.snapshot()
+        decision = self.gate(prep.pending(int(time.time() * 1000))) if self.gate is not None else None
+        if isinstance(decision, Wait):
+            with contextlib.suppress(InsufficientResources):
+                self._place(prep.req, snapshot)  # Unsatisfiable first: such a request never waits
+            raise InsufficientResources(f"{decision.reason} (requests are pending; wait in the queue with "
+                                        "wait_seconds / gpuctl allocate --wait)")  # fmt: skip
+        excluded = decision.excluded if decision is not None else frozenset()
+        if not excluded:
+            self._place(prep.req, snapshot)
+        return excluded
+
+    async def admit(self, pending: PendingRequest, excluded: frozenset[str]) -> tuple[Allocation, bool]:
+        """Admit a pending request the queue chose: the same transaction as allocate(), which also
+        compares that it is still pending and removes it from the queue."""
+        prep = Prepared(pending.id, pending.req, pending.ttl_s, pending.owner, pending.request_id, pending.shape,
+                        pending.principal, pending.tenant, pending.priority, pending.priority_class,
+                        pending.max_runtime_s)  # fmt: skip
+        return await self._commit(prep, excluded, queued=True)
+
+    async def _commit(self, prep: Prepared, excluded: frozenset[str], queued: bool) -> tuple[Allocation, bool]:
+        lease, granted_at = await self._leases.take(prep.ttl)
         draft = Allocation(
-            id=alloc_id, node="", gpus=(), cpus=req.cpus, memory_bytes=req.memory_bytes, ttl_seconds=ttl,
-            lease_id=lease, revision=0, owner=owner, request_id=request_id,
-            created_unix_ms=int(time.time() * 1000), principal=inp.principal, tenant=inp.tenant, shape=shape,
+            id=prep.id, node="", gpus=(), cpus=prep.req.cpus, memory_bytes=prep.req.memory_bytes, ttl_seconds=prep.ttl,
+            lease_id=lease, revision=0, owner=prep.owner, request_id=prep.request_id,
+            created_unix_ms=int(time.time() * 1000), principal=prep.principal, tenant=prep.tenant, shape=prep.shape,
+            max_runtime_s=prep.max_runtime_s,
         )  # fmt: skip
-        fut = self._batcher.submit(req, draft)
+        fut = self._batcher.submit(prep.req, draft, excluded, queued)
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
         # A cancelled client must not revoke a lease its batch is committing (that would fail the
         # whole batch), so the decision waits for the batch's answer.
         fut.add_done_callback(functools.partial(self._settle_lease, draft))
         alloc, reused = await asyncio.shield(fut)
         if reused:
-            _same_shape(alloc, shape)
-        if alloc.id == alloc_id:
+            _same_shape(alloc, prep.shape)
+        if alloc.id == prep.id:
             await self._full_ttl(alloc, granted_at)
             # Read your writes: a ListNodes or GetClusterSummary sent to this replica after the
             # answer shows the allocation (the batcher waits for the same event before its next round).
@@ -275,6 +366,11 @@ class AllocationService:
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
         authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
+        if alloc.max_runtime_s and time.time() * 1000 >= alloc.created_unix_ms + alloc.max_runtime_s * 1000:
+            raise RuntimeLimitReached(
+                f"allocation {alloc_id} has run for its declared max runtime of {alloc.max_runtime_s}s: its lease "
+                f"is no longer renewed and it ends within {alloc.ttl_seconds}s (its TTL)"
+            )
         ttl = await self._store.keepalive_once(alloc.lease_id)
         if ttl <= 0:
             raise AllocationNotFound(f"allocation {alloc_id} has expired: its lease lapsed")

@@ -36,6 +36,8 @@ _A = "gpulease.v1.AdminService/"
 
 RULES: dict[str, Rule] = {
     _C + "Allocate": Rule.USE,
+    _C + "WaitAllocate": Rule.USE,
+    _C + "ListPending": Rule.READ,
     _C + "Release": Rule.OWNER,
     _C + "KeepAlive": Rule.OWNER,
     _C + "GetAllocation": Rule.OWNER,

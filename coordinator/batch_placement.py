@@ -18,7 +18,7 @@ from gpulease.errors import InsufficientResources, Unsatisfiable
 PlacementError = InsufficientResources | Unsatisfiable
 
 
-class _Overlay(Mapping[str, NodeView]):
+class Overlay(Mapping[str, NodeView]):
     """base with some nodes replaced and some hidden, without copying base (10,000 nodes)."""
 
     def __init__(self, base: Mapping[str, NodeView], changed: Mapping[str, NodeView], hidden: frozenset[str]):
@@ -128,5 +128,5 @@ def _place_in_batch(
 ) -> Placement:
     nodes: Mapping[str, NodeView] = snapshot.nodes
     if changed or excluded:
-        nodes = _Overlay(snapshot.nodes, changed, excluded)
+        nodes = Overlay(snapshot.nodes, changed, excluded)
     return place_one(Snapshot(snapshot.revision, nodes), req, index, excluded)

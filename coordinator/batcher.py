@@ -44,6 +44,10 @@ class InDoubt(Unavailable):
     already hold the allocation."""
 
 
+class LeftQueue(Conflict):
+    """A pending request was no longer in the queue when its admission was committed."""
+
+
 class SnapshotSource(Protocol):
     @property
     def index(self) -> PlacementIndex | None:
@@ -79,6 +83,8 @@ class _Pending:
     avoid: frozenset[str] = frozenset()
     rejections: int = 0
     placement: Placement | None = field(default=None)
+    # Admits the pending request queue/<draft.id> (see committer.Item.queued).
+    queued: bool = False
 
 
 class Batcher:
@@ -109,12 +115,16 @@ class Batcher:
         self.rejections = 0
         self.committed = 0  # allocations committed
 
-    def submit(self, req: ResourceRequest, draft: Allocation) -> asyncio.Future[Outcome]:
+    def submit(
+        self, req: ResourceRequest, draft: Allocation, excluded: frozenset[str] = frozenset(), queued: bool = False
+    ) -> asyncio.Future[Outcome]:
+        """Place and commit ``draft``, never on ``excluded`` nodes (reserved for requests ahead of it
+        in the queue); ``queued``: it admits the pending request of the same id."""
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         rid = draft.request_id
         self._request_ids[rid] = self._request_ids.get(rid, 0) + 1
         fut.add_done_callback(lambda _: self._forget(rid))
-        self._queue.put_nowait(_Pending(req, draft, fut))
+        self._queue.put_nowait(_Pending(req, draft, fut, excluded=excluded, queued=queued))
         return fut
 
     def has_request(self, request_id: str) -> bool:
@@ -171,7 +181,8 @@ class Batcher:
             if isinstance(result, GpuLeaseError):
                 failed.append((p, result))
                 continue
-            items = [Item(q.placement, q.draft) for q in chosen if q.placement] + [Item(result, p.draft)]
+            items = [Item(q.placement, q.draft, q.queued) for q in chosen if q.placement]
+            items.append(Item(result, p.draft, p.queued))
             if txn_size(items) > self._policy.max_txn_ops:
                 if not chosen:
                     _fail(p, InvalidRequest(
@@ -201,7 +212,7 @@ class Batcher:
             await self._commit(chosen, snapshot)
 
     async def _commit(self, chosen: list[_Pending], snapshot: Snapshot) -> None:
-        items = [Item(p.placement, p.draft) for p in chosen]  # type: ignore[arg-type]
+        items = [Item(p.placement, p.draft, p.queued) for p in chosen]  # type: ignore[arg-type]
         self.commits += 1
         try:
             result = await self._committer.commit(items, snapshot)
@@ -225,6 +236,10 @@ class Batcher:
         until = asyncio.get_running_loop().time() + self._policy.contested_for
         self._contested.update(dict.fromkeys(result.conflicted, until))
         for p in chosen:
+            if p.draft.id in result.left_queue:
+                _fail(p, LeftQueue(f"pending request {p.draft.id} is no longer in the queue (it timed out, or its "
+                                   "client left and its waiting lease lapsed)"))  # fmt: skip
+                continue
             holder = result.taken.get(p.draft.request_id)
             if holder:
                 existing = await self._reuse(await self._by_id(holder))

@@ -10,6 +10,7 @@ For each allocation in the batch, and each node it lands on, the compares are:
   nodes/<node>          mod_revision == what placement saw (same GPUs, same capacity)
   alive/<node>          version > 0      the node is up
   cordoned/<node>       version == 0     the node is not cordoned
+  queue/<id>            version > 0      (admitting a pending request) it is still pending
 Success writes, per allocation, its record, one key per GPU, its reservation and its request
 key, each on the allocation's own lease, and its audit entry (no lease: it outlives the
 allocation). Failure reads back what the compares looked at, so
@@ -26,7 +27,7 @@ from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.records import encode_alloc, encode_res
-from gpulease.coordinator.store import Cmp, Get, Op, Put, Store
+from gpulease.coordinator.store import Cmp, Delete, Get, Op, Put, Store
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Item:
     placement: Placement
     # id, lease, request id, cpus, memory, ttl, owner; node and GPUs come from the placement.
     draft: Allocation
+    # Admitting a pending request (queue/<draft.id>): the commit compares that it is still pending
+    # (its client has not left, nobody admitted it) and removes it with its queued/ key.
+    queued: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Rejected:
     # nodes whose GPUs, reservations or record changed after the snapshot: another commit (most
     # likely another replica's, placing by the same policy) got there first
     conflicted: frozenset[str] = frozenset()
+    # pending requests (by id) of the batch that are no longer in the queue
+    left_queue: frozenset[str] = frozenset()
 
 
 CommitResult = Committed | Rejected
@@ -73,9 +79,10 @@ def txn_size(items: Sequence[Item]) -> int:
     """The largest of the txn's compare, success and failure lists (etcd caps each: --max-txn-ops)."""
     nodes = {i.placement.node for i in items}
     gpus = sum(len(i.placement.gpu_indexes) for i in items)
-    compares = len(items) + gpus + 4 * len(nodes)
-    puts = 4 * len(items) + gpus
-    reads = len(items) + 5 * len(nodes)
+    queued = sum(1 for i in items if i.queued)
+    compares = len(items) + gpus + 4 * len(nodes) + queued
+    puts = 4 * len(items) + gpus + 2 * queued
+    reads = len(items) + 5 * len(nodes) + queued
     return max(compares, puts, reads)
 
 
@@ -102,6 +109,9 @@ class EtcdCommitter:
             detail = f"node={a.node} gpus={len(a.gpus)} request={a.client_request_id}"
             success.append(entry_put(k, a.principal, "allocate", a.id, tenant=a.tenant, detail=detail,
                                      unique=f"{a.id}.allocate"))  # fmt: skip
+            if item.queued:
+                compares.append(Cmp(k.queue(a.id), "version", ">", 0))
+                success += [Delete(k.queue(a.id)), Delete(k.queued(a.request_id))]
         failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
         for node, p in nodes.items():
             res = k.res_prefix(node)
@@ -114,11 +124,15 @@ class EtcdCommitter:
             gpus = k.gpus_prefix(node)
             failure += [Get(k.alive(node)), Get(k.cordoned(node)), Get(k.node(node)),
                         Get(gpus, range_end(gpus)), Get(res, range_end(res))]  # fmt: skip
+        queued = [a.id for item, a in zip(items, allocs, strict=True) if item.queued]
+        failure += [Get(k.queue(i)) for i in queued]
         out = await self._store.txn(compares, success, failure)
         if out.succeeded:
             return Committed(tuple(replace(a, revision=out.revision) for a in allocs), out.revision)
         taken = {a.request_id: r[0].value.decode() for a, r in zip(allocs, out.reads, strict=False) if r}
-        per_node = out.reads[len(allocs) :]
+        per_node = out.reads[len(allocs) : len(allocs) + 5 * len(nodes)]
+        still = out.reads[len(allocs) + 5 * len(nodes) :]
+        left_queue = frozenset(i for i, read in zip(queued, still, strict=True) if not read)
         unusable = frozenset(node for j, node in enumerate(nodes) if not per_node[5 * j] or per_node[5 * j + 1])
         conflicted = frozenset(
             node
@@ -127,4 +141,4 @@ class EtcdCommitter:
         )
         # out.revision, not the newest key read: a compare can fail on a deletion (a node record
         # removed), which no read shows, and the view must have seen that too.
-        return Rejected(out.revision, taken, unusable, conflicted)
+        return Rejected(out.revision, taken, unusable, conflicted, left_queue)

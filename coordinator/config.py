@@ -60,6 +60,13 @@ class CoordinatorConfig:
     bind_allowlist: tuple[str, ...] = ()
     volume_allowlist: tuple[str, ...] = ()
     registry_allowlist: tuple[str, ...] = container_policy.DEFAULT_REGISTRIES
+    # The waiting queue: how long a pending request outlives its client's last call, the longest
+    # wait a request may ask for, strict FIFO per pool (no backfill), and the priority classes.
+    queue_ttl: int = 10
+    max_wait: int = 86400
+    strict_fifo: bool = False
+    priority_classes: tuple[tuple[str, int], ...] = (("low", -100), ("default", 0), ("high", 100))
+    default_priority_class: str = "default"
 
     @property
     def tls(self) -> bool:
@@ -88,7 +95,26 @@ _PARSERS: dict[str, Any] = {
     "bind_allowlist": container_policy.parse_bind_allowlist,
     "volume_allowlist": container_policy.parse_volume_allowlist,
     "registry_allowlist": container_policy.parse_registry_allowlist,
+    "queue_ttl": lambda v: parse_duration(str(v)),
+    "max_wait": lambda v: parse_duration(str(v)),
+    "strict_fifo": lambda v: settings.parse_bool(v),
+    "priority_classes": lambda v: _priority_classes(v),
 }
+
+
+def _priority_classes(value: Any) -> tuple[tuple[str, int], ...]:
+    """'low=-100,default=0,high=100' (or a TOML table) -> ((name, value), ...)."""
+    pairs = value.items() if isinstance(value, dict) else (p.partition("=")[::2] for p in str(value).split(","))
+    out = []
+    for name, number in pairs:
+        name = str(name).strip()
+        try:
+            out.append((name, int(str(number).strip())))
+        except ValueError:
+            raise ConfigError(f"--priority-classes: {name}={number!r} is not NAME=INTEGER") from None
+        if not name:
+            raise ConfigError("--priority-classes: a class has no name")
+    return tuple(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-allowlist", help="admin-made volumes containers may mount, read-only (default: none)")
     p.add_argument("--registry-allowlist", help="registries (or registry/path prefixes) images may come from "
                                                 "(default docker.io)")  # fmt: skip
+    p.add_argument("--queue-ttl", help="how long a pending request outlives its client's last call (10s)")
+    p.add_argument("--max-wait", help="the longest wait in the queue a request may ask for (24h)")
+    p.add_argument("--strict-fifo", action="store_true", default=None,
+                   help="no backfill: a pool's requests start strictly in queue order")  # fmt: skip
+    p.add_argument("--priority-classes", help="NAME=VALUE,... (default low=-100,default=0,high=100)")
+    p.add_argument("--default-priority-class", help="the class of a request that names none (default)")
     return p
 
 
@@ -144,6 +176,10 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     cfg = CoordinatorConfig(**settings.parse_values(layered.values, _PARSERS))
     if not cfg.prefix.startswith("/") or not cfg.prefix.endswith("/"):
         raise ConfigError(f"--prefix must start and end with '/', got {cfg.prefix!r}")
+    if cfg.default_priority_class not in dict(cfg.priority_classes):
+        raise ConfigError(f"--default-priority-class {cfg.default_priority_class!r} is not one of --priority-classes")
+    if cfg.queue_ttl < 3:
+        raise ConfigError("--queue-ttl must be at least 3s")
     if cfg.etcd_max_txn_ops < 16:
         raise ConfigError("--etcd-max-txn-ops must be at least 16")
     try:

@@ -178,11 +178,40 @@ class Allocation:
     tenant: str = ""
     # What was asked for (see request_shape): a reuse of the request id must ask for the same.
     shape: str = ""
+    # Declared runtime (0: none): the lease is not renewed past created + max_runtime.
+    max_runtime_s: int = 0
 
     @property
     def client_request_id(self) -> str:
         """The request id as its caller wrote it (without the principal's scope)."""
         return self.request_id.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request waiting in the queue (queue/<id>): what it asks for, whose it is, and its place.
+    ``id`` becomes the allocation's id when it is admitted."""
+
+    id: str
+    request_id: str  # scoped, as Allocation.request_id
+    req: ResourceRequest
+    ttl_s: int
+    principal: str = ""
+    tenant: str = ""
+    owner: str = ""
+    shape: str = ""
+    priority: int = 0
+    priority_class: str = ""
+    created_ms: int = 0
+    wait_until_ms: int = 0
+    max_runtime_s: int = 0
+    # The waiting lease, kept alive while a client waits (0 in tests of the pure plan).
+    lease_id: int = 0
+
+    @property
+    def pool(self) -> str:
+        """Requests compete in pools of interchangeable GPUs: by model ("" = any model)."""
+        return self.req.gpu_model
 
 
 def scoped_request_id(principal: str, request_id: str) -> str:

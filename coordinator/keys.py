@@ -19,6 +19,10 @@
     containers/<id>           {"node","principal","tenant","ended_ms"}: where an allocation's containers
                               are and whose they are; on a retention-time lease once it ended
     expired/<id>              "" on a short lease: the expiry of <id> is in the audit log (once)
+    queue/<id>                a pending request (JSON) on its waiting lease, kept alive while its
+                              client waits; <id> becomes the allocation's id when admitted
+    queued/<sha256(request)>  the pending id of a scoped request id, on the same lease: one pending
+                              request per request id, across replicas
     audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
 
 Everything an allocation holds hangs on its lease, so lease expiry frees it with no
@@ -29,6 +33,7 @@ tenant's quota range (quota/<tenant>/<id>) the same way res/<node>/ is compared.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -91,6 +96,13 @@ class Keys:
 
     def audit_prefix(self) -> str:
         return f"{self.prefix}audit/"
+
+    def queue(self, pending_id: str) -> str:
+        return f"{self.prefix}queue/{pending_id}"
+
+    def queued(self, request_id: str) -> str:
+        # Hashed: a scoped request id holds '/' and other characters that are not one key segment.
+        return f"{self.prefix}queued/{hashlib.sha256(request_id.encode()).hexdigest()}"
 
     def marker(self) -> str:
         return f"{self.prefix}marker"

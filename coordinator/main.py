@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from types import MappingProxyType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +31,7 @@ from gpulease.coordinator.store import Store
 from gpulease.coordinator.store import TlsFiles as EtcdTls
 from gpulease.coordinator.tokens import Tokens
 from gpulease.coordinator.view import ClusterView
+from gpulease.coordinator.waiting import QueuePolicy, WaitingQueue
 from gpulease.errors import GpuLeaseError
 from gpulease.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -56,8 +58,11 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
             default_cpus_per_gpu=cfg.default_cpus_per_gpu,
             default_memory_per_gpu=cfg.default_memory_per_gpu,
             max_txn_ops=cfg.etcd_max_txn_ops,
+            priority_classes=MappingProxyType(dict(cfg.priority_classes)),
+            default_class=cfg.default_priority_class,
         ),
     )
+    queue = WaitingQueue(store, view, keys, allocations, QueuePolicy(cfg.queue_ttl, cfg.max_wait, cfg.strict_fifo))
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
     agents = AgentChannels(tls)
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
@@ -68,7 +73,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit), server
+        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue), server
     )
     coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -101,6 +106,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     background = [
         asyncio.create_task(audit.run(), name="audit-retention"),
         asyncio.create_task(endings.run(), name="container-records"),
+        asyncio.create_task(queue.run(), name="queue"),
     ]
     if tls is None and cfg.insecure and not transport.is_loopback(cfg.listen):
         background.append(asyncio.create_task(transport.warn_while_insecure(log, "the coordinator"), name="warn"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo
+from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, PendingRequest, ResourceRequest
 
 
 def encode_node(info: NodeInfo) -> bytes:
@@ -104,6 +104,8 @@ def encode_alloc(a: Allocation) -> bytes:
         "tenant": a.tenant,
         "shape": a.shape,
     }
+    if a.max_runtime_s:
+        doc["max_runtime"] = a.max_runtime_s
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -124,6 +126,7 @@ def decode_alloc(raw: bytes, revision: int) -> Allocation:
         principal=d.get("principal", ""),
         tenant=d.get("tenant", ""),
         shape=d.get("shape", ""),
+        max_runtime_s=d.get("max_runtime", 0),
     )
 
 
@@ -134,3 +137,33 @@ def encode_res(cpus: int, memory: int) -> bytes:
 def decode_res(raw: bytes) -> tuple[int, int]:
     d = json.loads(raw)
     return int(d.get("cpus", 0)), int(d.get("memory", 0))
+
+
+def encode_pending(p: PendingRequest) -> bytes:
+    r = p.req
+    doc = {
+        "id": p.id, "request_id": p.request_id, "gpus": r.gpus, "cpus": r.cpus, "memory": r.memory_bytes,
+        "model": r.gpu_model, "min_gpu_memory": r.min_gpu_memory_bytes, "selector": dict(r.node_selector),
+        "ttl": p.ttl_s, "principal": p.principal, "tenant": p.tenant, "owner": p.owner, "shape": p.shape,
+        "priority": p.priority, "priority_class": p.priority_class, "created_ms": p.created_ms,
+        "wait_until_ms": p.wait_until_ms, "max_runtime": p.max_runtime_s, "lease": p.lease_id,
+    }  # fmt: skip
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_pending(raw: bytes) -> PendingRequest:
+    d: dict[str, Any] = json.loads(raw)
+    req = ResourceRequest(
+        gpus=d["gpus"],
+        cpus=d["cpus"],
+        memory_bytes=d["memory"],
+        gpu_model=d.get("model", ""),
+        min_gpu_memory_bytes=d.get("min_gpu_memory", 0),
+        node_selector=d.get("selector", {}),
+    )
+    return PendingRequest(
+        id=d["id"], request_id=d["request_id"], req=req, ttl_s=d.get("ttl", 60), principal=d.get("principal", ""),
+        tenant=d.get("tenant", ""), owner=d.get("owner", ""), shape=d.get("shape", ""),
+        priority=d.get("priority", 0), priority_class=d.get("priority_class", ""), created_ms=d.get("created_ms", 0),
+        wait_until_ms=d.get("wait_until_ms", 0), max_runtime_s=d.get("max_runtime", 0), lease_id=d.get("lease", 0),
+    )  # fmt: skip

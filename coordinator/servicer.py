@@ -13,6 +13,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gpulease.common.identity import Role
 from gpulease.coordinator import authz, convert
 from gpulease.coordinator.allocations import AllocateInput, AllocationService
 from gpulease.coordinator.audit import AuditLog
@@ -23,6 +24,7 @@ from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.tokens import TokenRecord, Tokens
 from gpulease.coordinator.view import ClusterView
+from gpulease.coordinator.waiting import Status, WaitingQueue
 from gpulease.errors import InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
@@ -34,6 +36,35 @@ Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 def _alloc_pb(view: ClusterView, a: Allocation) -> tpb.Allocation:
     node = view.node(a.node)
     return convert.allocation(a, node.info.address if node else "")
+
+
+def _allocate_input(request: pb.AllocateRequest) -> AllocateInput:
+    return AllocateInput(
+        gpus=request.gpus,
+        cpus=request.cpus if request.HasField("cpus") else None,
+        memory_bytes=request.memory_bytes if request.HasField("memory_bytes") else None,
+        gpu_model=request.gpu_model,
+        min_gpu_memory_bytes=request.min_gpu_memory_bytes,
+        node_selector=dict(request.node_selector),
+        ttl_seconds=request.ttl_seconds,
+        owner=request.owner,
+        request_id=request.request_id,
+        principal=caller().id,
+        tenant=caller().tenant,
+        max_runtime_s=request.max_runtime_seconds,
+        priority_class=request.priority_class,
+    )
+
+
+def _pending_pb(s: Status) -> pb.PendingStatus:
+    e = s.entry
+    return pb.PendingStatus(
+        id=e.id, request_id=e.request_id.rpartition("/")[2], tenant=e.tenant, principal=e.principal,
+        priority_class=e.priority_class, priority=e.priority, gpus=e.req.gpus, gpu_model=e.req.gpu_model,
+        position=s.position, pool=e.pool, reason=s.reason, queued_unix_ms=e.created_ms,
+        wait_until_unix_ms=e.wait_until_ms, estimated_start_unix_ms=s.estimated_start_ms,
+        max_runtime_seconds=e.max_runtime_s,
+    )  # fmt: skip
 
 
 def _token_pb(r: TokenRecord) -> pb.TokenInfo:
@@ -48,8 +79,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder,
-        guard: Guard, endings: Endings, audit: AuditLog,
+        guard: Guard, endings: Endings, audit: AuditLog, queue: WaitingQueue,
     ) -> None:  # fmt: skip
+        self._queue = queue
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
@@ -81,22 +113,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @rpc
     async def Allocate(self, request: pb.AllocateRequest, context: Ctx) -> pb.AllocateResponse:
-        alloc, reused = await self._allocs.allocate(
-            AllocateInput(
-                gpus=request.gpus,
-                cpus=request.cpus if request.HasField("cpus") else None,
-                memory_bytes=request.memory_bytes if request.HasField("memory_bytes") else None,
-                gpu_model=request.gpu_model,
-                min_gpu_memory_bytes=request.min_gpu_memory_bytes,
-                node_selector=dict(request.node_selector),
-                ttl_seconds=request.ttl_seconds,
-                owner=request.owner,
-                request_id=request.request_id,
-                principal=caller().id,
-                tenant=caller().tenant,
-            )
-        )
+        if request.wait_seconds:
+            raise InvalidRequest("wait_seconds is for WaitAllocate (gpuctl allocate --wait, client allocate(wait=))")
+        alloc, reused = await self._allocs.allocate(_allocate_input(request))
         return pb.AllocateResponse(allocation=self._alloc_pb(alloc), reused=reused)
+
+    @rpc
+    async def WaitAllocate(self, request: pb.AllocateRequest, context: Ctx) -> None:  # type: ignore[override]
+        # A coroutine writing to the stream (not an async generator) so the error catalog applies.
+        async for item in self._queue.wait(_allocate_input(request), request.wait_seconds):
+            if isinstance(item, Status):
+                await context.write(pb.AllocateProgress(pending=_pending_pb(item)))
+            else:
+                alloc, reused = item
+                answer = pb.AllocateResponse(allocation=self._alloc_pb(alloc), reused=reused)
+                await context.write(pb.AllocateProgress(allocated=answer))
+
+    @rpc
+    async def ListPending(self, request: pb.ListPendingRequest, context: Ctx) -> pb.ListPendingResponse:
+        who = caller()
+        # A user sees its own tenant's requests; viewers and admins, everyone's.
+        mine = who.role is Role.USER
+        return pb.ListPendingResponse(pending=[_pending_pb(s) for s in self._queue.statuses()
+                                               if not mine or s.entry.tenant == who.tenant])  # fmt: skip
 
     @rpc
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:

@@ -75,6 +75,16 @@ def ttl(value: int, default: int) -> int:
     return value
 
 
+MAX_RUNTIME = 30 * 86400
+
+
+def max_runtime(value: int) -> int:
+    """0 (none declared) or 1 s to 30 days."""
+    if value < 0 or value > MAX_RUNTIME:
+        raise InvalidRequest(f"max_runtime of {value}s is out of range: use 0 (none) or 1s to {MAX_RUNTIME}s (30 days)")
+    return value
+
+
 def selector(labels: Mapping[str, str], field: str = "node_selector") -> dict[str, str]:
     if len(labels) > MAX_SELECTOR:
         raise InvalidRequest(f"{field} has {len(labels)} entries; the limit is {MAX_SELECTOR}")

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # Key kinds the view keeps as raw records by the rest of their key, for services that read them
 # from memory: bearer tokens (checked on every call, so never an etcd read) and where an
 # allocation's containers are and whose they are (they outlive the allocation).
-TABLES = ("tokens", "containers")
+# Pending requests (queue/<id>) too: every replica plans admissions from them.
+TABLES = ("tokens", "containers", "queue")
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
@@ -139,6 +140,20 @@ class ClusterView:
     def allocation(self, alloc_id: str) -> Allocation | None:
         raw = self._allocs.get(alloc_id)
         return decode_alloc(*raw) if raw else None
+
+    def allocations_on(self, node: str) -> list[Allocation]:
+        """The live allocations holding GPUs on ``node`` (decoded on demand)."""
+        ids = set(self._held.get(node, {}).values())
+        return [decode_alloc(*self._allocs[i]) for i in sorted(ids) if i in self._allocs]
+
+    def gpus_by_tenant(self) -> dict[str, int]:
+        """GPUs held per tenant now (the queue's fair-share order). Decodes every allocation:
+        called once per queue pass, and only while something is pending."""
+        out: dict[str, int] = {}
+        for raw, rev in self._allocs.values():
+            a = decode_alloc(raw, rev)
+            out[a.tenant] = out.get(a.tenant, 0) + len(a.gpus)
+        return out
 
     def allocations(self) -> list[Allocation]:
         return sorted((decode_alloc(*raw) for raw in self._allocs.values()), key=lambda a: (a.revision, a.id))

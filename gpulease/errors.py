@@ -77,6 +77,13 @@ class AllocationLost(GpuLeaseError):
     code = "NOT_FOUND"
 
 
+class RuntimeLimitReached(GpuLeaseError):
+    """The allocation has run for its declared max runtime: its lease is no longer renewed."""
+
+    reason = "MAX_RUNTIME_REACHED"
+    code = "FAILED_PRECONDITION"
+
+
 class Conflict(GpuLeaseError):
     """Too many concurrent commits raced for the same capacity; safe to retry."""
 
@@ -151,6 +158,7 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     NotFound,
     StaleFencingToken,
     AllocationLost,
+    RuntimeLimitReached,
     Conflict,
     PermissionDenied,
     Unauthenticated,

@@ -39,6 +39,7 @@ from gpulease.client.models import (
     LogChunk,
     Node,
     NodeSummary,
+    PendingInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "LogChunk",
     "Node",
     "NodeSummary",
+    "PendingInfo",
     "RetryConfig",
     "TLSConfig",
     "Terminated",

@@ -62,6 +62,7 @@ class ClientBase(Generic[C]):
     get_allocation = Call(_ops.get_allocation)
     list_allocations = Call(_ops.list_allocations)
     list_nodes = Call(_ops.list_nodes)
+    list_pending = Call(_ops.list_pending)
     cluster_summary = Call(_ops.cluster_summary)
     cordon = Call(_ops.cordon)
     delete_node = Call(_ops.delete_node)

@@ -11,6 +11,7 @@ from gpulease.client.models import (
     Gpu,
     Node,
     NodeSummary,
+    PendingInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -44,6 +45,16 @@ def allocation(msg: types_pb2.Allocation) -> AllocationInfo:
         principal=msg.principal,
         tenant=msg.tenant,
     )
+
+
+def pending(msg: coordinator_pb2.PendingStatus) -> PendingInfo:
+    return PendingInfo(
+        id=msg.id, request_id=msg.request_id, tenant=msg.tenant, principal=msg.principal,
+        priority_class=msg.priority_class, priority=msg.priority, gpus=msg.gpus, gpu_model=msg.gpu_model,
+        position=msg.position, pool=msg.pool, reason=msg.reason, queued_unix_ms=msg.queued_unix_ms,
+        wait_until_unix_ms=msg.wait_until_unix_ms, estimated_start_unix_ms=msg.estimated_start_unix_ms,
+        max_runtime_seconds=msg.max_runtime_seconds,
+    )  # fmt: skip
 
 
 def node(msg: types_pb2.Node) -> Node:

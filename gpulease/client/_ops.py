@@ -9,6 +9,7 @@ anything is sent; range checks that need the cluster's settings are the coordina
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from gpulease.client.models import (
     Container,
     LogChunk,
     Node,
+    PendingInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -137,6 +139,28 @@ def _allocations_of(response: pb.ListAllocationsResponse) -> list[AllocationInfo
 # --- allocations ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WaitingAllocate(Op[pb.AllocateResponse, AllocationInfo]):
+    """Allocate that waits in the queue: the stream WaitAllocate, sent again with the same request
+    id (which keeps the request's place) when it breaks, until ``wait_until`` (monotonic seconds).
+    The clients send it their own way (``_wait``); it answers an allocation as Allocate does."""
+
+    stream: StreamOp[pb.AllocateProgress, AllocationInfo | PendingInfo] | None = None
+    wait_until: float = 0.0
+    on_pending: Callable[[PendingInfo], None] | None = None
+
+
+# A broken wait is resumed this long after its deadline at most (the coordinator answers the
+# deadline itself; this covers a replica that died just then).
+WAIT_GRACE_S = 30.0
+
+
+def _progress(msg: pb.AllocateProgress) -> AllocationInfo | PendingInfo:
+    if msg.HasField("allocated"):
+        return _convert.allocation(msg.allocated.allocation)
+    return _convert.pending(msg.pending)
+
+
 def allocate(
     gpus: int,
     cpus: int | None = None,
@@ -147,12 +171,23 @@ def allocate(
     ttl: int | str | None = None,
     owner: str = "",
     request_id: str | None = None,
+    wait: int | str | None = None,
+    max_runtime: int | str | None = None,
+    priority: str = "",
+    on_pending: Callable[[PendingInfo], None] | None = None,
 ) -> Op[pb.AllocateResponse, AllocationInfo]:
     """Reserve ``gpus`` GPUs (plus CPUs/memory) on one node for ``ttl`` (default: the coordinator's).
 
-    Sizes take bytes or strings like "16GiB"; ttl takes seconds or "60s". Range checks are the
-    coordinator's. The request id (a fresh one unless given) makes the call safe to retry: a
-    repeat returns the allocation already made instead of a second one.
+    Sizes take bytes or strings like "16GiB"; durations take seconds or "60s", "10m". Range checks
+    are the coordinator's. The request id (a fresh one unless given) makes the call safe to retry:
+    a repeat returns the allocation already made instead of a second one.
+
+    ``wait`` (e.g. "10m"): when nothing fits now, wait in the coordinator's queue up to that long
+    instead of failing at once (InsufficientResources, with the last pending reason, if it runs
+    out). ``on_pending`` gets each status while it waits (position, reason, estimate); without it,
+    they are logged. ``max_runtime``: the allocation is not renewed past it, and a declared runtime
+    lets a request start ahead of a bigger one that it will not delay. ``priority``: a priority
+    class the coordinator defines ("" = its default).
 
     Returns an allocation handle; ``with client.allocate(...) as alloc:`` (``async with await``
     for AsyncClient) keeps its lease alive and releases it on the way out.
@@ -161,7 +196,8 @@ def allocate(
     # coordinator returns the allocation already made.
     memory_bytes = size(memory, "memory")
     min_gpu_memory_bytes = size(min_gpu_memory, "min_gpu_memory") or 0
-    ttl_seconds = parse_duration(ttl) if isinstance(ttl, str) else (ttl or 0)
+    ttl_seconds = _seconds(ttl, "ttl")
+    wait_seconds = _seconds(wait, "wait")
     request = build(
         lambda: pb.AllocateRequest(
             gpus=gpus,
@@ -173,9 +209,28 @@ def allocate(
             ttl_seconds=ttl_seconds,
             owner=owner,
             request_id=request_id or uuid.uuid4().hex,
+            wait_seconds=wait_seconds,
+            max_runtime_seconds=_seconds(max_runtime, "max_runtime"),
+            priority_class=priority,
         )
     )
-    return Op("Allocate", request, pb.AllocateResponse, _allocation_of, handles=True)
+    if not wait_seconds:
+        return Op("Allocate", request, pb.AllocateResponse, _allocation_of, handles=True)
+    stream = StreamOp("WaitAllocate", request, pb.AllocateProgress, _progress, bounded=False)
+    until = time.monotonic() + wait_seconds + WAIT_GRACE_S
+    return WaitingAllocate("WaitAllocate", request, pb.AllocateResponse, _allocation_of, handles=True, stream=stream,
+                           wait_until=until, on_pending=on_pending)  # fmt: skip
+
+
+def _seconds(value: int | str | None, what: str) -> int:
+    """A duration argument in whole seconds; None = 0 (the coordinator's default). An explicit 0
+    is refused: it would silently mean the default."""
+    if value is None:
+        return 0
+    seconds = parse_duration(value) if isinstance(value, str) else value
+    if seconds <= 0:
+        raise InvalidRequest(f"{what} must be positive, got {value!r} (leave it out for the default)")
+    return seconds
 
 
 def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
@@ -205,6 +260,13 @@ def list_allocations(node: str = "", owner: str = "") -> Op[pb.ListAllocationsRe
 
 
 # --- the cluster ----------------------------------------------------------------------------------
+
+
+def list_pending() -> Op[pb.ListPendingResponse, list[PendingInfo]]:
+    """Requests waiting in the queue, in order per pool, each with its position and reason (a user
+    sees its own tenant's)."""
+    return Op("ListPending", pb.ListPendingRequest(), pb.ListPendingResponse,
+              lambda r: [_convert.pending(m) for m in r.pending])  # fmt: skip
 
 
 def list_nodes() -> Op[pb.ListNodesResponse, list[Node]]:

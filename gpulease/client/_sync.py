@@ -4,17 +4,22 @@ the asyncio one); this client sends them blocking."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from gpulease.client import _ops
+from gpulease.client import _ops, _waiting
 from gpulease.client._allocation import Allocation, Session
 from gpulease.client._base import ClientBase
 from gpulease.client._failover import FailoverChannels
 from gpulease.client.config import DEFAULT_TARGET, ClientConfig
 from gpulease.client.models import AllocationInfo
 from gpulease.client.retry import DEFAULT_TIMEOUT_S
+from gpulease.errors import GpuLeaseError
+
+log = logging.getLogger("gpulease.client")
 
 T = TypeVar("T")
 
@@ -58,7 +63,23 @@ class Client(ClientBase[FailoverChannels]):
         return Allocation(info, Session(self._rpc, info, handle_sigterm=self.handle_sigterm))
 
     def _send(self, op: _ops.Op[Any, T]) -> Any:
+        if isinstance(op, _ops.WaitingAllocate):
+            return self._handle(self._wait(op))
         return self._answer(op, self._rpc.run(op))
+
+    def _wait(self, op: _ops.WaitingAllocate) -> AllocationInfo:
+        while True:
+            try:
+                for item in self._rpc.run_stream(_waiting.stream_of(op)):
+                    if isinstance(item, AllocationInfo):
+                        return item
+                    _waiting.report(op, item)
+                raise _waiting.ended_without_answer()
+            except GpuLeaseError as exc:
+                if not _waiting.resumable(exc, op):
+                    raise
+                log.info("the wait for request %s broke (%s); resuming it", _waiting.request_id(op), exc)
+                time.sleep(_waiting.RESUME_PAUSE_S)
 
     def _send_stream(self, make: Callable[[], _ops.StreamOp[Any, T]]) -> Iterator[T]:
         yield from self._rpc.run_stream(make())

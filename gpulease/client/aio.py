@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from gpulease.client import _ops
+from gpulease.client import _ops, _waiting
 from gpulease.client._aio_failover import AsyncFailoverChannels
 from gpulease.client._base import ClientBase
 from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting, log_fallback
@@ -51,7 +51,23 @@ class AsyncClient(ClientBase[AsyncFailoverChannels]):
         return AsyncAllocation(info, AsyncSession(self._rpc, info))
 
     async def _send(self, op: _ops.Op[Any, T]) -> Any:
+        if isinstance(op, _ops.WaitingAllocate):
+            return self._handle(await self._wait(op))
         return self._answer(op, await self._rpc.run(op))
+
+    async def _wait(self, op: _ops.WaitingAllocate) -> AllocationInfo:
+        while True:
+            try:
+                async for item in self._rpc.run_stream(_waiting.stream_of(op)):
+                    if isinstance(item, AllocationInfo):
+                        return item
+                    _waiting.report(op, item)
+                raise _waiting.ended_without_answer()
+            except GpuLeaseError as exc:
+                if not _waiting.resumable(exc, op):
+                    raise
+                log.info("the wait for request %s broke (%s); resuming it", _waiting.request_id(op), exc)
+                await asyncio.sleep(_waiting.RESUME_PAUSE_S)
 
     async def _send_stream(self, make: Callable[[], _ops.StreamOp[Any, T]]) -> AsyncIterator[T]:
         async for item in self._rpc.run_stream(make()):

@@ -189,3 +189,29 @@ class AuditEntry:
     # The etcd revision of the change (0 when it was not an etcd write).
     revision: int
     detail: str
+
+
+@dataclass(frozen=True)
+class PendingInfo:
+    """A request waiting in the queue: its place and why it waits (WaitAllocate, ListPending)."""
+
+    id: str
+    request_id: str
+    tenant: str
+    principal: str
+    priority_class: str
+    priority: int
+    gpus: int
+    gpu_model: str
+    # 1-based, among the pending requests of its pool (GPU model; "" = any model). 0: not placed yet.
+    position: int
+    pool: str
+    reason: str
+    queued_unix_ms: int
+    wait_until_unix_ms: int
+    # From the declared runtimes of the allocations in its way; 0 = no estimate.
+    estimated_start_unix_ms: int
+    max_runtime_seconds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

@@ -42,6 +42,9 @@ class AllocateRequest(google.protobuf.message.Message):
     TTL_SECONDS_FIELD_NUMBER: builtins.int
     OWNER_FIELD_NUMBER: builtins.int
     REQUEST_ID_FIELD_NUMBER: builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: builtins.int
+    MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
+    PRIORITY_CLASS_FIELD_NUMBER: builtins.int
     gpus: builtins.int
     """Counts are signed so that a negative value reaches the server and gets a clear
     INVALID_ARGUMENT instead of wrapping around in a client.
@@ -59,6 +62,14 @@ class AllocateRequest(google.protobuf.message.Message):
     """Client-chosen idempotency key: a retry with the same id returns the same allocation.
     Empty = the coordinator makes one up (no idempotency).
     """
+    wait_seconds: builtins.int
+    """WaitAllocate only: how long to wait in the queue (0 = the coordinator's longest wait)."""
+    max_runtime_seconds: builtins.int
+    """Declared runtime: the lease is not renewed past it, and the queue lets this request start
+    ahead of a larger one only when it ends before that one's estimated start. 0 = none.
+    """
+    priority_class: builtins.str
+    """A priority class the coordinator defines ("" = its default class)."""
     @property
     def node_selector(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
         """Every label here must be present on the node with the same value."""
@@ -75,9 +86,12 @@ class AllocateRequest(google.protobuf.message.Message):
         ttl_seconds: builtins.int = ...,
         owner: builtins.str = ...,
         request_id: builtins.str = ...,
+        wait_seconds: builtins.int = ...,
+        max_runtime_seconds: builtins.int = ...,
+        priority_class: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "memory_bytes", b"memory_bytes"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "owner", b"owner", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "owner", b"owner", "priority_class", b"priority_class", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]) -> None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_cpus", b"_cpus"]) -> typing.Literal["cpus"] | None: ...
     @typing.overload
@@ -825,3 +839,114 @@ class ReadAuditResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["entries", b"entries"]) -> None: ...
 
 global___ReadAuditResponse = ReadAuditResponse
+
+@typing.final
+class AllocateProgress(google.protobuf.message.Message):
+    """One message of WaitAllocate: a pending status while waiting, the allocation at the end."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: builtins.int
+    ALLOCATED_FIELD_NUMBER: builtins.int
+    @property
+    def pending(self) -> global___PendingStatus: ...
+    @property
+    def allocated(self) -> global___AllocateResponse: ...
+    def __init__(
+        self,
+        *,
+        pending: global___PendingStatus | None = ...,
+        allocated: global___AllocateResponse | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["allocated", b"allocated", "pending", b"pending", "state", b"state"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["allocated", b"allocated", "pending", b"pending", "state", b"state"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["state", b"state"]) -> typing.Literal["pending", "allocated"] | None: ...
+
+global___AllocateProgress = AllocateProgress
+
+@typing.final
+class PendingStatus(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ID_FIELD_NUMBER: builtins.int
+    REQUEST_ID_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    PRINCIPAL_FIELD_NUMBER: builtins.int
+    PRIORITY_CLASS_FIELD_NUMBER: builtins.int
+    PRIORITY_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    GPU_MODEL_FIELD_NUMBER: builtins.int
+    POSITION_FIELD_NUMBER: builtins.int
+    POOL_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    QUEUED_UNIX_MS_FIELD_NUMBER: builtins.int
+    WAIT_UNTIL_UNIX_MS_FIELD_NUMBER: builtins.int
+    ESTIMATED_START_UNIX_MS_FIELD_NUMBER: builtins.int
+    MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
+    id: builtins.str
+    """The pending request's id (the allocation will have the same id)."""
+    request_id: builtins.str
+    tenant: builtins.str
+    principal: builtins.str
+    priority_class: builtins.str
+    priority: builtins.int
+    gpus: builtins.int
+    gpu_model: builtins.str
+    position: builtins.int
+    """1-based position among the pending requests of its pool (GPU model; "" = any model)."""
+    pool: builtins.str
+    reason: builtins.str
+    """Why it waits, specific ("no node has 4 free GPUs ...", "held for request R ...")."""
+    queued_unix_ms: builtins.int
+    wait_until_unix_ms: builtins.int
+    estimated_start_unix_ms: builtins.int
+    """An estimated start from the declared runtimes of the allocations in the way; 0 = none."""
+    max_runtime_seconds: builtins.int
+    def __init__(
+        self,
+        *,
+        id: builtins.str = ...,
+        request_id: builtins.str = ...,
+        tenant: builtins.str = ...,
+        principal: builtins.str = ...,
+        priority_class: builtins.str = ...,
+        priority: builtins.int = ...,
+        gpus: builtins.int = ...,
+        gpu_model: builtins.str = ...,
+        position: builtins.int = ...,
+        pool: builtins.str = ...,
+        reason: builtins.str = ...,
+        queued_unix_ms: builtins.int = ...,
+        wait_until_unix_ms: builtins.int = ...,
+        estimated_start_unix_ms: builtins.int = ...,
+        max_runtime_seconds: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["estimated_start_unix_ms", b"estimated_start_unix_ms", "gpu_model", b"gpu_model", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "pool", b"pool", "position", b"position", "principal", b"principal", "priority", b"priority", "priority_class", b"priority_class", "queued_unix_ms", b"queued_unix_ms", "reason", b"reason", "request_id", b"request_id", "tenant", b"tenant", "wait_until_unix_ms", b"wait_until_unix_ms"]) -> None: ...
+
+global___PendingStatus = PendingStatus
+
+@typing.final
+class ListPendingRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___ListPendingRequest = ListPendingRequest
+
+@typing.final
+class ListPendingResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: builtins.int
+    @property
+    def pending(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___PendingStatus]: ...
+    def __init__(
+        self,
+        *,
+        pending: collections.abc.Iterable[global___PendingStatus] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["pending", b"pending"]) -> None: ...
+
+global___ListPendingResponse = ListPendingResponse

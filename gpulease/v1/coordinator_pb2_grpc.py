@@ -44,6 +44,16 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateResponse.FromString,
                 _registered_method=True)
+        self.WaitAllocate = channel.unary_stream(
+                '/gpulease.v1.CoordinatorService/WaitAllocate',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateProgress.FromString,
+                _registered_method=True)
+        self.ListPending = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/ListPending',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPendingRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPendingResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/Release',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReleaseRequest.SerializeToString,
@@ -115,6 +125,22 @@ class CoordinatorServiceServicer(object):
 
     def Allocate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitAllocate(self, request, context):
+        """Allocate, waiting in the queue up to wait_seconds when nothing fits now: progress messages
+        (position, reason) while pending, then the allocation. A broken stream is resumed by sending
+        the same request (same request_id) to any replica: the request keeps its place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPending(self, request, context):
+        """Pending requests in queue order (a user sees its own tenant's; viewers and admins, all).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -201,6 +227,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Allocate,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateResponse.SerializeToString,
+            ),
+            'WaitAllocate': grpc.unary_stream_rpc_method_handler(
+                    servicer.WaitAllocate,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.AllocateProgress.SerializeToString,
+            ),
+            'ListPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPending,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPendingRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPendingResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -294,6 +330,60 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/Allocate',
             gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.AllocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitAllocate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/WaitAllocate',
+            gpulease_dot_v1_dot_coordinator__pb2.AllocateRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.AllocateProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/ListPending',
+            gpulease_dot_v1_dot_coordinator__pb2.ListPendingRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListPendingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,21 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.AllocateResponse,
     ]
 
+    WaitAllocate: grpc.UnaryStreamMultiCallable[
+        gpulease.v1.coordinator_pb2.AllocateRequest,
+        gpulease.v1.coordinator_pb2.AllocateProgress,
+    ]
+    """Allocate, waiting in the queue up to wait_seconds when nothing fits now: progress messages
+    (position, reason) while pending, then the allocation. A broken stream is resumed by sending
+    the same request (same request_id) to any replica: the request keeps its place.
+    """
+
+    ListPending: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListPendingRequest,
+        gpulease.v1.coordinator_pb2.ListPendingResponse,
+    ]
+    """Pending requests in queue order (a user sees its own tenant's; viewers and admins, all)."""
+
     Release: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.ReleaseRequest,
         gpulease.v1.coordinator_pb2.ReleaseResponse,
@@ -106,6 +121,21 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.AllocateRequest,
         gpulease.v1.coordinator_pb2.AllocateResponse,
     ]
+
+    WaitAllocate: grpc.aio.UnaryStreamMultiCallable[
+        gpulease.v1.coordinator_pb2.AllocateRequest,
+        gpulease.v1.coordinator_pb2.AllocateProgress,
+    ]
+    """Allocate, waiting in the queue up to wait_seconds when nothing fits now: progress messages
+    (position, reason) while pending, then the allocation. A broken stream is resumed by sending
+    the same request (same request_id) to any replica: the request keeps its place.
+    """
+
+    ListPending: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListPendingRequest,
+        gpulease.v1.coordinator_pb2.ListPendingResponse,
+    ]
+    """Pending requests in queue order (a user sees its own tenant's; viewers and admins, all)."""
 
     Release: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.ReleaseRequest,
@@ -184,6 +214,25 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.AllocateRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.AllocateResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.AllocateResponse]]: ...
+
+    @abc.abstractmethod
+    def WaitAllocate(
+        self,
+        request: gpulease.v1.coordinator_pb2.AllocateRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[gpulease.v1.coordinator_pb2.AllocateProgress], collections.abc.AsyncIterator[gpulease.v1.coordinator_pb2.AllocateProgress]]:
+        """Allocate, waiting in the queue up to wait_seconds when nothing fits now: progress messages
+        (position, reason) while pending, then the allocation. A broken stream is resumed by sending
+        the same request (same request_id) to any replica: the request keeps its place.
+        """
+
+    @abc.abstractmethod
+    def ListPending(
+        self,
+        request: gpulease.v1.coordinator_pb2.ListPendingRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ListPendingResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListPendingResponse]]:
+        """Pending requests in queue order (a user sees its own tenant's; viewers and admins, all)."""
 
     @abc.abstractmethod
     def Release(

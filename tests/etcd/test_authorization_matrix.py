@@ -98,6 +98,8 @@ def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
     ref = tpb.ContainerRef(allocation_id=alloc_id, container_id="c0")
     return {
         "Allocate": pb.AllocateRequest(gpus=1, ttl_seconds=60),
+        "WaitAllocate": pb.AllocateRequest(gpus=1, ttl_seconds=60, wait_seconds=5),
+        "ListPending": pb.ListPendingRequest(),
         "Release": pb.ReleaseRequest(allocation_id=alloc_id),
         "KeepAlive": pb.KeepAliveRequest(allocation_id=alloc_id),
         "GetAllocation": pb.GetAllocationRequest(allocation_id=alloc_id),
@@ -130,7 +132,7 @@ def outcome(caller: Caller, rpc: str, request: Any) -> tuple[str, grpc.StatusCod
     method = getattr(caller.stub, rpc.rsplit("/", 1)[1])
     try:
         answer = method(request, metadata=caller.metadata, timeout=10)
-        if rpc.endswith("/StreamLogs"):
+        if rpc.endswith(("/StreamLogs", "/WaitAllocate")):
             list(answer)
         return ALLOWED, None, ""
     except grpc.RpcError as err:

@@ -1,0 +1,250 @@
+"""The queue's decisions, as a pure function of one snapshot: which pending requests may be
+admitted now, and why each of the others waits.
+
+No I/O and no clock (``now_ms`` is an argument), like placement: every replica computes the same
+plan from the same snapshot, and the admission transaction re-checks what it relied on (the GPUs,
+the node's capacity, and that the pending request still exists).
+
+Ordering (``order``): priority (higher first), then the tenant's fair share (the tenant holding
+fewer GPUs first), then age (older first), then id. Pools are GPU models ("" = any model): a
+pending request blocks only requests of its own pool; requests of other pools are placed as if it
+were not there, except on the GPUs it has reserved.
+
+No starvation (Slurm's backfill with a head reservation): when the first request of a pool does not
+fit, it *reserves* the node that frees soonest for it, by the declared runtimes of the allocations
+holding it (their ``max_runtime``), with an estimated start T. A request behind it may then be
+placed on that node only if it declares a runtime that ends before T; a request with no declared
+runtime, or any request when T is unknown (a holder in the way declared none), never is. With
+``strict_fifo`` a pool's requests behind a blocked head do not start at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from gpulease.coordinator.batch_placement import Overlay
+from gpulease.coordinator.domain import NodeView, PendingRequest, Snapshot
+from gpulease.coordinator.placement import place
+from gpulease.errors import InsufficientResources, Unsatisfiable
+
+# A plan considers at most this many pending requests (Slurm's default_queue_depth is 100): the
+# rest wait for a later pass, with a reason that says so. Bounds the cost of one pass.
+MAX_DEPTH = 200
+# Nodes tried when looking for a head's reservation.
+MAX_RESERVATION_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class Holder:
+    """An allocation in the way of a reservation: what it holds on its node and when it ends at the
+    latest by its declared runtime (None: it declared none, so nobody knows)."""
+
+    id: str
+    gpu_indexes: frozenset[int]
+    cpus: int
+    memory_bytes: int
+    ends_ms: int | None
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Place it now, staying off ``excluded`` (nodes reserved for requests ahead of it)."""
+
+    excluded: frozenset[str] = frozenset()
+    position: int = 1
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+    position: int
+    # When a reservation is made for this request: its node and estimated start (None: unknown).
+    reserved_node: str = ""
+    estimated_start_ms: int | None = None
+
+
+Decision = Admit | Wait
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    node: str
+    for_id: str
+    start_ms: int | None
+
+
+def order(entries: Sequence[PendingRequest], usage: Mapping[str, int]) -> list[PendingRequest]:
+    """Queue order: priority, then the tenant's fair share (fewer GPUs held first), then age."""
+    return sorted(entries, key=lambda e: (-e.priority, usage.get(e.tenant, 0), e.created_ms, e.id))
+
+
+def ends_ms(created_ms: int, max_runtime_s: int, ttl_s: int) -> int | None:
+    """The latest an allocation can live with a declared runtime: its lease is not renewed past
+    created + max_runtime, so it lapses at most one TTL later."""
+    if max_runtime_s <= 0:
+        return None
+    return created_ms + (max_runtime_s + ttl_s) * 1000
+
+
+def plan(
+    snapshot: Snapshot,
+    entries: Sequence[PendingRequest],
+    *,
+    now_ms: int,
+    usage: Mapping[str, int] | None = None,
+    holders: Callable[[str], Sequence[Holder]] = lambda _node: (),
+    strict_fifo: bool = False,
+) -> dict[str, Decision]:
+    """A decision per pending request id. Requests admitted earlier in the pass are counted on
+    an overlay, so two admitted requests never need the same GPUs."""
+    usage = usage or {}
+    out: dict[str, Decision] = {}
+    changed: dict[str, NodeView] = {}
+    reservations: list[_Reservation] = []
+    blocked: dict[str, str] = {}  # pool -> the id of its blocked head
+    positions: dict[str, int] = {}
+    admitted: list[PendingRequest] = []
+    for depth, e in enumerate(order(entries, usage)):
+        positions[e.pool] = position = positions.get(e.pool, 0) + 1
+        if depth >= MAX_DEPTH:
+            out[e.id] = Wait(f"position {position} in the queue, beyond the {MAX_DEPTH} requests one pass "
+                             "considers", position)  # fmt: skip
+            continue
+        if strict_fifo and e.pool in blocked:
+            out[e.id] = Wait(f"behind request {blocked[e.pool]} (strict FIFO in pool {_pool(e.pool)})", position)
+            continue
+        excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
+        view = Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, excluded))
+        try:
+            p = place(view, e.req)
+        except (InsufficientResources, Unsatisfiable) as exc:
+            reason = _why(snapshot, changed, e, exc, reservations, admitted)
+            if e.pool in blocked:
+                out[e.id] = Wait(reason, position)
+                continue
+            blocked[e.pool] = e.id
+            taken = frozenset(r.node for r in reservations)
+            res = _reserve(snapshot, changed, e, holders, taken, now_ms)
+            if res is None:
+                out[e.id] = Wait(reason, position)
+                continue
+            reservations.append(res)
+            eta = f"estimated start {_clock(res.start_ms)} (an estimate from declared runtimes)" if res.start_ms \
+                else "no estimated start (allocations in the way declared no runtime)"  # fmt: skip
+            out[e.id] = Wait(f"{reason}; {res.node} is reserved for it, {eta}", position, res.node, res.start_ms)
+            continue
+        v = changed.get(p.node) or snapshot.nodes[p.node]
+        changed[p.node] = replace(
+            v,
+            gpus_held=v.gpus_held | frozenset(p.gpu_indexes),
+            cpus_used=v.cpus_used + e.req.cpus,
+            memory_used=v.memory_used + e.req.memory_bytes,
+        )
+        out[e.id] = Admit(excluded, position)
+        admitted.append(e)
+    return out
+
+
+def _ends_before(e: PendingRequest, r: _Reservation, now_ms: int) -> bool:
+    """May e backfill into r's node: it declares a runtime that ends before r's known start."""
+    if r.start_ms is None:
+        return False
+    end = ends_ms(now_ms, e.max_runtime_s, e.ttl_s)
+    return end is not None and end <= r.start_ms
+
+
+def _why(
+    snapshot: Snapshot,
+    changed: Mapping[str, NodeView],
+    e: PendingRequest,
+    exc: InsufficientResources | Unsatisfiable,
+    reservations: Sequence[_Reservation],
+    ahead: Sequence[PendingRequest],
+) -> str:
+    """The most specific reason: requests ahead of it taking what it needs, a reservation in the
+    way, or what placement says is short."""
+    if not _fits(snapshot, {}, e):
+        return exc.message.removesuffix("; retry later or release allocations")
+    if not _fits(snapshot, changed, e):
+        higher = sum(1 for a in ahead if a.priority > e.priority)
+        return (f"behind {len(ahead)} request(s) admitted ahead of it ({higher} of higher priority)"
+                if higher else f"behind {len(ahead)} earlier request(s) admitted ahead of it")  # fmt: skip
+    r = reservations[0]
+    if r.start_ms is None:
+        return f"held for request {r.for_id} (starvation protection): {r.node} is reserved for it"
+    return (f"held for request {r.for_id} (starvation protection): {r.node} is reserved for it from "
+            f"{_clock(r.start_ms)}; a max runtime ending before then would let it start now")  # fmt: skip
+
+
+def _fits(snapshot: Snapshot, changed: Mapping[str, NodeView], e: PendingRequest) -> bool:
+    try:
+        place(Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, frozenset())), e.req)
+    except (InsufficientResources, Unsatisfiable):
+        return False
+    return True
+
+
+def _reserve(
+    snapshot: Snapshot,
+    changed: Mapping[str, NodeView],
+    e: PendingRequest,
+    holders: Callable[[str], Sequence[Holder]],
+    taken: frozenset[str],
+    now_ms: int,
+) -> _Reservation | None:
+    """The node where e could start soonest once the allocations in its way end (by their declared
+    runtimes), and when; None if no schedulable node could ever hold it."""
+    best: tuple[int, str] | None = None
+    tried = 0
+    for name in sorted(snapshot.nodes):
+        if name in taken:
+            continue
+        view = changed.get(name) or snapshot.nodes[name]
+        if not view.schedulable or len(view.usable_gpus) < e.req.gpus:
+            continue
+        tried += 1
+        if tried > MAX_RESERVATION_CANDIDATES:
+            break
+        start = _start_on(view, e, holders(name), snapshot.revision, now_ms)
+        if start is None:
+            continue
+        key = (start, name)
+        if best is None or key < best:
+            best = key
+    if best is not None:
+        start, node = best
+        return _Reservation(node, e.id, None if start == _NEVER else start)
+    return None
+
+
+_NEVER = 2**62
+
+
+def _start_on(view: NodeView, e: PendingRequest, in_way: Sequence[Holder], revision: int, now_ms: int) -> int | None:
+    """When e fits on this node once holders end, soonest first (_NEVER when one of them declared no
+    runtime); None when it never fits there, even empty."""
+    ordered = sorted(in_way, key=lambda h: (h.ends_ms is None, h.ends_ms or 0, h.id))
+    held, cpus, memory = set(view.gpus_held), view.cpus_used, view.memory_used
+    start = now_ms
+    for h in [None, *ordered]:
+        if h is not None:
+            held -= h.gpu_indexes
+            cpus, memory = cpus - h.cpus, memory - h.memory_bytes
+            start = _NEVER if h.ends_ms is None else max(start, h.ends_ms)
+        trial = replace(view, gpus_held=frozenset(held), cpus_used=max(0, cpus), memory_used=max(0, memory))
+        try:
+            place(Snapshot(revision, {view.name: trial}), e.req)
+        except (InsufficientResources, Unsatisfiable):
+            continue
+        return start
+    return None
+
+
+def _pool(pool: str) -> str:
+    return repr(pool) if pool else "'any model'"
+
+
+def _clock(ms: int) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(ms / 1000))

@@ -1,0 +1,379 @@
+"""The waiting queue: requests that cannot be placed now wait in etcd, in order, and are admitted
+when their turn comes.
+
+- A pending request is ``queue/<id>`` plus ``queued/<hash of its request id>`` (one pending request
+  per request id, across replicas), both on a *waiting lease* of ``ttl_s`` that the replica serving
+  the waiting call keeps alive. A client that goes away stops that, and the request leaves the
+  queue within the TTL, by itself. A client that reconnects (to any replica) with the same request
+  id within the TTL finds its request and keeps its place. Nothing here lives in a replica's
+  memory: a coordinator that dies loses no pending request.
+- Every replica follows the queue in its view and plans admissions with ``queue_plan.plan`` (a pure
+  function of the snapshot). Each replica admits its own waiters when the plan says so, through
+  the batcher: the admission is the allocation transaction with the usual compares, plus
+  ``queue/<id>`` still present, and it deletes the pending keys. Two replicas admitting the same
+  request (a client that reconnected) cannot both succeed: the request id compare allows one.
+- Order between replicas rests on their views, which lag etcd by milliseconds: a request queued
+  that long before another may be admitted just after it. The admission's own compares, not the
+  order, guard against double allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpulease.coordinator.allocations import AllocateInput, AllocationService, Prepared
+from gpulease.coordinator.batcher import LeftQueue
+from gpulease.coordinator.domain import Allocation, PendingRequest
+from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.queue_plan import Admit, Decision, Holder, Wait, ends_ms, plan
+from gpulease.coordinator.records import decode_pending, encode_pending
+from gpulease.coordinator.store import Cmp, Delete, Get, Put, Store, StoreUnavailable
+from gpulease.coordinator.view import ClusterView
+from gpulease.errors import AlreadyExists, Conflict, GpuLeaseError, InsufficientResources, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# How often a replica looks at the queue when its view does not move (estimates and deadlines
+# move with the clock).
+TICK_S = 0.5
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    ttl_s: int = 10  # the waiting lease: how long a request outlives its client's last call
+    max_wait_s: int = 86400
+    strict_fifo: bool = False
+
+
+@dataclass(frozen=True)
+class Status:
+    """A pending request with its place and reason, as WaitAllocate and ListPending show it."""
+
+    entry: PendingRequest
+    position: int
+    reason: str
+    estimated_start_ms: int = 0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    entry: PendingRequest
+    updates: asyncio.Queue[Status] = field(default_factory=asyncio.Queue)
+    result: asyncio.Future[tuple[Allocation, bool]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    admitting: bool = False
+    seen: bool = False  # the view has shown its queue key at least once
+    last: tuple[int, str] | None = None
+    reason: str = "waiting for its first queue pass"
+
+
+class WaitingQueue:
+    def __init__(
+        self, store: Store, view: ClusterView, keys: Keys, allocations: AllocationService, policy: QueuePolicy
+    ) -> None:
+        self._store = store
+        self._view = view
+        self._keys = keys
+        self._allocs = allocations
+        self._policy = policy
+        self._waiters: dict[str, _Waiter] = {}
+        self._kick = asyncio.Event()
+        self._decoded: tuple[int, list[PendingRequest]] = (-1, [])
+        self._tasks: set[asyncio.Task[None]] = set()
+        allocations.gate = self.gate
+
+    # --- reading the queue ----------------------------------------------------------------
+
+    def pending(self) -> list[PendingRequest]:
+        version = self._view.table_version("queue")
+        if self._decoded[0] != version:
+            entries = []
+            for raw in self._view.table("queue").values():
+                try:
+                    entries.append(decode_pending(raw))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("queue: skipping an unreadable pending record")
+            self._decoded = (version, entries)
+        return self._decoded[1]
+
+    def decide(self, extra: PendingRequest | None = None) -> dict[str, Decision]:
+        """The plan over every pending request (and ``extra``, a request not queued yet)."""
+        entries = self.pending()
+        if extra is not None:
+            entries = [*entries, extra]
+        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), usage=self._view.gpus_by_tenant(),
+                    holders=self._holders, strict_fifo=self._policy.strict_fifo)  # fmt: skip
+
+    def gate(self, fresh: PendingRequest) -> Decision | None:
+        """AllocationService's check for a request that would be placed now: None while nothing is
+        pending (the common case costs nothing), else its decision among the pending requests."""
+        if not self._view.table("queue"):
+            return None
+        return self.decide(fresh).get(fresh.id)
+
+    def statuses(self) -> list[Status]:
+        decisions = self.decide()
+        out = []
+        for e in self.pending():
+            d = decisions.get(e.id)
+            if isinstance(d, Wait):
+                out.append(Status(e, d.position, d.reason, d.estimated_start_ms or 0))
+            elif isinstance(d, Admit):
+                out.append(Status(e, d.position, "being admitted"))
+        return sorted(out, key=lambda s: (s.entry.pool, s.position))
+
+    def _holders(self, node: str) -> list[Holder]:
+        view = self._view.node(node)
+        if view is None:
+            return []
+        by_uuid = {g.uuid: g.index for g in view.info.gpus}
+        return [
+            Holder(
+                a.id,
+                frozenset(by_uuid[g.uuid] for g in a.gpus if g.uuid in by_uuid),
+                a.cpus,
+                a.memory_bytes,
+                ends_ms(a.created_unix_ms, a.max_runtime_s, a.ttl_seconds),
+            )
+            for a in self._view.allocations_on(node)
+        ]
+
+    # --- waiting --------------------------------------------------------------------------
+
+    async def wait(self, inp: AllocateInput, wait_s: int) -> AsyncIterator[Status | tuple[Allocation, bool]]:
+        """Statuses while the request waits, then (allocation, reused). Raises InsufficientResources
+        with the last reason when the wait runs out (the request then leaves the queue)."""
+        if wait_s < 0 or wait_s > self._policy.max_wait_s:
+            raise InvalidRequest(f"wait of {wait_s}s is out of range: use 0 (the most allowed) to "
+                                 f"{self._policy.max_wait_s}s")  # fmt: skip
+        prep = self._allocs.prepare(inp)
+        existing = await self._allocs.existing(prep.request_id, prep.shape)
+        if existing:
+            yield existing, True
+            return
+        entry = await self._find(prep)
+        if entry is None:
+            try:
+                yield await self._allocs.allocate_prepared(prep)
+                return
+            except InsufficientResources:
+                pass
+            queued = await self._enqueue(prep, wait_s or self._policy.max_wait_s)
+            if isinstance(queued, Allocation):
+                yield queued, True
+                return
+            entry = queued
+        waiter = self._waiters.get(entry.id)
+        if waiter is not None and not waiter.result.done():
+            # The same request waits here already (a client that reconnected to this replica):
+            # the older call is answered as left, this one takes over.
+            waiter.result.set_exception(Conflict("this request is being waited for by a newer call"))
+        waiter = _Waiter(entry)
+        self._waiters[entry.id] = waiter
+        self._kick.set()
+        try:
+            yield Status(entry, 0, waiter.reason)
+            while not waiter.result.done():
+                update: asyncio.Future[Status] = asyncio.ensure_future(waiter.updates.get())
+                await asyncio.wait([update, waiter.result], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+                if update.done():
+                    yield update.result()
+                else:
+                    update.cancel()
+            yield waiter.result.result()
+        finally:
+            if self._waiters.get(entry.id) is waiter:
+                del self._waiters[entry.id]
+            # A client that went away leaves its request in etcd: it expires with the waiting lease
+            # unless the client comes back (to any replica) before then.
+
+    async def _find(self, prep: Prepared) -> PendingRequest | None:
+        """The pending request of this request id, if any (the view first, then etcd, which a
+        request queued a moment ago on another replica may not have reached)."""
+        for e in self.pending():
+            if e.request_id == prep.request_id:
+                return _same_shape(e, prep.shape)
+        kv = await self._store.get(self._keys.queued(prep.request_id))
+        if kv is None:
+            return None
+        record = await self._store.get(self._keys.queue(kv.value.decode()))
+        return _same_shape(decode_pending(record.value), prep.shape) if record else None
+
+    async def _enqueue(self, prep: Prepared, wait_s: int) -> PendingRequest | Allocation:
+        lease = await self._store.grant(self._policy.ttl_s)
+        now = _now_ms()
+        entry = prep.pending(now, now + wait_s * 1000, lease)
+        k = self._keys
+        try:
+            out = await self._store.txn(
+                [Cmp(k.queued(prep.request_id), "version", "==", 0), Cmp(k.req(prep.request_id), "version", "==", 0)],
+                [Put(k.queue(entry.id), encode_pending(entry), lease), Put(k.queued(prep.request_id), entry.id.encode(),
+                                                                              lease)],
+                [Get(k.queued(prep.request_id))],
+            )  # fmt: skip
+        except BaseException:
+            self._allocs.settler.revoke_later(lease, self._policy.ttl_s)
+            raise
+        if out.succeeded:
+            log.info("queued %s for %s: %d GPU(s), priority %d, waiting up to %ds", entry.id, entry.principal,
+                     entry.req.gpus, entry.priority, wait_s)  # fmt: skip
+            return entry
+        self._allocs.settler.revoke_later(lease, self._policy.ttl_s)
+        # A twin got there first: queued (adopt it) or already allocated (hand it over).
+        found = await self._find(prep)
+        if found is not None:
+            return found
+        existing = await self._allocs.existing(prep.request_id, prep.shape)
+        if existing is not None:
+            return existing
+        raise Conflict("the request changed state while it was being queued; retry with the same request id")
+
+    # --- the replica's loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan and admit this replica's waiters, keep their waiting leases alive; until cancelled."""
+        keepalive = asyncio.create_task(self._keep_alive(), name="queue-keepalive")
+        try:
+            while True:
+                await self._next_change()
+                if not self._waiters:
+                    continue
+                try:
+                    self._view.ensure_synced()
+                    self._pass()
+                except StoreUnavailable:
+                    continue
+                except Exception:  # a bug must not stop every later admission
+                    log.exception("queue pass failed")
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+
+    async def _next_change(self) -> None:
+        self._kick.clear()
+        changed = asyncio.ensure_future(self._view.wait_for_revision(self._view.revision + 1, TICK_S))
+        kicked = asyncio.ensure_future(self._kick.wait())
+        try:
+            await asyncio.wait([changed, kicked], timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            kicked.cancel()
+
+    def _pass(self) -> None:
+        decisions = self.decide()
+        now = _now_ms()
+        in_view = {e.id for e in self.pending()}
+        for w in list(self._waiters.values()):
+            if w.result.done() or w.admitting:
+                continue
+            if now >= w.entry.wait_until_ms:
+                w.admitting = True
+                self._spawn(self._give_up(w))
+                continue
+            if w.entry.id not in in_view:
+                if w.seen:  # it left the queue: admitted elsewhere, or its lease lapsed
+                    w.admitting = True
+                    self._spawn(self._gone(w))
+                continue
+            w.seen = True
+            d = decisions.get(w.entry.id)
+            if isinstance(d, Admit):
+                w.admitting = True
+                self._spawn(self._admit(w, d.excluded))
+            elif isinstance(d, Wait):
+                w.reason = d.reason
+                if w.last != (d.position, d.reason):
+                    w.last = (d.position, d.reason)
+                    w.updates.put_nowait(Status(w.entry, d.position, d.reason, d.estimated_start_ms or 0))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self, w: _Waiter, excluded: frozenset[str]) -> None:
+        try:
+            outcome = await self._allocs.admit(w.entry, excluded)
+        except LeftQueue:
+            await self._gone(w)
+            return
+        except (InsufficientResources, Conflict) as exc:
+            # Lost a race for the GPUs (another replica's commit): plan again on the next change.
+            log.debug("queue: admitting %s failed (%s); retrying on the next pass", w.entry.id, exc)
+        except GpuLeaseError as exc:
+            _fail(w, exc)
+        else:
+            _resolve(w, outcome)
+            self._allocs.settler.revoke_later(w.entry.lease_id, self._policy.ttl_s)
+        finally:
+            w.admitting = False
+            self._kick.set()
+
+    async def _gone(self, w: _Waiter) -> None:
+        """Its queue key is gone: admitted by another replica (hand that allocation over) or expired."""
+        try:
+            existing = await self._allocs.existing(w.entry.request_id, w.entry.shape)
+        except GpuLeaseError as exc:
+            _fail(w, exc)
+            return
+        if existing is not None:
+            _resolve(w, (existing, True))
+        else:
+            _fail(w, Conflict(f"pending request {w.entry.id} left the queue (its waiting lease lapsed: no call "
+                              f"kept it alive for {self._policy.ttl_s}s); send the request again"))  # fmt: skip
+
+    async def _give_up(self, w: _Waiter) -> None:
+        k = self._keys
+        waited = (w.entry.wait_until_ms - w.entry.created_ms) / 1000
+        with contextlib.suppress(GpuLeaseError):
+            await self._store.txn(
+                [Cmp(k.queue(w.entry.id), "version", ">", 0)],
+                [Delete(k.queue(w.entry.id)), Delete(k.queued(w.entry.request_id))],
+            )
+        self._allocs.settler.revoke_later(w.entry.lease_id, self._policy.ttl_s)
+        _fail(w, InsufficientResources(f"waited {waited:g}s in the queue without being admitted; it was: {w.reason}"))
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._policy.ttl_s / 3)
+            for w in list(self._waiters.values()):
+                if w.result.done():
+                    continue
+                try:
+                    ttl = await self._store.keepalive_once(w.entry.lease_id)
+                except StoreUnavailable as exc:
+                    log.warning("queue: cannot renew the waiting lease of %s: %s", w.entry.id, exc)
+                    continue
+                if ttl <= 0 and not w.admitting:
+                    w.admitting = True
+                    self._spawn(self._gone(w))
+
+
+def _same_shape(entry: PendingRequest, shape: str) -> PendingRequest:
+    if entry.shape and entry.shape != shape:
+        raise AlreadyExists(
+            f"request id {entry.request_id.rpartition('/')[2]!r} is already waiting in the queue as {entry.id}, "
+            f"which asked for {entry.shape}; this request asks for {shape}. Use a new request id"
+        )
+    return entry
+
+
+def _resolve(w: _Waiter, outcome: tuple[Allocation, bool]) -> None:
+    if not w.result.done():
+        w.result.set_result(outcome)
+
+
+def _fail(w: _Waiter, exc: BaseException) -> None:
+    if not w.result.done():
+        w.result.set_exception(exc)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

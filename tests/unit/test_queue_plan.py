@@ -1,0 +1,88 @@
+"""Table tests of the queue's pure decisions (coordinator/queue_plan.py): order, pools, backfill
+with a head reservation, strict FIFO, and the reasons."""
+
+from __future__ import annotations
+
+from gpulease.coordinator.domain import GpuInfo, NodeInfo, NodeView, PendingRequest, ResourceRequest, Snapshot
+from gpulease.coordinator.queue_plan import Admit, Holder, Wait, ends_ms, order, plan
+
+NOW = 1_000_000_000
+A100, H100 = "A100", "H100"
+
+
+def node(name: str, gpus: int, held: int = 0, model: str = A100) -> NodeView:
+    info = NodeInfo(name, "addr", tuple(GpuInfo(i, f"{name}-{i}", model, 80 << 30) for i in range(gpus)), 64, 1 << 40)
+    return NodeView(info, up=True, record_revision=1, gpus_held=frozenset(range(held)))
+
+
+def snap(*views: NodeView) -> Snapshot:
+    return Snapshot(10, {v.name: v for v in views})
+
+
+def pending(id_: str, gpus: int, *, model: str = "", priority: int = 0, age: int = 0, tenant: str = "t",
+            runtime: int = 0) -> PendingRequest:  # fmt: skip
+    req = ResourceRequest(gpus=gpus, cpus=1, memory_bytes=1, gpu_model=model)
+    return PendingRequest(id_, f"p/{id_}", req, ttl_s=10, tenant=tenant, priority=priority,
+                          created_ms=NOW - age * 1000, max_runtime_s=runtime)  # fmt: skip
+
+
+def test_order_is_priority_then_fair_share_then_age() -> None:
+    entries = [pending("old", 1, age=50), pending("new", 1, age=1), pending("vip", 1, priority=10),
+               pending("rich-old", 1, age=99, tenant="rich")]  # fmt: skip
+    assert [e.id for e in order(entries, {"rich": 8, "t": 1})] == ["vip", "old", "new", "rich-old"]
+
+
+def test_admits_in_order_while_things_fit_and_explains_the_rest() -> None:
+    decisions = plan(snap(node("n", 4, held=1)), [pending("a", 2, age=3), pending("b", 1, age=2),
+                                                  pending("c", 1, age=1)], now_ms=NOW)  # fmt: skip
+    assert isinstance(decisions["a"], Admit) and isinstance(decisions["b"], Admit)
+    c = decisions["c"]
+    assert isinstance(c, Wait) and c.position == 3
+    assert c.reason == "behind 2 earlier request(s) admitted ahead of it"
+
+
+def test_a_blocked_head_reserves_the_node_that_frees_first_and_backfill_must_end_before() -> None:
+    views = snap(node("x", 4, held=3), node("y", 4, held=2))
+    holders = {"x": [Holder("hx", frozenset({0, 1, 2}), 1, 1, ends_ms(NOW, 100, 10))],
+               "y": [Holder("hy", frozenset({0, 1}), 1, 1, ends_ms(NOW, 50, 10))]}  # fmt: skip
+    entries = [pending("big", 4, age=10), pending("free-rider", 1, age=5), pending("short", 1, age=4, runtime=20),
+               pending("long", 1, age=3, runtime=500)]  # fmt: skip
+    d = plan(views, entries, now_ms=NOW, holders=lambda n: holders[n])
+    big = d["big"]
+    assert isinstance(big, Wait) and big.reserved_node == "y" and big.estimated_start_ms == NOW + 60_000
+    assert "y is reserved for it" in big.reason and "an estimate" in big.reason
+    # No runtime: only the unreserved node x. A short one may use y; a long one may not.
+    assert d["free-rider"] == Admit(frozenset({"y"}), 2)
+    assert d["short"] == Admit(frozenset(), 3)  # ends at NOW + 30 s, before the start at NOW + 60 s
+    long = d["long"]
+    assert isinstance(long, Wait) and long.reason.startswith("held for request big (starvation protection)")
+
+
+def test_with_an_unknown_start_nothing_backfills_into_the_reservation() -> None:
+    views = snap(node("x", 4, held=3))
+    holders = [Holder("h", frozenset({0, 1, 2}), 1, 1, None)]
+    d = plan(views, [pending("big", 4, age=10), pending("tiny", 1, runtime=1)], now_ms=NOW, holders=lambda n: holders)
+    big, tiny = d["big"], d["tiny"]
+    assert isinstance(big, Wait) and big.estimated_start_ms is None and "no estimated start" in big.reason
+    assert isinstance(tiny, Wait) and "starvation protection" in tiny.reason
+
+
+def test_pools_do_not_block_each_other() -> None:
+    views = snap(node("a", 2, held=2, model=A100), node("h", 2, model=H100))
+    d = plan(views, [pending("a-head", 1, model=A100, age=9), pending("h", 1, model=H100, age=1)], now_ms=NOW)
+    assert isinstance(d["a-head"], Wait) and d["h"] == Admit(frozenset(), 1)
+
+
+def test_strict_fifo_stops_a_pool_at_its_blocked_head() -> None:
+    views = snap(node("x", 4, held=3))
+    entries = [pending("big", 4, age=10), pending("small", 1, age=1, runtime=1)]
+    relaxed = plan(views, entries, now_ms=NOW)
+    strict = plan(views, entries, now_ms=NOW, strict_fifo=True)
+    assert isinstance(relaxed["big"], Wait) and isinstance(strict["small"], Wait)
+    assert strict["small"].reason == "behind request big (strict FIFO in pool 'any model')"  # type: ignore[union-attr]
+
+
+def test_a_request_larger_than_any_node_says_so() -> None:
+    d = plan(snap(node("x", 2)), [pending("huge", 3)], now_ms=NOW)
+    huge = d["huge"]
+    assert isinstance(huge, Wait) and "can ever fit 3 GPUs" in huge.reason
