@@ -11,7 +11,7 @@ from gpulease.cli import views
 from gpulease.cli.config import CliConfig
 from gpulease.cli.devconfig import DevClusterConfig
 from gpulease.cli.output import print_json, print_table
-from gpulease.client.models import ClusterSummary
+from gpulease.client.models import ClusterSummary, PendingInfo
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
 
@@ -82,6 +82,13 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
     memory = _flag_value("--memory", args.memory, parse_size)
     min_gpu_memory = _flag_value("--min-gpu-memory", args.min_gpu_memory, parse_size)
     ttl = _flag_value("--ttl", args.ttl, parse_duration)
+    wait = _flag_value("--wait", args.wait, parse_duration)
+    max_runtime = _flag_value("--max-runtime", args.max_runtime, parse_duration)
+
+    def pending(status: PendingInfo) -> None:
+        # On stderr: stdout stays the answer (one line, or the JSON).
+        print(f"pending (position {status.position or '?'}): {status.reason}", file=sys.stderr, flush=True)
+
     with cfg.client() as client:
         alloc = client.allocate(
             gpus=args.gpus,
@@ -93,6 +100,10 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
             ttl=ttl,
             owner=args.owner,
             request_id=args.request_id,
+            wait=wait,
+            max_runtime=max_runtime,
+            priority=args.priority,
+            on_pending=pending,
         )
     if args.json:
         print_json(views.allocation_json(alloc))
@@ -102,6 +113,25 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
         f"note: the lease expires after {alloc.ttl_seconds}s unless kept alive (Client.keep_alive) "
         f"or released (gpuctl release {alloc.id})"
     )
+    return 0
+
+
+def queue(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        found = client.list_pending()
+    if args.json:
+        print_json([p.to_dict() for p in found])
+    elif not found:
+        print("no pending requests")
+    else:
+        headers = ["POOL", "POS", "ID", "REQUEST", "TENANT", "PRIORITY", "GPUS", "AGE", "REASON"]
+        now_ms = time.time() * 1000
+        rows = [
+            [p.pool or "any", str(p.position), p.id, p.request_id, p.tenant, f"{p.priority_class} ({p.priority})",
+             str(p.gpus), f"{max(0, int((now_ms - p.queued_unix_ms) / 1000))}s", p.reason]
+            for p in found
+        ]  # fmt: skip
+        print_table(headers, rows)
     return 0
 
 

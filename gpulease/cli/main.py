@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", metavar="DURATION", help="lease TTL, e.g. 60s, 5m (default: 60s)")
     p.add_argument("--owner", default="", help="who holds the allocation (free text)")
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh one)")
+    p.add_argument("--wait", metavar="DURATION", help="when nothing fits now, wait in the queue up to this long "
+                                                      "(e.g. 10m), printing why it waits on stderr")  # fmt: skip
+    p.add_argument("--max-runtime", metavar="DURATION", help="declared runtime: not renewed past it; lets it start "
+                                                             "ahead of bigger requests it will not delay")  # fmt: skip
+    p.add_argument("--priority", default="", metavar="CLASS", help="priority class (default: the cluster's)")
+
+    command("queue", commands.queue, "pending requests: position, tenant, priority, age and why each waits")
 
     p = command("release", commands.release, "release an allocation")
     p.add_argument("id", metavar="ID")

@@ -25,7 +25,7 @@ from gpulease.client import Client, PendingInfo
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
 from gpulease.errors import InsufficientResources, RuntimeLimitReached, Unsatisfiable
-from tests.support import harness
+from tests.support import gpuctl, harness
 
 QUEUE_TTL = 3
 QUEUE_ARGS = ["--queue-ttl", f"{QUEUE_TTL}s"]
@@ -229,3 +229,26 @@ def test_an_explicit_zero_ttl_is_refused(start_coordinator: Callable[..., harnes
         for value in (0, "0s"):
             with pytest.raises(Exception, match="ttl must be positive"):
                 client.allocate(gpus=1, ttl=value)
+
+
+def test_gpuctl_waits_says_why_on_stderr_and_lists_the_queue(
+    start_coordinator: Callable[..., harness.Coordinator], pool: ThreadPoolExecutor
+) -> None:
+    c = one_node(start_coordinator)
+    base = ["--coordinator", c.address]
+    with Client(c.address, timeout=5) as client:
+        holder = client.allocate(gpus=2, cpus=1, memory="1MiB")
+        waiting = pool.submit(gpuctl.run, [*base, "allocate", "--gpus", "1", "--cpus", "1", "--memory", "1MiB",
+                                           "--wait", "30s", "--request-id", "cli", "--json"], timeout=60)  # fmt: skip
+        wait_for(lambda: pending_ids(client) == ["cli"], "gpuctl's request pending")
+        listed = gpuctl.run([*base, "queue", "--json"])
+        assert listed.rc == 0 and [(p["request_id"], p["position"]) for p in listed.json()] == [("cli", 1)], listed
+        table = gpuctl.run([*base, "queue"])
+        assert table.rc == 0 and "cli" in table.stdout and "no node has room" in table.stdout, table
+        holder.release()
+        done = waiting.result(timeout=30)
+        assert done.rc == 0, done
+        assert done.json()["node"] == "n1" and "pending (position 1): no node has room" in done.stderr, done
+        client.release(done.json()["id"])
+        zero = gpuctl.run([*base, "allocate", "--gpus", "1", "--ttl", "0s"])
+        assert zero.rc == 1 and "ttl must be positive" in zero.stderr, zero
