@@ -2,6 +2,9 @@
 
 ``start_dockerd(tmp)`` runs Debian's dockerd as root on a unix socket under ``tmp`` with vfs
 storage, no bridge and no iptables, so it touches nothing of the host's own Docker (if any).
+``start_dockerd(tmp, network=True)`` turns iptables on (bridges whose inter-container traffic is
+really dropped, DOCKER-USER): only in a network namespace of the test's own (tests/support/netns.py),
+which it checks first, so that the host's firewall is never touched.
 A stand-in ``nvidia-container-runtime-hook`` on dockerd's PATH makes dockerd register its
 "nvidia" device driver, so DeviceRequests for GPUs work on machines without GPUs: the container
 gets NVIDIA_VISIBLE_DEVICES=<ids> and the stand-in records each call in ``Dockerd.hook_log``.
@@ -34,6 +37,7 @@ import pytest
 
 from gpulease.dev import procs
 from gpulease.dev.cluster import Child, LocalCluster
+from tests.support import netns
 
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"
@@ -66,10 +70,12 @@ class Dockerd:
     exec_root: Path = field(repr=False)
     data_root: Path = field(repr=False)
 
-    def add_agent(self, cluster: LocalCluster, name: str, gpus: int, *extra: str, **kw: Any) -> Child:
+    def add_agent(
+        self, cluster: LocalCluster, name: str, gpus: int, *extra: str, network: str = "none", **kw: Any
+    ) -> Child:
         """An agent of cluster with simulated GPUs, 4 CPUs and 8 GiB, that runs its containers on
-        this daemon (no network); kw go to LocalCluster.add_agent."""
-        args = ["--docker-host", self.base_url, "--container-network", "none", *extra]
+        this daemon (on no network, unless told); kw go to LocalCluster.add_agent."""
+        args = ["--docker-host", self.base_url, "--container-network", network, *extra]
         # The host's DOCKER_* (a DOCKER_HOST, TLS settings) must not point it elsewhere.
         env = cluster.child_env(drop=("DOCKER_",))
         return cluster.add_agent(
@@ -187,8 +193,16 @@ def _daemon_path(bin_dir: str) -> str:
     return os.pathsep.join(parts)
 
 
-def start_dockerd(tmp: Path) -> Dockerd:
-    """Start a private dockerd under tmp and wait (bounded) until it answers a ping."""
+def start_dockerd(tmp: Path, *, network: bool = False, cgroup_parent: str | None = None) -> Dockerd:
+    """Start a private dockerd under tmp and wait (bounded) until it answers a ping.
+
+    network=True: with iptables on (icc=false enforced, DOCKER-USER), which changes the firewall of
+    the network namespace it runs in: refused (netns.HostNetnsError) unless that is not the host's.
+    cgroup_parent: its containers' cgroups go under /<cgroup_parent> (cgroupfs) rather than /docker,
+    so that what a killed daemon leaves there can be found (netns.remove_cgroups).
+    """
+    if network:
+        netns.require_private_netns("start dockerd with iptables on")
     check_prerequisites()
     tmp.mkdir(parents=True, exist_ok=True)
     root = tmp.resolve()
@@ -209,7 +223,7 @@ def start_dockerd(tmp: Path) -> Dockerd:
     argv = [
         DOCKERD,
         "--storage-driver=vfs",
-        "--iptables=false",
+        f"--iptables={'true' if network else 'false'}",
         "--ip6tables=false",
         "--ip-masq=false",
         "--bridge=none",
@@ -220,6 +234,7 @@ def start_dockerd(tmp: Path) -> Dockerd:
         "--pidfile", str(root / "docker.pid"),
         # No swarm/registry mirrors/proxies from a host /etc/docker/daemon.json.
         "--config-file", str(_empty_config(root)),
+        *(["--cgroup-parent", f"/{cgroup_parent}"] if cgroup_parent else []),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
     env["PATH"] = _daemon_path(str(bin_dir))
