@@ -56,6 +56,8 @@ def test_agent_example_config_loads() -> None:
     assert cfg.listen == "10.20.0.17:50052" and not is_loopback(cfg.listen)
     # How containers run, and what one tenant may hold (issue 14, part B): the defaults, spelled out.
     assert cfg.hardening == Hardening() and cfg.container_network == AGENT_NETWORK
+    # The agent's firewall on its bridge, with the management subnet (etcd, every replica) denied too.
+    assert cfg.firewall_enabled and cfg.container_egress_deny == ("10.20.0.0/24",)
     assert (cfg.max_concurrent_pulls, cfg.pull_timeout_seconds) == (2, 600.0)
     assert (cfg.max_log_streams_per_allocation, cfg.max_waits_per_allocation) == (4, 8)
     assert (cfg.image_retention_seconds, cfg.image_disk_limit) == (86400.0, 200 * 2**30)
