@@ -178,9 +178,10 @@ class Iptables:
             found = shutil.which(IPTABLES, path=path)
             if found is None:
                 raise FirewallError(
-                    "container_firewall is on but iptables is not installed (apt-get install iptables); "
-                    "install it, or turn the firewall off (--no-container-firewall) and keep containers "
-                    "away from the control plane yourself (deploy/README.md, 'Isolation')"
+                    "iptables is not installed (apt-get install iptables): the agent needs it for its container "
+                    "firewall (or turn that off with --no-container-firewall and keep containers away from the "
+                    "control plane yourself: deploy/README.md, 'Isolation') and to check that dockerd keeps "
+                    "containers apart"
                 )
             self._binary = found
         return self._binary

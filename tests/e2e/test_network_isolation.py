@@ -5,8 +5,9 @@ network, open TCP connections (busybox nc) and the test looks at what came of ea
 All of it runs in network, PID and mount namespaces of its own (tests/support/network_scenario.py,
 through tests/support/netns.run_isolated): the host's firewall is never touched (the test compares
 it before and after), and every process the scenario started ends with its PID namespace, even
-when it fails or runs out of time (then unshare is killed; the test also kills whatever names the
-scenario's directory on its command line, and expects to find nothing).
+when it fails or runs out of time (then unshare is killed). The test then kills whatever names the
+scenario's directory on its command line and removes its containers' cgroups, and expects to find
+nothing left of either.
 
 What a container of allocation A tries, with the agent's firewall off (the control: what would be
 reachable) and on:
@@ -65,7 +66,7 @@ def host_rules() -> str:
     return "\n".join(listings)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # the scenario runs once for the module (about 30 s)
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     problem = netns.check_prerequisites()
     if problem is None:
@@ -111,11 +112,13 @@ def probes(step: dict[str, Any]) -> dict[str, str]:
     return dict(step["probes"])
 
 
+@pytest.mark.slow
 def test_nothing_is_left_running_and_the_hosts_firewall_is_untouched(result: dict[str, Any]) -> None:
     assert result["survivors"] == [] and result["cgroups_left"] == []
     assert result["host_rules_unchanged"]
 
 
+@pytest.mark.slow
 def test_a_container_cannot_reach_another_allocations_container(result: dict[str, Any]) -> None:
     # The control: on a network with icc on, the same probe connects.
     control = result["icc_on_control"]
@@ -126,6 +129,7 @@ def test_a_container_cannot_reach_another_allocations_container(result: dict[str
     assert result["peer_still_running"]  # B's listener was there all along
 
 
+@pytest.mark.slow
 def test_without_the_agents_firewall_containers_reach_the_host_and_the_control_plane(result: dict[str, Any]) -> None:
     """The control for the next test: every probe it expects to be dropped connects here."""
     seen = probes(result["firewall_off"])
@@ -138,6 +142,7 @@ def test_without_the_agents_firewall_containers_reach_the_host_and_the_control_p
     assert not [line for line in result["listing_firewall_off"] if "GPULEASE" in line]
 
 
+@pytest.mark.slow
 def test_with_the_agents_firewall_containers_reach_neither_the_host_nor_the_control_plane(
     result: dict[str, Any],
 ) -> None:
@@ -154,6 +159,7 @@ def expected_listing() -> list[str]:
     return build_rules(AGENT_BRIDGE, [scenario.COORDINATOR_IP, scenario.DENIED_IP]).listing()
 
 
+@pytest.mark.slow
 def test_the_agents_rules_are_installed_once_and_survive_a_restart(result: dict[str, Any]) -> None:
     want = expected_listing()
     assert want[2:5] == [
@@ -177,6 +183,7 @@ def test_the_agents_rules_are_installed_once_and_survive_a_restart(result: dict[
         assert f"-A FORWARD -i {AGENT_BRIDGE} -o {AGENT_BRIDGE} -j DROP" in listing
 
 
+@pytest.mark.slow
 def test_rules_flushed_away_are_put_back_before_the_next_start(result: dict[str, Any]) -> None:
     assert not [line for line in result["listing_flushed"] if line.startswith("-A GPULEASE-EGRESS")]
     seen = probes(result["after_flush"])
