@@ -98,7 +98,8 @@ class AgentConfig:
     container_network: str = DEFAULT_CONTAINER_NETWORK
     # The agent's firewall around its own bridge (agent/firewall.py): containers reach neither this
     # server (its ports, the agent's included), nor the coordinator, nor the cloud metadata address,
-    # nor these IPv4 CIDRs. None: on, except on a node that simulates its GPUs (a demo or test node).
+    # nor these IPv4 CIDRs. None: on, except for a development agent (simulated GPUs, or no TLS: the
+    # tests' and `gpuctl dev`'s agents, which must leave the firewall of the machine they run on alone).
     container_firewall: bool | None = None
     container_egress_deny: tuple[str, ...] = ()
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_S
@@ -140,8 +141,10 @@ class AgentConfig:
 
     @property
     def firewall_enabled(self) -> bool:
-        """container_firewall as set; unset, on unless the node simulates its GPUs."""
-        return self.container_firewall if self.container_firewall is not None else self.simulate_gpus is None
+        """container_firewall as set; unset, on unless this is a development agent (simulated GPUs, or no TLS)."""
+        if self.container_firewall is not None:
+            return self.container_firewall
+        return self.simulate_gpus is None and self.tls_enabled
 
     @property
     def tls_enabled(self) -> bool:
@@ -247,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"on the agent's own network, install iptables rules so that containers reach neither this server "
         f"(the agent's port included), nor the coordinator, nor {METADATA_CIDR.removesuffix('/32')}, nor "
-        "--container-egress-deny (default: on, unless GPUs are simulated); off: the host's firewall does it",
+        "--container-egress-deny (default: on, but off with simulated GPUs or without TLS files); off: the "
+        "host's firewall does it",
     )
     p.add_argument(
         "--container-egress-deny",

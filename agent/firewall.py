@@ -4,8 +4,8 @@ dockerd drops traffic between two containers of a bridge made with inter-contain
 (icc=false), but only when it runs with iptables on; and a bridge routes wherever the host routes.
 So, for its own network (AGENT_NETWORK, Linux bridge AGENT_BRIDGE), the agent:
 
-- installs two chains of its own (``container_firewall``, on by default; off on a node that
-  simulates its GPUs, a demo or test node, unless set): ``GPULEASE-EGRESS``, jumped to from
+- installs two chains of its own (``container_firewall``, on by default; unless set, off for a
+  development agent: simulated GPUs, or clear text without TLS files): ``GPULEASE-EGRESS``, jumped to from
   ``DOCKER-USER`` for traffic coming in from the bridge, drops what containers send to the cloud
   metadata address, to every IPv4 address of the agent's coordinator and to the CIDRs of
   ``container_egress_deny``; ``GPULEASE-INPUT``, jumped to from ``INPUT`` for the bridge, drops
@@ -280,7 +280,7 @@ def start(cfg: AgentConfig, iptables: Iptables | None = None) -> NetworkGuard:
         if cfg.container_network != AGENT_NETWORK:
             why = f"network {cfg.container_network!r} is not the agent's own"
         elif cfg.container_firewall is None:
-            why = "the node simulates its GPUs, a demo or test node; --container-firewall turns it on"
+            why = "a development agent (simulated GPUs, or no TLS files); --container-firewall turns it on"
         else:
             why = "container_firewall is off"
         log.warning(

@@ -267,12 +267,17 @@ def config(*args: str, env: dict[str, str] | None = None) -> AgentConfig:
     return load_config(["--coordinator", "10.20.0.10:50053", "--node-id", "n1", *args], env or {})
 
 
-def test_settings_default_on_except_for_simulated_gpus() -> None:
-    assert config().firewall_enabled and config().container_egress_deny == ()
-    assert not config("--simulate-gpus", "2").firewall_enabled
-    assert config("--simulate-gpus", "2", "--container-firewall").firewall_enabled
-    assert not config("--no-container-firewall").firewall_enabled
-    assert not config(env={"GPULEASE_AGENT_CONTAINER_FIREWALL": "false"}).firewall_enabled
+TLS = ("--tls-ca", "ca.pem", "--tls-cert", "agent.pem", "--tls-key", "agent.key")  # not read by load_config
+
+
+def test_settings_default_on_except_for_a_development_agent() -> None:
+    assert config(*TLS).firewall_enabled and config(*TLS).container_egress_deny == ()
+    # Simulated GPUs, or clear text: the tests' and `gpuctl dev`'s agents, off unless asked.
+    assert not config(*TLS, "--simulate-gpus", "2").firewall_enabled
+    assert not config("--insecure").firewall_enabled
+    assert config("--insecure", "--simulate-gpus", "2", "--container-firewall").firewall_enabled
+    assert not config(*TLS, "--no-container-firewall").firewall_enabled
+    assert not config(*TLS, env={"GPULEASE_AGENT_CONTAINER_FIREWALL": "false"}).firewall_enabled
     assert config("--container-egress-deny", "10.20.0.0/24, 10.30.0.7").container_egress_deny == (
         "10.20.0.0/24",
         "10.30.0.7/32",
@@ -285,14 +290,20 @@ def test_settings_default_on_except_for_simulated_gpus() -> None:
 
 def test_start_installs_the_rules_for_the_agents_own_network_only() -> None:
     ipt = FakeIptables()
-    guard = firewall.start(config("--container-egress-deny", "10.30.0.0/16"), ipt)
+    guard = firewall.start(config(*TLS, "--container-egress-deny", "10.30.0.0/16"), ipt)
     assert guard.ruleset is not None and guard.ruleset.bridge == "gpulease0"
     assert ipt.chains[EGRESS_CHAIN] == [
         "-d 169.254.169.254/32 -j DROP",
         "-d 10.20.0.10/32 -j DROP",  # the coordinator
         "-d 10.30.0.0/16 -j DROP",
     ]
-    for args in (["--no-container-firewall"], ["--container-network", "none"], ["--container-network", "jobs"]):
+    for args in (
+        (*TLS, "--no-container-firewall"),
+        (*TLS, "--container-network", "none"),
+        (*TLS, "--container-network", "jobs"),  # an admin's network: the admin's firewall
+        (*TLS, "--simulate-gpus", "2"),  # development agents
+        ("--insecure",),
+    ):
         ipt = FakeIptables()
         assert firewall.start(config(*args), ipt).ruleset is None
         assert ipt.calls == [], args  # nothing touched
@@ -321,7 +332,7 @@ def test_the_agent_does_not_start_when_its_rules_cannot_be_installed(
     ran: list[object] = []
     monkeypatch.setattr(agent_main, "run_agent", lambda *a, **kw: ran.append(a))
     with pytest.raises(SystemExit) as e:
-        agent_main.main(["--coordinator", "10.20.0.10:50053", "--node-id", "n1", "--insecure"])
+        agent_main.main(["--coordinator", "10.20.0.10:50053", "--node-id", "n1", "--insecure", "--container-firewall"])
     assert e.value.code == 2 and not ran
     err = capsys.readouterr().err
     assert err.startswith("gpulease-agent: iptables -N GPULEASE-EGRESS failed:"), err
