@@ -116,6 +116,7 @@ def run_isolated(
     child_env = dict(os.environ if env is None else env)
     child_env[HOST_NETNS_ENV] = str(netns_inode())
     child_env["PYTHONUNBUFFERED"] = "1"
+    child_env["PATH"] = _sbin_path()  # ip, iptables, dockerd: sbin tools
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH", "")) if p)
     log_path.parent.mkdir(parents=True, exist_ok=True)
