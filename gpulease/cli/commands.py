@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gpulease.cli import views
 from gpulease.cli.config import CliConfig
@@ -89,6 +90,14 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
         # On stderr: stdout stays the answer (one line, or the JSON).
         print(f"pending (position {status.position or '?'}): {status.reason}", file=sys.stderr, flush=True)
 
+    # Only what was given: the rest keeps the library's defaults.
+    queueing: dict[str, Any] = {}
+    if wait is not None:
+        queueing.update(wait=wait, on_pending=pending)
+    if max_runtime is not None:
+        queueing["max_runtime"] = max_runtime
+    if args.priority:
+        queueing["priority"] = args.priority
     with cfg.client() as client:
         alloc = client.allocate(
             gpus=args.gpus,
@@ -100,10 +109,7 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
             ttl=ttl,
             owner=args.owner,
             request_id=args.request_id,
-            wait=wait,
-            max_runtime=max_runtime,
-            priority=args.priority,
-            on_pending=pending,
+            **queueing,
         )
     if args.json:
         print_json(views.allocation_json(alloc))
