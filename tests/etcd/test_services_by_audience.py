@@ -12,7 +12,7 @@ from tests.support.harness import rpc_error
 
 AUDIENCES = {
     "CoordinatorService": {
-        "Allocate", "Release", "KeepAlive", "GetAllocation", "ListAllocations", "ListNodes", "GetClusterSummary",
+        "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations", "ListNodes", "GetClusterSummary",
         "RunContainer", "WaitContainer", "StreamLogs", "StopContainer", "ListContainers", "WhoAmI",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
