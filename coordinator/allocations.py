@@ -226,7 +226,7 @@ class AllocationService:
                 if existing:
                     return existing, True
                 raise
-        return await self._commit(prep, excluded, queued=False)
+        return await self._commit(prep.pending(int(time.time() * 1000)), excluded, queued=False)
 
     def _admissible(self, prep: Prepared) -> frozenset[str]:
         """Nodes it must stay off (reserved for pending requests ahead of it); raises when it cannot
@@ -238,36 +238,33 @@ class AllocationService:
                 self._place(prep.req, snapshot)  # Unsatisfiable first: such a request never waits
             raise InsufficientResources(f"{decision.reason} (requests are pending; wait in the queue with "
                                         "wait_seconds / gpuctl allocate --wait)")  # fmt: skip
-        excluded = decision.excluded if decision is not None else frozenset()
-        if not excluded:
+        if decision is None:  # nothing pending: placement alone decides (the plan already placed it)
             self._place(prep.req, snapshot)
-        return excluded
+            return frozenset()
+        return decision.excluded
 
     async def admit(self, pending: PendingRequest, excluded: frozenset[str]) -> tuple[Allocation, bool]:
         """Admit a pending request the queue chose: the same transaction as allocate(), which also
         compares that it is still pending and removes it from the queue."""
-        prep = Prepared(pending.id, pending.req, pending.ttl_s, pending.owner, pending.request_id, pending.shape,
-                        pending.principal, pending.tenant, pending.priority, pending.priority_class,
-                        pending.max_runtime_s)  # fmt: skip
-        return await self._commit(prep, excluded, queued=True)
+        return await self._commit(pending, excluded, queued=True)
 
-    async def _commit(self, prep: Prepared, excluded: frozenset[str], queued: bool) -> tuple[Allocation, bool]:
-        lease, granted_at = await self._leases.take(prep.ttl)
+    async def _commit(self, p: PendingRequest, excluded: frozenset[str], queued: bool) -> tuple[Allocation, bool]:
+        lease, granted_at = await self._leases.take(p.ttl_s)
         draft = Allocation(
-            id=prep.id, node="", gpus=(), cpus=prep.req.cpus, memory_bytes=prep.req.memory_bytes, ttl_seconds=prep.ttl,
-            lease_id=lease, revision=0, owner=prep.owner, request_id=prep.request_id,
-            created_unix_ms=int(time.time() * 1000), principal=prep.principal, tenant=prep.tenant, shape=prep.shape,
-            max_runtime_s=prep.max_runtime_s,
+            id=p.id, node="", gpus=(), cpus=p.req.cpus, memory_bytes=p.req.memory_bytes, ttl_seconds=p.ttl_s,
+            lease_id=lease, revision=0, owner=p.owner, request_id=p.request_id,
+            created_unix_ms=int(time.time() * 1000), principal=p.principal, tenant=p.tenant, shape=p.shape,
+            max_runtime_s=p.max_runtime_s,
         )  # fmt: skip
-        fut = self._batcher.submit(prep.req, draft, excluded, queued)
+        fut = self._batcher.submit(p.req, draft, excluded, queued)
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
         # A cancelled client must not revoke a lease its batch is committing (that would fail the
         # whole batch), so the decision waits for the batch's answer.
         fut.add_done_callback(functools.partial(self._settle_lease, draft))
         alloc, reused = await asyncio.shield(fut)
         if reused:
-            _same_shape(alloc, prep.shape)
-        if alloc.id == prep.id:
+            _same_shape(alloc, p.shape)
+        if alloc.id == p.id:
             await self._full_ttl(alloc, granted_at)
             # Read your writes: a ListNodes or GetClusterSummary sent to this replica after the
             # answer shows the allocation (the batcher waits for the same event before its next round).
