@@ -111,10 +111,10 @@ def test_a_request_that_can_never_fit_is_refused_at_once(
 ) -> None:
     c = one_node(start_coordinator)
     with Client(c.address, timeout=5) as client:
-        started = time.monotonic()
+        # Unsatisfiable is the at-once answer: a queued request would end, after its wait, as
+        # InsufficientResources.
         with pytest.raises(Unsatisfiable, match="can ever fit 3 GPUs"):
             client.allocate(gpus=3, cpus=1, memory="1MiB", wait="60s")
-        assert time.monotonic() - started < 5
         assert pending_ids(client) == []
 
 
@@ -132,9 +132,8 @@ def test_a_client_that_dies_leaves_the_queue_within_its_ttl(
             wait_for(lambda: pending_ids(client) == ["leaver"], "the request pending")
         finally:
             proc.kill()  # SIGKILL: no goodbye; only the waiting lease's expiry removes the request
-        gone_at = time.monotonic()
+        # Gone within its waiting lease (and a poll's slack): the bound is the wait itself.
         wait_for(lambda: pending_ids(client) == [], "the request to leave the queue", timeout=QUEUE_TTL + 5)
-        assert time.monotonic() - gone_at <= QUEUE_TTL + 5
         # And it never gets GPUs: releasing the holder frees both, nobody takes them.
         holder.release()
         time.sleep(1)
