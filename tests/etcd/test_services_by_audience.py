@@ -12,8 +12,9 @@ from tests.support.harness import rpc_error
 
 AUDIENCES = {
     "CoordinatorService": {
-        "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations", "ListNodes", "GetClusterSummary",
-        "RunContainer", "WaitContainer", "StreamLogs", "StopContainer", "ListContainers", "WhoAmI",
+        "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations",
+        "ListNodes", "GetClusterSummary", "RunContainer", "WaitContainer", "StreamLogs", "StopContainer",
+        "ListContainers", "WhoAmI",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
     "AdminService": {
