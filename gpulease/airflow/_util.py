@@ -10,13 +10,17 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpulease import errors
 from gpulease.client.config import ClientConfig, TLSConfig
+from gpulease.client.models import PendingInfo
 from gpulease.common.settings import CLIENT_CALL_TIMEOUT_S
-from gpulease.errors import InvalidRequest
+from gpulease.common.units import parse_duration
+from gpulease.errors import GpuLeaseError, InvalidRequest
 
 DEFAULT_PORT = 50051
 DEFAULT_TIMEOUT_S = CLIENT_CALL_TIMEOUT_S  # gpulease.common.settings: one value for every client
@@ -236,3 +240,46 @@ class LineSplitter:
         out = [(stream, rest.decode(errors="replace").rstrip("\r")) for stream, rest in self._partial.items()]
         self._partial.clear()
         return out
+
+
+# --- waiting in the coordinator's queue --------------------------------------------------------
+
+
+def wait_seconds(wait: int | str | None) -> int:
+    """``wait=`` of an operator in whole seconds (0: no waiting); a duration's text or seconds."""
+    if wait is None or wait == "":
+        return 0
+    seconds = parse_duration(wait) if isinstance(wait, str) else int(wait)
+    if seconds <= 0:
+        raise InvalidRequest(f"wait={wait!r} must be positive (leave it out not to wait)")
+    return seconds
+
+
+def describe_pending(status: PendingInfo) -> str:
+    """One task-log line for a pending status: position, reason and the estimated start."""
+    pool = status.pool or "any GPU model"
+    place = f"position {status.position}" if status.position else "not placed yet"
+    text = f"request {status.request_id} pending ({place} in pool {pool}): {status.reason}"
+    if status.estimated_start_unix_ms:
+        start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.estimated_start_unix_ms / 1000))
+        text += f"; estimated start {start}"
+    return text
+
+
+def error_event(exc: BaseException, last_reason: str = "") -> dict[str, Any]:
+    """A trigger event's payload for a failed wait: the error's class name and message, with the
+    coordinator's last pending reason when the message does not already say it."""
+    message = exc.message if isinstance(exc, GpuLeaseError) else str(exc)
+    if last_reason and last_reason not in message:
+        message = f"{message} (last pending reason: {last_reason})"
+    return {"status": "error", "error": type(exc).__name__, "message": message}
+
+
+def error_of(event: Mapping[str, Any]) -> Exception:
+    """The exception a task raises for a failed-wait event: the gpulease error class it names
+    (InsufficientResources for a wait that ran out), or a GpuLeaseError."""
+    name = str(event.get("error") or "")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, GpuLeaseError)):
+        cls = GpuLeaseError
+    return cls(f"waiting in the queue failed: {event.get('message') or 'no reason given'}")

@@ -2,19 +2,33 @@
 
 The classic DAG shape is `allocate >> train >> release` with `release.as_teardown(setups=allocate)`:
 the teardown runs whatever happens to train, and a failed train still fails the run.
+
+With `wait=` the allocating operators wait in the coordinator's queue when nothing fits now: in
+the worker, or, with `deferrable=True`, in the triggerer (GpuAllocationTrigger).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from gpulease.airflow._util import ConnectionSettings, LineSplitter, allocation_id_of, owner_for, request_id_for
+from gpulease.airflow._util import (
+    ConnectionSettings,
+    LineSplitter,
+    allocation_id_of,
+    describe_pending,
+    error_of,
+    owner_for,
+    request_id_for,
+    wait_seconds,
+)
 from gpulease.airflow.hooks import GpuLeaseHook
-from gpulease.client import Allocation, Client, Container, ContainerHandle, LogChunk
-from gpulease.errors import GpuLeaseError
+from gpulease.client import Allocation, Client, Container, ContainerHandle, LogChunk, PendingInfo
+from gpulease.errors import GpuLeaseError, InsufficientResources
 
 __all__ = [
     "DEFAULT_SETUP_TTL",
@@ -52,15 +66,67 @@ def _release_quietly(client: Client, allocation_id: str, log: Any) -> None:
     log.info("released %s" if released else "%s had already ended (released or expired)", allocation_id)
 
 
-class GpuAllocateOperator(BaseOperator):
+# A deferred wait's deadline in Airflow (the defer timeout) lies this long after the wait's own:
+# only a trigger that hangs meets it; the trigger reports a wait that ran out itself.
+DEFER_GRACE_S = 300
+
+
+class _Waits:
+    """What the allocating operators share about waiting in the coordinator's queue."""
+
+    gpulease_conn_id: str
+    wait: int | str | None
+    log: Any
+
+    def _log_pending(self, status: PendingInfo) -> None:
+        self.log.info("%s", describe_pending(status))
+
+    def _allocate(self, client: Client, request: dict[str, Any], *, deferrable: bool) -> Allocation | None:
+        """Allocate with ``request`` (allocate's arguments). Without a wait: now or fail. With one:
+        wait in the queue here, or, when deferrable, allocate if it fits now and otherwise return
+        None (the caller defers: ``_defer_wait``)."""
+        if not wait_seconds(self.wait):
+            return client.allocate(**request)
+        if not deferrable:
+            self.log.info("waiting up to %s in the queue for request %s", self.wait, request["request_id"])
+            return client.allocate(**request, wait=self.wait, on_pending=self._log_pending)
+        try:
+            return client.allocate(**request)
+        except InsufficientResources as exc:
+            self.log.info("nothing fits now (%s)", exc.message)
+            return None
+
+    def _wait_trigger(self, request: dict[str, Any]) -> dict[str, Any]:
+        """defer()'s trigger and timeout for a wait in the triggerer (the caller adds method_name)."""
+        from gpulease.airflow.triggers import GpuAllocationTrigger
+
+        seconds = wait_seconds(self.wait)
+        self.log.info("deferring: request %s waits up to %s in the queue, in the triggerer",
+                      request["request_id"], self.wait)  # fmt: skip
+        trigger = GpuAllocationTrigger(
+            gpulease_conn_id=self.gpulease_conn_id, request=request, wait_until=time.time() + seconds
+        )
+        return {"trigger": trigger, "timeout": timedelta(seconds=seconds + DEFER_GRACE_S)}
+
+
+class GpuAllocateOperator(_Waits, BaseOperator):
     """Allocate GPUs; the XCom is the allocation as a dict. Meant as a setup task.
 
     The request id comes from dag_id / run_id / task_id / map_index, so a retry of this task gets
     back the allocation an earlier try made (its lease renewed) rather than a second one. If the
     task fails after allocating, before its XCom is stored, it releases what it took.
+
+    ``wait`` (e.g. "30m"): when nothing fits now, wait in the coordinator's queue up to that long
+    (each pending status, with its position and reason, goes to the task log); a wait that runs
+    out fails the task with InsufficientResources naming the last reason. ``max_runtime``: the
+    allocation is not renewed past it (and may start sooner: see docs/scheduling.md).
+    ``priority``: a priority class of the coordinator. With ``deferrable=True`` the wait happens
+    in the triggerer (GpuAllocationTrigger), with the same request id: a triggerer that restarts
+    takes the same pending request over. The admitted allocation is handed on as without waiting:
+    on its own lease of ``ttl``, renewed once when the task resumes.
     """
 
-    template_fields: Sequence[str] = ("owner_name", "gpu_model", "node_selector")
+    template_fields: Sequence[str] = ("owner_name", "gpu_model", "node_selector", "wait", "max_runtime", "priority")
     ui_color = "#e6f0ff"
 
     def __init__(
@@ -74,6 +140,10 @@ class GpuAllocateOperator(BaseOperator):
         node_selector: dict[str, str] | None = None,
         ttl: int | str = DEFAULT_SETUP_TTL,
         owner_name: str = "",
+        wait: int | str | None = None,
+        max_runtime: int | str | None = None,
+        priority: str = "",
+        deferrable: bool = False,
         gpulease_conn_id: str = GpuLeaseHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
@@ -81,36 +151,53 @@ class GpuAllocateOperator(BaseOperator):
         self.gpus, self.cpus, self.memory, self.gpu_model = gpus, cpus, memory, gpu_model
         self.min_gpu_memory, self.node_selector, self.ttl = min_gpu_memory, node_selector, ttl
         self.owner_name = owner_name
+        self.wait, self.max_runtime, self.priority, self.deferrable = wait, max_runtime, priority, deferrable
         self.gpulease_conn_id = gpulease_conn_id
+
+    def _request(self, context: Any) -> dict[str, Any]:
+        """allocate's arguments (plain data: a trigger carries them)."""
+        return {
+            "gpus": self.gpus, "cpus": self.cpus, "memory": self.memory, "gpu_model": self.gpu_model,
+            "min_gpu_memory": self.min_gpu_memory, "node_selector": self.node_selector, "ttl": self.ttl,
+            "owner": self.owner_name or owner_for(context), "request_id": request_id_for(context),
+            "max_runtime": self.max_runtime or None, "priority": self.priority or "",
+        }  # fmt: skip
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         with GpuLeaseHook(self.gpulease_conn_id).get_conn() as client:
-            alloc = client.allocate(
-                gpus=self.gpus,
-                cpus=self.cpus,
-                memory=self.memory,
-                gpu_model=self.gpu_model,
-                min_gpu_memory=self.min_gpu_memory,
-                node_selector=self.node_selector,
-                ttl=self.ttl,
-                owner=self.owner_name or owner_for(context),
-                request_id=request_id_for(context),
-            )
-            try:
-                if (ti.try_number or 1) > 1:
-                    # Possibly the allocation of an earlier try: give it a whole TTL again.
-                    client.keep_alive(alloc.id)
-                self.log.info(
-                    "allocated %s on %s: GPUs %s (%d CPUs, %d bytes), revision %d, ttl %ss",
-                    alloc.id, alloc.node, list(alloc.gpu_indexes), alloc.cpus, alloc.memory_bytes,
-                    alloc.revision, alloc.ttl_seconds,
-                )  # fmt: skip
-                return alloc.to_dict()
-            except BaseException:
-                # Nothing downstream will ever learn this id: give the GPUs back now.
-                _release_quietly(client, alloc.id, self.log)
-                raise
+            request = self._request(context)
+            alloc = self._allocate(client, request, deferrable=self.deferrable)
+            if alloc is None:
+                self.defer(**self._wait_trigger(request), method_name="execute_complete")
+            # Possibly the allocation of an earlier try: give it a whole TTL again.
+            return self._hand_on(client, alloc.to_dict(), renew=(ti.try_number or 1) > 1)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumed from GpuAllocationTrigger: the allocation it was admitted to, or the wait's failure."""
+        if event.get("status") != "success":
+            raise error_of(event)
+        info: dict[str, Any] = event["allocation"]
+        self.log.info("resumed: request %s was admitted from the queue", info.get("request_id"))
+        with GpuLeaseHook(self.gpulease_conn_id).get_conn() as client:
+            # Admitted a while ago (the task waited for a worker since): a whole TTL from now.
+            return self._hand_on(client, info, renew=True)
+
+    def _hand_on(self, client: Client, info: dict[str, Any], *, renew: bool) -> dict[str, Any]:
+        """The XCom: the allocation as a dict, on its own lease of ttl (renewed first if ``renew``)."""
+        try:
+            if renew:
+                client.keep_alive(info["id"])
+            self.log.info(
+                "allocated %s on %s: GPUs %s (%d CPUs, %d bytes), revision %d, ttl %ss",
+                info["id"], info["node"], [g["index"] for g in info["gpus"]], info["cpus"], info["memory_bytes"],
+                info["revision"], info["ttl_seconds"],
+            )  # fmt: skip
+            return info
+        except BaseException:
+            # Nothing downstream will ever learn this id: give the GPUs back now.
+            _release_quietly(client, info["id"], self.log)
+            raise
 
 
 class GpuReleaseOperator(BaseOperator):
@@ -141,7 +228,7 @@ class GpuReleaseOperator(BaseOperator):
         return released
 
 
-class GpuContainerOperator(BaseOperator):
+class GpuContainerOperator(_Waits, BaseOperator):
     """Run a container on an allocation's GPUs, streaming its logs into the task log.
 
     Give it `allocation=` (the allocate task's output, a template, or an id) to use an existing
@@ -149,6 +236,12 @@ class GpuContainerOperator(BaseOperator):
     The lease is kept alive while the container runs. With deferrable=True the wait happens in the
     triggerer (GpuContainerTrigger), not in a worker slot; the logs come into the task log at the end.
     The XCom is the exit code (0).
+
+    With `gpus=`, `wait=`, `max_runtime=` and `priority=` are GpuAllocateOperator's: with
+    deferrable=True the wait in the queue happens in the triggerer too (GpuAllocationTrigger);
+    the task resumes once admitted, keeps the lease alive from then on and runs the container.
+    Between the admission and that resumption the allocation lives on its TTL alone: give it a
+    `ttl` that covers the time a resumed task may wait for a worker slot.
     """
 
     template_fields: Sequence[str] = ("image", "command", "env", "allocation")
@@ -166,6 +259,9 @@ class GpuContainerOperator(BaseOperator):
         memory: int | str | None = None,
         gpu_model: str = "",
         ttl: int | str = DEFAULT_TASK_TTL,
+        wait: int | str | None = None,
+        max_runtime: int | str | None = None,
+        priority: str = "",
         volumes: Sequence[str] = (),
         shm_size: int | str | None = None,
         stop_grace: int = 30,
@@ -179,6 +275,9 @@ class GpuContainerOperator(BaseOperator):
             raise ValueError("GpuContainerOperator needs exactly one of allocation= or gpus=")
         self.image, self.command, self.env, self.allocation = image, command, env or {}, allocation
         self.gpus, self.cpus, self.memory, self.gpu_model, self.ttl = gpus, cpus, memory, gpu_model, ttl
+        if allocation is not None and (wait is not None or max_runtime is not None or priority):
+            raise ValueError("wait=, max_runtime= and priority= are for an allocation made with gpus=")
+        self.wait, self.max_runtime, self.priority = wait, max_runtime, priority
         self.volumes, self.shm_size, self.stop_grace = list(volumes), shm_size, stop_grace
         self.deferrable, self.poll_interval = deferrable, poll_interval
         self.gpulease_conn_id = gpulease_conn_id
@@ -195,46 +294,73 @@ class GpuContainerOperator(BaseOperator):
         self._settings = hook.settings()
         with hook.client_for(self._settings) as client:
             alloc = self._allocation(client, context)
-            deferring = False
+            return self._run(client, alloc, context)
+
+    def execute_admitted(self, context: Any, event: dict[str, Any]) -> int:
+        """Resumed from GpuAllocationTrigger: run the container on the allocation it was admitted to."""
+        if event.get("status") != "success":
+            raise error_of(event)
+        alloc_id = str(event["allocation"]["id"])
+        hook = GpuLeaseHook(self.gpulease_conn_id)
+        self._settings = hook.settings()
+        with hook.client_for(self._settings) as client:
+            self._owned = alloc_id
             try:
-                if self._owned and (context["ti"].try_number or 1) > 1:
-                    self._stop_leftovers(client, alloc.id)
-                with alloc.keepalive(alloc.ttl_seconds):
-                    job = alloc.run_container(
-                        self.image, self._command(), env=self.env, volumes=self.volumes, shm_size=self.shm_size
-                    )
-                    self._running = (alloc.id, job.id)
-                    self.log.info(
-                        "container %s running on %s, GPUs %s",
-                        job.id[:12],
-                        job.status.node,
-                        list(job.status.gpu_indexes),
-                    )
-                    try:
-                        if self.deferrable:
-                            deferring = True
-                            self._defer(alloc, job.id)
-                        status = self._follow(job)
-                    except BaseException:
-                        # Timed out, interrupted, or the wait failed: the container must not run on
-                        # unattended (a retry would start another). Not when handing it to the trigger.
-                        if not deferring:
-                            self._stop_quietly(client, alloc.id, job.id)
-                        raise
-                return self._finish(status)
-            finally:
-                self._running = None
-                if self._owned and not deferring:
-                    _release_quietly(client, self._owned, self.log)
-                    self._owned = None
+                alloc = client.get_allocation(alloc_id)
+            except BaseException:
+                _release_quietly(client, alloc_id, self.log)
+                self._owned = None
+                raise
+            self.log.info("resumed: admitted from the queue, allocated %s on %s: GPUs %s",
+                          alloc.id, alloc.node, list(alloc.gpu_indexes))  # fmt: skip
+            return self._run(client, alloc, context)
+
+    def _run(self, client: Client, alloc: Allocation, context: Any) -> int:
+        """Run the container on alloc, keeping its lease alive; release it if this task made it."""
+        deferring = False
+        try:
+            if self._owned and (context["ti"].try_number or 1) > 1:
+                self._stop_leftovers(client, alloc.id)
+            with alloc.keepalive(alloc.ttl_seconds):
+                job = alloc.run_container(
+                    self.image, self._command(), env=self.env, volumes=self.volumes, shm_size=self.shm_size
+                )
+                self._running = (alloc.id, job.id)
+                self.log.info(
+                    "container %s running on %s, GPUs %s",
+                    job.id[:12],
+                    job.status.node,
+                    list(job.status.gpu_indexes),
+                )
+                try:
+                    if self.deferrable:
+                        deferring = True
+                        self._defer(alloc, job.id)
+                    status = self._follow(job)
+                except BaseException:
+                    # Timed out, interrupted, or the wait failed: the container must not run on
+                    # unattended (a retry would start another). Not when handing it to the trigger.
+                    if not deferring:
+                        self._stop_quietly(client, alloc.id, job.id)
+                    raise
+            return self._finish(status)
+        finally:
+            self._running = None
+            if self._owned and not deferring:
+                _release_quietly(client, self._owned, self.log)
+                self._owned = None
 
     def _allocation(self, client: Client, context: Any) -> Allocation:
         if self.allocation is not None:
             return client.get_allocation(allocation_id_of(self.allocation))
-        alloc = client.allocate(
-            gpus=self.gpus or 0, cpus=self.cpus, memory=self.memory, gpu_model=self.gpu_model, ttl=self.ttl,
-            owner=owner_for(context), request_id=request_id_for(context, "container"),
-        )  # fmt: skip
+        request = {
+            "gpus": self.gpus or 0, "cpus": self.cpus, "memory": self.memory, "gpu_model": self.gpu_model,
+            "ttl": self.ttl, "owner": owner_for(context), "request_id": request_id_for(context, "container"),
+            "max_runtime": self.max_runtime or None, "priority": self.priority or "",
+        }  # fmt: skip
+        alloc = self._allocate(client, request, deferrable=self.deferrable)
+        if alloc is None:
+            self.defer(**self._wait_trigger(request), method_name="execute_admitted")
         self._owned = alloc.id
         self.log.info("allocated %s on %s: GPUs %s", alloc.id, alloc.node, list(alloc.gpu_indexes))
         return alloc
