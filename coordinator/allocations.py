@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
-from gpulease.coordinator import authz, validation
+from gpulease.coordinator import authz, priority_classes, validation
 from gpulease.coordinator.audit import entry_put
-from gpulease.coordinator.batch_placement import place_one
+from gpulease.coordinator.batch_placement import TenantTally, place_one
 from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
 from gpulease.coordinator.committer import Committer
 from gpulease.coordinator.domain import (
@@ -32,11 +32,13 @@ from gpulease.coordinator.domain import (
     ResourceRequest,
     Snapshot,
     request_shape,
+    request_usage,
     scoped_request_id,
 )
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
 from gpulease.coordinator.queue_plan import Decision, Wait
+from gpulease.coordinator.quota import never_fits
 from gpulease.coordinator.records import decode_alloc
 from gpulease.coordinator.settle import Settler
 from gpulease.coordinator.store import Cmp, Delete, Get, Op, Store, StoreUnavailable
@@ -46,7 +48,8 @@ from gpulease.errors import (
     AlreadyExists,
     Conflict,
     InsufficientResources,
-    InvalidRequest,
+    LifetimeReached,
+    QuotaExceeded,
     RuntimeLimitReached,
     Unavailable,
     Unsatisfiable,
@@ -91,13 +94,14 @@ class Prepared:
     priority: int
     priority_class: str
     max_runtime_s: int
+    preemptible: bool = False
 
     def pending(self, created_ms: int, wait_until_ms: int = 0, lease_id: int = 0) -> PendingRequest:
         return PendingRequest(
             id=self.id, request_id=self.request_id, req=self.req, ttl_s=self.ttl, principal=self.principal,
             tenant=self.tenant, owner=self.owner, shape=self.shape, priority=self.priority,
             priority_class=self.priority_class, created_ms=created_ms, wait_until_ms=wait_until_ms,
-            max_runtime_s=self.max_runtime_s, lease_id=lease_id,
+            max_runtime_s=self.max_runtime_s, lease_id=lease_id, preemptible=self.preemptible,
         )  # fmt: skip
 
 
@@ -122,6 +126,7 @@ class AllocateInput:
     tenant: str = LOCAL_ADMIN.tenant
     max_runtime_s: int = 0
     priority_class: str = ""
+    preemptible: bool = False
 
 
 def new_allocation_id() -> str:
@@ -189,18 +194,26 @@ class AllocationService:
         )
         ttl = validation.ttl(inp.ttl_seconds, self._policy.default_ttl)
         max_runtime = validation.max_runtime(inp.max_runtime_s)
-        klass = inp.priority_class or self._policy.default_class
-        if klass not in self._policy.priority_classes:
-            known = ", ".join(f"{k} ({v})" for k, v in sorted(self._policy.priority_classes.items()))
-            raise InvalidRequest(f"priority class {klass[:64]!r} is not defined; the classes are: {known}")
+        klass = self.classes().resolve(inp.priority_class)
+        quota, _ = self._view.quota_book().quota_for(inp.tenant)
+        never = never_fits(inp.tenant, quota, request_usage(req))
+        if never is not None:
+            raise Unsatisfiable(f"{never}: more than the quota allows even with nothing held; an admin can raise "
+                                "it (gpuctl quota set)")  # fmt: skip
         alloc_id = new_allocation_id()
         # Request ids belong to their caller: the same id from another principal is another request.
         request_id = scoped_request_id(
             inp.principal, validation.request_id(inp.request_id) if inp.request_id else alloc_id
         )
         shape = request_shape(req, ttl) + (f";max_runtime={max_runtime}" if max_runtime else "")
+        shape += ";preemptible" if inp.preemptible else ""
         return Prepared(alloc_id, req, ttl, validation.owner(inp.owner), request_id, shape, inp.principal,
-                        inp.tenant, self._policy.priority_classes[klass], klass, max_runtime)  # fmt: skip
+                        inp.tenant, klass.value, klass.name, max_runtime, inp.preemptible)  # fmt: skip
+
+    def classes(self) -> priority_classes.Classes:
+        """The priority classes in force: configured, then those stored in etcd over them."""
+        return priority_classes.merged(self._policy.priority_classes, self._policy.default_class,
+                                       self._view.table("priorities"))  # fmt: skip
 
     async def existing(self, request_id: str, shape: str) -> Allocation | None:
         """The live allocation of a request id, claimed for this caller (None: there is none)."""
@@ -239,6 +252,11 @@ class AllocationService:
             raise InsufficientResources(f"{decision.reason} (requests are pending; wait in the queue with "
                                         "wait_seconds / gpuctl allocate --wait)")  # fmt: skip
         if decision is None:  # nothing pending: placement alone decides (the plan already placed it)
+            tally = TenantTally(snapshot)
+            over = tally.before(prep.tenant, prep.req)
+            if over is not None:
+                raise QuotaExceeded(f"{over}; wait in the queue (wait_seconds / gpuctl allocate --wait) to be admitted "
+                                    "when the tenant's allocations free it")  # fmt: skip
             self._place(prep.req, snapshot)
             return frozenset()
         return decision.excluded
@@ -254,7 +272,8 @@ class AllocationService:
             id=p.id, node="", gpus=(), cpus=p.req.cpus, memory_bytes=p.req.memory_bytes, ttl_seconds=p.ttl_s,
             lease_id=lease, revision=0, owner=p.owner, request_id=p.request_id,
             created_unix_ms=int(time.time() * 1000), principal=p.principal, tenant=p.tenant, shape=p.shape,
-            max_runtime_s=p.max_runtime_s,
+            max_runtime_s=p.max_runtime_s, priority=p.priority, priority_class=p.priority_class,
+            preemptible=p.preemptible,
         )  # fmt: skip
         fut = self._batcher.submit(p.req, draft, excluded, queued)
         # Whatever happens to this call, the lease is revoked unless it carries the allocation.
@@ -352,10 +371,8 @@ class AllocationService:
     def _delete_ops(self, alloc: Allocation) -> builtins.list[Op]:
         # The audit entry's put comes first: a watcher sees it before the deletes (same revision).
         k = self._keys
-        ops: builtins.list[Op] = [Delete(k.alloc(alloc.id)), Delete(k.res(alloc.node, alloc.id))]
-        ops += [Delete(k.gpu(alloc.node, g.uuid)) for g in alloc.gpus]
-        ops += [Delete(k.req(alloc.request_id)), Delete(k.claimed(alloc.id))]
-        return ops
+        held = k.of_allocation(alloc.node, alloc.id, alloc.request_id, alloc.tenant, [g.uuid for g in alloc.gpus])
+        return [*(Delete(key) for key in held), Delete(k.claimed(alloc.id))]
 
     async def keep_alive(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
         validation.allocation_id(alloc_id)
@@ -367,6 +384,13 @@ class AllocationService:
             raise RuntimeLimitReached(
                 f"allocation {alloc_id} has run for its declared max runtime of {alloc.max_runtime_s}s: its lease "
                 f"is no longer renewed and it ends within {alloc.ttl_seconds}s (its TTL)"
+            )
+        quota, _ = self._view.quota_book().quota_for(alloc.tenant)
+        lifetime = quota.max_lifetime_s if quota is not None else 0
+        if lifetime and time.time() * 1000 >= alloc.created_unix_ms + lifetime * 1000:
+            raise LifetimeReached(
+                f"allocation {alloc_id} has reached tenant {alloc.tenant}'s maximum allocation lifetime of "
+                f"{lifetime}s: its lease is no longer renewed and it ends within {alloc.ttl_seconds}s (its TTL)"
             )
         ttl = await self._store.keepalive_once(alloc.lease_id)
         if ttl <= 0:

@@ -45,6 +45,8 @@ RULES: dict[str, Rule] = {
     _C + "ListNodes": Rule.READ,
     _C + "GetClusterSummary": Rule.READ,
     _C + "WhoAmI": Rule.READ,
+    _C + "ListQuotas": Rule.READ,
+    _C + "ListPriorityClasses": Rule.READ,
     _C + "RunContainer": Rule.OWNER,
     _C + "WaitContainer": Rule.OWNER,
     _C + "StreamLogs": Rule.OWNER,
@@ -61,6 +63,10 @@ RULES: dict[str, Rule] = {
     _A + "ListTokens": Rule.ADMIN,
     _A + "RevokeToken": Rule.ADMIN,
     _A + "ReadAudit": Rule.ADMIN,
+    _A + "SetQuota": Rule.ADMIN,
+    _A + "DeleteQuota": Rule.ADMIN,
+    _A + "SetPriorityClass": Rule.ADMIN,
+    _A + "DeletePriorityClass": Rule.ADMIN,
 }
 
 _ROLES = {
@@ -112,6 +118,15 @@ def check_owner(who: Principal, owner: str, what: str) -> None:
     if who.is_admin() or (owner and owner == who.id):
         return
     raise PermissionDenied(f"rule 'owner': {what} belongs to {owner or 'nobody recorded'}, not to {who}")
+
+
+def check_tenant(who: Principal, tenant: str) -> str:
+    """The tenant a request counts against: the caller's own, or another one named by an admin
+    (with auth off every caller is the local admin, so a dev cluster may name any tenant)."""
+    if not tenant or tenant == who.tenant or who.is_admin():
+        return tenant or who.tenant
+    raise PermissionDenied(f"rule 'tenant': {who} belongs to tenant {who.tenant!r} and may not count a request "
+                           f"against tenant {tenant!r} (only admins may)")  # fmt: skip
 
 
 def check_node(who: Principal, node: str) -> None:

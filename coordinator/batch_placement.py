@@ -10,10 +10,11 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
-from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot
+from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot, placed_usage, request_usage
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.placement_index import PlacementIndex, placement_on
-from gpulease.errors import InsufficientResources, Unsatisfiable
+from gpulease.coordinator.quota import NO_USAGE, Usage, over_quota
+from gpulease.errors import InsufficientResources, QuotaExceeded, Unsatisfiable
 
 PlacementError = InsufficientResources | Unsatisfiable
 
@@ -36,6 +37,38 @@ class Overlay(Mapping[str, NodeView]):
         return len(self._base) - sum(1 for k in self._hidden if k in self._base)
 
 
+class TenantTally:
+    """What requests placed so far (in a batch or a queue pass) add to each tenant's usage, and the
+    quota rule applied on top of the snapshot's usage: before placement with what is known (GPU
+    count, the named model, CPUs, memory), after it with the models of the GPUs chosen."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._added: dict[str, Usage] = {}
+
+    def _used(self, tenant: str) -> Usage:
+        return self._snapshot.quotas.usage_of(tenant).plus(self._added.get(tenant, NO_USAGE))
+
+    def before(self, tenant: str, req: ResourceRequest) -> str | None:
+        if not tenant:
+            return None
+        quota, _ = self._snapshot.quotas.quota_for(tenant)
+        return over_quota(tenant, quota, self._used(tenant), request_usage(req))
+
+    def after(self, tenant: str, p: Placement, req: ResourceRequest) -> str | None:
+        """The model check for a request that named no model; None when it may have the GPUs."""
+        if not tenant:
+            return None
+        quota, _ = self._snapshot.quotas.quota_for(tenant)
+        if quota is None or not quota.models or req.gpu_model:
+            return None
+        return over_quota(tenant, quota, self._used(tenant), placed_usage(self._snapshot, p, req))
+
+    def add(self, tenant: str, p: Placement, req: ResourceRequest) -> None:
+        if tenant:
+            self._added[tenant] = self._added.get(tenant, NO_USAGE).plus(placed_usage(self._snapshot, p, req))
+
+
 def place_one(
     snapshot: Snapshot, req: ResourceRequest, index: PlacementIndex | None, excluded: frozenset[str] = frozenset()
 ) -> Placement:
@@ -54,19 +87,28 @@ def place_batch(
     requests: Sequence[tuple[ResourceRequest, frozenset[str]]],
     index: PlacementIndex | None = None,
     avoid: Sequence[frozenset[str]] | None = None,
+    tenants: Sequence[str] | None = None,
 ) -> list[Placement | PlacementError]:
     """One result per (request, excluded nodes) pair, in order: a Placement or the error placing it.
 
     `avoid[i]`, when given, names nodes request i should stay off if any other node fits (nodes
     another replica keeps winning); unlike excluded nodes, they are used when nothing else fits.
+    `tenants[i]`, when given, is request i's tenant: a request its tenant's quota (counting the
+    batch's earlier members) does not allow fails with QuotaExceeded.
 
     With an index (the view's, in step with snapshot), the batch's own placements are applied to
     it tentatively so later members see them, and undone before returning.
     """
     changed: dict[str, NodeView] = {}
     out: list[Placement | PlacementError] = []
+    tally = TenantTally(snapshot)
     try:
         for i, (req, excluded) in enumerate(requests):
+            tenant = tenants[i] if tenants else ""
+            over = tally.before(tenant, req)
+            if over is not None:
+                out.append(QuotaExceeded(over))
+                continue
             soft = avoid[i] - excluded if avoid else frozenset()
             p: Placement | None = None
             # With an index, avoid only when it says (cheaply) that another node fits; a filtered
@@ -80,6 +122,11 @@ def place_batch(
                 except (InsufficientResources, Unsatisfiable) as exc:
                     out.append(exc)
                     continue
+            over = tally.after(tenant, p, req)
+            if over is not None:
+                out.append(QuotaExceeded(over))
+                continue
+            tally.add(tenant, p, req)
             v = changed.get(p.node) or snapshot.nodes[p.node]
             changed[p.node] = replace(
                 v,

@@ -174,7 +174,8 @@ class Batcher:
         contested = self._still_contested()
         results = place_batch(snapshot, [(p.req, p.excluded) for p in candidates],
                               self._source.index,
-                              [p.avoid | contested for p in candidates])  # fmt: skip
+                              [p.avoid | contested for p in candidates],
+                              [p.draft.tenant for p in candidates])  # fmt: skip
         chosen: list[_Pending] = []
         failed: list[tuple[_Pending, GpuLeaseError]] = []
         for p, result in zip(candidates, results, strict=True):

@@ -11,6 +11,12 @@ For each allocation in the batch, and each node it lands on, the compares are:
   alive/<node>          version > 0      the node is up
   cordoned/<node>       version == 0     the node is not cordoned
   queue/<id>            version > 0      (admitting a pending request) it is still pending
+And for each tenant of the batch:
+  quotas/<tenant>, quotas/*   mod_revision == what the snapshot saw (0: none): the quota judged is
+                        the quota in force
+  usage/<tenant>/...    mod_revision < snapshot+1 over the whole range, when a quota limits the
+                        tenant: no allocation of the tenant was added since the snapshot that
+                        judged its usage, so two replicas cannot both take its last GPUs
 Success writes, per allocation, its record, one key per GPU, its reservation and its request
 key, each on the allocation's own lease, and its audit entry (no lease: it outlives the
 allocation). Failure reads back what the compares looked at, so
@@ -26,7 +32,8 @@ from typing import Protocol
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
-from gpulease.coordinator.records import encode_alloc, encode_res
+from gpulease.coordinator.quota import DEFAULT_TENANT_KEY
+from gpulease.coordinator.records import encode_alloc, encode_res, encode_usage
 from gpulease.coordinator.store import Cmp, Delete, Get, Op, Put, Store
 
 
@@ -80,8 +87,10 @@ def txn_size(items: Sequence[Item]) -> int:
     nodes = {i.placement.node for i in items}
     gpus = sum(len(i.placement.gpu_indexes) for i in items)
     queued = sum(1 for i in items if i.queued)
-    compares = len(items) + gpus + 4 * len(nodes) + queued
-    puts = 4 * len(items) + gpus + 2 * queued
+    with_tenant = [i for i in items if i.draft.tenant]
+    tenants = len({i.draft.tenant for i in with_tenant})
+    compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0)
+    puts = 4 * len(items) + len(with_tenant) + gpus + 2 * queued
     reads = len(items) + 5 * len(nodes) + queued
     return max(compares, puts, reads)
 
@@ -106,6 +115,8 @@ class EtcdCommitter:
             success.extend(Put(k.gpu(p.node, g.uuid), a.id.encode(), lease) for g in a.gpus)
             success.append(Put(k.res(p.node, a.id), encode_res(a.cpus, a.memory_bytes), lease))
             success.append(Put(k.req(a.request_id), a.id.encode(), lease))
+            if a.tenant:
+                success.append(Put(k.usage(a.tenant, a.id), encode_usage(a.usage), lease))
             detail = f"node={a.node} gpus={len(a.gpus)} request={a.client_request_id}"
             success.append(entry_put(k, a.principal, "allocate", a.id, tenant=a.tenant, detail=detail,
                                      unique=f"{a.id}.allocate"))  # fmt: skip
@@ -124,6 +135,15 @@ class EtcdCommitter:
             gpus = k.gpus_prefix(node)
             failure += [Get(k.alive(node)), Get(k.cordoned(node)), Get(k.node(node)),
                         Get(gpus, range_end(gpus)), Get(res, range_end(res))]  # fmt: skip
+        book = snapshot.quotas
+        tenants = sorted({a.tenant for a in allocs if a.tenant})
+        if tenants:
+            compares.append(Cmp(k.quota(DEFAULT_TENANT_KEY), "mod", "==", book.revision(DEFAULT_TENANT_KEY)))
+        for tenant in tenants:
+            compares.append(Cmp(k.quota(tenant), "mod", "==", book.revision(tenant)))
+            if book.limited(tenant):
+                usage = k.usage_prefix(tenant)
+                compares.append(Cmp(usage, "mod", "<", snapshot.revision + 1, range_end(usage)))
         queued = [a.id for item, a in zip(items, allocs, strict=True) if item.queued]
         failure += [Get(k.queue(i)) for i in queued]
         out = await self._store.txn(compares, success, failure)

@@ -67,6 +67,8 @@ class CoordinatorConfig:
     strict_fifo: bool = False
     priority_classes: tuple[tuple[str, int], ...] = (("low", -100), ("default", 0), ("high", 100))
     default_priority_class: str = "default"
+    # Fair share: the half-life of the decayed GPU usage that orders tenants in the queue.
+    fair_share_half_life: int = 86400
 
     @property
     def tls(self) -> bool:
@@ -98,6 +100,7 @@ _PARSERS: dict[str, Any] = {
     "queue_ttl": lambda v: parse_duration(str(v)),
     "max_wait": lambda v: parse_duration(str(v)),
     "strict_fifo": lambda v: settings.parse_bool(v),
+    "fair_share_half_life": lambda v: parse_duration(str(v)),
     "priority_classes": lambda v: _priority_classes(v),
 }
 
@@ -178,6 +181,8 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(f"--prefix must start and end with '/', got {cfg.prefix!r}")
     if cfg.default_priority_class not in dict(cfg.priority_classes):
         raise ConfigError(f"--default-priority-class {cfg.default_priority_class!r} is not one of --priority-classes")
+    if cfg.fair_share_half_life < 1:
+        raise ValueError("fair_share_half_life must be at least 1s")
     if cfg.queue_ttl < 3:
         raise ConfigError("--queue-ttl must be at least 3s")
     if cfg.etcd_max_txn_ops < 16:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
+from gpulease.coordinator.quota import EMPTY_BOOK, QuotaBook, Usage
+
 
 class NodeState(StrEnum):
     UP = "up"
@@ -124,6 +126,8 @@ class Snapshot:
 
     revision: int
     nodes: Mapping[str, NodeView]
+    # Tenants' quotas and usage at the same revision (placement checks quotas against it).
+    quotas: QuotaBook = EMPTY_BOOK
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,14 @@ class Allocation:
     shape: str = ""
     # Declared runtime (0: none): the lease is not renewed past created + max_runtime.
     max_runtime_s: int = 0
+    priority: int = 0
+    priority_class: str = ""
+    preemptible: bool = False
+
+    @property
+    def usage(self) -> Usage:
+        """What it counts against its tenant's quota."""
+        return usage_of(self.gpus, self.cpus, self.memory_bytes)
 
     @property
     def client_request_id(self) -> str:
@@ -207,11 +219,34 @@ class PendingRequest:
     max_runtime_s: int = 0
     # The waiting lease, kept alive while a client waits (0 in tests of the pure plan).
     lease_id: int = 0
+    preemptible: bool = False
 
     @property
     def pool(self) -> str:
         """Requests compete in pools of interchangeable GPUs: by model ("" = any model)."""
         return self.req.gpu_model
+
+
+def request_usage(req: ResourceRequest) -> Usage:
+    """What a request will count against its tenant's quota, as far as known before placement
+    (the model only when it names one)."""
+    return Usage(req.gpus, {req.gpu_model: req.gpus} if req.gpu_model else {}, req.cpus, req.memory_bytes)
+
+
+def placed_usage(snapshot: Snapshot, p: Placement, req: ResourceRequest) -> Usage:
+    """What a placed request counts against its tenant's quota: the models of the GPUs it got."""
+    by_index = {g.index: g.model for g in snapshot.nodes[p.node].info.gpus}
+    models: dict[str, int] = {}
+    for i in p.gpu_indexes:
+        models[by_index.get(i, "")] = models.get(by_index.get(i, ""), 0) + 1
+    return Usage(len(p.gpu_indexes), models, req.cpus, req.memory_bytes)
+
+
+def usage_of(gpus: tuple[AllocatedGpu, ...], cpus: int, memory_bytes: int) -> Usage:
+    models: dict[str, int] = {}
+    for g in gpus:
+        models[g.model] = models.get(g.model, 0) + 1
+    return Usage(len(gpus), models, cpus, memory_bytes)
 
 
 def scoped_request_id(principal: str, request_id: str) -> str:

@@ -23,12 +23,19 @@
                               client waits; <id> becomes the allocation's id when admitted
     queued/<sha256(request)>  the pending id of a scoped request id, on the same lease: one pending
                               request per request id, across replicas
+    usage/<tenant>/<id>       {"gpus","models","cpus","memory"} on the allocation's lease: what it
+                              counts against its tenant's quota (range-compared like res/<node>/)
+    quotas/<tenant>           a tenant's quota (JSON, no lease); quotas/* is the default for tenants
+                              with none of their own
+    priorities/<name>         a priority class (JSON, no lease), on top of the configured ones
+    fairshare                 {"at_ms", "usage": {tenant: decayed GPU-seconds}}: the fair-share
+                              ledger, advanced by whichever replica finds it stale (a CAS)
     audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
 
 Everything an allocation holds hangs on its lease, so lease expiry frees it with no
 coordinator action. The layout is per-resource rather than per-node so that one etcd
-transaction can claim GPUs on several nodes (gang allocations) and, later, compare a
-tenant's quota range (quota/<tenant>/<id>) the same way res/<node>/ is compared.
+transaction can claim GPUs on several nodes (gang allocations) and compare a tenant's usage
+range (usage/<tenant>/) the same way res/<node>/ is compared.
 """
 
 from __future__ import annotations
@@ -103,6 +110,29 @@ class Keys:
     def queued(self, request_id: str) -> str:
         # Hashed: a scoped request id holds '/' and other characters that are not one key segment.
         return f"{self.prefix}queued/{hashlib.sha256(request_id.encode()).hexdigest()}"
+
+    def usage(self, tenant: str, alloc_id: str) -> str:
+        return f"{self.usage_prefix(tenant)}{alloc_id}"
+
+    def usage_prefix(self, tenant: str) -> str:
+        return f"{self.prefix}usage/{tenant}/"
+
+    def quota(self, tenant: str) -> str:
+        return f"{self.prefix}quotas/{tenant}"
+
+    def priority_class(self, name: str) -> str:
+        return f"{self.prefix}priorities/{name}"
+
+    def fairshare(self) -> str:
+        return f"{self.prefix}fairshare"
+
+    def of_allocation(self, node: str, alloc_id: str, request_id: str, tenant: str, gpu_uuids: list[str]) -> list[str]:
+        """Every key a live allocation holds (what a release deletes), in one place."""
+        out = [self.alloc(alloc_id), self.res(node, alloc_id), self.req(request_id)]
+        out += [self.gpu(node, u) for u in gpu_uuids]
+        if tenant:
+            out.append(self.usage(tenant, alloc_id))
+        return out
 
     def marker(self) -> str:
         return f"{self.prefix}marker"

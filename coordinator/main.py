@@ -23,9 +23,11 @@ from gpulease.coordinator.audit import AuditLog, AuditPolicy
 from gpulease.coordinator.committer import EtcdCommitter
 from gpulease.coordinator.containers import ContainerForwarder
 from gpulease.coordinator.endings import Endings
+from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.guard import Guard, RateLimit
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.nodes import NodePolicy, NodeService
+from gpulease.coordinator.policies import Policies
 from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
 from gpulease.coordinator.store import Store
 from gpulease.coordinator.store import TlsFiles as EtcdTls
@@ -62,22 +64,25 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
             default_class=cfg.default_priority_class,
         ),
     )
-    queue = WaitingQueue(store, view, keys, allocations, QueuePolicy(cfg.queue_ttl, cfg.max_wait, cfg.strict_fifo))
+    fair = FairShare(store, keys, view, cfg.fair_share_half_life)
+    queue = WaitingQueue(store, view, keys, allocations, QueuePolicy(cfg.queue_ttl, cfg.max_wait, cfg.strict_fifo),
+                         fair)  # fmt: skip
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
     agents = AgentChannels(tls)
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
     tokens = Tokens(store, keys, view, audit)
+    policies = Policies(store, keys, view, audit)
     endings = Endings(store, keys, view, cfg.container_retention)
     containers = ContainerForwarder(allocations, view, agents, endings, policy=cfg.container_policy)
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue), server
+        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue, policies), server
     )
     coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(allocations, nodes, view, guard, tokens, audit), server
+        AdminServicer(allocations, nodes, view, guard, tokens, audit, policies), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -107,6 +112,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         asyncio.create_task(audit.run(), name="audit-retention"),
         asyncio.create_task(endings.run(), name="container-records"),
         asyncio.create_task(queue.run(), name="queue"),
+        asyncio.create_task(fair.run(), name="fair-share"),
     ]
     if tls is None and cfg.insecure and not transport.is_loopback(cfg.listen):
         background.append(asyncio.create_task(transport.warn_while_insecure(log, "the coordinator"), name="warn"))

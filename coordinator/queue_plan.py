@@ -5,8 +5,12 @@ No I/O and no clock (``now_ms`` is an argument), like placement: every replica c
 plan from the same snapshot, and the admission transaction re-checks what it relied on (the GPUs,
 the node's capacity, and that the pending request still exists).
 
-Ordering (``order``): priority (higher first), then the tenant's fair share (the tenant holding
-fewer GPUs first), then age (older first), then id. Pools are GPU models ("" = any model): a
+Ordering (``order``): priority (higher first), then the tenant's fair share (lower decayed usage
+per unit of weight first, see coordinator/fair_share.py), then age (older first), then id.
+
+Quotas: a request its tenant's quota does not allow now waits with the quota as its reason, and
+does not block its pool (it could not start even on an empty cluster): requests behind it are
+planned as if it were not there (Kueue does the same). Pools are GPU models ("" = any model): a
 pending request blocks only requests of its own pool; requests of other pools are placed as if it
 were not there, except on the GPUs it has reserved.
 
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from gpulease.coordinator.batch_placement import Overlay
+from gpulease.coordinator.batch_placement import Overlay, TenantTally
 from gpulease.coordinator.domain import NodeView, PendingRequest, Snapshot
 from gpulease.coordinator.placement import place
 from gpulease.errors import InsufficientResources, Unsatisfiable
@@ -75,9 +79,9 @@ class _Reservation:
     start_ms: int | None
 
 
-def order(entries: Sequence[PendingRequest], usage: Mapping[str, int]) -> list[PendingRequest]:
-    """Queue order: priority, then the tenant's fair share (fewer GPUs held first), then age."""
-    return sorted(entries, key=lambda e: (-e.priority, usage.get(e.tenant, 0), e.created_ms, e.id))
+def order(entries: Sequence[PendingRequest], shares: Mapping[str, float]) -> list[PendingRequest]:
+    """Queue order: priority, then the tenant's fair share (lower usage per weight first), then age."""
+    return sorted(entries, key=lambda e: (-e.priority, shares.get(e.tenant, 0.0), e.created_ms, e.id))
 
 
 def ends_ms(created_ms: int, max_runtime_s: int, ttl_s: int) -> int | None:
@@ -93,20 +97,21 @@ def plan(
     entries: Sequence[PendingRequest],
     *,
     now_ms: int,
-    usage: Mapping[str, int] | None = None,
+    shares: Mapping[str, float] | None = None,
     holders: Callable[[str], Sequence[Holder]] = lambda _node: (),
     strict_fifo: bool = False,
 ) -> dict[str, Decision]:
     """A decision per pending request id. Requests admitted earlier in the pass are counted on
     an overlay, so two admitted requests never need the same GPUs."""
-    usage = usage or {}
+    shares = shares or {}
+    tally = TenantTally(snapshot)
     out: dict[str, Decision] = {}
     changed: dict[str, NodeView] = {}
     reservations: list[_Reservation] = []
     blocked: dict[str, str] = {}  # pool -> the id of its blocked head
     positions: dict[str, int] = {}
     admitted: list[PendingRequest] = []
-    for depth, e in enumerate(order(entries, usage)):
+    for depth, e in enumerate(order(entries, shares)):
         positions[e.pool] = position = positions.get(e.pool, 0) + 1
         if depth >= MAX_DEPTH:
             out[e.id] = Wait(f"position {position} in the queue, beyond the {MAX_DEPTH} requests one pass "
@@ -114,6 +119,10 @@ def plan(
             continue
         if strict_fifo and e.pool in blocked:
             out[e.id] = Wait(f"behind request {blocked[e.pool]} (strict FIFO in pool {_pool(e.pool)})", position)
+            continue
+        over = tally.before(e.tenant, e.req)
+        if over is not None:
+            out[e.id] = Wait(over, position)
             continue
         excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
         view = Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, excluded))
@@ -135,6 +144,11 @@ def plan(
                 else "no estimated start (allocations in the way declared no runtime)"  # fmt: skip
             out[e.id] = Wait(f"{reason}; {res.node} is reserved for it, {eta}", position, res.node, res.start_ms)
             continue
+        over = tally.after(e.tenant, p, e.req)
+        if over is not None:
+            out[e.id] = Wait(over, position)
+            continue
+        tally.add(e.tenant, p, e.req)
         v = changed.get(p.node) or snapshot.nodes[p.node]
         changed[p.node] = replace(
             v,

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, PendingRequest, ResourceRequest
+from gpulease.coordinator.quota import Quota, Usage
 
 
 def encode_node(info: NodeInfo) -> bytes:
@@ -106,6 +107,10 @@ def encode_alloc(a: Allocation) -> bytes:
     }
     if a.max_runtime_s:
         doc["max_runtime"] = a.max_runtime_s
+    if a.priority_class:
+        doc["priority"], doc["priority_class"] = a.priority, a.priority_class
+    if a.preemptible:
+        doc["preemptible"] = True
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -127,6 +132,9 @@ def decode_alloc(raw: bytes, revision: int) -> Allocation:
         tenant=d.get("tenant", ""),
         shape=d.get("shape", ""),
         max_runtime_s=d.get("max_runtime", 0),
+        priority=d.get("priority", 0),
+        priority_class=d.get("priority_class", ""),
+        preemptible=bool(d.get("preemptible", False)),
     )
 
 
@@ -147,6 +155,7 @@ def encode_pending(p: PendingRequest) -> bytes:
         "ttl": p.ttl_s, "principal": p.principal, "tenant": p.tenant, "owner": p.owner, "shape": p.shape,
         "priority": p.priority, "priority_class": p.priority_class, "created_ms": p.created_ms,
         "wait_until_ms": p.wait_until_ms, "max_runtime": p.max_runtime_s, "lease": p.lease_id,
+        "preemptible": p.preemptible,
     }  # fmt: skip
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -166,4 +175,32 @@ def decode_pending(raw: bytes) -> PendingRequest:
         tenant=d.get("tenant", ""), owner=d.get("owner", ""), shape=d.get("shape", ""),
         priority=d.get("priority", 0), priority_class=d.get("priority_class", ""), created_ms=d.get("created_ms", 0),
         wait_until_ms=d.get("wait_until_ms", 0), max_runtime_s=d.get("max_runtime", 0), lease_id=d.get("lease", 0),
+        preemptible=bool(d.get("preemptible", False)),
+    )  # fmt: skip
+
+
+def encode_usage(u: Usage) -> bytes:
+    return json.dumps({"gpus": u.gpus, "models": dict(u.models), "cpus": u.cpus, "memory": u.memory_bytes},
+                      separators=(",", ":")).encode()  # fmt: skip
+
+
+def decode_usage(raw: bytes) -> Usage:
+    d: dict[str, Any] = json.loads(raw)
+    return Usage(int(d.get("gpus", 0)), {str(k): int(v) for k, v in d.get("models", {}).items()},
+                 int(d.get("cpus", 0)), int(d.get("memory", 0)))  # fmt: skip
+
+
+def encode_quota(q: Quota) -> bytes:
+    doc: dict[str, Any] = {"gpus": q.gpus, "models": dict(sorted(q.models.items())), "cpus": q.cpus,
+                           "memory": q.memory_bytes, "borrow": q.borrow, "max_lifetime": q.max_lifetime_s,
+                           "weight": q.weight}  # fmt: skip
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_quota(raw: bytes) -> Quota:
+    d: dict[str, Any] = json.loads(raw)
+    return Quota(
+        gpus=d.get("gpus"), models={str(k): int(v) for k, v in (d.get("models") or {}).items()}, cpus=d.get("cpus"),
+        memory_bytes=d.get("memory"), borrow=int(d.get("borrow") or 0), max_lifetime_s=int(d.get("max_lifetime") or 0),
+        weight=float(d.get("weight") or 0.0),
     )  # fmt: skip

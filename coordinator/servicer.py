@@ -22,6 +22,9 @@ from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
+from gpulease.coordinator.policies import Policies, TenantStatus
+from gpulease.coordinator.priority_classes import PriorityClass
+from gpulease.coordinator.quota import Quota
 from gpulease.coordinator.tokens import TokenRecord, Tokens
 from gpulease.coordinator.view import ClusterView
 from gpulease.coordinator.waiting import Status, WaitingQueue
@@ -50,10 +53,47 @@ def _allocate_input(request: pb.AllocateRequest) -> AllocateInput:
         owner=request.owner,
         request_id=request.request_id,
         principal=caller().id,
-        tenant=caller().tenant,
+        tenant=authz.check_tenant(caller(), request.tenant),
         max_runtime_s=request.max_runtime_seconds,
         priority_class=request.priority_class,
+        preemptible=request.preemptible,
     )
+
+
+def _quota_pb(tenant: str, q: Quota) -> pb.Quota:
+    out = pb.Quota(tenant=tenant, models=dict(q.models), borrow=q.borrow, max_lifetime_seconds=q.max_lifetime_s,
+                   weight=q.weight)  # fmt: skip
+    if q.gpus is not None:
+        out.gpus = q.gpus
+    if q.cpus is not None:
+        out.cpus = q.cpus
+    if q.memory_bytes is not None:
+        out.memory_bytes = q.memory_bytes
+    return out
+
+
+def _quota_from_pb(q: pb.Quota) -> Quota:
+    return Quota(
+        gpus=q.gpus if q.HasField("gpus") else None, models=dict(q.models), cpus=q.cpus if q.HasField("cpus") else None,
+        memory_bytes=q.memory_bytes if q.HasField("memory_bytes") else None, borrow=q.borrow,
+        max_lifetime_s=q.max_lifetime_seconds, weight=q.weight,
+    )  # fmt: skip
+
+
+def _tenant_pb(t: TenantStatus) -> pb.TenantQuotaStatus:
+    out = pb.TenantQuotaStatus(
+        tenant=t.tenant, from_default=t.from_default, used_gpus=t.usage.gpus, used_models=dict(t.usage.models),
+        used_cpus=t.usage.cpus, used_memory_bytes=t.usage.memory_bytes, borrowed_gpus=t.borrowed, pending=t.pending,
+        fair_share_usage=t.fair_share_gpu_hours,
+    )  # fmt: skip
+    if t.quota is not None:
+        out.quota.CopyFrom(_quota_pb(t.tenant, t.quota))
+    return out
+
+
+def _class_pb(c: PriorityClass) -> pb.PriorityClass:
+    return pb.PriorityClass(name=c.name, value=c.value, is_default=c.is_default, preemption_grace_seconds=c.grace_s,
+                            min_runtime_seconds=c.min_runtime_s)  # fmt: skip
 
 
 def _pending_pb(s: Status) -> pb.PendingStatus:
@@ -79,9 +119,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder,
-        guard: Guard, endings: Endings, audit: AuditLog, queue: WaitingQueue,
+        guard: Guard, endings: Endings, audit: AuditLog, queue: WaitingQueue, policies: Policies,
     ) -> None:  # fmt: skip
         self._queue = queue
+        self._policies = policies
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
@@ -171,6 +212,25 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         who = caller()
         return pb.WhoAmIResponse(principal=who.id, role=who.role.value if who.role else "", tenant=who.tenant,
                                  method=auth_method())  # fmt: skip
+
+    @rpc
+    async def ListQuotas(self, request: pb.ListQuotasRequest, context: Ctx) -> pb.ListQuotasResponse:
+        who = caller()
+        pending: dict[str, int] = {}
+        for e in self._queue.pending():
+            pending[e.tenant] = pending.get(e.tenant, 0) + 1
+        statuses = self._policies.statuses(pending, self._queue.fair_usage())
+        # A user sees its own tenant (and the default quota); viewers and admins, every tenant.
+        mine = who.role is Role.USER
+        return pb.ListQuotasResponse(tenants=[_tenant_pb(t) for t in statuses
+                                              if not mine or t.tenant in (who.tenant, "*")])  # fmt: skip
+
+    @rpc
+    async def ListPriorityClasses(
+        self, request: pb.ListPriorityClassesRequest, context: Ctx
+    ) -> pb.ListPriorityClassesResponse:
+        classes = sorted(self._allocs.classes().by_name.values(), key=lambda c: (-c.value, c.name))
+        return pb.ListPriorityClassesResponse(classes=[_class_pb(c) for c in classes])
 
     # --- containers, forwarded to the allocation's agent ------------------------------------
 
@@ -266,8 +326,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, guard: Guard, tokens: Tokens,
-        audit: AuditLog,
+        audit: AuditLog, policies: Policies,
     ) -> None:  # fmt: skip
+        self._policies = policies
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
@@ -305,6 +366,29 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidRequest("limit must be 0 (1000) to 100000")
         entries = await self._audit.read(request.since_unix_ms, request.actor, request.limit or 1000)
         return pb.ReadAuditResponse(entries=[pb.AuditEntry(**e.__dict__) for e in entries])
+
+    @rpc
+    async def SetQuota(self, request: pb.SetQuotaRequest, context: Ctx) -> pb.SetQuotaResponse:
+        tenant = request.quota.tenant
+        q = await self._policies.set_quota(caller(), tenant, _quota_from_pb(request.quota))
+        return pb.SetQuotaResponse(quota=_quota_pb(tenant, q))
+
+    @rpc
+    async def DeleteQuota(self, request: pb.DeleteQuotaRequest, context: Ctx) -> pb.DeleteQuotaResponse:
+        return pb.DeleteQuotaResponse(deleted=await self._policies.delete_quota(caller(), request.tenant))
+
+    @rpc
+    async def SetPriorityClass(self, request: pb.SetPriorityClassRequest, context: Ctx) -> pb.SetPriorityClassResponse:
+        c = request.priority_class
+        stored = await self._policies.set_class(caller(), PriorityClass(
+            c.name, c.value, c.is_default, c.preemption_grace_seconds, c.min_runtime_seconds))  # fmt: skip
+        return pb.SetPriorityClassResponse(priority_class=_class_pb(stored))
+
+    @rpc
+    async def DeletePriorityClass(
+        self, request: pb.DeletePriorityClassRequest, context: Ctx
+    ) -> pb.DeletePriorityClassResponse:
+        return pb.DeletePriorityClassResponse(deleted=await self._policies.delete_class(caller(), request.name))
 
     @rpc
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:

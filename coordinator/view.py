@@ -15,7 +15,8 @@ from types import MappingProxyType
 from gpulease.coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.placement_index import PlacementIndex
-from gpulease.coordinator.records import decode_alloc, decode_node, decode_res
+from gpulease.coordinator.quota import QuotaBook, Usage
+from gpulease.coordinator.records import decode_alloc, decode_node, decode_quota, decode_res, decode_usage
 from gpulease.coordinator.store import KV, Event, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 # from memory: bearer tokens (checked on every call, so never an etcd read) and where an
 # allocation's containers are and whose they are (they outlive the allocation).
 # Pending requests (queue/<id>) too: every replica plans admissions from them.
-TABLES = ("tokens", "containers", "queue")
+# Quotas and priority classes too: placement reads them on every request.
+TABLES = ("tokens", "containers", "queue", "quotas", "priorities")
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
@@ -88,6 +90,14 @@ class ClusterView:
         self._views_shared = False
         self.index = PlacementIndex()
         self._tables: dict[str, dict[str, bytes]] = {t: {} for t in TABLES}
+        self._table_revs: dict[str, dict[str, int]] = {t: {} for t in TABLES}
+        # Per tenant: allocation id -> what it counts against the quota, and the sum.
+        self._usage_by_alloc: dict[str, dict[str, Usage]] = {}
+        self._usage: dict[str, Usage] = {}
+        self._usage_version = 0
+        self._book: tuple[tuple[int, int], QuotaBook] | None = None
+        # The fair-share ledger (raw, mod revision); see coordinator/fair_share.py.
+        self.fairshare: tuple[bytes, int] | None = None
         for t in TABLES:
             self._table_versions[t] += 1
 
@@ -109,7 +119,20 @@ class ClusterView:
         committing, and reads the node records it placed on (index -> UUID) afterwards. The placement
         index is not part of it: use it only in the same synchronous step as this call."""
         self._views_shared = True
-        return Snapshot(self.revision, MappingProxyType(self._views))
+        return Snapshot(self.revision, MappingProxyType(self._views), self.quota_book())
+
+    def quota_book(self) -> QuotaBook:
+        """Quotas and usage per tenant, rebuilt only when either changed."""
+        version = (self._table_versions["quotas"], self._usage_version)
+        if self._book is None or self._book[0] != version:
+            quotas = {}
+            for tenant, raw in self._tables["quotas"].items():
+                try:
+                    quotas[tenant] = (decode_quota(raw), self._table_revs["quotas"][tenant])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("view: skipping the unreadable quota record of tenant %r", tenant)
+            self._book = (version, QuotaBook(MappingProxyType(quotas), MappingProxyType(dict(self._usage))))
+        return self._book[1]
 
     def node(self, name: str) -> NodeView | None:
         return self._views.get(name)
@@ -145,15 +168,6 @@ class ClusterView:
         """The live allocations holding GPUs on ``node`` (decoded on demand)."""
         ids = set(self._held.get(node, {}).values())
         return [decode_alloc(*self._allocs[i]) for i in sorted(ids) if i in self._allocs]
-
-    def gpus_by_tenant(self) -> dict[str, int]:
-        """GPUs held per tenant now (the queue's fair-share order). Decodes every allocation:
-        called once per queue pass, and only while something is pending."""
-        out: dict[str, int] = {}
-        for raw, rev in self._allocs.values():
-            a = decode_alloc(raw, rev)
-            out[a.tenant] = out.get(a.tenant, 0) + len(a.gpus)
-        return out
 
     def allocations(self) -> list[Allocation]:
         return sorted((decode_alloc(*raw) for raw in self._allocs.values()), key=lambda a: (a.revision, a.id))
@@ -308,11 +322,19 @@ class ClusterView:
             cpus, mem = self._used.get(parts[1], (0, 0))
             self._used[parts[1]] = (cpus - before[0] + after[0], mem - before[1] + after[1])
             return parts[1]
+        if kind == "usage" and len(parts) == 3:
+            self._apply_usage(parts[1], parts[2], kv.value if put else None)
+            return None
+        if kind == "fairshare" and len(parts) == 1:
+            self.fairshare = (kv.value, kv.mod_revision) if put else None
+            return None
         if kind in self._tables and len(parts) == 2:
             if put:
                 self._tables[kind][parts[1]] = kv.value
+                self._table_revs[kind][parts[1]] = kv.mod_revision
             else:
                 self._tables[kind].pop(parts[1], None)
+                self._table_revs[kind].pop(parts[1], None)
             self._table_versions[kind] += 1
             return None
         if kind == "audit" and put and len(parts) == 2:
@@ -330,6 +352,27 @@ class ClusterView:
                 elif raw is not None and self.on_expired is not None:
                     self.on_expired(decode_alloc(*raw))
         return None
+
+    def _apply_usage(self, tenant: str, alloc_id: str, raw: bytes | None) -> None:
+        held = self._usage_by_alloc.setdefault(tenant, {})
+        before = held.pop(alloc_id, None)
+        total = self._usage.get(tenant, Usage())
+        if before is not None:
+            total = total.plus(before, -1)
+        if raw is not None:
+            try:
+                after = decode_usage(raw)
+            except (ValueError, KeyError, TypeError):
+                log.warning("view: unreadable usage record %s/%s", tenant, alloc_id)
+            else:
+                held[alloc_id] = after
+                total = total.plus(after)
+        if held:
+            self._usage[tenant] = total
+        else:
+            self._usage.pop(tenant, None)
+            self._usage_by_alloc.pop(tenant, None)
+        self._usage_version += 1
 
     def _rebuild(self, name: str) -> None:
         if self._views_shared:  # copy on write: a snapshot holds the current dict

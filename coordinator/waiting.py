@@ -30,8 +30,10 @@ from typing import Any
 from gpulease.coordinator.allocations import AllocateInput, AllocationService, Prepared
 from gpulease.coordinator.batcher import LeftQueue
 from gpulease.coordinator.domain import Allocation, PendingRequest
+from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.queue_plan import Admit, Decision, Holder, Wait, ends_ms, plan
+from gpulease.coordinator.quota import QuotaBook
 from gpulease.coordinator.records import decode_pending, encode_pending
 from gpulease.coordinator.store import Cmp, Delete, Get, Put, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
@@ -76,13 +78,20 @@ class _Waiter:
 
 class WaitingQueue:
     def __init__(
-        self, store: Store, view: ClusterView, keys: Keys, allocations: AllocationService, policy: QueuePolicy
+        self,
+        store: Store,
+        view: ClusterView,
+        keys: Keys,
+        allocations: AllocationService,
+        policy: QueuePolicy,
+        fair: FairShare | None = None,
     ) -> None:
         self._store = store
         self._view = view
         self._keys = keys
         self._allocs = allocations
         self._policy = policy
+        self._fair = fair
         self._waiters: dict[str, _Waiter] = {}
         self._kick = asyncio.Event()
         self._decoded: tuple[int, list[PendingRequest]] = (-1, [])
@@ -108,8 +117,19 @@ class WaitingQueue:
         entries = self.pending()
         if extra is not None:
             entries = [*entries, extra]
-        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), usage=self._view.gpus_by_tenant(),
+        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=self.shares(entries),
                     holders=self._holders, strict_fifo=self._policy.strict_fifo)  # fmt: skip
+
+    def fair_usage(self) -> dict[str, float]:
+        """Decayed GPU-seconds per tenant (empty without a fair-share ledger)."""
+        return self._fair.usage() if self._fair is not None else {}
+
+    def shares(self, entries: list[PendingRequest]) -> dict[str, float]:
+        """Per tenant with pending requests: decayed GPU-seconds plus the GPUs held now (which
+        orders tenants before the ledger has history), per unit of its quota's weight."""
+        book = self._view.quota_book()
+        fair = self._fair.usage() if self._fair is not None else {}
+        return {t: (fair.get(t, 0.0) + book.usage_of(t).gpus) / _weight(book, t) for t in {e.tenant for e in entries}}
 
     def gate(self, fresh: PendingRequest) -> Decision | None:
         """AllocationService's check for a request that would be placed now: None while nothing is
@@ -134,16 +154,16 @@ class WaitingQueue:
         if view is None:
             return []
         by_uuid = {g.uuid: g.index for g in view.info.gpus}
-        return [
-            Holder(
-                a.id,
-                frozenset(by_uuid[g.uuid] for g in a.gpus if g.uuid in by_uuid),
-                a.cpus,
-                a.memory_bytes,
-                ends_ms(a.created_unix_ms, a.max_runtime_s, a.ttl_seconds),
-            )
-            for a in self._view.allocations_on(node)
-        ]
+        book = self._view.quota_book()
+        out = []
+        for a in self._view.allocations_on(node):
+            quota, _ = book.quota_for(a.tenant)
+            # The end by its declared runtime, or by its tenant's lifetime limit, whichever is sooner.
+            limits = [s for s in (a.max_runtime_s, quota.max_lifetime_s if quota else 0) if s]
+            end = ends_ms(a.created_unix_ms, min(limits), a.ttl_seconds) if limits else None
+            out.append(Holder(a.id, frozenset(by_uuid[g.uuid] for g in a.gpus if g.uuid in by_uuid), a.cpus,
+                              a.memory_bytes, end))  # fmt: skip
+        return out
 
     # --- waiting --------------------------------------------------------------------------
 
@@ -373,6 +393,11 @@ def _resolve(w: _Waiter, outcome: tuple[Allocation, bool]) -> None:
 def _fail(w: _Waiter, exc: BaseException) -> None:
     if not w.result.done():
         w.result.set_exception(exc)
+
+
+def _weight(book: QuotaBook, tenant: str) -> float:
+    quota, _ = book.quota_for(tenant)
+    return quota.share_weight if quota is not None else 1.0
 
 
 def _now_ms() -> int:

@@ -44,6 +44,14 @@ class InsufficientResources(GpuLeaseError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class QuotaExceeded(InsufficientResources):
+    """The tenant's quota is used up; a request that waits is admitted once the tenant's own
+    allocations free enough of it. The message names the quota ("quota: team-a uses 8 of 8 A100")."""
+
+    reason = "QUOTA_EXCEEDED"
+    code = "RESOURCE_EXHAUSTED"
+
+
 class AllocationNotFound(GpuLeaseError):
     """No live allocation has this id (never existed, released, or its lease expired)."""
 
@@ -82,6 +90,29 @@ class RuntimeLimitReached(GpuLeaseError):
 
     reason = "MAX_RUNTIME_REACHED"
     code = "FAILED_PRECONDITION"
+
+
+class LifetimeReached(RuntimeLimitReached):
+    """The allocation is as old as its tenant's (or the cluster's) maximum lifetime: its lease is no
+    longer renewed."""
+
+    reason = "MAX_LIFETIME_REACHED"
+    code = "FAILED_PRECONDITION"
+
+
+class AllocationPreempted(GpuLeaseError):
+    """The allocation was chosen to make room for a request of higher priority (or a tenant
+    reclaiming its quota). ``by``, ``cause`` and ``deadline_unix_ms`` say which, why, and when its
+    lease is revoked; its containers get SIGTERM at once. Queue again to continue later."""
+
+    reason = "PREEMPTED"
+    code = "ABORTED"
+
+    def __init__(self, message: str, by: str = "", cause: str = "", deadline_unix_ms: int = 0) -> None:
+        super().__init__(message)
+        self.by = by
+        self.cause = cause
+        self.deadline_unix_ms = deadline_unix_ms
 
 
 class Conflict(GpuLeaseError):
@@ -153,12 +184,15 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     InvalidRequest,
     Unsatisfiable,
     InsufficientResources,
+    QuotaExceeded,
     AllocationNotFound,
     NodeNotFound,
     NotFound,
     StaleFencingToken,
     AllocationLost,
     RuntimeLimitReached,
+    LifetimeReached,
+    AllocationPreempted,
     Conflict,
     PermissionDenied,
     Unauthenticated,

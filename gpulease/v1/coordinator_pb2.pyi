@@ -45,6 +45,8 @@ class AllocateRequest(google.protobuf.message.Message):
     WAIT_SECONDS_FIELD_NUMBER: builtins.int
     MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
     PRIORITY_CLASS_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    PREEMPTIBLE_FIELD_NUMBER: builtins.int
     gpus: builtins.int
     """Counts are signed so that a negative value reaches the server and gets a clear
     INVALID_ARGUMENT instead of wrapping around in a client.
@@ -70,6 +72,14 @@ class AllocateRequest(google.protobuf.message.Message):
     """
     priority_class: builtins.str
     """A priority class the coordinator defines ("" = its default class)."""
+    tenant: builtins.str
+    """The tenant to count it against ("" = the caller's own). Naming another tenant than one's
+    own is refused unless the caller is an admin (with auth off, everyone is the local admin).
+    """
+    preemptible: builtins.bool
+    """May be preempted by a pending request of a higher priority class (or reclaimed by a tenant
+    below its nominal quota when this one borrows).
+    """
     @property
     def node_selector(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
         """Every label here must be present on the node with the same value."""
@@ -89,9 +99,11 @@ class AllocateRequest(google.protobuf.message.Message):
         wait_seconds: builtins.int = ...,
         max_runtime_seconds: builtins.int = ...,
         priority_class: builtins.str = ...,
+        tenant: builtins.str = ...,
+        preemptible: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "memory_bytes", b"memory_bytes"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "owner", b"owner", "priority_class", b"priority_class", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "owner", b"owner", "preemptible", b"preemptible", "priority_class", b"priority_class", "request_id", b"request_id", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]) -> None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_cpus", b"_cpus"]) -> typing.Literal["cpus"] | None: ...
     @typing.overload
@@ -175,15 +187,48 @@ class KeepAliveResponse(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     TTL_SECONDS_FIELD_NUMBER: builtins.int
+    PREEMPTION_FIELD_NUMBER: builtins.int
     ttl_seconds: builtins.int
+    @property
+    def preemption(self) -> global___Preemption:
+        """Set once the allocation was chosen as a preemption victim: it ends at the deadline."""
+
     def __init__(
         self,
         *,
         ttl_seconds: builtins.int = ...,
+        preemption: global___Preemption | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["preemption", b"preemption"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["preemption", b"preemption", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___KeepAliveResponse = KeepAliveResponse
+
+@typing.final
+class Preemption(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    BY_FIELD_NUMBER: builtins.int
+    CAUSE_FIELD_NUMBER: builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    by: builtins.str
+    """The pending request it makes room for."""
+    cause: builtins.str
+    """priority | reclaim | fair-share"""
+    deadline_unix_ms: builtins.int
+    reason: builtins.str
+    def __init__(
+        self,
+        *,
+        by: builtins.str = ...,
+        cause: builtins.str = ...,
+        deadline_unix_ms: builtins.int = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["by", b"by", "cause", b"cause", "deadline_unix_ms", b"deadline_unix_ms", "reason", b"reason"]) -> None: ...
+
+global___Preemption = Preemption
 
 @typing.final
 class GetAllocationRequest(google.protobuf.message.Message):
@@ -950,3 +995,348 @@ class ListPendingResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["pending", b"pending"]) -> None: ...
 
 global___ListPendingResponse = ListPendingResponse
+
+@typing.final
+class Quota(google.protobuf.message.Message):
+    """A tenant's quota. Unset fields are unlimited. tenant "*" is the default for tenants with no
+    quota of their own (none by default: a fresh cluster has no limits).
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    @typing.final
+    class ModelsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.int
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.int = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
+    TENANT_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    MODELS_FIELD_NUMBER: builtins.int
+    CPUS_FIELD_NUMBER: builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: builtins.int
+    BORROW_FIELD_NUMBER: builtins.int
+    MAX_LIFETIME_SECONDS_FIELD_NUMBER: builtins.int
+    WEIGHT_FIELD_NUMBER: builtins.int
+    tenant: builtins.str
+    gpus: builtins.int
+    """Nominal GPUs overall, and per GPU model (the model's exact name)."""
+    cpus: builtins.int
+    memory_bytes: builtins.int
+    borrow: builtins.int
+    """GPUs this tenant may use above its nominal quota, out of capacity others leave unused
+    (reclaimable by them through preemption). 0 = none.
+    """
+    max_lifetime_seconds: builtins.int
+    """An allocation is not renewed past this age (0 = no limit)."""
+    weight: builtins.float
+    """Fair-share weight (0 = the nominal GPUs, or 1 without them)."""
+    @property
+    def models(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        tenant: builtins.str = ...,
+        gpus: builtins.int | None = ...,
+        models: collections.abc.Mapping[builtins.str, builtins.int] | None = ...,
+        cpus: builtins.int | None = ...,
+        memory_bytes: builtins.int | None = ...,
+        borrow: builtins.int = ...,
+        max_lifetime_seconds: builtins.int = ...,
+        weight: builtins.float = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["_cpus", b"_cpus", "_gpus", b"_gpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpus", b"gpus", "memory_bytes", b"memory_bytes"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_gpus", b"_gpus", "_memory_bytes", b"_memory_bytes", "borrow", b"borrow", "cpus", b"cpus", "gpus", b"gpus", "max_lifetime_seconds", b"max_lifetime_seconds", "memory_bytes", b"memory_bytes", "models", b"models", "tenant", b"tenant", "weight", b"weight"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_cpus", b"_cpus"]) -> typing.Literal["cpus"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_gpus", b"_gpus"]) -> typing.Literal["gpus"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_memory_bytes", b"_memory_bytes"]) -> typing.Literal["memory_bytes"] | None: ...
+
+global___Quota = Quota
+
+@typing.final
+class TenantQuotaStatus(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    @typing.final
+    class UsedModelsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.int
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.int = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
+    TENANT_FIELD_NUMBER: builtins.int
+    QUOTA_FIELD_NUMBER: builtins.int
+    FROM_DEFAULT_FIELD_NUMBER: builtins.int
+    USED_GPUS_FIELD_NUMBER: builtins.int
+    USED_MODELS_FIELD_NUMBER: builtins.int
+    USED_CPUS_FIELD_NUMBER: builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: builtins.int
+    BORROWED_GPUS_FIELD_NUMBER: builtins.int
+    PENDING_FIELD_NUMBER: builtins.int
+    FAIR_SHARE_USAGE_FIELD_NUMBER: builtins.int
+    tenant: builtins.str
+    from_default: builtins.bool
+    used_gpus: builtins.int
+    used_cpus: builtins.int
+    used_memory_bytes: builtins.int
+    borrowed_gpus: builtins.int
+    """GPUs used above the nominal quota."""
+    pending: builtins.int
+    fair_share_usage: builtins.float
+    """Decayed GPU-hours (the fair-share order: lower usage per weight goes first)."""
+    @property
+    def quota(self) -> global___Quota:
+        """The quota that applies (the tenant's own, or the default "*"); unset when none applies."""
+
+    @property
+    def used_models(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        tenant: builtins.str = ...,
+        quota: global___Quota | None = ...,
+        from_default: builtins.bool = ...,
+        used_gpus: builtins.int = ...,
+        used_models: collections.abc.Mapping[builtins.str, builtins.int] | None = ...,
+        used_cpus: builtins.int = ...,
+        used_memory_bytes: builtins.int = ...,
+        borrowed_gpus: builtins.int = ...,
+        pending: builtins.int = ...,
+        fair_share_usage: builtins.float = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["quota", b"quota"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["borrowed_gpus", b"borrowed_gpus", "fair_share_usage", b"fair_share_usage", "from_default", b"from_default", "pending", b"pending", "quota", b"quota", "tenant", b"tenant", "used_cpus", b"used_cpus", "used_gpus", b"used_gpus", "used_memory_bytes", b"used_memory_bytes", "used_models", b"used_models"]) -> None: ...
+
+global___TenantQuotaStatus = TenantQuotaStatus
+
+@typing.final
+class ListQuotasRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___ListQuotasRequest = ListQuotasRequest
+
+@typing.final
+class ListQuotasResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: builtins.int
+    @property
+    def tenants(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TenantQuotaStatus]: ...
+    def __init__(
+        self,
+        *,
+        tenants: collections.abc.Iterable[global___TenantQuotaStatus] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["tenants", b"tenants"]) -> None: ...
+
+global___ListQuotasResponse = ListQuotasResponse
+
+@typing.final
+class SetQuotaRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: builtins.int
+    @property
+    def quota(self) -> global___Quota: ...
+    def __init__(
+        self,
+        *,
+        quota: global___Quota | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["quota", b"quota"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["quota", b"quota"]) -> None: ...
+
+global___SetQuotaRequest = SetQuotaRequest
+
+@typing.final
+class SetQuotaResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: builtins.int
+    @property
+    def quota(self) -> global___Quota: ...
+    def __init__(
+        self,
+        *,
+        quota: global___Quota | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["quota", b"quota"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["quota", b"quota"]) -> None: ...
+
+global___SetQuotaResponse = SetQuotaResponse
+
+@typing.final
+class DeleteQuotaRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: builtins.int
+    tenant: builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["tenant", b"tenant"]) -> None: ...
+
+global___DeleteQuotaRequest = DeleteQuotaRequest
+
+@typing.final
+class DeleteQuotaResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: builtins.int
+    deleted: builtins.bool
+    def __init__(
+        self,
+        *,
+        deleted: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
+
+global___DeleteQuotaResponse = DeleteQuotaResponse
+
+@typing.final
+class PriorityClass(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    VALUE_FIELD_NUMBER: builtins.int
+    IS_DEFAULT_FIELD_NUMBER: builtins.int
+    PREEMPTION_GRACE_SECONDS_FIELD_NUMBER: builtins.int
+    MIN_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    value: builtins.int
+    is_default: builtins.bool
+    """The class of requests that name none."""
+    preemption_grace_seconds: builtins.int
+    """A victim of this class gets this long between notice and revocation (0 = 30 s)."""
+    min_runtime_seconds: builtins.int
+    """An allocation of this class is never preempted before it has run this long."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        value: builtins.int = ...,
+        is_default: builtins.bool = ...,
+        preemption_grace_seconds: builtins.int = ...,
+        min_runtime_seconds: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["is_default", b"is_default", "min_runtime_seconds", b"min_runtime_seconds", "name", b"name", "preemption_grace_seconds", b"preemption_grace_seconds", "value", b"value"]) -> None: ...
+
+global___PriorityClass = PriorityClass
+
+@typing.final
+class ListPriorityClassesRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___ListPriorityClassesRequest = ListPriorityClassesRequest
+
+@typing.final
+class ListPriorityClassesResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CLASSES_FIELD_NUMBER: builtins.int
+    @property
+    def classes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___PriorityClass]: ...
+    def __init__(
+        self,
+        *,
+        classes: collections.abc.Iterable[global___PriorityClass] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["classes", b"classes"]) -> None: ...
+
+global___ListPriorityClassesResponse = ListPriorityClassesResponse
+
+@typing.final
+class SetPriorityClassRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PRIORITY_CLASS_FIELD_NUMBER: builtins.int
+    @property
+    def priority_class(self) -> global___PriorityClass: ...
+    def __init__(
+        self,
+        *,
+        priority_class: global___PriorityClass | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["priority_class", b"priority_class"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["priority_class", b"priority_class"]) -> None: ...
+
+global___SetPriorityClassRequest = SetPriorityClassRequest
+
+@typing.final
+class SetPriorityClassResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PRIORITY_CLASS_FIELD_NUMBER: builtins.int
+    @property
+    def priority_class(self) -> global___PriorityClass: ...
+    def __init__(
+        self,
+        *,
+        priority_class: global___PriorityClass | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["priority_class", b"priority_class"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["priority_class", b"priority_class"]) -> None: ...
+
+global___SetPriorityClassResponse = SetPriorityClassResponse
+
+@typing.final
+class DeletePriorityClassRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+global___DeletePriorityClassRequest = DeletePriorityClassRequest
+
+@typing.final
+class DeletePriorityClassResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: builtins.int
+    deleted: builtins.bool
+    def __init__(
+        self,
+        *,
+        deleted: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
+
+global___DeletePriorityClassResponse = DeletePriorityClassResponse

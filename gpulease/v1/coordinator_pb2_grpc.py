@@ -89,6 +89,16 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.ListQuotas = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/ListQuotas',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListQuotasRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListQuotasResponse.FromString,
+                _registered_method=True)
+        self.ListPriorityClasses = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/ListPriorityClasses',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.FromString,
+                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -188,6 +198,19 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQuotas(self, request, context):
+        """Each tenant's quota, usage, borrowed GPUs and pending requests (a user sees its own tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPriorityClasses(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunContainer(self, request, context):
         """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
         agent's address.
@@ -272,6 +295,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'ListQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuotas,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListQuotasRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListQuotasResponse.SerializeToString,
+            ),
+            'ListPriorityClasses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPriorityClasses,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.SerializeToString,
             ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
@@ -573,6 +606,60 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/WhoAmI',
             gpulease_dot_v1_dot_coordinator__pb2.WhoAmIRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/ListQuotas',
+            gpulease_dot_v1_dot_coordinator__pb2.ListQuotasRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListQuotasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPriorityClasses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/ListPriorityClasses',
+            gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -973,6 +1060,26 @@ class AdminServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/gpulease.v1.AdminService/SetQuota',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.DeleteQuota = channel.unary_unary(
+                '/gpulease.v1.AdminService/DeleteQuota',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaResponse.FromString,
+                _registered_method=True)
+        self.SetPriorityClass = channel.unary_unary(
+                '/gpulease.v1.AdminService/SetPriorityClass',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassResponse.FromString,
+                _registered_method=True)
+        self.DeletePriorityClass = channel.unary_unary(
+                '/gpulease.v1.AdminService/DeletePriorityClass',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -1025,6 +1132,31 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Quotas and priority classes live in etcd; every change is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPriorityClass(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePriorityClass(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1062,6 +1194,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReadAudit,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.SetQuotaRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.SetQuotaResponse.SerializeToString,
+            ),
+            'DeleteQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQuota,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaResponse.SerializeToString,
+            ),
+            'SetPriorityClass': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPriorityClass,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassResponse.SerializeToString,
+            ),
+            'DeletePriorityClass': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePriorityClass,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1254,6 +1406,114 @@ class AdminService(object):
             '/gpulease.v1.AdminService/ReadAudit',
             gpulease_dot_v1_dot_coordinator__pb2.ReadAuditRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.ReadAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/SetQuota',
+            gpulease_dot_v1_dot_coordinator__pb2.SetQuotaRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/DeleteQuota',
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPriorityClass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/SetPriorityClass',
+            gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.SetPriorityClassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePriorityClass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/DeletePriorityClass',
+            gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.FromString,
             options,
             channel_credentials,
             insecure,

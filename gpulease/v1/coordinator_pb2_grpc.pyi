@@ -82,6 +82,17 @@ class CoordinatorServiceStub:
     ]
     """Who this connection's credential says the caller is: identity, role and tenant."""
 
+    ListQuotas: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListQuotasRequest,
+        gpulease.v1.coordinator_pb2.ListQuotasResponse,
+    ]
+    """Each tenant's quota, usage, borrowed GPUs and pending requests (a user sees its own tenant)."""
+
+    ListPriorityClasses: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListPriorityClassesRequest,
+        gpulease.v1.coordinator_pb2.ListPriorityClassesResponse,
+    ]
+
     RunContainer: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
         gpulease.v1.types_pb2.ContainerStatus,
@@ -172,6 +183,17 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.WhoAmIResponse,
     ]
     """Who this connection's credential says the caller is: identity, role and tenant."""
+
+    ListQuotas: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListQuotasRequest,
+        gpulease.v1.coordinator_pb2.ListQuotasResponse,
+    ]
+    """Each tenant's quota, usage, borrowed GPUs and pending requests (a user sees its own tenant)."""
+
+    ListPriorityClasses: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListPriorityClassesRequest,
+        gpulease.v1.coordinator_pb2.ListPriorityClassesResponse,
+    ]
 
     RunContainer: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
@@ -283,6 +305,21 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.WhoAmIResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.WhoAmIResponse]]:
         """Who this connection's credential says the caller is: identity, role and tenant."""
+
+    @abc.abstractmethod
+    def ListQuotas(
+        self,
+        request: gpulease.v1.coordinator_pb2.ListQuotasRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ListQuotasResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListQuotasResponse]]:
+        """Each tenant's quota, usage, borrowed GPUs and pending requests (a user sees its own tenant)."""
+
+    @abc.abstractmethod
+    def ListPriorityClasses(
+        self,
+        request: gpulease.v1.coordinator_pb2.ListPriorityClassesRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ListPriorityClassesResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListPriorityClassesResponse]]: ...
 
     @abc.abstractmethod
     def RunContainer(
@@ -459,6 +496,27 @@ class AdminServiceStub:
     ]
     """The audit log, newest last."""
 
+    SetQuota: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.SetQuotaRequest,
+        gpulease.v1.coordinator_pb2.SetQuotaResponse,
+    ]
+    """Quotas and priority classes live in etcd; every change is audited."""
+
+    DeleteQuota: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteQuotaRequest,
+        gpulease.v1.coordinator_pb2.DeleteQuotaResponse,
+    ]
+
+    SetPriorityClass: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.SetPriorityClassRequest,
+        gpulease.v1.coordinator_pb2.SetPriorityClassResponse,
+    ]
+
+    DeletePriorityClass: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeletePriorityClassRequest,
+        gpulease.v1.coordinator_pb2.DeletePriorityClassResponse,
+    ]
+
 class AdminServiceAsyncStub:
     """Operators and the benchmark."""
 
@@ -500,6 +558,27 @@ class AdminServiceAsyncStub:
         gpulease.v1.coordinator_pb2.ReadAuditResponse,
     ]
     """The audit log, newest last."""
+
+    SetQuota: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.SetQuotaRequest,
+        gpulease.v1.coordinator_pb2.SetQuotaResponse,
+    ]
+    """Quotas and priority classes live in etcd; every change is audited."""
+
+    DeleteQuota: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteQuotaRequest,
+        gpulease.v1.coordinator_pb2.DeleteQuotaResponse,
+    ]
+
+    SetPriorityClass: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.SetPriorityClassRequest,
+        gpulease.v1.coordinator_pb2.SetPriorityClassResponse,
+    ]
+
+    DeletePriorityClass: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeletePriorityClassRequest,
+        gpulease.v1.coordinator_pb2.DeletePriorityClassResponse,
+    ]
 
 class AdminServiceServicer(metaclass=abc.ABCMeta):
     """Operators and the benchmark."""
@@ -556,5 +635,34 @@ class AdminServiceServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.ReadAuditResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ReadAuditResponse]]:
         """The audit log, newest last."""
+
+    @abc.abstractmethod
+    def SetQuota(
+        self,
+        request: gpulease.v1.coordinator_pb2.SetQuotaRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.SetQuotaResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.SetQuotaResponse]]:
+        """Quotas and priority classes live in etcd; every change is audited."""
+
+    @abc.abstractmethod
+    def DeleteQuota(
+        self,
+        request: gpulease.v1.coordinator_pb2.DeleteQuotaRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.DeleteQuotaResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.DeleteQuotaResponse]]: ...
+
+    @abc.abstractmethod
+    def SetPriorityClass(
+        self,
+        request: gpulease.v1.coordinator_pb2.SetPriorityClassRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.SetPriorityClassResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.SetPriorityClassResponse]]: ...
+
+    @abc.abstractmethod
+    def DeletePriorityClass(
+        self,
+        request: gpulease.v1.coordinator_pb2.DeletePriorityClassRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.DeletePriorityClassResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.DeletePriorityClassResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

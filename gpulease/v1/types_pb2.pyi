@@ -354,6 +354,9 @@ class Allocation(google.protobuf.message.Message):
     NODE_ADDRESS_FIELD_NUMBER: builtins.int
     PRINCIPAL_FIELD_NUMBER: builtins.int
     TENANT_FIELD_NUMBER: builtins.int
+    PREEMPTIBLE_FIELD_NUMBER: builtins.int
+    PRIORITY_CLASS_FIELD_NUMBER: builtins.int
+    MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
     id: builtins.str
     node: builtins.str
     cpus: builtins.int
@@ -371,6 +374,10 @@ class Allocation(google.protobuf.message.Message):
     """
     tenant: builtins.str
     """The tenant its resources count against."""
+    preemptible: builtins.bool
+    priority_class: builtins.str
+    max_runtime_seconds: builtins.int
+    """Declared runtime (0 = none)."""
     @property
     def gpus(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AllocatedGpu]: ...
     def __init__(
@@ -389,8 +396,11 @@ class Allocation(google.protobuf.message.Message):
         node_address: builtins.str = ...,
         principal: builtins.str = ...,
         tenant: builtins.str = ...,
+        preemptible: builtins.bool = ...,
+        priority_class: builtins.str = ...,
+        max_runtime_seconds: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "principal", b"principal", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "preemptible", b"preemptible", "principal", b"principal", "priority_class", b"priority_class", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___Allocation = Allocation
 

@@ -125,6 +125,13 @@ def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
         "ListTokens": pb.ListTokensRequest(),
         "RevokeToken": pb.RevokeTokenRequest(name="nobody"),
         "ReadAudit": pb.ReadAuditRequest(),
+        "ListQuotas": pb.ListQuotasRequest(),
+        "ListPriorityClasses": pb.ListPriorityClassesRequest(),
+        # Harmless when allowed: a quota and a class nobody uses, removals of ones that never existed.
+        "SetQuota": pb.SetQuotaRequest(quota=pb.Quota(tenant=f"matrix-{row}", gpus=100)),
+        "DeleteQuota": pb.DeleteQuotaRequest(tenant="nobody"),
+        "SetPriorityClass": pb.SetPriorityClassRequest(priority_class=pb.PriorityClass(name=f"matrix-{row}", value=1)),
+        "DeletePriorityClass": pb.DeletePriorityClassRequest(name="nobody"),
     }
 
 

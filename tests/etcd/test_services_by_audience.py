@@ -14,11 +14,12 @@ AUDIENCES = {
     "CoordinatorService": {
         "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations",
         "ListNodes", "GetClusterSummary", "RunContainer", "WaitContainer", "StreamLogs", "StopContainer",
-        "ListContainers", "WhoAmI",
+        "ListContainers", "WhoAmI", "ListQuotas", "ListPriorityClasses",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
     "AdminService": {
         "CordonNode", "DeleteNode", "GetStats", "CreateToken", "ListTokens", "RevokeToken", "ReadAudit",
+        "SetQuota", "DeleteQuota", "SetPriorityClass", "DeletePriorityClass",
     },
 }  # fmt: skip
 

@@ -1,0 +1,129 @@
+"""Admin-set policy in etcd: tenant quotas (``quotas/<tenant>``) and priority classes
+(``priorities/<name>``). Each change is one transaction with its audit entry; every replica sees
+it through its view and applies it to the next placement (and the allocation transaction compares
+the quota records it judged by, so a change can never be missed by a commit in flight)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gpulease.common.identity import NAME_RE, Principal
+from gpulease.coordinator import priority_classes
+from gpulease.coordinator.audit import AuditLog
+from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.priority_classes import PriorityClass
+from gpulease.coordinator.quota import DEFAULT_TENANT_KEY, Quota, Usage, borrowed
+from gpulease.coordinator.records import encode_quota
+from gpulease.coordinator.store import Cmp, Delete, Put, Store
+from gpulease.coordinator.view import ClusterView
+from gpulease.errors import InvalidRequest, NotFound
+
+MAX_GPUS = 1_000_000
+MAX_LIFETIME_S = 365 * 86400
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    tenant: str
+    quota: Quota | None
+    from_default: bool
+    usage: Usage
+    borrowed: int
+    pending: int
+    fair_share_gpu_hours: float
+
+
+def validate_quota(tenant: str, q: Quota) -> Quota:
+    if tenant != DEFAULT_TENANT_KEY and not NAME_RE.match(tenant):
+        raise InvalidRequest(f"{tenant[:64]!r} is not a valid tenant name ('*' sets the default quota)")
+
+    def count(what: str, n: int | None, top: int = MAX_GPUS) -> None:
+        if n is not None and not 0 <= n <= top:
+            raise InvalidRequest(f"{what} must be 0 to {top}, not {n}")
+
+    count("gpus", q.gpus)
+    count("cpus", q.cpus)
+    count("memory_bytes", q.memory_bytes, 2**62)
+    count("borrow", q.borrow)
+    count("max_lifetime_seconds", q.max_lifetime_s, MAX_LIFETIME_S)
+    if q.max_lifetime_s and q.max_lifetime_s < 60:
+        raise InvalidRequest("max_lifetime_seconds must be 0 (no limit) or at least 60")
+    for model, n in q.models.items():
+        if not model or len(model) > 256:
+            raise InvalidRequest("a per-model quota needs the model's exact name (at most 256 characters)")
+        count(f"the quota of model {model!r}", n)
+    if len(q.models) > 64:
+        raise InvalidRequest("at most 64 per-model quotas")
+    if not math.isfinite(q.weight) or not 0 <= q.weight <= 1e6:
+        raise InvalidRequest("weight must be 0 (the nominal GPUs) to 1000000")
+    if q.borrow and q.gpus is None and not q.models:
+        raise InvalidRequest("borrow needs a nominal quota to borrow above (--gpus or --model)")
+    return q
+
+
+class Policies:
+    def __init__(self, store: Store, keys: Keys, view: ClusterView, audit: AuditLog) -> None:
+        self._store = store
+        self._keys = keys
+        self._view = view
+        self._audit = audit
+
+    async def set_quota(self, by: Principal, tenant: str, q: Quota) -> Quota:
+        validate_quota(tenant, q)
+        detail = (f"gpus={q.gpus} models={dict(q.models)} cpus={q.cpus} memory={q.memory_bytes} borrow={q.borrow} "
+                  f"lifetime={q.max_lifetime_s} weight={q.weight}")  # fmt: skip
+        out = await self._store.txn(
+            [], [Put(self._keys.quota(tenant), encode_quota(q)), self._audit.entry_put(by, "quota-set", tenant,
+                                                                                       detail=detail)]
+        )  # fmt: skip
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return q
+
+    async def delete_quota(self, by: Principal, tenant: str) -> bool:
+        key = self._keys.quota(tenant)
+        out = await self._store.txn([Cmp(key, "create", ">", 0)],
+                                    [Delete(key), self._audit.entry_put(by, "quota-delete", tenant)])  # fmt: skip
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return out.succeeded
+
+    def statuses(self, pending: Mapping[str, int], fair_usage: Mapping[str, float]) -> list[TenantStatus]:
+        """Every tenant with a quota, usage or pending requests; '*' (the default) when set."""
+        book = self._view.quota_book()
+        tenants = set(book.quotas) | set(book.usage) | set(pending)
+        out = []
+        for t in sorted(tenants):
+            if t == DEFAULT_TENANT_KEY:
+                q = book.quotas[t][0]
+                out.append(TenantStatus(t, q, False, Usage(), 0, 0, 0.0))
+                continue
+            quota, from_default = book.quota_for(t)
+            usage = book.usage_of(t)
+            out.append(TenantStatus(t, quota, from_default, usage, borrowed(quota, usage), pending.get(t, 0),
+                                    fair_usage.get(t, 0.0) / 3600))  # fmt: skip
+        return out
+
+    async def set_class(self, by: Principal, c: PriorityClass) -> PriorityClass:
+        c = priority_classes.validate(c)
+        ops = [Put(self._keys.priority_class(c.name), priority_classes.encode(c))]
+        if c.is_default:  # one default: the others stored as default lose the mark
+            for name, raw in self._view.table("priorities").items():
+                other = priority_classes.decode(name, raw)
+                if name != c.name and other.is_default:
+                    unmarked = PriorityClass(other.name, other.value, False, other.grace_s, other.min_runtime_s)
+                    ops.append(Put(self._keys.priority_class(name), priority_classes.encode(unmarked)))
+        detail = f"value={c.value} default={c.is_default} grace={c.grace_s} min_runtime={c.min_runtime_s}"
+        out = await self._store.txn([], [*ops, self._audit.entry_put(by, "priority-set", c.name, detail=detail)])
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return c
+
+    async def delete_class(self, by: Principal, name: str) -> bool:
+        key = self._keys.priority_class(name)
+        out = await self._store.txn([Cmp(key, "create", ">", 0)],
+                                    [Delete(key), self._audit.entry_put(by, "priority-delete", name)])  # fmt: skip
+        if not out.succeeded:
+            raise NotFound(f"no stored priority class {name!r} (configured classes are changed in the coordinator's "
+                           "settings)")  # fmt: skip
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return True
