@@ -77,6 +77,7 @@ __all__ = [
     "Cause",
     "NoPreemption",
     "Preemption",
+    "PreemptionDecision",
     "borrowed_ids",
     "claimed_gpus",
     "hold_claims",
@@ -170,7 +171,8 @@ def hold_claims(snapshot: Snapshot, claims: Iterable[tuple[str, int]]) -> Snapsh
         node: replace(snapshot.nodes[node], gpus_held=snapshot.nodes[node].gpus_held | frozenset(indexes))
         for node, indexes in per_node.items()
     }
-    return Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, frozenset()))
+    # replace(): the snapshot's other fields (its revision, the quota book) stay as they are.
+    return replace(snapshot, nodes=Overlay(snapshot.nodes, changed, frozenset()))
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def plan_preemption(
     now_ms: int,
     nominal: Mapping[str, int] | None = None,
     claimed: Iterable[tuple[str, int]] = (),
-) -> Preemption | NoPreemption:
+) -> PreemptionDecision:
     """The cheapest preemption that lets ``request`` start on one node, or why there is none.
 
     See the module docstring for the rules. ``NoPreemption`` also when the request fits without
@@ -235,7 +237,7 @@ def plan_preemption(
             eligible.setdefault((Cause.RECLAIM, a.node), []).append(a)
         if lower:
             guaranteed = a.tenant in nominal and a.alloc_id not in borrowed
-            if not other or (not guaranteed):
+            if not other or (not guaranteed and within_after):
                 eligible.setdefault((Cause.PRIORITY, a.node), []).append(a)
             elif guaranteed:
                 t_guaranteed += 1
@@ -247,6 +249,8 @@ def plan_preemption(
         claims.setdefault(node_name, set()).add(index)
     best: _Plan | None = None
     for (cause, node), cands in sorted(eligible.items(), key=lambda kv: (kv[0][1], _CAUSE_RANK[kv[0][0]])):
+        if best is not None and best.key[:2] < (min(c.priority for c in cands), 1):
+            continue  # no plan here can beat it: it would stop at least one of these
         fit = _Fit(snapshot.revision, snapshot.nodes[node], frozenset(claims.get(node, ())), req)
         plan = _plan_on(fit, cause, cands, borrowed, now_ms)
         if plan is not None and (best is None or plan.key < best.key):
