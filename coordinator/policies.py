@@ -48,8 +48,8 @@ def validate_quota(tenant: str, q: Quota) -> Quota:
     count("memory_bytes", q.memory_bytes, 2**62)
     count("borrow", q.borrow)
     count("max_lifetime_seconds", q.max_lifetime_s, MAX_LIFETIME_S)
-    if q.max_lifetime_s and q.max_lifetime_s < 60:
-        raise InvalidRequest("max_lifetime_seconds must be 0 (no limit) or at least 60")
+    if q.max_lifetime_s and q.max_lifetime_s < 5:
+        raise InvalidRequest("max_lifetime_seconds must be 0 (no limit) or at least 5")
     for model, n in q.models.items():
         if not model or len(model) > 256:
             raise InvalidRequest("a per-model quota needs the model's exact name (at most 256 characters)")

@@ -33,7 +33,7 @@ from gpulease.coordinator.domain import Allocation, PendingRequest
 from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.queue_plan import Admit, Decision, Holder, Wait, ends_ms, plan
-from gpulease.coordinator.quota import QuotaBook
+from gpulease.coordinator.quota import share_key
 from gpulease.coordinator.records import decode_pending, encode_pending
 from gpulease.coordinator.store import Cmp, Delete, Get, Put, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
@@ -128,8 +128,10 @@ class WaitingQueue:
         """Per tenant with pending requests: decayed GPU-seconds plus the GPUs held now (which
         orders tenants before the ledger has history), per unit of its quota's weight."""
         book = self._view.quota_book()
-        fair = self._fair.usage() if self._fair is not None else {}
-        return {t: (fair.get(t, 0.0) + book.usage_of(t).gpus) / _weight(book, t) for t in {e.tenant for e in entries}}
+        fair = self.fair_usage()
+        tenants = {e.tenant for e in entries}
+        usage = {t: fair.get(t, 0.0) + book.usage_of(t).gpus for t in tenants}
+        return {t: share_key(t, book, usage) for t in tenants}
 
     def gate(self, fresh: PendingRequest) -> Decision | None:
         """AllocationService's check for a request that would be placed now: None while nothing is
@@ -393,11 +395,6 @@ def _resolve(w: _Waiter, outcome: tuple[Allocation, bool]) -> None:
 def _fail(w: _Waiter, exc: BaseException) -> None:
     if not w.result.done():
         w.result.set_exception(exc)
-
-
-def _weight(book: QuotaBook, tenant: str) -> float:
-    quota, _ = book.quota_for(tenant)
-    return quota.share_weight if quota is not None else 1.0
 
 
 def _now_ms() -> int:

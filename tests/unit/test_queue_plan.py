@@ -29,7 +29,7 @@ def pending(id_: str, gpus: int, *, model: str = "", priority: int = 0, age: int
 def test_order_is_priority_then_fair_share_then_age() -> None:
     entries = [pending("old", 1, age=50), pending("new", 1, age=1), pending("vip", 1, priority=10),
                pending("rich-old", 1, age=99, tenant="rich")]  # fmt: skip
-    assert [e.id for e in order(entries, {"rich": 8, "t": 1})] == ["vip", "old", "new", "rich-old"]
+    assert [e.id for e in order(entries, {"rich": 8.0, "t": 1.0})] == ["vip", "old", "new", "rich-old"]
 
 
 def test_admits_in_order_while_things_fit_and_explains_the_rest() -> None:
@@ -86,3 +86,37 @@ def test_a_request_larger_than_any_node_says_so() -> None:
     d = plan(snap(node("x", 2)), [pending("huge", 3)], now_ms=NOW)
     huge = d["huge"]
     assert isinstance(huge, Wait) and "can ever fit 3 GPUs" in huge.reason
+
+
+def test_a_request_over_its_quota_waits_with_the_quota_and_does_not_block_its_pool() -> None:
+    from gpulease.coordinator.quota import Quota, QuotaBook, Usage
+
+    book = QuotaBook({"capped": (Quota(gpus=2), 5)}, {"capped": Usage(2, {A100: 2})})
+    views = Snapshot(10, snap(node("n", 4, held=2)).nodes, book)
+    entries = [pending("capped-head", 1, age=9, tenant="capped"), pending("other", 2, age=1, tenant="free")]
+    d = plan(views, entries, now_ms=NOW)
+    head = d["capped-head"]
+    assert isinstance(head, Wait) and head.reason == "quota: capped uses 2 of 2 GPUs (asks for 1)"
+    assert head.reserved_node == ""  # no reservation: it could not start on an empty cluster either
+    assert d["other"] == Admit(frozenset(), 2)
+
+
+def test_requests_admitted_in_one_pass_count_against_their_tenants_quota() -> None:
+    from gpulease.coordinator.quota import Quota, QuotaBook
+
+    book = QuotaBook({"t": (Quota(gpus=3, models={A100: 2}), 5)})
+    views = Snapshot(10, snap(node("n", 8)).nodes, book)
+    d = plan(views, [pending("a", 2, age=3), pending("b", 1, age=2), pending("c", 1, age=1)], now_ms=NOW)
+    assert isinstance(d["a"], Admit)
+    # "b" names no model: it is checked against the A100 quota with the GPUs placement chose.
+    b, c = d["b"], d["c"]
+    assert isinstance(b, Wait) and b.reason == "quota: t uses 2 of 2 A100 (asks for 1)"
+    assert isinstance(c, Wait) and c.reason == "quota: t uses 2 of 2 A100 (asks for 1)"
+
+
+def test_fair_share_orders_tenants_by_usage_per_weight() -> None:
+    # Equal priority: the tenant with less decayed usage per unit of weight goes first, whatever the age.
+    entries = [pending("heavy", 1, age=90, tenant="heavy"), pending("light", 1, age=1, tenant="light")]
+    assert [e.id for e in order(entries, {"heavy": 300.0, "light": 100.0})] == ["light", "heavy"]
+    # Weighted 1:3, 300 GPU-s for the weight-3 tenant is 100 per unit: it ties, and age decides.
+    assert [e.id for e in order(entries, {"heavy": 300.0 / 3, "light": 100.0})] == ["heavy", "light"]
