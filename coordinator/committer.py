@@ -18,7 +18,8 @@ And for each tenant of the batch:
                         tenant: no allocation of the tenant was added since the snapshot that
                         judged its usage, so two replicas cannot both take its last GPUs
 Success writes, per allocation, its record, one key per GPU, its reservation and its request
-key, each on the allocation's own lease, and its audit entry (no lease: it outlives the
+key, each on the allocation's own lease (and its usage/<tenant>/<id>), and its audit entry
+(an admission also deletes queue/<id>, queued/ and a preemption claim claims/<id>) (no lease: it outlives the
 allocation). Failure reads back what the compares looked at, so
 the caller can tell a reused request id from a conflict and which revision its view must reach.
 """
@@ -90,7 +91,7 @@ def txn_size(items: Sequence[Item]) -> int:
     with_tenant = [i for i in items if i.draft.tenant]
     tenants = len({i.draft.tenant for i in with_tenant})
     compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0)
-    puts = 4 * len(items) + len(with_tenant) + gpus + 2 * queued
+    puts = 4 * len(items) + len(with_tenant) + gpus + 3 * queued
     reads = len(items) + 5 * len(nodes) + queued
     return max(compares, puts, reads)
 
@@ -122,7 +123,7 @@ class EtcdCommitter:
                                      unique=f"{a.id}.allocate"))  # fmt: skip
             if item.queued:
                 compares.append(Cmp(k.queue(a.id), "version", ">", 0))
-                success += [Delete(k.queue(a.id)), Delete(k.queued(a.request_id))]
+                success += [Delete(k.queue(a.id)), Delete(k.queued(a.request_id)), Delete(k.claim(a.id))]
         failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
         for node, p in nodes.items():
             res = k.res_prefix(node)

@@ -123,6 +123,14 @@ class ContainerForwarder:
         except grpc.aio.AioRpcError as exc:
             raise agent_error(exc, node, address) from None
 
+    async def stop_all(self, alloc: Allocation, grace_seconds: int) -> None:
+        """Stop every running container of ``alloc`` (preemption): SIGTERM, SIGKILL after the grace."""
+        listed = await self.list(alloc.id)
+        for c in listed.containers:
+            if c.state == tpb.CONTAINER_STATE_RUNNING:
+                ref = tpb.ContainerRef(allocation_id=alloc.id, container_id=c.container_id)
+                await self.stop(tpb.StopContainerRequest(ref=ref, grace_seconds=min(grace_seconds, 3600)))
+
     async def logs(self, request: tpb.StreamLogsRequest) -> AsyncIterator[tpb.LogChunk]:
         node = await self._node_of(request.ref)
         address = self._address(node)

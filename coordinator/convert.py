@@ -121,6 +121,9 @@ def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
         node_address=node_address,
         principal=a.principal,
         tenant=a.tenant,
+        preemptible=a.preemptible,
+        priority_class=a.priority_class,
+        max_runtime_seconds=a.max_runtime_s,
     )
 
 

@@ -28,6 +28,10 @@
     quotas/<tenant>           a tenant's quota (JSON, no lease); quotas/* is the default for tenants
                               with none of their own
     priorities/<name>         a priority class (JSON, no lease), on top of the configured ones
+    preempting/<id>           {"by","cause","deadline_ms",...} on the victim's lease: the allocation
+                              is being preempted (coordinator/preemption.py)
+    claims/<pending id>       {"node","gpus","victims"} on the preemptor's waiting lease: GPUs held
+                              for it until it is admitted or leaves
     fairshare                 {"at_ms", "usage": {tenant: decayed GPU-seconds}}: the fair-share
                               ledger, advanced by whichever replica finds it stale (a CAS)
     audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
@@ -122,6 +126,12 @@ class Keys:
 
     def priority_class(self, name: str) -> str:
         return f"{self.prefix}priorities/{name}"
+
+    def preempting(self, alloc_id: str) -> str:
+        return f"{self.prefix}preempting/{alloc_id}"
+
+    def claim(self, pending_id: str) -> str:
+        return f"{self.prefix}claims/{pending_id}"
 
     def fairshare(self) -> str:
         return f"{self.prefix}fairshare"

@@ -28,6 +28,7 @@ from gpulease.coordinator.guard import Guard, RateLimit
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.nodes import NodePolicy, NodeService
 from gpulease.coordinator.policies import Policies
+from gpulease.coordinator.preemption import Preemptions
 from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
 from gpulease.coordinator.store import Store
 from gpulease.coordinator.store import TlsFiles as EtcdTls
@@ -65,8 +66,9 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         ),
     )
     fair = FairShare(store, keys, view, cfg.fair_share_half_life)
+    preemptions = Preemptions(store, keys, view)
     queue = WaitingQueue(store, view, keys, allocations, QueuePolicy(cfg.queue_ttl, cfg.max_wait, cfg.strict_fifo),
-                         fair)  # fmt: skip
+                         fair, preemptions)  # fmt: skip
     nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
     agents = AgentChannels(tls)
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
@@ -74,11 +76,13 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     policies = Policies(store, keys, view, audit)
     endings = Endings(store, keys, view, cfg.container_retention)
     containers = ContainerForwarder(allocations, view, agents, endings, policy=cfg.container_policy)
+    preemptions.stop_containers = containers.stop_all
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue, policies), server
+        CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue, policies, preemptions),
+        server,
     )
     coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(

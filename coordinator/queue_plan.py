@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from gpulease.coordinator.batch_placement import Overlay, TenantTally
 from gpulease.coordinator.domain import NodeView, PendingRequest, Snapshot
 from gpulease.coordinator.placement import place
+from gpulease.coordinator.preemption_plan import hold_claims
 from gpulease.errors import InsufficientResources, Unsatisfiable
 
 # A plan considers at most this many pending requests (Slurm's default_queue_depth is 100): the
@@ -67,6 +68,9 @@ class Wait:
     # When a reservation is made for this request: its node and estimated start (None: unknown).
     reserved_node: str = ""
     estimated_start_ms: int | None = None
+    # The first request of its pool that does not fit (not one waiting for its quota or behind
+    # another): the one preemption may make room for.
+    head: bool = False
 
 
 Decision = Admit | Wait
@@ -100,9 +104,17 @@ def plan(
     shares: Mapping[str, float] | None = None,
     holders: Callable[[str], Sequence[Holder]] = lambda _node: (),
     strict_fifo: bool = False,
+    claims: Mapping[str, frozenset[tuple[str, int]]] | None = None,
 ) -> dict[str, Decision]:
     """A decision per pending request id. Requests admitted earlier in the pass are counted on
-    an overlay, so two admitted requests never need the same GPUs."""
+    an overlay, so two admitted requests never need the same GPUs.
+
+    ``claims``: pending id -> the (node, GPU index) pairs a preemption freed for it. Every other
+    request plans as if they were held, and stays off their nodes (so that the commit, which
+    places on the plain snapshot, cannot take them either)."""
+    claims = claims or {}
+    claimed_all = frozenset(pair for pairs in claims.values() for pair in pairs)
+    base = snapshot
     shares = shares or {}
     tally = TenantTally(snapshot)
     out: dict[str, Decision] = {}
@@ -124,7 +136,11 @@ def plan(
         if over is not None:
             out[e.id] = Wait(over, position)
             continue
+        own = claims.get(e.id, frozenset())
+        held = claimed_all - own
+        snapshot = hold_claims(base, held) if held else base
         excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
+        excluded |= frozenset(node for node, _ in held)
         view = Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, excluded))
         try:
             p = place(view, e.req)
@@ -137,12 +153,13 @@ def plan(
             taken = frozenset(r.node for r in reservations)
             res = _reserve(snapshot, changed, e, holders, taken, now_ms)
             if res is None:
-                out[e.id] = Wait(reason, position)
+                out[e.id] = Wait(reason, position, head=True)
                 continue
             reservations.append(res)
             eta = f"estimated start {_clock(res.start_ms)} (an estimate from declared runtimes)" if res.start_ms \
                 else "no estimated start (allocations in the way declared no runtime)"  # fmt: skip
-            out[e.id] = Wait(f"{reason}; {res.node} is reserved for it, {eta}", position, res.node, res.start_ms)
+            out[e.id] = Wait(f"{reason}; {res.node} is reserved for it, {eta}", position, res.node, res.start_ms,
+                             head=True)  # fmt: skip
             continue
         over = tally.after(e.tenant, p, e.req)
         if over is not None:

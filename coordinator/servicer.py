@@ -23,6 +23,7 @@ from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.policies import Policies, TenantStatus
+from gpulease.coordinator.preemption import Preemptions
 from gpulease.coordinator.priority_classes import PriorityClass
 from gpulease.coordinator.quota import Quota
 from gpulease.coordinator.tokens import TokenRecord, Tokens
@@ -120,7 +121,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def __init__(
         self, allocations: AllocationService, nodes: NodeService, view: ClusterView, containers: ContainerForwarder,
         guard: Guard, endings: Endings, audit: AuditLog, queue: WaitingQueue, policies: Policies,
+        preemptions: Preemptions | None = None,
     ) -> None:  # fmt: skip
+        self._preemptions = preemptions
         self._queue = queue
         self._policies = policies
         self._allocs = allocations
@@ -185,7 +188,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @rpc
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> pb.KeepAliveResponse:
-        return pb.KeepAliveResponse(ttl_seconds=await self._allocs.keep_alive(request.allocation_id, caller()))
+        ttl = await self._allocs.keep_alive(request.allocation_id, caller())
+        answer = pb.KeepAliveResponse(ttl_seconds=ttl)
+        notice = self._preemptions.notice(request.allocation_id) if self._preemptions else None
+        if notice is not None:  # still renewed until the deadline; the holder is told to wind down
+            told = pb.Preemption(by=notice.by, cause=notice.cause, deadline_unix_ms=notice.deadline_ms,
+                                 reason=notice.reason)  # fmt: skip
+            answer.preemption.CopyFrom(told)
+        return answer
 
     @rpc
     async def GetAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # allocation's containers are and whose they are (they outlive the allocation).
 # Pending requests (queue/<id>) too: every replica plans admissions from them.
 # Quotas and priority classes too: placement reads them on every request.
-TABLES = ("tokens", "containers", "queue", "quotas", "priorities")
+# Preemption notices and the preemptors' claims: the queue plans around them.
+TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting", "claims")
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,8 @@ from gpulease.coordinator.batcher import LeftQueue
 from gpulease.coordinator.domain import Allocation, PendingRequest
 from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.preemption import Claim, Preemptions, candidate
+from gpulease.coordinator.preemption_plan import Preemption, plan_preemption
 from gpulease.coordinator.queue_plan import Admit, Decision, Holder, Wait, ends_ms, plan
 from gpulease.coordinator.quota import share_key
 from gpulease.coordinator.records import decode_pending, encode_pending
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 # How often a replica looks at the queue when its view does not move (estimates and deadlines
 # move with the clock).
 TICK_S = 0.5
+# How often a blocked head may look for victims.
+PREEMPT_RETRY_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class WaitingQueue:
         allocations: AllocationService,
         policy: QueuePolicy,
         fair: FairShare | None = None,
+        preemptions: Preemptions | None = None,
     ) -> None:
         self._store = store
         self._view = view
@@ -92,6 +97,8 @@ class WaitingQueue:
         self._allocs = allocations
         self._policy = policy
         self._fair = fair
+        self._preempt = preemptions
+        self._next_preempt: dict[str, int] = {}  # pending id -> earliest next attempt (ms)
         self._waiters: dict[str, _Waiter] = {}
         self._kick = asyncio.Event()
         self._decoded: tuple[int, list[PendingRequest]] = (-1, [])
@@ -117,8 +124,9 @@ class WaitingQueue:
         entries = self.pending()
         if extra is not None:
             entries = [*entries, extra]
+        claims = {i: c.pairs for i, c in self._preempt.claims().items()} if self._preempt else {}
         return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=self.shares(entries),
-                    holders=self._holders, strict_fifo=self._policy.strict_fifo)  # fmt: skip
+                    holders=self._holders, strict_fifo=self._policy.strict_fifo, claims=claims)  # fmt: skip
 
     def fair_usage(self) -> dict[str, float]:
         """Decayed GPU-seconds per tenant (empty without a fair-share ledger)."""
@@ -265,6 +273,9 @@ class WaitingQueue:
         try:
             while True:
                 await self._next_change()
+                if self._preempt is not None and self._view.synced.is_set():
+                    # Any replica ends a victim's grace, whether or not it serves the preemptor.
+                    self._preempt.sweep(_now_ms())
                 if not self._waiters:
                     continue
                 try:
@@ -291,6 +302,7 @@ class WaitingQueue:
     def _pass(self) -> None:
         decisions = self.decide()
         now = _now_ms()
+        claims = self._preempt.claims() if self._preempt is not None else {}
         in_view = {e.id for e in self.pending()}
         for w in list(self._waiters.values()):
             if w.result.done() or w.admitting:
@@ -310,10 +322,48 @@ class WaitingQueue:
                 w.admitting = True
                 self._spawn(self._admit(w, d.excluded))
             elif isinstance(d, Wait):
+                claim = claims.get(w.entry.id)
+                if claim is not None:
+                    d = Wait(f"preempting {len(claim.victims)} allocation(s) on {claim.node} to make room for it "
+                             f"({', '.join(claim.victims)}); it starts when they end", d.position)  # fmt: skip
+                elif d.head:
+                    self._maybe_preempt(w, now, claims)
                 w.reason = d.reason
                 if w.last != (d.position, d.reason):
                     w.last = (d.position, d.reason)
                     w.updates.put_nowait(Status(w.entry, d.position, d.reason, d.estimated_start_ms or 0))
+
+    def _maybe_preempt(self, w: _Waiter, now: int, claims: Mapping[str, Claim]) -> None:
+        """For a blocked head served here: preempt if the pure plan finds victims (at most one attempt
+        per PREEMPT_RETRY_MS, so a head that cannot preempt costs little)."""
+        if self._preempt is None or now < self._next_preempt.get(w.entry.id, 0):
+            return
+        self._next_preempt[w.entry.id] = now + PREEMPT_RETRY_MS
+        classes = self._allocs.classes()
+        candidates = [c for a in self._view.allocations() if (c := candidate(a, self._view, classes)) is not None]
+        if not any(c.preemptible for c in candidates):
+            return
+        book = self._view.quota_book()
+        nominal = {}
+        for t in {c.tenant for c in candidates} | {w.entry.tenant}:
+            quota, _ = book.quota_for(t)
+            if quota is not None and quota.gpus is not None:
+                nominal[t] = quota.gpus
+        claimed = [pair for i, c in claims.items() if i != w.entry.id for pair in c.pairs]
+        decision = plan_preemption(self._view.snapshot(), w.entry, candidates, now_ms=now, nominal=nominal,
+                                   claimed=claimed)  # fmt: skip
+        if isinstance(decision, Preemption):
+            self._spawn(self._preempt_for(w, decision))
+
+    async def _preempt_for(self, w: _Waiter, p: Preemption) -> None:
+        assert self._preempt is not None
+        try:
+            if not await self._preempt.preempt(w.entry, p, self._allocs.classes()):
+                self._next_preempt[w.entry.id] = 0  # a compare failed: plan again on the next pass
+        except StoreUnavailable as exc:
+            log.warning("queue: preemption for %s failed: %s", w.entry.id, exc)
+        finally:
+            self._kick.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
