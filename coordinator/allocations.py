@@ -40,6 +40,7 @@ from gpulease.coordinator.lease_pool import LeasePool, needs_renewal
 from gpulease.coordinator.queue_plan import Decision, Wait
 from gpulease.coordinator.quota import never_fits
 from gpulease.coordinator.records import decode_alloc
+from gpulease.coordinator.request_defaults import with_defaults
 from gpulease.coordinator.settle import Settler
 from gpulease.coordinator.store import Cmp, Delete, Get, Op, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
@@ -192,6 +193,11 @@ class AllocationService:
             default_cpus_per_gpu=self._policy.default_cpus_per_gpu,
             default_memory_per_gpu=self._policy.default_memory_per_gpu,
         )
+        cpus_share, memory_share = self._view.smallest_share_per_gpu()
+        if (req.cpus_auto and self._policy.default_cpus_per_gpu > cpus_share) or (
+            req.memory_auto and self._policy.default_memory_per_gpu > memory_share
+        ):  # some node's share is under the default: cap it by the share of the nodes that could hold it
+            req = with_defaults(req, self._view.snapshot().nodes.values())
         ttl = validation.ttl(inp.ttl_seconds, self._policy.default_ttl)
         max_runtime = validation.max_runtime(inp.max_runtime_s)
         klass = self.classes().resolve(inp.priority_class)

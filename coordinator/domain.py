@@ -140,6 +140,10 @@ class ResourceRequest:
     gpu_model: str = ""
     min_gpu_memory_bytes: int = 0
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    # CPU / memory not asked for: the configured per-GPU default capped by the node share
+    # (coordinator/request_defaults.py).
+    cpus_auto: bool = False
+    memory_auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,7 +260,9 @@ def scoped_request_id(principal: str, request_id: str) -> str:
 def request_shape(req: ResourceRequest, ttl_seconds: int) -> str:
     """A canonical text of everything a request asks for; equal requests give equal text."""
     selector = ",".join(f"{k}={v}" for k, v in sorted(req.node_selector.items()))
+    cpus = "auto" if req.cpus_auto else req.cpus
+    memory = "auto" if req.memory_auto else req.memory_bytes
     return (
-        f"gpus={req.gpus};cpus={req.cpus};memory={req.memory_bytes};model={req.gpu_model};"
+        f"gpus={req.gpus};cpus={cpus};memory={memory};model={req.gpu_model};"
         f"min_gpu_memory={req.min_gpu_memory_bytes};selector={selector};ttl={ttl_seconds}"
     )

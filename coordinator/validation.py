@@ -107,6 +107,7 @@ def resource_request(
     default_memory_per_gpu: int,
 ) -> ResourceRequest:
     _count("gpus", gpus, MAX_GPUS)
+    cpus_auto, memory_auto = cpus is None, memory_bytes is None
     cpus = default_cpus_per_gpu * gpus if cpus is None else _count("cpus", cpus, MAX_CPUS)
     if memory_bytes is None:
         memory_bytes = default_memory_per_gpu * gpus
@@ -121,6 +122,8 @@ def resource_request(
         gpu_model=_text("gpu_model", gpu_model, 128),
         min_gpu_memory_bytes=min_gpu_memory_bytes,
         node_selector=selector(node_selector),
+        cpus_auto=cpus_auto,
+        memory_auto=memory_auto,
     )
 
 

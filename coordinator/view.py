@@ -71,6 +71,8 @@ class ClusterView:
 
     def _reset(self) -> None:
         self._records: dict[str, tuple[NodeInfo, int]] = {}
+        self._records_version = getattr(self, "_records_version", 0) + 1
+        self._share: tuple[int, float, float] | None = None
         self._alive: set[str] = set()
         self._alive_leases: dict[str, int] = {}
         self._cordoned: set[str] = set()
@@ -140,6 +142,18 @@ class ClusterView:
 
     def nodes(self) -> list[NodeView]:
         return [self._views[n] for n in sorted(self._views)]
+
+    def smallest_share_per_gpu(self) -> tuple[float, float]:
+        """The smallest CPUs and memory per GPU of any node with GPUs (inf when none): a per-GPU
+        default at or under both fits every node's share, so requests need no per-node look."""
+        if self._share is None or self._share[0] != self._records_version:
+            cpus = memory = float("inf")
+            for info, _ in self._records.values():
+                if info.gpus:
+                    cpus = min(cpus, info.cpus_total / len(info.gpus))
+                    memory = min(memory, info.memory_total_bytes / len(info.gpus))
+            self._share = (self._records_version, cpus, memory)
+        return self._share[1], self._share[2]
 
     def allocations_revision(self, node: str) -> int:
         """A revision that changes whenever the node's allocation set does (as this view has seen
@@ -290,6 +304,7 @@ class ClusterView:
             return None
         kind, put, kv = parts[0], ev.kind == "put", ev.kv
         if kind == "nodes" and len(parts) == 2:
+            self._records_version += 1
             if put:
                 self._records[parts[1]] = (decode_node(kv.value), kv.mod_revision)
             else:
