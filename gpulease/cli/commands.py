@@ -18,6 +18,9 @@ from gpulease.errors import InvalidRequest
 
 Handler = Callable[[CliConfig, argparse.Namespace], int]
 
+# The tenant name of the default quota (of tenants without their own).
+DEFAULT_QUOTA = "*"
+
 
 def status(cfg: CliConfig, args: argparse.Namespace) -> int:
     with cfg.client() as client:
@@ -98,6 +101,7 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
         queueing["max_runtime"] = max_runtime
     if args.priority:
         queueing["priority"] = args.priority
+    queueing.update(tenant_options(args))
     with cfg.client() as client:
         alloc = client.allocate(
             gpus=args.gpus,
@@ -115,11 +119,23 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
         print_json(views.allocation_json(alloc))
         return 0
     print(views.allocation_line(alloc))
+    if args.tenant or args.preemptible or args.priority:
+        print(views.allocation_policy_line(alloc))
     print(
         f"note: the lease expires after {alloc.ttl_seconds}s unless kept alive (Client.keep_alive) "
         f"or released (gpuctl release {alloc.id})"
     )
     return 0
+
+
+def tenant_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--tenant and --preemptible as Client.allocate arguments, only those given."""
+    out: dict[str, Any] = {}
+    if args.tenant:
+        out["tenant"] = args.tenant
+    if args.preemptible:
+        out["preemptible"] = True
+    return out
 
 
 def queue(cfg: CliConfig, args: argparse.Namespace) -> int:
@@ -233,6 +249,97 @@ def token_revoke(cfg: CliConfig, args: argparse.Namespace) -> int:
         print(f"revoked token {args.name}: it no longer authenticates anyone")
     else:
         print(f"no token {args.name} was live; nothing to do")
+    return 0
+
+
+def _tenant_arg(args: argparse.Namespace) -> str:
+    # TENANT and --default are exclusive, one required (argparse); --default is the tenant "*".
+    return DEFAULT_QUOTA if args.default else str(args.tenant)
+
+
+def quota_list(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        found = client.list_quotas()
+    if args.json:
+        print_json([q.to_dict() for q in found])
+    elif not found:
+        print("no quotas, usage or pending requests (tenants are unlimited)")
+    else:
+        headers = [
+            "TENANT",
+            "GPUS",
+            "MODELS",
+            "BORROWED",
+            "CPUS",
+            "MEMORY",
+            "PENDING",
+            "GPU-HOURS",
+            "LIFETIME",
+            "WEIGHT",
+        ]
+        print_table(headers, [views.quota_row(q) for q in found])
+    return 0
+
+
+def quota_set(cfg: CliConfig, args: argparse.Namespace) -> int:
+    tenant = _tenant_arg(args)
+    memory = _flag_value("--memory", args.memory, parse_size)
+    lifetime = _flag_value("--lifetime", args.lifetime, parse_duration)
+    with cfg.client() as client:
+        quota = client.set_quota(tenant, gpus=args.gpus, models=dict(args.model), cpus=args.cpus, memory=memory,
+                                 borrow=args.borrow, max_lifetime=lifetime, weight=args.weight)  # fmt: skip
+    if args.json:
+        print_json(quota.to_dict())
+    else:
+        print(f"set {views.quota_name(tenant)}: {views.quota_summary(quota)}")
+    return 0
+
+
+def quota_delete(cfg: CliConfig, args: argparse.Namespace) -> int:
+    tenant = _tenant_arg(args)
+    with cfg.client() as client:
+        deleted = client.delete_quota(tenant)
+    if args.json:
+        print_json({"tenant": tenant, "deleted": deleted})
+    elif deleted:
+        print(f"deleted {views.quota_name(tenant)}")
+    else:
+        print(f"{views.quota_name(tenant)} was not set; nothing to do")
+    return 0
+
+
+def priority_list(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        classes = client.list_priority_classes()
+    if args.json:
+        print_json([c.to_dict() for c in classes])
+    elif not classes:
+        print("no priority classes")
+    else:
+        print_table(["NAME", "VALUE", "DEFAULT", "GRACE", "MIN-RUNTIME"], [views.priority_row(c) for c in classes])
+    return 0
+
+
+def priority_set(cfg: CliConfig, args: argparse.Namespace) -> int:
+    grace = _flag_value("--grace", args.grace, parse_duration)
+    min_runtime = _flag_value("--min-runtime", args.min_runtime, parse_duration)
+    with cfg.client() as client:
+        klass = client.set_priority_class(args.name, args.value, default=args.default, grace=grace,
+                                          min_runtime=min_runtime)  # fmt: skip
+    if args.json:
+        print_json(klass.to_dict())
+    else:
+        print(f"set priority class {views.priority_summary(klass)}")
+    return 0
+
+
+def priority_delete(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        deleted = client.delete_priority_class(args.name)
+    if args.json:
+        print_json({"name": args.name, "deleted": deleted})
+    else:
+        print(f"deleted priority class {args.name}")
     return 0
 
 

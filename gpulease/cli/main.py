@@ -95,6 +95,16 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _model_quota(text: str) -> tuple[str, int]:
+    model, sep, count = text.rpartition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"expected MODEL=N (the model's exact name), got {text!r}")
+    try:
+        return model, int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODEL=N with a whole number N, got {text!r}") from None
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # Accepted before and after the command; the copies on subcommands use SUPPRESS so they
     # only set a value when given and do not overwrite one given before the command.
@@ -132,6 +142,21 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     parser.add_argument("--key", metavar="FILE", default=unset(None), help=f"its private key (${ENV_KEY})")
 
 
+def _add_tenant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", default="", help="the tenant whose quota it counts against (default: your own; "
+                                                "another tenant: admins only)")  # fmt: skip
+    p.add_argument("--preemptible", action="store_true",
+                   help="may be preempted for a request of a higher priority class (or reclaimed by a tenant "
+                        "below its quota)")  # fmt: skip
+
+
+def _add_tenant_or_default(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("tenant", nargs="?", metavar="TENANT", help="the tenant ('*': the default quota)")
+    which.add_argument("--default", action="store_true",
+                       help="the default quota, of tenants without their own (same as TENANT '*')")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -162,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.set_defaults(handler=handler, local=None)
         return p
+
+    def group_with_default(
+        name: str, handler: commands.Handler, summary: str
+    ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        """A group whose name alone runs ``handler`` (`gpuctl quota` lists, as `gpuctl quota list`)."""
+        p = sub.add_parser(name, help=summary, description=summary)
+        _add_global_options(p, suppress=True)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(handler=handler, local=None)
+        return p.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+    def list_command(
+        name: str, handler: commands.Handler, summary: str, within: argparse._SubParsersAction[argparse.ArgumentParser]
+    ) -> None:
+        """The listing of a group_with_default; its --json keeps one given before it (`quota --json list`)."""
+        p = command(name, handler, summary, within=within, json=False)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
 
     def local(
         name: str, handler: LocalHandler, summary: str, within: argparse._SubParsersAction[argparse.ArgumentParser]
@@ -201,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runtime", metavar="DURATION", help="declared runtime: not renewed past it; lets it start "
                                                              "ahead of bigger requests it will not delay")  # fmt: skip
     p.add_argument("--priority", default="", metavar="CLASS", help="priority class (default: the cluster's)")
+    _add_tenant_options(p)
 
     command("queue", commands.queue, "pending requests: position, tenant, priority, age and why each waits")
 
@@ -228,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shm-size", metavar="SIZE", help="size of /dev/shm, e.g. 8GiB")
     p.add_argument("--ttl", metavar="DURATION", help="lease TTL, kept alive while running (default: 60s)")
     p.add_argument("--owner", default="", help="who holds the allocation (default: gpuctl-run:$USER)")
+    _add_tenant_options(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments")
 
@@ -247,6 +291,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", metavar="DURATION", help="lifetime, e.g. 12h or 30d (default: never expires)")
     command("list", commands.token_list, "tokens, without their secrets", within=token)
     p = command("revoke", commands.token_revoke, "revoke a token: it stops working at once", within=token)
+    p.add_argument("name", metavar="NAME")
+
+    quota = group_with_default("quota", commands.quota_list, "tenant quotas: list (the default), set, delete")
+    p = command("set", commands.quota_set, "set a tenant's quota (admin), replacing the one it had; unset "
+                "limits are unlimited", within=quota)  # fmt: skip
+    _add_tenant_or_default(p)
+    p.add_argument("--gpus", type=int, metavar="N", help="nominal GPUs overall")
+    p.add_argument("--model", type=_model_quota, action="append", default=[], metavar="MODEL=N",
+                   help="nominal GPUs of one model, by its exact name (repeatable)")  # fmt: skip
+    p.add_argument("--borrow", type=int, default=0, metavar="N",
+                   help="GPUs it may use above nominal out of idle capacity (reclaimable; default: 0)")  # fmt: skip
+    p.add_argument("--cpus", type=int, metavar="N", help="cap on reserved CPUs")
+    p.add_argument("--memory", metavar="SIZE", help="cap on reserved memory, e.g. 64GiB")
+    p.add_argument("--lifetime", metavar="DURATION", help="an allocation is not renewed past this age, e.g. 24h")
+    p.add_argument("--weight", type=float, default=0.0, metavar="W",
+                   help="fair-share weight (default: the nominal GPUs, or 1 without them)")  # fmt: skip
+    list_command("list", commands.quota_list, "each tenant's quota, usage, borrowed GPUs, pending requests and "
+                 "fair-share GPU-hours", within=quota)  # fmt: skip
+    p = command("delete", commands.quota_delete, "remove a tenant's quota (admin)", within=quota)
+    _add_tenant_or_default(p)
+
+    priority = group_with_default("priority", commands.priority_list, "priority classes: list (the default), set, "
+                                  "delete")  # fmt: skip
+    p = command("set", commands.priority_set, "define or change a priority class (admin)", within=priority)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("value", type=int, metavar="VALUE", help="higher goes first and may preempt lower")
+    p.add_argument("--default", action="store_true", help="the class of requests that name none")
+    p.add_argument("--grace", metavar="DURATION", help="a preempted allocation of this class runs this long "
+                                                       "after notice, e.g. 30s (default: 30s)")  # fmt: skip
+    p.add_argument("--min-runtime", metavar="DURATION", help="never preempted younger than this, e.g. 10m")
+    list_command("list", commands.priority_list, "the priority classes, highest first", within=priority)
+    p = command("delete", commands.priority_delete, "remove a priority class set with `priority set` (admin)",
+                within=priority)  # fmt: skip
     p.add_argument("name", metavar="NAME")
 
     p = command("audit", commands.audit, "read the audit log, oldest first (admin)")

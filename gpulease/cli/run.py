@@ -16,6 +16,7 @@ import signal
 import sys
 from types import FrameType, TracebackType
 
+from gpulease.cli import commands
 from gpulease.cli.config import CliConfig
 from gpulease.client import Allocation, ContainerHandle, LogChunk, Terminated
 from gpulease.common.units import parse_duration
@@ -75,6 +76,7 @@ def run(cfg: CliConfig, args: argparse.Namespace) -> int:
             gpu_model=args.gpu_model,
             ttl=ttl,
             owner=args.owner or f"gpuctl-run:{getpass.getuser()}",
+            **commands.tenant_options(args),
         )
         gpus = ",".join(str(g.index) for g in alloc.gpus)
         _note(f"allocated {alloc.id} on {alloc.node}: GPUs {gpus}, {alloc.cpus} CPUs, ttl {alloc.ttl_seconds}s")

@@ -8,7 +8,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpulease.cli.output import ratio
-from gpulease.client import Allocation, AllocationInfo, AuditEntry, Gpu, Node, NodeSummary, TokenInfo, WhoAmI
+from gpulease.client import (
+    Allocation,
+    AllocationInfo,
+    AuditEntry,
+    Gpu,
+    Node,
+    NodeSummary,
+    PriorityClassInfo,
+    Quota,
+    QuotaInfo,
+    TokenInfo,
+    WhoAmI,
+)
 from gpulease.common.units import format_size
 
 # A handle (Client.allocate's) or a plain record: both read the same fields.
@@ -133,6 +145,109 @@ def allocation_line(a: AnyAllocation) -> str:
         f"allocated {a.id} on {a.node}: {gpus} ({a.cpus} CPUs, {format_size(a.memory_bytes)}) "
         f"ttl {a.ttl_seconds}s revision {a.revision}"
     )
+
+
+def allocation_policy_line(a: AnyAllocation) -> str:
+    """'tenant ml, priority class high, preemptible': the quota and preemption rules it is under,
+    as the coordinator's record says (a part it does not report is left out)."""
+    parts = [f"tenant {a.tenant or '-'}"]
+    if a.priority_class:
+        parts.append(f"priority class {a.priority_class}")
+    if a.preemptible:
+        parts.append("preemptible")
+    return ", ".join(parts)
+
+
+def duration(seconds: int) -> str:
+    """Whole seconds in the largest unit that divides them, as gpuctl takes them: 86400 -> '1d', 90 -> '90s'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def quota_name(tenant: str) -> str:
+    """'the quota of tenant team-a', or 'the default quota ('*')'."""
+    return "the default quota ('*')" if tenant == "*" else f"the quota of tenant {tenant}"
+
+
+def _nominal(n: int | None, borrow: int) -> str:
+    if n is None:
+        return "-"
+    return f"{n}+{borrow}" if borrow else str(n)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def quota_summary(q: Quota) -> str:
+    """'8 GPUs (+2 borrowable), NVIDIA A100 4, 64 CPUs, 64.0GiB memory, lifetime 1d, weight 2'."""
+    parts = []
+    if q.gpus is not None:
+        parts.append(_count(q.gpus, "GPU") + (f" (+{q.borrow} borrowable)" if q.borrow else ""))
+    parts += [f"{model} {n}" for model, n in sorted(q.models.items())]
+    if q.borrow and q.gpus is None:
+        parts.append(f"+{q.borrow} borrowable per model")
+    if q.cpus is not None:
+        parts.append(_count(q.cpus, "CPU"))
+    if q.memory_bytes is not None:
+        parts.append(f"{format_size(q.memory_bytes)} memory")
+    if q.max_lifetime_seconds:
+        parts.append(f"lifetime {duration(q.max_lifetime_seconds)}")
+    if q.weight:
+        parts.append(f"weight {q.weight:g}")
+    return ", ".join(parts) or "no limits"
+
+
+def quota_row(t: QuotaInfo) -> list[str]:
+    """TENANT GPUS MODELS BORROWED CPUS MEMORY PENDING GPU-HOURS LIFETIME WEIGHT: used/quota where one applies
+    (GPU quotas as nominal+borrowable); '-' for unlimited."""
+    q = t.quota
+    name = t.tenant
+    if t.tenant == "*":
+        name = "* (default)"
+    elif t.from_default:
+        name = f"{t.tenant} (default quota)"
+    borrow = q.borrow if q is not None else 0
+    models = sorted(set(t.used_models) | set(q.models if q is not None else ()))
+    model_cells = [
+        f"{m} {t.used_models.get(m, 0)}/{_nominal(q.models.get(m) if q is not None else None, borrow)}" for m in models
+    ]
+    cpus = f"{t.used_cpus}/{q.cpus}" if q is not None and q.cpus is not None else f"{t.used_cpus}/-"
+    memory = format_size(t.used_memory_bytes) + "/"
+    memory += format_size(q.memory_bytes) if q is not None and q.memory_bytes is not None else "-"
+    return [
+        name,
+        f"{t.used_gpus}/{_nominal(q.gpus if q is not None else None, borrow)}",
+        ", ".join(model_cells) or "-",
+        str(t.borrowed_gpus),
+        cpus,
+        memory,
+        str(t.pending),
+        f"{t.fair_share_gpu_hours:.2f}",
+        duration(q.max_lifetime_seconds) if q is not None and q.max_lifetime_seconds else "-",
+        f"{q.weight:g}" if q is not None and q.weight else "-",
+    ]
+
+
+def priority_summary(c: PriorityClassInfo) -> str:
+    """'high (100, the default; grace 30s, min runtime 10m)'."""
+    parts = [str(c.value)] + (["the default"] if c.is_default else [])
+    details = [f"grace {duration(c.preemption_grace_seconds)}"]
+    if c.min_runtime_seconds:
+        details.append(f"min runtime {duration(c.min_runtime_seconds)}")
+    return f"{c.name} ({', '.join(parts)}; {', '.join(details)})"
+
+
+def priority_row(c: PriorityClassInfo) -> list[str]:
+    return [
+        c.name,
+        str(c.value),
+        "yes" if c.is_default else "",
+        duration(c.preemption_grace_seconds) if c.preemption_grace_seconds else "-",
+        duration(c.min_runtime_seconds) if c.min_runtime_seconds else "-",
+    ]
 
 
 def when(unix_ms: int) -> str:

@@ -66,6 +66,13 @@ class ClientBase(Generic[C]):
     cluster_summary = Call(_ops.cluster_summary)
     cordon = Call(_ops.cordon)
     delete_node = Call(_ops.delete_node)
+    # Quotas and priority classes (setting and deleting: admins).
+    list_quotas = Call(_ops.list_quotas)
+    set_quota = Call(_ops.set_quota)
+    delete_quota = Call(_ops.delete_quota)
+    list_priority_classes = Call(_ops.list_priority_classes)
+    set_priority_class = Call(_ops.set_priority_class)
+    delete_priority_class = Call(_ops.delete_priority_class)
     # Who is asking; tokens and the audit log (admins).
     whoami = Call(_ops.whoami)
     create_token = Call(_ops.create_token)

@@ -12,6 +12,9 @@ from gpulease.client.models import (
     Node,
     NodeSummary,
     PendingInfo,
+    PriorityClassInfo,
+    Quota,
+    QuotaInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -44,6 +47,9 @@ def allocation(msg: types_pb2.Allocation) -> AllocationInfo:
         node_address=msg.node_address,
         principal=msg.principal,
         tenant=msg.tenant,
+        preemptible=msg.preemptible,
+        priority_class=msg.priority_class,
+        max_runtime_seconds=msg.max_runtime_seconds,
     )
 
 
@@ -159,4 +165,42 @@ def audit_entry(msg: coordinator_pb2.AuditEntry) -> AuditEntry:
         outcome=msg.outcome,
         revision=msg.revision,
         detail=msg.detail,
+    )
+
+
+def quota(msg: coordinator_pb2.Quota) -> Quota:
+    return Quota(
+        tenant=msg.tenant,
+        gpus=msg.gpus if msg.HasField("gpus") else None,
+        models=dict(msg.models),
+        cpus=msg.cpus if msg.HasField("cpus") else None,
+        memory_bytes=msg.memory_bytes if msg.HasField("memory_bytes") else None,
+        borrow=msg.borrow,
+        max_lifetime_seconds=msg.max_lifetime_seconds,
+        weight=msg.weight,
+    )
+
+
+def quota_info(msg: coordinator_pb2.TenantQuotaStatus) -> QuotaInfo:
+    return QuotaInfo(
+        tenant=msg.tenant,
+        quota=quota(msg.quota) if msg.HasField("quota") else None,
+        from_default=msg.from_default,
+        used_gpus=msg.used_gpus,
+        used_models=dict(msg.used_models),
+        used_cpus=msg.used_cpus,
+        used_memory_bytes=msg.used_memory_bytes,
+        borrowed_gpus=msg.borrowed_gpus,
+        pending=msg.pending,
+        fair_share_gpu_hours=msg.fair_share_usage,
+    )
+
+
+def priority_class(msg: coordinator_pb2.PriorityClass) -> PriorityClassInfo:
+    return PriorityClassInfo(
+        name=msg.name,
+        value=msg.value,
+        is_default=msg.is_default,
+        preemption_grace_seconds=msg.preemption_grace_seconds,
+        min_runtime_seconds=msg.min_runtime_seconds,
     )

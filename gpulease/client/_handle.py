@@ -123,6 +123,10 @@ class AllocationHandle(Generic[S]):
     # Who made it ("user:alice") and the tenant it counts against.
     principal = _Field[str]()
     tenant = _Field[str]()
+    # May be preempted; its priority class; its declared runtime (0 = none).
+    preemptible = _Field[bool]()
+    priority_class = _Field[str]()
+    max_runtime_seconds = _Field[int]()
 
     def __init__(self, info: AllocationInfo, session: S) -> None:
         self._info = info

@@ -26,6 +26,9 @@ from gpulease.client.models import (
     LogChunk,
     Node,
     PendingInfo,
+    PriorityClassInfo,
+    Quota,
+    QuotaInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -175,6 +178,8 @@ def allocate(
     max_runtime: int | str | None = None,
     priority: str = "",
     on_pending: Callable[[PendingInfo], None] | None = None,
+    tenant: str = "",
+    preemptible: bool = False,
 ) -> Op[pb.AllocateResponse, AllocationInfo]:
     """Reserve ``gpus`` GPUs (plus CPUs/memory) on one node for ``ttl`` (default: the coordinator's).
 
@@ -188,6 +193,11 @@ def allocate(
     they are logged. ``max_runtime``: the allocation is not renewed past it, and a declared runtime
     lets a request start ahead of a bigger one that it will not delay. ``priority``: a priority
     class the coordinator defines ("" = its default).
+
+    ``tenant``: the tenant whose quota it counts against ("" = the caller's own; naming another is
+    for admins). ``preemptible``: it may be preempted to make room for a request of a higher
+    priority class (or reclaimed by a tenant below its quota when this one borrows); the lease
+    then ends after the class's grace.
 
     Returns an allocation handle; ``with client.allocate(...) as alloc:`` (``async with await``
     for AsyncClient) keeps its lease alive and releases it on the way out.
@@ -212,6 +222,8 @@ def allocate(
             wait_seconds=wait_seconds,
             max_runtime_seconds=_seconds(max_runtime, "max_runtime"),
             priority_class=priority,
+            tenant=tenant,
+            preemptible=preemptible,
         )
     )
     if not wait_seconds:
@@ -230,6 +242,14 @@ def _seconds(value: int | str | None, what: str) -> int:
     seconds = parse_duration(value) if isinstance(value, str) else value
     if seconds <= 0:
         raise InvalidRequest(f"{what} must be positive, got {value!r} (leave it out for the default)")
+    return seconds
+
+
+def _seconds_or_none(value: int | str | None, what: str) -> int:
+    """A duration argument whose 0 means "none" (None or 0 -> 0); refused below 0."""
+    seconds = parse_duration(value) if isinstance(value, str) else (value or 0)
+    if seconds < 0:
+        raise InvalidRequest(f"{what} must be 0 (none) or more, got {value!r}")
     return seconds
 
 
@@ -292,6 +312,101 @@ def delete_node(name: str) -> Op[pb.DeleteNodeResponse, int]:
     is up or that a live allocation uses. Returns the etcd revision of the removal."""
     request = build(lambda: pb.DeleteNodeRequest(node=name))
     return Op("DeleteNode", request, pb.DeleteNodeResponse, lambda r: r.revision)
+
+
+# --- quotas and priority classes ------------------------------------------------------------------
+
+
+def list_quotas() -> Op[pb.ListQuotasResponse, list[QuotaInfo]]:
+    """Each tenant's quota (its own or the default one), usage, borrowed GPUs, pending requests and
+    fair-share usage; the default quota as tenant "*" when one is set. A user sees its own tenant."""
+    return Op("ListQuotas", pb.ListQuotasRequest(), pb.ListQuotasResponse,
+              lambda r: [_convert.quota_info(t) for t in r.tenants])  # fmt: skip
+
+
+def set_quota(
+    tenant: str,
+    gpus: int | None = None,
+    models: Mapping[str, int] | None = None,
+    cpus: int | None = None,
+    memory: int | str | None = None,
+    borrow: int = 0,
+    max_lifetime: int | str | None = None,
+    weight: float = 0.0,
+) -> Op[pb.SetQuotaResponse, Quota]:
+    """Set ``tenant``'s quota (admins only), replacing the one it had: "*" sets the default quota
+    of tenants without their own. None leaves a limit out (unlimited).
+
+    ``gpus``: nominal GPUs overall; ``models``: nominal GPUs per model (exact model name);
+    ``borrow``: GPUs it may use above nominal out of capacity others leave unused (reclaimable by
+    preemption); ``cpus`` and ``memory`` ("64GiB"): hard caps; ``max_lifetime`` ("24h"): an
+    allocation's lease is not renewed past this age (None or 0: no limit); ``weight``: fair-share
+    weight (0: the nominal GPUs, or 1 without them). Range checks are the coordinator's.
+    """
+    memory_bytes = size(memory, "memory")
+    lifetime = _seconds_or_none(max_lifetime, "max_lifetime")
+    quota = build(
+        lambda: pb.Quota(
+            tenant=tenant,
+            gpus=gpus,
+            models=dict(models or {}),
+            cpus=cpus,
+            memory_bytes=memory_bytes,
+            borrow=borrow,
+            max_lifetime_seconds=lifetime,
+            weight=weight,
+        )
+    )
+    return Op("SetQuota", pb.SetQuotaRequest(quota=quota), pb.SetQuotaResponse, lambda r: _convert.quota(r.quota))
+
+
+def delete_quota(tenant: str) -> Op[pb.DeleteQuotaResponse, bool]:
+    """Remove ``tenant``'s own quota (admins only; "*": the default one). The tenant then falls
+    under the default quota, if any. False when it had none."""
+    request = build(lambda: pb.DeleteQuotaRequest(tenant=tenant))
+    return Op("DeleteQuota", request, pb.DeleteQuotaResponse, lambda r: r.deleted)
+
+
+def list_priority_classes() -> Op[pb.ListPriorityClassesResponse, list[PriorityClassInfo]]:
+    """The priority classes in force (configured, and those set over them), highest value first."""
+    return Op("ListPriorityClasses", pb.ListPriorityClassesRequest(), pb.ListPriorityClassesResponse,
+              lambda r: [_convert.priority_class(c) for c in r.classes])  # fmt: skip
+
+
+def set_priority_class(
+    name: str,
+    value: int,
+    default: bool = False,
+    grace: int | str | None = None,
+    min_runtime: int | str | None = None,
+) -> Op[pb.SetPriorityClassResponse, PriorityClassInfo]:
+    """Define or change a priority class (admins only): higher ``value`` goes first in the queue and
+    may preempt lower preemptible work. ``default``: the class of requests that name none (the
+    former default loses the mark). ``grace`` ("30s"): how long a preempted allocation of this
+    class runs between notice and revocation (None: the coordinator's, 30 s). ``min_runtime``
+    ("10m"): an allocation of this class is never preempted younger than this (None or 0: none).
+    """
+    grace_seconds = _seconds(grace, "grace")
+    min_runtime_seconds = _seconds_or_none(min_runtime, "min_runtime")
+    klass = build(
+        lambda: pb.PriorityClass(
+            name=name,
+            value=value,
+            is_default=default,
+            preemption_grace_seconds=grace_seconds,
+            min_runtime_seconds=min_runtime_seconds,
+        )
+    )
+    request = pb.SetPriorityClassRequest(priority_class=klass)
+    return Op("SetPriorityClass", request, pb.SetPriorityClassResponse,
+              lambda r: _convert.priority_class(r.priority_class))  # fmt: skip
+
+
+def delete_priority_class(name: str) -> Op[pb.DeletePriorityClassResponse, bool]:
+    """Remove a priority class set with set_priority_class (admins only); NotFound when none of
+    that name is stored (configured classes are changed in the coordinator's settings)."""
+    request = build(lambda: pb.DeletePriorityClassRequest(name=name))
+    return Op("DeletePriorityClass", request, pb.DeletePriorityClassResponse, lambda r: r.deleted)
 
 
 # --- who is asking, tokens and the audit log ------------------------------------------------------

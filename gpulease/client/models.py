@@ -7,7 +7,7 @@ fields also read as ``alloc.id`` etc.) and a session bound to their client.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -40,6 +40,12 @@ class AllocationInfo:
     principal: str = ""
     # The tenant its resources count against.
     tenant: str = ""
+    # May be preempted by a pending request of a higher priority class (or reclaimed by a tenant
+    # below its nominal quota when this one borrows).
+    preemptible: bool = False
+    priority_class: str = ""
+    # Declared runtime: the lease is not renewed past it (0 = none).
+    max_runtime_seconds: int = 0
 
     @property
     def gpu_indexes(self) -> tuple[int, ...]:
@@ -60,6 +66,9 @@ class AllocationInfo:
             "node_address": self.node_address,
             "principal": self.principal,
             "tenant": self.tenant,
+            "preemptible": self.preemptible,
+            "priority_class": self.priority_class,
+            "max_runtime_seconds": self.max_runtime_seconds,
         }
 
 
@@ -212,6 +221,91 @@ class PendingInfo:
     # From the declared runtimes of the allocations in its way; 0 = no estimate.
     estimated_start_unix_ms: int
     max_runtime_seconds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A tenant's quota as the coordinator stores it (``Client.set_quota``). None: unlimited.
+    tenant "*" is the default quota, for tenants with none of their own."""
+
+    tenant: str
+    # Nominal GPUs overall, and per GPU model (the model's exact name).
+    gpus: int | None = None
+    models: dict[str, int] = field(default_factory=dict)
+    # Hard caps (no borrowing).
+    cpus: int | None = None
+    memory_bytes: int | None = None
+    # GPUs the tenant may use above its nominal quota, out of capacity others leave unused.
+    borrow: int = 0
+    # An allocation is not renewed past this age (0 = no limit).
+    max_lifetime_seconds: int = 0
+    # Fair-share weight (0 = the nominal GPUs, or 1 without them).
+    weight: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "gpus": self.gpus,
+            "models": dict(self.models),
+            "cpus": self.cpus,
+            "memory_bytes": self.memory_bytes,
+            "borrow": self.borrow,
+            "max_lifetime_seconds": self.max_lifetime_seconds,
+            "weight": self.weight,
+        }
+
+
+@dataclass(frozen=True)
+class QuotaInfo:
+    """One tenant's quota and what it uses now (``Client.list_quotas``)."""
+
+    tenant: str
+    # The quota that applies (the tenant's own, or the default "*"); None when none applies.
+    quota: Quota | None
+    # True when ``quota`` is the default one ("*"), the tenant having none of its own.
+    from_default: bool
+    used_gpus: int
+    used_models: dict[str, int]
+    used_cpus: int
+    used_memory_bytes: int
+    # GPUs used above the nominal quota (reclaimable by preemption).
+    borrowed_gpus: int
+    # Its requests waiting in the queue.
+    pending: int
+    # Decayed GPU-hours: the fair-share order (lower usage per weight goes first).
+    fair_share_gpu_hours: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "quota": self.quota.to_dict() if self.quota is not None else None,
+            "from_default": self.from_default,
+            "used_gpus": self.used_gpus,
+            "used_models": dict(self.used_models),
+            "used_cpus": self.used_cpus,
+            "used_memory_bytes": self.used_memory_bytes,
+            "borrowed_gpus": self.borrowed_gpus,
+            "pending": self.pending,
+            "fair_share_gpu_hours": self.fair_share_gpu_hours,
+        }
+
+
+@dataclass(frozen=True)
+class PriorityClassInfo:
+    """A priority class the coordinator knows (configured, or set with ``Client.set_priority_class``)."""
+
+    name: str
+    # Higher goes first in the queue, and may preempt lower preemptible work.
+    value: int
+    # The class of requests that name none.
+    is_default: bool
+    # How long a victim of this class runs between the preemption notice and revocation.
+    preemption_grace_seconds: int
+    # An allocation of this class is never preempted before it has run this long (0 = none).
+    min_runtime_seconds: int
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
