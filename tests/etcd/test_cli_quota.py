@@ -107,7 +107,11 @@ def test_gpuctl_priority_set_list_use_delete(start_coordinator: Callable[..., ha
 
     with Client(c.address, timeout=5) as client:
         used = ok(gpuctl.run([*alloc, "--tenant", "team-a", "--preemptible", "--json"])).json()
-        assert client.get_allocation(used["id"]).tenant == "team-a"
+        record = client.get_allocation(used["id"])
+        assert (record.tenant, record.priority_class, record.preemptible) == ("team-a", "urgent", True)
+        text = ok(gpuctl.run([*alloc, "--tenant", "team-b"]))
+        assert "tenant team-b, priority class urgent\n" in text.stdout, text
+        client.release(text.stdout.split()[1])
         client.release(used["id"])
 
     deleted = ok(gpuctl.run([*base, "priority", "delete", "urgent", "--json"])).json()
