@@ -321,6 +321,9 @@ class GpuContainerOperator(_Waits, BaseOperator):
         try:
             if self._owned and (context["ti"].try_number or 1) > 1:
                 self._stop_leftovers(client, alloc.id)
+            # A preemption notice arrives on a renewal: say so in the task log at once; the task then
+            # fails with it (below) whatever the container's exit code, so a retry queues again.
+            alloc.on_preempted(lambda err: self.log.warning("%s", err.message))
             with alloc.keepalive(alloc.ttl_seconds):
                 job = alloc.run_container(
                     self.image, self._command(), env=self.env, volumes=self.volumes, shm_size=self.shm_size
@@ -343,6 +346,8 @@ class GpuContainerOperator(_Waits, BaseOperator):
                     if not deferring:
                         self._stop_quietly(client, alloc.id, job.id)
                     raise
+            if alloc.preempted is not None:
+                raise alloc.preempted
             return self._finish(status)
         finally:
             self._running = None

@@ -156,7 +156,7 @@ class Session(SessionBase[FailoverChannels]):
 
     def renew(self) -> int:
         with self.tracker.renewing():
-            ttl = self.rpc.run(_ops.keep_alive(self.tracker.allocation_id))
+            ttl = self.rpc.run(self.tracker.keep_alive_op())
         return ttl
 
     def release(self, retry_deadline: float | None) -> bool:

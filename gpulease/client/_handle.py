@@ -20,7 +20,15 @@ from gpulease.client._calls import ContainerStart
 from gpulease.client._failover import Rotation
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocatedGpu, AllocationInfo, Container
-from gpulease.errors import DeadlineExceeded, GpuLeaseError, Internal, InvalidRequest, RateLimited, Unavailable
+from gpulease.errors import (
+    AllocationPreempted,
+    DeadlineExceeded,
+    GpuLeaseError,
+    Internal,
+    InvalidRequest,
+    RateLimited,
+    Unavailable,
+)
 
 log = logging.getLogger("gpulease.client")
 
@@ -131,6 +139,19 @@ class AllocationHandle(Generic[S]):
     def __init__(self, info: AllocationInfo, session: S) -> None:
         self._info = info
         self._session = session
+
+    @property
+    def preempted(self) -> AllocationPreempted | None:
+        """The preemption notice, once a renewal brought one (by whom, why, deadline); else None."""
+        return self._session.tracker.preempted
+
+    def on_preempted(self, callback: Callable[[AllocationPreempted], None]) -> None:
+        """Call ``callback`` (from the keepalive thread or task) when the allocation is chosen as a
+        preemption victim: checkpoint and wind down before its deadline. At once if already told."""
+        tracker = self._session.tracker
+        tracker.on_preempted = callback
+        if tracker.preempted is not None:
+            callback(tracker.preempted)
 
     # Start a container on this allocation's GPUs; see Client.run_container.
     run_container = ContainerStart(_ops.run_container)

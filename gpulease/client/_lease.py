@@ -3,6 +3,11 @@ released, and whether (and why) it is lost; and every decision of the keepalive 
 release at the end of a ``with`` block. Shared by the sync and the asyncio handles, whose
 sessions only wait and send (a thread or a task; see ``Renewal`` for the loop).
 
+A renewal may bring a preemption notice (the allocation makes room for a request of higher
+priority, and its lease is revoked at a deadline): the tracker records it once and calls the
+handle's ``on_preempted`` callback; from then on, uses of the allocation raise AllocationPreempted
+(its lease is still renewed until the deadline, so the holder can wind down).
+
 Renewals happen every ttl/3. A lease is lost when the coordinator says the allocation is gone
 (AllocationNotFound from KeepAlive), or when no renewal succeeded for longer than its TTL: by
 then the lease has expired in etcd and the GPUs may belong to someone else.
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gpulease.client import _ops
-from gpulease.errors import AllocationLost, AllocationNotFound, GpuLeaseError
+from gpulease.errors import AllocationLost, AllocationNotFound, AllocationPreempted, GpuLeaseError
 from gpulease.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("gpulease.client")
@@ -58,6 +63,8 @@ class LeaseTracker:
         self._last_renewal = clock()
         self._lost: str | None = None
         self.released = False
+        self.preempted: AllocationPreempted | None = None
+        self.on_preempted: Callable[[AllocationPreempted], None] | None = None
 
     # --- renewal bookkeeping ------------------------------------------------------------------
 
@@ -93,7 +100,24 @@ class LeaseTracker:
         """The next renewal, for a client whose calls take ``timeout``: retry for as long as the
         lease can last, but give even a late first try a real chance."""
         budget = max(self.time_left(), 0.0)
-        return Renewal(_ops.keep_alive(self.allocation_id), min(timeout, max(budget, MIN_INTERVAL_S)), budget)
+        return Renewal(self.keep_alive_op(), min(timeout, max(budget, MIN_INTERVAL_S)), budget)
+
+    def keep_alive_op(self) -> _ops.Op[pb.KeepAliveResponse, int]:
+        return _ops.keep_alive(self.allocation_id, self.notice)
+
+    def notice(self, err: AllocationPreempted) -> None:
+        """A renewal said the allocation is being preempted: record it (once) and tell the callback."""
+        with self._lock:
+            if self.preempted is not None:
+                return
+            self.preempted = err
+            callback = self.on_preempted
+        log.warning("%s", err.message)
+        if callback is not None:
+            try:
+                callback(err)
+            except Exception:  # the holder's code must not stop the renewals that give it its grace
+                log.exception("the on_preempted callback of allocation %s raised", self.allocation_id)
 
     def after_attempt(self, err: BaseException | None) -> float | None:
         """Record a renewal's outcome (``err`` None: success). Returns the seconds to wait before
@@ -174,11 +198,17 @@ class LeaseTracker:
 
     def check_not_lost(self) -> None:
         if self._lost is not None:
+            if self.preempted is not None:
+                raise AllocationPreempted(f"{self.preempted.message} ({self._lost})", by=self.preempted.by,
+                                          cause=self.preempted.cause,
+                                          deadline_unix_ms=self.preempted.deadline_unix_ms)  # fmt: skip
             raise AllocationLost(self._lost)
 
     def check_live(self) -> None:
         """Before using the allocation: raise AllocationLost if lost, AllocationNotFound if released."""
         self.check_not_lost()
+        if self.preempted is not None:
+            raise self.preempted
         if self.released:
             raise AllocationNotFound(f"allocation {self.allocation_id} was released by this client")
 

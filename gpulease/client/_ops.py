@@ -33,7 +33,7 @@ from gpulease.client.models import (
     WhoAmI,
 )
 from gpulease.common.units import parse_duration, parse_size
-from gpulease.errors import InvalidRequest
+from gpulease.errors import AllocationPreempted, InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 
@@ -259,10 +259,26 @@ def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
     return Op("Release", request, pb.ReleaseResponse, lambda r: r.released)
 
 
-def keep_alive(allocation_id: str) -> Op[pb.KeepAliveResponse, int]:
-    """Refresh an allocation's lease; returns the remaining TTL in seconds."""
+def keep_alive(
+    allocation_id: str, on_preemption: Callable[[AllocationPreempted], None] | None = None
+) -> Op[pb.KeepAliveResponse, int]:
+    """Refresh an allocation's lease; returns the remaining TTL in seconds. An allocation chosen
+    as a preemption victim is still renewed until its deadline; ``on_preemption`` hears of it."""
     request = build(lambda: pb.KeepAliveRequest(allocation_id=allocation_id))
-    return Op("KeepAlive", request, pb.KeepAliveResponse, lambda r: r.ttl_seconds)
+
+    def ttl(r: pb.KeepAliveResponse) -> int:
+        if on_preemption is not None and r.HasField("preemption"):
+            p = r.preemption
+            why = f"allocation {allocation_id} is being preempted: {p.reason}; its lease is revoked at "
+            why += _clock(p.deadline_unix_ms)
+            on_preemption(AllocationPreempted(why, by=p.by, cause=p.cause, deadline_unix_ms=p.deadline_unix_ms))
+        return r.ttl_seconds
+
+    return Op("KeepAlive", request, pb.KeepAliveResponse, ttl)
+
+
+def _clock(ms: int) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(ms / 1000))
 
 
 def get_allocation(allocation_id: str) -> Op[pb.GetAllocationResponse, AllocationInfo]:

@@ -132,7 +132,7 @@ class AsyncSession(SessionBase[AsyncFailoverChannels]):
 
     async def renew(self) -> int:
         with self.tracker.renewing():
-            ttl = await self.rpc.run(_ops.keep_alive(self.tracker.allocation_id))
+            ttl = await self.rpc.run(self.tracker.keep_alive_op())
         return ttl
 
     async def release(self, retry_deadline: float | None) -> bool:
