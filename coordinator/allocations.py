@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
@@ -24,7 +24,7 @@ from gpulease.coordinator import authz, priority_classes, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.batch_placement import TenantTally, place_one
 from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
-from gpulease.coordinator.committer import Committer
+from gpulease.coordinator.committer import Committer, gang_txn_size
 from gpulease.coordinator.domain import (
     Allocation,
     PendingRequest,
@@ -49,6 +49,7 @@ from gpulease.errors import (
     AlreadyExists,
     Conflict,
     InsufficientResources,
+    InvalidRequest,
     LifetimeReached,
     QuotaExceeded,
     RuntimeLimitReached,
@@ -128,6 +129,10 @@ class AllocateInput:
     max_runtime_s: int = 0
     priority_class: str = ""
     preemptible: bool = False
+    # A gang: this many nodes (0/1: one), each with gpus, cpus and memory_bytes; same_label: a label
+    # every member node has with one value.
+    nodes: int = 1
+    same_label: str = ""
 
 
 def new_allocation_id() -> str:
@@ -193,6 +198,17 @@ class AllocationService:
             default_cpus_per_gpu=self._policy.default_cpus_per_gpu,
             default_memory_per_gpu=self._policy.default_memory_per_gpu,
         )
+        nodes, same_label = validation.gang(inp.nodes, inp.same_label)
+        if nodes > 1:
+            # Refused at once, never split: a gang is one transaction, and etcd caps its size.
+            need = gang_txn_size(nodes, req.gpus)
+            if need > self._policy.max_txn_ops:
+                raise InvalidRequest(
+                    f"a gang of {nodes} nodes x {req.gpus} GPUs needs {need} operations in one etcd transaction; "
+                    f"etcd allows {self._policy.max_txn_ops} (etcd --max-txn-ops, coordinator setting "
+                    "etcd_max_txn_ops): ask for fewer nodes or GPUs per node, or raise both limits together"
+                )
+            req = replace(req, nodes=nodes, same_label=same_label)
         cpus_share, memory_share = self._view.smallest_share_per_gpu()
         if (req.cpus_auto and self._policy.default_cpus_per_gpu > cpus_share) or (
             req.memory_auto and self._policy.default_memory_per_gpu > memory_share
@@ -342,8 +358,9 @@ class AllocationService:
         alloc = await self.settler.by_id(validation.allocation_id(alloc_id))
         if alloc is None:
             raise AllocationNotFound(f"allocation {alloc_id} is not live (released, expired or never existed)")
-        if by.node is not None:  # an agent reads only its own node's allocations
-            authz.check_node(by, alloc.node)
+        if by.node is not None:  # an agent reads only its own node's allocations, as seen on its node
+            authz.check_node(by, alloc.nodes)
+            return alloc.on(by.node)
         else:
             authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         return alloc
@@ -377,8 +394,7 @@ class AllocationService:
     def _delete_ops(self, alloc: Allocation) -> builtins.list[Op]:
         # The audit entry's put comes first: a watcher sees it before the deletes (same revision).
         k = self._keys
-        held = k.of_allocation(alloc.node, alloc.id, alloc.request_id, alloc.tenant, [g.uuid for g in alloc.gpus])
-        return [*(Delete(key) for key in held), Delete(k.claimed(alloc.id))]
+        return [*(Delete(key) for key in k.of_allocation(alloc)), Delete(k.claimed(alloc.id))]
 
     async def keep_alive(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
         validation.allocation_id(alloc_id)
@@ -411,8 +427,13 @@ class AllocationService:
             prefix = self._keys.allocs_prefix()
             _, kvs = await self._store.get_prefix(prefix, range_end(prefix))
             allocs = [decode_alloc(kv.value, kv.create_revision) for kv in kvs]
+        # With a node: each allocation as seen on that node (a gang's member there).
         return sorted(
-            (a for a in allocs if (not node or a.node == node) and (not owner or a.owner == owner)),
+            (
+                a.on(node) if node else a
+                for a in allocs
+                if (not node or node in a.nodes) and (not owner or a.owner == owner)
+            ),
             key=lambda a: (a.revision, a.id),
         )
 

@@ -14,6 +14,7 @@ Agents and coordinators call nothing but NodeService; users never call NodeServi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -129,12 +130,17 @@ def check_tenant(who: Principal, tenant: str) -> str:
                            f"against tenant {tenant!r} (only admins may)")  # fmt: skip
 
 
-def check_node(who: Principal, node: str) -> None:
-    """An agent speaks only for the node its certificate names."""
+def check_node(who: Principal, node: str | Sequence[str]) -> None:
+    """An agent speaks only for the node its certificate names. ``node`` may list a gang's member
+    nodes: the agent of any member may read the allocation (as seen on its node), no other."""
     if who.kind is Kind.LOCAL:
         return
-    if who.node != node:
-        raise PermissionDenied(f"rule 'node': {who} may act only for node {who.node}, not for node {node!r}")
+    nodes = (node,) if isinstance(node, str) else tuple(node)
+    if who.node not in nodes:
+        named = repr(nodes[0]) if len(nodes) == 1 else f"the gang's member nodes {', '.join(nodes)}"
+        raise PermissionDenied(
+            f"rule 'node': {who} may act only for node {who.node}, not for {'node ' if len(nodes) == 1 else ''}{named}"
+        )
 
 
 def _short(rpc: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot, placed_usage, request_usage
+from gpulease.coordinator.gang_placement import place_gang
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.placement_index import PlacementIndex, placement_on
 from gpulease.coordinator.quota import NO_USAGE, Usage, over_quota
@@ -76,10 +77,27 @@ def place_one(
 
     `excluded` names nodes that `snapshot` already hides; the index, which knows every node, is
     told to skip them too."""
+    if req.is_gang:  # several nodes: the gang placement (the index answers one node at a time)
+        return place_gang(snapshot, req)
     name = index.find(req, excluded) if index is not None else None
     if name is not None:
         return placement_on(snapshot.nodes[name], req, snapshot.revision)
     return place(snapshot, req)
+
+
+def count_placed(
+    nodes: Mapping[str, NodeView], changed: dict[str, NodeView], p: Placement, req: ResourceRequest
+) -> None:
+    """Record a placement on an overlay (``changed`` over ``nodes``): its GPUs held and its CPUs and
+    memory used, on every member node of a gang (each member asks for ``req``'s per-node figures)."""
+    for m in p.members:
+        v = changed.get(m.node) or nodes[m.node]
+        changed[m.node] = replace(
+            v,
+            gpus_held=v.gpus_held | frozenset(m.gpu_indexes),
+            cpus_used=v.cpus_used + req.cpus,
+            memory_used=v.memory_used + req.memory_bytes,
+        )
 
 
 def place_batch(
@@ -113,7 +131,7 @@ def place_batch(
             p: Placement | None = None
             # With an index, avoid only when it says (cheaply) that another node fits; a filtered
             # request it cannot answer keeps the avoided nodes rather than pay for two scans.
-            if soft and (index is None or index.find(req, excluded | soft) is not None):
+            if soft and (index is None or req.is_gang or index.find(req, excluded | soft) is not None):
                 with contextlib.suppress(InsufficientResources, Unsatisfiable):
                     p = _place_in_batch(snapshot, changed, req, excluded | soft, index)
             if p is None:  # nothing to avoid, or nothing else fits: the avoided nodes are eligible
@@ -127,15 +145,10 @@ def place_batch(
                 out.append(QuotaExceeded(over))
                 continue
             tally.add(tenant, p, req)
-            v = changed.get(p.node) or snapshot.nodes[p.node]
-            changed[p.node] = replace(
-                v,
-                gpus_held=v.gpus_held | frozenset(p.gpu_indexes),
-                cpus_used=v.cpus_used + req.cpus,
-                memory_used=v.memory_used + req.memory_bytes,
-            )
+            count_placed(snapshot.nodes, changed, p, req)
             if index is not None:
-                index.update(p.node, changed[p.node])
+                for name in p.nodes:
+                    index.update(name, changed[name])
             out.append(p)
     finally:
         if index is not None:
@@ -146,11 +159,14 @@ def place_batch(
 
 def check_batch(snapshot: Snapshot, placements: Sequence[tuple[Placement, ResourceRequest]]) -> None:
     """The invariant a commit relies on, checked once per commit before it is sent: on every node
-    of the batch, the GPUs chosen are free and distinct, and reserved CPUs and memory (the
+    of the batch (every member node of a gang), the GPUs chosen are free and distinct, and reserved CPUs and memory (the
     snapshot's plus the batch's) stay within the node's totals. Placement guarantees this; a
     failure is a bug, raised as AssertionError so that nothing is committed."""
     changed: dict[str, tuple[set[int], int, int]] = {}
-    for p, req in placements:
+    members = [(m, req) for p, req in placements for m in p.members]
+    if any(len(set(p.nodes)) != len(p.nodes) for p, _ in placements):
+        raise AssertionError("a gang places two members on one node")
+    for p, req in members:
         view = snapshot.nodes[p.node]
         gpus, cpus, memory = changed.setdefault(p.node, (set(view.gpus_held), view.cpus_used, view.memory_used))
         clash = gpus & set(p.gpu_indexes)

@@ -247,12 +247,13 @@ class Batcher:
                 if existing:
                     _resolve(p, (existing, True))
                     continue
-            if p.placement and p.placement.node in result.unusable:
-                p.excluded |= {p.placement.node}
-            elif p.placement and p.placement.node in result.conflicted:
+            placed = frozenset(p.placement.nodes) if p.placement else frozenset()
+            if placed & result.unusable:
+                p.excluded |= placed & result.unusable
+            elif placed & result.conflicted:
                 # Best fit sends every replica to the same node; whoever lost there goes to
                 # the next best instead of racing for it again (livelock under steady load).
-                p.avoid |= {p.placement.node}
+                p.avoid |= placed & result.conflicted
             p.rejections += 1
             if p.rejections >= self._policy.max_rounds:
                 _fail(p, Conflict(

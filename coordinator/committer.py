@@ -1,6 +1,7 @@
 """Turns placements into one etcd transaction whose compares make a wrong commit impossible.
 
-For each allocation in the batch, and each node it lands on, the compares are:
+For each allocation in the batch, and each node it lands on (every member node of a gang: one
+transaction claims them all or nothing), the compares are:
   reqs/<request_id>     version == 0     the request id has no live allocation (idempotency)
   gpus/<node>/<uuid>    version == 0     each chosen GPU is free (no double allocation); by UUID,
                                          and nodes/<node> below pins the index->UUID map used
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from gpulease.coordinator.audit import entry_put
-from gpulease.coordinator.domain import AllocatedGpu, Allocation, Placement, Snapshot
+from gpulease.coordinator.domain import AllocatedGpu, Allocation, Member, Placement, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.quota import DEFAULT_TENANT_KEY
 from gpulease.coordinator.records import encode_alloc, encode_res, encode_usage
@@ -79,21 +80,40 @@ class Committer(Protocol):
 
 
 def gpus_of(placement: Placement, snapshot: Snapshot) -> tuple[AllocatedGpu, ...]:
+    """The GPUs of one member's placement (its own node), by index as the snapshot names them."""
     by_index = {g.index: g for g in snapshot.nodes[placement.node].info.gpus}
     return tuple(AllocatedGpu(i, by_index[i].uuid, by_index[i].model) for i in placement.gpu_indexes)
 
 
+def placed(draft: Allocation, placement: Placement, snapshot: Snapshot) -> Allocation:
+    """The draft with its node(s) and GPUs: a gang lists every member, the first one's as its node."""
+    members = tuple(Member(m.node, gpus_of(m, snapshot), draft.cpus, draft.memory_bytes) for m in placement.members)
+    first = members[0]
+    return replace(draft, node=first.node, gpus=first.gpus, gang=members if len(members) > 1 else ())
+
+
 def txn_size(items: Sequence[Item]) -> int:
     """The largest of the txn's compare, success and failure lists (etcd caps each: --max-txn-ops)."""
-    nodes = {i.placement.node for i in items}
-    gpus = sum(len(i.placement.gpu_indexes) for i in items)
+    members = [m for i in items for m in i.placement.members]
+    nodes = {m.node for m in members}
+    gpus = sum(len(m.gpu_indexes) for m in members)
     queued = sum(1 for i in items if i.queued)
     with_tenant = [i for i in items if i.draft.tenant]
     tenants = len({i.draft.tenant for i in with_tenant})
     compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0)
-    puts = 4 * len(items) + len(with_tenant) + gpus + 3 * queued
+    # per allocation: record, request key, audit entry; per member: reservation; per GPU: its key
+    puts = 3 * len(items) + len(members) + len(with_tenant) + gpus + 3 * queued
     reads = len(items) + 5 * len(nodes) + queued
     return max(compares, puts, reads)
+
+
+def gang_txn_size(nodes: int, gpus_per_node: int, *, tenant: bool = True) -> int:
+    """The operations one request of ``nodes`` x ``gpus_per_node`` needs in its own transaction at most
+    (as a queue admission, which adds the most): what prepare() checks against etcd's limit."""
+    more = tuple(Placement(f"n{i}", tuple(range(gpus_per_node)), 0, 0) for i in range(1, nodes))
+    p = Placement("n0", tuple(range(gpus_per_node)), 0, 0, more)
+    draft = Allocation("x", "", (), 0, 0, 0, 0, 0, tenant="t" if tenant else "")
+    return txn_size([Item(p, draft, queued=True)])
 
 
 class EtcdCommitter:
@@ -103,22 +123,25 @@ class EtcdCommitter:
 
     async def commit(self, items: Sequence[Item], snapshot: Snapshot) -> CommitResult:
         k = self._keys
-        allocs = [replace(i.draft, node=i.placement.node, gpus=gpus_of(i.placement, snapshot)) for i in items]
+        allocs = [placed(i.draft, i.placement, snapshot) for i in items]
         compares: list[Cmp] = []
         success: list[Op] = []
         nodes: dict[str, Placement] = {}
         for item, a in zip(items, allocs, strict=True):
-            p, lease = item.placement, a.lease_id
-            nodes.setdefault(p.node, p)
+            lease = a.lease_id
             compares.append(Cmp(k.req(a.request_id), "version", "==", 0))
-            compares.extend(Cmp(k.gpu(p.node, g.uuid), "version", "==", 0) for g in a.gpus)
             success.append(Put(k.alloc(a.id), encode_alloc(a), lease))
-            success.extend(Put(k.gpu(p.node, g.uuid), a.id.encode(), lease) for g in a.gpus)
-            success.append(Put(k.res(p.node, a.id), encode_res(a.cpus, a.memory_bytes), lease))
+            # A gang: every member node's keys, all in this one transaction (all or nothing).
+            for p, m in zip(item.placement.members, a.members, strict=True):
+                nodes.setdefault(p.node, p)
+                compares.extend(Cmp(k.gpu(m.node, g.uuid), "version", "==", 0) for g in m.gpus)
+                success.extend(Put(k.gpu(m.node, g.uuid), a.id.encode(), lease) for g in m.gpus)
+                success.append(Put(k.res(m.node, a.id), encode_res(m.cpus, m.memory_bytes), lease))
             success.append(Put(k.req(a.request_id), a.id.encode(), lease))
             if a.tenant:
                 success.append(Put(k.usage(a.tenant, a.id), encode_usage(a.usage), lease))
-            detail = f"node={a.node} gpus={len(a.gpus)} request={a.client_request_id}"
+            detail = (f"node={','.join(a.nodes)} gpus={sum(len(m.gpus) for m in a.members)} "
+                      f"request={a.client_request_id}")  # fmt: skip
             success.append(entry_put(k, a.principal, "allocate", a.id, tenant=a.tenant, detail=detail,
                                      unique=f"{a.id}.allocate"))  # fmt: skip
             if item.queued:

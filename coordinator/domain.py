@@ -6,7 +6,7 @@ The store turns etcd keys into these; placement reads them; servicers translate 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 
@@ -144,16 +144,42 @@ class ResourceRequest:
     # (coordinator/request_defaults.py).
     cpus_auto: bool = False
     memory_auto: bool = False
+    # A gang (issue 15, section 5): this many distinct nodes, each with ``gpus`` GPUs and ``cpus`` /
+    # ``memory_bytes`` of its own (all per node); 1 = one node, as always.
+    nodes: int = 1
+    # A gang's nodes must all have the same value of this label (a rack); "" = any nodes.
+    same_label: str = ""
+
+    @property
+    def is_gang(self) -> bool:
+        return self.nodes > 1
+
+    def per_node(self) -> ResourceRequest:
+        """What each node of a gang must hold: the same request for one node."""
+        return replace(self, nodes=1, same_label="") if self.is_gang else self
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Placement's decision: which GPUs of which node, judged at snapshot_revision."""
+    """Placement's decision: which GPUs of which node, judged at snapshot_revision. A gang's
+    placement is its first member's, with the other members (one Placement per node) in ``more``."""
 
     node: str
     gpu_indexes: tuple[int, ...]
     node_record_revision: int
     snapshot_revision: int
+    more: tuple[Placement, ...] = ()
+
+    @property
+    def members(self) -> tuple[Placement, ...]:
+        """One placement per node, the first member first (each with no ``more`` of its own)."""
+        if not self.more:
+            return (self,)
+        return (replace(self, more=()), *self.more)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(m.node for m in self.members)
 
 
 @dataclass(frozen=True)
@@ -164,7 +190,19 @@ class AllocatedGpu:
 
 
 @dataclass(frozen=True)
+class Member:
+    """What an allocation holds on one node."""
+
+    node: str
+    gpus: tuple[AllocatedGpu, ...]
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class Allocation:
+    # node, gpus, cpus and memory_bytes: the first member's (or, through on(), one member's as
+    # seen on its node); ``gang`` lists every member of a gang (empty for one node: see members).
     id: str
     node: str
     gpus: tuple[AllocatedGpu, ...]
@@ -191,11 +229,38 @@ class Allocation:
     priority: int = 0
     priority_class: str = ""
     preemptible: bool = False
+    gang: tuple[Member, ...] = ()
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Every node it holds something on, the first member first (one for a one-node allocation)."""
+        return self.gang or (Member(self.node, self.gpus, self.cpus, self.memory_bytes),)
+
+    @property
+    def is_gang(self) -> bool:
+        return len(self.gang) > 1
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(m.node for m in self.members)
+
+    def on(self, node: str) -> Allocation:
+        """The allocation as seen by one member node (node, GPUs, CPUs and memory there); an
+        agent of that node gets this. KeyError when ``node`` is not a member."""
+        for m in self.members:
+            if m.node == node:
+                return replace(self, node=m.node, gpus=m.gpus, cpus=m.cpus, memory_bytes=m.memory_bytes)
+        raise KeyError(node)
 
     @property
     def usage(self) -> Usage:
-        """What it counts against its tenant's quota."""
-        return usage_of(self.gpus, self.cpus, self.memory_bytes)
+        """What it counts against its tenant's quota (a gang: the sum over its members)."""
+        if not self.gang:
+            return usage_of(self.gpus, self.cpus, self.memory_bytes)
+        total = Usage()
+        for m in self.members:
+            total = total.plus(usage_of(m.gpus, m.cpus, m.memory_bytes))
+        return total
 
     @property
     def client_request_id(self) -> str:
@@ -233,17 +298,23 @@ class PendingRequest:
 
 def request_usage(req: ResourceRequest) -> Usage:
     """What a request will count against its tenant's quota, as far as known before placement
-    (the model only when it names one)."""
-    return Usage(req.gpus, {req.gpu_model: req.gpus} if req.gpu_model else {}, req.cpus, req.memory_bytes)
+    (the model only when it names one); a gang's: every node's."""
+    gpus = req.gpus * req.nodes
+    return Usage(gpus, {req.gpu_model: gpus} if req.gpu_model else {}, req.cpus * req.nodes,
+                 req.memory_bytes * req.nodes)  # fmt: skip
 
 
 def placed_usage(snapshot: Snapshot, p: Placement, req: ResourceRequest) -> Usage:
     """What a placed request counts against its tenant's quota: the models of the GPUs it got."""
-    by_index = {g.index: g.model for g in snapshot.nodes[p.node].info.gpus}
     models: dict[str, int] = {}
-    for i in p.gpu_indexes:
-        models[by_index.get(i, "")] = models.get(by_index.get(i, ""), 0) + 1
-    return Usage(len(p.gpu_indexes), models, req.cpus, req.memory_bytes)
+    gpus = 0
+    for m in p.members:
+        by_index = {g.index: g.model for g in snapshot.nodes[m.node].info.gpus}
+        for i in m.gpu_indexes:
+            models[by_index.get(i, "")] = models.get(by_index.get(i, ""), 0) + 1
+        gpus += len(m.gpu_indexes)
+    n = len(p.members)
+    return Usage(gpus, models, req.cpus * n, req.memory_bytes * n)
 
 
 def usage_of(gpus: tuple[AllocatedGpu, ...], cpus: int, memory_bytes: int) -> Usage:
@@ -262,7 +333,8 @@ def request_shape(req: ResourceRequest, ttl_seconds: int) -> str:
     selector = ",".join(f"{k}={v}" for k, v in sorted(req.node_selector.items()))
     cpus = "auto" if req.cpus_auto else req.cpus
     memory = "auto" if req.memory_auto else req.memory_bytes
+    gang = f";nodes={req.nodes};same={req.same_label}" if req.is_gang else ""
     return (
         f"gpus={req.gpus};cpus={cpus};memory={memory};model={req.gpu_model};"
-        f"min_gpu_memory={req.min_gpu_memory_bytes};selector={selector};ttl={ttl_seconds}"
+        f"min_gpu_memory={req.min_gpu_memory_bytes};selector={selector};ttl={ttl_seconds}{gang}"
     )

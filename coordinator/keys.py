@@ -47,6 +47,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from gpulease.coordinator.domain import Allocation
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -136,12 +138,15 @@ class Keys:
     def fairshare(self) -> str:
         return f"{self.prefix}fairshare"
 
-    def of_allocation(self, node: str, alloc_id: str, request_id: str, tenant: str, gpu_uuids: list[str]) -> list[str]:
-        """Every key a live allocation holds (what a release deletes), in one place."""
-        out = [self.alloc(alloc_id), self.res(node, alloc_id), self.req(request_id)]
-        out += [self.gpu(node, u) for u in gpu_uuids]
-        if tenant:
-            out.append(self.usage(tenant, alloc_id))
+    def of_allocation(self, a: Allocation) -> list[str]:
+        """Every key a live allocation holds (what a release deletes), in one place: on every member
+        node of a gang."""
+        out = [self.alloc(a.id), self.req(a.request_id)]
+        for m in a.members:
+            out.append(self.res(m.node, a.id))
+            out += [self.gpu(m.node, g.uuid) for g in m.gpus]
+        if a.tenant:
+            out.append(self.usage(a.tenant, a.id))
         return out
 
     def marker(self) -> str:

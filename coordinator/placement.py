@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from gpulease.coordinator.domain import GpuInfo, NodeInfo, NodeView, Placement, ResourceRequest, Snapshot
 from gpulease.errors import InsufficientResources, Unsatisfiable
 
-__all__ = ["place"]
+__all__ = ["eligible_gpus", "place"]
 
 _GIB = 1 << 30
 # Keeps an error message short when a cluster has many GPU models.
@@ -146,6 +146,19 @@ def place(snapshot: Snapshot, request: ResourceRequest) -> Placement:
         node_record_revision=best.record_revision,
         snapshot_revision=snapshot.revision,
     )
+
+
+def eligible_gpus(view: NodeView, request: ResourceRequest) -> tuple[int, int]:
+    """(the node's GPUs that could serve ``request``, how many of them are free now): place()'s own
+    rule, for callers that judge one node at a time (gang placement's choice and reasons)."""
+    want_model = request.gpu_model.casefold()
+    free = view.free_indexes
+    n_match = n_free = 0
+    for g in view.info.gpus:
+        if _eligible(g, want_model, request.min_gpu_memory_bytes):
+            n_match += 1
+            n_free += g.index in free
+    return n_match, n_free
 
 
 def _eligible(gpu: GpuInfo, want_model: str, min_gpu_mem: int) -> bool:

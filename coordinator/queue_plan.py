@@ -28,8 +28,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from gpulease.coordinator.batch_placement import Overlay, TenantTally
+from gpulease.coordinator.batch_placement import Overlay, TenantTally, count_placed
 from gpulease.coordinator.domain import NodeView, PendingRequest, Snapshot
+from gpulease.coordinator.gang_placement import place_request
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.preemption_plan import hold_claims
 from gpulease.errors import InsufficientResources, Unsatisfiable
@@ -143,7 +144,7 @@ def plan(
         excluded |= frozenset(node for node, _ in held)
         view = Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, excluded))
         try:
-            p = place(view, e.req)
+            p = place_request(view, e.req)
         except (InsufficientResources, Unsatisfiable) as exc:
             reason = _why(snapshot, changed, e, exc, reservations, admitted)
             if e.pool in blocked:
@@ -151,14 +152,17 @@ def plan(
                 continue
             blocked[e.pool] = e.id
             taken = frozenset(r.node for r in reservations)
-            res = _reserve(snapshot, changed, e, holders, taken, now_ms)
-            if res is None:
+            held_for = _reserve(snapshot, changed, e, holders, taken, now_ms)
+            if not held_for:
                 out[e.id] = Wait(reason, position, head=True)
                 continue
-            reservations.append(res)
+            reservations.extend(held_for)
+            res = held_for[0]
             eta = f"estimated start {_clock(res.start_ms)} (an estimate from declared runtimes)" if res.start_ms \
                 else "no estimated start (allocations in the way declared no runtime)"  # fmt: skip
-            out[e.id] = Wait(f"{reason}; {res.node} is reserved for it, {eta}", position, res.node, res.start_ms,
+            where = ", ".join(r.node for r in held_for)
+            verb = "is" if len(held_for) == 1 else "are"
+            out[e.id] = Wait(f"{reason}; {where} {verb} reserved for it, {eta}", position, res.node, res.start_ms,
                              head=True)  # fmt: skip
             continue
         over = tally.after(e.tenant, p, e.req)
@@ -166,13 +170,7 @@ def plan(
             out[e.id] = Wait(over, position)
             continue
         tally.add(e.tenant, p, e.req)
-        v = changed.get(p.node) or snapshot.nodes[p.node]
-        changed[p.node] = replace(
-            v,
-            gpus_held=v.gpus_held | frozenset(p.gpu_indexes),
-            cpus_used=v.cpus_used + e.req.cpus,
-            memory_used=v.memory_used + e.req.memory_bytes,
-        )
+        count_placed(snapshot.nodes, changed, p, e.req)
         out[e.id] = Admit(excluded, position)
         admitted.append(e)
     return out
@@ -211,7 +209,7 @@ def _why(
 
 def _fits(snapshot: Snapshot, changed: Mapping[str, NodeView], e: PendingRequest) -> bool:
     try:
-        place(Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, frozenset())), e.req)
+        place_request(Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, frozenset())), e.req)
     except (InsufficientResources, Unsatisfiable):
         return False
     return True
@@ -224,38 +222,48 @@ def _reserve(
     holders: Callable[[str], Sequence[Holder]],
     taken: frozenset[str],
     now_ms: int,
-) -> _Reservation | None:
+) -> list[_Reservation]:
     """The node where e could start soonest once the allocations in its way end (by their declared
-    runtimes), and when; None if no schedulable node could ever hold it."""
-    best: tuple[int, str] | None = None
+    runtimes), and when; a gang's N such nodes (sharing its same_label value), all from the start of
+    the last of them; empty if no schedulable nodes could ever hold it."""
+    member = e.req.per_node()
+    starts: list[tuple[int, str, str]] = []  # (start, node, its same_label value)
     tried = 0
     for name in sorted(snapshot.nodes):
         if name in taken:
             continue
         view = changed.get(name) or snapshot.nodes[name]
-        if not view.schedulable or len(view.usable_gpus) < e.req.gpus:
+        if not view.schedulable or len(view.usable_gpus) < member.gpus:
+            continue
+        group = view.info.labels.get(e.req.same_label) if e.req.same_label else ""
+        if group is None:
             continue
         tried += 1
         if tried > MAX_RESERVATION_CANDIDATES:
             break
         start = _start_on(view, e, holders(name), snapshot.revision, now_ms)
-        if start is None:
+        if start is not None:
+            starts.append((start, name, group))
+    best: tuple[int, list[str]] | None = None
+    for group in sorted({g for _, _, g in starts}):
+        soonest = sorted((s, n) for s, n, g in starts if g == group)[: e.req.nodes]
+        if len(soonest) < e.req.nodes:
             continue
-        key = (start, name)
-        if best is None or key < best:
+        key = (soonest[-1][0], [n for _, n in soonest])  # a gang starts when its last node frees
+        if best is None or key[0] < best[0]:
             best = key
-    if best is not None:
-        start, node = best
-        return _Reservation(node, e.id, None if start == _NEVER else start)
-    return None
+    if best is None:
+        return []
+    start, nodes = best
+    return [_Reservation(node, e.id, None if start == _NEVER else start) for node in nodes]
 
 
 _NEVER = 2**62
 
 
 def _start_on(view: NodeView, e: PendingRequest, in_way: Sequence[Holder], revision: int, now_ms: int) -> int | None:
-    """When e fits on this node once holders end, soonest first (_NEVER when one of them declared no
-    runtime); None when it never fits there, even empty."""
+    """When e (one member, for a gang) fits on this node once holders end, soonest first (_NEVER when one
+    of them declared no runtime); None when it never fits there, even empty."""
     ordered = sorted(in_way, key=lambda h: (h.ends_ms is None, h.ends_ms or 0, h.id))
     held, cpus, memory = set(view.gpus_held), view.cpus_used, view.memory_used
     start = now_ms
@@ -266,7 +274,7 @@ def _start_on(view: NodeView, e: PendingRequest, in_way: Sequence[Holder], revis
             start = _NEVER if h.ends_ms is None else max(start, h.ends_ms)
         trial = replace(view, gpus_held=frozenset(held), cpus_used=max(0, cpus), memory_used=max(0, memory))
         try:
-            place(Snapshot(revision, {view.name: trial}), e.req)
+            place(Snapshot(revision, {view.name: trial}), e.req.per_node())
         except (InsufficientResources, Unsatisfiable):
             continue
         return start

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, PendingRequest, ResourceRequest
+from gpulease.coordinator.domain import (
+    AllocatedGpu,
+    Allocation,
+    GpuInfo,
+    Member,
+    NodeInfo,
+    PendingRequest,
+    ResourceRequest,
+)
 from gpulease.coordinator.quota import Quota, Usage
 
 
@@ -93,7 +101,7 @@ def encode_alloc(a: Allocation) -> bytes:
     doc = {
         "id": a.id,
         "node": a.node,
-        "gpus": [{"index": g.index, "uuid": g.uuid, "model": g.model} for g in a.gpus],
+        "gpus": _gpus(a.gpus),
         "cpus": a.cpus,
         "memory": a.memory_bytes,
         "ttl": a.ttl_seconds,
@@ -111,7 +119,18 @@ def encode_alloc(a: Allocation) -> bytes:
         doc["priority"], doc["priority_class"] = a.priority, a.priority_class
     if a.preemptible:
         doc["preemptible"] = True
+    if a.is_gang:  # node and gpus above are the first member's: readers that know no gangs see that one
+        doc["members"] = [{"node": m.node, "gpus": _gpus(m.gpus), "cpus": m.cpus, "memory": m.memory_bytes}
+                          for m in a.members]  # fmt: skip
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _gpus(gpus: tuple[AllocatedGpu, ...]) -> list[dict[str, Any]]:
+    return [{"index": g.index, "uuid": g.uuid, "model": g.model} for g in gpus]
+
+
+def _decode_gpus(raw: list[dict[str, Any]]) -> tuple[AllocatedGpu, ...]:
+    return tuple(AllocatedGpu(g["index"], g["uuid"], g.get("model", "")) for g in raw)
 
 
 def decode_alloc(raw: bytes, revision: int) -> Allocation:
@@ -119,7 +138,7 @@ def decode_alloc(raw: bytes, revision: int) -> Allocation:
     return Allocation(
         id=d["id"],
         node=d["node"],
-        gpus=tuple(AllocatedGpu(g["index"], g["uuid"], g.get("model", "")) for g in d["gpus"]),
+        gpus=_decode_gpus(d["gpus"]),
         cpus=d.get("cpus", 0),
         memory_bytes=d.get("memory", 0),
         ttl_seconds=d.get("ttl", 0),
@@ -135,6 +154,10 @@ def decode_alloc(raw: bytes, revision: int) -> Allocation:
         priority=d.get("priority", 0),
         priority_class=d.get("priority_class", ""),
         preemptible=bool(d.get("preemptible", False)),
+        gang=tuple(
+            Member(m["node"], _decode_gpus(m["gpus"]), m.get("cpus", 0), m.get("memory", 0))
+            for m in d.get("members", ())
+        ),
     )
 
 
@@ -157,6 +180,8 @@ def encode_pending(p: PendingRequest) -> bytes:
         "wait_until_ms": p.wait_until_ms, "max_runtime": p.max_runtime_s, "lease": p.lease_id,
         "preemptible": p.preemptible,
     }  # fmt: skip
+    if r.is_gang:
+        doc["nodes"], doc["same"] = r.nodes, r.same_label
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -169,6 +194,8 @@ def decode_pending(raw: bytes) -> PendingRequest:
         gpu_model=d.get("model", ""),
         min_gpu_memory_bytes=d.get("min_gpu_memory", 0),
         node_selector=d.get("selector", {}),
+        nodes=d.get("nodes", 1),
+        same_label=d.get("same", ""),
     )
     return PendingRequest(
         id=d["id"], request_id=d["request_id"], req=req, ttl_s=d.get("ttl", 60), principal=d.get("principal", ""),

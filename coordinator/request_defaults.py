@@ -15,6 +15,7 @@ cluster changed is still the same request.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from gpulease.coordinator.domain import NodeView, ResourceRequest
 
@@ -45,5 +46,4 @@ def with_defaults(req: ResourceRequest, views: Iterable[NodeView]) -> ResourceRe
         return req
     cpus = min(req.cpus, share[0]) if req.cpus_auto else req.cpus
     memory = min(req.memory_bytes, share[1]) if req.memory_auto else req.memory_bytes
-    return ResourceRequest(req.gpus, cpus, memory, req.gpu_model, req.min_gpu_memory_bytes, req.node_selector,
-                           req.cpus_auto, req.memory_auto)  # fmt: skip
+    return replace(req, cpus=cpus, memory_bytes=memory)

@@ -88,7 +88,7 @@ class Settler:
     async def remove_unclaimed(self, alloc: Allocation) -> bool:
         """Delete every key of `alloc` unless a retry claimed it. True when removed."""
         k = self._keys
-        keys = k.of_allocation(alloc.node, alloc.id, alloc.request_id, alloc.tenant, [g.uuid for g in alloc.gpus])
+        keys = k.of_allocation(alloc)
         audit = entry_put(k, "system:settler", "release", alloc.id, tenant=alloc.tenant, unique=f"{alloc.id}.unclaimed",
                           detail="a commit in doubt that no caller was handed")  # fmt: skip
         out = await self._store.txn(

@@ -127,6 +127,25 @@ def resource_request(
     )
 
 
+MAX_GANG_NODES = 256
+
+
+def gang(nodes: int, same_label: str) -> tuple[int, str]:
+    """(nodes, same_label) of a request: 0 or 1 node is one node; a gang is 2 to MAX_GANG_NODES."""
+    if nodes < 0 or nodes > MAX_GANG_NODES:
+        raise InvalidRequest(f"nodes of {nodes} is out of range: use 0 or 1 (one node) to {MAX_GANG_NODES}")
+    nodes = max(nodes, 1)
+    if same_label:
+        if nodes == 1:
+            raise InvalidRequest(
+                "same_label is for gangs (nodes of 2 or more): one node shares every label with itself"
+            )
+        if not _LABEL_KEY_RE.match(same_label):
+            raise InvalidRequest(f"same_label {same_label[:80]!r} is not a label key: use letters, digits and ._/- "
+                                 "(max 128)")  # fmt: skip
+    return nodes, same_label
+
+
 def owner(value: str) -> str:
     return _text("owner", value, 128)
 

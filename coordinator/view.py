@@ -180,9 +180,15 @@ class ClusterView:
         return decode_alloc(*raw) if raw else None
 
     def allocations_on(self, node: str) -> list[Allocation]:
-        """The live allocations holding GPUs on ``node`` (decoded on demand)."""
+        """The live allocations holding GPUs on ``node`` (decoded on demand), each as seen on that
+        node (a gang's member there)."""
         ids = set(self._held.get(node, {}).values())
-        return [decode_alloc(*self._allocs[i]) for i in sorted(ids) if i in self._allocs]
+        out = []
+        for i in sorted(ids):
+            if i in self._allocs:
+                a = decode_alloc(*self._allocs[i])
+                out.append(a.on(node) if node in a.nodes else a)
+        return out
 
     def allocations(self) -> list[Allocation]:
         return sorted((decode_alloc(*raw) for raw in self._allocs.values()), key=lambda a: (a.revision, a.id))

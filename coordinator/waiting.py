@@ -338,6 +338,8 @@ class WaitingQueue:
         per PREEMPT_RETRY_MS, so a head that cannot preempt costs little)."""
         if self._preempt is None or now < self._next_preempt.get(w.entry.id, 0):
             return
+        if w.entry.req.is_gang:  # preemption plans one node: a gang waits, it does not preempt
+            return
         self._next_preempt[w.entry.id] = now + PREEMPT_RETRY_MS
         classes = self._allocs.classes()
         candidates = [c for a in self._view.allocations() if (c := candidate(a, self._view, classes)) is not None]
