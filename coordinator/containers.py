@@ -9,7 +9,8 @@ against the coordinator's copy of the container policy before anything is forwar
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -28,6 +29,8 @@ START_TIMEOUT = 900.0
 CALL_TIMEOUT = 30.0
 MAX_WAIT = 300
 
+T = TypeVar("T")
+
 
 class ContainerForwarder:
     def __init__(
@@ -44,6 +47,8 @@ class ContainerForwarder:
         self._agents = agents
         self._endings = endings
         self._policy = policy if policy is not None else ContainerPolicy()
+        # allocation id -> member nodes a container is being started on by this replica right now
+        self._starting: dict[str, list[str]] = {}
 
     def check_spec(self, spec: tpb.ContainerSpec, tenant: str) -> None:
         """PermissionDenied or InvalidRequest naming the container policy's rule that ``spec``
@@ -56,17 +61,18 @@ class ContainerForwarder:
             raise AllocationNotFound(f"node {node} is not registered; its containers cannot be reached")
         return v.info.address
 
-    async def _node_of(self, ref: tpb.ContainerRef) -> str:
-        """The node holding the allocation's containers: the live allocation's, or, once it ended,
-        the one recorded when its first container started (coordinator/endings.py), so logs and
-        exit codes stay reachable after a release. Never every node in turn."""
+    async def _nodes_of(self, ref: tpb.ContainerRef) -> tuple[str, ...]:
+        """The nodes that may hold the allocation's containers: the live allocation's (a gang's
+        members), or, once it ended, those recorded when its first container started
+        (coordinator/endings.py), so logs and exit codes stay reachable after a release. Never every
+        node in turn."""
         if not ref.allocation_id:
             raise InvalidRequest("allocation_id is required")
         home = self._endings.home(ref.allocation_id) if self._endings else None
         if home is not None:
-            return home.node
+            return home.all_nodes
         try:
-            return (await self._allocs.get(ref.allocation_id)).node
+            return (await self._allocs.get(ref.allocation_id)).nodes
         except AllocationNotFound:
             pass
         raise ContainerNotFound(
@@ -74,11 +80,35 @@ class ContainerForwarder:
             "containers ran within the retention time"
         )
 
+    async def _on_members(self, ref: tpb.ContainerRef, call: Callable[[Any], Awaitable[T]]) -> T:
+        """``call(stub)`` on the agent of the node holding the container: the one node, or, for a
+        gang, each member in turn until one knows the container (ContainerNotFound: the next)."""
+        nodes = await self._nodes_of(ref)
+        for i, node in enumerate(nodes):
+            address = self._address(node)
+            try:
+                return await call(self._agents.stub(node, address))
+            except grpc.aio.AioRpcError as exc:
+                err = agent_error(exc, node, address)
+                if isinstance(err, ContainerNotFound) and i + 1 < len(nodes):
+                    continue
+                raise err from None
+        raise AssertionError("unreachable: an allocation has at least one node")
+
+    def starting_on(self, allocation_id: str) -> str | None:
+        """The one member node this replica is starting a container of ``allocation_id`` on now, if
+        exactly one: how a clear-text coordinator (no agent identities) tells which member's agent
+        asks GetNodeAllocation while it fences that start."""
+        nodes = set(self._starting.get(allocation_id, ()))
+        return nodes.pop() if len(nodes) == 1 else None
+
     async def run(self, alloc: Allocation, spec: tpb.ContainerSpec) -> tpb.ContainerStatus:
-        """``alloc`` as read linearizably for this call (AllocationService.get): its revision is the
-        current fencing token, which the agent checks again before it creates anything."""
+        """``alloc`` as read linearizably for this call (AllocationService.get), as seen on the node
+        to run on (a gang's member: Allocation.on): its revision is the current fencing token, which
+        the agent checks again before it creates anything."""
         address = self._address(alloc.node)
         request = agent_pb2.StartContainerRequest(allocation_id=alloc.id, revision=alloc.revision, spec=spec)
+        self._starting.setdefault(alloc.id, []).append(alloc.node)
         try:
             started: tpb.ContainerStatus = await self._agents.stub(alloc.node, address).StartContainer(
                 request, timeout=START_TIMEOUT
@@ -86,42 +116,42 @@ class ContainerForwarder:
             return started
         except grpc.aio.AioRpcError as exc:
             raise agent_error(exc, alloc.node, address) from None
+        finally:
+            nodes = self._starting[alloc.id]
+            nodes.remove(alloc.node)
+            if not nodes:
+                del self._starting[alloc.id]
 
     async def wait(self, request: tpb.WaitContainerRequest) -> tpb.ContainerStatus:
         if not 0 <= request.timeout_seconds <= MAX_WAIT:
             raise InvalidRequest(f"timeout_seconds must be 0 to {MAX_WAIT}, got {request.timeout_seconds}")
-        node = await self._node_of(request.ref)
-        address = self._address(node)
         budget = (request.timeout_seconds or 30) + CALL_TIMEOUT
-        try:
-            waited: tpb.ContainerStatus = await self._agents.stub(node, address).WaitContainer(request, timeout=budget)
-            return waited
-        except grpc.aio.AioRpcError as exc:
-            raise agent_error(exc, node, address) from None
+        waited: tpb.ContainerStatus = await self._on_members(
+            request.ref, lambda stub: stub.WaitContainer(request, timeout=budget)
+        )
+        return waited
 
     async def stop(self, request: tpb.StopContainerRequest) -> tpb.ContainerStatus:
         if not 0 <= request.grace_seconds <= 3600:
             raise InvalidRequest(f"grace_seconds must be 0 to 3600, got {request.grace_seconds}")
-        node = await self._node_of(request.ref)
-        address = self._address(node)
-        try:
-            status: tpb.ContainerStatus = await self._agents.stub(node, address).StopContainer(
-                request, timeout=(request.grace_seconds or 10) + CALL_TIMEOUT
-            )
-            return status
-        except grpc.aio.AioRpcError as exc:
-            raise agent_error(exc, node, address) from None
+        status: tpb.ContainerStatus = await self._on_members(
+            request.ref, lambda stub: stub.StopContainer(request, timeout=(request.grace_seconds or 10) + CALL_TIMEOUT)
+        )
+        return status
 
     async def list(self, allocation_id: str) -> tpb.ListContainersResponse:
-        node = await self._node_of(tpb.ContainerRef(allocation_id=allocation_id))
-        address = self._address(node)
-        try:
-            listed: tpb.ListContainersResponse = await self._agents.stub(node, address).ListContainers(
-                tpb.ListContainersRequest(allocation_id=allocation_id), timeout=CALL_TIMEOUT
-            )
-            return listed
-        except grpc.aio.AioRpcError as exc:
-            raise agent_error(exc, node, address) from None
+        """The allocation's containers: on its node, or on every member of a gang."""
+        out = tpb.ListContainersResponse()
+        for node in await self._nodes_of(tpb.ContainerRef(allocation_id=allocation_id)):
+            address = self._address(node)
+            try:
+                listed: tpb.ListContainersResponse = await self._agents.stub(node, address).ListContainers(
+                    tpb.ListContainersRequest(allocation_id=allocation_id), timeout=CALL_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise agent_error(exc, node, address) from None
+            out.containers.extend(listed.containers)
+        return out
 
     async def stop_all(self, alloc: Allocation, grace_seconds: int) -> None:
         """Stop every running container of ``alloc`` (preemption): SIGTERM, SIGKILL after the grace."""
@@ -132,13 +162,22 @@ class ContainerForwarder:
                 await self.stop(tpb.StopContainerRequest(ref=ref, grace_seconds=min(grace_seconds, 3600)))
 
     async def logs(self, request: tpb.StreamLogsRequest) -> AsyncIterator[tpb.LogChunk]:
-        node = await self._node_of(request.ref)
-        address = self._address(node)
-        call = self._agents.stub(node, address).StreamLogs(request, timeout=None if request.follow else CALL_TIMEOUT)
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise agent_error(exc, node, address) from None
-        finally:
-            call.cancel()  # the user went away: stop the agent's stream too
+        nodes = await self._nodes_of(request.ref)
+        for i, node in enumerate(nodes):
+            address = self._address(node)
+            call = self._agents.stub(node, address).StreamLogs(
+                request, timeout=None if request.follow else CALL_TIMEOUT
+            )
+            sent = False
+            try:
+                async for chunk in call:
+                    sent = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                err = agent_error(exc, node, address)
+                if isinstance(err, ContainerNotFound) and not sent and i + 1 < len(nodes):
+                    continue  # a gang: the container is on another member
+                raise err from None
+            finally:
+                call.cancel()  # the user went away: stop the agent's stream too

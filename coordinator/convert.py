@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gpulease.coordinator.domain import Allocation, GpuInfo, NodeInfo, NodeState, NodeView
+from collections.abc import Mapping
+
+from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, NodeState, NodeView
 from gpulease.v1 import coordinator_pb2 as cpb
 from gpulease.v1 import types_pb2 as tpb
 
@@ -106,11 +108,19 @@ def node_summary(v: NodeView) -> cpb.NodeSummary:
     )
 
 
-def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
+def _gpus(gpus: tuple[AllocatedGpu, ...]) -> list[tpb.AllocatedGpu]:
+    return [tpb.AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in gpus]
+
+
+def allocation(a: Allocation, node_address: str = "", addresses: Mapping[str, str] | None = None) -> tpb.Allocation:
+    """``addresses``: node -> agent address, for the members (node_address: a.node's)."""
+    addresses = {**(addresses or {}), a.node: node_address} if node_address else (addresses or {})
+    members = [tpb.AllocationMember(node=m.node, gpus=_gpus(m.gpus), cpus=m.cpus, memory_bytes=m.memory_bytes,
+                                    node_address=addresses.get(m.node, "")) for m in a.members]  # fmt: skip
     return tpb.Allocation(
         id=a.id,
         node=a.node,
-        gpus=[tpb.AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in a.gpus],
+        gpus=_gpus(a.gpus),
         cpus=a.cpus,
         memory_bytes=a.memory_bytes,
         ttl_seconds=a.ttl_seconds,
@@ -124,6 +134,7 @@ def allocation(a: Allocation, node_address: str = "") -> tpb.Allocation:
         preemptible=a.preemptible,
         priority_class=a.priority_class,
         max_runtime_seconds=a.max_runtime_s,
+        members=members,
     )
 
 

@@ -40,6 +40,12 @@ class ContainerHome:
     principal: str
     tenant: str
     ended: bool
+    # A gang's member nodes (its containers may be on any); () for one node.
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def all_nodes(self) -> tuple[str, ...]:
+        return self.nodes or (self.node,)
 
 
 class Endings:
@@ -97,7 +103,7 @@ class Endings:
         try:
             d = json.loads(raw)
             return ContainerHome(str(d["node"]), str(d.get("principal", "")), str(d.get("tenant", "")),
-                                 bool(d.get("ended_ms")))  # fmt: skip
+                                 bool(d.get("ended_ms")), tuple(str(n) for n in d.get("nodes", ())))  # fmt: skip
         except (ValueError, KeyError):
             return None
 
@@ -105,7 +111,10 @@ class Endings:
         """Before the first container of ``alloc`` starts: remember where and whose it is."""
         if self.home(alloc.id) is not None:
             return
-        doc = {"node": alloc.node, "principal": alloc.principal, "tenant": alloc.tenant, "ended_ms": 0}
+        doc: dict[str, object] = {"node": alloc.members[0].node, "principal": alloc.principal,
+                                  "tenant": alloc.tenant, "ended_ms": 0}  # fmt: skip
+        if alloc.is_gang:
+            doc["nodes"] = list(alloc.nodes)
         await self._store.put(self._keys.containers(alloc.id), json.dumps(doc, separators=(",", ":")).encode())
 
     async def sweep(self) -> int:

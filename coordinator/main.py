@@ -30,7 +30,7 @@ from gpulease.coordinator.nodes import NodePolicy, NodeService
 from gpulease.coordinator.policies import Policies
 from gpulease.coordinator.preemption import Preemptions
 from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
-from gpulease.coordinator.store import Store
+from gpulease.coordinator.store import Get, Store, StoreUnavailable
 from gpulease.coordinator.store import TlsFiles as EtcdTls
 from gpulease.coordinator.tokens import Tokens
 from gpulease.coordinator.view import ClusterView
@@ -50,6 +50,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
                   password=config_mod.etcd_password(cfg))  # fmt: skip
     await store.start()
     keys = Keys(cfg.prefix)
+    fatal: list[str] = []
     view = ClusterView(store, keys)
     allocations = AllocationService(
         store,
@@ -84,7 +85,9 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         CoordinatorServicer(allocations, nodes, view, containers, guard, endings, audit, queue, policies, preemptions),
         server,
     )
-    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(allocations, nodes, view, guard), server)
+    coordinator_pb2_grpc.add_NodeServiceServicer_to_server(
+        NodeServicer(allocations, nodes, view, guard, containers), server
+    )
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(allocations, nodes, view, guard, tokens, audit, policies), server
     )
@@ -110,6 +113,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         ",".join(cfg.etcd), cfg.prefix, eventloop.resolve(cfg.event_loop),
     )  # fmt: skip
 
+    stop = asyncio.Event()
     view_task = asyncio.create_task(view.run(), name="view")
     commit_task = asyncio.create_task(allocations.run(), name="commits")
     background = [
@@ -117,10 +121,10 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         asyncio.create_task(endings.run(), name="container-records"),
         asyncio.create_task(queue.run(), name="queue"),
         asyncio.create_task(fair.run(), name="fair-share"),
+        asyncio.create_task(_check_txn_limit(store, keys, cfg.etcd_max_txn_ops, fatal, stop), name="txn-limit"),
     ]
     if tls is None and cfg.insecure and not transport.is_loopback(cfg.listen):
         background.append(asyncio.create_task(transport.warn_while_insecure(log, "the coordinator"), name="warn"))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -160,6 +164,35 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     await audit.close()
     await agents.close()
     await store.close()
+    if fatal:
+        raise GpuLeaseError(fatal[0])
+
+
+async def _check_txn_limit(store: Store, keys: Keys, ops: int, fatal: list[str], stop: asyncio.Event) -> None:
+    """The configured etcd_max_txn_ops, checked against etcd at start: one transaction of that many
+    harmless reads. A coordinator that believed etcd allows more than it does would send gangs (and
+    large batches) that etcd refuses every time; it stops instead, saying which setting to fix.
+    Retried while etcd cannot be reached (the view waits for it too)."""
+    delay = 0.5
+    while True:
+        try:
+            await store.txn([], [Get(keys.marker())] * ops)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if "too many operations" not in (exc.details() or ""):
+                raise
+            fatal.append(
+                f"configuration error: etcd_max_txn_ops is {ops}, which exceeds etcd's --max-txn-ops (etcd refused "
+                f"one transaction of {ops} reads: {exc.details()}); set etcd_max_txn_ops (--etcd-max-txn-ops) to at "
+                "most etcd's --max-txn-ops (128 unless etcd was started with another value), or raise etcd's"
+            )
+            log.error("%s", fatal[0])
+            stop.set()
+            return
+        except StoreUnavailable as exc:
+            log.debug("etcd_max_txn_ops not checked yet: %s", exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 async def _bootstrap(view: ClusterView, tokens: Tokens, path: str) -> None:

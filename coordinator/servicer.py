@@ -38,8 +38,11 @@ Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def _alloc_pb(view: ClusterView, a: Allocation) -> tpb.Allocation:
-    node = view.node(a.node)
-    return convert.allocation(a, node.info.address if node else "")
+    addresses = {}
+    for name in a.nodes:
+        node = view.node(name)
+        addresses[name] = node.info.address if node else ""
+    return convert.allocation(a, addresses.get(a.node, ""), addresses)
 
 
 def _allocate_input(request: pb.AllocateRequest) -> AllocateInput:
@@ -58,6 +61,8 @@ def _allocate_input(request: pb.AllocateRequest) -> AllocateInput:
         max_runtime_s=request.max_runtime_seconds,
         priority_class=request.priority_class,
         preemptible=request.preemptible,
+        nodes=request.nodes,
+        same_label=request.same_label,
     )
 
 
@@ -247,11 +252,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     @rpc
     async def RunContainer(self, request: pb.RunContainerRequest, context: Ctx) -> tpb.ContainerStatus:
         alloc = await self._allocs.get(request.allocation_id, caller())  # the owner's, and live
+        # A gang's member to run on ("" = the first); the agent gets the allocation as seen there.
+        node = request.node or alloc.members[0].node
+        if node not in alloc.nodes:
+            raise InvalidRequest(f"node {node!r} is not a member of allocation {alloc.id} (its nodes: "
+                                 f"{', '.join(alloc.nodes)}); run its containers on those")  # fmt: skip
         self._containers.check_spec(request.spec, alloc.tenant)  # the container policy, before anything is sent
         await self._endings.note_containers(alloc)
-        status = await self._containers.run(alloc, request.spec)  # no second read: this one is current
+        status = await self._containers.run(alloc.on(node), request.spec)  # no second read: this one is current
+        detail = f"container={status.container_id} image={request.spec.image}"
         await self._audit.record(caller(), "container-start", alloc.id,
-                                 detail=f"container={status.container_id} image={request.spec.image}")  # fmt: skip
+                                 detail=detail + (f" node={node}" if alloc.is_gang else ""))  # fmt: skip
         return status
 
     @rpc
@@ -286,11 +297,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     SERVICE = "gpulease.v1.NodeService"
 
-    def __init__(self, allocations: AllocationService, nodes: NodeService, view: ClusterView, guard: Guard) -> None:
+    def __init__(
+        self, allocations: AllocationService, nodes: NodeService, view: ClusterView, guard: Guard,
+        containers: ContainerForwarder | None = None,
+    ) -> None:  # fmt: skip
         self._allocs = allocations
         self._nodes = nodes
         self._view = view
         self._guard = guard
+        self._containers = containers
 
     @rpc
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context: Ctx) -> pb.RegisterNodeResponse:
@@ -325,7 +340,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     @rpc
     async def GetNodeAllocation(self, request: pb.GetAllocationRequest, context: Ctx) -> pb.GetAllocationResponse:
-        alloc = await self._allocs.get(request.allocation_id, caller())  # another node's: PERMISSION_DENIED
+        # Another node's: PERMISSION_DENIED; a gang's: as seen on the agent's own member node.
+        alloc = await self._allocs.get(request.allocation_id, caller())
+        if alloc.is_gang and caller().node is None and self._containers is not None:
+            # Clear text: no identity names the agent's node. It asks while this replica forwards a
+            # start to it (agents ask only to fence a start), so that member is the one.
+            node = self._containers.starting_on(alloc.id)
+            alloc = alloc.on(node) if node else alloc
         return pb.GetAllocationResponse(allocation=_alloc_pb(self._view, alloc))
 
 

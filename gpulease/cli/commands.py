@@ -102,6 +102,10 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
     if args.priority:
         queueing["priority"] = args.priority
     queueing.update(tenant_options(args))
+    if args.nodes:
+        queueing["nodes"] = args.nodes
+    if args.same:
+        queueing["same"] = args.same
     with cfg.client() as client:
         alloc = client.allocate(
             gpus=args.gpus,
@@ -119,6 +123,8 @@ def allocate(cfg: CliConfig, args: argparse.Namespace) -> int:
         print_json(views.allocation_json(alloc))
         return 0
     print(views.allocation_line(alloc))
+    for line in views.member_lines(alloc):
+        print(line)
     if args.tenant or args.preemptible or args.priority:
         print(views.allocation_policy_line(alloc))
     print(

@@ -220,9 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="", help="only allocations on this node")
     p.add_argument("--owner", default="", help="only allocations of this owner")
 
-    p = command("allocate", commands.allocate, "allocate GPUs on one node (held until released or TTL)")
+    p = command("allocate", commands.allocate, "allocate GPUs on one node, or a gang on several (held until "
+                                               "released or TTL)")  # fmt: skip
     # Counts are not range-checked here: the coordinator does it, so API and CLI messages agree.
-    p.add_argument("--gpus", type=int, required=True, metavar="N")
+    p.add_argument("--gpus", "--gpus-per-node", dest="gpus", type=int, required=True, metavar="N",
+                   help="GPUs (per node with --nodes)")  # fmt: skip
+    p.add_argument("--nodes", type=int, default=0, metavar="N", help="a gang of N distinct nodes, each with --gpus-per-"
+                   "node GPUs, --cpus and --memory, made whole or not at all under one lease")  # fmt: skip
+    p.add_argument(
+        "--same", default="", metavar="LABEL", help="a gang's nodes all share this label's value (e.g. rack)"
+    )
     p.add_argument("--cpus", type=int, metavar="N", help="default: the coordinator's per-GPU default")
     p.add_argument("--memory", metavar="SIZE", help="e.g. 16GiB (default: the coordinator's)")
     p.add_argument("--gpu-model", default="", metavar="MODEL", help="exact GPU model name")

@@ -119,7 +119,18 @@ def allocation_json(a: AnyAllocation) -> dict[str, Any]:
         "memory_bytes": a.memory_bytes,
         "ttl_seconds": a.ttl_seconds,
         "revision": a.revision,
-    }
+        **({"members": [{"node": m.node, "gpus": [{"index": g.index, "uuid": g.uuid} for g in m.gpus],
+                         "cpus": m.cpus, "memory_bytes": m.memory_bytes, "node_address": m.node_address}
+                        for m in a.members]} if len(a.members) > 1 else {}),
+    }  # fmt: skip
+
+
+def member_lines(a: AnyAllocation) -> list[str]:
+    """A gang's members, one line each in rank order (nothing for one node)."""
+    if len(a.members) < 2:
+        return []
+    return [f"  member {rank} on {m.node} ({m.node_address}): GPUs {','.join(str(g.index) for g in m.gpus)} "
+            f"({m.cpus} CPUs, {format_size(m.memory_bytes)})" for rank, m in enumerate(a.members)]  # fmt: skip
 
 
 def gpu_indexes(a: AnyAllocation) -> str:

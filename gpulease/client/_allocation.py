@@ -13,14 +13,21 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from gpulease.client import _ops
 from gpulease.client._failover import FailoverChannels
-from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting, log_fallback
+from gpulease.client._handle import (
+    AllocationHandle,
+    ContainerHandleBase,
+    SessionBase,
+    Waiting,
+    gang_envs,
+    log_fallback,
+)
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocationInfo, Container, LogChunk
 from gpulease.errors import GpuLeaseError
@@ -234,6 +241,14 @@ class Allocation(AllocationHandle[Session]):
     def containers(self) -> list[ContainerHandle]:
         """Handles on this allocation's containers."""
         return [ContainerHandle(self, c) for c in self.session.usable().run(_ops.list_containers(self.id))]
+
+    def run_gang(
+        self, image: str, command: Sequence[str] = (), *, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> list[ContainerHandle]:
+        """One container per member node of a gang (one for a one-node allocation), in rank order,
+        each with ``env`` plus RANK, WORLD_SIZE, MASTER_ADDR (the first member's host) and
+        GPULEASE_PEERS (every member's agent address); other arguments as run_container's."""
+        return [self.run_container(image, command, env=e, node=node, **kwargs) for node, e in gang_envs(self.info, env)]
 
 
 class ContainerHandle(ContainerHandleBase[Allocation]):

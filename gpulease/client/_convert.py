@@ -5,6 +5,7 @@ from __future__ import annotations
 from gpulease.client.models import (
     AllocatedGpu,
     AllocationInfo,
+    AllocationMember,
     AuditEntry,
     ClusterSummary,
     Container,
@@ -50,6 +51,16 @@ def allocation(msg: types_pb2.Allocation) -> AllocationInfo:
         preemptible=msg.preemptible,
         priority_class=msg.priority_class,
         max_runtime_seconds=msg.max_runtime_seconds,
+        members=tuple(
+            AllocationMember(
+                m.node,
+                tuple(AllocatedGpu(index=g.index, uuid=g.uuid, model=g.model) for g in m.gpus),
+                m.cpus,
+                m.memory_bytes,
+                m.node_address,
+            )
+            for m in msg.members
+        ),
     )
 
 

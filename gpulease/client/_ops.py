@@ -180,8 +180,15 @@ def allocate(
     on_pending: Callable[[PendingInfo], None] | None = None,
     tenant: str = "",
     preemptible: bool = False,
+    nodes: int = 0,
+    same: str = "",
 ) -> Op[pb.AllocateResponse, AllocationInfo]:
     """Reserve ``gpus`` GPUs (plus CPUs/memory) on one node for ``ttl`` (default: the coordinator's).
+
+    ``nodes`` (2 or more): a gang of that many distinct nodes, each with ``gpus`` GPUs, ``cpus`` and
+    ``memory`` (all per node), made whole or not at all, under one lease; ``same``: a node label
+    (e.g. "rack") whose value every member node shares. ``alloc.members`` lists the nodes and
+    ``alloc.run_gang(...)`` starts one container on each.
 
     Sizes take bytes or strings like "16GiB"; durations take seconds or "60s", "10m". Range checks
     are the coordinator's. The request id (a fresh one unless given) makes the call safe to retry:
@@ -224,6 +231,8 @@ def allocate(
             priority_class=priority,
             tenant=tenant,
             preemptible=preemptible,
+            nodes=nodes,
+            same_label=same,
         )
     )
     if not wait_seconds:
@@ -494,8 +503,10 @@ def run_container(
     shm_size: int | str | None = None,
     name: str = "",
     timeout: float = RUN_TIMEOUT_S,
+    node: str = "",
 ) -> Op[tpb.ContainerStatus, Container]:
     """Start a container on the allocation's GPUs, CPUs and memory; returns once it is running.
+    ``node``: for a gang, the member node to run on ("" = the first member).
 
     volumes: "SRC:DST[:ro]" strings or (src, dst[, read_only]) tuples. ``timeout`` covers an
     image pull on the node. Not resent after an UNAVAILABLE that may have reached a coordinator.
@@ -514,7 +525,7 @@ def run_container(
             name=name,
         )
     )
-    request = build(lambda: pb.RunContainerRequest(allocation_id=allocation_id, spec=spec))
+    request = build(lambda: pb.RunContainerRequest(allocation_id=allocation_id, spec=spec, node=node))
     timeout = _positive(timeout, "timeout")
     return Op("RunContainer", request, tpb.ContainerStatus, _convert.container, timeout=timeout, resend_safe=False)
 

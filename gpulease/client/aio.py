@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -28,7 +28,14 @@ from typing import Any, TypeVar
 from gpulease.client import _ops, _waiting
 from gpulease.client._aio_failover import AsyncFailoverChannels
 from gpulease.client._base import ClientBase
-from gpulease.client._handle import AllocationHandle, ContainerHandleBase, SessionBase, Waiting, log_fallback
+from gpulease.client._handle import (
+    AllocationHandle,
+    ContainerHandleBase,
+    SessionBase,
+    Waiting,
+    gang_envs,
+    log_fallback,
+)
 from gpulease.client._lease import LeaseTracker
 from gpulease.client.models import AllocationInfo, Container, LogChunk
 from gpulease.errors import GpuLeaseError
@@ -196,6 +203,13 @@ class AsyncAllocation(AllocationHandle[AsyncSession]):
     async def containers(self) -> list[AsyncContainerHandle]:
         """Handles on this allocation's containers."""
         return [AsyncContainerHandle(self, c) for c in await self.session.usable().run(_ops.list_containers(self.id))]
+
+    async def run_gang(
+        self, image: str, command: Sequence[str] = (), *, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> list[AsyncContainerHandle]:
+        """One container per member node of a gang, in rank order (see Allocation.run_gang)."""
+        return [await self.run_container(image, command, env=e, node=node, **kwargs)
+                for node, e in gang_envs(self.info, env)]  # fmt: skip
 
 
 class AsyncContainerHandle(ContainerHandleBase[AsyncAllocation]):

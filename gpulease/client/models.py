@@ -19,6 +19,18 @@ class AllocatedGpu:
 
 
 @dataclass(frozen=True)
+class AllocationMember:
+    """What an allocation holds on one node (a gang has one member per node)."""
+
+    node: str
+    gpus: tuple[AllocatedGpu, ...]
+    cpus: int
+    memory_bytes: int
+    # host:port of the node's agent.
+    node_address: str
+
+
+@dataclass(frozen=True)
 class AllocationInfo:
     """An allocation as the coordinator reported it."""
 
@@ -46,10 +58,17 @@ class AllocationInfo:
     priority_class: str = ""
     # Declared runtime: the lease is not renewed past it (0 = none).
     max_runtime_seconds: int = 0
+    # Every node it holds something on, the first member first (node, gpus, cpus, memory_bytes
+    # and node_address above are the first member's); one for a one-node allocation.
+    members: tuple[AllocationMember, ...] = ()
 
     @property
     def gpu_indexes(self) -> tuple[int, ...]:
         return tuple(g.index for g in self.gpus)
+
+    @property
+    def is_gang(self) -> bool:
+        return len(self.members) > 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +88,16 @@ class AllocationInfo:
             "preemptible": self.preemptible,
             "priority_class": self.priority_class,
             "max_runtime_seconds": self.max_runtime_seconds,
+            "members": [
+                {
+                    "node": m.node,
+                    "gpus": [{"index": g.index, "uuid": g.uuid, "model": g.model} for g in m.gpus],
+                    "cpus": m.cpus,
+                    "memory_bytes": m.memory_bytes,
+                    "node_address": m.node_address,
+                }
+                for m in self.members
+            ],
         }
 
 

@@ -47,6 +47,8 @@ class AllocateRequest(google.protobuf.message.Message):
     PRIORITY_CLASS_FIELD_NUMBER: builtins.int
     TENANT_FIELD_NUMBER: builtins.int
     PREEMPTIBLE_FIELD_NUMBER: builtins.int
+    NODES_FIELD_NUMBER: builtins.int
+    SAME_LABEL_FIELD_NUMBER: builtins.int
     gpus: builtins.int
     """Counts are signed so that a negative value reaches the server and gets a clear
     INVALID_ARGUMENT instead of wrapping around in a client.
@@ -80,6 +82,12 @@ class AllocateRequest(google.protobuf.message.Message):
     """May be preempted by a pending request of a higher priority class (or reclaimed by a tenant
     below its nominal quota when this one borrows).
     """
+    nodes: builtins.int
+    """A gang: this many distinct nodes (0 or 1 = one node), each with `gpus` GPUs, `cpus` and
+    `memory_bytes` (all per node), committed whole in one transaction under one lease.
+    """
+    same_label: builtins.str
+    """A gang's nodes must all have the same value of this node label (e.g. "rack"); "" = any."""
     @property
     def node_selector(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
         """Every label here must be present on the node with the same value."""
@@ -101,9 +109,11 @@ class AllocateRequest(google.protobuf.message.Message):
         priority_class: builtins.str = ...,
         tenant: builtins.str = ...,
         preemptible: builtins.bool = ...,
+        nodes: builtins.int = ...,
+        same_label: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "memory_bytes", b"memory_bytes"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "owner", b"owner", "preemptible", b"preemptible", "priority_class", b"priority_class", "request_id", b"request_id", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_cpus", b"_cpus", "_memory_bytes", b"_memory_bytes", "cpus", b"cpus", "gpu_model", b"gpu_model", "gpus", b"gpus", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "node_selector", b"node_selector", "nodes", b"nodes", "owner", b"owner", "preemptible", b"preemptible", "priority_class", b"priority_class", "request_id", b"request_id", "same_label", b"same_label", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]) -> None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_cpus", b"_cpus"]) -> typing.Literal["cpus"] | None: ...
     @typing.overload
@@ -545,7 +555,10 @@ class RunContainerRequest(google.protobuf.message.Message):
 
     ALLOCATION_ID_FIELD_NUMBER: builtins.int
     SPEC_FIELD_NUMBER: builtins.int
+    NODE_FIELD_NUMBER: builtins.int
     allocation_id: builtins.str
+    node: builtins.str
+    """A gang's member node to run on ("" = the first member); other nodes are refused."""
     @property
     def spec(self) -> gpulease.v1.types_pb2.ContainerSpec: ...
     def __init__(
@@ -553,9 +566,10 @@ class RunContainerRequest(google.protobuf.message.Message):
         *,
         allocation_id: builtins.str = ...,
         spec: gpulease.v1.types_pb2.ContainerSpec | None = ...,
+        node: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["spec", b"spec"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "spec", b"spec"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "node", b"node", "spec", b"spec"]) -> None: ...
 
 global___RunContainerRequest = RunContainerRequest
 

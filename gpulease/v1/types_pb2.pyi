@@ -357,6 +357,7 @@ class Allocation(google.protobuf.message.Message):
     PREEMPTIBLE_FIELD_NUMBER: builtins.int
     PRIORITY_CLASS_FIELD_NUMBER: builtins.int
     MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
+    MEMBERS_FIELD_NUMBER: builtins.int
     id: builtins.str
     node: builtins.str
     cpus: builtins.int
@@ -380,6 +381,13 @@ class Allocation(google.protobuf.message.Message):
     """Declared runtime (0 = none)."""
     @property
     def gpus(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AllocatedGpu]: ...
+    @property
+    def members(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AllocationMember]:
+        """Every node it holds something on, the first member first (one member for a one-node
+        allocation). node, gpus, cpus and memory_bytes above are the first member's, or, for an
+        agent, its own node's member.
+        """
+
     def __init__(
         self,
         *,
@@ -399,10 +407,41 @@ class Allocation(google.protobuf.message.Message):
         preemptible: builtins.bool = ...,
         priority_class: builtins.str = ...,
         max_runtime_seconds: builtins.int = ...,
+        members: collections.abc.Iterable[global___AllocationMember] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "preemptible", b"preemptible", "principal", b"principal", "priority_class", b"priority_class", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "members", b"members", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "preemptible", b"preemptible", "principal", b"principal", "priority_class", b"priority_class", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___Allocation = Allocation
+
+@typing.final
+class AllocationMember(google.protobuf.message.Message):
+    """What an allocation holds on one node (a gang has several)."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    CPUS_FIELD_NUMBER: builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: builtins.int
+    NODE_ADDRESS_FIELD_NUMBER: builtins.int
+    node: builtins.str
+    cpus: builtins.int
+    memory_bytes: builtins.int
+    node_address: builtins.str
+    @property
+    def gpus(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___AllocatedGpu]: ...
+    def __init__(
+        self,
+        *,
+        node: builtins.str = ...,
+        gpus: collections.abc.Iterable[global___AllocatedGpu] | None = ...,
+        cpus: builtins.int = ...,
+        memory_bytes: builtins.int = ...,
+        node_address: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "gpus", b"gpus", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address"]) -> None: ...
+
+global___AllocationMember = AllocationMember
 
 @typing.final
 class ContainerSpec(google.protobuf.message.Message):

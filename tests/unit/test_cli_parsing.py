@@ -243,7 +243,7 @@ def test_bad_sizes_and_durations_are_errors_not_tracebacks(
     ("argv", "message"),
     [
         (["allocate"], "the following arguments are required: --gpus"),
-        (["allocate", "--gpus", "two"], "argument --gpus: invalid int value: 'two'"),
+        (["allocate", "--gpus", "two"], "argument --gpus/--gpus-per-node: invalid int value: 'two'"),
         (["allocate", "--gpus", "1", "--selector", "zone"], "expected KEY=VALUE"),
         (["--timeout", "0", "status"], "argument --timeout: must be positive"),
         (["dev", "--nodes", "0"], "argument --nodes: must be between 1 and 64, got 0"),
