@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-fifo", action="store_true", default=None,
                    help="no backfill: a pool's requests start strictly in queue order")  # fmt: skip
     p.add_argument("--priority-classes", help="NAME=VALUE,... (default low=-100,default=0,high=100)")
+    p.add_argument("--fair-share-half-life", help="half-life of the decayed GPU usage that orders tenants (24h)")
     p.add_argument("--default-priority-class", help="the class of a request that names none (default)")
     return p
 

@@ -25,7 +25,7 @@ runtime, or any request when T is unknown (a holder in the way declared none), n
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gpulease.coordinator.batch_placement import Overlay, TenantTally, count_placed
@@ -89,6 +89,34 @@ def order(entries: Sequence[PendingRequest], shares: Mapping[str, float]) -> lis
     return sorted(entries, key=lambda e: (-e.priority, shares.get(e.tenant, 0.0), e.created_ms, e.id))
 
 
+class FairOrder:
+    """``order``, as the plan consumes it: within a priority level, each next request is the oldest of
+    the tenant whose share is lowest *now*, counting what this pass admitted (``admitted`` adds the
+    request's GPUs over its tenant's weight). Without that, every GPU freed at once would go to the
+    one tenant that was lowest when the pass began."""
+
+    def __init__(self, entries: Sequence[PendingRequest], shares: Mapping[str, float],
+                 weights: Mapping[str, float]) -> None:  # fmt: skip
+        self._shares = dict(shares)
+        self._weights = weights
+        self._levels: dict[int, dict[str, list[PendingRequest]]] = {}
+        for e in sorted(entries, key=lambda e: (e.created_ms, e.id), reverse=True):  # oldest last: pop()
+            self._levels.setdefault(e.priority, {}).setdefault(e.tenant, []).append(e)
+
+    def __iter__(self) -> Iterator[PendingRequest]:
+        for priority in sorted(self._levels, reverse=True):
+            tenants = self._levels[priority]
+            while tenants:
+                tenant = min(tenants, key=lambda t: (self._shares.get(t, 0.0), tenants[t][-1].created_ms, t))
+                e = tenants[tenant].pop()
+                if not tenants[tenant]:
+                    del tenants[tenant]
+                yield e
+
+    def admitted(self, e: PendingRequest) -> None:
+        self._shares[e.tenant] = self._shares.get(e.tenant, 0.0) + e.req.gpus / self._weights.get(e.tenant, 1.0)
+
+
 def ends_ms(created_ms: int, max_runtime_s: int, ttl_s: int) -> int | None:
     """The latest an allocation can live with a declared runtime: its lease is not renewed past
     created + max_runtime, so it lapses at most one TTL later."""
@@ -103,6 +131,7 @@ def plan(
     *,
     now_ms: int,
     shares: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | None = None,
     holders: Callable[[str], Sequence[Holder]] = lambda _node: (),
     strict_fifo: bool = False,
     claims: Mapping[str, frozenset[tuple[str, int]]] | None = None,
@@ -124,7 +153,8 @@ def plan(
     blocked: dict[str, str] = {}  # pool -> the id of its blocked head
     positions: dict[str, int] = {}
     admitted: list[PendingRequest] = []
-    for depth, e in enumerate(order(entries, shares)):
+    fair = FairOrder(entries, shares, weights or {})
+    for depth, e in enumerate(fair):
         positions[e.pool] = position = positions.get(e.pool, 0) + 1
         if depth >= MAX_DEPTH:
             out[e.id] = Wait(f"position {position} in the queue, beyond the {MAX_DEPTH} requests one pass "
@@ -173,6 +203,7 @@ def plan(
         count_placed(snapshot.nodes, changed, p, e.req)
         out[e.id] = Admit(excluded, position)
         admitted.append(e)
+        fair.admitted(e)
     return out
 
 

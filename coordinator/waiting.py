@@ -125,7 +125,12 @@ class WaitingQueue:
         if extra is not None:
             entries = [*entries, extra]
         claims = {i: c.pairs for i, c in self._preempt.claims().items()} if self._preempt else {}
-        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=self.shares(entries),
+        book = self._view.quota_book()
+        weights = {}
+        for t in {e.tenant for e in entries}:
+            quota, _ = book.quota_for(t)
+            weights[t] = quota.share_weight if quota is not None else 1.0
+        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=self.shares(entries), weights=weights,
                     holders=self._holders, strict_fifo=self._policy.strict_fifo, claims=claims)  # fmt: skip
 
     def fair_usage(self) -> dict[str, float]:

@@ -120,3 +120,14 @@ def test_fair_share_orders_tenants_by_usage_per_weight() -> None:
     assert [e.id for e in order(entries, {"heavy": 300.0, "light": 100.0})] == ["light", "heavy"]
     # Weighted 1:3, 300 GPU-s for the weight-3 tenant is 100 per unit: it ties, and age decides.
     assert [e.id for e in order(entries, {"heavy": 300.0 / 3, "light": 100.0})] == ["heavy", "light"]
+
+
+def test_gpus_freed_at_once_are_shared_by_fair_share_within_one_pass() -> None:
+    # Equal standing, 4 free GPUs, each tenant with 4 requests: 2 each, not 4 to whoever was first.
+    entries = [pending(f"{t}{i}", 1, age=10 - i, tenant=t) for t in ("a", "b") for i in range(4)]
+    d = plan(snap(node("n", 4)), entries, now_ms=NOW, shares={"a": 0.0, "b": 0.0})
+    admitted = sorted(i for i, x in d.items() if isinstance(x, Admit))
+    assert admitted == ["a0", "a1", "b0", "b1"]
+    # Weighted 1:3 and equal usage so far: b gets 3 of the 4 (each admission adds 1/weight).
+    d = plan(snap(node("n", 4)), entries, now_ms=NOW, shares={"a": 0.0, "b": 0.0}, weights={"a": 1.0, "b": 3.0})
+    assert sorted(i for i, x in d.items() if isinstance(x, Admit)) == ["a0", "b0", "b1", "b2"]
