@@ -1,10 +1,15 @@
-"""python -m bench [--quick] [--concurrency 1,16,64,256] [--nodes N] [--duration S] [--json]
+"""python -m bench [--quick] [--concurrency 1,16,64,256] [--nodes N] [--duration S] [--only PHASES] [--json]
 
 Measures, in one run on this machine with etcd on loopback (tmpfs when available):
 raw etcd transactions/s through our client stack; allocations/s and latency through the real
-coordinator and client library at each concurrency; their ratio; what TLS and tokens cost
-(allocations/s against clear text at concurrency 64); and scale at 10,000 nodes.
-Every run checks its own grants for double allocations; a non-zero count fails the run.
+coordinator and client library at each concurrency; their ratio; the waiting queue (admissions/s
+of 1,000 pending requests, release-to-admission latency, each against the old path in the same
+run); what TLS and tokens cost (allocations/s against clear text at concurrency 64); and scale at
+10,000 nodes. Every run checks its own grants for double allocations; a non-zero count fails the run.
+
+`--only queue` (or any of load, queue, security, scale, comma-separated) runs those phases only
+and replaces just their sections in the results file, keeping the others from the last run; a
+section carries its own time when it has one (the queue's `measured_unix`).
 """
 
 from __future__ import annotations
@@ -15,18 +20,23 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from bench.cluster import GPUS_PER_NODE, register_nodes, start_cluster, wait_nodes
 from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
 from bench.security import run_security
+from bench.waiting import QueueSettings, run_queue
 from gpulease.common import eventloop
 from gpulease.dev.cluster import LocalCluster
 
 RESULTS_DIR = Path(__file__).parent / "results"
+PHASES = ("load", "queue", "security", "scale")
+SECTION_PHASE = {"runs": "load", "queue": "queue", "security": "security", "scale": "scale"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,8 +48,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-nodes", type=int, default=None, help="nodes for the scale run (10000)")
     p.add_argument("--no-scale", action="store_true", help="skip the scale run")
     p.add_argument("--no-security", action="store_true", help="skip the TLS + tokens against clear text run")
+    p.add_argument("--no-queue", action="store_true", help="skip the waiting queue run")
+    p.add_argument("--queue-pending", type=int, default=None, help="requests pending in the queue run (1000)")
+    p.add_argument("--queue-ttl", type=int, default=None, help="the queue run's coordinator --queue-ttl in s (its own)")
+    p.add_argument("--only", default=None, help=f"comma-separated phases to run, of {','.join(PHASES)}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and not only <= set(PHASES):
+        p.error(f"--only takes phases of {', '.join(PHASES)}")
+    args.only = only
+    args.phases = {
+        ph for ph in PHASES if (only is None or ph in only) and not getattr(args, f"no_{ph}", False)
+    }  # fmt: skip
+    if args.queue_pending is not None and args.queue_pending < 1:
+        p.error("--queue-pending must be positive")
     quick = args.quick
     args.concurrency = [int(c) for c in (args.concurrency or ("1,16" if quick else "1,16,64,256")).split(",")]
     args.nodes = args.nodes or (100 if quick else 1000)
@@ -56,6 +79,36 @@ async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[st
             print(msg, file=sys.stderr, flush=True)
 
     runs = []
+    if "load" in args.phases:
+        runs = await run_concurrency(args, cluster, log)
+    queue = None
+    if "queue" in args.phases:
+        settings = QueueSettings.quick() if args.quick else QueueSettings()
+        if args.queue_pending:
+            settings = replace(settings, pending=args.queue_pending)
+        if args.queue_ttl:
+            settings = replace(settings, queue_ttl=args.queue_ttl)
+        log(f"queue: {settings.pending} pending requests on {settings.nodes} nodes x 8 GPUs ...")
+        queue = asdict(await run_queue(cluster, settings, log))
+    security = None
+    if "security" in args.phases:
+        c = 16 if args.quick else 64
+        log(f"security: allocations with TLS and tokens against clear text, concurrency {c} ...")
+        security = asdict(await run_security(cluster.etcd_url, args.nodes, c, args.duration))
+    scale = None
+    if "scale" in args.phases:
+        log(f"scale: {args.scale_nodes} nodes ...")
+        scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
+                                       args.duration, heartbeat_interval=10))  # fmt: skip
+    body: dict[str, object] = {"runs": runs, "queue": queue, "security": security, "scale": scale}
+    # With --only, the sections of the phases that did not run stay as the results file has them.
+    return {k: v for k, v in body.items() if args.only is None or SECTION_PHASE[k] in args.phases}
+
+
+async def run_concurrency(
+    args: argparse.Namespace, cluster: LocalCluster, log: Callable[[str], None]
+) -> list[dict[str, object]]:
+    runs: list[dict[str, object]] = []
     log(f"registering {args.nodes} simulated nodes x 8 GPUs through RegisterNode ...")
     address = cluster.add_coordinator(prefix="/bench/").address
     await register_nodes(address, [f"node-{i:05d}" for i in range(args.nodes)])
@@ -87,17 +140,7 @@ async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[st
             "errors": load.errors,
         })  # fmt: skip
     cluster.stop_coordinator(address)
-    security = None
-    if not args.no_security:
-        c = 16 if args.quick else 64
-        log(f"security: allocations with TLS and tokens against clear text, concurrency {c} ...")
-        security = asdict(await run_security(cluster.etcd_url, args.nodes, c, args.duration))
-    scale = None
-    if not args.no_scale:
-        log(f"scale: {args.scale_nodes} nodes ...")
-        scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
-                                       args.duration, heartbeat_interval=10))  # fmt: skip
-    return {"runs": runs, "security": security, "scale": scale}
+    return runs
 
 
 def machine(cluster: LocalCluster) -> dict[str, object]:
@@ -117,14 +160,19 @@ def print_tables(result: dict[str, object]) -> None:
         "alloc_release_cycles_per_s", "ratio", "noop_rpc_per_s", "noop_p50_ms", "allocations_per_txn",
         "retries_per_alloc", "double_allocations", "errors",
     ]  # fmt: skip
-    rows = [[str(sum(r[c].values()) if c == "errors" else r[c]) for c in cols] for r in result["runs"]]  # type: ignore[attr-defined]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    rows = [[str(sum(r[c].values()) if c == "errors" else r[c]) for c in cols] for r in result.get("runs") or []]  # type: ignore[attr-defined]
+    if rows:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     if result.get("security"):
         print("\nsecurity (TLS + tokens against clear text):")
         for k, v in result["security"].items():  # type: ignore[attr-defined]
+            print(f"  {k:32} {v}")
+    if result.get("queue"):
+        print("\nqueue (WaitAllocate: admissions and release-to-admission latency, against the old path):")
+        for k, v in result["queue"].items():  # type: ignore[attr-defined]
             print(f"  {k:32} {v}")
     if result.get("scale"):
         print("\nscale:")
@@ -140,32 +188,47 @@ def main(argv: list[str] | None = None) -> int:
         # The load generator runs on uvloop when it can, as the coordinator does: the bench
         # shares this machine's cores with what it measures, so a cheaper client measures more.
         body = eventloop.run(main_async(args, cluster))
-        result = {"machine": machine(cluster), "quick": args.quick, "started_unix": int(started),
-                  "seconds": round(time.time() - started, 1), **body}  # fmt: skip
+        run = {"machine": machine(cluster), "quick": args.quick, "started_unix": int(started),
+               "seconds": round(time.time() - started, 1)}  # fmt: skip
     finally:
         cluster.stop()
     out = RESULTS_DIR / ("quick.json" if args.quick else "latest.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {**run, **body}
+    if args.only is not None and out.exists():
+        # Only some phases ran: their sections replace the file's, the rest stay from the last run.
+        result = json.loads(out.read_text())
+        result.update(body)
+        partial = result.setdefault("partial_runs", [])
+        assert isinstance(partial, list)
+        partial.append({"phases": sorted(args.phases), **run})
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
         print_tables(result)
-    doubles = sum(r["double_allocations"] for r in result["runs"])
-    if result.get("scale"):
-        doubles += result["scale"]["double_allocations"]
-    if result.get("security"):
-        doubles += result["security"]["double_allocations"]
+    return verdict(body)
+
+
+def verdict(body: dict[str, Any]) -> int:
+    """Non-zero when a phase run now found a double allocation or had a call fail."""
+    runs = body.get("runs") or []
+    sections = {k: body[k] for k in ("queue", "security", "scale") if body.get(k)}
+    doubles = sum(r["double_allocations"] for r in runs) + sum(v["double_allocations"] for v in sections.values())
     if doubles:
         print(f"FAILED: {doubles} double allocations", file=sys.stderr)
         return 1
-    # Every allocation in these runs has room: a failed call means a broken run, not a slow one.
-    errors = {f"concurrency {r['concurrency']}": r["errors"] for r in result["runs"] if r["errors"]}
-    if result.get("security") and result["security"]["errors"]:
-        errors["security"] = result["security"]["errors"]
+    # Every allocation in these runs has room (or waits for it): a failed call means a broken run,
+    # not a slow one.
+    errors = {f"concurrency {r['concurrency']}": r["errors"] for r in runs if r["errors"]}
+    errors |= {k: v["errors"] for k, v in sections.items() if v.get("errors")}
     if errors:
         print(f"FAILED: calls failed: {errors}", file=sys.stderr)
         return 1
+    if body.get("queue") and body["queue"]["lapsed_waits"]:
+        # Measured, not a broken run: the coordinator let waiting requests lapse (docs/performance.md).
+        print(f"WARNING: {body['queue']['lapsed_waits']} waiting requests left the queue while their clients "
+              "waited (waiting leases lapsed)", file=sys.stderr)  # fmt: skip
     return 0
 
 

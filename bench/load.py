@@ -6,12 +6,13 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from bench.stats import Latencies
 from gpulease.client import ClientConfig, RetryConfig
 from gpulease.client.aio import AsyncClient
-from gpulease.client.models import AllocationInfo
+from gpulease.client.models import AllocationInfo, PendingInfo
 from gpulease.history import Grant, double_allocations
 from gpulease.v1 import coordinator_pb2 as pb
 
@@ -100,9 +101,24 @@ class _Client:
         base = config or ClientConfig.of(address)
         self._client = AsyncClient(config=replace(base, targets=(address,), timeout=60, retry=RetryConfig(0)))
 
-    async def allocate(self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str) -> AllocationInfo:
-        handle = await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id)
+    async def allocate(
+        self, *, gpus: int, cpus: int, memory: int, ttl: int, request_id: str, tenant: str = ""
+    ) -> AllocationInfo:
+        handle = await self._client.allocate(gpus=gpus, cpus=cpus, memory=memory, ttl=ttl, request_id=request_id,
+                                             tenant=tenant, owner=tenant)  # fmt: skip
         return handle.info
+
+    async def wait_allocate(
+        self, *, tenant: str, request_id: str, ttl: int, wait: str, on_pending: Callable[[PendingInfo], None]
+    ) -> AllocationInfo:
+        """1 GPU through WaitAllocate, counted against `tenant` (a local admin, as the bench's calls are,
+        may name any): waits in the coordinator's queue when nothing fits now."""
+        handle = await self._client.allocate(gpus=1, cpus=1, memory=2**20, ttl=ttl, tenant=tenant, owner=tenant,
+                                             request_id=request_id, wait=wait, on_pending=on_pending)  # fmt: skip
+        return handle.info
+
+    async def list_pending(self) -> list[PendingInfo]:
+        return await self._client.list_pending()
 
     async def release_revision(self, allocation_id: str) -> int:
         # AsyncClient.release answers only whether it released; the bench needs the release's
