@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # How often a replica looks at the queue when its view does not move (estimates and deadlines
 # move with the clock).
 TICK_S = 0.5
+# A waiter hears that only its position moved at most this often.
+STATUS_SPACING_MS = 1000
 # How often a blocked head may look for victims.
 PREEMPT_RETRY_MS = 2000
 
@@ -77,6 +79,7 @@ class _Waiter:
     admitting: bool = False
     seen: bool = False  # the view has shown its queue key at least once
     last: tuple[int, str] | None = None
+    sent_ms: int = 0
     reason: str = "waiting for its first queue pass"
 
 
@@ -334,8 +337,11 @@ class WaitingQueue:
                 elif d.head:
                     self._maybe_preempt(w, now, claims)
                 w.reason = d.reason
-                if w.last != (d.position, d.reason):
-                    w.last = (d.position, d.reason)
+                # A new reason goes out at once; a move in position alone at most once a second (each
+                # admission moves every waiter behind it: 1,000 waiters would get 1,000 messages each).
+                moved = w.last is not None and w.last[1] == d.reason and w.last[0] != d.position
+                if w.last != (d.position, d.reason) and (not moved or now - w.sent_ms >= STATUS_SPACING_MS):
+                    w.last, w.sent_ms = (d.position, d.reason), now
                     w.updates.put_nowait(Status(w.entry, d.position, d.reason, d.estimated_start_ms or 0))
 
     def _maybe_preempt(self, w: _Waiter, now: int, claims: Mapping[str, Claim]) -> None:
@@ -422,17 +428,20 @@ class WaitingQueue:
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(self._policy.ttl_s / 3)
-            for w in list(self._waiters.values()):
-                if w.result.done():
-                    continue
-                try:
-                    ttl = await self._store.keepalive_once(w.entry.lease_id)
-                except StoreUnavailable as exc:
-                    log.warning("queue: cannot renew the waiting lease of %s: %s", w.entry.id, exc)
-                    continue
-                if ttl <= 0 and not w.admitting:
-                    w.admitting = True
-                    self._spawn(self._gone(w))
+            # All at once: the store multiplexes renewals on one LeaseKeepAlive stream. One after the
+            # other, a round over 1,000 waiters outlasted the lease itself (the bench lost 923 of 1,000).
+            waiters = [w for w in self._waiters.values() if not w.result.done()]
+            await asyncio.gather(*(self._renew(w) for w in waiters))
+
+    async def _renew(self, w: _Waiter) -> None:
+        try:
+            ttl = await self._store.keepalive_once(w.entry.lease_id)
+        except StoreUnavailable as exc:
+            log.warning("queue: cannot renew the waiting lease of %s: %s", w.entry.id, exc)
+            return
+        if ttl <= 0 and not w.admitting:
+            w.admitting = True
+            self._spawn(self._gone(w))
 
 
 def _same_shape(entry: PendingRequest, shape: str) -> PendingRequest:
