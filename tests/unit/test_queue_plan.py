@@ -3,6 +3,8 @@ with a head reservation, strict FIFO, and the reasons."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gpulease.coordinator.domain import GpuInfo, NodeInfo, NodeView, PendingRequest, ResourceRequest, Snapshot
 from gpulease.coordinator.queue_plan import Admit, Holder, Wait, ends_ms, order, plan
 
@@ -131,3 +133,18 @@ def test_gpus_freed_at_once_are_shared_by_fair_share_within_one_pass() -> None:
     # Weighted 1:3 and equal usage so far: b gets 3 of the 4 (each admission adds 1/weight).
     d = plan(snap(node("n", 4)), entries, now_ms=NOW, shares={"a": 0.0, "b": 0.0}, weights={"a": 1.0, "b": 3.0})
     assert sorted(i for i, x in d.items() if isinstance(x, Admit)) == ["a0", "b0", "b1", "b2"]
+
+
+def test_reasons_name_higher_priority_requests_ahead_and_nodes_down_or_cordoned() -> None:
+    # Two free GPUs, taken by the higher-priority request: the next one says what is ahead of it.
+    d = plan(snap(node("n", 4, held=2)), [pending("vip", 2, priority=100, age=1), pending("me", 2, age=9)], now_ms=NOW)
+    me = d["me"]
+    assert isinstance(d["vip"], Admit) and isinstance(me, Wait)
+    assert me.reason == "behind 1 request(s) admitted ahead of it (1 of higher priority)"
+    # The only nodes that could hold it are down or cordoned: the reason says so, not "busy".
+    down = NodeView(node("d", 8).info, up=False, record_revision=1)
+    cordoned = NodeView(replace(node("c", 8).info, cordoned=True), up=True, record_revision=1)
+    d = plan(snap(down, cordoned, node("small", 2)), [pending("big", 4)], now_ms=NOW)
+    big = d["big"]
+    assert isinstance(big, Wait)
+    assert "every node that could fit it is down, cordoned or restarting" in big.reason, big.reason
