@@ -22,7 +22,7 @@ from types import MappingProxyType
 from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.coordinator import authz, priority_classes, validation
 from gpulease.coordinator.audit import entry_put
-from gpulease.coordinator.batch_placement import TenantTally, place_one
+from gpulease.coordinator.batch_placement import TenantTally, place_for, place_one
 from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
 from gpulease.coordinator.committer import Committer, gang_txn_size
 from gpulease.coordinator.domain import (
@@ -279,7 +279,8 @@ class AllocationService:
             if over is not None:
                 raise QuotaExceeded(f"{over}; wait in the queue (wait_seconds / gpuctl allocate --wait) to be admitted "
                                     "when the tenant's allocations free it")  # fmt: skip
-            self._place(prep.req, snapshot)
+            # As the tenant may use it now: other tenants' reservations withhold their GPUs (and say so).
+            place_for(snapshot, prep.req, self._view.index, prep.tenant, int(time.time() * 1000))
             return frozenset()
         return decision.excluded
 

@@ -48,6 +48,7 @@ RULES: dict[str, Rule] = {
     _C + "WhoAmI": Rule.READ,
     _C + "ListQuotas": Rule.READ,
     _C + "ListPriorityClasses": Rule.READ,
+    _C + "ListReservations": Rule.READ,
     _C + "RunContainer": Rule.OWNER,
     _C + "WaitContainer": Rule.OWNER,
     _C + "StreamLogs": Rule.OWNER,
@@ -68,6 +69,8 @@ RULES: dict[str, Rule] = {
     _A + "DeleteQuota": Rule.ADMIN,
     _A + "SetPriorityClass": Rule.ADMIN,
     _A + "DeletePriorityClass": Rule.ADMIN,
+    _A + "CreateReservation": Rule.ADMIN,
+    _A + "DeleteReservation": Rule.ADMIN,
 }
 
 _ROLES = {

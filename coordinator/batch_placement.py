@@ -7,10 +7,19 @@ etcd transaction can commit the whole batch without two of its allocations overl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from gpulease.coordinator.domain import NodeView, Placement, ResourceRequest, Snapshot, placed_usage, request_usage
+from gpulease.coordinator import reservations
+from gpulease.coordinator.domain import (
+    NodeView,
+    Overlay,
+    Placement,
+    ResourceRequest,
+    Snapshot,
+    placed_usage,
+    request_usage,
+)
 from gpulease.coordinator.gang_placement import place_gang
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.placement_index import PlacementIndex, placement_on
@@ -18,24 +27,6 @@ from gpulease.coordinator.quota import NO_USAGE, Usage, over_quota
 from gpulease.errors import InsufficientResources, QuotaExceeded, Unsatisfiable
 
 PlacementError = InsufficientResources | Unsatisfiable
-
-
-class Overlay(Mapping[str, NodeView]):
-    """base with some nodes replaced and some hidden, without copying base (10,000 nodes)."""
-
-    def __init__(self, base: Mapping[str, NodeView], changed: Mapping[str, NodeView], hidden: frozenset[str]):
-        self._base, self._changed, self._hidden = base, changed, hidden
-
-    def __getitem__(self, key: str) -> NodeView:
-        if key in self._hidden:
-            raise KeyError(key)
-        return self._changed.get(key) or self._base[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k in self._base if k not in self._hidden)
-
-    def __len__(self) -> int:
-        return len(self._base) - sum(1 for k in self._hidden if k in self._base)
 
 
 class TenantTally:
@@ -71,18 +62,52 @@ class TenantTally:
 
 
 def place_one(
-    snapshot: Snapshot, req: ResourceRequest, index: PlacementIndex | None, excluded: frozenset[str] = frozenset()
+    snapshot: Snapshot,
+    req: ResourceRequest,
+    index: PlacementIndex | None,
+    excluded: frozenset[str] = frozenset(),
+    unindexed: frozenset[str] = frozenset(),
 ) -> Placement:
     """place(), through the index when it can answer (it must agree with place(); tests check).
 
     `excluded` names nodes that `snapshot` already hides; the index, which knows every node, is
-    told to skip them too."""
+    told to skip them too. `unindexed` names nodes that `snapshot` shows otherwise than the index
+    does (reservations of other tenants): the index answers for the others, and the best fit is
+    chosen between its answer and those nodes as `snapshot` shows them."""
     if req.is_gang:  # several nodes: the gang placement (the index answers one node at a time)
         return place_gang(snapshot, req)
-    name = index.find(req, excluded) if index is not None else None
+    name = index.find(req, excluded | unindexed) if index is not None else None
     if name is not None:
-        return placement_on(snapshot.nodes[name], req, snapshot.revision)
+        if not unindexed:
+            return placement_on(snapshot.nodes[name], req, snapshot.revision)
+        among = {n: snapshot.nodes[n] for n in unindexed | {name} if n in snapshot.nodes}
+        return place(replace(snapshot, nodes=among), req)
     return place(snapshot, req)
+
+
+def place_for(
+    snapshot: Snapshot,
+    req: ResourceRequest,
+    index: PlacementIndex | None,
+    tenant: str,
+    now_ms: int,
+    excluded: frozenset[str] = frozenset(),
+) -> Placement:
+    """place_one() on the snapshot as ``tenant`` may use it at ``now_ms`` (reservations of other
+    tenants withhold their GPUs: coordinator/reservations.py). When only those reservations are in
+    the way, InsufficientResources says so: 'reserved for team-b until 18:00:00 UTC (...)'."""
+    seen = reservations.visible_to(snapshot, tenant, now_ms)
+    if seen is snapshot:
+        return place_one(snapshot, req, index, excluded)
+    try:
+        return place_one(seen, req, index, excluded, reservations.reserved_nodes(snapshot, tenant, now_ms))
+    except InsufficientResources as exc:
+        why = reservations.reason(snapshot, tenant, now_ms)
+        try:
+            place_one(snapshot, req, index, excluded)
+        except (InsufficientResources, Unsatisfiable):
+            raise exc from None
+        raise InsufficientResources(f"{why}; the GPUs that would fit it are held for that reservation") from exc
 
 
 def count_placed(
@@ -106,13 +131,16 @@ def place_batch(
     index: PlacementIndex | None = None,
     avoid: Sequence[frozenset[str]] | None = None,
     tenants: Sequence[str] | None = None,
+    now_ms: int = 0,
 ) -> list[Placement | PlacementError]:
     """One result per (request, excluded nodes) pair, in order: a Placement or the error placing it.
 
     `avoid[i]`, when given, names nodes request i should stay off if any other node fits (nodes
     another replica keeps winning); unlike excluded nodes, they are used when nothing else fits.
     `tenants[i]`, when given, is request i's tenant: a request its tenant's quota (counting the
-    batch's earlier members) does not allow fails with QuotaExceeded.
+    batch's earlier members) does not allow fails with QuotaExceeded. Each request is placed on the
+    snapshot as its tenant may use it at `now_ms` (0: before every reservation's window), the batch's
+    earlier members counted as their tenants' holdings under reservations.
 
     With an index (the view's, in step with snapshot), the batch's own placements are applied to
     it tentatively so later members see them, and undone before returning.
@@ -120,6 +148,7 @@ def place_batch(
     changed: dict[str, NodeView] = {}
     out: list[Placement | PlacementError] = []
     tally = TenantTally(snapshot)
+    book = snapshot.reservations
     try:
         for i, (req, excluded) in enumerate(requests):
             tenant = tenants[i] if tenants else ""
@@ -133,10 +162,12 @@ def place_batch(
             # request it cannot answer keeps the avoided nodes rather than pay for two scans.
             if soft and (index is None or req.is_gang or index.find(req, excluded | soft) is not None):
                 with contextlib.suppress(InsufficientResources, Unsatisfiable):
-                    p = _place_in_batch(snapshot, changed, req, excluded | soft, index)
+                    p = _place_in_batch(replace(snapshot, reservations=book), changed, req, excluded | soft,
+                                        index, tenant, now_ms)  # fmt: skip
             if p is None:  # nothing to avoid, or nothing else fits: the avoided nodes are eligible
                 try:
-                    p = _place_in_batch(snapshot, changed, req, excluded, index)
+                    p = _place_in_batch(replace(snapshot, reservations=book), changed, req, excluded, index,
+                                        tenant, now_ms)  # fmt: skip
                 except (InsufficientResources, Unsatisfiable) as exc:
                     out.append(exc)
                     continue
@@ -145,6 +176,8 @@ def place_batch(
                 out.append(QuotaExceeded(over))
                 continue
             tally.add(tenant, p, req)
+            for m in p.members:
+                book = book.plus(m.node, tenant, len(m.gpu_indexes))
             count_placed(snapshot.nodes, changed, p, req)
             if index is not None:
                 for name in p.nodes:
@@ -188,8 +221,10 @@ def _place_in_batch(
     req: ResourceRequest,
     excluded: frozenset[str],
     index: PlacementIndex | None,
+    tenant: str,
+    now_ms: int,
 ) -> Placement:
     nodes: Mapping[str, NodeView] = snapshot.nodes
     if changed or excluded:
         nodes = Overlay(snapshot.nodes, changed, excluded)
-    return place_one(Snapshot(snapshot.revision, nodes), req, index, excluded)
+    return place_for(replace(snapshot, nodes=nodes), req, index, tenant, now_ms, excluded)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -175,7 +176,8 @@ class Batcher:
         results = place_batch(snapshot, [(p.req, p.excluded) for p in candidates],
                               self._source.index,
                               [p.avoid | contested for p in candidates],
-                              [p.draft.tenant for p in candidates])  # fmt: skip
+                              [p.draft.tenant for p in candidates],
+                              now_ms=int(time.time() * 1000))  # fmt: skip
         chosen: list[_Pending] = []
         failed: list[tuple[_Pending, GpuLeaseError]] = []
         for p, result in zip(candidates, results, strict=True):

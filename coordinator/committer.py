@@ -18,6 +18,14 @@ And for each tenant of the batch:
   usage/<tenant>/...    mod_revision < snapshot+1 over the whole range, when a quota limits the
                         tenant: no allocation of the tenant was added since the snapshot that
                         judged its usage, so two replicas cannot both take its last GPUs
+And once per transaction:
+  reservations/...      mod_revision < snapshot+1 over the whole range: no calendar reservation was
+                        created (or rewritten) since the snapshot placement judged by, so a placement
+                        on GPUs a new reservation withholds from its tenant fails and is placed again
+                        (coordinator/reservations.py). Only reservation *writes* are compared: a
+                        window that opens between placement and commit (the clock, not etcd, moved)
+                        is not, a known approximation of at most one commit round. Deletions pass
+                        (they only free capacity), as for res/.
 Success writes, per allocation, its record, one key per GPU, its reservation and its request
 key, each on the allocation's own lease (and its usage/<tenant>/<id>), and its audit entry
 (an admission also deletes queue/<id>, queued/ and a preemption claim claims/<id>) (no lease: it outlives the
@@ -100,7 +108,7 @@ def txn_size(items: Sequence[Item]) -> int:
     queued = sum(1 for i in items if i.queued)
     with_tenant = [i for i in items if i.draft.tenant]
     tenants = len({i.draft.tenant for i in with_tenant})
-    compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0)
+    compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0) + 1
     # per allocation: record, request key, audit entry; per member: reservation; per GPU: its key
     puts = 3 * len(items) + len(members) + len(with_tenant) + gpus + 3 * queued
     reads = len(items) + 5 * len(nodes) + queued
@@ -168,6 +176,10 @@ class EtcdCommitter:
             if book.limited(tenant):
                 usage = k.usage_prefix(tenant)
                 compares.append(Cmp(usage, "mod", "<", snapshot.revision + 1, range_end(usage)))
+        # Reservations written after the snapshot: placement did not apply them. (Time passing into a
+        # window between placement and commit is not caught here; see the docstring.)
+        held_for = k.reservations_prefix()
+        compares.append(Cmp(held_for, "mod", "<", snapshot.revision + 1, range_end(held_for)))
         queued = [a.id for item, a in zip(items, allocs, strict=True) if item.queued]
         failure += [Get(k.queue(i)) for i in queued]
         out = await self._store.txn(compares, success, failure)

@@ -5,7 +5,7 @@ The store turns etcd keys into these; placement reads them; servicers translate 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
@@ -120,6 +120,71 @@ class NodeView:
         return max(0, self.info.memory_total_bytes - self.memory_used)
 
 
+class Overlay(Mapping[str, NodeView]):
+    """base with some nodes replaced and some hidden, without copying base (10,000 nodes)."""
+
+    def __init__(self, base: Mapping[str, NodeView], changed: Mapping[str, NodeView], hidden: frozenset[str]):
+        self._base, self._changed, self._hidden = base, changed, hidden
+
+    def __getitem__(self, key: str) -> NodeView:
+        if key in self._hidden:
+            raise KeyError(key)
+        return self._changed.get(key) or self._base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._base if k not in self._hidden)
+
+    def __len__(self) -> int:
+        return len(self._base) - sum(1 for k in self._hidden if k in self._base)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Capacity held for one tenant over a time window (etcd ``reservations/<name>``): ``gpus`` GPUs
+    per node (concrete counts, chosen at creation when no nodes were named), of ``model`` ("" = any).
+    Enforced by coordinator/reservations.py while ``start_ms <= now < end_ms``."""
+
+    name: str
+    tenant: str
+    start_ms: int
+    end_ms: int
+    gpus: Mapping[str, int]
+    model: str = ""
+    created_ms: int = 0
+    by: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.gpus.values())
+
+    def active(self, now_ms: int) -> bool:
+        return self.start_ms <= now_ms < self.end_ms
+
+
+@dataclass(frozen=True)
+class ReservationBook:
+    """The reservations at one revision, and what each tenant's live allocations hold (GPUs) on the
+    nodes they name: a reservation blocks k GPUs minus what its tenant already holds there."""
+
+    reservations: tuple[Reservation, ...] = ()
+    # node -> tenant -> GPUs held there (only nodes some reservation names)
+    held: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def holding(self, node: str, tenant: str) -> int:
+        return self.held.get(node, {}).get(tenant, 0)
+
+    def plus(self, node: str, tenant: str, gpus: int) -> ReservationBook:
+        """The book once ``tenant`` holds ``gpus`` more on ``node`` (a placement counted in a pass)."""
+        if not any(node in r.gpus for r in self.reservations):
+            return self
+        on_node = dict(self.held.get(node, {}))
+        on_node[tenant] = on_node.get(tenant, 0) + gpus
+        return replace(self, held={**self.held, node: on_node})
+
+
+NO_RESERVATIONS = ReservationBook()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Cluster state at one etcd revision. Placement is a pure function of this."""
@@ -128,6 +193,8 @@ class Snapshot:
     nodes: Mapping[str, NodeView]
     # Tenants' quotas and usage at the same revision (placement checks quotas against it).
     quotas: QuotaBook = EMPTY_BOOK
+    # Calendar reservations at the same revision (coordinator/reservations.py applies them per tenant).
+    reservations: ReservationBook = NO_RESERVATIONS
 
 
 @dataclass(frozen=True)

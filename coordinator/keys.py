@@ -32,6 +32,9 @@
                               is being preempted (coordinator/preemption.py)
     claims/<pending id>       {"node","gpus","victims"} on the preemptor's waiting lease: GPUs held
                               for it until it is admitted or leaves
+    reservations/<name>       {"tenant","start_ms","end_ms","gpus":{node: n},"model",...}: capacity held
+                              for one tenant over a window, on a lease that ends shortly after it;
+                              the allocation txn range-compares reservations/ (coordinator/reservations.py)
     fairshare                 {"at_ms", "usage": {tenant: decayed GPU-seconds}}: the fair-share
                               ledger, advanced by whichever replica finds it stale (a CAS)
     audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
@@ -134,6 +137,12 @@ class Keys:
 
     def claim(self, pending_id: str) -> str:
         return f"{self.prefix}claims/{pending_id}"
+
+    def reservation(self, name: str) -> str:
+        return f"{self.prefix}reservations/{name}"
+
+    def reservations_prefix(self) -> str:
+        return f"{self.prefix}reservations/"
 
     def fairshare(self) -> str:
         return f"{self.prefix}fairshare"

@@ -1,27 +1,34 @@
-"""Admin-set policy in etcd: tenant quotas (``quotas/<tenant>``) and priority classes
-(``priorities/<name>``). Each change is one transaction with its audit entry; every replica sees
+"""Admin-set policy in etcd: tenant quotas (``quotas/<tenant>``), priority classes
+(``priorities/<name>``) and calendar reservations (``reservations/<name>``, on a lease that ends
+shortly after the window). Each change is one transaction with its audit entry; every replica sees
 it through its view and applies it to the next placement (and the allocation transaction compares
 the quota records it judged by, so a change can never be missed by a commit in flight)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gpulease.common.identity import NAME_RE, Principal
 from gpulease.coordinator import priority_classes
 from gpulease.coordinator.audit import AuditLog
-from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.domain import Reservation
+from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.priority_classes import PriorityClass
 from gpulease.coordinator.quota import DEFAULT_TENANT_KEY, Quota, Usage, borrowed
-from gpulease.coordinator.records import encode_quota
-from gpulease.coordinator.store import Cmp, Delete, Put, Store
+from gpulease.coordinator.records import decode_reservation, encode_quota, encode_reservation
+from gpulease.coordinator.reservations import choose_nodes
+from gpulease.coordinator.store import Cmp, Delete, Get, Put, Store
 from gpulease.coordinator.view import ClusterView
-from gpulease.errors import InvalidRequest, NotFound
+from gpulease.errors import AlreadyExists, Conflict, InvalidRequest, NotFound
 
 MAX_GPUS = 1_000_000
 MAX_LIFETIME_S = 365 * 86400
+# A reservation's window ends at most this far ahead; its key outlives the end by RESERVATION_SLACK_S.
+MAX_RESERVATION_AHEAD_S = 366 * 86400
+RESERVATION_SLACK_S = 60
 
 
 @dataclass(frozen=True)
@@ -127,3 +134,88 @@ class Policies:
                            "settings)")  # fmt: skip
         await self._view.wait_for_revision(out.revision, 1.0)
         return True
+
+    # --- calendar reservations ---------------------------------------------------------------
+
+    def reservations(self) -> list[Reservation]:
+        """The reservations this replica's view holds, by start then name (ended ones until their
+        lease lapses, shortly after their end)."""
+        out = []
+        for name, raw in self._view.table("reservations").items():
+            try:
+                out.append(decode_reservation(name, raw))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return sorted(out, key=lambda r: (r.start_ms, r.name))
+
+    async def create_reservation(self, by: Principal, name: str, tenant: str, gpus: int, nodes: Sequence[str],
+                                 model: str, start_ms: int, end_ms: int) -> Reservation:  # fmt: skip
+        """Hold ``gpus`` GPUs (of ``model``) for ``tenant`` from ``start_ms`` (0: now) to ``end_ms``, on
+        ``nodes`` or on nodes chosen here (coordinator/reservations.py), in one transaction with its
+        audit entry, on a lease that ends RESERVATION_SLACK_S after the window. The transaction
+        compares the reservations/ range against the view that judged the free capacity, so two
+        creations racing for one node's GPUs cannot both pass."""
+        self._view.ensure_synced()
+        now = int(time.time() * 1000)
+        start_ms = start_ms or now
+        if not NAME_RE.match(name):
+            raise InvalidRequest(f"{name[:64]!r} is not a valid reservation name (letters, digits, '.', '_', '-')")
+        if not NAME_RE.match(tenant):
+            raise InvalidRequest(f"{tenant[:64]!r} is not a valid tenant name")
+        if not 1 <= gpus <= MAX_GPUS:
+            raise InvalidRequest(f"gpus must be 1 to {MAX_GPUS}, not {gpus}")
+        if len(model) > 256:
+            raise InvalidRequest("gpu_model is at most 256 characters")
+        if end_ms <= start_ms:
+            raise InvalidRequest(f"the window ends ({_iso(end_ms)}) at or before it starts ({_iso(start_ms)}): "
+                                 "--end must be after --start")  # fmt: skip
+        if end_ms <= now:
+            raise InvalidRequest(f"the window ended already ({_iso(end_ms)}, now {_iso(now)}): a reservation must end "
+                                 "in the future")  # fmt: skip
+        if end_ms > now + MAX_RESERVATION_AHEAD_S * 1000:
+            raise InvalidRequest(f"a reservation ends at most {MAX_RESERVATION_AHEAD_S // 86400} days from now")
+        if len(set(nodes)) != len(nodes):
+            raise InvalidRequest("a node is named twice")
+        revision = self._view.revision
+        chosen = choose_nodes(self._view.snapshot().nodes, gpus, model, list(nodes), self.reservations(), start_ms,
+                              end_ms)  # fmt: skip
+        r = Reservation(name, tenant, start_ms, end_ms, chosen, model, now, str(by))
+        key = self._keys.reservation(name)
+        lease = await self._store.grant(max(5, (end_ms - now) // 1000 + RESERVATION_SLACK_S))
+        where = ",".join(f"{n}:{k}" for n, k in sorted(chosen.items()))
+        detail = f"tenant={tenant} gpus={where} model={model or '-'} start={_iso(start_ms)} end={_iso(end_ms)}"
+        prefix = self._keys.reservations_prefix()
+        try:
+            out = await self._store.txn(
+                [Cmp(key, "create", "==", 0), Cmp(prefix, "mod", "<", revision + 1, range_end(prefix))],
+                [Put(key, encode_reservation(r), lease),
+                 self._audit.entry_put(by, "reservation-create", name, detail=detail)],
+                [Get(key)],
+            )  # fmt: skip
+        except Exception:
+            await self._store.revoke(lease)
+            raise
+        if not out.succeeded:
+            await self._store.revoke(lease)
+            if out.reads and out.reads[0]:
+                raise AlreadyExists(f"reservation {name!r} exists; delete it first (gpuctl reservation delete {name})")
+            raise Conflict("another reservation was written meanwhile; retry")
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return r
+
+    async def delete_reservation(self, by: Principal, name: str) -> bool:
+        """Remove a reservation (and its audit entry); False when there was none. Its lease is revoked."""
+        key = self._keys.reservation(name)
+        found = await self._store.get(key)
+        if found is None:
+            return False
+        out = await self._store.txn([Cmp(key, "create", "==", found.create_revision)],
+                                    [Delete(key), self._audit.entry_put(by, "reservation-delete", name)])  # fmt: skip
+        if out.succeeded and found.lease:
+            await self._store.revoke(found.lease)
+        await self._view.wait_for_revision(out.revision, 1.0)
+        return out.succeeded
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))

@@ -67,8 +67,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from gpulease.coordinator.batch_placement import Overlay
-from gpulease.coordinator.domain import NodeView, PendingRequest, ResourceRequest, Snapshot
+from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, ResourceRequest, Snapshot
 from gpulease.coordinator.placement import place
 from gpulease.errors import InsufficientResources, Unsatisfiable
 

@@ -20,6 +20,11 @@ holding it (their ``max_runtime``), with an estimated start T. A request behind 
 placed on that node only if it declares a runtime that ends before T; a request with no declared
 runtime, or any request when T is unknown (a holder in the way declared none), never is. With
 ``strict_fifo`` a pool's requests behind a blocked head do not start at all.
+
+Calendar reservations (coordinator/reservations.py): each request is planned on the snapshot as its
+tenant may use it now. A request that would fit but for other tenants' reservations waits with the
+reservation as its reason ('reserved for team-b until 18:00:00 UTC ...') and, like a request over
+its quota, does not block its pool nor reserve a node (it could start elsewhere, or after the window).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from gpulease.coordinator.batch_placement import Overlay, TenantTally, count_placed
-from gpulease.coordinator.domain import NodeView, PendingRequest, Snapshot
+from gpulease.coordinator import reservations as calendar
+from gpulease.coordinator.batch_placement import TenantTally, count_placed
+from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, Snapshot
 from gpulease.coordinator.gang_placement import place_request
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.preemption_plan import hold_claims
@@ -147,6 +153,7 @@ def plan(
     base = snapshot
     shares = shares or {}
     tally = TenantTally(snapshot)
+    book = snapshot.reservations  # with the pass's admissions counted as their tenants' holdings
     out: dict[str, Decision] = {}
     changed: dict[str, NodeView] = {}
     reservations: list[_Reservation] = []
@@ -172,17 +179,24 @@ def plan(
         snapshot = hold_claims(base, held) if held else base
         excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
         excluded |= frozenset(node for node, _ in held)
-        view = Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, excluded))
+        snapshot = replace(snapshot, reservations=book)
+        unreserved = replace(snapshot, nodes=Overlay(snapshot.nodes, changed, excluded))
+        view = calendar.visible_to(unreserved, e.tenant, now_ms)
         try:
             p = place_request(view, e.req)
         except (InsufficientResources, Unsatisfiable) as exc:
-            reason = _why(snapshot, changed, e, exc, reservations, admitted)
+            if view is not unreserved and _fits(unreserved, {}, e):  # only other tenants' reservations are in the way
+                out[e.id] = Wait(calendar.reason(unreserved, e.tenant, now_ms) or exc.message, position)
+                continue
+            reason = _why(snapshot, changed, e, exc, reservations, admitted, now_ms)
             if e.pool in blocked:
                 out[e.id] = Wait(reason, position)
                 continue
             blocked[e.pool] = e.id
             taken = frozenset(r.node for r in reservations)
-            held_for = _reserve(snapshot, changed, e, holders, taken, now_ms)
+            seen_all = calendar.visible_to(replace(snapshot, nodes=Overlay(snapshot.nodes, changed, frozenset())),
+                                           e.tenant, now_ms)  # fmt: skip
+            held_for = _reserve(seen_all, {}, e, holders, taken, now_ms)
             if not held_for:
                 out[e.id] = Wait(reason, position, head=True)
                 continue
@@ -200,6 +214,8 @@ def plan(
             out[e.id] = Wait(over, position)
             continue
         tally.add(e.tenant, p, e.req)
+        for m in p.members:
+            book = book.plus(m.node, e.tenant, len(m.gpu_indexes))
         count_placed(snapshot.nodes, changed, p, e.req)
         out[e.id] = Admit(excluded, position)
         admitted.append(e)
@@ -222,11 +238,15 @@ def _why(
     exc: InsufficientResources | Unsatisfiable,
     reservations: Sequence[_Reservation],
     ahead: Sequence[PendingRequest],
+    now_ms: int = 0,
 ) -> str:
     """The most specific reason: requests ahead of it taking what it needs, a reservation in the
-    way, or what placement says is short."""
+    way (another tenant's calendar reservation, or a queue head's), or what placement says is short."""
     if not _fits(snapshot, {}, e):
         return exc.message.removesuffix("; retry later or release allocations")
+    alone = calendar.visible_to(snapshot, e.tenant, now_ms)
+    if alone is not snapshot and not _fits(alone, {}, e):
+        return calendar.reason(snapshot, e.tenant, now_ms) or exc.message
     if not _fits(snapshot, changed, e):
         higher = sum(1 for a in ahead if a.priority > e.priority)
         return (f"behind {len(ahead)} request(s) admitted ahead of it ({higher} of higher priority)"
@@ -240,7 +260,8 @@ def _why(
 
 def _fits(snapshot: Snapshot, changed: Mapping[str, NodeView], e: PendingRequest) -> bool:
     try:
-        place_request(Snapshot(snapshot.revision, Overlay(snapshot.nodes, changed, frozenset())), e.req)
+        nodes = Overlay(snapshot.nodes, changed, frozenset()) if changed else snapshot.nodes
+        place_request(Snapshot(snapshot.revision, nodes), e.req)
     except (InsufficientResources, Unsatisfiable):
         return False
     return True

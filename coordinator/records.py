@@ -12,6 +12,7 @@ from gpulease.coordinator.domain import (
     Member,
     NodeInfo,
     PendingRequest,
+    Reservation,
     ResourceRequest,
 )
 from gpulease.coordinator.quota import Quota, Usage
@@ -230,4 +231,19 @@ def decode_quota(raw: bytes) -> Quota:
         gpus=d.get("gpus"), models={str(k): int(v) for k, v in (d.get("models") or {}).items()}, cpus=d.get("cpus"),
         memory_bytes=d.get("memory"), borrow=int(d.get("borrow") or 0), max_lifetime_s=int(d.get("max_lifetime") or 0),
         weight=float(d.get("weight") or 0.0),
+    )  # fmt: skip
+
+
+def encode_reservation(r: Reservation) -> bytes:
+    doc = {"tenant": r.tenant, "start_ms": r.start_ms, "end_ms": r.end_ms, "gpus": dict(sorted(r.gpus.items())),
+           "model": r.model, "created_ms": r.created_ms, "by": r.by}  # fmt: skip
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_reservation(name: str, raw: bytes) -> Reservation:
+    d: dict[str, Any] = json.loads(raw)
+    return Reservation(
+        name=name, tenant=str(d["tenant"]), start_ms=int(d["start_ms"]), end_ms=int(d["end_ms"]),
+        gpus={str(k): int(v) for k, v in (d.get("gpus") or {}).items()}, model=str(d.get("model") or ""),
+        created_ms=int(d.get("created_ms") or 0), by=str(d.get("by") or ""),
     )  # fmt: skip

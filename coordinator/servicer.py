@@ -9,6 +9,7 @@ in the services, with the same authz functions."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeAlias
 
 import grpc
@@ -18,7 +19,7 @@ from gpulease.coordinator import authz, convert
 from gpulease.coordinator.allocations import AllocateInput, AllocationService
 from gpulease.coordinator.audit import AuditLog
 from gpulease.coordinator.containers import ContainerForwarder
-from gpulease.coordinator.domain import Allocation
+from gpulease.coordinator.domain import Allocation, Reservation
 from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
@@ -95,6 +96,16 @@ def _tenant_pb(t: TenantStatus) -> pb.TenantQuotaStatus:
     if t.quota is not None:
         out.quota.CopyFrom(_quota_pb(t.tenant, t.quota))
     return out
+
+
+def _reservation_pb(r: Reservation, now_ms: int) -> pb.Reservation:
+    return pb.Reservation(name=r.name, tenant=r.tenant, gpus=r.total, nodes=dict(r.gpus), gpu_model=r.model,
+                          start_unix_ms=r.start_ms, end_unix_ms=r.end_ms, created_unix_ms=r.created_ms,
+                          created_by=r.by, active=r.active(now_ms))  # fmt: skip
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _class_pb(c: PriorityClass) -> pb.PriorityClass:
@@ -246,6 +257,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.ListPriorityClassesResponse:
         classes = sorted(self._allocs.classes().by_name.values(), key=lambda c: (-c.value, c.name))
         return pb.ListPriorityClassesResponse(classes=[_class_pb(c) for c in classes])
+
+    @rpc
+    async def ListReservations(self, request: pb.ListReservationsRequest, context: Ctx) -> pb.ListReservationsResponse:
+        now = _now_ms()
+        found = self._policies.reservations()
+        return pb.ListReservationsResponse(reservations=[_reservation_pb(r, now) for r in found])
 
     # --- containers, forwarded to the allocation's agent ------------------------------------
 
@@ -420,6 +437,22 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.DeletePriorityClassRequest, context: Ctx
     ) -> pb.DeletePriorityClassResponse:
         return pb.DeletePriorityClassResponse(deleted=await self._policies.delete_class(caller(), request.name))
+
+    @rpc
+    async def CreateReservation(
+        self, request: pb.CreateReservationRequest, context: Ctx
+    ) -> pb.CreateReservationResponse:
+        r = await self._policies.create_reservation(
+            caller(), request.name, request.tenant, request.gpus, list(request.nodes), request.gpu_model,
+            request.start_unix_ms, request.end_unix_ms,
+        )  # fmt: skip
+        return pb.CreateReservationResponse(reservation=_reservation_pb(r, _now_ms()))
+
+    @rpc
+    async def DeleteReservation(
+        self, request: pb.DeleteReservationRequest, context: Ctx
+    ) -> pb.DeleteReservationResponse:
+        return pb.DeleteReservationResponse(deleted=await self._policies.delete_reservation(caller(), request.name))
 
     @rpc
     async def GetStats(self, request: pb.GetStatsRequest, context: Ctx) -> pb.GetStatsResponse:

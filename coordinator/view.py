@@ -12,11 +12,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from gpulease.coordinator.domain import Allocation, NodeInfo, NodeView, Snapshot
+from gpulease.coordinator.domain import NO_RESERVATIONS, Allocation, NodeInfo, NodeView, ReservationBook, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.placement_index import PlacementIndex
 from gpulease.coordinator.quota import QuotaBook, Usage
-from gpulease.coordinator.records import decode_alloc, decode_node, decode_quota, decode_res, decode_usage
+from gpulease.coordinator.records import (
+    decode_alloc,
+    decode_node,
+    decode_quota,
+    decode_res,
+    decode_reservation,
+    decode_usage,
+)
 from gpulease.coordinator.store import KV, Event, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -27,7 +34,8 @@ log = logging.getLogger(__name__)
 # Pending requests (queue/<id>) too: every replica plans admissions from them.
 # Quotas and priority classes too: placement reads them on every request.
 # Preemption notices and the preemptors' claims: the queue plans around them.
-TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting", "claims")
+# Calendar reservations: placement applies them per tenant (coordinator/reservations.py).
+TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting", "claims", "reservations")
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
@@ -99,6 +107,7 @@ class ClusterView:
         self._usage: dict[str, Usage] = {}
         self._usage_version = 0
         self._book: tuple[tuple[int, int], QuotaBook] | None = None
+        self._reservation_book: tuple[tuple[int, tuple[int, ...], int], ReservationBook] | None = None
         # The fair-share ledger (raw, mod revision); see coordinator/fair_share.py.
         self.fairshare: tuple[bytes, int] | None = None
         for t in TABLES:
@@ -122,7 +131,7 @@ class ClusterView:
         committing, and reads the node records it placed on (index -> UUID) afterwards. The placement
         index is not part of it: use it only in the same synchronous step as this call."""
         self._views_shared = True
-        return Snapshot(self.revision, MappingProxyType(self._views), self.quota_book())
+        return Snapshot(self.revision, MappingProxyType(self._views), self.quota_book(), self.reservation_book())
 
     def quota_book(self) -> QuotaBook:
         """Quotas and usage per tenant, rebuilt only when either changed."""
@@ -136,6 +145,39 @@ class ClusterView:
                     log.warning("view: skipping the unreadable quota record of tenant %r", tenant)
             self._book = (version, QuotaBook(MappingProxyType(quotas), MappingProxyType(dict(self._usage))))
         return self._book[1]
+
+    def reservation_book(self) -> ReservationBook:
+        """The calendar reservations, and what each tenant holds on the nodes they name; rebuilt only
+        when the reservations or the allocations on those nodes changed."""
+        table = self._tables["reservations"]
+        if not table:
+            return NO_RESERVATIONS
+        version = self._table_versions["reservations"]
+        if self._reservation_book is not None and self._reservation_book[0][0] == version:
+            reservations = self._reservation_book[1].reservations
+        else:
+            found = []
+            for name, raw in sorted(table.items()):
+                try:
+                    found.append(decode_reservation(name, raw))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("view: skipping the unreadable reservation record %r", name)
+            reservations = tuple(found)
+        nodes = sorted({n for r in reservations for n in r.gpus})
+        key = (version, tuple(self.allocations_revision(n) for n in nodes), self._loaded_at)
+        if self._reservation_book is None or self._reservation_book[0] != key:
+            held: dict[str, dict[str, int]] = {}
+            tenants: dict[str, str] = {}
+            for n in nodes:
+                on_node: dict[str, int] = {}
+                for alloc_id in self._held.get(n, {}).values():
+                    if alloc_id not in tenants:
+                        record = self._allocs.get(alloc_id)
+                        tenants[alloc_id] = decode_alloc(*record).tenant if record else ""
+                    on_node[tenants[alloc_id]] = on_node.get(tenants[alloc_id], 0) + 1
+                held[n] = on_node
+            self._reservation_book = (key, ReservationBook(reservations, MappingProxyType(held)))
+        return self._reservation_book[1]
 
     def node(self, name: str) -> NodeView | None:
         return self._views.get(name)

@@ -314,6 +314,50 @@ def quota_delete(cfg: CliConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def reservation_list(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        found = client.list_reservations()
+    if args.json:
+        print_json([r.to_dict() for r in found])
+    elif not found:
+        print("no reservations")
+    else:
+        rows = [[r.name, r.tenant, str(r.gpus), ",".join(f"{n}:{k}" for n, k in sorted(r.nodes.items())),
+                 r.gpu_model or "any", _utc(r.start_unix_ms), _utc(r.end_unix_ms), "yes" if r.active else "no"]
+                for r in found]  # fmt: skip
+        print_table(["NAME", "TENANT", "GPUS", "NODES", "MODEL", "START", "END", "ACTIVE"], rows)
+    return 0
+
+
+def reservation_create(cfg: CliConfig, args: argparse.Namespace) -> int:
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    with cfg.client() as client:
+        r = client.create_reservation(args.name, args.tenant, args.gpus, end=args.end, start=args.start, nodes=nodes,
+                                      gpu_model=args.model)  # fmt: skip
+    if args.json:
+        print_json(r.to_dict())
+    else:
+        where = ", ".join(f"{k} on {n}" for n, k in sorted(r.nodes.items()))
+        print(f"reserved {r.gpus} GPUs ({where}) for {r.tenant} from {_utc(r.start_unix_ms)} to {_utc(r.end_unix_ms)}")
+    return 0
+
+
+def reservation_delete(cfg: CliConfig, args: argparse.Namespace) -> int:
+    with cfg.client() as client:
+        deleted = client.delete_reservation(args.name)
+    if args.json:
+        print_json({"name": args.name, "deleted": deleted})
+    elif deleted:
+        print(f"deleted reservation {args.name}")
+    else:
+        print(f"no reservation {args.name}; nothing to do")
+    return 0
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
 def priority_list(cfg: CliConfig, args: argparse.Namespace) -> int:
     with cfg.client() as client:
         classes = client.list_priority_classes()

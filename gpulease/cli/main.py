@@ -319,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", commands.quota_delete, "remove a tenant's quota (admin)", within=quota)
     _add_tenant_or_default(p)
 
+    reservation = group_with_default("reservation", commands.reservation_list, "calendar reservations: list (the "
+                                     "default), create, delete")  # fmt: skip
+    p = command("create", commands.reservation_create, "hold GPUs for one tenant over a time window (admin): other "
+                "tenants are not placed on them meanwhile", within=reservation)  # fmt: skip
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--tenant", required=True, help="the tenant the GPUs are held for")
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs to hold")
+    p.add_argument("--nodes", default="", metavar="A,B", help="on these nodes (default: the coordinator picks the "
+                   "best fit, fewest nodes)")  # fmt: skip
+    p.add_argument("--model", default="", metavar="MODEL", help="GPUs of this model (exact name; default: any)")
+    p.add_argument("--start", default="now", metavar="TIME", help="ISO-8601 (2026-12-01T18:00Z, UTC without a zone), "
+                   "'now' or +DURATION (+2h); default: now")  # fmt: skip
+    p.add_argument("--end", required=True, metavar="TIME", help="as --start, e.g. +8h or 2026-12-02T06:00Z")
+    list_command("list", commands.reservation_list, "reservations: tenant, GPUs per node, window, whether active now",
+                 within=reservation)  # fmt: skip
+    p = command("delete", commands.reservation_delete, "remove a reservation (admin)", within=reservation)
+    p.add_argument("name", metavar="NAME")
+
     priority = group_with_default("priority", commands.priority_list, "priority classes: list (the default), set, "
                                   "delete")  # fmt: skip
     p = command("set", commands.priority_set, "define or change a priority class (admin)", within=priority)

@@ -43,6 +43,7 @@ from gpulease.client.models import (
     PriorityClassInfo,
     Quota,
     QuotaInfo,
+    ReservationInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "PriorityClassInfo",
     "Quota",
     "QuotaInfo",
+    "ReservationInfo",
     "RetryConfig",
     "TLSConfig",
     "Terminated",

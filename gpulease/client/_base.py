@@ -73,6 +73,10 @@ class ClientBase(Generic[C]):
     list_priority_classes = Call(_ops.list_priority_classes)
     set_priority_class = Call(_ops.set_priority_class)
     delete_priority_class = Call(_ops.delete_priority_class)
+    # Calendar reservations (creating and deleting: admins).
+    list_reservations = Call(_ops.list_reservations)
+    create_reservation = Call(_ops.create_reservation)
+    delete_reservation = Call(_ops.delete_reservation)
     # Who is asking; tokens and the audit log (admins).
     whoami = Call(_ops.whoami)
     create_token = Call(_ops.create_token)

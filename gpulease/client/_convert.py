@@ -16,6 +16,7 @@ from gpulease.client.models import (
     PriorityClassInfo,
     Quota,
     QuotaInfo,
+    ReservationInfo,
     TokenInfo,
     WhoAmI,
 )
@@ -214,4 +215,19 @@ def priority_class(msg: coordinator_pb2.PriorityClass) -> PriorityClassInfo:
         is_default=msg.is_default,
         preemption_grace_seconds=msg.preemption_grace_seconds,
         min_runtime_seconds=msg.min_runtime_seconds,
+    )
+
+
+def reservation(msg: coordinator_pb2.Reservation) -> ReservationInfo:
+    return ReservationInfo(
+        name=msg.name,
+        tenant=msg.tenant,
+        gpus=msg.gpus,
+        nodes=dict(msg.nodes),
+        gpu_model=msg.gpu_model,
+        start_unix_ms=msg.start_unix_ms,
+        end_unix_ms=msg.end_unix_ms,
+        created_unix_ms=msg.created_unix_ms,
+        created_by=msg.created_by,
+        active=msg.active,
     )

@@ -29,10 +29,11 @@ from gpulease.client.models import (
     PriorityClassInfo,
     Quota,
     QuotaInfo,
+    ReservationInfo,
     TokenInfo,
     WhoAmI,
 )
-from gpulease.common.units import parse_duration, parse_size
+from gpulease.common.units import parse_duration, parse_instant, parse_size
 from gpulease.errors import AllocationPreempted, InvalidRequest
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -390,6 +391,49 @@ def delete_quota(tenant: str) -> Op[pb.DeleteQuotaResponse, bool]:
     under the default quota, if any. False when it had none."""
     request = build(lambda: pb.DeleteQuotaRequest(tenant=tenant))
     return Op("DeleteQuota", request, pb.DeleteQuotaResponse, lambda r: r.deleted)
+
+
+def list_reservations() -> Op[pb.ListReservationsResponse, list[ReservationInfo]]:
+    """Calendar reservations, by start (ended ones until they are cleaned up, shortly after their end)."""
+    return Op("ListReservations", pb.ListReservationsRequest(), pb.ListReservationsResponse,
+              lambda r: [_convert.reservation(x) for x in r.reservations])  # fmt: skip
+
+
+def create_reservation(
+    name: str,
+    tenant: str,
+    gpus: int,
+    end: str | float,
+    start: str | float = "now",
+    nodes: Sequence[str] = (),
+    gpu_model: str = "",
+) -> Op[pb.CreateReservationResponse, ReservationInfo]:
+    """Hold ``gpus`` GPUs (of ``gpu_model``) for ``tenant`` from ``start`` to ``end`` (admins only):
+    other tenants are not placed on them in that window. ``start``/``end``: ISO-8601
+    ("2026-12-01T18:00Z"), "now", "+2h", or Unix seconds. ``nodes``: where (empty: the coordinator
+    picks the best fit, fewest nodes). The coordinator refuses an end at or before the start, a
+    window in the past, and more GPUs than the nodes have."""
+    now = time.time()
+    start_ms, end_ms = _instant(start, now, "start"), _instant(end, now, "end")
+    request = build(lambda: pb.CreateReservationRequest(name=name, tenant=tenant, gpus=gpus, nodes=list(nodes),
+                                                        gpu_model=gpu_model, start_unix_ms=start_ms,
+                                                        end_unix_ms=end_ms))  # fmt: skip
+    return Op("CreateReservation", request, pb.CreateReservationResponse,
+              lambda r: _convert.reservation(r.reservation))  # fmt: skip
+
+
+def delete_reservation(name: str) -> Op[pb.DeleteReservationResponse, bool]:
+    """Remove a reservation (admins only); False when there was none."""
+    request = build(lambda: pb.DeleteReservationRequest(name=name))
+    return Op("DeleteReservation", request, pb.DeleteReservationResponse, lambda r: r.deleted)
+
+
+def _instant(value: str | float, now: float, what: str) -> int:
+    if isinstance(value, str):
+        return parse_instant(value, now)
+    if value < 0:
+        raise InvalidRequest(f"{what} must be a time, got {value!r}")
+    return int(value * 1000)
 
 
 def list_priority_classes() -> Op[pb.ListPriorityClassesResponse, list[PriorityClassInfo]]:

@@ -338,3 +338,26 @@ class PriorityClassInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ReservationInfo:
+    """GPUs held for one tenant over a window (``Client.create_reservation``): other tenants are not
+    placed on them meanwhile."""
+
+    name: str
+    tenant: str
+    gpus: int
+    # Node -> GPUs held there.
+    nodes: dict[str, int]
+    # "" = any model.
+    gpu_model: str
+    start_unix_ms: int
+    end_unix_ms: int
+    created_unix_ms: int
+    created_by: str
+    # In its window now (by the coordinator's clock).
+    active: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "nodes": dict(self.nodes)}

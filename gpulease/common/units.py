@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 
 from gpulease.errors import InvalidRequest
@@ -42,3 +43,21 @@ def format_size(n: int) -> str:
             return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_instant(text: str, now_s: float) -> int:
+    """A point in time as Unix milliseconds: 'now', '+2h' / '+30m' (from ``now_s``), or ISO-8601
+    ('2026-12-01T18:00Z', '2026-12-01 18:00:00+02:00'; without a zone: UTC)."""
+    t = text.strip()
+    if t.lower() == "now":
+        return int(now_s * 1000)
+    if t.startswith("+"):
+        return int(now_s * 1000) + parse_duration(t[1:]) * 1000
+    try:
+        when = datetime.datetime.fromisoformat(t)
+    except ValueError:
+        raise InvalidRequest(f"cannot parse time {text!r}: use ISO-8601 (2026-12-01T18:00Z), 'now' or +DURATION "
+                             "(+2h)") from None  # fmt: skip
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp() * 1000)

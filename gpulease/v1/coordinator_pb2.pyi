@@ -1354,3 +1354,178 @@ class DeletePriorityClassResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
 
 global___DeletePriorityClassResponse = DeletePriorityClassResponse
+
+@typing.final
+class Reservation(google.protobuf.message.Message):
+    """GPUs held for one tenant from start to end: other tenants are not placed on them meanwhile."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    @typing.final
+    class NodesEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.int
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.int = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
+    NAME_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    NODES_FIELD_NUMBER: builtins.int
+    GPU_MODEL_FIELD_NUMBER: builtins.int
+    START_UNIX_MS_FIELD_NUMBER: builtins.int
+    END_UNIX_MS_FIELD_NUMBER: builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: builtins.int
+    CREATED_BY_FIELD_NUMBER: builtins.int
+    ACTIVE_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    tenant: builtins.str
+    gpus: builtins.int
+    gpu_model: builtins.str
+    """"" = any model."""
+    start_unix_ms: builtins.int
+    end_unix_ms: builtins.int
+    created_unix_ms: builtins.int
+    created_by: builtins.str
+    active: builtins.bool
+    """In its window now (as the answering coordinator's clock says)."""
+    @property
+    def nodes(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.int]:
+        """Node -> GPUs held there (chosen by the coordinator at creation when no nodes were named)."""
+
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        tenant: builtins.str = ...,
+        gpus: builtins.int = ...,
+        nodes: collections.abc.Mapping[builtins.str, builtins.int] | None = ...,
+        gpu_model: builtins.str = ...,
+        start_unix_ms: builtins.int = ...,
+        end_unix_ms: builtins.int = ...,
+        created_unix_ms: builtins.int = ...,
+        created_by: builtins.str = ...,
+        active: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["active", b"active", "created_by", b"created_by", "created_unix_ms", b"created_unix_ms", "end_unix_ms", b"end_unix_ms", "gpu_model", b"gpu_model", "gpus", b"gpus", "name", b"name", "nodes", b"nodes", "start_unix_ms", b"start_unix_ms", "tenant", b"tenant"]) -> None: ...
+
+global___Reservation = Reservation
+
+@typing.final
+class ListReservationsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___ListReservationsRequest = ListReservationsRequest
+
+@typing.final
+class ListReservationsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RESERVATIONS_FIELD_NUMBER: builtins.int
+    @property
+    def reservations(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Reservation]: ...
+    def __init__(
+        self,
+        *,
+        reservations: collections.abc.Iterable[global___Reservation] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["reservations", b"reservations"]) -> None: ...
+
+global___ListReservationsResponse = ListReservationsResponse
+
+@typing.final
+class CreateReservationRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    NODES_FIELD_NUMBER: builtins.int
+    GPU_MODEL_FIELD_NUMBER: builtins.int
+    START_UNIX_MS_FIELD_NUMBER: builtins.int
+    END_UNIX_MS_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    tenant: builtins.str
+    gpus: builtins.int
+    gpu_model: builtins.str
+    start_unix_ms: builtins.int
+    """0 = now."""
+    end_unix_ms: builtins.int
+    @property
+    def nodes(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """Nodes to hold them on (empty: the coordinator chooses, best fit, fewest nodes)."""
+
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        tenant: builtins.str = ...,
+        gpus: builtins.int = ...,
+        nodes: collections.abc.Iterable[builtins.str] | None = ...,
+        gpu_model: builtins.str = ...,
+        start_unix_ms: builtins.int = ...,
+        end_unix_ms: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["end_unix_ms", b"end_unix_ms", "gpu_model", b"gpu_model", "gpus", b"gpus", "name", b"name", "nodes", b"nodes", "start_unix_ms", b"start_unix_ms", "tenant", b"tenant"]) -> None: ...
+
+global___CreateReservationRequest = CreateReservationRequest
+
+@typing.final
+class CreateReservationResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: builtins.int
+    @property
+    def reservation(self) -> global___Reservation: ...
+    def __init__(
+        self,
+        *,
+        reservation: global___Reservation | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["reservation", b"reservation"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["reservation", b"reservation"]) -> None: ...
+
+global___CreateReservationResponse = CreateReservationResponse
+
+@typing.final
+class DeleteReservationRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+global___DeleteReservationRequest = DeleteReservationRequest
+
+@typing.final
+class DeleteReservationResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: builtins.int
+    deleted: builtins.bool
+    def __init__(
+        self,
+        *,
+        deleted: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
+
+global___DeleteReservationResponse = DeleteReservationResponse

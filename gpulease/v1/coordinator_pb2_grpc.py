@@ -99,6 +99,11 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.FromString,
                 _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/ListReservations',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.FromString,
+                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -211,6 +216,13 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReservations(self, request, context):
+        """Calendar reservations: capacity held for one tenant over a time window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunContainer(self, request, context):
         """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
         agent's address.
@@ -305,6 +317,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListPriorityClasses,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.SerializeToString,
             ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
@@ -660,6 +677,33 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/ListPriorityClasses',
             gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.ListPriorityClassesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/ListReservations',
+            gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1080,6 +1124,16 @@ class AdminServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.FromString,
                 _registered_method=True)
+        self.CreateReservation = channel.unary_unary(
+                '/gpulease.v1.AdminService/CreateReservation',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CreateReservationRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CreateReservationResponse.FromString,
+                _registered_method=True)
+        self.DeleteReservation = channel.unary_unary(
+                '/gpulease.v1.AdminService/DeleteReservation',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer(object):
@@ -1157,6 +1211,19 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateReservation(self, request, context):
+        """Hold GPUs for one tenant over a window (other tenants are not placed on them meanwhile); audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteReservation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1214,6 +1281,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeletePriorityClass,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.SerializeToString,
+            ),
+            'CreateReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateReservation,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CreateReservationRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CreateReservationResponse.SerializeToString,
+            ),
+            'DeleteReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteReservation,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1514,6 +1591,60 @@ class AdminService(object):
             '/gpulease.v1.AdminService/DeletePriorityClass',
             gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.DeletePriorityClassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/CreateReservation',
+            gpulease_dot_v1_dot_coordinator__pb2.CreateReservationRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.CreateReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.AdminService/DeleteReservation',
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.DeleteReservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

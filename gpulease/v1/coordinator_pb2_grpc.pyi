@@ -93,6 +93,12 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.ListPriorityClassesResponse,
     ]
 
+    ListReservations: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListReservationsRequest,
+        gpulease.v1.coordinator_pb2.ListReservationsResponse,
+    ]
+    """Calendar reservations: capacity held for one tenant over a time window."""
+
     RunContainer: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
         gpulease.v1.types_pb2.ContainerStatus,
@@ -194,6 +200,12 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.ListPriorityClassesRequest,
         gpulease.v1.coordinator_pb2.ListPriorityClassesResponse,
     ]
+
+    ListReservations: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.ListReservationsRequest,
+        gpulease.v1.coordinator_pb2.ListReservationsResponse,
+    ]
+    """Calendar reservations: capacity held for one tenant over a time window."""
 
     RunContainer: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
@@ -320,6 +332,14 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.ListPriorityClassesRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.ListPriorityClassesResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListPriorityClassesResponse]]: ...
+
+    @abc.abstractmethod
+    def ListReservations(
+        self,
+        request: gpulease.v1.coordinator_pb2.ListReservationsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.ListReservationsResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListReservationsResponse]]:
+        """Calendar reservations: capacity held for one tenant over a time window."""
 
     @abc.abstractmethod
     def RunContainer(
@@ -517,6 +537,17 @@ class AdminServiceStub:
         gpulease.v1.coordinator_pb2.DeletePriorityClassResponse,
     ]
 
+    CreateReservation: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CreateReservationRequest,
+        gpulease.v1.coordinator_pb2.CreateReservationResponse,
+    ]
+    """Hold GPUs for one tenant over a window (other tenants are not placed on them meanwhile); audited."""
+
+    DeleteReservation: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteReservationRequest,
+        gpulease.v1.coordinator_pb2.DeleteReservationResponse,
+    ]
+
 class AdminServiceAsyncStub:
     """Operators and the benchmark."""
 
@@ -578,6 +609,17 @@ class AdminServiceAsyncStub:
     DeletePriorityClass: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.DeletePriorityClassRequest,
         gpulease.v1.coordinator_pb2.DeletePriorityClassResponse,
+    ]
+
+    CreateReservation: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CreateReservationRequest,
+        gpulease.v1.coordinator_pb2.CreateReservationResponse,
+    ]
+    """Hold GPUs for one tenant over a window (other tenants are not placed on them meanwhile); audited."""
+
+    DeleteReservation: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.DeleteReservationRequest,
+        gpulease.v1.coordinator_pb2.DeleteReservationResponse,
     ]
 
 class AdminServiceServicer(metaclass=abc.ABCMeta):
@@ -664,5 +706,20 @@ class AdminServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.DeletePriorityClassRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.DeletePriorityClassResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.DeletePriorityClassResponse]]: ...
+
+    @abc.abstractmethod
+    def CreateReservation(
+        self,
+        request: gpulease.v1.coordinator_pb2.CreateReservationRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.CreateReservationResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CreateReservationResponse]]:
+        """Hold GPUs for one tenant over a window (other tenants are not placed on them meanwhile); audited."""
+
+    @abc.abstractmethod
+    def DeleteReservation(
+        self,
+        request: gpulease.v1.coordinator_pb2.DeleteReservationRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.DeleteReservationResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.DeleteReservationResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -21,6 +21,7 @@ allocation is still live: a refusal changes nothing.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def callers(cluster: LocalCluster, tmp: Path, closers: list[Callable[[], None]])
 
 def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
     ref = tpb.ContainerRef(allocation_id=alloc_id, container_id="c0")
+    day = int(time.time() * 1000) + 86_400_000
     return {
         "Allocate": pb.AllocateRequest(gpus=1, ttl_seconds=60),
         "WaitAllocate": pb.AllocateRequest(gpus=1, ttl_seconds=60, wait_seconds=5),
@@ -132,6 +134,12 @@ def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
         "DeleteQuota": pb.DeleteQuotaRequest(tenant="nobody"),
         "SetPriorityClass": pb.SetPriorityClassRequest(priority_class=pb.PriorityClass(name=f"matrix-{row}", value=1)),
         "DeletePriorityClass": pb.DeletePriorityClassRequest(name="nobody"),
+        "ListReservations": pb.ListReservationsRequest(),
+        # A reservation of a tenant nobody uses, in a window a day ahead; a removal of one that never existed.
+        "CreateReservation": pb.CreateReservationRequest(
+            name=f"matrix-{row}", tenant="nobody", gpus=1, start_unix_ms=day, end_unix_ms=day + 3_600_000
+        ),
+        "DeleteReservation": pb.DeleteReservationRequest(name="nobody"),
     }
 
 

@@ -14,12 +14,13 @@ AUDIENCES = {
     "CoordinatorService": {
         "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations",
         "ListNodes", "GetClusterSummary", "RunContainer", "WaitContainer", "StreamLogs", "StopContainer",
-        "ListContainers", "WhoAmI", "ListQuotas", "ListPriorityClasses",
+        "ListContainers", "WhoAmI", "ListQuotas", "ListPriorityClasses", "ListReservations",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
     "AdminService": {
         "CordonNode", "DeleteNode", "GetStats", "CreateToken", "ListTokens", "RevokeToken", "ReadAudit",
-        "SetQuota", "DeleteQuota", "SetPriorityClass", "DeletePriorityClass",
+        "SetQuota", "DeleteQuota", "SetPriorityClass", "DeletePriorityClass", "CreateReservation",
+        "DeleteReservation",
     },
 }  # fmt: skip
 
