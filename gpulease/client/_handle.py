@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError, fields
 from typing import Any, Generic, NoReturn, Self, TypeVar, overload
 
@@ -277,25 +277,3 @@ class Waiting:
 
     def over(self, status: Container) -> bool:
         return status.exited or (self._deadline is not None and time.monotonic() >= self._deadline)
-
-
-def gang_envs(info: AllocationInfo, env: Mapping[str, str] | None) -> list[tuple[str, dict[str, str]]]:
-    """(member node, environment) per member of ``info``, first member first, for run_gang: ``env``
-    plus RANK (the member's place), WORLD_SIZE, MASTER_ADDR (the first member's agent host) and
-    GPULEASE_PEERS (every member's agent address, comma-separated, in rank order)."""
-    members = info.members or (AllocationMember(info.node, info.gpus, info.cpus, info.memory_bytes, info.node_address),)
-    peers = [m.node_address for m in members]
-    host = peers[0].rpartition(":")[0].strip("[]") or peers[0]
-    return [
-        (
-            m.node,
-            {
-                **(env or {}),
-                "RANK": str(rank),
-                "WORLD_SIZE": str(len(members)),
-                "MASTER_ADDR": host,
-                "GPULEASE_PEERS": ",".join(peers),
-            },
-        )
-        for rank, m in enumerate(members)
-    ]

@@ -33,11 +33,10 @@ from gpulease.client._handle import (
     ContainerHandleBase,
     SessionBase,
     Waiting,
-    gang_envs,
     log_fallback,
 )
 from gpulease.client._lease import LeaseTracker
-from gpulease.client.models import AllocationInfo, Container, LogChunk
+from gpulease.client.models import AllocationInfo, Container, LogChunk, gang_envs
 from gpulease.errors import GpuLeaseError
 
 __all__ = ["AsyncAllocation", "AsyncClient", "AsyncContainerHandle"]

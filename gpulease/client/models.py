@@ -7,6 +7,7 @@ fields also read as ``alloc.id`` etc.) and a session bound to their client.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,3 +362,25 @@ class ReservationInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "nodes": dict(self.nodes)}
+
+
+def gang_envs(info: AllocationInfo, env: Mapping[str, str] | None) -> list[tuple[str, dict[str, str]]]:
+    """(member node, environment) per member of ``info``, first member first, for run_gang: ``env``
+    plus RANK (the member's place), WORLD_SIZE, MASTER_ADDR (the first member's agent host) and
+    GPULEASE_PEERS (every member's agent address, comma-separated, in rank order)."""
+    members = info.members or (AllocationMember(info.node, info.gpus, info.cpus, info.memory_bytes, info.node_address),)
+    peers = [m.node_address for m in members]
+    host = peers[0].rpartition(":")[0].strip("[]") or peers[0]
+    return [
+        (
+            m.node,
+            {
+                **(env or {}),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(len(members)),
+                "MASTER_ADDR": host,
+                "GPULEASE_PEERS": ",".join(peers),
+            },
+        )
+        for rank, m in enumerate(members)
+    ]

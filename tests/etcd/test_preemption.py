@@ -93,3 +93,31 @@ def test_an_allocation_that_is_not_preemptible_is_never_chosen(
     assert not any(r.startswith("preempting") for r in reasons), reasons
     assert live(c, holder.id)
     assert not c.stub.KeepAlive(pb.KeepAliveRequest(allocation_id=holder.id), timeout=10).HasField("preemption")
+
+
+def test_a_tenant_below_its_nominal_quota_reclaims_gpus_another_tenant_borrowed(
+    start_coordinator: Callable[..., harness.Coordinator],
+) -> None:
+    c = cluster(start_coordinator)
+    c.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant="research", gpus=2)), timeout=10)
+    c.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant="batch", gpus=0, borrow=2)), timeout=10)
+    # Same priority class: only the reclaim rule can choose it.
+    borrower = c.stub.Allocate(pb.AllocateRequest(gpus=2, priority_class="low", preemptible=True, tenant="batch",
+                                                  **SMALL), timeout=10).allocation  # fmt: skip
+    quotas = {t.tenant: t for t in c.stub.ListQuotas(pb.ListQuotasRequest(), timeout=10).tenants}
+    assert quotas["batch"].borrowed_gpus == 2
+    stream = c.stub.WaitAllocate(pb.AllocateRequest(gpus=2, priority_class="low", wait_seconds=30, tenant="research",
+                                                    **SMALL), timeout=40)  # fmt: skip
+    causes = set()
+    for update in stream:  # bounded by the call's timeout
+        if update.WhichOneof("state") == "allocated":
+            break
+        told = c.stub.KeepAlive(pb.KeepAliveRequest(allocation_id=borrower.id), timeout=10)
+        if told.HasField("preemption"):
+            causes.add(told.preemption.cause)
+            assert "reclaims its quota from batch" in told.preemption.reason
+    else:
+        raise AssertionError("the stream ended without an allocation")
+    assert update.allocated.allocation.tenant == "research"
+    assert causes == {"reclaim"}
+    assert not live(c, borrower.id)

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from gpulease.client._handle import gang_envs
 from gpulease.client.models import AllocatedGpu as ClientGpu
-from gpulease.client.models import AllocationInfo, AllocationMember
+from gpulease.client.models import AllocationInfo, AllocationMember, gang_envs
 from gpulease.coordinator.committer import Item, gang_txn_size, txn_size
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, Member, Placement
 from gpulease.coordinator.keys import Keys
