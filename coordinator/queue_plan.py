@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from gpulease.coordinator import reservations as calendar
 from gpulease.coordinator.batch_placement import TenantTally, count_placed
-from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, Snapshot
+from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, Snapshot, request_shape
 from gpulease.coordinator.gang_placement import place_request
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.preemption_plan import hold_claims
@@ -160,6 +160,10 @@ def plan(
     blocked: dict[str, str] = {}  # pool -> the id of its blocked head
     positions: dict[str, int] = {}
     admitted: list[PendingRequest] = []
+    # Requests alike (same shape, tenant and priority) planned in the same state (nothing admitted
+    # or reserved since, same nodes off limits) fail alike: the reason is worked out once. A full
+    # cluster with 1,000 one-GPU requests waiting costs one placement per shape, not 1,000.
+    failed: dict[tuple[object, ...], tuple[bool, str]] = {}
     fair = FairOrder(entries, shares, weights or {})
     for depth, e in enumerate(fair):
         positions[e.pool] = position = positions.get(e.pool, 0) + 1
@@ -179,6 +183,11 @@ def plan(
         snapshot = hold_claims(base, held) if held else base
         excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
         excluded |= frozenset(node for node, _ in held)
+        memo = (request_shape(e.req, 0), e.tenant, e.priority, excluded, held, len(admitted), len(reservations))
+        known = failed.get(memo) if not own else None
+        if known is not None and (known[0] or e.pool in blocked):
+            out[e.id] = Wait(known[1], position)
+            continue
         snapshot = replace(snapshot, reservations=book)
         unreserved = replace(snapshot, nodes=Overlay(snapshot.nodes, changed, excluded))
         view = calendar.visible_to(unreserved, e.tenant, now_ms)
@@ -186,9 +195,12 @@ def plan(
             p = place_request(view, e.req)
         except (InsufficientResources, Unsatisfiable) as exc:
             if view is not unreserved and _fits(unreserved, {}, e):  # only other tenants' reservations are in the way
-                out[e.id] = Wait(calendar.reason(unreserved, e.tenant, now_ms) or exc.message, position)
+                why = calendar.reason(unreserved, e.tenant, now_ms) or exc.message
+                failed[memo] = (True, why)
+                out[e.id] = Wait(why, position)
                 continue
             reason = _why(snapshot, changed, e, exc, reservations, admitted, now_ms)
+            failed[memo] = (False, reason)
             if e.pool in blocked:
                 out[e.id] = Wait(reason, position)
                 continue
