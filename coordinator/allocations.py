@@ -269,8 +269,7 @@ class AllocationService:
         snapshot = self._view.snapshot()
         decision = self.gate(prep.pending(int(time.time() * 1000))) if self.gate is not None else None
         if isinstance(decision, Wait):
-            with contextlib.suppress(InsufficientResources):
-                self._place(prep.req, snapshot)  # Unsatisfiable first: such a request never waits
+            self.check_satisfiable(prep)  # Unsatisfiable first: such a request never waits
             raise InsufficientResources(f"{decision.reason} (requests are pending; wait in the queue with "
                                         "wait_seconds / gpuctl allocate --wait)")  # fmt: skip
         if decision is None:  # nothing pending: placement alone decides (the plan already placed it)
@@ -283,6 +282,11 @@ class AllocationService:
             place_for(snapshot, prep.req, self._view.index, prep.tenant, int(time.time() * 1000))
             return frozenset()
         return decision.excluded
+
+    def check_satisfiable(self, prep: Prepared) -> None:
+        """Unsatisfiable when no node could ever hold the request (it must not wait); nothing else."""
+        with contextlib.suppress(InsufficientResources):
+            self._place(prep.req, self._view.snapshot())
 
     async def admit(self, pending: PendingRequest, excluded: frozenset[str]) -> tuple[Allocation, bool]:
         """Admit a pending request the queue chose: the same transaction as allocate(), which also

@@ -29,13 +29,14 @@ its quota, does not block its pool nor reserve a node (it could start elsewhere,
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gpulease.coordinator import reservations as calendar
 from gpulease.coordinator.batch_placement import TenantTally, count_placed
-from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, Snapshot, request_shape
+from gpulease.coordinator.domain import NodeView, Overlay, PendingRequest, ResourceRequest, Snapshot
 from gpulease.coordinator.gang_placement import place_request
 from gpulease.coordinator.placement import place
 from gpulease.coordinator.preemption_plan import hold_claims
@@ -112,12 +113,16 @@ class FairOrder:
     def __iter__(self) -> Iterator[PendingRequest]:
         for priority in sorted(self._levels, reverse=True):
             tenants = self._levels[priority]
-            while tenants:
-                tenant = min(tenants, key=lambda t: (self._shares.get(t, 0.0), tenants[t][-1].created_ms, t))
-                e = tenants[tenant].pop()
-                if not tenants[tenant]:
-                    del tenants[tenant]
-                yield e
+            # A heap of tenants by (share, oldest request): only the tenant just yielded can have
+            # changed its share (``admitted``) when the consumer asks for the next one.
+            heap = [(self._shares.get(t, 0.0), q[-1].created_ms, t) for t, q in tenants.items()]
+            heapq.heapify(heap)
+            while heap:
+                _, _, tenant = heapq.heappop(heap)
+                waiting = tenants[tenant]
+                yield waiting.pop()
+                if waiting:
+                    heapq.heappush(heap, (self._shares.get(tenant, 0.0), waiting[-1].created_ms, tenant))
 
     def admitted(self, e: PendingRequest) -> None:
         self._shares[e.tenant] = self._shares.get(e.tenant, 0.0) + e.req.gpus / self._weights.get(e.tenant, 1.0)
@@ -174,20 +179,22 @@ def plan(
         if strict_fifo and e.pool in blocked:
             out[e.id] = Wait(f"behind request {blocked[e.pool]} (strict FIFO in pool {_pool(e.pool)})", position)
             continue
-        over = tally.before(e.tenant, e.req)
-        if over is not None:
-            out[e.id] = Wait(over, position)
-            continue
         own = claims.get(e.id, frozenset())
         held = claimed_all - own
-        snapshot = hold_claims(base, held) if held else base
         excluded = frozenset(r.node for r in reservations if not _ends_before(e, r, now_ms))
-        excluded |= frozenset(node for node, _ in held)
-        memo = (request_shape(e.req, 0), e.tenant, e.priority, excluded, held, len(admitted), len(reservations))
+        if held:
+            excluded |= frozenset(node for node, _ in held)
+        memo = (_req_key(e.req), e.tenant, e.priority, excluded, held, len(admitted), len(reservations))
         known = failed.get(memo) if not own else None
         if known is not None and (known[0] or e.pool in blocked):
             out[e.id] = Wait(known[1], position)
             continue
+        over = tally.before(e.tenant, e.req)
+        if over is not None:
+            failed[memo] = (True, over)
+            out[e.id] = Wait(over, position)
+            continue
+        snapshot = hold_claims(base, held) if held else base
         snapshot = replace(snapshot, reservations=book)
         unreserved = replace(snapshot, nodes=Overlay(snapshot.nodes, changed, excluded))
         view = calendar.visible_to(unreserved, e.tenant, now_ms)
@@ -233,6 +240,12 @@ def plan(
         admitted.append(e)
         fair.admitted(e)
     return out
+
+
+def _req_key(r: ResourceRequest) -> tuple[object, ...]:
+    """What placement and the quota rule look at in a request, as a cheap hashable key."""
+    selector = tuple(sorted(r.node_selector.items())) if r.node_selector else ()
+    return (r.gpus, r.cpus, r.memory_bytes, r.gpu_model, r.min_gpu_memory_bytes, selector, r.nodes, r.same_label)
 
 
 def _ends_before(e: PendingRequest, r: _Reservation, now_ms: int) -> bool:

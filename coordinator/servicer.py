@@ -24,7 +24,7 @@ from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.guard import Guard, auth_method, caller, rpc
 from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.policies import Policies, TenantStatus
-from gpulease.coordinator.preemption import Preemptions
+from gpulease.coordinator.preemption import Notice, Preemptions
 from gpulease.coordinator.priority_classes import PriorityClass
 from gpulease.coordinator.quota import Quota
 from gpulease.coordinator.tokens import TokenRecord, Tokens
@@ -65,6 +65,10 @@ def _allocate_input(request: pb.AllocateRequest) -> AllocateInput:
         nodes=request.nodes,
         same_label=request.same_label,
     )
+
+
+def _preemption_pb(n: Notice) -> tpb.Preemption:
+    return tpb.Preemption(by=n.by, cause=n.cause, deadline_unix_ms=n.deadline_ms, reason=n.reason)
 
 
 def _quota_pb(tenant: str, q: Quota) -> pb.Quota:
@@ -151,7 +155,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._audit = audit
 
     def _alloc_pb(self, a: Allocation) -> tpb.Allocation:
-        return _alloc_pb(self._view, a)
+        out = _alloc_pb(self._view, a)
+        notice = self._preemptions.notice(a.id) if self._preemptions else None
+        if notice is not None:  # the victim's record says so (GetAllocation, ListAllocations)
+            out.preemption.CopyFrom(_preemption_pb(notice))
+        return out
 
     async def _check_owner(self, allocation_id: str) -> None:
         """The caller owns the allocation (live, or ended with containers kept) or is an admin."""
@@ -208,9 +216,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         answer = pb.KeepAliveResponse(ttl_seconds=ttl)
         notice = self._preemptions.notice(request.allocation_id) if self._preemptions else None
         if notice is not None:  # still renewed until the deadline; the holder is told to wind down
-            told = pb.Preemption(by=notice.by, cause=notice.cause, deadline_unix_ms=notice.deadline_ms,
-                                 reason=notice.reason)  # fmt: skip
-            answer.preemption.CopyFrom(told)
+            answer.preemption.CopyFrom(_preemption_pb(notice))
         return answer
 
     @rpc

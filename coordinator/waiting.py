@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # How often a replica looks at the queue when its view does not move (estimates and deadlines
 # move with the clock).
 TICK_S = 0.5
+# With this many requests pending, a new WaitAllocate queues without a plan of its own first.
+PLAN_AT_ONCE_BELOW = 64
 # A waiter hears that only its position moved at most this often.
 STATUS_SPACING_MS = 1000
 # How often a blocked head may look for victims.
@@ -209,11 +211,16 @@ class WaitingQueue:
             return
         entry = await self._find(prep)
         if entry is None:
-            try:
-                yield await self._allocs.allocate_prepared(prep)
-                return
-            except InsufficientResources:
-                pass
+            if len(self._view.table("queue")) < PLAN_AT_ONCE_BELOW:
+                try:
+                    yield await self._allocs.allocate_prepared(prep)
+                    return
+                except InsufficientResources:
+                    pass
+            else:
+                # A long queue: no plan of its own for each arriving request (that was half of a busy
+                # replica's CPU); it queues, and the pass its arrival triggers admits it if it may start.
+                self._allocs.check_satisfiable(prep)
             queued = await self._enqueue(prep, wait_s or self._policy.max_wait_s)
             if isinstance(queued, Allocation):
                 yield queued, True

@@ -200,45 +200,19 @@ class KeepAliveResponse(google.protobuf.message.Message):
     PREEMPTION_FIELD_NUMBER: builtins.int
     ttl_seconds: builtins.int
     @property
-    def preemption(self) -> global___Preemption:
+    def preemption(self) -> gpulease.v1.types_pb2.Preemption:
         """Set once the allocation was chosen as a preemption victim: it ends at the deadline."""
 
     def __init__(
         self,
         *,
         ttl_seconds: builtins.int = ...,
-        preemption: global___Preemption | None = ...,
+        preemption: gpulease.v1.types_pb2.Preemption | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["preemption", b"preemption"]) -> builtins.bool: ...
     def ClearField(self, field_name: typing.Literal["preemption", b"preemption", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___KeepAliveResponse = KeepAliveResponse
-
-@typing.final
-class Preemption(google.protobuf.message.Message):
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    BY_FIELD_NUMBER: builtins.int
-    CAUSE_FIELD_NUMBER: builtins.int
-    DEADLINE_UNIX_MS_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    by: builtins.str
-    """The pending request it makes room for."""
-    cause: builtins.str
-    """priority | reclaim | fair-share"""
-    deadline_unix_ms: builtins.int
-    reason: builtins.str
-    def __init__(
-        self,
-        *,
-        by: builtins.str = ...,
-        cause: builtins.str = ...,
-        deadline_unix_ms: builtins.int = ...,
-        reason: builtins.str = ...,
-    ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["by", b"by", "cause", b"cause", "deadline_unix_ms", b"deadline_unix_ms", "reason", b"reason"]) -> None: ...
-
-global___Preemption = Preemption
 
 @typing.final
 class GetAllocationRequest(google.protobuf.message.Message):

@@ -338,6 +338,34 @@ class AllocatedGpu(google.protobuf.message.Message):
 global___AllocatedGpu = AllocatedGpu
 
 @typing.final
+class Preemption(google.protobuf.message.Message):
+    """Set on an allocation chosen as a preemption victim: it ends at the deadline."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    BY_FIELD_NUMBER: builtins.int
+    CAUSE_FIELD_NUMBER: builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    by: builtins.str
+    """The pending request it makes room for."""
+    cause: builtins.str
+    """priority | reclaim | fair-share"""
+    deadline_unix_ms: builtins.int
+    reason: builtins.str
+    def __init__(
+        self,
+        *,
+        by: builtins.str = ...,
+        cause: builtins.str = ...,
+        deadline_unix_ms: builtins.int = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["by", b"by", "cause", b"cause", "deadline_unix_ms", b"deadline_unix_ms", "reason", b"reason"]) -> None: ...
+
+global___Preemption = Preemption
+
+@typing.final
 class Allocation(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -358,6 +386,7 @@ class Allocation(google.protobuf.message.Message):
     PRIORITY_CLASS_FIELD_NUMBER: builtins.int
     MAX_RUNTIME_SECONDS_FIELD_NUMBER: builtins.int
     MEMBERS_FIELD_NUMBER: builtins.int
+    PREEMPTION_FIELD_NUMBER: builtins.int
     id: builtins.str
     node: builtins.str
     cpus: builtins.int
@@ -388,6 +417,10 @@ class Allocation(google.protobuf.message.Message):
         agent, its own node's member.
         """
 
+    @property
+    def preemption(self) -> global___Preemption:
+        """Set while the allocation is a preemption victim (who preempts it, why, until when)."""
+
     def __init__(
         self,
         *,
@@ -408,8 +441,10 @@ class Allocation(google.protobuf.message.Message):
         priority_class: builtins.str = ...,
         max_runtime_seconds: builtins.int = ...,
         members: collections.abc.Iterable[global___AllocationMember] | None = ...,
+        preemption: global___Preemption | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "members", b"members", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "preemptible", b"preemptible", "principal", b"principal", "priority_class", b"priority_class", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["preemption", b"preemption"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["cpus", b"cpus", "created_unix_ms", b"created_unix_ms", "gpus", b"gpus", "id", b"id", "max_runtime_seconds", b"max_runtime_seconds", "members", b"members", "memory_bytes", b"memory_bytes", "node", b"node", "node_address", b"node_address", "owner", b"owner", "preemptible", b"preemptible", "preemption", b"preemption", "principal", b"principal", "priority_class", b"priority_class", "request_id", b"request_id", "revision", b"revision", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]) -> None: ...
 
 global___Allocation = Allocation
 

@@ -62,6 +62,8 @@ def test_a_high_priority_request_preempts_a_preemptible_low_one_after_its_grace(
             assert notice.by == pending_id and notice.cause == "priority"
             assert 0 < notice.deadline_unix_ms - time.time() * 1000 <= 2500
             assert "preempted by request" in notice.reason and "priority 100 over -100" in notice.reason
+            record = c.stub.GetAllocation(pb.GetAllocationRequest(allocation_id=victim.id), timeout=10).allocation
+            assert (record.preemption.by, record.preemption.cause) == (pending_id, "priority")  # its record says so
     else:
         raise AssertionError(f"the stream ended without an allocation: {reasons}")
     got = update.allocated.allocation
