@@ -251,3 +251,48 @@ def test_gpuctl_waits_says_why_on_stderr_and_lists_the_queue(
         client.release(done.json()["id"])
         zero = gpuctl.run([*base, "allocate", "--gpus", "1", "--ttl", "0s"])
         assert zero.rc == 1 and "ttl must be positive" in zero.stderr, zero
+
+
+def test_a_steady_stream_of_small_jobs_does_not_starve_a_big_one(
+    start_coordinator: Callable[..., harness.Coordinator],
+) -> None:
+    """Issue 15's no-starvation test: 7 of 8 GPUs held by jobs of known runtime, an 8-GPU request
+    queued, then a stream of 1-GPU requests, half with a short declared runtime and half with none.
+    Only short ones take the free GPU ahead of the big request; it starts by its estimated start."""
+    c = start_coordinator(extra=QUEUE_ARGS)
+    harness.register(c.stub, "n1", gpus=8, cpus=64)
+    harness.wait_nodes_up(c.stub, {"n1"})
+    admitted: dict[str, float] = {}
+    with Client(c.address, timeout=5) as client, ThreadPoolExecutor(16) as pool:
+        # Declared to end by created + 10 s (+ TTL); never renewed, so they lapse after their 5 s TTL.
+        for _ in range(7):
+            client.allocate(gpus=1, cpus=1, memory="1MiB", ttl="5s", max_runtime="10s")
+        big = pool.submit(client.allocate, gpus=8, cpus=1, memory="1MiB", wait="30s", request_id="big")
+        wait_for(lambda: pending_ids(client) == ["big"], "the 8-GPU request pending")
+        estimate = client.list_pending()[0].estimated_start_unix_ms / 1000
+        assert estimate > time.time()
+
+        def small(name: str, runtime: str | None) -> None:
+            try:
+                alloc = client.allocate(gpus=1, cpus=1, memory="1MiB", ttl="5s", wait="20s", request_id=name,
+                                        max_runtime=runtime)  # fmt: skip
+            except InsufficientResources:
+                return
+            admitted[name] = time.time()
+            time.sleep(0.3)
+            alloc.release()
+
+        stream = []
+        for i in range(24):  # 6 s of arrivals, bounded
+            stream.append(pool.submit(small, f"short-{i}" if i % 2 else f"none-{i}", "1s" if i % 2 else None))
+            time.sleep(0.25)
+        got = big.result(timeout=30)
+        started = time.time()
+        admitted["big"] = started
+        got.release()  # type: ignore[attr-defined]
+        for f in stream:
+            f.result(timeout=30)
+    assert started <= estimate + 1, "the big request started later than its reservation's estimate"
+    jumped = {n for n, t in admitted.items() if t < admitted["big"]}
+    assert jumped, "no short request used the free GPU ahead of the big one (backfill)"
+    assert all(n.startswith("short-") for n in jumped), f"a request with no declared runtime jumped ahead: {jumped}"
