@@ -89,6 +89,7 @@ class ClusterView:
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
         # Raw record and create revision: decoded only when asked for (most never are).
         self._allocs: dict[str, tuple[bytes, int]] = {}
+        self._decoded_allocs: dict[str, tuple[tuple[bytes, int], Allocation]] = {}
         # Per node: sum of reserved (cpus, memory), kept incrementally.
         self._used: dict[str, tuple[int, int]] = {}
         # Per node: revision of the last event on its gpus/ or res/ keys, i.e. of the last change
@@ -219,7 +220,17 @@ class ClusterView:
 
     def allocation(self, alloc_id: str) -> Allocation | None:
         raw = self._allocs.get(alloc_id)
-        return decode_alloc(*raw) if raw else None
+        return self._decoded(alloc_id, raw) if raw else None
+
+    def _decoded(self, alloc_id: str, raw: tuple[bytes, int]) -> Allocation:
+        """The record decoded once per version: the queue's passes read the holders of reserved nodes
+        and the preemption plan every allocation, several times a second under load."""
+        known = self._decoded_allocs.get(alloc_id)
+        if known is not None and known[0] is raw:
+            return known[1]
+        a = decode_alloc(*raw)
+        self._decoded_allocs[alloc_id] = (raw, a)
+        return a
 
     def allocations_on(self, node: str) -> list[Allocation]:
         """The live allocations holding GPUs on ``node`` (decoded on demand), each as seen on that
@@ -228,12 +239,12 @@ class ClusterView:
         out = []
         for i in sorted(ids):
             if i in self._allocs:
-                a = decode_alloc(*self._allocs[i])
+                a = self._decoded(i, self._allocs[i])
                 out.append(a.on(node) if node in a.nodes else a)
         return out
 
     def allocations(self) -> list[Allocation]:
-        return sorted((decode_alloc(*raw) for raw in self._allocs.values()), key=lambda a: (a.revision, a.id))
+        return sorted((self._decoded(i, raw) for i, raw in self._allocs.items()), key=lambda a: (a.revision, a.id))
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool:
         """Wait until events up to `revision` are applied. False on timeout (never raises)."""
@@ -411,6 +422,7 @@ class ClusterView:
                 self._allocs[parts[1]] = (kv.value, kv.create_revision)
             else:
                 raw = self._allocs.pop(parts[1], None)
+                self._decoded_allocs.pop(parts[1], None)
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:
