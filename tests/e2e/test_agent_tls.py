@@ -309,7 +309,7 @@ async def test_a_coordinator_forwards_nothing_to_an_agent_whose_certificate_name
     @dataclass
     class Allocations:
         async def get(self, allocation_id: str) -> Any:
-            return SimpleNamespace(id=allocation_id, node=NODE, revision=REVISION)
+            return SimpleNamespace(id=allocation_id, node=NODE, nodes=(NODE,), revision=REVISION)
 
     @dataclass
     class View:
