@@ -49,6 +49,7 @@ RULES: dict[str, Rule] = {
     _C + "ListQuotas": Rule.READ,
     _C + "ListPriorityClasses": Rule.READ,
     _C + "ListReservations": Rule.READ,
+    _C + "WatchEvents": Rule.READ,
     _C + "RunContainer": Rule.OWNER,
     _C + "WaitContainer": Rule.OWNER,
     _C + "StreamLogs": Rule.OWNER,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, NodeState, NodeView
+from gpulease.coordinator.events import ClusterEvent, EventType
 from gpulease.v1 import coordinator_pb2 as cpb
 from gpulease.v1 import types_pb2 as tpb
 
@@ -149,3 +150,19 @@ def cluster_summary(views: list[NodeView], revision: int) -> cpb.GetClusterSumma
         for f in _SUMMED:
             setattr(totals, f, getattr(totals, f) + getattr(r, f))
     return cpb.GetClusterSummaryResponse(nodes=rows, totals=totals, revision=revision)
+
+
+_EVENT_PB = {t: cpb.EventType.Value("EVENT_TYPE_" + t.name) for t in EventType}
+_EVENT_OF = {int(v): t for t, v in _EVENT_PB.items()}
+
+
+def event(ev: ClusterEvent) -> cpb.ClusterEvent:
+    return cpb.ClusterEvent(
+        type=_EVENT_PB[ev.type], revision=ev.revision, time_unix_ms=ev.time_ms, allocation_id=ev.allocation_id,
+        node=ev.node, tenant=ev.tenant, principal=ev.principal, gpus=list(ev.gpus), detail=ev.detail,
+    )  # fmt: skip
+
+
+def event_types(types: Iterable[int]) -> frozenset[EventType]:
+    """WatchEventsRequest.types -> the domain's (unknown numbers are ignored)."""
+    return frozenset(_EVENT_OF[int(t)] for t in types if int(t) in _EVENT_OF)

@@ -270,6 +270,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         found = self._policies.reservations()
         return pb.ListReservationsResponse(reservations=[_reservation_pb(r, now) for r in found])
 
+    @rpc
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Ctx) -> None:  # type: ignore[override]
+        # A coroutine writing to the stream (not an async generator) so the error catalog applies.
+        who = caller()
+        mine = who.role is Role.USER  # as ListPending: a user sees its own tenant (and node events)
+        self._view.ensure_synced()
+        types = convert.event_types(request.types)
+        async for ev in self._view.events.subscribe(request.since_revision, types, follow=request.follow):
+            if mine and ev.tenant and ev.tenant != who.tenant:
+                continue
+            await context.write(convert.event(ev))
+
     # --- containers, forwarded to the allocation's agent ------------------------------------
 
     @rpc

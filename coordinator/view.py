@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from gpulease.coordinator.domain import NO_RESERVATIONS, Allocation, NodeInfo, NodeView, ReservationBook, Snapshot
+from gpulease.coordinator.events import EventLog
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.placement_index import PlacementIndex
 from gpulease.coordinator.quota import QuotaBook, Usage
@@ -75,6 +76,8 @@ class ClusterView:
         # Called with an allocation whose keys went without a release (its lease expired).
         self.on_expired: Callable[[Allocation], None] | None = None
         self._released: set[str] = set()
+        # Typed cluster events derived from the same watch (coordinator/events.py).
+        self.events = EventLog(keys)
         self._reset()
 
     def _reset(self) -> None:
@@ -323,6 +326,8 @@ class ClusterView:
 
     def _load(self, revision: int, kvs: Iterable[KV]) -> None:
         self._reset()
+        kvs = list(kvs)
+        self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
         for name in list(self._records):
@@ -355,6 +360,7 @@ class ClusterView:
         for name in touched:
             self._rebuild(name)
         self._advance(events[-1].kv.mod_revision)
+        self.events.apply(events)
 
     def _apply_one(self, ev: Event) -> str | None:
         """Apply one event to the raw maps; returns the node whose view must be rebuilt."""

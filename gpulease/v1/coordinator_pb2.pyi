@@ -7,11 +7,79 @@ import builtins
 import collections.abc
 import google.protobuf.descriptor
 import google.protobuf.internal.containers
+import google.protobuf.internal.enum_type_wrapper
 import google.protobuf.message
 import gpulease.v1.types_pb2
+import sys
 import typing
 
+if sys.version_info >= (3, 10):
+    import typing as typing_extensions
+else:
+    import typing_extensions
+
 DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+
+class _EventType:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _EventTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    EVENT_TYPE_ALLOCATED: _EventType.ValueType  # 1
+    EVENT_TYPE_RELEASED: _EventType.ValueType  # 2
+    """Ended by Release (or a forced release, or a settler removing an unclaimed commit)."""
+    EVENT_TYPE_EXPIRED: _EventType.ValueType  # 3
+    """Ended without a release: its lease expired."""
+    EVENT_TYPE_PREEMPTED: _EventType.ValueType  # 4
+    """The allocation was chosen as a preemption victim (preempting/<id> appeared)."""
+    EVENT_TYPE_QUEUED: _EventType.ValueType  # 5
+    EVENT_TYPE_NODE_UP: _EventType.ValueType  # 6
+    EVENT_TYPE_NODE_DOWN: _EventType.ValueType  # 7
+    EVENT_TYPE_NODE_CORDONED: _EventType.ValueType  # 8
+    EVENT_TYPE_NODE_UNCORDONED: _EventType.ValueType  # 9
+    EVENT_TYPE_GPU_UNHEALTHY: _EventType.ValueType  # 10
+    EVENT_TYPE_GPU_HEALTHY: _EventType.ValueType  # 11
+    EVENT_TYPE_CONTAINER_STARTED: _EventType.ValueType  # 12
+    """RunContainer started a container (exits of containers are not seen by the coordinator)."""
+    EVENT_TYPE_CONTAINER_STOPPED: _EventType.ValueType  # 13
+    """StopContainer stopped one."""
+    EVENT_TYPE_HISTORY_GAP: _EventType.ValueType  # 14
+    """Markers. The requested since_revision is older than the buffer (revision: where it starts)."""
+    EVENT_TYPE_RESYNC: _EventType.ValueType  # 15
+    """The view reloaded (etcd compaction or outage): changes up to revision are not events."""
+    EVENT_TYPE_OVERFLOW: _EventType.ValueType  # 16
+    """This subscriber fell too far behind and is dropped: the stream's last message."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+EVENT_TYPE_ALLOCATED: EventType.ValueType  # 1
+EVENT_TYPE_RELEASED: EventType.ValueType  # 2
+"""Ended by Release (or a forced release, or a settler removing an unclaimed commit)."""
+EVENT_TYPE_EXPIRED: EventType.ValueType  # 3
+"""Ended without a release: its lease expired."""
+EVENT_TYPE_PREEMPTED: EventType.ValueType  # 4
+"""The allocation was chosen as a preemption victim (preempting/<id> appeared)."""
+EVENT_TYPE_QUEUED: EventType.ValueType  # 5
+EVENT_TYPE_NODE_UP: EventType.ValueType  # 6
+EVENT_TYPE_NODE_DOWN: EventType.ValueType  # 7
+EVENT_TYPE_NODE_CORDONED: EventType.ValueType  # 8
+EVENT_TYPE_NODE_UNCORDONED: EventType.ValueType  # 9
+EVENT_TYPE_GPU_UNHEALTHY: EventType.ValueType  # 10
+EVENT_TYPE_GPU_HEALTHY: EventType.ValueType  # 11
+EVENT_TYPE_CONTAINER_STARTED: EventType.ValueType  # 12
+"""RunContainer started a container (exits of containers are not seen by the coordinator)."""
+EVENT_TYPE_CONTAINER_STOPPED: EventType.ValueType  # 13
+"""StopContainer stopped one."""
+EVENT_TYPE_HISTORY_GAP: EventType.ValueType  # 14
+"""Markers. The requested since_revision is older than the buffer (revision: where it starts)."""
+EVENT_TYPE_RESYNC: EventType.ValueType  # 15
+"""The view reloaded (etcd compaction or outage): changes up to revision are not events."""
+EVENT_TYPE_OVERFLOW: EventType.ValueType  # 16
+"""This subscriber fell too far behind and is dropped: the stream's last message."""
+global___EventType = EventType
 
 @typing.final
 class AllocateRequest(google.protobuf.message.Message):
@@ -1503,3 +1571,75 @@ class DeleteReservationResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
 
 global___DeleteReservationResponse = DeleteReservationResponse
+
+@typing.final
+class WatchEventsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    SINCE_REVISION_FIELD_NUMBER: builtins.int
+    TYPES_FIELD_NUMBER: builtins.int
+    FOLLOW_FIELD_NUMBER: builtins.int
+    since_revision: builtins.int
+    """Replay buffered events with a revision above this (0 = all this replica holds). When it is
+    older than the buffer, the first message is EVENT_TYPE_HISTORY_GAP.
+    """
+    follow: builtins.bool
+    """Keep the stream open for new events; false ends it after the replay."""
+    @property
+    def types(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___EventType.ValueType]:
+        """Only these types (empty = all). Markers (history gap, resync, overflow) always come."""
+
+    def __init__(
+        self,
+        *,
+        since_revision: builtins.int = ...,
+        types: collections.abc.Iterable[global___EventType.ValueType] | None = ...,
+        follow: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["follow", b"follow", "since_revision", b"since_revision", "types", b"types"]) -> None: ...
+
+global___WatchEventsRequest = WatchEventsRequest
+
+@typing.final
+class ClusterEvent(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: builtins.int
+    REVISION_FIELD_NUMBER: builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: builtins.int
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    NODE_FIELD_NUMBER: builtins.int
+    TENANT_FIELD_NUMBER: builtins.int
+    PRINCIPAL_FIELD_NUMBER: builtins.int
+    GPUS_FIELD_NUMBER: builtins.int
+    DETAIL_FIELD_NUMBER: builtins.int
+    type: global___EventType.ValueType
+    revision: builtins.int
+    """The etcd revision of the change (the same on every replica)."""
+    time_unix_ms: builtins.int
+    """When this replica saw it."""
+    allocation_id: builtins.str
+    node: builtins.str
+    tenant: builtins.str
+    principal: builtins.str
+    detail: builtins.str
+    @property
+    def gpus(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """GPU indexes ("0"); "<node>:<index>" for a gang's."""
+
+    def __init__(
+        self,
+        *,
+        type: global___EventType.ValueType = ...,
+        revision: builtins.int = ...,
+        time_unix_ms: builtins.int = ...,
+        allocation_id: builtins.str = ...,
+        node: builtins.str = ...,
+        tenant: builtins.str = ...,
+        principal: builtins.str = ...,
+        gpus: collections.abc.Iterable[builtins.str] | None = ...,
+        detail: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "detail", b"detail", "gpus", b"gpus", "node", b"node", "principal", b"principal", "revision", b"revision", "tenant", b"tenant", "time_unix_ms", b"time_unix_ms", "type", b"type"]) -> None: ...
+
+global___ClusterEvent = ClusterEvent

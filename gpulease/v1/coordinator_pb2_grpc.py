@@ -104,6 +104,11 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/gpulease.v1.CoordinatorService/WatchEvents',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ClusterEvent.FromString,
+                _registered_method=True)
         self.RunContainer = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/RunContainer',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.RunContainerRequest.SerializeToString,
@@ -223,6 +228,15 @@ class CoordinatorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Cluster changes as typed events (allocated, released, expired, node up/down, ...), derived
+        from this replica's etcd watch: what its buffer holds above since_revision, then, with follow,
+        new ones as they happen. A user sees its own tenant's events and those of no tenant (nodes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunContainer(self, request, context):
         """Containers on an allocation's GPUs, forwarded to the node's agent: users never need an
         agent's address.
@@ -322,6 +336,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListReservations,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.WatchEventsRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ClusterEvent.SerializeToString,
             ),
             'RunContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunContainer,
@@ -704,6 +723,33 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/ListReservations',
             gpulease_dot_v1_dot_coordinator__pb2.ListReservationsRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/WatchEvents',
+            gpulease_dot_v1_dot_coordinator__pb2.WatchEventsRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.ClusterEvent.FromString,
             options,
             channel_credentials,
             insecure,

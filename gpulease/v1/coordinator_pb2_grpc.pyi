@@ -99,6 +99,15 @@ class CoordinatorServiceStub:
     ]
     """Calendar reservations: capacity held for one tenant over a time window."""
 
+    WatchEvents: grpc.UnaryStreamMultiCallable[
+        gpulease.v1.coordinator_pb2.WatchEventsRequest,
+        gpulease.v1.coordinator_pb2.ClusterEvent,
+    ]
+    """Cluster changes as typed events (allocated, released, expired, node up/down, ...), derived
+    from this replica's etcd watch: what its buffer holds above since_revision, then, with follow,
+    new ones as they happen. A user sees its own tenant's events and those of no tenant (nodes).
+    """
+
     RunContainer: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
         gpulease.v1.types_pb2.ContainerStatus,
@@ -206,6 +215,15 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.ListReservationsResponse,
     ]
     """Calendar reservations: capacity held for one tenant over a time window."""
+
+    WatchEvents: grpc.aio.UnaryStreamMultiCallable[
+        gpulease.v1.coordinator_pb2.WatchEventsRequest,
+        gpulease.v1.coordinator_pb2.ClusterEvent,
+    ]
+    """Cluster changes as typed events (allocated, released, expired, node up/down, ...), derived
+    from this replica's etcd watch: what its buffer holds above since_revision, then, with follow,
+    new ones as they happen. A user sees its own tenant's events and those of no tenant (nodes).
+    """
 
     RunContainer: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.RunContainerRequest,
@@ -340,6 +358,17 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.ListReservationsResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ListReservationsResponse]]:
         """Calendar reservations: capacity held for one tenant over a time window."""
+
+    @abc.abstractmethod
+    def WatchEvents(
+        self,
+        request: gpulease.v1.coordinator_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[gpulease.v1.coordinator_pb2.ClusterEvent], collections.abc.AsyncIterator[gpulease.v1.coordinator_pb2.ClusterEvent]]:
+        """Cluster changes as typed events (allocated, released, expired, node up/down, ...), derived
+        from this replica's etcd watch: what its buffer holds above since_revision, then, with follow,
+        new ones as they happen. A user sees its own tenant's events and those of no tenant (nodes).
+        """
 
     @abc.abstractmethod
     def RunContainer(

@@ -102,6 +102,7 @@ def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
         "Allocate": pb.AllocateRequest(gpus=1, ttl_seconds=60),
         "WaitAllocate": pb.AllocateRequest(gpus=1, ttl_seconds=60, wait_seconds=5),
         "ListPending": pb.ListPendingRequest(),
+        "WatchEvents": pb.WatchEventsRequest(follow=False),
         "Release": pb.ReleaseRequest(allocation_id=alloc_id),
         "KeepAlive": pb.KeepAliveRequest(allocation_id=alloc_id),
         "GetAllocation": pb.GetAllocationRequest(allocation_id=alloc_id),
@@ -147,7 +148,7 @@ def outcome(caller: Caller, rpc: str, request: Any) -> tuple[str, grpc.StatusCod
     method = getattr(caller.stub, rpc.rsplit("/", 1)[1])
     try:
         answer = method(request, metadata=caller.metadata, timeout=10)
-        if rpc.endswith(("/StreamLogs", "/WaitAllocate")):
+        if rpc.endswith(("/StreamLogs", "/WaitAllocate", "/WatchEvents")):
             list(answer)
         return ALLOWED, None, ""
     except grpc.RpcError as err:

@@ -15,6 +15,7 @@ AUDIENCES = {
         "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations",
         "ListNodes", "GetClusterSummary", "RunContainer", "WaitContainer", "StreamLogs", "StopContainer",
         "ListContainers", "WhoAmI", "ListQuotas", "ListPriorityClasses", "ListReservations",
+        "WatchEvents",
     },
     "NodeService": {"RegisterNode", "Heartbeat", "ListNodeAllocations", "GetNodeAllocation"},
     "AdminService": {
