@@ -151,6 +151,8 @@ class AllocationService:
         self._leases = LeasePool(store)
         # Set by the waiting queue: fresh requests go through it while anything is pending.
         self.gate: Gate | None = None
+        # Told when this replica admits a pending request, with when it was queued (metrics).
+        self.on_admitted: Callable[[int], None] | None = None
         self.settler = Settler(store, keys)
         self._batcher = Batcher(
             view,
@@ -291,7 +293,10 @@ class AllocationService:
     async def admit(self, pending: PendingRequest, excluded: frozenset[str]) -> tuple[Allocation, bool]:
         """Admit a pending request the queue chose: the same transaction as allocate(), which also
         compares that it is still pending and removes it from the queue."""
-        return await self._commit(pending, excluded, queued=True)
+        alloc, reused = await self._commit(pending, excluded, queued=True)
+        if alloc.id == pending.id and self.on_admitted is not None:
+            self.on_admitted(pending.created_ms)
+        return alloc, reused
 
     async def _commit(self, p: PendingRequest, excluded: frozenset[str], queued: bool) -> tuple[Allocation, bool]:
         lease, granted_at = await self._leases.take(p.ttl_s)

@@ -10,6 +10,7 @@ from typing import Any
 
 from gpulease.common import container_policy, eventloop, settings, transport
 from gpulease.common.container_policy import ContainerPolicy
+from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError
 from gpulease.common.units import parse_duration, parse_size
 from gpulease.errors import InvalidRequest
@@ -69,6 +70,10 @@ class CoordinatorConfig:
     default_priority_class: str = "default"
     # Fair share: the half-life of the decayed GPU usage that orders tenants in the queue.
     fair_share_half_life: int = 86400
+    # The HTTP side (/metrics, /healthz, /readyz): "" turns it off. Off loopback, /metrics needs a
+    # bearer token from metrics_token_file (the coordinator refuses to start without one).
+    http_listen: str = "127.0.0.1:8080"
+    metrics_token_file: str = ""
 
     @property
     def tls(self) -> bool:
@@ -169,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no backfill: a pool's requests start strictly in queue order")  # fmt: skip
     p.add_argument("--priority-classes", help="NAME=VALUE,... (default low=-100,default=0,high=100)")
     p.add_argument("--fair-share-half-life", help="half-life of the decayed GPU usage that orders tenants (24h)")
+    p.add_argument("--http-listen", help="HOST:PORT of /metrics, /healthz and /readyz; '' = off "
+                                         "(default 127.0.0.1:8080)")  # fmt: skip
+    p.add_argument("--metrics-token-file", help="file holding the bearer token /metrics requires (needed off "
+                                                "loopback)")  # fmt: skip
     p.add_argument("--default-priority-class", help="the class of a request that names none (default)")
     return p
 
@@ -205,6 +214,7 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"bad listen address: {exc}") from None
     transport.check_clear_text(cfg.listen, tls=cfg.tls, insecure=cfg.insecure,
                                flag_hint="--tls-ca, --tls-cert, --tls-key")  # fmt: skip
+    check_listen(cfg.http_listen, cfg.metrics_token_file)
     if bool(cfg.etcd_user) != bool(cfg.etcd_password_file):
         raise ConfigError("etcd auth needs --etcd-user and --etcd-password-file together")
     if cfg.rate_limit < 0 or cfg.audit_max_entries < 100 or cfg.audit_max_age < 3600:

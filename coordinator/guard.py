@@ -15,6 +15,7 @@ RESOURCE_EXHAUSTED with reason RATE_LIMITED.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import secrets
@@ -33,7 +34,7 @@ from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.coordinator import authz
 from gpulease.coordinator.audit import AuditLog
 from gpulease.coordinator.tokens import Tokens
-from gpulease.errors import PermissionDenied, RateLimited, Unauthenticated, Unavailable
+from gpulease.errors import GpuLeaseError, PermissionDenied, RateLimited, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class Guard:
         self.tls = tls
         self._rate = rate or RateLimit()
         self._buckets = _Buckets(self._rate)
+        # Told of every RPC served through @rpc: (method name, "ok" | "error" | "cancelled", the
+        # error's reason, seconds). The coordinator's metrics (coordinator/metrics.py); None: off.
+        self.observer: Callable[[str, str, str, float], None] | None = None
 
     def identify(self, context: Any) -> tuple[Principal, str]:
         if not self.tls:
@@ -182,4 +186,24 @@ def rpc(fn: F) -> F:
                 "can find the cause in the coordinator's log)"
             ) from None
 
-    return grpc_errors(guarded)  # type: ignore[return-value]
+    @functools.wraps(fn)
+    async def observed(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        observe = self._guard.observer
+        if observe is None:
+            return await guarded(self, request, context)
+        started = time.monotonic()
+        outcome, reason = "error", "INTERNAL"
+        try:
+            result = await guarded(self, request, context)
+            outcome, reason = "ok", ""
+            return result
+        except GpuLeaseError as exc:
+            reason = exc.reason
+            raise
+        except asyncio.CancelledError:
+            outcome, reason = "cancelled", ""
+            raise
+        finally:
+            observe(fn.__name__, outcome, reason, time.monotonic() - started)
+
+    return grpc_errors(observed)  # type: ignore[return-value]

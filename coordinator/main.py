@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpulease.common import eventloop, transport
+from gpulease.common import eventloop, httpserve, transport
 from gpulease.common.sdnotify import sd_notify
 from gpulease.common.tls import TLSConfig, TlsFiles
 from gpulease.coordinator import config as config_mod
@@ -22,10 +22,13 @@ from gpulease.coordinator.allocations import AllocationPolicy, AllocationService
 from gpulease.coordinator.audit import AuditLog, AuditPolicy
 from gpulease.coordinator.committer import EtcdCommitter
 from gpulease.coordinator.containers import ContainerForwarder
+from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.guard import Guard, RateLimit
+from gpulease.coordinator.http_api import build_app
 from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.metrics import CoordinatorMetrics, MeteredCommitter, ViewCollector
 from gpulease.coordinator.nodes import NodePolicy, NodeService
 from gpulease.coordinator.policies import Policies
 from gpulease.coordinator.preemption import Preemptions
@@ -52,11 +55,13 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     keys = Keys(cfg.prefix)
     fatal: list[str] = []
     view = ClusterView(store, keys)
+    metrics = CoordinatorMetrics()
+    store.on_txn = metrics.etcd_txn_seconds.observe
     allocations = AllocationService(
         store,
         view,
         keys,
-        EtcdCommitter(store, keys),
+        MeteredCommitter(EtcdCommitter(store, keys), metrics),
         AllocationPolicy(
             default_ttl=cfg.default_ttl,
             default_cpus_per_gpu=cfg.default_cpus_per_gpu,
@@ -76,9 +81,18 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     tokens = Tokens(store, keys, view, audit)
     policies = Policies(store, keys, view, audit)
     endings = Endings(store, keys, view, cfg.container_retention)
+    _count_expiries(view, metrics)
+    allocations.on_admitted = metrics.observe_admitted
     containers = ContainerForwarder(allocations, view, agents, endings, policy=cfg.container_policy)
     preemptions.stop_containers = containers.stop_all
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
+    guard.observer = metrics.observe_rpc
+    collector = ViewCollector(view, lambda: [p.pool for p in queue.pending()])
+    metrics.registry.register(collector)
+    http = None
+    if cfg.http_listen:
+        app = build_app(metrics, collector, view, store, token=httpserve.read_token(cfg.metrics_token_file))
+        http = httpserve.HttpServer(app, cfg.http_listen)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
@@ -106,6 +120,14 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         except RuntimeError as exc:
             raise GpuLeaseError(f"cannot listen on {address}: {exc} (is the port in use?)") from exc
     await server.start()
+    if http is not None:
+        try:
+            await http.start()
+        except OSError as exc:
+            await server.stop(grace=None)
+            raise GpuLeaseError(exc.strerror or str(exc)) from exc
+        log.info("HTTP on %s: /metrics%s, /healthz, /readyz", cfg.http_listen,
+                 " (bearer token)" if cfg.metrics_token_file else "")  # fmt: skip
     log.info(
         "listening on %s (%s)%s, etcd %s, prefix %s, event loop %s",
         cfg.listen, "TLS, tokens" if tls else "clear text, no authentication",
@@ -155,6 +177,8 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     sd_notify("STOPPING=1")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=5)
+    if http is not None:
+        await http.stop()
     for task in (commit_task, view_task, health_task, *background):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +190,18 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     await store.close()
     if fatal:
         raise GpuLeaseError(fatal[0])
+
+
+def _count_expiries(view: ClusterView, metrics: CoordinatorMetrics) -> None:
+    """Counts lease expiries, then hands each to the view's hook as set before (container records)."""
+    before = view.on_expired
+
+    def expired(alloc: Allocation) -> None:
+        metrics.observe_expired(alloc)
+        if before is not None:
+            before(alloc)
+
+    view.on_expired = expired
 
 
 async def _check_txn_limit(store: Store, keys: Keys, ops: int, fatal: list[str], stop: asyncio.Event) -> None:

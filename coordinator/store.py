@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -191,6 +192,8 @@ class Store:
         self._timeout = timeout
         self._client: Etcd3Client | None = None
         self._keepalives: _KeepAliveMux | None = None
+        # Called with the seconds each transaction took, answered or not (the coordinator's metrics).
+        self.on_txn: Callable[[float], None] | None = None
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
@@ -405,6 +408,7 @@ class Store:
         pb_cmp = [self._cmp(c) for c in compares]
         pb_ok = [self._op(o) for o in success]
         pb_fail = [self._op(o) for o in failure]
+        started = time.monotonic()
         try:
             resp = await kv.txn(pb_cmp, pb_ok, pb_fail, max_attempts=1, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
@@ -416,6 +420,9 @@ class Store:
             raise
         except (EtcdError, TimeoutError) as exc:
             raise OutcomeUnknown(str(self._unavailable(exc))) from exc
+        finally:
+            if self.on_txn is not None:
+                self.on_txn(time.monotonic() - started)
         reads = tuple(
             tuple(_kv(kv_) for kv_ in r.response_range.kvs)
             for r in resp.responses

@@ -67,6 +67,8 @@ class ClusterView:
         self.revision = 0
         self.synced = asyncio.Event()
         self.last_error = ""
+        # How many times the view was loaded whole (the first load, then each resync): for metrics.
+        self.loads = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._marker: asyncio.Future[int] | None = None
         self._marker_at = -MARKER_SPACING_S
@@ -335,6 +337,7 @@ class ClusterView:
         self._changed.clear()  # the load revision covers everything loaded
         self._loaded_at = revision
         self._advance(revision)
+        self.loads += 1
         self.synced.set()
         log.info("view synced at revision %d: %d nodes, %d allocations", revision, len(self._views),
                  len(self._allocs))  # fmt: skip

@@ -416,6 +416,7 @@ def dev(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         demo=args.demo,
         auth=args.auth,
+        http_port=args.http_port,
     )
     try:
         # Imported here: it needs the coordinator/agent/etcd extras, which gpuctl alone does not.

@@ -22,3 +22,5 @@ class DevClusterConfig:
     # Mutual TLS on every hop and token auth (LocalCluster(secure=True)); writes data_dir/ca.pem and
     # data_dir/admin.token for gpuctl and the client library.
     auth: bool = False
+    # The coordinator's HTTP port (/metrics, /healthz, /readyz), on loopback.
+    http_port: int = 8080

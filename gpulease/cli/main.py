@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=_int_between(1, MAX_NODES), default=2, metavar="N")
     p.add_argument("--gpus-per-node", type=_int_between(0, MAX_GPUS_PER_NODE), default=8, metavar="N")
     p.add_argument("--port", type=_int_between(1, 65535), default=50051, help="coordinator port")
+    p.add_argument("--http-port", type=_int_between(1, 65535), default=8080,
+                   help="the coordinator's HTTP port: /metrics, /healthz, /readyz (default 8080)")  # fmt: skip
     p.add_argument("--data-dir", metavar="DIR", help="state directory (default: chosen by the dev cluster)")
     p.add_argument("--demo", action="store_true", help="also run a short demo workload")
     p.add_argument(

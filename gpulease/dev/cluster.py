@@ -50,6 +50,12 @@ class Child:
     address: str
     process: ManagedProcess
     mtls_address: str = ""
+    # Its HTTP side (/metrics, /healthz; the coordinator's /readyz too), on a port of its own.
+    http_address: str = ""
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}" if self.http_address else ""
 
 
 class LocalCluster:
@@ -85,6 +91,8 @@ class LocalCluster:
         startup_timeout: float = STARTUP_TIMEOUT_S,
         grace: float = STOP_GRACE_S,
         secure: bool = False,
+        http: bool = True,
+        coordinator_http_port: int | None = None,
     ) -> None:
         # Only a directory this cluster made is removed by stop(): a given one may hold a user's state.
         self.made_data_dir = data_dir is None
@@ -114,6 +122,9 @@ class LocalCluster:
         self._started = False
         self._stopped = False
         self.secure = secure
+        # Each coordinator and agent serves HTTP on a free loopback port (False: HTTP off, '').
+        self.http = http
+        self._coordinator_http_port = coordinator_http_port
         self.pki_dir = self.data_dir / "pki"
         self.token_file = self.data_dir / "admin.token"
 
@@ -213,11 +224,16 @@ class LocalCluster:
         self._check_not_running(before, address)
         # A coordinator restarted in place keeps its mutual-TLS port too.
         mtls = (before.mtls_address if before else f"127.0.0.1:{self._port()}") if self.secure else ""
+        if before is not None or not self.http:
+            http = before.http_address if before is not None else ""
+        else:  # the first coordinator on the port asked for, if any
+            http = f"127.0.0.1:{self._port(None if self.coordinators else self._coordinator_http_port)}"
         argv = self._coordinator_argv(address, prefix, node_ttl, heartbeat_interval, extra_args, mtls)
+        argv = ["--http-listen", http, *argv]
         name = f"coordinator-{self._started_coordinators}"
         self._started_coordinators += 1
         return self._launch(self.coordinators, address, name, address, self._coordinator_module, argv,
-                            self.child_env(), wait, timeout, mtls)  # fmt: skip
+                            self.child_env(), wait, timeout, mtls, http)  # fmt: skip
 
     def stop_coordinator(self, address: str) -> None:
         self.coordinators.pop(address).process.stop(self.grace)
@@ -274,9 +290,11 @@ class LocalCluster:
         target = coordinator or self.coordinator_address
         if self.secure:  # agents report on the coordinator's mutual-TLS port
             target = self.coordinators[target].mtls_address if target in self.coordinators else target
+        http = ""  # agents serve HTTP from the next commit on
         argv = self._agent_argv(name, address, target, gpus, cpus, memory, labels, gpu_model)
+        argv = ["--http-listen", http, *argv] if http else argv
         return self._launch(self.agents, name, f"agent-{name}", address, self._agent_module, [*argv, *extra_args],
-                            env if env is not None else self.child_env(), wait, timeout)  # fmt: skip
+                            env if env is not None else self.child_env(), wait, timeout, http_address=http)  # fmt: skip
 
     def stop_agent(self, name: str) -> None:
         self.agents.pop(name).process.stop(self.grace)
@@ -317,11 +335,12 @@ class LocalCluster:
         wait: bool,
         timeout: float | None,
         mtls_address: str = "",
+        http_address: str = "",
     ) -> Child:
         """Start `python -m module argv` (its log logs/<name>.log) and track it in registry under key
         before waiting, so that one which never gets healthy is stopped too."""
         process = procs.start_python_module(name, module, argv, self.logs_dir / f"{name}.log", env=env)
-        child = registry[key] = Child(name, address, process, mtls_address)
+        child = registry[key] = Child(name, address, process, mtls_address, http_address)
         if wait:
             self.wait_serving(child, timeout)
         return child

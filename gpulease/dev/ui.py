@@ -79,14 +79,13 @@ def _stop_on_signals() -> Iterator[_SignalStop]:
 
 def run_dev_cluster(cfg: DevClusterConfig) -> int:
     """`gpuctl dev`: returns 0 after Ctrl-C/SIGTERM, 1 if the cluster failed to start or a child died."""
-    if not procs.port_is_free(cfg.port):
-        print(
-            f"error: port {cfg.port} is in use (another dev cluster?); choose one with --port",
-            file=sys.stderr,
-        )
-        return 1
+    for port, flag in ((cfg.port, "--port"), (cfg.http_port, "--http-port")):
+        if not procs.port_is_free(port):
+            print(f"error: port {port} is in use (another dev cluster?); choose one with {flag}", file=sys.stderr)
+            return 1
     names = [f"node-{i}" for i in range(cfg.nodes)]
-    cluster = LocalCluster(cfg.data_dir, coordinator_port=cfg.port, secure=cfg.auth)
+    cluster = LocalCluster(cfg.data_dir, coordinator_port=cfg.port, secure=cfg.auth,
+                           coordinator_http_port=cfg.http_port)  # fmt: skip
     keep_data = False
     with _stop_on_signals() as stopper:
         try:
@@ -160,11 +159,13 @@ def _print_banner(
     cluster: LocalCluster, cfg: DevClusterConfig, names: Sequence[str], credentials: Credentials | None
 ) -> None:
     removal = "removed on exit" if cluster.made_data_dir else "kept on exit"
+    http = cluster.coordinator(cluster.coordinator_address).http_url
     lines = [
         "",
         f"gpulease dev cluster is up: {cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s).",
         "  *** GPUs are SIMULATED: no real GPU is used or reserved. ***",
         f"  coordinator: {cluster.coordinator_address}",
+        f"  HTTP:        {http}/metrics, {http}/readyz",
         f"  etcd:        {cluster.etcd_url}",
         f"  nodes:       {', '.join(names)} (label {SIMULATED_LABEL}=true)",
         f"  data dir:    {cluster.data_dir} ({removal}); logs in {cluster.logs_dir}",

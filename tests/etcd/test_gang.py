@@ -156,7 +156,7 @@ def test_a_coordinator_allowed_more_operations_than_etcd_stops_at_start(etcd: ha
     # The test etcd runs with --max-txn-ops 1024 (gpulease/dev/procs.py).
     port = procs.free_port()
     argv = [sys.executable, "-m", "gpulease.coordinator.main", "--etcd", etcd.url, "--prefix", prefix,
-            "--listen", f"127.0.0.1:{port}", "--etcd-max-txn-ops", "2000"]  # fmt: skip
+            "--listen", f"127.0.0.1:{port}", "--etcd-max-txn-ops", "2000", "--http-listen", ""]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     assert "etcd_max_txn_ops is 2000, which exceeds etcd's --max-txn-ops" in done.stderr, done.stderr[-2000:]
