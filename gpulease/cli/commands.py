@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -405,6 +406,21 @@ def audit(cfg: CliConfig, args: argparse.Namespace) -> int:
     else:
         headers = ["TIME", "ACTOR", "TENANT", "ACTION", "TARGET", "OUTCOME", "REVISION", "DETAIL"]
         print_table(headers, [views.audit_row(e) for e in entries])
+    return 0
+
+
+def events(cfg: CliConfig, args: argparse.Namespace) -> int:
+    """One line per event (time, type, node, allocation, tenant, detail) or one JSON object per line,
+    flushed as each arrives (--follow runs until interrupted)."""
+    with cfg.client() as client:
+        try:
+            for ev in client.events(args.since, follow=args.follow, types=args.types):
+                if args.json:
+                    print(json.dumps(ev.to_dict(), separators=(",", ":")), flush=True)
+                else:
+                    print(views.event_line(ev), flush=True)
+        except KeyboardInterrupt:
+            return 130
     return 0
 
 

@@ -35,6 +35,7 @@ from gpulease.cli.config import (
 from gpulease.cli.devconfig import MAX_GPUS_PER_NODE, MAX_NODES
 from gpulease.cli.output import client_log_to_stderr
 from gpulease.client import DEFAULT_TARGET
+from gpulease.client.models import EVENT_TYPES
 from gpulease.common.identity import ROLE_NAMES
 from gpulease.errors import GpuLeaseError, PermissionDenied, Unauthenticated
 
@@ -350,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", commands.priority_delete, "remove a priority class set with `priority set` (admin)",
                 within=priority)  # fmt: skip
     p.add_argument("name", metavar="NAME")
+
+    p = command("events", commands.events, "cluster events (allocated, released, expired, node up/down, ...), "
+                "oldest first; one line each, or one JSON object per line with --json")  # fmt: skip
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events as they happen")
+    p.add_argument("--since", type=_int_between(0, 2**62), default=0, metavar="REV",
+                   help="only events after this etcd revision (default: all the coordinator keeps)")  # fmt: skip
+    p.add_argument("--type", action="append", default=[], metavar="T", dest="types",
+                   help="only this event type (repeatable): " + ", ".join(EVENT_TYPES))  # fmt: skip
 
     p = command("audit", commands.audit, "read the audit log, oldest first (admin)")
     p.add_argument("--since", metavar="DURATION", help="only entries of the last DURATION, e.g. 1h (default: all kept)")

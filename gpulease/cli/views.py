@@ -12,6 +12,7 @@ from gpulease.client import (
     Allocation,
     AllocationInfo,
     AuditEntry,
+    Event,
     Gpu,
     Node,
     NodeSummary,
@@ -299,6 +300,13 @@ def audit_json(e: AuditEntry) -> dict[str, Any]:
         "revision": e.revision,
         "detail": e.detail,
     }
+
+
+def event_line(e: Event) -> str:
+    """'2025-01-31T12:00:00Z  released  node-1  <alloc>  team-a  release; 1 GPU(s) ...' (rev last)."""
+    cols = [when(e.time_unix_ms), f"{e.type:<17}", e.node or "-", e.allocation_id or "-", e.tenant or "-"]
+    gpus = f" gpus={','.join(e.gpus)}" if e.gpus else ""
+    return "  ".join(cols) + f"  {e.detail}{gpus} (rev {e.revision})"
 
 
 def audit_row(e: AuditEntry) -> list[str]:

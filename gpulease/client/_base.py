@@ -89,6 +89,7 @@ class ClientBase(Generic[C]):
     stop_container = Call(_ops.stop_container)
     list_containers = Call(_ops.list_containers)
     logs = Stream(_ops.logs)
+    events = Stream(_ops.events)
 
     def _send(self, op: _ops.Op[Any, Any]) -> Any:
         """Send ``op``: its answer (as ``_answer`` makes it), or a coroutine of it."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from gpulease.client.models import (
+    EVENT_TYPES,
     AllocatedGpu,
     AllocationInfo,
     AllocationMember,
     AuditEntry,
     ClusterSummary,
     Container,
+    Event,
     Gpu,
     Node,
     NodeSummary,
@@ -231,3 +233,20 @@ def reservation(msg: coordinator_pb2.Reservation) -> ReservationInfo:
         created_by=msg.created_by,
         active=msg.active,
     )
+
+
+def event(msg: coordinator_pb2.ClusterEvent) -> Event:
+    name = coordinator_pb2.EventType.Name(msg.type) if msg.type in coordinator_pb2.EventType.values() else ""
+    return Event(
+        type=name.removeprefix("EVENT_TYPE_").lower() or str(msg.type), revision=msg.revision,
+        time_unix_ms=msg.time_unix_ms, allocation_id=msg.allocation_id, node=msg.node, tenant=msg.tenant,
+        principal=msg.principal, gpus=tuple(msg.gpus), detail=msg.detail,
+    )  # fmt: skip
+
+
+def event_type(name: str) -> coordinator_pb2.EventType.ValueType:
+    """ "expired" -> EVENT_TYPE_EXPIRED's number; ValueError naming the known types otherwise."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {name!r}; known: {', '.join(EVENT_TYPES)}")
+    return coordinator_pb2.EventType.Value("EVENT_TYPE_" + key.upper())

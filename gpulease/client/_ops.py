@@ -23,6 +23,7 @@ from gpulease.client.models import (
     AuditEntry,
     ClusterSummary,
     Container,
+    Event,
     LogChunk,
     Node,
     PendingInfo,
@@ -608,3 +609,14 @@ def logs(allocation_id: str, container_id: str = "", *, follow: bool = False) ->
     ref = build(lambda: tpb.ContainerRef(allocation_id=allocation_id, container_id=container_id))
     request = tpb.StreamLogsRequest(ref=ref, follow=follow)
     return StreamOp("StreamLogs", request, tpb.LogChunk, lambda c: LogChunk(c.stream, c.data), bounded=not follow)
+
+
+def events(since: int = 0, *, follow: bool = False, types: Sequence[str] = ()) -> StreamOp[pb.ClusterEvent, Event]:
+    """The cluster's events (allocated, released, expired, node_up, ...; see models.EVENT_TYPES) that
+    the coordinator replica holds above revision ``since`` (0: all it holds), oldest first; with
+    ``follow``, then new ones as they happen (no deadline then). ``types`` keeps only those (markers
+    always come). A user sees its own tenant's events and node events; viewers and admins, all.
+    To resume after a broken stream, pass since= the last event's revision."""
+    request = build(lambda: pb.WatchEventsRequest(since_revision=since, follow=follow,
+                                                  types=[_convert.event_type(t) for t in types]))  # fmt: skip
+    return StreamOp("WatchEvents", request, pb.ClusterEvent, _convert.event, bounded=not follow)

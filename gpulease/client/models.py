@@ -177,6 +177,37 @@ class Container:
         return self.state == "exited"
 
 
+EVENT_TYPES = (
+    "allocated", "released", "expired", "preempted", "queued", "node_up", "node_down", "node_cordoned",
+    "node_uncordoned", "gpu_unhealthy", "gpu_healthy", "container_started", "container_stopped",
+    "history_gap", "resync", "overflow",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Event:
+    """One cluster change from the coordinator's event stream (WatchEvents). ``type`` is one of
+    EVENT_TYPES; ``revision`` is etcd's (resume with since=revision). The markers: "history_gap"
+    (the replica's buffer starts after the requested revision), "resync" (changes up to this
+    revision are missing: the coordinator reloaded), "overflow" (this reader fell behind and the
+    stream ends: resume with since=revision)."""
+
+    type: str
+    revision: int
+    time_unix_ms: int
+    allocation_id: str = ""
+    node: str = ""
+    tenant: str = ""
+    principal: str = ""
+    gpus: tuple[str, ...] = ()
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["gpus"] = list(self.gpus)
+        return d
+
+
 @dataclass(frozen=True)
 class LogChunk:
     stream: str  # "stdout" or "stderr"

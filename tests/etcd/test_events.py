@@ -11,12 +11,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
+from gpulease.client import Client
+from gpulease.client.aio import AsyncClient
 from gpulease.v1 import coordinator_pb2 as pb
-from tests.support import harness
+from tests.support import gpuctl, harness
 
 SMALL = {"cpus": 1, "memory_bytes": 1 << 20}
 
@@ -36,7 +43,12 @@ def test_each_action_one_event_in_revision_order(start_coordinator: Callable[...
     assert start is not None
     followed: list[Any] = []
     stream = c.stub.WatchEvents(pb.WatchEventsRequest(follow=True), timeout=60)
-    reader = threading.Thread(target=lambda: [followed.append(e) for e in stream], daemon=True)
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            followed.extend(stream)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
 
     lease = harness.register(c.stub, "n1", gpus=2, cpus=8)
@@ -84,3 +96,33 @@ def test_each_action_one_event_in_revision_order(start_coordinator: Callable[...
     assert names(gap) == ["history_gap"] and gap[0].revision >= down.revision, gap
     assert replay(late, since=gap[0].revision) == []
     assert names(replay(c, types=[pb.EVENT_TYPE_NODE_UP, pb.EVENT_TYPE_NODE_DOWN])) == ["node_up", "node_down"]
+
+    # The client, sync and async: the same events as models.
+    with Client(c.address, timeout=10) as client:
+        got = list(client.events())
+    assert [(e.type, e.revision) for e in got] == list(zip(names(events), revisions, strict=True))
+    assert got[1].allocation_id == a.id and got[1].gpus == tuple(alloc.gpus)
+
+    async def follow_async() -> list[str]:
+        async with AsyncClient(c.address, timeout=10) as aclient:
+            out = []
+            async for e in aclient.events(since=alloc.revision, follow=True, types=["released", "expired"]):
+                out.append(e.type)
+                if len(out) == 2:
+                    break
+            return out
+
+    assert asyncio.run(follow_async()) == ["released", "expired"]
+
+    # gpuctl events --json: one object per line, the same events.
+    run = gpuctl.run(["--coordinator", c.address, "events", "--json"])
+    assert run.rc == 0, run
+    lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+    printed = [json.loads(ln) for ln in lines]
+    assert [p["type"] for p in printed] == names(events)
+    assert [p["revision"] for p in printed] == revisions
+    assert printed[1]["allocation_id"] == a.id and printed[1]["node"] == "n1"
+    filtered = gpuctl.run(["--coordinator", c.address, "events", "--json", "--type", "expired",
+                           "--since", str(alloc.revision)])  # fmt: skip
+    assert filtered.rc == 0, filtered
+    assert [json.loads(ln)["allocation_id"] for ln in filtered.stdout.splitlines() if ln.strip()] == [b.id]
