@@ -38,11 +38,13 @@ from gpulease.agent.firewall import NetworkGuard
 from gpulease.agent.host_mounts import check_bind_source
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.inventory.select import select_source
+from gpulease.agent.metrics import AgentCollector, IdleTracker, new_registry
 from gpulease.agent.reconcile import Reconciler
 from gpulease.agent.registration import AgentInventory, Registrar
 from gpulease.agent.runtime import LOG_MAX_FILES, ContainerInfo, ContainerRuntime
 from gpulease.agent.security import certificate_problem, load_tls
 from gpulease.agent.server import start_server
+from gpulease.common import httpserve
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.sdnotify import sd_notify
 from gpulease.common.settings import split_host_port
@@ -220,6 +222,16 @@ async def _serve(
     except OSError as e:
         log.error("%s", e)
         return 1
+    http = _http_side(cfg, inventory, enforcer)
+    if http is not None:
+        try:
+            await http.start()
+        except OSError as e:
+            log.error("%s", e.strerror or e)
+            await server.stop(0)
+            return 1
+        log.info("HTTP on %s: /metrics%s, /healthz", cfg.http_listen,
+                 " (bearer token)" if cfg.metrics_token_file else "")  # fmt: skip
     _log_policy(containers.policy)
     _log_hardening(cfg)
     listen_host, _ = split_host_port(cfg.listen)
@@ -294,11 +306,25 @@ async def _serve(
                 await task
         sd_notify("STOPPING=1")
         await server.stop(SHUTDOWN_GRACE_S)
+        if http is not None:
+            await http.stop()
     finally:
         for sig in (*_STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("agent for node %s stopped (its containers keep running)", cfg.node_id)
     return exit_code
+
+
+def _http_side(cfg: AgentConfig, inventory: AgentInventory, enforcer: Enforcer) -> httpserve.HttpServer | None:
+    """/metrics and /healthz on cfg.http_listen (None when it is '')."""
+    if not cfg.http_listen:
+        return None
+    idle = IdleTracker(cfg.idle_window_seconds)
+    vouchers = enforcer.vouchers
+    inventory.on_collect = lambda inv: idle.observe(inv, frozenset(vouchers.holders()))
+    collector = AgentCollector(lambda: inventory.latest, vouchers.holders, lambda: enforcer.container_states, idle)
+    app = httpserve.new_app(new_registry(collector), token=httpserve.read_token(cfg.metrics_token_file))
+    return httpserve.HttpServer(app, cfg.http_listen)
 
 
 def _log_transport(cfg: AgentConfig, tls: TlsFiles | None) -> None:

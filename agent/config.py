@@ -26,6 +26,7 @@ from gpulease.agent.runtime import (
 )
 from gpulease.common import container_policy, settings
 from gpulease.common.container_policy import ContainerPolicy
+from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError, split_host_port
 from gpulease.common.transport import check_clear_text
 from gpulease.common.units import parse_size
@@ -75,6 +76,11 @@ MIN_LOG_MAX_SIZE = 2**20
 DEFAULT_IMAGE_RETENTION_S = 86400.0
 MAX_IMAGE_RETENTION_S = 365 * 86400.0
 DEFAULT_IMAGE_DISK_LIMIT = 200 * 2**30
+
+
+# The agent's HTTP side (/metrics), and how long an allocated GPU must idle to count as idle but held.
+DEFAULT_HTTP_LISTEN = "127.0.0.1:9102"
+DEFAULT_IDLE_WINDOW_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,12 @@ class AgentConfig:
     # first while all images take more than this many bytes (0: no limit).
     image_retention_seconds: float = DEFAULT_IMAGE_RETENTION_S
     image_disk_limit: int = DEFAULT_IMAGE_DISK_LIMIT
+    # The HTTP side (/metrics, /healthz; gpulease/common/httpserve.py): "" turns it off. Off loopback,
+    # /metrics needs a bearer token from metrics_token_file (the agent refuses to start without one).
+    http_listen: str = DEFAULT_HTTP_LISTEN
+    metrics_token_file: str = ""
+    # An allocated GPU under 5 % utilization this long is exported as idle but held.
+    idle_window_seconds: float = DEFAULT_IDLE_WINDOW_S
 
     @property
     def hardening(self) -> Hardening:
@@ -208,6 +220,9 @@ _SCALAR_SETTINGS = (
     "max_waits_per_allocation",
     "image_retention_seconds",
     "image_disk_limit",
+    "http_listen",
+    "metrics_token_file",
+    "idle_window_seconds",
 )
 
 
@@ -233,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", metavar="N", type=int, help="CPUs to offer (default: usable CPUs of this host)")
     p.add_argument("--memory", metavar="SIZE", help="memory to offer, e.g. 256GiB (default: host MemTotal)")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="node label; repeatable", dest="labels")
+    p.add_argument("--http-listen", metavar="HOST:PORT",
+                   help=f"HOST:PORT of /metrics and /healthz; '' = off (default {DEFAULT_HTTP_LISTEN})")  # fmt: skip
+    p.add_argument("--metrics-token-file", metavar="FILE", help="bearer token /metrics requires (needed off loopback)")
+    p.add_argument("--idle-window-seconds", metavar="S",
+                   help="an allocated GPU under 5%% utilization this long is idle but held (default 600)")  # fmt: skip
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file")
     p.add_argument(
@@ -454,6 +474,10 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         if memory_bytes <= 0:
             raise ConfigError(f"memory must be positive, got {raw!r}")
 
+    http_listen = str(values.get("http_listen", DEFAULT_HTTP_LISTEN))
+    metrics_token_file = str(values.get("metrics_token_file", ""))
+    check_listen(http_listen, metrics_token_file)
+
     log_level = str(values.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
@@ -568,6 +592,9 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
             values, "image_retention_seconds", DEFAULT_IMAGE_RETENTION_S, 0.0, MAX_IMAGE_RETENTION_S
         ),
         image_disk_limit=image_disk_limit,
+        http_listen=http_listen,
+        metrics_token_file=metrics_token_file,
+        idle_window_seconds=_seconds(values, "idle_window_seconds", DEFAULT_IDLE_WINDOW_S, 1.0, 7 * 86400.0),
     )
 
 

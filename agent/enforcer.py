@@ -60,6 +60,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -176,12 +177,15 @@ class Enforcer:
         self._coordinator = coordinator
         self._containers = containers
         self._vouchers = vouchers
+        self.vouchers = vouchers  # read by the agent's metrics
         self._interval = interval
         self._grace = grace
         self._retention = retention
         self._list_timeout = max(0.5, min(interval, MAX_LIST_TIMEOUT_S))
         # Managed containers that were running at the last check: for the inventory context.
         self._running_ids: tuple[str, ...] = ()
+        # This node's containers by state, at the last listing (None before it): for metrics.
+        self.container_states: Counter[str] | None = None
         self._outage_since: float | None = None
         self._listing_error: str | None = None
         # (when, container ids, PIDs) of the last PID lookup: reused for CONTEXT_CACHE_S.
@@ -324,6 +328,7 @@ class Enforcer:
             log.info("listing containers works again")
             self._listing_error = None
         self._running_ids = tuple(i.id for i in infos if i.state == "running")
+        self.container_states = Counter(str(i.state) for i in infos)
         return infos
 
     async def list_live(self) -> list[Allocation]:

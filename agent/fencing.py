@@ -159,6 +159,10 @@ class Vouchers:
         """When the last successful list of the node's allocations began, or None."""
         return self._last_list
 
+    def holders(self) -> dict[int, str]:
+        """GPU index -> the allocation holding it, as last vouched for (metrics)."""
+        return {i: alloc_id for alloc_id, v in self._by_id.items() for i in v.gpu_indexes}
+
     def allocated_gpu_indexes(self) -> frozenset[int]:
         return frozenset(i for v in self._by_id.values() for i in v.gpu_indexes)
 

@@ -58,6 +58,8 @@ class AgentInventory:
         self._context = context
         self._accepts_context = _takes_an_argument(source.collect)
         self._latest: NodeInventory | None = None
+        # Called with each inventory collected, in the collecting thread (the idle-but-held clock).
+        self.on_collect: Callable[[NodeInventory], None] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -74,6 +76,8 @@ class AgentInventory:
         inventory.reconciling = self._reconciling()
         with self._lock:
             self._latest = inventory
+        if self.on_collect is not None:
+            self.on_collect(inventory)
         return inventory
 
 

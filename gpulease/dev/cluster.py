@@ -290,7 +290,8 @@ class LocalCluster:
         target = coordinator or self.coordinator_address
         if self.secure:  # agents report on the coordinator's mutual-TLS port
             target = self.coordinators[target].mtls_address if target in self.coordinators else target
-        http = ""  # agents serve HTTP from the next commit on
+        before = self.agents.get(name)
+        http = (before.http_address if before else f"127.0.0.1:{self._port()}") if self.http else ""
         argv = self._agent_argv(name, address, target, gpus, cpus, memory, labels, gpu_model)
         argv = ["--http-listen", http, *argv] if http else argv
         return self._launch(self.agents, name, f"agent-{name}", address, self._agent_module, [*argv, *extra_args],

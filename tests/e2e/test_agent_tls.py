@@ -451,7 +451,7 @@ async def test_the_coordinator_renews_its_agent_channels_when_its_files_change(c
 def agent_argv(*args: str) -> list[str]:
     return [
         sys.executable, "-m", "gpulease.agent.main", "--node-id", NODE, "--listen", "127.0.0.1:0",
-        "--simulate-gpus", "1", "--docker-host", "unix:///nonexistent/docker.sock", *args,
+        "--simulate-gpus", "1", "--docker-host", "unix:///nonexistent/docker.sock", "--http-listen", "", *args,
     ]  # fmt: skip
 
 

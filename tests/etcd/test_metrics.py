@@ -5,40 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.error
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from tests.support import harness
+from tests.support.scrape import get, scrape, value
 
 GiB = 2**30
-
-
-def get(url: str, token: str = "") -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, text = get(f"{url}/metrics")
-    assert status == 200, text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_follow_allocations_and_refusals(local_cluster: LocalCluster, coordinator: harness.Coordinator) -> None:
