@@ -98,6 +98,7 @@ class AgentConfig:
     memory_bytes: int | None = None
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     log_level: str = "INFO"
+    log_format: str = "text"
     config_file: str | None = None
     # Docker daemon URL (unix:///var/run/docker.sock, tcp://...); None = the Docker SDK's default.
     docker_host: str | None = None
@@ -196,6 +197,7 @@ _SCALAR_SETTINGS = (
     "cpus",
     "memory",
     "log_level",
+    "log_format",
     "docker_host",
     "container_network",
     "container_firewall",
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-window-seconds", metavar="S",
                    help="an allocated GPU under 5%% utilization this long is idle but held (default 600)")  # fmt: skip
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--log-format", metavar="FORMAT", help="text or json: one JSON object per line (default text)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML configuration file")
     p.add_argument(
         "--docker-host", metavar="URL", help="Docker daemon URL (default: $DOCKER_HOST, else the local socket)"
@@ -481,6 +484,9 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
     log_level = str(values.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+    log_format = str(values.get("log_format", "text"))
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, got {log_format!r}")
 
     listen = str(values.get("listen", DEFAULT_LISTEN))
     advertise = values.get("advertise")
@@ -560,6 +566,7 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         memory_bytes=memory_bytes,
         labels=MappingProxyType(dict(labels)),
         log_level=log_level,
+        log_format=log_format,
         config_file=config_file,
         docker_host=docker_host or None,
         container_network=network,

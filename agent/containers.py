@@ -56,6 +56,7 @@ from gpulease.agent.runtime import (
 )
 from gpulease.common import eventloop
 from gpulease.common.container_policy import ContainerPolicy, refuse, tenant_of_volume, volume_backing_problem
+from gpulease.common.logs import log_fields
 from gpulease.errors import (
     Conflict,
     ContainerNotFound,
@@ -564,7 +565,13 @@ class ContainerService:
                 await self._fence.confirm(allocation_id, revision)
             except Exception as e:
                 await self._undo_start(runtime, info, e)
-        log.info("started container %s (%s) for allocation %s", info.id[:12], info.name, alloc.id)
+        log.info(
+            "started container %s (%s) for allocation %s",
+            info.id[:12],
+            info.name,
+            alloc.id,
+            extra=log_fields(allocation_id=alloc.id, node=self._node),
+        )
         if self._on_started is not None:
             self._on_started(info)
         return info

@@ -70,6 +70,7 @@ from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, ImageInfo, VolumeInfo
 from gpulease.common import eventloop
+from gpulease.common.logs import log_fields
 from gpulease.errors import GpuLeaseError, NodeNotFound, NotFound, Unavailable
 from gpulease.v1.types_pb2 import Allocation
 
@@ -457,7 +458,12 @@ class Enforcer:
             except Exception as e:  # tried again next tick
                 log.warning("cannot remove exited container %s: %s", c.id[:12], e)
                 continue
-            log.info("removed exited container %s of ended allocation %s", c.id[:12], c.allocation_id)
+            log.info(
+                "removed exited container %s of ended allocation %s",
+                c.id[:12],
+                c.allocation_id,
+                extra=log_fields(allocation_id=c.allocation_id),
+            )
             removed.append(c)
         return removed
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -13,9 +12,8 @@ from gpulease.agent import firewall
 from gpulease.agent.app import run_agent
 from gpulease.agent.config import load_config
 from gpulease.agent.security import load_tls
+from gpulease.common import logs
 from gpulease.common.settings import ConfigError
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tls = load_tls(cfg)
     except ConfigError as e:
         _config_error(e)
-    logging.basicConfig(stream=sys.stderr, level=cfg.log_level, format=LOG_FORMAT)
+    logs.setup(cfg.log_level, cfg.log_format)
     try:
         # Before any container can start: what containers on the agent's bridge cannot reach.
         guard = firewall.start(cfg)

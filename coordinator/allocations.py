@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
+from gpulease.common.logs import log_fields
 from gpulease.coordinator import authz, priority_classes, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.batch_placement import TenantTally, place_for, place_one
@@ -331,18 +332,30 @@ class AllocationService:
             return
         if age > alloc.ttl_seconds / 4:
             log.info("allocation %s committed %.1fs after its lease was granted (TTL %ds); renewing it to the full "
-                     "TTL before answering", alloc.id, age, alloc.ttl_seconds)  # fmt: skip
+                     "TTL before answering", alloc.id, age, alloc.ttl_seconds,
+                     extra=log_fields(allocation_id=alloc.id, node=alloc.node))  # fmt: skip
         try:
             renewal = await self._store.keepalive(alloc.lease_id)
         except StoreUnavailable as exc:
-            log.warning("allocation %s: lease %.1fs old could not be renewed (%s); refusing it", alloc.id, age, exc)
+            log.warning(
+                "allocation %s: lease %.1fs old could not be renewed (%s); refusing it",
+                alloc.id,
+                age,
+                exc,
+                extra=log_fields(allocation_id=alloc.id),
+            )
             self.settler.finish_later(alloc, "its lease could not be renewed to the full TTL before answering")
             raise Unavailable(
                 f"the allocation committed, but its lease could not be renewed to the full {alloc.ttl_seconds}s TTL "
                 f"({exc.message}); it is being released: retry with the same request id"
             ) from exc
         if renewal.ttl <= 0:
-            log.warning("allocation %s: its lease lapsed %.1fs after the grant, before the answer", alloc.id, age)
+            log.warning(
+                "allocation %s: its lease lapsed %.1fs after the grant, before the answer",
+                alloc.id,
+                age,
+                extra=log_fields(allocation_id=alloc.id),
+            )
             raise Conflict(
                 f"the allocation's lease lapsed before it could be confirmed ({age:.1f}s after it was granted, "
                 f"TTL {alloc.ttl_seconds}s; etcd or the queue was slow): retry the request"

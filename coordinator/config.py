@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpulease.common import container_policy, eventloop, settings, transport
+from gpulease.common import container_policy, eventloop, logs, settings, transport
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError
@@ -41,6 +41,7 @@ class CoordinatorConfig:
     # "auto": uvloop when installed (lower latency per RPC, see docs/performance.md).
     event_loop: str = "auto"
     log_level: str = "INFO"
+    log_format: str = "text"
     # TLS for clients and agents (all three, or none: clear text, loopback only unless insecure).
     tls_ca: str = ""
     tls_cert: str = ""
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-max-txn-ops", help="etcd's --max-txn-ops; caps the size of a batched commit (128)")
     p.add_argument("--event-loop", help="auto, uvloop or asyncio (default auto: uvloop when installed)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--log-format", help="text or json: one JSON object per line (default text)")
     p.add_argument("--tls-ca", help="CA bundle that client and agent certificates must chain to")
     p.add_argument("--tls-cert", help="this coordinator's certificate (enables TLS on every port)")
     p.add_argument("--tls-key", help="this coordinator's private key")
@@ -192,7 +194,11 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if cfg.default_priority_class not in dict(cfg.priority_classes):
         raise ConfigError(f"--default-priority-class {cfg.default_priority_class!r} is not one of --priority-classes")
     if cfg.fair_share_half_life < 1:
-        raise ValueError("fair_share_half_life must be at least 1s")
+        raise ConfigError("--fair-share-half-life must be at least 1s")
+    if cfg.log_format not in logs.FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(logs.FORMATS)}, got {cfg.log_format!r}")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
     if cfg.queue_ttl < 3:
         raise ConfigError("--queue-ttl must be at least 3s")
     if cfg.etcd_max_txn_ops < 16:

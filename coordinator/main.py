@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpulease.common import eventloop, httpserve, transport
+from gpulease.common import eventloop, httpserve, logs, transport
 from gpulease.common.sdnotify import sd_notify
 from gpulease.common.tls import TLSConfig, TlsFiles
 from gpulease.coordinator import config as config_mod
@@ -250,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except GpuLeaseError as exc:
         print(f"gpulease-coordinator: error: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(cfg.log_level, cfg.log_format)
     try:
         eventloop.run(serve(cfg), cfg.event_loop)
     except GpuLeaseError as exc:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
+from gpulease.common.logs import log_fields
 from gpulease.coordinator import validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import NodeInfo, NodeView
@@ -55,7 +56,14 @@ class NodeService:
         await self._write_record_if_changed(info)
         lease = await self._store.grant(self._policy.node_ttl)
         revision = await self._store.put(self._keys.alive(info.name), b"", lease)
-        log.info("node %s registered at %s with %d GPUs (lease %x)", info.name, info.address, len(info.gpus), lease)
+        log.info(
+            "node %s registered at %s with %d GPUs (lease %x)",
+            info.name,
+            info.address,
+            len(info.gpus),
+            lease,
+            extra=log_fields(node=info.name),
+        )
         return Registration(lease, self._policy.heartbeat_interval, self._policy.node_ttl,
                             await self._allocations_revision(info.name, revision))  # fmt: skip
 
@@ -76,7 +84,7 @@ class NodeService:
                 if kv is None:
                     raise NodeNotFound(f"node {name!r} is not registered; call RegisterNode first")
                 info = decode_node(kv.value)
-            log.warning("node %s: lease %x had lapsed; re-registering", name, lease_id)
+            log.warning("node %s: lease %x had lapsed; re-registering", name, lease_id, extra=log_fields(node=name))
             return await self.register(info)
         if info is not None:
             await self._write_record_if_changed(info)

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpulease.common.logs import log_fields
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation, PendingRequest
 from gpulease.coordinator.keys import Keys
@@ -156,7 +157,14 @@ class Preemptions:
         out = await self._store.txn(compares, success)
         if not out.succeeded:
             return False
-        log.info("queue: request %s preempts %s on %s (%s)", entry.id, ", ".join(p.victims), p.node, p.cause)
+        log.info(
+            "queue: request %s preempts %s on %s (%s)",
+            entry.id,
+            ", ".join(p.victims),
+            p.node,
+            p.cause,
+            extra=log_fields(allocation_id=entry.id, node=p.node),
+        )
         for v in victims:
             klass = classes.by_name.get(v.priority_class)
             self._spawn(self._stop(v, klass.grace_s if klass else DEFAULT_GRACE_S))
@@ -180,7 +188,11 @@ class Preemptions:
     async def _revoke(self, n: Notice) -> None:
         try:
             await self._store.revoke(n.lease)
-            log.info("preemption: revoked the lease of %s (its grace ended)", n.alloc_id)
+            log.info(
+                "preemption: revoked the lease of %s (its grace ended)",
+                n.alloc_id,
+                extra=log_fields(allocation_id=n.alloc_id),
+            )
         except StoreUnavailable as exc:
             log.warning("preemption: revoking %s failed (%s); retrying on the next pass", n.alloc_id, exc)
         finally:

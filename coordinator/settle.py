@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gpulease.common.logs import log_fields
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.keys import Keys, range_end
@@ -115,7 +116,13 @@ class Settler:
         record = json.dumps({"lease": draft.lease_id, "request_id": draft.request_id, "ttl": draft.ttl_seconds})
         await self._retry(lambda: self._store.put(self._keys.unsettled(draft.id), record.encode()),
                           f"record unsettled allocation {draft.id}")  # fmt: skip
-        log.warning("allocation %s (request %s): %s; settling it in the background", draft.id, draft.request_id, why)
+        log.warning(
+            "allocation %s (request %s): %s; settling it in the background",
+            draft.id,
+            draft.request_id,
+            why,
+            extra=log_fields(allocation_id=draft.id, request_id=draft.request_id),
+        )
         await self._retry(lambda: self._settle(draft), f"settle allocation {draft.id}")
         await self._retry(lambda: self._store.delete(self._keys.unsettled(draft.id)), f"clear record {draft.id}")
         self.settled += 1
@@ -124,9 +131,17 @@ class Settler:
         holder = await self.decide(draft)
         if holder is not None and holder.id == draft.id:
             if await self.remove_unclaimed(holder):
-                log.warning("allocation %s committed but nobody was told: removed", draft.id)
+                log.warning(
+                    "allocation %s committed but nobody was told: removed",
+                    draft.id,
+                    extra=log_fields(allocation_id=draft.id),
+                )
             else:
-                log.info("allocation %s committed and a retry claimed it: kept", draft.id)
+                log.info(
+                    "allocation %s committed and a retry claimed it: kept",
+                    draft.id,
+                    extra=log_fields(allocation_id=draft.id),
+                )
                 return
         # Not committed (and now never will), removed, or another allocation holds the request id:
         # this draft's lease carries nothing anyone holds.

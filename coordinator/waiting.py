@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpulease.common.logs import log_fields
 from gpulease.coordinator.allocations import AllocateInput, AllocationService, Prepared
 from gpulease.coordinator.batcher import LeftQueue
 from gpulease.coordinator.domain import Allocation, PendingRequest
@@ -279,7 +280,8 @@ class WaitingQueue:
             raise
         if out.succeeded:
             log.info("queued %s for %s: %d GPU(s), priority %d, waiting up to %ds", entry.id, entry.principal,
-                     entry.req.gpus, entry.priority, wait_s)  # fmt: skip
+                     entry.req.gpus, entry.priority, wait_s,
+                     extra=log_fields(allocation_id=entry.id, request_id=entry.request_id))  # fmt: skip
             return entry
         self._allocs.settler.revoke_later(lease, self._policy.ttl_s)
         # A twin got there first: queued (adopt it) or already allocated (hand it over).
