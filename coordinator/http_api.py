@@ -5,8 +5,8 @@ Served now:
   /healthz   200 while the process runs
   /readyz    200 once the view is in sync with etcd, else 503 with the reason
 
-Later parts add their routes in ``build_app`` below, each behind its own credential check:
-the dashboard at ``/``, the JSON it reads under ``/api/v1/``, and the server-sent event stream.
+  /          the dashboard; /api/v1/ the JSON it reads; /api/v1/stream server-sent events
+             (coordinator/dashboard.py: a viewer token when the coordinator has TLS)
 """
 
 from __future__ import annotations
@@ -14,13 +14,20 @@ from __future__ import annotations
 from aiohttp import web
 
 from gpulease.common import httpserve
+from gpulease.coordinator.dashboard import Dashboard
 from gpulease.coordinator.metrics import CoordinatorMetrics, ViewCollector, ask_etcd_revision
 from gpulease.coordinator.store import Store
 from gpulease.coordinator.view import ClusterView
 
 
 def build_app(
-    metrics: CoordinatorMetrics, collector: ViewCollector, view: ClusterView, store: Store, *, token: str = ""
+    metrics: CoordinatorMetrics,
+    collector: ViewCollector,
+    view: ClusterView,
+    store: Store,
+    *,
+    token: str = "",
+    dashboard: Dashboard | None = None,
 ) -> web.Application:
     def ready() -> str | None:
         if view.synced.is_set():
@@ -31,7 +38,10 @@ def build_app(
         await ask_etcd_revision(collector, lambda: _etcd_revision(store))
 
     app = httpserve.new_app(metrics.registry, token=token, ready=ready, before_scrape=before_scrape)
-    # Later: app.router.add_get("/", ...) (the dashboard), the /api/v1/ JSON and the SSE stream.
+    # The dashboard at /, its JSON under /api/v1/ and the event stream (coordinator/dashboard.py),
+    # with the coordinator's own credential rules (main.py builds it with the token store and TLS).
+    if dashboard is not None:
+        dashboard.add_routes(app)
     return app
 
 

@@ -22,6 +22,7 @@ from gpulease.coordinator.allocations import AllocationPolicy, AllocationService
 from gpulease.coordinator.audit import AuditLog, AuditPolicy
 from gpulease.coordinator.committer import EtcdCommitter
 from gpulease.coordinator.containers import ContainerForwarder
+from gpulease.coordinator.dashboard import Dashboard
 from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.endings import Endings
 from gpulease.coordinator.fair_share import FairShare
@@ -91,7 +92,9 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     metrics.registry.register(collector)
     http = None
     if cfg.http_listen:
-        app = build_app(metrics, collector, view, store, token=httpserve.read_token(cfg.metrics_token_file))
+        dashboard = Dashboard(view, tokens=tokens, tls=tls is not None, queue=queue, policies=policies)
+        app = build_app(metrics, collector, view, store, token=httpserve.read_token(cfg.metrics_token_file),
+                        dashboard=dashboard)  # fmt: skip
         http = httpserve.HttpServer(app, cfg.http_listen)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
