@@ -165,6 +165,7 @@ def _print_banner(
         f"gpulease dev cluster is up: {cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s).",
         "  *** GPUs are SIMULATED: no real GPU is used or reserved. ***",
         f"  coordinator: {cluster.coordinator_address}",
+        f"  dashboard:   {http}/",
         f"  HTTP:        {http}/metrics, {http}/readyz",
         f"  etcd:        {cluster.etcd_url}",
         f"  nodes:       {', '.join(names)} (label {SIMULATED_LABEL}=true)",
