@@ -126,6 +126,8 @@ function nodeEntry(n) {
 function insertSorted(e) {
   const grid = $("grid");
   const name = e.data.name;
+  const last = grid.lastElementChild;
+  if (!last || last.dataset.node < name) { grid.appendChild(e.el); return; } // the load's sorted list: O(1)
   let before = null;
   for (const child of grid.children) {
     if (child.dataset.node > name) { before = child; break; }
