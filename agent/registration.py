@@ -24,7 +24,7 @@ import grpc
 from gpulease.agent.channel import NodeServiceSource, node_service_source
 from gpulease.agent.inventory import InventoryContext, InventorySource
 from gpulease.common import eventloop
-from gpulease.v1.coordinator_pb2 import HeartbeatRequest, RegisterNodeRequest
+from gpulease.v1.coordinator_pb2 import GpuTelemetry, HeartbeatRequest, RegisterNodeRequest
 from gpulease.v1.types_pb2 import NodeInventory
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,24 @@ class AgentInventory:
         if self.on_collect is not None:
             self.on_collect(inventory)
         return inventory
+
+
+_TELEMETRY = ("utilization_percent", "memory_used_bytes", "temperature_c", "power_draw_mw")
+
+
+def telemetry_summary(inventory: NodeInventory) -> list[GpuTelemetry]:
+    """The heartbeat's compact per-GPU telemetry, from the inventory just collected (NVML is not
+    read again). GPUs that report none (simulated ones) are left out. The coordinator keeps it in
+    memory only."""
+    out = []
+    for g in inventory.gpus:
+        t = GpuTelemetry(index=g.index)
+        for f in _TELEMETRY:
+            if g.HasField(f):  # type: ignore[arg-type]
+                setattr(t, f, getattr(g, f))
+        if any(t.HasField(f) for f in _TELEMETRY):  # type: ignore[arg-type]
+            out.append(t)
+    return out
 
 
 def _takes_an_argument(fn: Callable[..., object]) -> bool:
@@ -264,7 +282,8 @@ class Registrar:
     async def _heartbeat(self, inventory: NodeInventory) -> None:
         assert self._lease_id is not None
         changed = inventory != self._last_sent
-        request = HeartbeatRequest(node=self._node, lease_id=self._lease_id, address=self._address)
+        request = HeartbeatRequest(node=self._node, lease_id=self._lease_id, address=self._address,
+                                   telemetry=telemetry_summary(inventory))  # fmt: skip
         if changed:
             request.inventory.CopyFrom(inventory)
         asked_at = time.monotonic()

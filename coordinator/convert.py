@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from gpulease.coordinator.domain import AllocatedGpu, Allocation, GpuInfo, NodeInfo, NodeState, NodeView
 from gpulease.coordinator.events import ClusterEvent, EventType
+from gpulease.coordinator.telemetry import GpuSample
 from gpulease.v1 import coordinator_pb2 as cpb
 from gpulease.v1 import types_pb2 as tpb
 
@@ -82,12 +83,21 @@ def inventory(info: NodeInfo) -> tpb.NodeInventory:
     )
 
 
-def node(v: NodeView) -> tpb.Node:
+def node(v: NodeView, telemetry: Mapping[int, GpuSample] | None = None) -> tpb.Node:
+    """``telemetry``: the node's latest heartbeat samples by GPU index (in memory, not in the record)."""
+    inv = inventory(v.info)
+    for g in inv.gpus:
+        s = (telemetry or {}).get(g.index)
+        if s is not None:
+            for f in ("utilization_percent", "memory_used_bytes", "temperature_c", "power_draw_mw"):
+                value = getattr(s, f)
+                if value is not None:
+                    setattr(g, f, value)
     return tpb.Node(
         name=v.name,
         state=_STATE[v.state],
         address=v.info.address,
-        inventory=inventory(v.info),
+        inventory=inv,
         cordoned=v.info.cordoned,
         allocated_gpu_indexes=sorted(v.gpus_held),
         cpus_allocated=v.cpus_used,

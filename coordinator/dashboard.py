@@ -22,8 +22,9 @@ no data and are open; the page asks for a token once when the API answers 401 an
 sessionStorage. The stream is read with fetch() (not EventSource, which cannot send headers), so
 the token travels in the Authorization header and never in a URL or an access log.
 
-GPU utilization is not shown: the coordinator keeps no telemetry (the node record deliberately
-has none, and heartbeats carry none yet); ``utilization_percent`` is null until they do.
+GPU utilization, memory used, temperature and power come from the heartbeats' telemetry, which
+this replica keeps in memory only (coordinator/telemetry.py); null where there is none (simulated
+GPUs, a node that heartbeats another replica, a down node, a summary older than three intervals).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gpulease.coordinator.events import EventType, to_dict
 from gpulease.coordinator.policies import Policies
 from gpulease.coordinator.servicer import _pending_pb, _tenant_pb
 from gpulease.coordinator.store import StoreUnavailable
+from gpulease.coordinator.telemetry import GpuSample, Telemetry
 from gpulease.coordinator.tokens import TokenRecord, Tokens
 from gpulease.coordinator.view import ClusterView
 from gpulease.coordinator.waiting import WaitingQueue
@@ -63,8 +65,10 @@ class Dashboard:
         tls: bool = False,
         queue: WaitingQueue | None = None,
         policies: Policies | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._view = view
+        self._telemetry = telemetry
         self._tokens = tokens
         self._tls = tls
         self._queue = queue
@@ -137,26 +141,30 @@ class Dashboard:
             nodes[v.state.value if v.state.value in nodes else "up"] += 1
             cpus_total += v.info.cpus_total
             cpus_used += v.cpus_used
-            for g in _gpus(v, self._holders(v)):
+            for g in _gpus(v, self._holders(v), {}):
                 gpus[g["state"]] += 1
         return {
             "revision": self._view.revision, "now_unix_ms": _now_ms(), "nodes": nodes, "nodes_total": len(views),
             "gpus": gpus, "gpus_total": sum(gpus.values()), "cpus_total": cpus_total, "cpus_allocated": cpus_used,
             "allocations": len(self._view.allocations()),
             "pending": len(self._queue.pending()) if self._queue is not None else 0,
-            "utilization_available": False,
+            "utilization_available": self._telemetry is not None and len(self._telemetry) > 0,
         }  # fmt: skip
 
     def nodes(self, request: web.Request, who: Any) -> dict[str, Any]:
         holders = self._all_holders()
         return {"revision": self._view.revision, "now_unix_ms": _now_ms(),
-                "nodes": [_node(v, holders.get(v.name, {})) for v in self._view.nodes()]}  # fmt: skip
+                "nodes": [_node(v, holders.get(v.name, {}), self._samples(v)) for v in self._view.nodes()]}  # fmt: skip
 
     def node(self, request: web.Request, who: Any) -> dict[str, Any]:
         v = self._view.node(request.match_info["name"])
         if v is None:
             raise web.HTTPNotFound(text=json.dumps({"error": "no such node"}), content_type="application/json")
-        return {"revision": self._view.revision, "now_unix_ms": _now_ms(), "node": _node(v, self._holders(v))}
+        return {
+            "revision": self._view.revision,
+            "now_unix_ms": _now_ms(),
+            "node": _node(v, self._holders(v), self._samples(v)),
+        }
 
     def allocations(self, request: web.Request, who: Any) -> dict[str, Any]:
         owner, tenant = request.query.get("owner", ""), request.query.get("tenant", "")
@@ -240,6 +248,9 @@ class Dashboard:
                 await events.aclose()  # type: ignore[attr-defined]
         return resp
 
+    def _samples(self, v: NodeView) -> dict[int, GpuSample]:
+        return self._telemetry.of(v.name, v.up) if self._telemetry is not None else {}
+
     # --- who holds what --------------------------------------------------------------------
 
     def _holders(self, v: NodeView) -> dict[int, Allocation]:
@@ -278,11 +289,12 @@ def _tenant_only(who: Any) -> str | None:
     return who.tenant if who.role is Role.USER else None
 
 
-def _gpus(v: NodeView, holders: dict[int, Allocation]) -> list[dict[str, Any]]:
+def _gpus(v: NodeView, holders: dict[int, Allocation], samples: dict[int, GpuSample]) -> list[dict[str, Any]]:
     node_state = v.state.value
     out = []
     for g in v.info.gpus:
         a = holders.get(g.index)
+        t = samples.get(g.index)
         if node_state == "down":
             state = "down"
         elif a is not None or g.index in v.gpus_held:
@@ -300,7 +312,9 @@ def _gpus(v: NodeView, holders: dict[int, Allocation]) -> list[dict[str, Any]]:
         gpu: dict[str, Any] = {
             "index": g.index, "uuid": g.uuid, "model": g.model, "memory_total_bytes": g.memory_total_bytes,
             "state": state, "healthy": g.healthy, "simulated": g.simulated, "health_detail": g.health_detail,
-            "foreign": g.foreign, "foreign_detail": g.foreign_detail, "utilization_percent": None,
+            "foreign": g.foreign, "foreign_detail": g.foreign_detail,
+            "utilization_percent": t and t.utilization_percent, "memory_used_bytes": t and t.memory_used_bytes,
+            "temperature_c": t and t.temperature_c, "power_draw_mw": t and t.power_draw_mw,
             "allocation_id": "", "owner": "", "tenant": "", "principal": "", "created_unix_ms": 0,
             "ttl_seconds": 0, "max_runtime_seconds": 0,
         }  # fmt: skip
@@ -312,12 +326,12 @@ def _gpus(v: NodeView, holders: dict[int, Allocation]) -> list[dict[str, Any]]:
     return out
 
 
-def _node(v: NodeView, holders: dict[int, Allocation]) -> dict[str, Any]:
+def _node(v: NodeView, holders: dict[int, Allocation], samples: dict[int, GpuSample]) -> dict[str, Any]:
     return {
         "name": v.name, "state": v.state.value, "address": v.info.address, "hostname": v.info.hostname,
         "reconciling": v.info.reconciling, "source": v.info.source, "cpus_total": v.info.cpus_total,
         "cpus_allocated": v.cpus_used, "memory_total_bytes": v.info.memory_total_bytes,
-        "memory_allocated_bytes": v.memory_used, "labels": dict(v.info.labels), "gpus": _gpus(v, holders),
+        "memory_allocated_bytes": v.memory_used, "labels": dict(v.info.labels), "gpus": _gpus(v, holders, samples),
     }  # fmt: skip
 
 

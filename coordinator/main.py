@@ -92,7 +92,9 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     metrics.registry.register(collector)
     http = None
     if cfg.http_listen:
-        dashboard = Dashboard(view, tokens=tokens, tls=tls is not None, queue=queue, policies=policies)
+        dashboard = Dashboard(
+            view, tokens=tokens, tls=tls is not None, queue=queue, policies=policies, telemetry=nodes.telemetry
+        )
         app = build_app(metrics, collector, view, store, token=httpserve.read_token(cfg.metrics_token_file),
                         dashboard=dashboard)  # fmt: skip
         http = httpserve.HttpServer(app, cfg.http_listen)

@@ -18,6 +18,7 @@ from gpulease.coordinator.domain import NodeInfo, NodeView
 from gpulease.coordinator.keys import Keys, range_end
 from gpulease.coordinator.records import decode_node, encode_node
 from gpulease.coordinator.store import Cmp, Delete, Put, Store
+from gpulease.coordinator.telemetry import GpuSample, Telemetry
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import Conflict, InvalidRequest, NodeNotFound
 
@@ -50,6 +51,8 @@ class NodeService:
         self._view = view
         self._keys = keys
         self._policy = policy
+        # The heartbeats' GPU telemetry, in memory only (never in etcd): see coordinator/telemetry.py.
+        self.telemetry = Telemetry(3 * policy.heartbeat_interval)
 
     async def register(self, info: NodeInfo) -> Registration:
         info = validation.inventory(info)
@@ -67,7 +70,10 @@ class NodeService:
         return Registration(lease, self._policy.heartbeat_interval, self._policy.node_ttl,
                             await self._allocations_revision(info.name, revision))  # fmt: skip
 
-    async def heartbeat(self, name: str, lease_id: int, info: NodeInfo | None) -> Registration:
+    async def heartbeat(
+        self, name: str, lease_id: int, info: NodeInfo | None, telemetry: dict[int, GpuSample] | None = None
+    ) -> Registration:
+        """Renews the node's lease (or registers it again); ``telemetry`` is kept in memory only."""
         validation.node_name(name)
         if info is not None:
             info = validation.inventory(info)
@@ -85,9 +91,12 @@ class NodeService:
                     raise NodeNotFound(f"node {name!r} is not registered; call RegisterNode first")
                 info = decode_node(kv.value)
             log.warning("node %s: lease %x had lapsed; re-registering", name, lease_id, extra=log_fields(node=name))
-            return await self.register(info)
+            reg = await self.register(info)
+            self.telemetry.record(name, telemetry or {})
+            return reg
         if info is not None:
             await self._write_record_if_changed(info)
+        self.telemetry.record(name, telemetry or {})
         return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl,
                             await self._allocations_revision(name, renewal.revision))  # fmt: skip
 

@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from gpulease.common.identity import Role
-from gpulease.coordinator import authz, convert
+from gpulease.coordinator import authz, convert, telemetry
 from gpulease.coordinator.allocations import AllocateInput, AllocationService
 from gpulease.coordinator.audit import AuditLog
 from gpulease.coordinator.containers import ContainerForwarder
@@ -231,7 +231,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @rpc
     async def ListNodes(self, request: pb.ListNodesRequest, context: Ctx) -> pb.ListNodesResponse:
-        return pb.ListNodesResponse(nodes=[convert.node(v) for v in self._nodes.nodes()])
+        seen = self._nodes.telemetry
+        return pb.ListNodesResponse(nodes=[convert.node(v, seen.of(v.name, v.up)) for v in self._nodes.nodes()])
 
     @rpc
     async def GetClusterSummary(
@@ -361,7 +362,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             if request.HasField("inventory")
             else None
         )
-        reg = await self._nodes.heartbeat(request.node, request.lease_id, info)
+        reg = await self._nodes.heartbeat(request.node, request.lease_id, info, telemetry.samples(request.telemetry))
         return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
                                     allocations_revision=reg.allocations_revision)  # fmt: skip
 

@@ -94,6 +94,10 @@ def node(msg: types_pb2.Node) -> Node:
                 health_detail=g.health_detail,
                 foreign_processes=g.foreign_processes,
                 foreign_detail=g.foreign_detail,
+                utilization_percent=g.utilization_percent if g.HasField("utilization_percent") else None,
+                memory_used_bytes=g.memory_used_bytes if g.HasField("memory_used_bytes") else None,
+                temperature_c=g.temperature_c if g.HasField("temperature_c") else None,
+                power_draw_mw=g.power_draw_mw if g.HasField("power_draw_mw") else None,
             )
             for g in inv.gpus
         ),

@@ -115,6 +115,12 @@ class Gpu:
     # Something gpulease did not start uses this GPU (a process, or memory while unallocated).
     foreign_processes: bool = False
     foreign_detail: str = ""
+    # Telemetry from the node's last heartbeat to the coordinator answering (kept in its memory);
+    # None = unknown (simulated GPUs, a down node, a node heartbeating another replica).
+    utilization_percent: int | None = None
+    memory_used_bytes: int | None = None
+    temperature_c: int | None = None
+    power_draw_mw: int | None = None
 
 
 @dataclass(frozen=True)

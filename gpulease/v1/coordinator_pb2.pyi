@@ -543,12 +543,19 @@ class HeartbeatRequest(google.protobuf.message.Message):
     LEASE_ID_FIELD_NUMBER: builtins.int
     INVENTORY_FIELD_NUMBER: builtins.int
     ADDRESS_FIELD_NUMBER: builtins.int
+    TELEMETRY_FIELD_NUMBER: builtins.int
     node: builtins.str
     lease_id: builtins.int
     address: builtins.str
     @property
     def inventory(self) -> gpulease.v1.types_pb2.NodeInventory:
         """Sent when it changed; the coordinator rewrites the node record only on change."""
+
+    @property
+    def telemetry(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___GpuTelemetry]:
+        """The latest per-GPU telemetry, sent with every heartbeat (empty for simulated GPUs). The
+        coordinator keeps it in memory only, never in etcd, for ListNodes, the dashboard and gpuctl top.
+        """
 
     def __init__(
         self,
@@ -557,11 +564,50 @@ class HeartbeatRequest(google.protobuf.message.Message):
         lease_id: builtins.int = ...,
         inventory: gpulease.v1.types_pb2.NodeInventory | None = ...,
         address: builtins.str = ...,
+        telemetry: collections.abc.Iterable[global___GpuTelemetry] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["inventory", b"inventory"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["address", b"address", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["address", b"address", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node", "telemetry", b"telemetry"]) -> None: ...
 
 global___HeartbeatRequest = HeartbeatRequest
+
+@typing.final
+class GpuTelemetry(google.protobuf.message.Message):
+    """A compact per-GPU sample; unset = unknown."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: builtins.int
+    UTILIZATION_PERCENT_FIELD_NUMBER: builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: builtins.int
+    TEMPERATURE_C_FIELD_NUMBER: builtins.int
+    POWER_DRAW_MW_FIELD_NUMBER: builtins.int
+    index: builtins.int
+    utilization_percent: builtins.int
+    memory_used_bytes: builtins.int
+    temperature_c: builtins.int
+    power_draw_mw: builtins.int
+    def __init__(
+        self,
+        *,
+        index: builtins.int = ...,
+        utilization_percent: builtins.int | None = ...,
+        memory_used_bytes: builtins.int | None = ...,
+        temperature_c: builtins.int | None = ...,
+        power_draw_mw: builtins.int | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["_memory_used_bytes", b"_memory_used_bytes", "_power_draw_mw", b"_power_draw_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "memory_used_bytes", b"memory_used_bytes", "power_draw_mw", b"power_draw_mw", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_memory_used_bytes", b"_memory_used_bytes", "_power_draw_mw", b"_power_draw_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "index", b"index", "memory_used_bytes", b"memory_used_bytes", "power_draw_mw", b"power_draw_mw", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]) -> None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_memory_used_bytes", b"_memory_used_bytes"]) -> typing.Literal["memory_used_bytes"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_power_draw_mw", b"_power_draw_mw"]) -> typing.Literal["power_draw_mw"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_temperature_c", b"_temperature_c"]) -> typing.Literal["temperature_c"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_utilization_percent", b"_utilization_percent"]) -> typing.Literal["utilization_percent"] | None: ...
+
+global___GpuTelemetry = GpuTelemetry
 
 @typing.final
 class HeartbeatResponse(google.protobuf.message.Message):
