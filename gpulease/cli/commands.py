@@ -424,6 +424,16 @@ def events(cfg: CliConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def top(cfg: CliConfig, args: argparse.Namespace) -> int:
+    """A live view of nodes and GPUs (utilization, holder), redrawn in place every --interval until
+    Ctrl-C; --once prints one frame and exits."""
+    from gpulease.cli import top as top_view
+
+    with cfg.client() as client:
+        return top_view.run(lambda: (client.list_nodes(), client.list_allocations()), interval=args.interval,
+                            once=args.once, source=", ".join(cfg.targets))  # fmt: skip
+
+
 def dev(args: argparse.Namespace) -> int:
     config = DevClusterConfig(
         nodes=args.nodes,

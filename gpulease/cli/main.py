@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                 within=priority)  # fmt: skip
     p.add_argument("name", metavar="NAME")
 
+    p = command("top", commands.top, "a live view of the cluster, like htop: nodes, GPUs with utilization and "
+                "holder, redrawn in place until Ctrl-C", json=False)  # fmt: skip
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period (default: 2)")
+    p.add_argument("--once", action="store_true", help="print one frame (no escape codes) and exit")
+
     p = command("events", commands.events, "cluster events (allocated, released, expired, node up/down, ...), "
                 "oldest first; one line each, or one JSON object per line with --json")  # fmt: skip
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events as they happen")

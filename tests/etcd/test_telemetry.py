@@ -19,7 +19,7 @@ from gpulease.coordinator.keys import range_end
 from gpulease.coordinator.store import Store
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
-from tests.support import harness
+from tests.support import gpuctl, harness
 
 GiB = 2**30
 
@@ -85,3 +85,28 @@ async def test_heartbeat_telemetry_is_shown_kept_in_memory_and_expires(
         assert node.state == "up"
         assert [g.utilization_percent for g in node.gpus] == [None, None]
         assert [g["utilization_percent"] for g in (await api_gpus(url)).values()] == [None, None]
+
+
+def test_gpuctl_top_once_shows_nodes_utilization_and_holder(
+    start_coordinator: Callable[..., harness.Coordinator],
+) -> None:
+    c = start_coordinator()
+    lease = harness.register(c.stub, "n1", gpus=2)
+    harness.wait_nodes_up(c.stub, {"n1"})
+    beat(c, "n1", lease, [sample(0, 42), sample(1, 7)])
+    base = ["--coordinator", c.address]
+    made = gpuctl.run([*base, "allocate", "--gpus", "1", "--cpus", "1", "--memory", "1MiB", "--owner", "bob",
+                       "--json"])  # fmt: skip
+    assert made.rc == 0, made
+    alloc_id = made.json()["id"]
+
+    run = gpuctl.run([*base, "top", "--once"])
+    assert run.rc == 0, run
+    assert "\x1b" not in run.stdout
+    lines = run.stdout.splitlines()
+    assert lines[0] == "nodes 1: up 1, down 0, cordoned 0   allocations 1"
+    assert lines[1] == "GPUs 2: free 1, allocated 1, unhealthy 0, foreign 0, cordoned 0, down 0"
+    rows = {r.split()[1]: r for r in lines[4:] if r.startswith("n1 ")}
+    assert " 42% " in rows["0"] and " 7% " in rows["1"], run.stdout
+    held = next(r for r in rows.values() if " allocated " in r)
+    assert alloc_id[:8] in held and "bob" in held
