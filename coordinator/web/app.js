@@ -19,6 +19,9 @@ let lastId = 0;
 const dirty = { nodes: new Set(), allNodes: false, summary: false, allocs: false, queue: false, quotas: false };
 let flushTimer = null;
 let streamAbort = null;
+// Telemetry changes send no event: while this coordinator has some, the grid is re-read now and then.
+let utilizationShown = false;
+const TELEMETRY_REFRESH_MS = 10000;
 
 class AuthError extends Error {}
 
@@ -105,6 +108,8 @@ function renderSummary(s) {
   add("pending", s.pending);
   add("CPUs allocated", s.cpus_allocated + " / " + s.cpus_total);
   add("revision", s.revision);
+  utilizationShown = !!s.utilization_available;
+  $("util-note").hidden = utilizationShown;
 }
 
 function nodeEntry(n) {
@@ -158,6 +163,14 @@ function patchNode(n) {
     c.dataset.gpu = String(g.index);
     c.dataset.state = g.state;
     c.dataset.allocation = g.allocation_id;
+    const u = g.utilization_percent;
+    if (u == null) {
+      if (c.dataset.util !== undefined) { delete c.dataset.util; c.style.removeProperty("--util"); c.classList.remove("util"); }
+    } else if (c.dataset.util !== String(u)) {
+      c.dataset.util = String(u);
+      c.style.setProperty("--util", u + "%");
+      c.classList.add("util");
+    }
   });
 }
 
@@ -176,7 +189,14 @@ function gpuText(node, g) {
   }
   if (!g.healthy) lines.push("unhealthy: " + (g.health_detail || "-"));
   if (g.foreign) lines.push("foreign use: " + (g.foreign_detail || "-"));
-  lines.push("utilization: " + (g.utilization_percent == null ? "not reported" : g.utilization_percent + "%"));
+  if (g.utilization_percent == null) lines.push("utilization: not reported to this coordinator");
+  else {
+    const mem = g.memory_used_bytes == null ? "-" : (g.memory_used_bytes / 2 ** 30).toFixed(1) + " / " +
+      (g.memory_total_bytes / 2 ** 30).toFixed(1) + " GiB";
+    lines.push("utilization: " + g.utilization_percent + "%   memory used: " + mem,
+      "temperature: " + (g.temperature_c == null ? "-" : g.temperature_c + " °C") +
+      "   power: " + (g.power_draw_mw == null ? "-" : Math.round(g.power_draw_mw / 1000) + " W"));
+  }
   return lines.join("\n");
 }
 
@@ -411,6 +431,11 @@ for (const id of ["f-owner", "f-tenant"]) {
   });
 }
 setInterval(() => { if (!$("app").hidden) renderAllocs(); }, 5000); // ages move on
+setInterval(() => {
+  if ($("app").hidden || !utilizationShown) return;
+  dirty.allNodes = dirty.summary = true;
+  if (!flushTimer) flushTimer = setTimeout(flush, FLUSH_MS);
+}, TELEMETRY_REFRESH_MS);
 
 renderLegend();
 setupTip();
