@@ -81,6 +81,10 @@ class AgentCollector(Collector):
         g_power = GaugeMetricFamily("gpulease_gpu_power_watts", "GPU power draw (NVML)", labels=labels)
         c_ecc = CounterMetricFamily("gpulease_gpu_ecc_errors", "ECC errors since the driver loaded (NVML's "
                                     "aggregate count), by type", labels=[*labels, "type"])  # fmt: skip
+        c_xid = CounterMetricFamily("gpulease_gpu_xid_errors", "XID errors NVML reported since the agent started",
+                                    labels=labels)  # fmt: skip
+        g_last_xid = GaugeMetricFamily("gpulease_gpu_last_xid", "Code of the last XID error NVML reported",
+                                       labels=labels)  # fmt: skip
         g_healthy = GaugeMetricFamily("gpulease_gpu_healthy", "1 when the GPU is healthy, else 0", labels=labels)
         g_foreign = GaugeMetricFamily("gpulease_gpu_foreign_processes", "Processes on the GPU that gpulease did not "
                                       "start", labels=labels)  # fmt: skip
@@ -105,14 +109,18 @@ class AgentCollector(Collector):
                 c_ecc.add_metric([*key, "corrected"], g.ecc_errors_corrected)
             if g.HasField("ecc_errors_uncorrected"):
                 c_ecc.add_metric([*key, "uncorrected"], g.ecc_errors_uncorrected)
+            if g.HasField("xid_errors"):
+                c_xid.add_metric(key, g.xid_errors)
+            if g.HasField("last_xid"):
+                g_last_xid.add_metric(key, g.last_xid)
             g_healthy.add_metric(key, 1 if g.healthy else 0)
             g_foreign.add_metric(key, sum(1 for p in g.processes if not p.gpulease_managed))
             g_foreign_use.add_metric(key, 1 if g.foreign_processes else 0)
             if g.index in holders:
                 g_alloc.add_metric([*key, holders[g.index]], 1)
             g_idle.add_metric(key, 1 if self._idle.idle_held(g.uuid) else 0)
-        yield from (g_util, g_mem, g_total, g_temp, g_power, c_ecc, g_healthy, g_foreign, g_foreign_use, g_alloc,
-                    g_idle)  # fmt: skip
+        yield from (g_util, g_mem, g_total, g_temp, g_power, c_ecc, c_xid, g_last_xid, g_healthy, g_foreign,
+                    g_foreign_use, g_alloc, g_idle)  # fmt: skip
         counts = self._containers()
         if counts is not None:
             states = Tally(dict.fromkeys(CONTAINER_STATES, 0))

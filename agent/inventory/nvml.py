@@ -24,6 +24,15 @@ therefore reports the same inventory forever, and a busy one changes it at most 
 TELEMETRY_REFRESH_S. Everything else (GPUs appearing or failing, processes starting or ending,
 the foreign flag, MIG mode) is reported at once.
 ``collect(ctx, fresh=True)`` returns the live sample instead, without touching the held one.
+
+XID events
+----------
+Each GPU is registered for NVML's critical-XID events (one event set per GPU), and every collect
+drains what arrived since the last one (nvmlEventSetWait_v2 with timeout 0). The GPU reports how
+many XIDs it had since the agent started and the last code (``xid_errors``, ``last_xid``); a GPU
+or driver without event support leaves both unset. An XID in CRITICAL_XIDS marks the GPU
+``healthy=false`` with ``health_detail`` naming it, until the agent restarts (after the GPU reset
+or the reboot those XIDs call for), so the coordinator stops handing it out.
 """
 
 from __future__ import annotations
@@ -85,6 +94,27 @@ _NVLINK_DEVICE_TYPE_GPU = 0x00
 _NVLINK_DEVICE_TYPE_SWITCH = 0x02
 _DEFAULT_NVLINK_MAX_LINKS = 18
 
+# XIDs after which the GPU itself needs attention (a reset, a drain or an RMA), after NVIDIA's
+# "XID Errors" catalogue (docs.nvidia.com/deploy/xid-errors). Others that NVML also reports as
+# critical (13 graphics engine exception, 31 MMU fault, 43 GPU stopped processing, 45 preemptive
+# cleanup, ...) are usually a user program's fault: counted, but the GPU stays healthy.
+CRITICAL_XIDS: Mapping[int, str] = {
+    48: "double-bit ECC error",
+    63: "ECC page retirement or row remapping recorded",
+    64: "ECC page retirement or row remapping failure",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    92: "high single-bit ECC error rate",
+    94: "contained ECC error",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+}
+# nvmlEventTypeXidCriticalError (NVML's ABI).
+_XID_EVENT = 0x8
+# Bound on the events drained from one GPU's event set per collect.
+MAX_XID_EVENTS_PER_COLLECT = 64
+
 # Error codes (the values are NVML's ABI; pynvml names them NVML_ERROR_*).
 _NOT_SUPPORTED = 3
 _NO_PERMISSION = 4
@@ -93,6 +123,7 @@ _FUNCTION_NOT_FOUND = 13
 _GPU_IS_LOST = 15
 _RESET_REQUIRED = 16
 _ARGUMENT_VERSION_MISMATCH = 25
+_TIMEOUT = 10
 _UNKNOWN_MEANS = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND, _NO_PERMISSION})
 # After these, every further call on the GPU fails the same way: stop asking it.
 _FATAL = frozenset({_GPU_IS_LOST, _RESET_REQUIRED})
@@ -145,6 +176,20 @@ class _Held:
     at: float
     telemetry: _Telemetry
     process_memory: dict[int, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class _XidWatch:
+    """One GPU's XID event set and what it reported since the agent started."""
+
+    uuid: str
+    # None: not registered (yet, or again after nvmlInit); see `supported`.
+    event_set: Any = None
+    # None: registration not tried since nvmlInit; False: no event support (counts unknown).
+    supported: bool | None = None
+    count: int = 0
+    last: int | None = None
+    critical: int | None = None  # the last XID seen that is in CRITICAL_XIDS
 
 
 @dataclass(frozen=True)
@@ -243,6 +288,7 @@ class NvmlInventory(HostOnlyInventory):
         self._ancestors: dict[tuple[str, str], str] = {}
         self._held: dict[int, _Held] = {}
         self._foreign_memory: set[int] = set()
+        self._xids: dict[int, _XidWatch] = {}
         self._warned: set[str] = set()
         with self._lock:
             if self._init():
@@ -259,6 +305,8 @@ class NvmlInventory(HostOnlyInventory):
     def close(self) -> None:
         with self._lock:
             if self._nvml is not None:
+                for watch in self._xids.values():
+                    self._free_event_set(watch)
                 try:
                     self._nvml.nvmlShutdown()
                 except Exception as e:
@@ -287,6 +335,8 @@ class NvmlInventory(HostOnlyInventory):
             self._nvml = _pynvml
             self._static.clear()
             self._ancestors.clear()
+            for watch in self._xids.values():  # event sets do not outlive the NVML session
+                watch.event_set, watch.supported = None, None
             return True
         self._set_unavailable(reason)
         return False
@@ -357,6 +407,8 @@ class NvmlInventory(HostOnlyInventory):
                 inventory.gpus.append(self._gpu(s, links.get(s.index, []), ctx, now, fresh))
             for gone in [i for i in self._held if i >= count]:
                 del self._held[gone]
+            for gone in [i for i in self._xids if i >= count]:
+                self._free_event_set(self._xids.pop(gone))
             return inventory
 
     def _sample(self, index: int) -> _Sample:
@@ -372,6 +424,8 @@ class NvmlInventory(HostOnlyInventory):
             static = self._read_static(probe, handle)
             if not probe.errors:
                 self._static[index] = static
+        if not probe.lost:
+            self._poll_xids(index, handle, static.uuid)
 
         mem_used: int | None = None
         memory = None
@@ -469,6 +523,78 @@ class NvmlInventory(HostOnlyInventory):
             nvlinks=tuple(nvlinks),
         )
 
+    # -- XID events -----------------------------------------------------------------------------
+
+    def _poll_xids(self, index: int, handle: Any, uuid: str) -> None:
+        """Registers the GPU for critical-XID events once, then drains its event set."""
+        watch = self._xids.get(index)
+        if watch is None or watch.uuid != uuid:
+            if watch is not None:
+                self._free_event_set(watch)
+            watch = self._xids[index] = _XidWatch(uuid)
+        if watch.supported is None:
+            self._register_xids(index, handle, watch)
+        if watch.event_set is None:
+            return
+        nvml = self._nvml
+        for _ in range(MAX_XID_EVENTS_PER_COLLECT):
+            try:
+                data = nvml.nvmlEventSetWait_v2(watch.event_set, 0)
+            except nvml.NVMLError as e:
+                code = getattr(e, "value", None)
+                if code != _TIMEOUT:  # TIMEOUT: nothing new
+                    self._warn_once(f"GPU {index}: nvmlEventSetWait failed: {_nvml_error_text(e)}; XIDs not watched")
+                    self._free_event_set(watch)
+                    watch.supported = False if code in _UNKNOWN_MEANS else None
+                return
+            except Exception as e:
+                self._warn_once(f"GPU {index}: nvmlEventSetWait failed: {type(e).__name__}: {e}; XIDs not watched")
+                self._free_event_set(watch)
+                watch.supported = None
+                return
+            if not int(data.eventType) & _XID_EVENT:
+                continue
+            xid = int(data.eventData)
+            watch.count += 1
+            watch.last = xid
+            if xid in CRITICAL_XIDS:
+                watch.critical = xid
+                log.warning("GPU %d (%s): XID %d (%s): marked unhealthy", index, uuid, xid, CRITICAL_XIDS[xid])
+            else:
+                log.info("GPU %d (%s): XID %d", index, uuid, xid)
+
+    def _register_xids(self, index: int, handle: Any, watch: _XidWatch) -> None:
+        """nvmlEventSetCreate + nvmlDeviceRegisterEvents; without event support `supported` is False,
+        after another error it stays None (tried again next collect)."""
+        nvml = self._nvml
+        if not all(hasattr(nvml, f) for f in ("nvmlEventSetCreate", "nvmlDeviceRegisterEvents", "nvmlEventSetWait_v2")):
+            watch.supported = False  # bindings too old for events
+            return
+        event_set = None
+        try:
+            event_set = nvml.nvmlEventSetCreate()
+            nvml.nvmlDeviceRegisterEvents(handle, _XID_EVENT, event_set)
+        except Exception as e:
+            if event_set is not None:
+                with contextlib.suppress(Exception):
+                    nvml.nvmlEventSetFree(event_set)
+            code = getattr(e, "value", None) if isinstance(e, nvml.NVMLError) else None
+            if code in _UNKNOWN_MEANS:
+                log.debug("GPU %d: no XID events: %s", index, _nvml_error_text(e))
+                watch.supported = False
+            else:
+                self._warn_once(f"GPU {index}: cannot register for XID events: {_nvml_error_text(e)}")
+            return
+        watch.event_set, watch.supported = event_set, True
+
+    def _free_event_set(self, watch: _XidWatch) -> None:
+        if watch.event_set is not None and self._nvml is not None:
+            try:
+                self._nvml.nvmlEventSetFree(watch.event_set)
+            except Exception as e:
+                log.debug("nvmlEventSetFree failed: %s", e)
+        watch.event_set = None
+
     def _numa_fallback(self, nvml_node: int | None, pci: PciKey | None) -> int | None:
         """NVML's NUMA node where it has one with CPUs, else the kernel's node of the PCI device.
 
@@ -532,13 +658,19 @@ class NvmlInventory(HostOnlyInventory):
 
     def _gpu(self, s: _Sample, links: list[GpuLink], ctx: InventoryContext | None, now: float, fresh: bool) -> Gpu:
         st = s.static
+        watch = self._xids.get(s.index)
+        if watch is not None and watch.uuid != st.uuid:
+            watch = None
+        errors = list(s.errors)
+        if watch is not None and watch.critical is not None:
+            errors.append(f"XID {watch.critical} ({CRITICAL_XIDS[watch.critical]}): the GPU needs a reset or service")
         gpu = Gpu(
             index=s.index,
             uuid=st.uuid,
             model=st.name,
             memory_total_bytes=st.memory_total,
-            healthy=not s.errors,
-            health_detail=_clip("; ".join(s.errors)),
+            healthy=not errors,
+            health_detail=_clip("; ".join(errors)),
             pci_bus_id=st.pci_bus_id,
             mig_mode=s.mig_mode,
             cpu_affinity=st.cpu_affinity,
@@ -548,6 +680,9 @@ class NvmlInventory(HostOnlyInventory):
             gpu.numa_node = st.numa_node
         if s.power_limit is not None:
             gpu.power_limit_mw = s.power_limit
+        if watch is not None and watch.supported:
+            gpu.xid_errors = watch.count
+            _set_optional(gpu, "last_xid", watch.last)
         telemetry, process_memory = (s.telemetry, s.processes) if fresh else self._hold(s, now)
         _set_optional(gpu, "memory_used_bytes", telemetry.memory_used)
         _set_optional(gpu, "utilization_percent", telemetry.utilization)

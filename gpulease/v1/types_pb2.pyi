@@ -89,6 +89,8 @@ class Gpu(google.protobuf.message.Message):
     PROCESSES_FIELD_NUMBER: builtins.int
     FOREIGN_PROCESSES_FIELD_NUMBER: builtins.int
     FOREIGN_DETAIL_FIELD_NUMBER: builtins.int
+    XID_ERRORS_FIELD_NUMBER: builtins.int
+    LAST_XID_FIELD_NUMBER: builtins.int
     index: builtins.int
     uuid: builtins.str
     model: builtins.str
@@ -116,6 +118,11 @@ class Gpu(google.protobuf.message.Message):
     foreign_processes: builtins.bool
     """Something gpulease did not start is using this GPU (a process, or memory while unallocated)."""
     foreign_detail: builtins.str
+    xid_errors: builtins.int
+    """XID errors NVML reported for this GPU since the agent started (critical-XID events), and the
+    code of the last one. Unset = unknown (no NVML event support on this GPU or driver).
+    """
+    last_xid: builtins.int
     @property
     def links(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___GpuLink]: ...
     @property
@@ -145,13 +152,17 @@ class Gpu(google.protobuf.message.Message):
         processes: collections.abc.Iterable[global___GpuProcess] | None = ...,
         foreign_processes: builtins.bool = ...,
         foreign_detail: builtins.str = ...,
+        xid_errors: builtins.int | None = ...,
+        last_xid: builtins.int | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "memory_used_bytes", b"memory_used_bytes", "numa_node", b"numa_node", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "cpu_affinity", b"cpu_affinity", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "foreign_detail", b"foreign_detail", "foreign_processes", b"foreign_processes", "health_detail", b"health_detail", "healthy", b"healthy", "index", b"index", "links", b"links", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_mode", b"mig_mode", "model", b"model", "numa_node", b"numa_node", "pci_bus_id", b"pci_bus_id", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "processes", b"processes", "simulated", b"simulated", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent", "uuid", b"uuid"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_last_xid", b"_last_xid", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "_xid_errors", b"_xid_errors", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "last_xid", b"last_xid", "memory_used_bytes", b"memory_used_bytes", "numa_node", b"numa_node", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent", "xid_errors", b"xid_errors"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected", "_ecc_errors_uncorrected", b"_ecc_errors_uncorrected", "_last_xid", b"_last_xid", "_memory_used_bytes", b"_memory_used_bytes", "_numa_node", b"_numa_node", "_power_draw_mw", b"_power_draw_mw", "_power_limit_mw", b"_power_limit_mw", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "_xid_errors", b"_xid_errors", "cpu_affinity", b"cpu_affinity", "ecc_errors_corrected", b"ecc_errors_corrected", "ecc_errors_uncorrected", b"ecc_errors_uncorrected", "foreign_detail", b"foreign_detail", "foreign_processes", b"foreign_processes", "health_detail", b"health_detail", "healthy", b"healthy", "index", b"index", "last_xid", b"last_xid", "links", b"links", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_mode", b"mig_mode", "model", b"model", "numa_node", b"numa_node", "pci_bus_id", b"pci_bus_id", "power_draw_mw", b"power_draw_mw", "power_limit_mw", b"power_limit_mw", "processes", b"processes", "simulated", b"simulated", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent", "uuid", b"uuid", "xid_errors", b"xid_errors"]) -> None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_ecc_errors_corrected", b"_ecc_errors_corrected"]) -> typing.Literal["ecc_errors_corrected"] | None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_ecc_errors_uncorrected", b"_ecc_errors_uncorrected"]) -> typing.Literal["ecc_errors_uncorrected"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_last_xid", b"_last_xid"]) -> typing.Literal["last_xid"] | None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_memory_used_bytes", b"_memory_used_bytes"]) -> typing.Literal["memory_used_bytes"] | None: ...
     @typing.overload
@@ -164,6 +175,8 @@ class Gpu(google.protobuf.message.Message):
     def WhichOneof(self, oneof_group: typing.Literal["_temperature_c", b"_temperature_c"]) -> typing.Literal["temperature_c"] | None: ...
     @typing.overload
     def WhichOneof(self, oneof_group: typing.Literal["_utilization_percent", b"_utilization_percent"]) -> typing.Literal["utilization_percent"] | None: ...
+    @typing.overload
+    def WhichOneof(self, oneof_group: typing.Literal["_xid_errors", b"_xid_errors"]) -> typing.Literal["xid_errors"] | None: ...
 
 global___Gpu = Gpu
 

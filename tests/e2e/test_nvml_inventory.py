@@ -379,6 +379,77 @@ def test_nvml_init_failure_then_recovery(fake_nvml: Libraries, tmp_path: Path) -
     assert "NVML is available now" in result.stderr
 
 
+# -- XID events ----------------------------------------------------------------------------------
+
+
+def agent_metrics(inventory: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    """The agent's /metrics samples (name, gpu) for an inventory the runner printed."""
+    from google.protobuf import json_format
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gpulease.agent.metrics import AgentCollector, IdleTracker, new_registry
+    from gpulease.v1.types_pb2 import NodeInventory
+
+    inv = json_format.ParseDict(inventory, NodeInventory())
+    registry = new_registry(AgentCollector(lambda: inv, dict, lambda: None, IdleTracker(600)))
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, s.labels["gpu"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "gpu" in s.labels
+    }
+
+
+def test_a_critical_xid_marks_the_gpu_unhealthy(fake_nvml: Libraries, tmp_path: Path) -> None:
+    config = tmp_path / "nvml.conf"
+    injected = four_gpus()
+    injected.gpus[1].xids = [79]
+    injected.gpus[2].xids = [13]  # graphics engine exception: usually the program's fault
+    steps = [collect(ctx()), {"config": injected.render(), "path": str(config)}, collect(ctx()), collect(ctx())]
+    result = run_inventory(fake_nvml.full, tmp_path, four_gpus(), steps)
+    before, after, again = result.inventories
+    for g in before["gpus"]:
+        assert g["healthy"] and num(g, "xid_errors") == 0 and "last_xid" not in g, g
+    for inv in (after, again):  # each event is delivered once; the GPU stays unhealthy
+        g0, g1, g2, g3 = inv["gpus"]
+        assert not g1["healthy"], g1
+        assert "XID 79 (GPU has fallen off the bus)" in g1["health_detail"], g1
+        assert num(g1, "xid_errors") == 1 and g1["last_xid"] == 79
+        assert g2["healthy"] and g2["health_detail"] == "" and num(g2, "xid_errors") == 1 and g2["last_xid"] == 13
+        for g in (g0, g3):
+            assert g["healthy"] and g["health_detail"] == "" and num(g, "xid_errors") == 0 and "last_xid" not in g
+    assert "XID 79" in result.stderr and "Traceback" not in result.stderr
+
+    metrics = agent_metrics(after)
+    assert metrics[("gpulease_gpu_xid_errors_total", "1")] == 1
+    assert metrics[("gpulease_gpu_last_xid", "1")] == 79
+    assert metrics[("gpulease_gpu_healthy", "1")] == 0
+    assert metrics[("gpulease_gpu_xid_errors_total", "0")] == 0
+    assert ("gpulease_gpu_last_xid", "0") not in metrics
+    assert metrics[("gpulease_gpu_healthy", "0")] == 1
+
+
+def test_gpus_without_event_support_report_no_xids(fake_nvml: Libraries, tmp_path: Path) -> None:
+    nvml = four_gpus()
+    nvml.gpus[0].not_supported = ["nvmlDeviceRegisterEvents"]
+    nvml.gpus[0].xids = [79]  # never delivered: GPU 0 is not registered
+    nvml.gpus[1].xids = [48]
+    (inv,) = run_inventory(fake_nvml.full, tmp_path, nvml, [collect(ctx())]).inventories
+    g0, g1 = inv["gpus"][:2]
+    assert g0["healthy"] and g0["health_detail"] == "" and "xid_errors" not in g0 and "last_xid" not in g0
+    assert not g1["healthy"] and "XID 48 (double-bit ECC error)" in g1["health_detail"]
+    assert ("gpulease_gpu_xid_errors_total", "0") not in agent_metrics(inv)
+
+    # An old driver without the event functions at all: none reported, no warning.
+    result = run_inventory(fake_nvml.minimal, tmp_path, nvml, [collect(ctx())])
+    (inv,) = result.inventories
+    for g in inv["gpus"]:
+        assert g["healthy"] and "xid_errors" not in g and "last_xid" not in g, g
+    assert "XID" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+
+
 # -- foreign processes ---------------------------------------------------------------------------
 
 

@@ -102,6 +102,8 @@ class FakeGpu:
     fail: Mapping[str, int] = field(default_factory=dict)
     fail_all: int = 0
     fail_handle: int = 0
+    # Critical-XID events, delivered once each, in order (append to inject more).
+    xids: Sequence[int] = ()
 
 
 @dataclass
@@ -139,6 +141,7 @@ class FakeNvml:
                 lines.append(f"{p} fail_all {g.fail_all}")
             if g.fail_handle:
                 lines.append(f"{p} fail_handle {g.fail_handle}")
+            lines += [f"{p} xid {code}" for code in g.xids]
         lines += [f"topo {i} {j} {level}" for (i, j), level in self.topology.items()]
         return "\n".join(lines) + "\n"
 

@@ -34,6 +34,10 @@
  *   gpu I fail FUNCTION CODE           FUNCTION fails with CODE on this GPU
  *   gpu I fail_all CODE                every call on this GPU fails with CODE (e.g. 15 GPU_IS_LOST)
  *   gpu I fail_handle CODE             nvmlDeviceGetHandleByIndex fails with CODE
+ *   gpu I xid CODE                     one critical-XID event (nvmlEventSetWait_v2); each line is
+ *                                      delivered once per process, in order, so a test appends lines
+ *                                      to inject more (events are not registered: NOT_SUPPORTED
+ *                                      via "not_supported nvmlDeviceRegisterEvents")
  *   topo I J LEVEL                     nvmlDeviceGetTopologyCommonAncestor (symmetric)
  *
  * FUNCTION names are the C symbols, with or without the version suffix (nvmlDeviceGetPciInfo or
@@ -52,6 +56,8 @@
 #define MAX_FNS 64
 #define FN_LEN 80
 #define MAX_AFFINITY_WORDS 16
+#define MAX_XIDS 64
+#define MAX_EVENT_SETS 64
 
 struct fake_proc {
     unsigned int pid;
@@ -81,7 +87,18 @@ struct nvmlDevice_st {
     int n_failing;
     nvmlReturn_t fail_all;
     nvmlReturn_t fail_handle;
+    unsigned long long xids[MAX_XIDS];
+    int nxids;
 };
+
+struct nvmlEventSet_st {
+    int used;
+    unsigned long long types[MAX_GPUS]; /* registered event types, by GPU index */
+};
+
+static struct nvmlEventSet_st event_sets[MAX_EVENT_SETS];
+/* XID lines already delivered, by GPU index: survives re-reading the configuration. */
+static int xids_delivered[MAX_GPUS];
 
 static struct nvmlDevice_st gpus[MAX_GPUS];
 static int ngpus;
@@ -174,6 +191,9 @@ static void parse_gpu_line(struct nvmlDevice_st *g, const char *key, char *rest)
         g->fail_all = (nvmlReturn_t)strtoul(rest, NULL, 10);
     } else if (!strcmp(key, "fail_handle")) {
         g->fail_handle = (nvmlReturn_t)strtoul(rest, NULL, 10);
+    } else if (!strcmp(key, "xid")) {
+        if (g->nxids < MAX_XIDS)
+            g->xids[g->nxids++] = strtoull(rest, NULL, 10);
     } else {
         fprintf(stderr, "fake NVML: unknown GPU setting %s\n", key);
     }
@@ -577,6 +597,73 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsig
                                                       nvmlProcessInfo_t *infos) {
     CHECK(device);
     return processes(device, 1, infoCount, infos);
+}
+
+/* ---- events --------------------------------------------------------------------------------- */
+
+static int valid_set(nvmlEventSet_t set) {
+    return set && set >= event_sets && set < event_sets + MAX_EVENT_SETS && set->used;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    CHECK_SYSTEM();
+    if (!set)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (int i = 0; i < MAX_EVENT_SETS; i++) {
+        if (!event_sets[i].used) {
+            memset(&event_sets[i], 0, sizeof event_sets[i]);
+            event_sets[i].used = 1;
+            *set = &event_sets[i];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_MEMORY;
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    CHECK_SYSTEM();
+    if (!valid_set(set))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    set->used = 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *eventTypes) {
+    CHECK(device);
+    if (!eventTypes)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *eventTypes = listed(device->not_supported, device->n_not_supported, "nvmlDeviceRegisterEvents")
+                      ? 0
+                      : nvmlEventTypeXidCriticalError;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes, nvmlEventSet_t set) {
+    CHECK(device);
+    if (!valid_set(set))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (eventTypes & ~(unsigned long long)nvmlEventTypeXidCriticalError)
+        return NVML_ERROR_NOT_SUPPORTED; /* the fake only knows XIDs */
+    set->types[device->index] |= eventTypes;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms) {
+    (void)timeoutms; /* never blocks: nothing pending answers TIMEOUT at once */
+    CHECK_SYSTEM();
+    if (!valid_set(set) || !data)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (int i = 0; i < ngpus; i++) {
+        if (!(set->types[i] & nvmlEventTypeXidCriticalError) || xids_delivered[i] >= gpus[i].nxids)
+            continue;
+        memset(data, 0, sizeof *data);
+        data->device = &gpus[i];
+        data->eventType = nvmlEventTypeXidCriticalError;
+        data->eventData = gpus[i].xids[xids_delivered[i]++];
+        data->gpuInstanceId = data->computeInstanceId = 0xFFFFFFFF;
+        return NVML_SUCCESS;
+    }
+    return NVML_ERROR_TIMEOUT;
 }
 
 #endif /* FAKE_MINIMAL */
