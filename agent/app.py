@@ -271,6 +271,7 @@ async def _serve(
             source=inventory,
             on_registered=on_loop(loop, ready),
             on_allocations_revision=enforcer.note_allocations_revision,
+            exits=enforcer.exits,
         )
 
         async def wake_registrar() -> None:

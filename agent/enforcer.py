@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gpulease.agent.containers import ContainerService, RuntimeHandle, gather_logged
+from gpulease.agent.exits import ExitReports
 from gpulease.agent.fencing import CoordinatorClient, Vouchers
 from gpulease.agent.inventory import InventoryContext
 from gpulease.agent.runtime import LABEL_NODE, ContainerInfo, ContainerRuntime, ImageInfo, VolumeInfo
@@ -199,6 +200,8 @@ class Enforcer:
         self._fresh_needed = False
         self.lists = 0  # ListAllocations calls made (answered or not)
         self._volume_sweep_at = -VOLUME_SWEEP_S
+        # Exits seen in listings, for the registrar's heartbeats (agent/exits.py).
+        self.exits = ExitReports()
 
     @property
     def node(self) -> str:
@@ -329,6 +332,7 @@ class Enforcer:
             log.info("listing containers works again")
             self._listing_error = None
         self._running_ids = tuple(i.id for i in infos if i.state == "running")
+        self.exits.note(infos)
         self.container_states = Counter(str(i.state) for i in infos)
         return infos
 

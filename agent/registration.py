@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from gpulease.agent.channel import NodeServiceSource, node_service_source
+from gpulease.agent.exits import ExitReports
 from gpulease.agent.inventory import InventoryContext, InventorySource
 from gpulease.common import eventloop
 from gpulease.v1.coordinator_pb2 import GpuTelemetry, HeartbeatRequest, RegisterNodeRequest
@@ -151,6 +152,8 @@ class Registrar:
         # Called after every answered registration or heartbeat with (allocations revision,
         # time.monotonic() when it was asked, seconds it counts for): see Enforcer.
         on_allocations_revision: Callable[[int, float, float], None] | None = None,
+        # Container exits to report with heartbeats (the enforcer's), dropped once one is answered.
+        exits: ExitReports | None = None,
     ) -> None:
         self._node = node
         self._address = address
@@ -158,6 +161,7 @@ class Registrar:
         self._source = source
         self._on_registered = on_registered
         self._on_allocations_revision = on_allocations_revision
+        self._exits = exits
         self._interval = DEFAULT_INTERVAL_S
         self._lease_id: int | None = None
         # The inventory the coordinator last acknowledged; None forces the next heartbeat to carry it.
@@ -286,8 +290,13 @@ class Registrar:
                                    telemetry=telemetry_summary(inventory))  # fmt: skip
         if changed:
             request.inventory.CopyFrom(inventory)
+        exits = self._exits.batch() if self._exits is not None else []
+        request.exits.extend(exits)
         asked_at = time.monotonic()
         response = await self._channel.node_service().Heartbeat(request, timeout=self._rpc_timeout())
+        if exits and self._exits is not None:
+            self._exits.sent(exits)
+            log.info("reported %d container exit(s) of node %s", len(exits), self._node)
         if changed:
             self._last_sent = inventory
             log.info("sent changed inventory of node %s (%d GPU(s))", self._node, len(inventory.gpus))

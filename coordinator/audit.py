@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpulease.common.identity import Principal
@@ -57,15 +58,18 @@ def _entry_id(ms: int, unique: str = "") -> str:
 
 def entry_put(
     keys: Keys, actor: Principal | str, action: str, target: str, *, tenant: str = "", outcome: str = "ok",
-    detail: str = "", unique: str = "",
+    detail: str = "", unique: str = "", ms: int = 0, extra: Mapping[str, str] | None = None,
 ) -> Put:  # fmt: skip
     """The Put of one entry, to go into the transaction of the change it records. ``unique``
-    (e.g. "<allocation id>.release") makes the key tell watchers what happened without a read."""
-    ms = int(time.time() * 1000)
+    (e.g. "<allocation id>.release") makes the key tell watchers what happened without a read.
+    ``ms`` (default: now) is the entry's time, and part of its key: an entry whose ``ms`` and
+    ``unique`` derive from the thing recorded has the same key every time it is written. ``extra``
+    adds fields to the JSON document."""
+    ms = ms or int(time.time() * 1000)
     if isinstance(actor, Principal):
         tenant = tenant or actor.tenant
     doc = {"ms": ms, "actor": str(actor), "tenant": tenant, "action": action, "target": target,
-           "outcome": outcome, "detail": detail}  # fmt: skip
+           "outcome": outcome, "detail": detail, **(extra or {})}  # fmt: skip
     return Put(keys.audit(_entry_id(ms, unique)), json.dumps(doc, separators=(",", ":")).encode())
 
 

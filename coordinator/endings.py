@@ -48,6 +48,18 @@ class ContainerHome:
         return self.nodes or (self.node,)
 
 
+def home_of(raw: bytes | None) -> ContainerHome | None:
+    """A containers/<id> record, decoded (None when absent or unreadable)."""
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return ContainerHome(str(d["node"]), str(d.get("principal", "")), str(d.get("tenant", "")),
+                             bool(d.get("ended_ms")), tuple(str(n) for n in d.get("nodes", ())))  # fmt: skip
+    except (ValueError, KeyError):
+        return None
+
+
 class Endings:
     def __init__(self, store: Store, keys: Keys, view: ClusterView, retention_s: int = 3600) -> None:
         self._store = store
@@ -97,15 +109,7 @@ class Endings:
     # --- containers after the allocation -------------------------------------------------------
 
     def home(self, alloc_id: str) -> ContainerHome | None:
-        raw = self._view.table("containers").get(alloc_id)
-        if raw is None:
-            return None
-        try:
-            d = json.loads(raw)
-            return ContainerHome(str(d["node"]), str(d.get("principal", "")), str(d.get("tenant", "")),
-                                 bool(d.get("ended_ms")), tuple(str(n) for n in d.get("nodes", ())))  # fmt: skip
-        except (ValueError, KeyError):
-            return None
+        return home_of(self._view.table("containers").get(alloc_id))
 
     async def note_containers(self, alloc: Allocation) -> None:
         """Before the first container of ``alloc`` starts: remember where and whose it is."""

@@ -20,9 +20,9 @@ What each key change means:
                                   per direction per record change; a new node's unhealthy GPUs count)
     audit container-start         CONTAINER_STARTED (RunContainer writes it)
     audit container-stop          CONTAINER_STOPPED (StopContainer writes it)
-
-Containers that exit on their own are NOT visible: the coordinator forwards container calls to the
-agent and nothing about a container's exit reaches etcd, so there is no exit event.
+    audit <ms>-<id>.exit.<cid>    CONTAINER_EXITED, when the key is created (an agent reported the
+                                  exit in a heartbeat: coordinator/container_exits.py; a resend
+                                  rewrites nothing, and a rewrite would not be created again)
 
 Markers, delivered whatever the type filter: HISTORY_GAP (the requested ``since_revision`` is older
 than the buffer), RESYNC (the view reloaded after compaction or an outage: changes between its last
@@ -70,6 +70,7 @@ class EventType(StrEnum):
     GPU_HEALTHY = "gpu_healthy"
     CONTAINER_STARTED = "container_started"
     CONTAINER_STOPPED = "container_stopped"
+    CONTAINER_EXITED = "container_exited"
     # Markers
     HISTORY_GAP = "history_gap"
     RESYNC = "resync"
@@ -161,7 +162,7 @@ class Deriver:
                 else:
                     emit(EventType.EXPIRED, detail=f"lease expired without a release; {a['detail']}", **a["fields"])
         elif len(parts) == 2 and kind == "audit" and put:
-            self._audit(parts[1], kv.value, emit)
+            self._audit(parts[1], kv.value, created, emit)
         elif len(parts) == 2 and kind in ("alive", "cordoned"):
             if kind == "alive" and created:
                 emit(EventType.NODE_UP, node=parts[1])
@@ -216,11 +217,14 @@ class Deriver:
         return {"fields": {"allocation_id": a.id, "node": a.node, "tenant": a.tenant, "principal": a.principal,
                            "gpus": gpus}, "detail": detail}  # fmt: skip
 
-    def _audit(self, tail: str, value: bytes, emit: Any) -> None:
+    def _audit(self, tail: str, value: bytes, created: bool, emit: Any) -> None:
         unique = tail.partition("-")[2]
         alloc_id, dot, action = unique.partition(".")
         if dot and action in _ENDING_ACTIONS:
             self._ended[alloc_id] = action
+            return
+        if dot and action.startswith("exit.") and created:
+            self._exit(alloc_id, value, emit)
             return
         if dot:  # allocation changes with a unique key: described by their own keys
             return
@@ -236,6 +240,18 @@ class Deriver:
         fields = {**a["fields"], "principal": str(d.get("actor", "")), "tenant": str(d.get("tenant", ""))}
         t = EventType.CONTAINER_STARTED if action == "container-start" else EventType.CONTAINER_STOPPED
         emit(t, detail=str(d.get("detail", "")), **fields)
+
+    def _exit(self, alloc_id: str, value: bytes, emit: Any) -> None:
+        try:
+            d = json.loads(value)
+        except ValueError:
+            d = {}
+        a = self._decode(alloc_id)
+        fields = {**a["fields"], "allocation_id": alloc_id, "node": str(d.get("node", "")),
+                  "tenant": str(d.get("tenant", "")), "principal": str(d.get("principal", ""))}  # fmt: skip
+        container = str(d.get("container", ""))[:12]
+        detail = str(d.get("detail", ""))
+        emit(EventType.CONTAINER_EXITED, detail=f"container {container}: {detail}" if container else detail, **fields)
 
     def _node(self, name: str, value: bytes | None, emit: Any) -> None:
         before = self._health.pop(name, {})

@@ -8,11 +8,12 @@ heartbeat costs one lease renewal and never invalidates in-flight placements on 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.common.logs import log_fields
-from gpulease.coordinator import validation
+from gpulease.coordinator import container_exits, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import NodeInfo, NodeView
 from gpulease.coordinator.keys import Keys, range_end
@@ -21,6 +22,7 @@ from gpulease.coordinator.store import Cmp, Delete, Put, Store
 from gpulease.coordinator.telemetry import GpuSample, Telemetry
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import Conflict, InvalidRequest, NodeNotFound
+from gpulease.v1.coordinator_pb2 import ContainerExit
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,12 @@ class NodeService:
                             await self._allocations_revision(info.name, revision))  # fmt: skip
 
     async def heartbeat(
-        self, name: str, lease_id: int, info: NodeInfo | None, telemetry: dict[int, GpuSample] | None = None
-    ) -> Registration:
-        """Renews the node's lease (or registers it again); ``telemetry`` is kept in memory only."""
+        self, name: str, lease_id: int, info: NodeInfo | None, telemetry: dict[int, GpuSample] | None = None,
+        exits: Sequence[ContainerExit] = (),
+    ) -> Registration:  # fmt: skip
+        """Renews the node's lease (or registers it again); ``telemetry`` is kept in memory only.
+        ``exits`` (containers of the node's allocations that exited) become audit entries, once
+        each however often they are sent (coordinator/container_exits.py)."""
         validation.node_name(name)
         if info is not None:
             info = validation.inventory(info)
@@ -93,12 +98,21 @@ class NodeService:
             log.warning("node %s: lease %x had lapsed; re-registering", name, lease_id, extra=log_fields(node=name))
             reg = await self.register(info)
             self.telemetry.record(name, telemetry or {})
+            await self._record_exits(name, exits)
             return reg
         if info is not None:
             await self._write_record_if_changed(info)
         self.telemetry.record(name, telemetry or {})
+        await self._record_exits(name, exits)
         return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl,
                             await self._allocations_revision(name, renewal.revision))  # fmt: skip
+
+    async def _record_exits(self, name: str, exits: Sequence[ContainerExit]) -> None:
+        if not exits:
+            return
+        rec = await container_exits.record(self._store, self._view, self._keys, name, exits)
+        if rec.written:
+            log.info("node %s: %d container exit(s) recorded", name, rec.written, extra=log_fields(node=name))
 
     async def _allocations_revision(self, name: str, etcd_revision: int) -> int:
         """The node's allocations revision once the view holds every event up to `etcd_revision`

@@ -186,7 +186,7 @@ class Container:
 EVENT_TYPES = (
     "allocated", "released", "expired", "preempted", "queued", "node_up", "node_down", "node_cordoned",
     "node_uncordoned", "gpu_unhealthy", "gpu_healthy", "container_started", "container_stopped",
-    "history_gap", "resync", "overflow",
+    "container_exited", "history_gap", "resync", "overflow",
 )  # fmt: skip
 
 

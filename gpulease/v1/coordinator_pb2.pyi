@@ -42,7 +42,7 @@ class _EventTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enum
     EVENT_TYPE_GPU_UNHEALTHY: _EventType.ValueType  # 10
     EVENT_TYPE_GPU_HEALTHY: _EventType.ValueType  # 11
     EVENT_TYPE_CONTAINER_STARTED: _EventType.ValueType  # 12
-    """RunContainer started a container (exits of containers are not seen by the coordinator)."""
+    """RunContainer started a container."""
     EVENT_TYPE_CONTAINER_STOPPED: _EventType.ValueType  # 13
     """StopContainer stopped one."""
     EVENT_TYPE_HISTORY_GAP: _EventType.ValueType  # 14
@@ -51,6 +51,10 @@ class _EventTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enum
     """The view reloaded (etcd compaction or outage): changes up to revision are not events."""
     EVENT_TYPE_OVERFLOW: _EventType.ValueType  # 16
     """This subscriber fell too far behind and is dropped: the stream's last message."""
+    EVENT_TYPE_CONTAINER_EXITED: _EventType.ValueType  # 17
+    """A container of an allocation exited (on its own or stopped), as its agent reported in a
+    heartbeat; detail: "exit code N" or the runtime's error.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -70,7 +74,7 @@ EVENT_TYPE_NODE_UNCORDONED: EventType.ValueType  # 9
 EVENT_TYPE_GPU_UNHEALTHY: EventType.ValueType  # 10
 EVENT_TYPE_GPU_HEALTHY: EventType.ValueType  # 11
 EVENT_TYPE_CONTAINER_STARTED: EventType.ValueType  # 12
-"""RunContainer started a container (exits of containers are not seen by the coordinator)."""
+"""RunContainer started a container."""
 EVENT_TYPE_CONTAINER_STOPPED: EventType.ValueType  # 13
 """StopContainer stopped one."""
 EVENT_TYPE_HISTORY_GAP: EventType.ValueType  # 14
@@ -79,6 +83,10 @@ EVENT_TYPE_RESYNC: EventType.ValueType  # 15
 """The view reloaded (etcd compaction or outage): changes up to revision are not events."""
 EVENT_TYPE_OVERFLOW: EventType.ValueType  # 16
 """This subscriber fell too far behind and is dropped: the stream's last message."""
+EVENT_TYPE_CONTAINER_EXITED: EventType.ValueType  # 17
+"""A container of an allocation exited (on its own or stopped), as its agent reported in a
+heartbeat; detail: "exit code N" or the runtime's error.
+"""
 global___EventType = EventType
 
 @typing.final
@@ -544,6 +552,7 @@ class HeartbeatRequest(google.protobuf.message.Message):
     INVENTORY_FIELD_NUMBER: builtins.int
     ADDRESS_FIELD_NUMBER: builtins.int
     TELEMETRY_FIELD_NUMBER: builtins.int
+    EXITS_FIELD_NUMBER: builtins.int
     node: builtins.str
     lease_id: builtins.int
     address: builtins.str
@@ -557,6 +566,14 @@ class HeartbeatRequest(google.protobuf.message.Message):
         coordinator keeps it in memory only, never in etcd, for ListNodes, the dashboard and gpuctl top.
         """
 
+    @property
+    def exits(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___ContainerExit]:
+        """Containers of allocations on this node that exited since the last answered heartbeat (at
+        most 100 per heartbeat; the agent resends them until a heartbeat is answered). The coordinator
+        writes one audit entry per exit, keyed by allocation, container and finish time, so a resend
+        changes nothing; events.py derives EVENT_TYPE_CONTAINER_EXITED from it.
+        """
+
     def __init__(
         self,
         *,
@@ -565,11 +582,44 @@ class HeartbeatRequest(google.protobuf.message.Message):
         inventory: gpulease.v1.types_pb2.NodeInventory | None = ...,
         address: builtins.str = ...,
         telemetry: collections.abc.Iterable[global___GpuTelemetry] | None = ...,
+        exits: collections.abc.Iterable[global___ContainerExit] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["inventory", b"inventory"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["address", b"address", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node", "telemetry", b"telemetry"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["address", b"address", "exits", b"exits", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node", "telemetry", b"telemetry"]) -> None: ...
 
 global___HeartbeatRequest = HeartbeatRequest
+
+@typing.final
+class ContainerExit(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    CONTAINER_ID_FIELD_NUMBER: builtins.int
+    EXIT_CODE_FIELD_NUMBER: builtins.int
+    FINISHED_UNIX_MS_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
+    allocation_id: builtins.str
+    container_id: builtins.str
+    exit_code: builtins.int
+    """Unset when the runtime does not know it."""
+    finished_unix_ms: builtins.int
+    """When it finished (or, when the runtime does not say, when the agent first saw it exited)."""
+    error: builtins.str
+    """Why it ended, when the runtime says (e.g. Docker's State.Error); empty otherwise."""
+    def __init__(
+        self,
+        *,
+        allocation_id: builtins.str = ...,
+        container_id: builtins.str = ...,
+        exit_code: builtins.int | None = ...,
+        finished_unix_ms: builtins.int = ...,
+        error: builtins.str = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_exit_code", b"_exit_code", "allocation_id", b"allocation_id", "container_id", b"container_id", "error", b"error", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["_exit_code", b"_exit_code"]) -> typing.Literal["exit_code"] | None: ...
+
+global___ContainerExit = ContainerExit
 
 @typing.final
 class GpuTelemetry(google.protobuf.message.Message):
