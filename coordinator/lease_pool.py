@@ -84,6 +84,10 @@ class LeasePool:
         except Exception as exc:  # the pool is an optimisation: take() grants directly meanwhile
             log.debug("lease pool refill for ttl %ds failed: %s", ttl, exc)
 
+    async def settle(self) -> None:
+        """Wait for the refills in flight (pools then hold what they will hand out next)."""
+        await asyncio.gather(*self._refilling.values(), return_exceptions=True)
+
     async def close(self) -> None:
         for task in self._refilling.values():
             task.cancel()
