@@ -89,10 +89,14 @@ class Policies:
         return q
 
     async def delete_quota(self, by: Principal, tenant: str) -> bool:
-        key = self._keys.quota(tenant)
+        return await self._delete(by, self._keys.quota(tenant), "quota-delete", tenant)
+
+    async def _delete(self, by: Principal, key: str, action: str, target: str) -> bool:
+        """Delete a policy record with its audit entry, if it exists; True when it did."""
         out = await self._store.txn([Cmp(key, "create", ">", 0)],
-                                    [Delete(key), self._audit.entry_put(by, "quota-delete", tenant)])  # fmt: skip
-        await self._view.wait_for_revision(out.revision, 1.0)
+                                    [Delete(key), self._audit.entry_put(by, action, target)])  # fmt: skip
+        if out.succeeded:
+            await self._view.wait_for_revision(out.revision, 1.0)
         return out.succeeded
 
     def statuses(self, pending: Mapping[str, int], fair_usage: Mapping[str, float]) -> list[TenantStatus]:
@@ -126,13 +130,9 @@ class Policies:
         return c
 
     async def delete_class(self, by: Principal, name: str) -> bool:
-        key = self._keys.priority_class(name)
-        out = await self._store.txn([Cmp(key, "create", ">", 0)],
-                                    [Delete(key), self._audit.entry_put(by, "priority-delete", name)])  # fmt: skip
-        if not out.succeeded:
+        if not await self._delete(by, self._keys.priority_class(name), "priority-delete", name):
             raise NotFound(f"no stored priority class {name!r} (configured classes are changed in the coordinator's "
                            "settings)")  # fmt: skip
-        await self._view.wait_for_revision(out.revision, 1.0)
         return True
 
     # --- calendar reservations ---------------------------------------------------------------

@@ -27,18 +27,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from gpulease.common.logs import log_fields
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation, PendingRequest
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.preemption_plan import Candidate, Preemption, claimed_gpus
-from gpulease.coordinator.priority_classes import DEFAULT_GRACE_S, Classes
+from gpulease.coordinator.priority_classes import Classes
 from gpulease.coordinator.store import Cmp, Put, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Stops the containers of an allocation (SIGTERM, SIGKILL after grace seconds); set once the
 # container forwarder exists (coordinator/main.py).
@@ -87,6 +88,16 @@ def decode_claim(pending_id: str, raw: bytes) -> Claim | None:
         return None
 
 
+def _decoded(table: Mapping[str, bytes], decode: Callable[[str, bytes], T | None]) -> dict[str, T]:
+    """A view table's records, decoded by key; unreadable ones are left out."""
+    out = {}
+    for key, raw in table.items():
+        record = decode(key, raw)
+        if record is not None:
+            out[key] = record
+    return out
+
+
 def candidate(a: Allocation, view: ClusterView, classes: Classes) -> Candidate | None:
     """The allocation as the pure plan sees it (None: its node is unknown to the view)."""
     node = view.node(a.node)
@@ -109,24 +120,14 @@ class Preemptions:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def notices(self) -> dict[str, Notice]:
-        out = {}
-        for alloc_id, raw in self._view.table("preempting").items():
-            n = decode_notice(alloc_id, raw)
-            if n is not None:
-                out[alloc_id] = n
-        return out
+        return _decoded(self._view.table("preempting"), decode_notice)
 
     def notice(self, alloc_id: str) -> Notice | None:
         raw = self._view.table("preempting").get(alloc_id)
         return decode_notice(alloc_id, raw) if raw is not None else None
 
     def claims(self) -> dict[str, Claim]:
-        out = {}
-        for pending_id, raw in self._view.table("claims").items():
-            c = decode_claim(pending_id, raw)
-            if c is not None:
-                out[pending_id] = c
-        return out
+        return _decoded(self._view.table("claims"), decode_claim)
 
     async def preempt(self, entry: PendingRequest, p: Preemption, classes: Classes) -> bool:
         """Notify the victims and claim their GPUs for ``entry``; False when a compare failed (a
@@ -139,8 +140,7 @@ class Preemptions:
         compares = [Cmp(k.queue(entry.id), "version", ">", 0), Cmp(k.claim(entry.id), "version", "==", 0)]
         success: list[Put] = []
         for v in victims:
-            klass = classes.by_name.get(v.priority_class)
-            grace = klass.grace_s if klass else DEFAULT_GRACE_S
+            grace = classes.grace_of(v.priority_class)
             reason = (f"preempted by request {entry.id} of tenant {entry.tenant} ({p.cause}: priority {entry.priority} "
                       f"over {v.priority})" if p.cause == "priority" else
                       f"preempted by request {entry.id}: tenant {entry.tenant} reclaims its quota from {v.tenant}, "
@@ -166,8 +166,7 @@ class Preemptions:
             extra=log_fields(allocation_id=entry.id, node=p.node),
         )
         for v in victims:
-            klass = classes.by_name.get(v.priority_class)
-            self._spawn(self._stop(v, klass.grace_s if klass else DEFAULT_GRACE_S))
+            self._spawn(self._stop(v, classes.grace_of(v.priority_class)))
         return True
 
     async def _stop(self, victim: Allocation, grace: int) -> None:

@@ -59,6 +59,11 @@ class Classes:
     by_name: Mapping[str, PriorityClass]
     default: str
 
+    def grace_of(self, name: str) -> int:
+        """The preemption grace of class ``name`` (the default grace for a class no longer defined)."""
+        klass = self.by_name.get(name)
+        return klass.grace_s if klass else DEFAULT_GRACE_S
+
     def resolve(self, name: str) -> PriorityClass:
         klass = name or self.default
         found = self.by_name.get(klass)

@@ -92,8 +92,9 @@ class _Reservation:
 
 
 def order(entries: Sequence[PendingRequest], shares: Mapping[str, float]) -> list[PendingRequest]:
-    """Queue order: priority, then the tenant's fair share (lower usage per weight first), then age."""
-    return sorted(entries, key=lambda e: (-e.priority, shares.get(e.tenant, 0.0), e.created_ms, e.id))
+    """Queue order: priority, then the tenant's fair share (lower usage per weight first), then age;
+    the order a pass walks (FairOrder) when it admits nothing."""
+    return list(FairOrder(entries, shares, {}))
 
 
 class FairOrder:

@@ -98,6 +98,11 @@ class QuotaBook:
     def usage_of(self, tenant: str) -> Usage:
         return self.usage.get(tenant, NO_USAGE)
 
+    def weight(self, tenant: str) -> float:
+        """The tenant's fair-share weight: its quota's (see Quota.share_weight), 1 without a quota."""
+        quota, _ = self.quota_for(tenant)
+        return quota.share_weight if quota is not None else 1.0
+
     def limited(self, tenant: str) -> bool:
         quota, _ = self.quota_for(tenant)
         return quota is not None and quota.limits_usage
@@ -160,6 +165,4 @@ def decayed(value: float, elapsed_s: float, half_life_s: float) -> float:
 
 def share_key(tenant: str, book: QuotaBook, fair_usage: Mapping[str, float]) -> float:
     """The fair-share order of a tenant: decayed usage per unit of weight (lower goes first)."""
-    quota, _ = book.quota_for(tenant)
-    weight = quota.share_weight if quota is not None else 1.0
-    return fair_usage.get(tenant, 0.0) / weight
+    return fair_usage.get(tenant, 0.0) / book.weight(tenant)

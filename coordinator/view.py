@@ -80,11 +80,13 @@ class ClusterView:
         self._released: set[str] = set()
         # Typed cluster events derived from the same watch (coordinator/events.py).
         self.events = EventLog(keys)
+        # Moves on every change to a node record (and on reload): smallest_share_per_gpu's cache key.
+        self._records_version = 0
         self._reset()
 
     def _reset(self) -> None:
         self._records: dict[str, tuple[NodeInfo, int]] = {}
-        self._records_version = getattr(self, "_records_version", 0) + 1
+        self._records_version += 1  # a reload counts as a change of every record
         self._share: tuple[int, float, float] | None = None
         self._alive: set[str] = set()
         self._alive_leases: dict[str, int] = {}

@@ -143,25 +143,19 @@ class WaitingQueue:
             entries = [*entries, extra]
         claims = {i: c.pairs for i, c in self._preempt.claims().items()} if self._preempt else {}
         book = self._view.quota_book()
-        weights = {}
-        for t in {e.tenant for e in entries}:
-            quota, _ = book.quota_for(t)
-            weights[t] = quota.share_weight if quota is not None else 1.0
-        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=self.shares(entries), weights=weights,
-                    holders=self._holders, strict_fifo=self._policy.strict_fifo, claims=claims)  # fmt: skip
+        tenants = {e.tenant for e in entries}
+        # A tenant's share: decayed GPU-seconds plus the GPUs held now (which orders tenants before the
+        # ledger has history), per unit of its weight.
+        fair = self.fair_usage()
+        usage = {t: fair.get(t, 0.0) + book.usage_of(t).gpus for t in tenants}
+        shares = {t: share_key(t, book, usage) for t in tenants}
+        return plan(self._view.snapshot(), entries, now_ms=_now_ms(), shares=shares,
+                    weights={t: book.weight(t) for t in tenants}, holders=self._holders,
+                    strict_fifo=self._policy.strict_fifo, claims=claims)  # fmt: skip
 
     def fair_usage(self) -> dict[str, float]:
         """Decayed GPU-seconds per tenant (empty without a fair-share ledger)."""
         return self._fair.usage() if self._fair is not None else {}
-
-    def shares(self, entries: list[PendingRequest]) -> dict[str, float]:
-        """Per tenant with pending requests: decayed GPU-seconds plus the GPUs held now (which
-        orders tenants before the ledger has history), per unit of its quota's weight."""
-        book = self._view.quota_book()
-        fair = self.fair_usage()
-        tenants = {e.tenant for e in entries}
-        usage = {t: fair.get(t, 0.0) + book.usage_of(t).gpus for t in tenants}
-        return {t: share_key(t, book, usage) for t in tenants}
 
     def gate(self, fresh: PendingRequest) -> Decision | None:
         """AllocationService's check for a request that would be placed now: None while nothing is
