@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpulease.agent.address import advertised_address
@@ -108,9 +108,9 @@ def docker_runtime_factory(
     return create
 
 
-async def _open_channel(target: str, tls: TlsFiles | None) -> CoordinatorChannel:
-    """A channel made on (and so bound to) the loop this runs on."""
-    return CoordinatorChannel(target, tls)
+async def _open_channel(targets: Sequence[str], tls: TlsFiles | None) -> CoordinatorChannel:
+    """The heartbeats' (and enforcement's) channel, made on (and so bound to) the loop this runs on."""
+    return CoordinatorChannel(targets, tls, purpose="heartbeats")
 
 
 async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None, network_guard: NetworkGuard | None = None) -> int:
@@ -133,10 +133,12 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None, network_guard
         if problem is not None:
             log.error("the rotated TLS certificate %s %s", cfg.tls_cert, problem)
 
-    async with CoordinatorChannel(cfg.coordinator, tls, on_reload=reloaded) as channel:
+    # Every connection to a coordinator fails over between cfg.coordinators (agent/channel.py).
+    coordinators = ", ".join(cfg.coordinators)
+    async with CoordinatorChannel(cfg.coordinators, tls, on_reload=reloaded, purpose="fencing checks") as channel:
         gate = ReadyGate(reconciling=True)
         vouchers = Vouchers()
-        coordinator = CoordinatorClient(channel, cfg.coordinator)
+        coordinator = CoordinatorClient(channel, coordinators)
         docker_description = f"Docker ({cfg.docker_host or 'the default socket'})"
         factory = docker_runtime_factory(
             cfg.docker_host, pull_timeout=cfg.pull_timeout_seconds, network_guard=network_guard
@@ -179,11 +181,11 @@ async def run_agent(cfg: AgentConfig, tls: TlsFiles | None = None, network_guard
         control = ControlLoop()
         control.start()
         try:
-            control_channel = await control.run(_open_channel(cfg.coordinator, tls))
+            control_channel = await control.run(_open_channel(cfg.coordinators, tls))
             try:
                 enforcer = Enforcer(
                     node=cfg.node_id,
-                    coordinator=CoordinatorClient(control_channel, cfg.coordinator),
+                    coordinator=CoordinatorClient(control_channel, coordinators),
                     containers=containers,
                     vouchers=vouchers,
                     interval=cfg.enforce_interval_seconds,
@@ -235,21 +237,23 @@ async def _serve(
     _log_policy(containers.policy)
     _log_hardening(cfg)
     listen_host, _ = split_host_port(cfg.listen)
-    address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinator)
+    address = cfg.advertise or advertised_address(listen_host, server.port, cfg.coordinators)
+    coordinators = ", ".join(cfg.coordinators)
     log.info(
-        "agent for node %s listening on %s (advertised as %s, %s); coordinator %s",
+        "agent for node %s listening on %s (advertised as %s, %s); coordinator%s %s",
         cfg.node_id,
         cfg.listen,
         address,
         "mutual TLS" if tls is not None else "clear text",
-        cfg.coordinator,
+        "s" if len(cfg.coordinators) > 1 else "",
+        coordinators,
     )
-    if is_loopback(address) and not is_loopback(cfg.coordinator):
+    if is_loopback(address) and not all(is_loopback(c) for c in cfg.coordinators):
         log.warning(
             "this agent advertises the loopback address %s to the coordinator at %s, which cannot reach it "
             "there: set --listen to this server's management address (or --advertise)",
             address,
-            cfg.coordinator,
+            coordinators,
         )
 
     for sig in _STOP_SIGNALS:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpulease.agent.address import parse_coordinators
 from gpulease.agent.firewall import METADATA_CIDR, parse_cidrs
 from gpulease.agent.runtime import (
     AGENT_NETWORK,
@@ -28,7 +29,7 @@ from gpulease.common import container_policy, settings
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError, split_host_port
-from gpulease.common.transport import check_clear_text
+from gpulease.common.transport import check_clear_text, is_loopback
 from gpulease.common.units import parse_size
 from gpulease.errors import InvalidRequest
 
@@ -85,8 +86,13 @@ DEFAULT_IDLE_WINDOW_S = 600.0
 
 @dataclass(frozen=True)
 class AgentConfig:
+    # The first of `coordinators`: what code that names one coordinator uses (the firewall's rules,
+    # gpulease.agent.security's clear-text check; config.py checks that rule for every address).
     coordinator: str
     node_id: str
+    # Every coordinator replica's HOST:PORT, in the order the agent tries them (agent/channel.py:
+    # one that does not answer sends the next call to the next). () = just `coordinator`.
+    coordinators: tuple[str, ...] = ()
     listen: str = DEFAULT_LISTEN
     # host:port the coordinator should dial; None = derived from `listen` (see agent.address).
     advertise: str | None = None
@@ -147,6 +153,12 @@ class AgentConfig:
     metrics_token_file: str = ""
     # An allocated GPU under 5 % utilization this long is exported as idle but held.
     idle_window_seconds: float = DEFAULT_IDLE_WINDOW_S
+
+    def __post_init__(self) -> None:
+        if not self.coordinators:
+            object.__setattr__(self, "coordinators", (self.coordinator,))
+        elif self.coordinators[0] != self.coordinator:
+            raise ValueError(f"coordinator {self.coordinator!r} must be the first of {self.coordinators!r}")
 
     @property
     def hardening(self) -> Hardening:
@@ -237,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or in the TOML file given by --config (keys like node_id, labels = {k = 'v'}). "
         "Precedence: flags > environment > file.",
     )
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator gRPC address")
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="coordinator gRPC address; several replicas comma-separated (TOML: also a list), tried in turn "
+        "when one does not answer",
+    )
     p.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster")
     p.add_argument("--listen", metavar="HOST:PORT", help=f"agent gRPC address (default {DEFAULT_LISTEN})")
     p.add_argument(
@@ -452,7 +469,7 @@ def _parse_label_list(items: Sequence[str], source: str) -> dict[str, str]:
 
 
 def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file: str | None) -> AgentConfig:
-    coordinator = _require_str(values, "coordinator")
+    coordinators = _coordinators(values)
     node_id = _require_str(values, "node_id")
     if not _NODE_ID_RE.match(node_id):
         raise ConfigError(
@@ -490,7 +507,7 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
 
     listen = str(values.get("listen", DEFAULT_LISTEN))
     advertise = values.get("advertise")
-    for name, addr in (("coordinator", coordinator), ("listen", listen), ("advertise", advertise)):
+    for name, addr in (("listen", listen), ("advertise", advertise)):
         if addr is None:
             continue
         try:
@@ -556,7 +573,8 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
 
     return AgentConfig(
         **lists,
-        coordinator=coordinator,
+        coordinator=coordinators[0],
+        coordinators=coordinators,
         node_id=node_id,
         listen=listen,
         advertise=str(advertise) if advertise is not None else None,
@@ -603,6 +621,38 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str], config_file:
         metrics_token_file=metrics_token_file,
         idle_window_seconds=_seconds(values, "idle_window_seconds", DEFAULT_IDLE_WINDOW_S, 1.0, 7 * 86400.0),
     )
+
+
+def _coordinators(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """The coordinator setting: one HOST:PORT, several comma-separated, or (TOML) a list of them."""
+    raw = values.get("coordinator")
+    if isinstance(raw, list | tuple):
+        if not all(isinstance(item, str) for item in raw):
+            raise ConfigError(f"coordinator must be a list of 'HOST:PORT' strings, got {raw!r}")
+        # An empty list is as good as none: the setting is required.
+        text: str | list[str] = list(raw) or _require_str({}, "coordinator")
+    else:
+        text = _require_str(values, "coordinator")
+    try:
+        return parse_coordinators(text)
+    except ValueError as e:
+        raise ConfigError(f"coordinator: {e}") from None
+
+
+def check_clear_text_to_coordinators(cfg: AgentConfig) -> None:
+    """Without TLS and --insecure, every coordinator must be on loopback (ConfigError, exit 2).
+
+    gpulease.agent.security.load_tls checks `coordinator`, the first; the others are hops that
+    heartbeats and fencing checks take as well. At start, with load_tls (gpulease.agent.main)."""
+    if cfg.tls_enabled or cfg.insecure:
+        return
+    for address in cfg.coordinators:
+        if not is_loopback(address):
+            raise ConfigError(
+                f"refusing to talk to the coordinator at {address} in clear text: heartbeats and fencing checks "
+                f"could be read or forged on the way. Give TLS files ({TLS_FLAGS}), or pass --insecure to accept "
+                "the risk"
+            )
 
 
 def _bounded_int(values: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from gpulease.agent.channel import NodeServiceSource, node_service_source
+from gpulease.agent.channel import FAILOVER_CODES, NodeServiceSource, node_service_source
 from gpulease.agent.exits import ExitReports
 from gpulease.agent.inventory import InventoryContext, InventorySource
 from gpulease.common import eventloop
@@ -158,6 +158,8 @@ class Registrar:
         self._node = node
         self._address = address
         self._channel = node_service_source(channel)
+        # How many coordinator addresses the channel fails over between (CoordinatorChannel.targets).
+        self._addresses = max(1, len(getattr(self._channel, "targets", ())))
         self._source = source
         self._on_registered = on_registered
         self._on_allocations_revision = on_allocations_revision
@@ -229,6 +231,11 @@ class Registrar:
                 self._lease_id = None
                 return 0.0
             self._outage.failure(e.code().name, e.details() or "")
+            if e.code() in FAILOVER_CODES and self._outage.failures % self._addresses:
+                # The channel moved on to the next coordinator (agent/channel.py): ask it now rather than
+                # after a backoff, so the node's lease is renewed well within its TTL. Once every address
+                # has failed in turn, the backoff below applies.
+                return 0.0
             return self._backoff()
         except Exception as e:
             # Never let one bad iteration (an inventory error, a malformed reply) end the agent.
@@ -254,7 +261,9 @@ class Registrar:
 
     def _backoff(self) -> float:
         # Exponential with jitter so that many agents don't retry in lockstep; capped at the interval.
-        ceiling = min(self._interval, MIN_BACKOFF_S * 2 ** min(self._outage.failures, 16))
+        # Counted in rounds over every coordinator address: each round's failures come at once.
+        rounds = self._outage.failures // self._addresses
+        ceiling = min(self._interval, MIN_BACKOFF_S * 2 ** min(rounds, 16))
         return random.uniform(ceiling / 2, ceiling)
 
     def _note_allocations(self, revision: int, asked_at: float) -> None:

@@ -282,14 +282,19 @@ class LocalCluster:
     ) -> Child:
         """An agent named `name` (its node's name) with `gpus` simulated GPUs, or with the host's
         inventory if gpus is None, listening on 127.0.0.1:port (a free port if None). It reports to
-        `coordinator` (default: the first one). A name whose agent has exited starts again, with the
+        `coordinator` (one address, or several comma-separated), by default to every coordinator
+        of the cluster, failing over between them. A name whose agent has exited starts again, with the
         same log. env replaces child_env() as the whole environment. wait=True returns once it
         reports SERVING, which it does once registered."""
         self._check_not_running(self.agents.get(name), f"agent {name!r}")
         address = f"127.0.0.1:{self._port(port)}"
-        target = coordinator or self.coordinator_address
+        if coordinator:
+            targets = [t.strip() for t in coordinator.split(",")]
+        else:
+            targets = self.coordinator_addresses or [self.coordinator_address]  # the latter raises: none
         if self.secure:  # agents report on the coordinator's mutual-TLS port
-            target = self.coordinators[target].mtls_address if target in self.coordinators else target
+            targets = [self.coordinators[t].mtls_address if t in self.coordinators else t for t in targets]
+        target = ",".join(targets)
         before = self.agents.get(name)
         http = (before.http_address if before else f"127.0.0.1:{self._port()}") if self.http else ""
         argv = self._agent_argv(name, address, target, gpus, cpus, memory, labels, gpu_model)
