@@ -53,7 +53,7 @@ class Scale:
 def scale() -> Scale:
     if LONG:
         return Scale(clients=48, duration_s=90.0, max_ops=20000, kills=6, long=True)
-    return Scale(clients=16, duration_s=14.0, max_ops=1500, kills=2, long=False)
+    return Scale(clients=16, duration_s=14.0, max_ops=5000, kills=2, long=False)
 
 
 @pytest.fixture(scope="module")

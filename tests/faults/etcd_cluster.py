@@ -279,6 +279,11 @@ class EtcdCluster:
         kvs = {unb64(kv["key"])[len(prefix) :]: unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
         return int(answer["header"]["revision"]), kvs
 
+    def put(self, key: str, value: str = "") -> int:
+        """Write key (through any running member); returns the revision of the write."""
+        answer = self._any("/v3/kv/put", {"key": b64(key), "value": b64(value)})
+        return int(answer["header"]["revision"])
+
     def compact(self, revision: int | None = None) -> int:
         """Compact history up to revision (default: the current one); returns the revision compacted at."""
         rev = self.revision() if revision is None else revision

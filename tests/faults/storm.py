@@ -165,7 +165,7 @@ class StormClient:
             op, info = self.allocate(request_id, n)
         if info is None:
             if op.outcome == "fail":  # nothing fits right now: don't spin
-                time.sleep(self.rng.uniform(0.02, 0.1))
+                time.sleep(self.rng.uniform(0.05, 0.2))
             return True
         alloc_id = op.allocation_id
         # The latest moment the lease certainly still had a full TTL ahead of it: the allocation
