@@ -12,6 +12,8 @@ survivor is left to renew it, so the heartbeats land there.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -49,6 +51,28 @@ def alive_leases(etcd_url: str, prefix: str, nodes: list[str]) -> dict[str, int 
     return asyncio.run(read())
 
 
+def watch_nodes_stay_up(
+    cluster: LocalCluster, survivor: str, etcd_url: str, prefix: str, leases: dict[str, int | None]
+) -> None:
+    """For WATCH_S: every node UP at each poll of the survivor, and each alive/ key still under
+    the lease it had (a lapsed lease is replaced by a new one at the next heartbeat)."""
+    nodes = sorted(leases)
+    channel = cluster.channel(survivor)
+    try:
+        stub = harness.AnyService(channel)
+        polls = 0
+        deadline = time.monotonic() + WATCH_S
+        while time.monotonic() < deadline:
+            states = {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
+            assert states == dict.fromkeys(nodes, tpb.NODE_STATE_UP), f"after {polls} polls: {states}"
+            assert alive_leases(etcd_url, prefix, nodes) == leases, f"after {polls} polls"
+            polls += 1
+            time.sleep(POLL_S)
+    finally:
+        channel.close()
+    assert polls >= WATCH_S  # looked at often enough (each poll also reads etcd)
+
+
 def switch_lines(cluster: LocalCluster, agent: str) -> list[str]:
     log = cluster.agents[agent].process.log_path.read_text(errors="replace")
     return [line for line in log.splitlines() if " unreachable (" in line and " now go to " in line]
@@ -71,27 +95,35 @@ def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_is_killed(
 
     local_cluster.coordinator(first.address).process.kill()  # SIGKILL: no goodbye to anyone
 
-    channel = local_cluster.channel(survivor.address)
-    try:
-        stub = harness.AnyService(channel)
-        polls = 0
-        deadline = time.monotonic() + WATCH_S
-        while time.monotonic() < deadline:
-            states = {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
-            assert states == dict.fromkeys(nodes, tpb.NODE_STATE_UP), f"after {polls} polls: {states}"
-            # The same lease throughout: it never lapsed (a lapsed one is replaced on the next heartbeat).
-            assert alive_leases(etcd.url, prefix, nodes) == leases
-            polls += 1
-            time.sleep(POLL_S)
-    finally:
-        channel.close()
-    assert polls >= WATCH_S  # looked at often enough (each poll also reads etcd)
+    watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, leases)
 
     # One switch, logged once, by the agent whose coordinator died; none by the other.
     [line] = switch_lines(local_cluster, "steady")
     assert f"coordinator {first.address} unreachable (" in line and line.endswith(f"now go to {survivor.address}")
     assert switch_lines(local_cluster, "other") == []
     assert local_cluster.agents["steady"].process.alive() and local_cluster.agents["other"].process.alive()
+
+
+def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_hangs(
+    local_cluster: LocalCluster, etcd: harness.Etcd, prefix: str
+) -> None:
+    # A replica that holds connections open but never answers (SIGSTOP): the heartbeat's deadline
+    # (one interval) is what sends the agent to the next address, still within the node's TTL.
+    hung = local_cluster.add_coordinator(node_ttl=NODE_TTL_S, heartbeat_interval=HEARTBEAT_S)
+    survivor = local_cluster.add_coordinator(node_ttl=NODE_TTL_S, heartbeat_interval=HEARTBEAT_S)
+    local_cluster.add_agent("steady", 1, cpus=4, memory="8GiB")
+    local_cluster.wait_nodes_up(["steady"])
+    leases = alive_leases(etcd.url, prefix, ["steady"])
+    assert leases["steady"] and switch_lines(local_cluster, "steady") == []
+    pid = local_cluster.coordinator(hung.address).process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, leases)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # so that the cluster's stop ends it as any other
+    [line] = switch_lines(local_cluster, "steady")
+    assert f"coordinator {hung.address} unreachable (DEADLINE_EXCEEDED" in line, line
+    assert line.endswith(f"now go to {survivor.address}")
 
 
 def test_an_agent_given_a_malformed_coordinator_list_exits_2_naming_the_address(
