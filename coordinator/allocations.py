@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.common.logs import log_fields
-from gpulease.coordinator import authz, priority_classes, validation
+from gpulease.coordinator import authz, priority_classes, tombstones, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.batch_placement import TenantTally, place_for, place_one
 from gpulease.coordinator.batcher import Batcher, BatchPolicy, InDoubt
@@ -43,7 +43,8 @@ from gpulease.coordinator.quota import never_fits
 from gpulease.coordinator.records import decode_alloc
 from gpulease.coordinator.request_defaults import with_defaults
 from gpulease.coordinator.settle import Settler
-from gpulease.coordinator.store import Cmp, Delete, Get, Op, Store, StoreUnavailable
+from gpulease.coordinator.store import Cmp, Delete, Get, LeaseNotFound, Op, Put, Store, StoreUnavailable, TxnOutcome
+from gpulease.coordinator.tombstones import TombstoneLeases
 from gpulease.coordinator.view import ClusterView
 from gpulease.errors import (
     AllocationNotFound,
@@ -98,6 +99,9 @@ class Prepared:
     priority_class: str
     max_runtime_s: int
     preemptible: bool = False
+    # When the call arrived (time.monotonic()): an attempt older than tombstones.ATTEMPT_BOUND_S
+    # never takes a lease, which bounds how long after it a tombstone must live.
+    arrived: float = field(default_factory=time.monotonic)
 
     def pending(self, created_ms: int, wait_until_ms: int = 0, lease_id: int = 0) -> PendingRequest:
         return PendingRequest(
@@ -150,6 +154,7 @@ class AllocationService:
         self._keys = keys
         self._policy = policy
         self._leases = LeasePool(store)
+        self._tombstones = TombstoneLeases(store)
         # Set by the waiting queue: fresh requests go through it while anything is pending.
         self.gate: Gate | None = None
         # Told when this replica admits a pending request, with when it was queued (metrics).
@@ -264,7 +269,7 @@ class AllocationService:
                 if existing:
                     return existing, True
                 raise
-        return await self._commit(prep.pending(int(time.time() * 1000)), excluded, queued=False)
+        return await self._commit(prep.pending(int(time.time() * 1000)), excluded, queued=False, arrived=prep.arrived)
 
     def _admissible(self, prep: Prepared) -> frozenset[str]:
         """Nodes it must stay off (reserved for pending requests ahead of it); raises when it cannot
@@ -299,8 +304,16 @@ class AllocationService:
             self.on_admitted(pending.created_ms)
         return alloc, reused
 
-    async def _commit(self, p: PendingRequest, excluded: frozenset[str], queued: bool) -> tuple[Allocation, bool]:
+    async def _commit(
+        self, p: PendingRequest, excluded: frozenset[str], queued: bool, arrived: float | None = None
+    ) -> tuple[Allocation, bool]:
         lease, granted_at = await self._leases.take(p.ttl_s)
+        if arrived is not None and time.monotonic() - arrived > tombstones.ATTEMPT_BOUND_S:
+            # Stalled (a paused process, a starved loop) past what tombstones allow for: its caller
+            # has moved on, and a commit now could outlive the tombstone of a release meanwhile.
+            self.settler.revoke_later(lease, p.ttl_s)
+            raise Unavailable(f"this attempt waited more than {tombstones.ATTEMPT_BOUND_S}s on this coordinator "
+                              "before it could commit; nothing was allocated, retry the request")  # fmt: skip
         draft = Allocation(
             id=p.id, node="", gpus=(), cpus=p.req.cpus, memory_bytes=p.req.memory_bytes, ttl_seconds=p.ttl_s,
             lease_id=lease, revision=0, owner=p.owner, request_id=p.request_id,
@@ -393,20 +406,19 @@ class AllocationService:
 
         One transaction deletes the allocation's keys and writes its audit entry ("release" by its
         owner, "force-release" by an admin), compared on the allocation's create revision so that
-        a release of an allocation that already ended writes nothing. The lease, which then
-        carries nothing, is revoked in the background."""
+        a release of an allocation that already ended writes nothing. Its request key becomes a
+        tombstone (coordinator/tombstones.py): an attempt of the same request still in flight
+        somewhere can no longer commit. The lease, which then carries nothing, is revoked in the
+        background."""
         # The view usually knows the record, saving a read; a stale one fails the compare.
         alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self.settler.by_id(alloc_id)
         if alloc is None:
             return 0
         authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         action = "release" if by.id == alloc.principal else "force-release"
-        out = await self._store.txn(
-            [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
-            [entry_put(self._keys, by, action, alloc.id, unique=f"{alloc.id}.{action}",
-                       detail=f"owner={alloc.principal or '-'} node={alloc.node}"),
-             *self._delete_ops(alloc)],
-        )  # fmt: skip
+        out = await self._end(alloc, [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
+                              entry_put(self._keys, by, action, alloc.id, unique=f"{alloc.id}.{action}",
+                                        detail=f"owner={alloc.principal or '-'} node={alloc.node}"))  # fmt: skip
         if not out.succeeded:
             return 0
         self.settler.revoke_later(alloc.lease_id, alloc.ttl_seconds)
@@ -414,10 +426,46 @@ class AllocationService:
         await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
         return out.revision
 
-    def _delete_ops(self, alloc: Allocation) -> builtins.list[Op]:
+    async def _end(self, alloc: Allocation, compares: builtins.list[Cmp], audit: Op) -> TxnOutcome:
+        """Delete an allocation's keys and leave a tombstone in its request key, in one transaction."""
+        for _ in range(2):  # a tombstone lease etcd lost (restored from a backup): once more with a new one
+            grave = await self._tombstones.lease_for(alloc.ttl_seconds)
+            try:
+                return await self._store.txn(compares, [audit, *self._delete_ops(alloc, tombstone=grave)])
+            except LeaseNotFound:
+                self._tombstones.forget(grave)
+        raise Unavailable("etcd refused the tombstone lease twice; retry the release")
+
+    async def cancel(self, request_id: str, ttl_s: int, by: Principal = LOCAL_ADMIN) -> tuple[str, int]:
+        """Give up a request by its id, from any replica: whatever it holds is released, and no attempt
+        of it still in flight anywhere can commit afterwards (its request key becomes a tombstone).
+        Returns (the allocation released or "", the revision of the tombstone). Idempotent."""
+        rid = scoped_request_id(by.id, validation.request_id(request_id))
+        key = self._keys.req(rid)
+        for _ in range(8):  # the key moves only when an attempt commits or a release lands
+            kv = await self._store.get(key)
+            if kv is not None and tombstones.is_tombstone(kv.value):
+                return "", kv.mod_revision
+            holder = await self.settler.by_id(kv.value.decode()) if kv is not None and kv.value else None
+            if holder is not None:
+                revision = await self.release(holder.id, by)
+                if revision:
+                    return holder.id, revision
+                continue
+            # Nothing holds it (or a settler's block does): the tombstone takes the key as it is now.
+            guard = Cmp(key, "mod", "==", kv.mod_revision) if kv is not None else Cmp(key, "version", "==", 0)
+            grave = await self._tombstones.lease_for(ttl_s or self._policy.default_ttl)
+            out = await self._store.txn([guard], [Put(key, tombstones.value(""), grave)])
+            if out.succeeded:
+                return "", out.revision
+        raise Conflict(f"request {request_id} kept changing while it was being cancelled; cancel it again")
+
+    def _delete_ops(self, alloc: Allocation, tombstone: int) -> builtins.list[Op]:
         # The audit entry's put comes first: a watcher sees it before the deletes (same revision).
         k = self._keys
-        return [*(Delete(key) for key in k.of_allocation(alloc)), Delete(k.claimed(alloc.id))]
+        req = k.req(alloc.request_id)
+        ops: builtins.list[Op] = [Delete(key) for key in k.of_allocation(alloc) if key != req]
+        return [*ops, Put(req, tombstones.value(alloc.id), tombstone), Delete(k.claimed(alloc.id))]
 
     async def keep_alive(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
         validation.allocation_id(alloc_id)

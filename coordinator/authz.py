@@ -40,6 +40,8 @@ RULES: dict[str, Rule] = {
     _C + "WaitAllocate": Rule.USE,
     _C + "ListPending": Rule.READ,
     _C + "Release": Rule.OWNER,
+    # A request id is scoped to its caller: one can only cancel one's own.
+    _C + "CancelRequest": Rule.USE,
     _C + "KeepAlive": Rule.OWNER,
     _C + "GetAllocation": Rule.OWNER,
     _C + "ListAllocations": Rule.READ,

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gpulease.coordinator import tombstones
 from gpulease.coordinator.batch_placement import check_batch, place_batch
 from gpulease.coordinator.committer import Committed, Committer, Item, Rejected, txn_size
 from gpulease.coordinator.domain import Allocation, Placement, ResourceRequest, Snapshot
@@ -244,6 +245,9 @@ class Batcher:
                                    "client left and its waiting lease lapsed)"))  # fmt: skip
                 continue
             holder = result.taken.get(p.draft.request_id)
+            if holder is not None and tombstones.is_tombstone(holder.encode()):
+                _fail(p, tombstones.released(p.draft.client_request_id))
+                continue
             if holder:
                 existing = await self._reuse(await self._by_id(holder))
                 if existing:

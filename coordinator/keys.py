@@ -8,7 +8,9 @@
                               (indexes move when a GPU falls off the bus and the host reboots)
     res/<node>/<id>           {"cpus","memory"} on the allocation's lease: CPU/memory held on a node
     reqs/<request_id>         allocation id on the allocation's lease: idempotency of Allocate
-                              ("" on a lease of its own: a settler blocked a commit in doubt)
+                              ("" on a lease of its own: a settler blocked a commit in doubt;
+                              "~released <id>" on a shared tombstone lease: released or cancelled,
+                              so no attempt still in flight can commit: coordinator/tombstones.py)
     claimed/<id>              "" on the allocation's lease: a retry was handed this allocation, so
                               no settler may remove it
     unsettled/<id>            {"lease","request_id"}, no lease: an allocation whose commit outcome

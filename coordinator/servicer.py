@@ -211,6 +211,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.ReleaseResponse(released=revision > 0, revision=revision)
 
     @rpc
+    async def CancelRequest(self, request: pb.CancelRequestRequest, context: Ctx) -> pb.CancelRequestResponse:
+        released, revision = await self._allocs.cancel(request.request_id, request.ttl_seconds, caller())
+        return pb.CancelRequestResponse(released_allocation_id=released, revision=revision)
+
+    @rpc
     async def KeepAlive(self, request: pb.KeepAliveRequest, context: Ctx) -> pb.KeepAliveResponse:
         ttl = await self._allocs.keep_alive(request.allocation_id, caller())
         answer = pb.KeepAliveResponse(ttl_seconds=ttl)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gpulease.common.logs import log_fields
+from gpulease.coordinator import tombstones
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.keys import Keys, range_end
@@ -66,6 +67,8 @@ class Settler:
         kv = out.reads[0][0] if out.reads and out.reads[0] else None
         if kv is None:  # gone between the compare and the read: cannot be, but decide again
             raise OutcomeUnknown(f"request key {req} vanished while settling; deciding again")
+        if tombstones.is_tombstone(kv.value):
+            return None  # released or cancelled: nothing of this request can commit while it lives
         if not kv.value:
             if kv.lease == draft.lease_id:
                 return None  # blocked by an earlier decide of ours
@@ -212,9 +215,12 @@ class Settler:
     # --- linearizable reads (the allocation service uses them too) ---------------------------
 
     async def by_request_id(self, request_id: str) -> Allocation | None:
-        """The live allocation holding `request_id`; None if none does (or a settler's "" blocks it)."""
+        """The live allocation holding `request_id`; None if none does (or a settler's "" or a
+        release's tombstone blocks it)."""
         kv = await self._store.get(self._keys.req(request_id))
-        return await self.by_id(kv.value.decode()) if kv and kv.value else None
+        if kv is None or not kv.value or tombstones.is_tombstone(kv.value):
+            return None
+        return await self.by_id(kv.value.decode())
 
     async def by_id(self, alloc_id: str) -> Allocation | None:
         kv = await self._store.get(self._keys.alloc(alloc_id))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpulease.common.logs import log_fields
+from gpulease.coordinator import tombstones
 from gpulease.coordinator.allocations import AllocateInput, AllocationService, Prepared
 from gpulease.coordinator.batcher import LeftQueue
 from gpulease.coordinator.domain import Allocation, PendingRequest
@@ -267,11 +268,14 @@ class WaitingQueue:
                 [Cmp(k.queued(prep.request_id), "version", "==", 0), Cmp(k.req(prep.request_id), "version", "==", 0)],
                 [Put(k.queue(entry.id), encode_pending(entry), lease), Put(k.queued(prep.request_id), entry.id.encode(),
                                                                               lease)],
-                [Get(k.queued(prep.request_id))],
+                [Get(k.queued(prep.request_id)), Get(k.req(prep.request_id))],
             )  # fmt: skip
         except BaseException:
             self._allocs.settler.revoke_later(lease, self._policy.ttl_s)
             raise
+        if not out.succeeded and out.reads[1] and tombstones.is_tombstone(out.reads[1][0].value):
+            self._allocs.settler.revoke_later(lease, self._policy.ttl_s)
+            raise tombstones.released(prep.request_id.rpartition("/")[2])
         if out.succeeded:
             log.info("queued %s for %s: %d GPU(s), priority %d, waiting up to %ds", entry.id, entry.principal,
                      entry.req.gpus, entry.priority, wait_s,

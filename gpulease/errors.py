@@ -17,6 +17,8 @@ class GpuLeaseError(Exception):
 
     reason = "UNKNOWN"
     code = "UNKNOWN"
+    # For the client: False when the failed call provably never reached a coordinator.
+    maybe_sent = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -144,6 +146,14 @@ class AlreadyExists(GpuLeaseError):
     code = "ALREADY_EXISTS"
 
 
+class RequestReleased(AlreadyExists):
+    """The request id was released (or cancelled) a short while ago: an idempotency key names one
+    request, so it does not allocate again until its tombstone expires. Use a new request id."""
+
+    reason = "REQUEST_RELEASED"
+    code = "ALREADY_EXISTS"
+
+
 class RateLimited(GpuLeaseError):
     """This caller sent more requests than its rate allows; retry after a short wait."""
 
@@ -197,6 +207,7 @@ ALL_ERRORS: tuple[type[GpuLeaseError], ...] = (
     PermissionDenied,
     Unauthenticated,
     AlreadyExists,
+    RequestReleased,
     RateLimited,
     Unavailable,
     DeadlineExceeded,

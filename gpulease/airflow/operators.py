@@ -10,6 +10,7 @@ the worker, or, with `deferrable=True`, in the triggerer (GpuAllocationTrigger).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from gpulease.airflow._util import (
 )
 from gpulease.airflow.hooks import GpuLeaseHook
 from gpulease.client import Allocation, Client, Container, ContainerHandle, LogChunk, PendingInfo
-from gpulease.errors import GpuLeaseError, InsufficientResources
+from gpulease.errors import GpuLeaseError, InsufficientResources, RequestReleased
 
 __all__ = [
     "DEFAULT_SETUP_TTL",
@@ -85,6 +86,17 @@ class _Waits:
         """Allocate with ``request`` (allocate's arguments). Without a wait: now or fail. With one:
         wait in the queue here, or, when deferrable, allocate if it fits now and otherwise return
         None (the caller defers: ``_defer_wait``)."""
+        try:
+            return self._allocate_once(client, request, deferrable=deferrable)
+        except RequestReleased:
+            # The stable id brings back an allocation an earlier try left live; this one was released
+            # (an earlier try finished with it) a short while ago and is refused until its tombstone
+            # expires: ask under an id of this try's own. (A deferred wait carries the new id on.)
+            request["request_id"] = f"{request['request_id']}.{uuid.uuid4().hex[:8]}"
+            self.log.info("the task's request id was released by an earlier try; asking as %s", request["request_id"])
+            return self._allocate_once(client, request, deferrable=deferrable)
+
+    def _allocate_once(self, client: Client, request: dict[str, Any], *, deferrable: bool) -> Allocation | None:
         if not wait_seconds(self.wait):
             return client.allocate(**request)
         if not deferrable:

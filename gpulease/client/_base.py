@@ -58,6 +58,7 @@ class ClientBase(Generic[C]):
 
     allocate = Call(_ops.allocate)
     release = Call(_ops.release)
+    cancel_request = Call(_ops.cancel_request)
     keep_alive = Call(_ops.keep_alive)
     get_allocation = Call(_ops.get_allocation)
     list_allocations = Call(_ops.list_allocations)

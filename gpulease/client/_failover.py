@@ -108,10 +108,26 @@ class Tries(Generic[T]):
         """Raise the error to give up with, or return to try the next attempt."""
         if self._received:
             raise broken_stream(err, attempt) from None
+        if self._hung_elsewhere(attempt, err):
+            log.info("%s: the coordinator at %s did not answer in time; trying the next one", self._op.rpc,
+                     attempt.target)  # fmt: skip
+            self._plan.failed(attempt, err)
+            return
         error = failure(err, attempt, self._op.rpc, self._op.resend_safe)
         if error is not None:
             raise error from None
         self._plan.failed(attempt, err)
+
+    def _hung_elsewhere(self, attempt: Attempt, err: grpc.RpcError) -> bool:
+        """A deadline on one coordinator, for a call safe to resend, goes on to each other coordinator
+        once (a paused or overloaded replica must not keep its clients: their leases would lapse).
+        Not in later rounds: a slow cluster answers DeadlineExceeded in bounded time."""
+        return (
+            self._op.resend_safe
+            and attempt.round == 0
+            and rpc_errors.status_code(err) == grpc.StatusCode.DEADLINE_EXCEEDED
+            and len(self._plan.failures) < len(self._rotation.targets) - 1
+        )
 
     def error(self) -> GpuLeaseError:
         tls = self._rotation.security.tls
@@ -167,6 +183,11 @@ class Rotation:
     def answered(self, index: int) -> None:
         with self._lock:
             self._current = index
+
+    def skip_current(self) -> None:
+        """Start the next call at the next target: the current one just failed to answer."""
+        with self._lock:
+            self._current = (self._current + 1) % len(self.targets)
 
 
 class FailoverChannels(Rotation):

@@ -35,7 +35,7 @@ from gpulease.client.models import (
     WhoAmI,
 )
 from gpulease.common.units import parse_duration, parse_instant, parse_size
-from gpulease.errors import AllocationPreempted, InvalidRequest
+from gpulease.errors import AllocationPreempted, DeadlineExceeded, GpuLeaseError, InvalidRequest, Unavailable
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
 
@@ -268,6 +268,44 @@ def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
     """End an allocation. False when it was not live (already released or expired)."""
     request = build(lambda: pb.ReleaseRequest(allocation_id=allocation_id))
     return Op("Release", request, pb.ReleaseResponse, lambda r: r.released)
+
+
+def cancel_request(request_id: str, ttl: int | str | None = None) -> Op[pb.CancelRequestResponse, str]:
+    """Give up a request by its request id: the allocation it holds (if any) is released, and no
+    attempt of it still in flight on any coordinator can commit afterwards. Returns the id of the
+    allocation released ("" when it held none). ``ttl``: the TTL the request asked for (sizes how
+    long the coordinators refuse the id). The client sends this itself when an allocate ends
+    with an unknown outcome."""
+    request = build(lambda: pb.CancelRequestRequest(request_id=request_id, ttl_seconds=_seconds(ttl, "ttl")))
+    return Op("CancelRequest", request, pb.CancelRequestResponse, lambda r: r.released_allocation_id)
+
+
+# Seconds the client keeps trying to cancel a request whose allocate ended with an unknown outcome.
+CANCEL_BUDGET_S = 10.0
+UNKNOWN_OUTCOME = (Unavailable, DeadlineExceeded)
+
+
+def abandoned(op: Op[M, T], exc: GpuLeaseError) -> Op[pb.CancelRequestResponse, str] | None:
+    """The CancelRequest for an allocate ``op`` that ended with an unknown outcome (None for other ops,
+    and when no attempt reached a coordinator): an attempt may still commit on a coordinator the
+    client moved on from, and nobody would hold it."""
+    if op.rpc not in ("Allocate", "WaitAllocate") or not isinstance(op.request, pb.AllocateRequest):
+        return None
+    if not exc.maybe_sent:
+        return None
+    return cancel_request(op.request.request_id, op.request.ttl_seconds or None)
+
+
+def after_cancel(exc: GpuLeaseError, op: Op[M, T], cancel_error: GpuLeaseError | None) -> GpuLeaseError:
+    """``exc``, saying what the cancel that followed it achieved."""
+    rid = op.request.request_id if isinstance(op.request, pb.AllocateRequest) else "?"
+    if cancel_error is None:
+        tail = (f"; the client cancelled request {rid}, so nothing it may have allocated is held: retry with a new "
+                "request id")  # fmt: skip
+    else:
+        tail = (f"; cancelling request {rid} failed too ({cancel_error.message}): retry with the same request id "
+                "to get what it may have allocated, or cancel it (cancel_request) later")  # fmt: skip
+    return type(exc)(exc.message + tail)
 
 
 def keep_alive(

@@ -63,9 +63,22 @@ class Client(ClientBase[FailoverChannels]):
         return Allocation(info, Session(self._rpc, info, handle_sigterm=self.handle_sigterm))
 
     def _send(self, op: _ops.Op[Any, T]) -> Any:
-        if isinstance(op, _ops.WaitingAllocate):
-            return self._handle(self._wait(op))
-        return self._answer(op, self._rpc.run(op))
+        try:
+            if isinstance(op, _ops.WaitingAllocate):
+                return self._handle(self._wait(op))
+            return self._answer(op, self._rpc.run(op))
+        except _ops.UNKNOWN_OUTCOME as exc:
+            cancel = _ops.abandoned(op, exc)
+            if cancel is None:
+                raise
+            # An attempt may still commit on a coordinator this client moved on from: cancel the
+            # request, so that nothing stays held by nobody (issue 17).
+            self._rpc.skip_current()  # the coordinator that left the answer unknown is the last to ask
+            try:
+                self._rpc.run(cancel, retry_deadline=_ops.CANCEL_BUDGET_S)
+            except GpuLeaseError as failed:
+                raise _ops.after_cancel(exc, op, failed) from exc
+            raise _ops.after_cancel(exc, op, None) from exc
 
     def _wait(self, op: _ops.WaitingAllocate) -> AllocationInfo:
         while True:

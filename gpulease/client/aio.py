@@ -57,9 +57,21 @@ class AsyncClient(ClientBase[AsyncFailoverChannels]):
         return AsyncAllocation(info, AsyncSession(self._rpc, info))
 
     async def _send(self, op: _ops.Op[Any, T]) -> Any:
-        if isinstance(op, _ops.WaitingAllocate):
-            return self._handle(await self._wait(op))
-        return self._answer(op, await self._rpc.run(op))
+        try:
+            if isinstance(op, _ops.WaitingAllocate):
+                return self._handle(await self._wait(op))
+            return self._answer(op, await self._rpc.run(op))
+        except _ops.UNKNOWN_OUTCOME as exc:
+            cancel = _ops.abandoned(op, exc)
+            if cancel is None:
+                raise
+            # As in Client._send: nothing may stay held by an attempt this client moved on from.
+            self._rpc.skip_current()  # the coordinator that left the answer unknown is the last to ask
+            try:
+                await self._rpc.run(cancel, retry_deadline=_ops.CANCEL_BUDGET_S)
+            except GpuLeaseError as failed:
+                raise _ops.after_cancel(exc, op, failed) from exc
+            raise _ops.after_cancel(exc, op, None) from exc
 
     async def _wait(self, op: _ops.WaitingAllocate) -> AllocationInfo:
         while True:

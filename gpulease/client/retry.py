@@ -116,4 +116,7 @@ class RetryPlan:
 
     def error(self, *, tls: bool = False, mutual: bool = False) -> GpuLeaseError:
         """``tls``/``mutual``: how the client connects, for the error's hint."""
-        return rpc_errors.unavailable(self.failures, tls=tls, mutual=mutual)
+        error = rpc_errors.unavailable(self.failures, tls=tls, mutual=mutual)
+        # Whether any attempt may have reached a coordinator (an allocate is then cancelled).
+        error.maybe_sent = not all(rpc_errors.never_sent(e) for _, e in self.failures)
+        return error

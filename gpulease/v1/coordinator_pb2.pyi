@@ -234,6 +234,47 @@ class ReleaseRequest(google.protobuf.message.Message):
 global___ReleaseRequest = ReleaseRequest
 
 @typing.final
+class CancelRequestRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: builtins.int
+    TTL_SECONDS_FIELD_NUMBER: builtins.int
+    request_id: builtins.str
+    ttl_seconds: builtins.int
+    """The TTL the request asked for (0: the coordinator's default): how long attempts of it may
+    still be in flight, so how long its tombstone must last.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: builtins.str = ...,
+        ttl_seconds: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["request_id", b"request_id", "ttl_seconds", b"ttl_seconds"]) -> None: ...
+
+global___CancelRequestRequest = CancelRequestRequest
+
+@typing.final
+class CancelRequestResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RELEASED_ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    REVISION_FIELD_NUMBER: builtins.int
+    released_allocation_id: builtins.str
+    """The allocation the request held and this call released ("" when it held none)."""
+    revision: builtins.int
+    """etcd revision of the tombstone (of the release, when one was released)."""
+    def __init__(
+        self,
+        *,
+        released_allocation_id: builtins.str = ...,
+        revision: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["released_allocation_id", b"released_allocation_id", "revision", b"revision"]) -> None: ...
+
+global___CancelRequestResponse = CancelRequestResponse
+
+@typing.final
 class ReleaseResponse(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 

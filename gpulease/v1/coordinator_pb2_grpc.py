@@ -59,6 +59,11 @@ class CoordinatorServiceStub(object):
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.CancelRequest = channel.unary_unary(
+                '/gpulease.v1.CoordinatorService/CancelRequest',
+                request_serializer=gpulease_dot_v1_dot_coordinator__pb2.CancelRequestRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CancelRequestResponse.FromString,
+                _registered_method=True)
         self.KeepAlive = channel.unary_unary(
                 '/gpulease.v1.CoordinatorService/KeepAlive',
                 request_serializer=gpulease_dot_v1_dot_coordinator__pb2.KeepAliveRequest.SerializeToString,
@@ -167,6 +172,15 @@ class CoordinatorServiceServicer(object):
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRequest(self, request, context):
+        """Give up a request by its request id (the caller's own), from any replica: the allocation it
+        holds is released, and no attempt of it still in flight anywhere can commit afterwards. The
+        client library sends it when an Allocate ends with an unknown outcome. Idempotent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -291,6 +305,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.ReleaseRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_coordinator__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'CancelRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRequest,
+                    request_deserializer=gpulease_dot_v1_dot_coordinator__pb2.CancelRequestRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_coordinator__pb2.CancelRequestResponse.SerializeToString,
             ),
             'KeepAlive': grpc.unary_unary_rpc_method_handler(
                     servicer.KeepAlive,
@@ -480,6 +499,33 @@ class CoordinatorService(object):
             '/gpulease.v1.CoordinatorService/Release',
             gpulease_dot_v1_dot_coordinator__pb2.ReleaseRequest.SerializeToString,
             gpulease_dot_v1_dot_coordinator__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.CoordinatorService/CancelRequest',
+            gpulease_dot_v1_dot_coordinator__pb2.CancelRequestRequest.SerializeToString,
+            gpulease_dot_v1_dot_coordinator__pb2.CancelRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

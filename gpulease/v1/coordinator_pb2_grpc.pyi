@@ -51,6 +51,15 @@ class CoordinatorServiceStub:
         gpulease.v1.coordinator_pb2.ReleaseResponse,
     ]
 
+    CancelRequest: grpc.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CancelRequestRequest,
+        gpulease.v1.coordinator_pb2.CancelRequestResponse,
+    ]
+    """Give up a request by its request id (the caller's own), from any replica: the allocation it
+    holds is released, and no attempt of it still in flight anywhere can commit afterwards. The
+    client library sends it when an Allocate ends with an unknown outcome. Idempotent.
+    """
+
     KeepAlive: grpc.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.KeepAliveRequest,
         gpulease.v1.coordinator_pb2.KeepAliveResponse,
@@ -167,6 +176,15 @@ class CoordinatorServiceAsyncStub:
         gpulease.v1.coordinator_pb2.ReleaseRequest,
         gpulease.v1.coordinator_pb2.ReleaseResponse,
     ]
+
+    CancelRequest: grpc.aio.UnaryUnaryMultiCallable[
+        gpulease.v1.coordinator_pb2.CancelRequestRequest,
+        gpulease.v1.coordinator_pb2.CancelRequestResponse,
+    ]
+    """Give up a request by its request id (the caller's own), from any replica: the allocation it
+    holds is released, and no attempt of it still in flight anywhere can commit afterwards. The
+    client library sends it when an Allocate ends with an unknown outcome. Idempotent.
+    """
 
     KeepAlive: grpc.aio.UnaryUnaryMultiCallable[
         gpulease.v1.coordinator_pb2.KeepAliveRequest,
@@ -292,6 +310,17 @@ class CoordinatorServiceServicer(metaclass=abc.ABCMeta):
         request: gpulease.v1.coordinator_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> typing.Union[gpulease.v1.coordinator_pb2.ReleaseResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.ReleaseResponse]]: ...
+
+    @abc.abstractmethod
+    def CancelRequest(
+        self,
+        request: gpulease.v1.coordinator_pb2.CancelRequestRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[gpulease.v1.coordinator_pb2.CancelRequestResponse, collections.abc.Awaitable[gpulease.v1.coordinator_pb2.CancelRequestResponse]]:
+        """Give up a request by its request id (the caller's own), from any replica: the allocation it
+        holds is released, and no attempt of it still in flight anywhere can commit afterwards. The
+        client library sends it when an Allocate ends with an unknown outcome. Idempotent.
+        """
 
     @abc.abstractmethod
     def KeepAlive(

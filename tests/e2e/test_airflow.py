@@ -418,6 +418,21 @@ def test_container_operator_alone_releases_when_the_container_fails(runner: Airf
 
 
 @pytest.mark.slow
+def test_container_operator_retried_after_a_release_allocates_again(runner: AirflowRunner, live: Cluster) -> None:
+    """The first try's release left a tombstone on the task's stable request id (issue 17): the retry
+    is not refused, it asks under an id of its own."""
+    answer = run_dag(runner, live, "gpulease_test_container_alone_retried")
+    assert answer["state"] == "success"
+    assert states(answer) == {"train": ("success", 2)}
+    assert "exited with code 7" in answer["log"] and "second try" in answer["log"]
+    assert "the task's request id was released by an earlier try" in answer["log"]
+    first, second = re.findall(r"allocated (\w+) on", answer["log"])
+    assert first != second
+    assert re.search(rf"released {first}\b", answer["log"]) and re.search(rf"released {second}\b", answer["log"])
+    assert_all_free(live)
+
+
+@pytest.mark.slow
 def test_container_operator_stops_its_container_and_releases_on_timeout(
     runner: AirflowRunner, live: Cluster, dockerd: Dockerd
 ) -> None:

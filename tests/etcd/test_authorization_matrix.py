@@ -104,6 +104,7 @@ def requests(alloc_id: str, node_address: str, row: int) -> dict[str, Any]:
         "ListPending": pb.ListPendingRequest(),
         "WatchEvents": pb.WatchEventsRequest(follow=False),
         "Release": pb.ReleaseRequest(allocation_id=alloc_id),
+        "CancelRequest": pb.CancelRequestRequest(request_id=f"never-made-{row}"),
         "KeepAlive": pb.KeepAliveRequest(allocation_id=alloc_id),
         "GetAllocation": pb.GetAllocationRequest(allocation_id=alloc_id),
         "ListAllocations": pb.ListAllocationsRequest(),
@@ -170,10 +171,17 @@ def test_every_rpc_for_every_caller(secure_cluster: LocalCluster, tmp_path: Path
         agent1.RegisterNode(requests("", node_address, 0)["RegisterNode"], timeout=10)
         alice, admin = who["owner"], who["admin"]
 
+        made: list[str] = []
+
         def alices_allocation() -> str:
-            answer = alice.stub.Allocate(pb.AllocateRequest(gpus=1, ttl_seconds=60, request_id="target"),
+            """Her live allocation; a new one, under a new request id, once a call released it (a
+            released request id is a tombstone for a while: issue 17)."""
+            if made and live(made[-1]):
+                return made[-1]
+            answer = alice.stub.Allocate(pb.AllocateRequest(gpus=1, ttl_seconds=60, request_id=f"target-{len(made)}"),
                                          metadata=alice.metadata, timeout=10)  # fmt: skip
-            return str(answer.allocation.id)
+            made.append(str(answer.allocation.id))
+            return made[-1]
 
         def live(alloc_id: str) -> bool:
             try:

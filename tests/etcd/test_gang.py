@@ -79,8 +79,12 @@ async def test_a_release_deletes_every_members_keys(etcd: harness.Etcd, prefix: 
         assert await c.keys_under("usage/ml") == [gang.id]
         assert gang.usage.gpus == 4 and gang.usage.cpus == 2
         assert await c.allocations.release(gang.id) > 0
-        for kind in ("gpus", "res", "allocs", "reqs", "usage"):
+        for kind in ("gpus", "res", "allocs", "usage"):
             assert await c.keys_under(kind) == [], kind
+        # The request key stays, as a tombstone (issue 17): no attempt of the gang's request can commit.
+        [req] = await c.keys_under("reqs")
+        kv = await c.store.get(f"{c.keys.prefix}reqs/{req}")
+        assert kv is not None and kv.value == b"~released " + gang.id.encode()
 
 
 async def test_a_gang_too_large_for_one_transaction_is_refused_naming_the_limit(

@@ -12,7 +12,8 @@ from tests.support.harness import rpc_error
 
 AUDIENCES = {
     "CoordinatorService": {
-        "Allocate", "WaitAllocate", "ListPending", "Release", "KeepAlive", "GetAllocation", "ListAllocations",
+        "Allocate", "WaitAllocate", "ListPending", "Release", "CancelRequest", "KeepAlive", "GetAllocation",
+        "ListAllocations",
         "ListNodes", "GetClusterSummary", "RunContainer", "WaitContainer", "StreamLogs", "StopContainer",
         "ListContainers", "WhoAmI", "ListQuotas", "ListPriorityClasses", "ListReservations",
         "WatchEvents",

@@ -87,6 +87,14 @@ alone_failing = container_alone("gpulease_test_container_alone_fails", f"{SHOW};
 alone_deferrable = container_alone(
     "gpulease_test_container_alone_deferrable", f"sleep 2; {SHOW}", deferrable=True, poll_interval=1
 )
+# Fails on its first try, which releases its allocation; the retry asks again with the task's stable
+# request id, finds it released (a tombstone) and asks under an id of its own.
+alone_retried = container_alone(
+    "gpulease_test_container_alone_retried",
+    f'{SHOW}; [ "{{{{ ti.try_number }}}}" = "1" ] && exit 7; echo "second try"',
+    retries=1,
+    retry_delay=timedelta(0),
+)
 # execution_timeout cuts the task short: the operator must stop the container and release.
 alone_timeout = container_alone(
     "gpulease_test_container_alone_timeout",
