@@ -29,7 +29,7 @@ from gpulease.common import container_policy, settings
 from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError, split_host_port
-from gpulease.common.transport import check_clear_text, is_loopback
+from gpulease.common.transport import check_clear_text
 from gpulease.common.units import parse_size
 from gpulease.errors import InvalidRequest
 
@@ -637,22 +637,6 @@ def _coordinators(values: Mapping[str, Any]) -> tuple[str, ...]:
         return parse_coordinators(text)
     except ValueError as e:
         raise ConfigError(f"coordinator: {e}") from None
-
-
-def check_clear_text_to_coordinators(cfg: AgentConfig) -> None:
-    """Without TLS and --insecure, every coordinator must be on loopback (ConfigError, exit 2).
-
-    gpulease.agent.security.load_tls checks `coordinator`, the first; the others are hops that
-    heartbeats and fencing checks take as well. At start, with load_tls (gpulease.agent.main)."""
-    if cfg.tls_enabled or cfg.insecure:
-        return
-    for address in cfg.coordinators:
-        if not is_loopback(address):
-            raise ConfigError(
-                f"refusing to talk to the coordinator at {address} in clear text: heartbeats and fencing checks "
-                f"could be read or forged on the way. Give TLS files ({TLS_FLAGS}), or pass --insecure to accept "
-                "the risk"
-            )
 
 
 def _bounded_int(values: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

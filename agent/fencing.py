@@ -63,7 +63,8 @@ class CoordinatorClient:
 
     @property
     def address(self) -> str:
-        return self._address
+        # The replica the channel calls now (a CoordinatorChannel fails over between several).
+        return str(getattr(self._channel, "target", self._address))
 
     async def get_allocation(self, allocation_id: str, *, timeout: float | None = None) -> Allocation | None:
         """The live allocation, or None when it is not live (released, expired, never existed)."""

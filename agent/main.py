@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from gpulease.agent import firewall
 from gpulease.agent.app import run_agent
-from gpulease.agent.config import AgentConfig, check_clear_text_to_coordinators, load_config
+from gpulease.agent.config import AgentConfig, load_config
 from gpulease.agent.runtime import AGENT_NETWORK
 from gpulease.agent.security import load_tls
 from gpulease.common import logs
@@ -23,7 +23,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = load_config(argv, os.environ)
         # Read now, so that a certificate that does not name this node stops the agent before it serves.
         tls = load_tls(cfg)
-        check_clear_text_to_coordinators(cfg)
     except ConfigError as e:
         _config_error(e)
     logs.setup(cfg.log_level, cfg.log_format)

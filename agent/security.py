@@ -53,9 +53,11 @@ def load_tls(cfg: AgentConfig) -> TlsFiles | None:
     ``agent:<node_id>``, or, without TLS and without --insecure, the coordinator is not on loopback.
     """
     if not cfg.tls_enabled:
-        if not cfg.insecure and not is_loopback(cfg.coordinator):
+        # Every replica: heartbeats and fencing checks fail over to each of them.
+        remote = next((a for a in cfg.coordinators if not is_loopback(a)), None)
+        if not cfg.insecure and remote is not None:
             raise ConfigError(
-                f"refusing to talk to the coordinator at {cfg.coordinator} in clear text: heartbeats and fencing "
+                f"refusing to talk to the coordinator at {remote} in clear text: heartbeats and fencing "
                 f"checks could be read or forged on the way. Give TLS files ({TLS_FLAGS}), or pass --insecure to "
                 "accept the risk"
             )
