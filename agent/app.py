@@ -276,7 +276,9 @@ async def _serve(
             on_registered=on_loop(loop, ready),
             on_allocations_revision=enforcer.note_allocations_revision,
             exits=enforcer.exits,
+            enforced_revision=lambda: enforcer.enforced_revision,
         )
+        enforcer.on_enforced = registrar.wake
 
         async def wake_registrar() -> None:
             registrar.wake()  # tell the coordinator at once that the node's GPUs are usable

@@ -193,6 +193,12 @@ class Enforcer:
         # (when, container ids, PIDs) of the last PID lookup: reused for CONTEXT_CACHE_S.
         self._pid_cache: tuple[float, tuple[str, ...], frozenset[int]] = (-CONTEXT_CACHE_S, (), frozenset())
         self._hint: AllocationsHint | None = None
+        # The allocations revision up to which every container of an ended allocation is stopped
+        # (sent with heartbeats: the coordinator then frees those GPUs; 0 = not yet).
+        self.enforced_revision = 0
+        # Called when it moved past a stop or an allocation's end (the registrar's wake).
+        self.on_enforced: Callable[[], None] | None = None
+        self._seen_live: frozenset[str] = frozenset()
         # The last ListAllocations answer, and the allocations revision known when it was asked.
         self._listed: tuple[int, list[Allocation]] | None = None
         self._wake = asyncio.Event()
@@ -393,8 +399,33 @@ class Enforcer:
             report.removed = await self._remove_expired(exited, {a.id for a in live})
             report.removed_volumes = await self._remove_unused_volumes(force=bool(report.removed))
         await self.stop_all(report.stopped)
+        if report.contacted:
+            await self._note_enforced(report)
         report.removed_images = await self.remove_unused_images()
         return report
+
+    def _drains_waiting(self, report: TickReport) -> bool:
+        """Whether the coordinator may be holding GPUs for this news: containers were stopped, or an
+        allocation live at the last list has ended (its exited containers' GPUs drain too)."""
+        live = frozenset(a.id for a in (self._listed[1] if self._listed is not None else ()))
+        ended = self._seen_live - live
+        self._seen_live = live
+        return bool(report.stopped or ended)
+
+    async def _note_enforced(self, report: TickReport) -> None:
+        """After a tick judged on a list of the node's live allocations: every container of an
+        allocation that ended by the list's revision is stopped (checked, not assumed: a stop can
+        fail), so the coordinator may free their GPUs (coordinator/draining.py)."""
+        revision = self._listed[0] if self._listed is not None else 0
+        if revision <= self.enforced_revision:
+            return
+        if report.stopped:
+            running = await self.running_containers()
+            if running is None or {c.id for c in running} & {v.container.id for v in report.stopped}:
+                return
+        self.enforced_revision = revision
+        if self.on_enforced is not None and self._drains_waiting(report):
+            self.on_enforced()  # heartbeat now: the GPUs of what was stopped are free once it is told
 
     async def remove_unused_images(self, *, force: bool = False) -> list[ImageInfo]:
         """Remove unused images by age and by disk use (see the module's docstring): at most once

@@ -154,7 +154,10 @@ class Registrar:
         on_allocations_revision: Callable[[int, float, float], None] | None = None,
         # Container exits to report with heartbeats (the enforcer's), dropped once one is answered.
         exits: ExitReports | None = None,
+        # The enforcer's enforced revision (Enforcer.enforced_revision), sent with every heartbeat.
+        enforced_revision: Callable[[], int] | None = None,
     ) -> None:
+        self._enforced_revision = enforced_revision
         self._node = node
         self._address = address
         self._channel = node_service_source(channel)
@@ -301,6 +304,8 @@ class Registrar:
             request.inventory.CopyFrom(inventory)
         exits = self._exits.batch() if self._exits is not None else []
         request.exits.extend(exits)
+        if self._enforced_revision is not None:
+            request.enforced_revision = self._enforced_revision()
         asked_at = time.monotonic()
         response = await self._channel.node_service().Heartbeat(request, timeout=self._rpc_timeout())
         if exits and self._exits is not None:

@@ -11,6 +11,8 @@ transaction claims them all or nothing), the compares are:
   nodes/<node>          mod_revision == what placement saw (same GPUs, same capacity)
   alive/<node>          version > 0      the node is up
   cordoned/<node>       version == 0     the node is not cordoned
+  drain/<node>/...      mod_revision < snapshot+1 over the whole range: no GPU of the node began
+                        draining (its allocation ran a container) since the snapshot
   queue/<id>            version > 0      (admitting a pending request) it is still pending
 And for each tenant of the batch:
   quotas/<tenant>, quotas/*   mod_revision == what the snapshot saw (0: none): the quota judged is
@@ -108,7 +110,7 @@ def txn_size(items: Sequence[Item]) -> int:
     queued = sum(1 for i in items if i.queued)
     with_tenant = [i for i in items if i.draft.tenant]
     tenants = len({i.draft.tenant for i in with_tenant})
-    compares = len(items) + gpus + 4 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0) + 1
+    compares = len(items) + gpus + 5 * len(nodes) + queued + 2 * tenants + (1 if tenants else 0) + 1
     # per allocation: record, request key, audit entry; per member: reservation; per GPU: its key
     puts = 3 * len(items) + len(members) + len(with_tenant) + gpus + 3 * queued
     reads = len(items) + 5 * len(nodes) + queued
@@ -158,8 +160,11 @@ class EtcdCommitter:
         failure: list[Op] = [Get(k.req(a.request_id)) for a in allocs]
         for node, p in nodes.items():
             res = k.res_prefix(node)
+            drains = k.drain_prefix(node)
             compares += [
                 Cmp(res, "mod", "<", p.snapshot_revision + 1, range_end(res)),
+                # GPUs whose containers may still run (coordinator/draining.py), as for res/.
+                Cmp(drains, "mod", "<", p.snapshot_revision + 1, range_end(drains)),
                 Cmp(k.node(node), "mod", "==", p.node_record_revision),
                 Cmp(k.alive(node), "version", ">", 0),
                 Cmp(k.cordoned(node), "version", "==", 0),

@@ -134,7 +134,8 @@ class Dashboard:
 
     def summary(self, request: web.Request, who: Any) -> dict[str, Any]:
         views = self._view.nodes()
-        gpus = dict.fromkeys(("free", "allocated", "unhealthy", "foreign", "simulated", "cordoned", "down"), 0)
+        states = ("free", "allocated", "draining", "unhealthy", "foreign", "simulated", "cordoned", "down")
+        gpus = dict.fromkeys(states, 0)
         nodes = {"up": 0, "down": 0, "cordoned": 0}
         cpus_total = cpus_used = 0
         for v in views:
@@ -297,8 +298,10 @@ def _gpus(v: NodeView, holders: dict[int, Allocation], samples: dict[int, GpuSam
         t = samples.get(g.index)
         if node_state == "down":
             state = "down"
-        elif a is not None or g.index in v.gpus_held:
+        elif a is not None:
             state = "allocated"
+        elif g.index in v.gpus_held:
+            state = "draining"  # its allocation ended; its containers are not known stopped yet
         elif not g.healthy:
             state = "unhealthy"
         elif g.foreign:

@@ -21,11 +21,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+from gpulease.coordinator import draining
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import Allocation
 from gpulease.coordinator.keys import Keys
 from gpulease.coordinator.store import Cmp, Put, Store, StoreUnavailable
 from gpulease.coordinator.view import ClusterView
+from gpulease.errors import AllocationNotFound
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +114,23 @@ class Endings:
         return home_of(self._view.table("containers").get(alloc_id))
 
     async def note_containers(self, alloc: Allocation) -> None:
-        """Before the first container of ``alloc`` starts: remember where and whose it is."""
-        if self.home(alloc.id) is not None:
+        """Before the first container of ``alloc`` starts: remember where and whose it is, and mark its
+        GPUs as draining once it ends (coordinator/draining.py), compared on it being live: a
+        container never starts on GPUs that could be free before the agent has stopped it."""
+        draining_everywhere = all(any(d.allocation_id == alloc.id for d in self._view.drains(n)) for n in alloc.nodes)
+        if self.home(alloc.id) is not None and draining_everywhere:
             return
         doc: dict[str, object] = {"node": alloc.members[0].node, "principal": alloc.principal,
                                   "tenant": alloc.tenant, "ended_ms": 0}  # fmt: skip
         if alloc.is_gang:
             doc["nodes"] = list(alloc.nodes)
-        await self._store.put(self._keys.containers(alloc.id), json.dumps(doc, separators=(",", ":")).encode())
+        out = await self._store.txn(
+            [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
+            [Put(self._keys.containers(alloc.id), json.dumps(doc, separators=(",", ":")).encode()),
+             *draining.marks(self._keys, alloc)],
+        )  # fmt: skip
+        if not out.succeeded:
+            raise AllocationNotFound(f"allocation {alloc.id} is not live (released, expired or never existed)")
 
     async def sweep(self) -> int:
         """Records of allocations no longer live go onto a lease of the retention time."""

@@ -37,6 +37,8 @@
     reservations/<name>       {"tenant","start_ms","end_ms","gpus":{node: n},"model",...}: capacity held
                               for one tenant over a window, on a lease that ends shortly after it;
                               the allocation txn range-compares reservations/ (coordinator/reservations.py)
+    drain/<node>/<id>         {"gpus": [uuid...]}, no lease: GPUs of <id> that ran containers on <node>,
+                              held until the node's agent reports them stopped (coordinator/draining.py)
     fairshare                 {"at_ms", "usage": {tenant: decayed GPU-seconds}}: the fair-share
                               ledger, advanced by whichever replica finds it stale (a CAS)
     audit/<ms>-<rand>         one audit entry (JSON), bounded by age and count
@@ -145,6 +147,12 @@ class Keys:
 
     def reservations_prefix(self) -> str:
         return f"{self.prefix}reservations/"
+
+    def drain(self, node: str, alloc_id: str) -> str:
+        return f"{self.prefix}drain/{node}/{alloc_id}"
+
+    def drain_prefix(self, node: str) -> str:
+        return f"{self.prefix}drain/{node}/"
 
     def fairshare(self) -> str:
         return f"{self.prefix}fairshare"

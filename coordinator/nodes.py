@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gpulease.common.identity import LOCAL_ADMIN, Principal
 from gpulease.common.logs import log_fields
-from gpulease.coordinator import container_exits, validation
+from gpulease.coordinator import container_exits, draining, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import NodeInfo, NodeView
 from gpulease.coordinator.keys import Keys, range_end
@@ -74,7 +74,7 @@ class NodeService:
 
     async def heartbeat(
         self, name: str, lease_id: int, info: NodeInfo | None, telemetry: dict[int, GpuSample] | None = None,
-        exits: Sequence[ContainerExit] = (),
+        exits: Sequence[ContainerExit] = (), enforced_revision: int = 0,
     ) -> Registration:  # fmt: skip
         """Renews the node's lease (or registers it again); ``telemetry`` is kept in memory only.
         ``exits`` (containers of the node's allocations that exited) become audit entries, once
@@ -99,13 +99,27 @@ class NodeService:
             reg = await self.register(info)
             self.telemetry.record(name, telemetry or {})
             await self._record_exits(name, exits)
+            await self._clear_drains(name, enforced_revision)
             return reg
         if info is not None:
             await self._write_record_if_changed(info)
         self.telemetry.record(name, telemetry or {})
         await self._record_exits(name, exits)
+        await self._clear_drains(name, enforced_revision)
         return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl,
                             await self._allocations_revision(name, renewal.revision))  # fmt: skip
+
+    async def _clear_drains(self, name: str, enforced_revision: int) -> None:
+        """GPUs of ended allocations whose containers the agent has stopped are free again
+        (coordinator/draining.py). From the view: most heartbeats find nothing to clear."""
+        done = draining.clearable(self._view.drains(name), enforced_revision)
+        if not done:
+            return
+        cmps, ops = draining.clear_txn(self._keys, name, done)
+        out = await self._store.txn(cmps, ops)
+        if out.succeeded:
+            log.info("node %s: the containers of %s are stopped; their GPUs are free again", name,
+                     ", ".join(d.allocation_id for d in done), extra=log_fields(node=name))  # fmt: skip
 
     async def _record_exits(self, name: str, exits: Sequence[ContainerExit]) -> None:
         if not exits:

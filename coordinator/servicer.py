@@ -368,7 +368,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             else None
         )
         reg = await self._nodes.heartbeat(request.node, request.lease_id, info, telemetry.samples(request.telemetry),
-                                          request.exits)  # fmt: skip
+                                          request.exits, request.enforced_revision)  # fmt: skip
         return pb.HeartbeatResponse(lease_id=reg.lease_id, heartbeat_interval_seconds=reg.heartbeat_interval,
                                     allocations_revision=reg.allocations_revision)  # fmt: skip
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
+from gpulease.coordinator import draining
 from gpulease.coordinator.domain import NO_RESERVATIONS, Allocation, NodeInfo, NodeView, ReservationBook, Snapshot
 from gpulease.coordinator.events import EventLog
 from gpulease.coordinator.keys import Keys, range_end
@@ -94,6 +95,10 @@ class ClusterView:
         # Per node: GPU key (UUID) -> allocation id. Mapped to the record's indexes in _rebuild.
         self._held: dict[str, dict[str, str]] = {}
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
+        # Per node: allocation id -> (GPU UUIDs, mod revision) of its drain key (coordinator/draining.py),
+        # and for allocations with one, the revision at which they ended.
+        self._drains: dict[str, dict[str, tuple[frozenset[str], int]]] = {}
+        self._ended_at: dict[str, int] = {}
         # Raw record and create revision: decoded only when asked for (most never are).
         self._allocs: dict[str, tuple[bytes, int]] = {}
         self._decoded_allocs: dict[str, tuple[tuple[bytes, int], Allocation]] = {}
@@ -334,6 +339,10 @@ class ClusterView:
         self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
+        for drains in self._drains.values():
+            for alloc_id in drains:
+                if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
+                    self._ended_at.setdefault(alloc_id, revision)
         for name in list(self._records):
             self._rebuild(name)
         self._changed.clear()  # the load revision covers everything loaded
@@ -408,6 +417,15 @@ class ClusterView:
             cpus, mem = self._used.get(parts[1], (0, 0))
             self._used[parts[1]] = (cpus - before[0] + after[0], mem - before[1] + after[1])
             return parts[1]
+        if kind == "drain" and len(parts) == 3:
+            drains = self._drains.setdefault(parts[1], {})
+            if put:
+                drains[parts[2]] = (draining.decode(kv.value), kv.mod_revision)
+            else:
+                drains.pop(parts[2], None)
+                if not any(parts[2] in d for d in self._drains.values()):
+                    self._ended_at.pop(parts[2], None)
+            return parts[1]
         if kind == "usage" and len(parts) == 3:
             self._apply_usage(parts[1], parts[2], kv.value if put else None)
             return None
@@ -434,6 +452,8 @@ class ClusterView:
             else:
                 raw = self._allocs.pop(parts[1], None)
                 self._decoded_allocs.pop(parts[1], None)
+                if any(parts[1] in d for d in self._drains.values()):
+                    self._ended_at[parts[1]] = kv.mod_revision
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:
@@ -478,12 +498,29 @@ class ClusterView:
             info=info,
             up=name in self._alive,
             record_revision=rec_rev,
-            gpus_held=held_indexes(info, self._held.get(name, {})),
+            gpus_held=held_indexes(info, self._holding(name)),
             cpus_used=cpus_used,
             memory_used=memory_used,
         )
         self._views[name] = view
         self.index.update(name, view)
+
+    def _holding(self, name: str) -> Mapping[str, str]:
+        """GPU UUID -> allocation, for placement: live allocations' GPUs, and GPUs still draining."""
+        held = self._held.get(name, {})
+        drains = self._drains.get(name)
+        if not drains:
+            return held
+        out = {uuid: alloc_id for alloc_id, (uuids, _) in drains.items() for uuid in uuids}
+        out.update(held)
+        return out
+
+    def drains(self, node: str) -> list[draining.Drain]:
+        """The node's drain keys, each with the revision its allocation ended at (None: live)."""
+        return [
+            draining.Drain(alloc_id, uuids, rev, None if alloc_id in self._allocs else self._ended_at.get(alloc_id))
+            for alloc_id, (uuids, rev) in self._drains.get(node, {}).items()
+        ]
 
     def _advance(self, revision: int) -> None:
         self.revision = max(self.revision, revision)

@@ -5,7 +5,7 @@
 // and patches the grid cell by cell.
 "use strict";
 
-const STATES = ["free", "allocated", "unhealthy", "foreign", "simulated", "cordoned", "down"];
+const STATES = ["free", "allocated", "draining", "unhealthy", "foreign", "simulated", "cordoned", "down"];
 const FLUSH_MS = 250;
 const MAX_EVENTS = 200;
 const MANY_NODES = 50; // more dirty nodes than this in one flush: one /nodes call instead

@@ -594,9 +594,15 @@ class HeartbeatRequest(google.protobuf.message.Message):
     ADDRESS_FIELD_NUMBER: builtins.int
     TELEMETRY_FIELD_NUMBER: builtins.int
     EXITS_FIELD_NUMBER: builtins.int
+    ENFORCED_REVISION_FIELD_NUMBER: builtins.int
     node: builtins.str
     lease_id: builtins.int
     address: builtins.str
+    enforced_revision: builtins.int
+    """The node's allocations revision at which the agent last listed the node's live allocations and
+    stopped every container of an allocation that had ended (0: not yet). GPUs that ran containers
+    of an allocation that ended at or before it are free again (coordinator/draining.py).
+    """
     @property
     def inventory(self) -> gpulease.v1.types_pb2.NodeInventory:
         """Sent when it changed; the coordinator rewrites the node record only on change."""
@@ -624,9 +630,10 @@ class HeartbeatRequest(google.protobuf.message.Message):
         address: builtins.str = ...,
         telemetry: collections.abc.Iterable[global___GpuTelemetry] | None = ...,
         exits: collections.abc.Iterable[global___ContainerExit] | None = ...,
+        enforced_revision: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["inventory", b"inventory"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["address", b"address", "exits", b"exits", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node", "telemetry", b"telemetry"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["address", b"address", "enforced_revision", b"enforced_revision", "exits", b"exits", "inventory", b"inventory", "lease_id", b"lease_id", "node", b"node", "telemetry", b"telemetry"]) -> None: ...
 
 global___HeartbeatRequest = HeartbeatRequest
 

@@ -338,6 +338,9 @@ def test_the_agent_enforces_its_own_copy(
 
     with policy_node(local_cluster, dockerd, ["--bind-allowlist", str(allowed)],
                      ["--bind-allowlist", str(allowed)]) as address, Client(address) as c:  # fmt: skip
+        # The first allocation asked for a container on the GPU: it drains until the (new) agent has
+        # reported that nothing of it runs (coordinator/draining.py).
+        harness.wait_until(lambda: harness.free_gpus(c) == 1, 30, "the GPU to drain")
         a = c.allocate(gpus=1, ttl=60)
         try:
             started = c.run_container(a.id, busybox, ["cat", "/in/hello.txt"], volumes=[f"{source}:/in:ro"])

@@ -59,10 +59,11 @@ def test_txn_size_counts_every_member() -> None:
     draft = Allocation("x", "", (), 0, 0, 0, 0, 0)
     more = tuple(Placement(f"n{i}", tuple(range(8)), 1, 1) for i in range(1, 16))
     gang = Placement("n0", tuple(range(8)), 1, 1, more)
-    # compares: 1 request + 128 GPUs + 4 per node x 16 nodes + the reservations/ range
-    assert txn_size([Item(gang, draft)]) == 1 + 128 + 64 + 1
-    assert txn_size([Item(one, draft)]) == 1 + 8 + 4 + 1
-    assert gang_txn_size(16, 8) == 1 + 128 + 64 + 1 + 2 + 1 + 1  # as an admission, with a tenant
+    # compares: 1 request + 128 GPUs + 5 per node x 16 nodes (res/ and drain/ ranges, record, alive,
+    # cordoned) + the reservations/ range
+    assert txn_size([Item(gang, draft)]) == 1 + 128 + 80 + 1
+    assert txn_size([Item(one, draft)]) == 1 + 8 + 5 + 1
+    assert gang_txn_size(16, 8) == 1 + 128 + 80 + 1 + 2 + 1 + 1  # as an admission, with a tenant
 
 
 def test_run_gang_environment_per_member() -> None:
