@@ -30,13 +30,15 @@ from bench.load import run_load
 from bench.raw import noop_rpc, raw_txn
 from bench.scale import run_scale
 from bench.security import run_security
+from bench.tombstones import run_tombstones
 from bench.waiting import QueueSettings, run_queue
 from gpulease.common import eventloop
 from gpulease.dev.cluster import LocalCluster
 
 RESULTS_DIR = Path(__file__).parent / "results"
-PHASES = ("load", "queue", "security", "scale")
-SECTION_PHASE = {"runs": "load", "queue": "queue", "security": "security", "scale": "scale"}
+PHASES = ("load", "queue", "security", "scale", "tombstones")
+SECTION_PHASE = {"runs": "load", "queue": "queue", "security": "security", "scale": "scale",
+                 "tombstones": "tombstones"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,7 +102,13 @@ async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[st
         log(f"scale: {args.scale_nodes} nodes ...")
         scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
                                        args.duration, heartbeat_interval=10))  # fmt: skip
-    body: dict[str, object] = {"runs": runs, "queue": queue, "security": security, "scale": scale}
+    tombstone = None
+    if "tombstones" in args.phases:
+        c = 16 if args.quick else 64
+        log(f"tombstones: releases with and without the request-id tombstone, concurrency {c} ...")
+        tombstone = asdict(await run_tombstones(cluster.etcd_url, c, args.duration))
+    body: dict[str, object] = {"runs": runs, "queue": queue, "security": security, "scale": scale,
+                               "tombstones": tombstone}  # fmt: skip
     # With --only, the sections of the phases that did not run stay as the results file has them.
     return {k: v for k, v in body.items() if args.only is None or SECTION_PHASE[k] in args.phases}
 
@@ -173,6 +181,10 @@ def print_tables(result: dict[str, object]) -> None:
     if result.get("queue"):
         print("\nqueue (WaitAllocate: admissions and release-to-admission latency, against the old path):")
         for k, v in result["queue"].items():  # type: ignore[attr-defined]
+            print(f"  {k:32} {v}")
+    if result.get("tombstones"):
+        print("\nrelease with the request-id tombstone against without (same run):")
+        for k, v in result["tombstones"].items():  # type: ignore[attr-defined]
             print(f"  {k:32} {v}")
     if result.get("scale"):
         print("\nscale:")

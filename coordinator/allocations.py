@@ -53,6 +53,7 @@ from gpulease.errors import (
     InsufficientResources,
     InvalidRequest,
     LifetimeReached,
+    PermissionDenied,
     QuotaExceeded,
     RuntimeLimitReached,
     Unavailable,
@@ -401,7 +402,7 @@ class AllocationService:
             authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         return alloc
 
-    async def release(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
+    async def release(self, alloc_id: str, by: Principal = LOCAL_ADMIN, release_id: str = "") -> int:
         """Revision of the release, or 0 when the allocation was not live (release is idempotent).
 
         One transaction deletes the allocation's keys and writes its audit entry ("release" by its
@@ -412,26 +413,47 @@ class AllocationService:
         background."""
         # The view usually knows the record, saving a read; a stale one fails the compare.
         alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self.settler.by_id(alloc_id)
+        release_id = validation.release_id(release_id)
         if alloc is None:
-            return 0
+            return await self._released_by(alloc_id, by, release_id)
         authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         action = "release" if by.id == alloc.principal else "force-release"
         out = await self._end(alloc, [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
                               entry_put(self._keys, by, action, alloc.id, unique=f"{alloc.id}.{action}",
-                                        detail=f"owner={alloc.principal or '-'} node={alloc.node}"))  # fmt: skip
-        if not out.succeeded:
-            return 0
+                                        detail=f"owner={alloc.principal or '-'} node={alloc.node}"),
+                              release_id)  # fmt: skip
+        if not out.succeeded:  # ended meanwhile: by a release (an earlier attempt of this one?) or expiry
+            await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
+            return await self._released_by(alloc.id, by, release_id)
         self.settler.revoke_later(alloc.lease_id, alloc.ttl_seconds)
         # Read your writes, as for allocate(): the GPUs show as free once answered.
         await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
         return out.revision
 
-    async def _end(self, alloc: Allocation, compares: builtins.list[Cmp], audit: Op) -> TxnOutcome:
+    async def _released_by(self, alloc_id: str, by: Principal, release_id: str) -> int:
+        """The revision of the release that ended the allocation when it was an earlier attempt of
+        this very call (same release_id, found in its request key's tombstone); else 0. A Release
+        sent again after its answer was lost is told "released", not "not live" (fault suite)."""
+        lately = self._view.released_lately(alloc_id) if release_id else None
+        if lately is None:
+            return 0
+        try:
+            authz.check_owner(by, lately.principal, f"allocation {alloc_id}")
+        except PermissionDenied:
+            return 0
+        kv = await self._store.get(self._keys.req(lately.request_id))
+        if kv is None or not tombstones.is_tombstone(kv.value) or tombstones.released_id(kv.value) != alloc_id:
+            return 0
+        return lately.revision if tombstones.release_id(kv.value) == release_id else 0
+
+    async def _end(
+        self, alloc: Allocation, compares: builtins.list[Cmp], audit: Op, release_id: str = ""
+    ) -> TxnOutcome:
         """Delete an allocation's keys and leave a tombstone in its request key, in one transaction."""
         for _ in range(2):  # a tombstone lease etcd lost (restored from a backup): once more with a new one
             grave = await self._tombstones.lease_for(alloc.ttl_seconds)
             try:
-                return await self._store.txn(compares, [audit, *self._delete_ops(alloc, tombstone=grave)])
+                return await self._store.txn(compares, [audit, *self._delete_ops(alloc, grave, release_id)])
             except LeaseNotFound:
                 self._tombstones.forget(grave)
         raise Unavailable("etcd refused the tombstone lease twice; retry the release")
@@ -460,12 +482,12 @@ class AllocationService:
                 return "", out.revision
         raise Conflict(f"request {request_id} kept changing while it was being cancelled; cancel it again")
 
-    def _delete_ops(self, alloc: Allocation, tombstone: int) -> builtins.list[Op]:
+    def _delete_ops(self, alloc: Allocation, tombstone: int, release_id: str = "") -> builtins.list[Op]:
         # The audit entry's put comes first: a watcher sees it before the deletes (same revision).
         k = self._keys
         req = k.req(alloc.request_id)
         ops: builtins.list[Op] = [Delete(key) for key in k.of_allocation(alloc) if key != req]
-        return [*ops, Put(req, tombstones.value(alloc.id), tombstone), Delete(k.claimed(alloc.id))]
+        return [*ops, Put(req, tombstones.value(alloc.id, release_id), tombstone), Delete(k.claimed(alloc.id))]
 
     async def keep_alive(self, alloc_id: str, by: Principal = LOCAL_ADMIN) -> int:
         validation.allocation_id(alloc_id)

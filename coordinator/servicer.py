@@ -207,7 +207,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     @rpc
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
-        revision = await self._allocs.release(request.allocation_id, caller())
+        revision = await self._allocs.release(request.allocation_id, caller(), request.release_id)
         return pb.ReleaseResponse(released=revision > 0, revision=revision)
 
     @rpc

@@ -41,8 +41,9 @@ def life_needed(ttl_s: int) -> int:
     return ATTEMPT_BOUND_S + 2 * ttl_s + MARGIN_S
 
 
-def value(alloc_id: str) -> bytes:
-    return PREFIX + alloc_id.encode()
+def value(alloc_id: str, release_id: str = "") -> bytes:
+    """A tombstone: the allocation released (or "" for a cancel) and the release call's id."""
+    return PREFIX + f"{alloc_id} {release_id}".rstrip().encode()
 
 
 def is_tombstone(raw: bytes) -> bool:
@@ -51,7 +52,12 @@ def is_tombstone(raw: bytes) -> bool:
 
 def released_id(raw: bytes) -> str:
     """The allocation a tombstone records the release of."""
-    return raw[len(PREFIX) :].decode(errors="replace")
+    return raw[len(PREFIX) :].decode(errors="replace").partition(" ")[0]
+
+
+def release_id(raw: bytes) -> str:
+    """The id of the release call that wrote the tombstone ("" when it gave none)."""
+    return raw[len(PREFIX) :].decode(errors="replace").partition(" ")[2]
 
 
 def released(request_id: str) -> RequestReleased:

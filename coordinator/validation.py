@@ -59,6 +59,16 @@ def allocation_id(value: str) -> str:
     return value
 
 
+_RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def release_id(value: str) -> str:
+    """A release call's id ("" = none)."""
+    if value and not _RELEASE_ID_RE.match(value):
+        raise InvalidRequest(f"release_id {value[:80]!r} is invalid: use 1-64 letters, digits, '_' or '-'")
+    return value
+
+
 def request_id(value: str) -> str:
     if not _REQUEST_ID_RE.match(value):
         raise InvalidRequest(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 
 from gpulease.coordinator import draining
@@ -41,6 +43,9 @@ TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting",
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
+_RELEASES = ("release", "force-release")
+# How many recent releases Release can answer "released" for again (about 2 MB).
+RECENT_RELEASES = 20_000
 
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
 MARKER_AFTER_S = 0.05
@@ -79,6 +84,10 @@ class ClusterView:
         # Called with an allocation whose keys went without a release (its lease expired).
         self.on_expired: Callable[[Allocation], None] | None = None
         self._released: set[str] = set()
+        # Allocations a release (not a settler) ended lately, with the release's revision as theirs:
+        # Release looks a retried call up here, so that an attempt whose answer was lost is told
+        # "released", not "not live" (fault suite, dropped answers). Bounded; across reloads.
+        self._recent_releases: OrderedDict[str, Allocation] = OrderedDict()
         # Typed cluster events derived from the same watch (coordinator/events.py).
         self.events = EventLog(keys)
         # Moves on every change to a node record (and on reload): smallest_share_per_gpu's cache key.
@@ -95,6 +104,8 @@ class ClusterView:
         # Per node: GPU key (UUID) -> allocation id. Mapped to the record's indexes in _rebuild.
         self._held: dict[str, dict[str, str]] = {}
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
+        # Allocations whose release audit entry arrived, until their keys' deletion does.
+        self._releasing: dict[str, str] = {}
         # Per node: allocation id -> (GPU UUIDs, mod revision) of its drain key (coordinator/draining.py),
         # and for allocations with one, the revision at which they ended.
         self._drains: dict[str, dict[str, tuple[frozenset[str], int]]] = {}
@@ -445,6 +456,8 @@ class ClusterView:
             alloc_id, _, action = parts[1].partition("-")[2].partition(".")
             if action in _ENDING_ACTIONS:
                 self._released.add(alloc_id)
+            if action in _RELEASES:
+                self._releasing[alloc_id] = action
             return None
         if kind == "allocs" and len(parts) == 2:
             if put:
@@ -454,6 +467,8 @@ class ClusterView:
                 self._decoded_allocs.pop(parts[1], None)
                 if any(parts[1] in d for d in self._drains.values()):
                     self._ended_at[parts[1]] = kv.mod_revision
+                if self._releasing.pop(parts[1], None) is not None and raw is not None:
+                    self._note_release(replace(self._decoded(parts[1], raw), revision=kv.mod_revision))
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:
@@ -514,6 +529,16 @@ class ClusterView:
         out = {uuid: alloc_id for alloc_id, (uuids, _) in drains.items() for uuid in uuids}
         out.update(held)
         return out
+
+    def _note_release(self, alloc: Allocation) -> None:
+        self._recent_releases[alloc.id] = alloc
+        while len(self._recent_releases) > RECENT_RELEASES:
+            self._recent_releases.popitem(last=False)
+
+    def released_lately(self, alloc_id: str) -> Allocation | None:
+        """An allocation a release ended lately, with the release's revision as its own; None if
+        none is known."""
+        return self._recent_releases.get(alloc_id)
 
     def drains(self, node: str) -> list[draining.Drain]:
         """The node's drain keys, each with the revision its allocation ended at (None: live)."""

@@ -266,7 +266,9 @@ def _seconds_or_none(value: int | str | None, what: str) -> int:
 
 def release(allocation_id: str) -> Op[pb.ReleaseResponse, bool]:
     """End an allocation. False when it was not live (already released or expired)."""
-    request = build(lambda: pb.ReleaseRequest(allocation_id=allocation_id))
+    # One id per call, the same in each attempt: an attempt sent again after its answer was lost
+    # is still told True when an earlier one ended the allocation.
+    request = build(lambda: pb.ReleaseRequest(allocation_id=allocation_id, release_id=uuid.uuid4().hex))
     return Op("Release", request, pb.ReleaseResponse, lambda r: r.released)
 
 

@@ -223,13 +223,20 @@ class ReleaseRequest(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     ALLOCATION_ID_FIELD_NUMBER: builtins.int
+    RELEASE_ID_FIELD_NUMBER: builtins.int
     allocation_id: builtins.str
+    release_id: builtins.str
+    """Names this release call (the client library sends a fresh one per call, the same in each of
+    its attempts): an attempt sent again after its answer was lost is answered released=true when
+    an earlier attempt of the same call ended the allocation. Optional; 1-64 of [A-Za-z0-9_-].
+    """
     def __init__(
         self,
         *,
         allocation_id: builtins.str = ...,
+        release_id: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["allocation_id", b"allocation_id", "release_id", b"release_id"]) -> None: ...
 
 global___ReleaseRequest = ReleaseRequest
 
@@ -281,7 +288,9 @@ class ReleaseResponse(google.protobuf.message.Message):
     RELEASED_FIELD_NUMBER: builtins.int
     REVISION_FIELD_NUMBER: builtins.int
     released: builtins.bool
-    """True when this call ended a live allocation; false when it was already gone."""
+    """True when this call (any attempt of it, by release_id) ended a live allocation; false when it
+    was already gone.
+    """
     revision: builtins.int
     """etcd revision at which the allocation's keys were deleted (0 when released is false)."""
     def __init__(

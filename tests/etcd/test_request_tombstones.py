@@ -174,3 +174,17 @@ def test_the_client_cancels_an_allocate_whose_outcome_it_does_not_know(
         assert harness.free_gpus(client) == 4 and client.list_allocations() == []
         with pytest.raises(RequestReleased):
             client.allocate(gpus=1, request_id="rid-unknown", ttl=30)
+
+
+async def test_a_release_sent_again_is_told_released_only_by_the_same_call(etcd: harness.Etcd, prefix: str) -> None:
+    """A Release whose answer was lost is sent again (same release_id): it is told the allocation was
+    released, at the revision of the release, rather than "not live". Another call is not."""
+    async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
+        await a.nodes.register(node_info("n1", gpus=4))
+        alloc, _ = await a.allocations.allocate(ask("job-r"))
+        first = await a.allocations.release(alloc.id, release_id="call-1")
+        assert first > 0
+        assert await b.view.wait_for_revision(first, 5)
+        assert await b.allocations.release(alloc.id, release_id="call-1") == first  # the retry, elsewhere
+        assert await a.allocations.release(alloc.id, release_id="call-2") == 0  # another call
+        assert await a.allocations.release(alloc.id) == 0

@@ -437,7 +437,8 @@ def recorded_release(history: History, process: str, client: Client, alloc_id: s
     """Release (the raw call, for the deletion's revision), recorded; raises what the client raised."""
     h = history.invoke("release", process, alloc_id)
     try:
-        answer = client._rpc.call("Release", pb.ReleaseRequest(allocation_id=alloc_id), pb.ReleaseResponse)
+        request = pb.ReleaseRequest(allocation_id=alloc_id, release_id=uuid.uuid4().hex)
+        answer = client._rpc.call("Release", request, pb.ReleaseResponse)
     except GpuLeaseError as e:
         (h.unknown if e.code in UNKNOWN_CODES else h.fail)(e, alloc_id)
         raise

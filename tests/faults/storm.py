@@ -135,12 +135,15 @@ class StormClient:
             return h.unknown(e, alloc_id)
         return h.ok(alloc_id, found=ttl > 0, ttl=int(ttl))
 
-    def release(self, alloc_id: str, request_id: str) -> Op:
+    def release(self, alloc_id: str, request_id: str, release_id: str = "") -> Op:
         h = self.history.invoke("release", self.name, request_id)
         try:
             # The raw call: the library's release() answers a bool, and the checker wants the
             # deletion's revision (ReleaseResponse.revision) to order it against later grants.
-            answer = self.client._rpc.call("Release", pb.ReleaseRequest(allocation_id=alloc_id), pb.ReleaseResponse)
+            # release_id, as the library sends it: one per logical release, the same in its retries,
+            # so a retry after a lost answer is told "released", not "not live".
+            request = pb.ReleaseRequest(allocation_id=alloc_id, release_id=release_id)
+            answer = self.client._rpc.call("Release", request, pb.ReleaseResponse)
         except GpuLeaseError as e:
             return h.unknown(e, alloc_id) if _code(e) in UNKNOWN_CODES else h.fail(e, alloc_id)
         except Exception as e:
@@ -181,8 +184,9 @@ class StormClient:
             elif k.code == "NOT_FOUND" or (k.outcome == "ok" and not k.found):
                 gone_at = k.completed
         released = False
+        release_id = uuid.uuid4().hex
         for attempt in range(RELEASE_ATTEMPTS):
-            r = self.release(alloc_id, request_id)
+            r = self.release(alloc_id, request_id, release_id)
             if r.outcome == "ok":
                 released = True
                 if not r.found and gone_at is None:
@@ -301,7 +305,8 @@ def release_all(addresses: Sequence[str], allocation_ids: Iterable[str], history
         for alloc_id in allocation_ids:
             h = history.invoke("release", "final", alloc_id) if history is not None else None
             try:
-                answer = client._rpc.call("Release", pb.ReleaseRequest(allocation_id=alloc_id), pb.ReleaseResponse)
+                request = pb.ReleaseRequest(allocation_id=alloc_id, release_id=uuid.uuid4().hex)
+                answer = client._rpc.call("Release", request, pb.ReleaseResponse)
             except GpuLeaseError as e:
                 if h is not None:
                     (h.unknown if _code(e) in UNKNOWN_CODES else h.fail)(e, alloc_id)
