@@ -1,6 +1,7 @@
 """What must happen once, with several replicas and no leader (issue 17): shown idempotent by
-forcing two replicas to do it at the same moment. (The expiry audit entry: test_security.py,
-test_an_expiry_is_audited_once_with_two_replicas; the unsettled sweep: test_in_doubt_commits.py.)"""
+forcing two replicas to do it at the same moment: queue admission and preemption here; the expiry
+audit entry in test_security.py (test_an_expiry_is_audited_once_with_two_replicas); the unsettled
+sweep in test_in_doubt_commits.py (settled by another coordinator's sweep)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import asyncio
 from gpulease.coordinator.allocations import AllocateInput
 from gpulease.coordinator.batcher import LeftQueue
 from gpulease.coordinator.domain import Allocation, PendingRequest
+from gpulease.coordinator.preemption import Preemptions
+from gpulease.coordinator.preemption_plan import Preemption
 from gpulease.coordinator.records import encode_pending
 from gpulease.coordinator.store import Put
 from tests.support import harness
@@ -58,3 +61,50 @@ async def test_two_replicas_admitting_one_pending_request_make_one_allocation(et
         assert sorted([x_reused, y_reused]) == [False, True]
         assert len(await a.keys_under("gpus/n1")) == 1
         assert await a.keys_under("queue") == []
+
+
+async def test_two_replicas_preempting_one_victim_at_once_preempt_it_once(etcd: harness.Etcd, prefix: str) -> None:
+    """Each replica serves a blocked head that wants the same victim, and both send the preemption
+    in the same instant: one transaction wins (the victim's notice, one claim, one audit entry);
+    the other is refused and plans again. Both then sweep past the deadline: one revocation, no
+    error from the second."""
+    async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
+        await a.nodes.register(node_info("n1", gpus=1))
+        victim, _ = await a.allocations.allocate(
+            AllocateInput(gpus=1, cpus=1, memory_bytes=2**30, ttl_seconds=60, preemptible=True)
+        )
+        heads = []
+        for c, rid in ((a, "head-a"), (b, "head-b")):
+            lease = await c.store.grant(30)
+            ask = AllocateInput(gpus=1, cpus=1, memory_bytes=2**30, ttl_seconds=30, request_id=rid)
+            entry = c.allocations.prepare(ask).pending(1, 0, lease)
+            await c.store.txn([], [Put(c.keys.queue(entry.id), encode_pending(entry), lease)])
+            heads.append(entry)
+        rev = await a.store.put(f"{prefix}sync", b"")
+        assert await a.view.wait_for_revision(rev, 5) and await b.view.wait_for_revision(rev, 5)
+
+        plan = Preemption("n1", (victim.id,), "priority", tuple(g.index for g in victim.gpus))
+        pa, pb = Preemptions(a.store, a.keys, a.view), Preemptions(b.store, b.keys, b.view)
+        won = await asyncio.gather(pa.preempt(heads[0], plan, a.allocations.classes()),
+                                   pb.preempt(heads[1], plan, b.allocations.classes()))  # fmt: skip
+        assert sorted(won) == [False, True]
+        assert await a.keys_under("preempting") == [victim.id]
+        assert len(await a.keys_under("claims")) == 1
+        audit = [k for k in await a.keys_under("audit") if k.endswith(f"{victim.id}.preempt")]
+        assert len(audit) == 1
+
+        rev = await a.store.put(f"{prefix}sync", b"")
+        assert await a.view.wait_for_revision(rev, 5) and await b.view.wait_for_revision(rev, 5)
+        far = 2**62
+        pa.sweep(far)
+        pb.sweep(far)
+        await until_gone(a, victim.id)
+        assert await a.keys_under("gpus/n1") == []
+
+
+async def until_gone(c: Core, alloc_id: str) -> None:
+    for _ in range(100):
+        if alloc_id not in await c.keys_under("allocs"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{alloc_id} was not revoked")
