@@ -463,6 +463,9 @@ class AllocationService:
         of it still in flight anywhere can commit afterwards (its request key becomes a tombstone).
         Returns (the allocation released or "", the revision of the tombstone). Idempotent."""
         rid = scoped_request_id(by.id, validation.request_id(request_id))
+        # The TTL the request asked for sizes its tombstone: bounded like any TTL (the per-caller
+        # rate limit bounds how many a caller can make).
+        ttl_s = validation.ttl(ttl_s, self._policy.default_ttl)
         key = self._keys.req(rid)
         for _ in range(8):  # the key moves only when an attempt commits or a release lands
             kv = await self._store.get(key)
@@ -476,7 +479,7 @@ class AllocationService:
                 continue
             # Nothing holds it (or a settler's block does): the tombstone takes the key as it is now.
             guard = Cmp(key, "mod", "==", kv.mod_revision) if kv is not None else Cmp(key, "version", "==", 0)
-            grave = await self._tombstones.lease_for(ttl_s or self._policy.default_ttl)
+            grave = await self._tombstones.lease_for(ttl_s)
             out = await self._store.txn([guard], [Put(key, tombstones.value(""), grave)])
             if out.succeeded:
                 return "", out.revision

@@ -19,7 +19,7 @@ import pytest
 from gpulease.client import Client
 from gpulease.coordinator import tombstones
 from gpulease.coordinator.allocations import AllocateInput
-from gpulease.errors import DeadlineExceeded, RequestReleased, Unavailable
+from gpulease.errors import DeadlineExceeded, InvalidRequest, RequestReleased, Unavailable
 from tests.support import harness
 from tests.support.inproc import Core, core, node_info
 
@@ -188,3 +188,10 @@ async def test_a_release_sent_again_is_told_released_only_by_the_same_call(etcd:
         assert await b.allocations.release(alloc.id, release_id="call-1") == first  # the retry, elsewhere
         assert await a.allocations.release(alloc.id, release_id="call-2") == 0  # another call
         assert await a.allocations.release(alloc.id) == 0
+
+
+async def test_a_cancel_with_a_ttl_out_of_range_is_refused_and_writes_nothing(etcd: harness.Etcd, prefix: str) -> None:
+    async with core([etcd.url], prefix) as a:
+        with pytest.raises(InvalidRequest, match="ttl of 9999999s is out of range"):
+            await a.allocations.cancel("job-x", 9_999_999)
+        assert await a.keys_under("reqs") == []
