@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=None, help="simulated nodes x 8 GPUs for the load runs (1000)")
     p.add_argument("--duration", type=float, default=None, help="seconds per measurement (5)")
     p.add_argument("--scale-nodes", type=int, default=None, help="nodes for the scale run (10000)")
+    p.add_argument("--scale-heartbeat-interval", type=int, default=10,
+                   help="agents' heartbeat interval in the scale run, s (10; node TTL = 3 intervals)")  # fmt: skip
     p.add_argument("--no-scale", action="store_true", help="skip the scale run")
     p.add_argument("--no-security", action="store_true", help="skip the TLS + tokens against clear text run")
     p.add_argument("--no-queue", action="store_true", help="skip the waiting queue run")
@@ -101,7 +103,7 @@ async def main_async(args: argparse.Namespace, cluster: LocalCluster) -> dict[st
     if "scale" in args.phases:
         log(f"scale: {args.scale_nodes} nodes ...")
         scale = asdict(await run_scale(cluster, args.scale_nodes, 100, 64 if not args.quick else 16,
-                                       args.duration, heartbeat_interval=10))  # fmt: skip
+                                       args.duration, heartbeat_interval=args.scale_heartbeat_interval))  # fmt: skip
     tombstone = None
     if "tombstones" in args.phases:
         c = 16 if args.quick else 64
