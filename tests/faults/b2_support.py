@@ -23,6 +23,7 @@ from gpulease.errors import GpuLeaseError
 from gpulease.v1 import coordinator_pb2 as pb
 from tests.faults.history import History, check, summary
 from tests.faults.storm import UNKNOWN_CODES, gpu_names, read_allocations, wait_quiet
+from tests.support.tcp_proxy import TcpProxy
 
 LONG_ENV = "GPULEASE_FAULTS_LONG"
 SEED_ENV = "GPULEASE_FAULTS_SEED"
@@ -180,7 +181,7 @@ class Fault:
 PASS = Fault("pass")
 
 
-class FaultProxy:
+class FaultProxy(TcpProxy):
     """A loopback TCP proxy in front of one gRPC server (clear-text HTTP/2). It reads the server's
     frames and, at the first frame of each answer (a HEADERS or DATA frame on a new stream), asks
     ``choose()`` what to do with it. So a fault hits an answer, never a request: a dropped call was
@@ -188,31 +189,14 @@ class FaultProxy:
     anywhere. ``counts`` says how many answers got each fault."""
 
     def __init__(self, target: str, choose: Callable[[], Fault]) -> None:
-        host, port = target.rsplit(":", 1)
-        self._target = (host, int(port))
         self.choose = choose
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._socks: set[socket.socket] = set()
-        self._closed = False
         self.counts: dict[str, int] = {"pass": 0, "drop": 0, "delay": 0}
-        self._thread = threading.Thread(target=self._accept_loop, name="b2-fault-proxy", daemon=True)
-        self._thread.start()
+        host, port = target.rsplit(":", 1)
+        super().__init__(host, int(port))
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        with self._lock:
-            socks, self._socks = self._socks, set()
-        for s in socks:
-            _shut(s)
-        self._thread.join(timeout=5)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -220,39 +204,7 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accept_loop(self) -> None:
-        self._listener.settimeout(0.2)
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self._target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._socks |= {client, server}
-            threading.Thread(target=self._upstream, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._downstream, args=(server, client), daemon=True).start()
-
-    def _upstream(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._end(src, dst)
-
-    def _downstream(self, src: socket.socket, dst: socket.socket) -> None:
+    def _answers(self, src: socket.socket, dst: socket.socket) -> None:
         # The server side of HTTP/2 is frames from its first byte (no preface): 9-byte headers,
         # length (3), type (1), flags (1), stream id (4). Frames are forwarded whole.
         buf = b""
@@ -275,7 +227,7 @@ class FaultProxy:
                         with self._lock:
                             self.counts[fault.kind] = self.counts.get(fault.kind, 0) + 1
                         if fault.kind == "drop":
-                            return  # finally: both sides closed, this answer never arrives
+                            return  # finally: both sides see the break, this answer never arrives
                         if fault.kind == "delay":
                             time.sleep(fault.delay)
                     dst.sendall(frame)
@@ -283,20 +235,6 @@ class FaultProxy:
             pass
         finally:
             self._end(src, dst)
-
-    def _end(self, a: socket.socket, b: socket.socket) -> None:
-        for s in (a, b):
-            _shut(s)
-        with self._lock:
-            self._socks.discard(a)
-            self._socks.discard(b)
-
-
-def _shut(s: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        s.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        s.close()
 
 
 @contextlib.contextmanager

@@ -89,8 +89,12 @@ class TcpProxy:
             with self._lock:
                 self._conns |= {client, server}
                 self.accepted += 1
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client), daemon=True).start()
+
+    def _answers(self, src: socket.socket, dst: socket.socket) -> None:
+        """The server-to-client direction: what a subclass changes to act on answers only."""
+        self._pump(src, dst)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -102,9 +106,13 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            with self._lock:
-                self._conns.discard(src)
-                self._conns.discard(dst)
+            self._end(src, dst)
+
+    def _end(self, src: socket.socket, dst: socket.socket) -> None:
+        """Both sides see the connection break."""
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._conns.discard(src)
+            self._conns.discard(dst)
