@@ -117,8 +117,7 @@ class Endings:
         """Before the first container of ``alloc`` starts: remember where and whose it is, and mark its
         GPUs as draining once it ends (coordinator/draining.py), compared on it being live: a
         container never starts on GPUs that could be free before the agent has stopped it."""
-        draining_everywhere = all(any(d.allocation_id == alloc.id for d in self._view.drains(n)) for n in alloc.nodes)
-        if self.home(alloc.id) is not None and draining_everywhere:
+        if self.home(alloc.id) is not None and self._view.drain_nodes(alloc.id) >= set(alloc.nodes):
             return
         doc: dict[str, object] = {"node": alloc.members[0].node, "principal": alloc.principal,
                                   "tenant": alloc.tenant, "ended_ms": 0}  # fmt: skip

@@ -109,6 +109,9 @@ class ClusterView:
         # Per node: allocation id -> (GPU UUIDs, mod revision) of its drain key (coordinator/draining.py),
         # and for allocations with one, the revision at which they ended.
         self._drains: dict[str, dict[str, tuple[frozenset[str], int]]] = {}
+        # Allocation id -> the nodes it has drain keys on: an allocation's end is looked up here on
+        # every deletion, which must not walk every node.
+        self._drain_nodes: dict[str, set[str]] = {}
         self._ended_at: dict[str, int] = {}
         # Raw record and create revision: decoded only when asked for (most never are).
         self._allocs: dict[str, tuple[bytes, int]] = {}
@@ -350,10 +353,9 @@ class ClusterView:
         self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
-        for drains in self._drains.values():
-            for alloc_id in drains:
-                if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
-                    self._ended_at.setdefault(alloc_id, revision)
+        for alloc_id in self._drain_nodes:
+            if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
+                self._ended_at.setdefault(alloc_id, revision)
         for name in list(self._records):
             self._rebuild(name)
         self._changed.clear()  # the load revision covers everything loaded
@@ -430,11 +432,15 @@ class ClusterView:
             return parts[1]
         if kind == "drain" and len(parts) == 3:
             drains = self._drains.setdefault(parts[1], {})
+            nodes = self._drain_nodes.setdefault(parts[2], set())
             if put:
                 drains[parts[2]] = (draining.decode(kv.value), kv.mod_revision)
+                nodes.add(parts[1])
             else:
                 drains.pop(parts[2], None)
-                if not any(parts[2] in d for d in self._drains.values()):
+                nodes.discard(parts[1])
+                if not nodes:
+                    del self._drain_nodes[parts[2]]
                     self._ended_at.pop(parts[2], None)
             return parts[1]
         if kind == "usage" and len(parts) == 3:
@@ -465,7 +471,7 @@ class ClusterView:
             else:
                 raw = self._allocs.pop(parts[1], None)
                 self._decoded_allocs.pop(parts[1], None)
-                if any(parts[1] in d for d in self._drains.values()):
+                if parts[1] in self._drain_nodes:
                     self._ended_at[parts[1]] = kv.mod_revision
                 if self._releasing.pop(parts[1], None) is not None and raw is not None:
                     self._note_release(replace(self._decoded(parts[1], raw), revision=kv.mod_revision))
@@ -539,6 +545,10 @@ class ClusterView:
         """An allocation a release ended lately, with the release's revision as its own; None if
         none is known."""
         return self._recent_releases.get(alloc_id)
+
+    def drain_nodes(self, alloc_id: str) -> frozenset[str]:
+        """The nodes where ``alloc_id`` has a drain key."""
+        return frozenset(self._drain_nodes.get(alloc_id, ()))
 
     def drains(self, node: str) -> list[draining.Drain]:
         """The node's drain keys, each with the revision its allocation ended at (None: live)."""
