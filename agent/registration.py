@@ -37,6 +37,8 @@ MIN_BACKOFF_S = 0.2
 MAX_RPC_TIMEOUT_S = 10.0
 # A heartbeat that starts this much after it was due is logged as late: the agent is overloaded.
 LATE_HEARTBEAT_S = 1.0
+# Each heartbeat comes up to this share of the interval early (see step()).
+INTERVAL_JITTER = 0.1
 
 
 class AgentInventory:
@@ -249,7 +251,9 @@ class Registrar:
             return self._backoff()
         self._outage.success()
         await self._maybe_ready()
-        return self._interval
+        # A little early, at random: agents that registered together (a rack powering on) drift
+        # apart instead of heartbeating in step, and a late heartbeat is rarer.
+        return self._interval * random.uniform(1 - INTERVAL_JITTER, 1.0)
 
     async def _maybe_ready(self) -> None:
         # Ready once the coordinator holds an inventory that offers the node's GPUs (not reconciling).

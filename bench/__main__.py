@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=None, help="simulated nodes x 8 GPUs for the load runs (1000)")
     p.add_argument("--duration", type=float, default=None, help="seconds per measurement (5)")
     p.add_argument("--scale-nodes", type=int, default=None, help="nodes for the scale run (10000)")
-    p.add_argument("--scale-heartbeat-interval", type=int, default=10,
-                   help="agents' heartbeat interval in the scale run, s (10; node TTL = 3 intervals)")  # fmt: skip
+    p.add_argument("--scale-heartbeat-interval", type=int, default=None,
+                   help="agents' heartbeat interval in the scale run, s (default: what the default heartbeat cap "
+                        "gives at --scale-nodes; node TTL 10 s more)")  # fmt: skip
     p.add_argument("--no-scale", action="store_true", help="skip the scale run")
     p.add_argument("--no-security", action="store_true", help="skip the TLS + tokens against clear text run")
     p.add_argument("--no-queue", action="store_true", help="skip the waiting queue run")

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,11 +19,39 @@ import psutil
 
 from bench.cluster import GPUS_PER_NODE, register_nodes, wait_nodes
 from bench.load import run_cycles
+from gpulease.coordinator.liveness import LivenessPolicy, Timing, timing
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 from gpulease.v1 import types_pb2 as tpb
+
+# The design the coordinator runs by default (coordinator/liveness.py); measured last.
+CHOSEN = "session"
+DEFAULT_LIVENESS = LivenessPolicy()
+
+
+@dataclass
+class LivenessFigures:
+    """One node-liveness design at 10,000 nodes (coordinator/liveness.py), same heartbeat rate."""
+
+    design: str
+    heartbeat_interval_s: int
+    node_ttl_s: int
+    heartbeats_per_s: float
+    # allocate+release cycles/s without heartbeats, then with them; cost = 1 - with / without
+    cycles_per_s_quiet: float
+    cycles_per_s_with_heartbeats: float
+    heartbeat_cost: float
+    coordinator_cpu_ms_per_heartbeat: float
+    # etcd's raft proposals (writes) and lease renewals per second with heartbeats only: all of them,
+    # the coordinator's background work included (nothing else runs then)
+    liveness_etcd_writes_per_s: float
+    liveness_lease_renewals_per_s: float
+    heartbeats_sent: int
+    heartbeat_errors: int
+    false_down: int
+    double_allocations: int
 
 
 @dataclass
@@ -37,10 +66,11 @@ class ScaleResult:
     cycles_per_s_small: float
     cycles_per_s_large: float
     throughput_ratio: float
+    # The fields below are the chosen design's (liveness_design), at the interval it tells agents.
     heartbeat_interval_s: int
     cycles_per_s_with_heartbeats: float
     heartbeat_cost: float
-    # coordinator CPU per Heartbeat RPC (gRPC handling plus one etcd lease renewal)
+    # coordinator CPU per Heartbeat RPC
     coordinator_cpu_ms_per_heartbeat: float
     # the same for an empty unary call (health check) at the same pace: the floor under the above
     coordinator_cpu_ms_per_noop_rpc: float
@@ -48,12 +78,22 @@ class ScaleResult:
     heartbeat_errors: int
     false_down: int
     double_allocations: int
+    # Issue 18: the chosen design, its cost as a share of allocate throughput at `nodes` nodes, its
+    # etcd writes and renewals per second for liveness, and the seconds from a node's death (its
+    # heartbeats stop) to DOWN, by cluster size; each design measured in this run.
+    liveness_design: str = ""
+    liveness_cost_share: float = 0.0
+    liveness_etcd_writes_per_s: float = 0.0
+    liveness_lease_renewals_per_s: float = 0.0
+    detection_s: dict[str, float] = field(default_factory=dict)
+    detection_false_down: int = 0
+    designs: list[LivenessFigures] = field(default_factory=list)
 
 
 def _start_heartbeats(
     address: str, leases: dict[str, int], interval: int, tmp: Path, noop: bool = False
 ) -> subprocess.Popen[str]:
-    path = tmp / "leases.json"
+    path = tmp / f"leases-{os.getpid()}-{len(leases)}-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(leases))
     return subprocess.Popen([sys.executable, "-m", "bench.heartbeats", address, str(path), "--interval", str(interval),
                              "--parent-pid", str(os.getpid()), *(["--noop"] if noop else [])],
@@ -89,8 +129,95 @@ async def _down_nodes(address: str) -> int:
     return sum(1 for n in summary.nodes if n.state == tpb.NODE_STATE_DOWN)
 
 
+def _etcd_counters(url: str) -> tuple[float, float]:
+    """etcd's raft proposals committed (its writes) and lease renewals so far, from its /metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return float(values["etcd_server_proposals_committed_total"]), float(values["etcd_debugging_lease_renewed_total"])
+
+
+async def _rates(proc: psutil.Process, etcd_url: str, seconds: float) -> tuple[float, float, float]:
+    """`proc`'s CPU seconds, and etcd's writes/s and renewals/s, over the next `seconds`."""
+    writes, renewals = _etcd_counters(etcd_url)
+    cpu = await _cpu_seconds(proc, seconds)
+    writes2, renewals2 = _etcd_counters(etcd_url)
+    return cpu, (writes2 - writes) / seconds, (renewals2 - renewals) / seconds
+
+
+Measured = tuple[LivenessFigures, str, dict[str, int], float]
+
+
+async def _measure_design(cluster: LocalCluster, design: str, nodes: int, concurrency: int, duration: float,
+                          t: Timing) -> Measured:  # fmt: skip
+    """One design's coordinator with `nodes` nodes, heartbeating at `interval` from their own process.
+    Also returns its address (left running), the nodes' leases, and how long registering took."""
+    interval = t.heartbeat_interval
+    flags = ["--node-liveness", design, "--max-heartbeats-per-second", "0"]
+    addr = cluster.add_coordinator(prefix=f"/bench-{design}/", node_ttl=t.node_ttl, heartbeat_interval=interval,
+                                   extra_args=flags).address  # fmt: skip
+    t0 = time.perf_counter()
+    leases = await register_nodes(addr, [f"n{i:05d}" for i in range(nodes)], concurrency=128)
+    register_s = time.perf_counter() - t0
+    await wait_nodes(addr, nodes, 120)
+    coordinator = psutil.Process(cluster.coordinator(addr).process.pid)
+    window = min(duration, 5)
+    idle_cpu_s = await _cpu_seconds(coordinator, window)
+    beats = _start_heartbeats(addr, leases, interval, cluster.data_dir)
+    try:
+        await asyncio.sleep(2)  # see _cpu_ms_per_call
+        busy_cpu_s, writes, renewals = await _rates(coordinator, cluster.etcd_url, window)
+        hb_cpu_ms = (busy_cpu_s - idle_cpu_s) * 1000 / (nodes / interval * window)
+        await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
+        hb_rate, hb_doubles = await run_cycles(addr, concurrency, duration)
+        false_down = await _down_nodes(addr)
+    finally:
+        sent, hb_errors = _stop_heartbeats(beats)
+    quiet_rate, quiet_doubles = await run_cycles(addr, concurrency, duration)
+    false_down = max(false_down, await _down_nodes(addr))
+    figures = LivenessFigures(
+        design=design, heartbeat_interval_s=interval, node_ttl_s=t.node_ttl,
+        heartbeats_per_s=round(nodes / interval, 1),
+        cycles_per_s_quiet=round(quiet_rate, 1), cycles_per_s_with_heartbeats=round(hb_rate, 1),
+        heartbeat_cost=round(1 - hb_rate / quiet_rate, 3) if quiet_rate else 0.0,
+        coordinator_cpu_ms_per_heartbeat=round(hb_cpu_ms, 3),
+        liveness_etcd_writes_per_s=round(writes, 1),
+        liveness_lease_renewals_per_s=round(renewals, 1),
+        heartbeats_sent=sent, heartbeat_errors=hb_errors, false_down=false_down,
+        double_allocations=hb_doubles + quiet_doubles,
+    )  # fmt: skip
+    return figures, addr, leases, register_s
+
+
+async def _detection(cluster: LocalCluster, addr: str, leases: dict[str, int], interval: int,
+                     victims: int = 5) -> tuple[float, int]:  # fmt: skip
+    """Seconds from the moment `victims` nodes stop heartbeating (their agents die) until the
+    coordinator lists every one DOWN; and how many of the others it listed DOWN meanwhile."""
+    names = sorted(leases)
+    dead = set(names[:: max(1, len(names) // victims)][:victims])
+    beats = _start_heartbeats(addr, leases, interval, cluster.data_dir)
+    await asyncio.sleep(interval + 2)  # every node heard from at least once by now
+    _stop_heartbeats(beats)
+    died = time.perf_counter()
+    beats = _start_heartbeats(addr, {n: v for n, v in leases.items() if n not in dead}, interval, cluster.data_dir)
+    false_down = 0
+    try:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = pb_grpc.CoordinatorServiceStub(channel)
+            while time.perf_counter() - died < 300:
+                summary = await stub.GetClusterSummary(pb.GetClusterSummaryRequest(), timeout=30)
+                down = {n.name for n in summary.nodes if n.state == tpb.NODE_STATE_DOWN}
+                false_down = max(false_down, len(down - dead))
+                if dead <= down:
+                    return time.perf_counter() - died, false_down
+                await asyncio.sleep(0.25)
+    finally:
+        _stop_heartbeats(beats)
+    raise TimeoutError(f"{sorted(dead)} not down 300 s after their heartbeats stopped")
+
+
 async def run_scale(cluster: LocalCluster, nodes: int, small: int, concurrency: int, duration: float,
-                    heartbeat_interval: int = 10) -> ScaleResult:  # fmt: skip
+                    heartbeat_interval: int | None = None) -> ScaleResult:  # fmt: skip
+    """`heartbeat_interval` None: what the default policy tells agents at `nodes` nodes (the cap)."""
     # Small cluster first, on its own prefix.
     small_addr = cluster.add_coordinator(prefix="/bench-small/").address
     await register_nodes(small_addr, [f"s{i:05d}" for i in range(small)])
@@ -100,48 +227,52 @@ async def run_scale(cluster: LocalCluster, nodes: int, small: int, concurrency: 
     small_rate, small_doubles = await run_cycles(small_addr, concurrency, duration)
     cluster.stop_coordinator(small_addr)
 
-    # The large cluster. node_ttl 3 heartbeat intervals, as agents are told by default.
-    node_ttl = 3 * heartbeat_interval
-    prefix = "/bench-large/"
-    addr = cluster.add_coordinator(prefix=prefix, node_ttl=node_ttl, heartbeat_interval=heartbeat_interval).address
-    t0 = time.perf_counter()
-    leases = await register_nodes(addr, [f"n{i:05d}" for i in range(nodes)], concurrency=128)
-    register_s = time.perf_counter() - t0
-    await wait_nodes(addr, nodes, 120)
-
-    # Agents heartbeat from registration on (from their own process here); measure with them,
-    # then right after stopping them, while every lease is at most one interval old.
-    # What one heartbeat costs the coordinator with nothing else running (see _cpu_ms_per_call).
+    # Each design at the same heartbeat rate: the interval the default cap gives at this size,
+    # with the default margin of the TTL over it (coordinator/liveness.py).
+    t = timing(nodes, DEFAULT_LIVENESS)
+    if heartbeat_interval is not None:
+        t = Timing(heartbeat_interval, heartbeat_interval + t.node_ttl - t.heartbeat_interval)
+    designs: list[LivenessFigures] = []
+    for design in ("node-lease", "session"):
+        figures, addr, leases, register_s = await _measure_design(cluster, design, nodes, concurrency, duration, t)
+        designs.append(figures)
+        if design != CHOSEN:
+            cluster.stop_coordinator(addr)
+    chosen = designs[-1]
+    prefix = f"/bench-{CHOSEN}/"
     coordinator = psutil.Process(cluster.coordinator(addr).process.pid)
+    rss = cluster.coordinator(addr).process.rss() / 2**20
     window = min(duration, 5)
     idle_cpu_s = await _cpu_seconds(coordinator, window)
-    beats = _start_heartbeats(addr, leases, heartbeat_interval, cluster.data_dir)
+    # Empty unary calls at the heartbeats' pace: the floor under any heartbeat's cost.
+    noops = _start_heartbeats(addr, leases, t.heartbeat_interval, cluster.data_dir, noop=True)
     try:
-        hb_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
-        await run_cycles(addr, concurrency, min(duration, 2))  # warm-up
-        hb_rate, hb_doubles = await run_cycles(addr, concurrency, duration)
-        false_down = await _down_nodes(addr)
-    finally:
-        sent, hb_errors = _stop_heartbeats(beats)
-    quiet_rate, quiet_doubles = await run_cycles(addr, concurrency, duration)
-    false_down = max(false_down, await _down_nodes(addr))
-    rss = cluster.coordinator(addr).process.rss() / 2**20
-
-    # Empty unary calls at the heartbeats' pace, after the last down check: within the node TTL
-    # (3 intervals) of the last heartbeat, so no lease expiry adds work to this window.
-    noops = _start_heartbeats(addr, leases, heartbeat_interval, cluster.data_dir, noop=True)
-    try:
-        noop_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / heartbeat_interval)
+        noop_cpu_ms = await _cpu_ms_per_call(coordinator, idle_cpu_s, window, nodes / t.heartbeat_interval)
     finally:
         _stop_heartbeats(noops)
 
+    # Time to detect a dead node at this size (on the chosen design's coordinator), then at the
+    # smaller sizes the issue names, each on a coordinator of its own with the default policy.
+    detection = {str(nodes): await _detection(cluster, addr, leases, t.heartbeat_interval)}
+
     # A fresh replica: how long until its view holds all nodes.
     t1 = time.perf_counter()
-    fresh = cluster.add_coordinator(prefix=prefix, node_ttl=node_ttl, heartbeat_interval=heartbeat_interval).address
+    fresh = cluster.add_coordinator(prefix=prefix, node_ttl=t.node_ttl, heartbeat_interval=t.heartbeat_interval,
+                                    extra_args=["--max-heartbeats-per-second", "0"]).address  # fmt: skip
     await wait_nodes(fresh, nodes, 120)
     resync_s = time.perf_counter() - t1
     cluster.stop_coordinator(fresh)
     cluster.stop_coordinator(addr)
+
+    for size in (100, 1000):
+        if size >= nodes:
+            continue
+        base = DEFAULT_LIVENESS
+        addr = cluster.add_coordinator(prefix=f"/bench-detect-{size}/", node_ttl=base.node_ttl,
+                                       heartbeat_interval=base.heartbeat_interval).address  # fmt: skip
+        leases = await register_nodes(addr, [f"d{i:05d}" for i in range(size)], concurrency=128)
+        detection[str(size)] = await _detection(cluster, addr, leases, timing(size, base).heartbeat_interval)
+        cluster.stop_coordinator(addr)
 
     return ScaleResult(
         nodes=nodes,
@@ -151,15 +282,22 @@ async def run_scale(cluster: LocalCluster, nodes: int, small: int, concurrency: 
         resync_s=round(resync_s, 2),
         small_nodes=small,
         cycles_per_s_small=round(small_rate, 1),
-        cycles_per_s_large=round(quiet_rate, 1),
-        throughput_ratio=round(quiet_rate / small_rate, 3) if small_rate else 0.0,
-        heartbeat_interval_s=heartbeat_interval,
-        cycles_per_s_with_heartbeats=round(hb_rate, 1),
-        heartbeat_cost=round(1 - hb_rate / quiet_rate, 3) if quiet_rate else 0.0,
-        coordinator_cpu_ms_per_heartbeat=round(hb_cpu_ms, 3),
+        cycles_per_s_large=chosen.cycles_per_s_quiet,
+        throughput_ratio=round(chosen.cycles_per_s_quiet / small_rate, 3) if small_rate else 0.0,
+        heartbeat_interval_s=t.heartbeat_interval,
+        cycles_per_s_with_heartbeats=chosen.cycles_per_s_with_heartbeats,
+        heartbeat_cost=chosen.heartbeat_cost,
+        coordinator_cpu_ms_per_heartbeat=chosen.coordinator_cpu_ms_per_heartbeat,
         coordinator_cpu_ms_per_noop_rpc=round(noop_cpu_ms, 3),
-        heartbeats_sent=sent,
-        heartbeat_errors=hb_errors,
-        false_down=false_down,
-        double_allocations=small_doubles + hb_doubles + quiet_doubles,
+        heartbeats_sent=chosen.heartbeats_sent,
+        heartbeat_errors=chosen.heartbeat_errors,
+        false_down=chosen.false_down,
+        double_allocations=small_doubles + sum(d.double_allocations for d in designs),
+        liveness_design=CHOSEN,
+        liveness_cost_share=chosen.heartbeat_cost,
+        liveness_etcd_writes_per_s=chosen.liveness_etcd_writes_per_s,
+        liveness_lease_renewals_per_s=chosen.liveness_lease_renewals_per_s,
+        detection_s={k: round(v[0], 1) for k, v in sorted(detection.items(), key=lambda kv: int(kv[0]))},
+        detection_false_down=max(v[1] for v in detection.values()),
+        designs=designs,
     )

@@ -13,6 +13,7 @@ from gpulease.common.container_policy import ContainerPolicy
 from gpulease.common.httpserve import check_listen
 from gpulease.common.settings import ConfigError
 from gpulease.common.units import parse_duration, parse_size
+from gpulease.coordinator import liveness
 from gpulease.errors import InvalidRequest
 
 ENV_PREFIX = "GPULEASE_COORDINATOR_"
@@ -24,8 +25,14 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:50051"
     prefix: str = "/gpulease/"
     default_ttl: int = 60
+    # A small cluster's node TTL and heartbeat interval; past max_heartbeats_per_second x interval
+    # nodes the interval grows to keep the cluster at that cap, and the TTL with it (coordinator/liveness.py).
     node_ttl: int = 15
     heartbeat_interval: int = 5
+    max_heartbeats_per_second: int = 250
+    # "session" (node keys on one etcd lease per replica) or "node-lease" (one per node, renewed by
+    # every heartbeat: the design before issue 18, kept to be measured against).
+    node_liveness: str = "session"
     default_cpus_per_gpu: int = 1
     default_memory_per_gpu: int = 4 * 2**30
     etcd_ca: str = ""
@@ -91,6 +98,7 @@ _PARSERS: dict[str, Any] = {
     "default_ttl": lambda v: parse_duration(str(v)),
     "node_ttl": lambda v: parse_duration(str(v)),
     "heartbeat_interval": lambda v: parse_duration(str(v)),
+    "max_heartbeats_per_second": int,
     "default_cpus_per_gpu": int,
     "default_memory_per_gpu": lambda v: parse_size(str(v)),
     "etcd_timeout": float,
@@ -138,8 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="gRPC listen address HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--prefix", help="etcd key prefix for all state (default /gpulease/)")
     p.add_argument("--default-ttl", help="allocation lease TTL when a request names none (default 60s)")
-    p.add_argument("--node-ttl", help="node lease TTL: a node missing heartbeats this long is down (15s)")
-    p.add_argument("--heartbeat-interval", help="how often agents heartbeat (default 5s)")
+    p.add_argument("--node-ttl", help="a node missing heartbeats this long is down, in a small cluster (15s)")
+    p.add_argument("--heartbeat-interval", help="how often agents heartbeat in a small cluster (default 5s)")
+    p.add_argument("--max-heartbeats-per-second",
+                   help="cap on the cluster's heartbeats: past it, the interval and node TTL grow with the nodes; "
+                        "0 = none (250)")  # fmt: skip
+    p.add_argument("--node-liveness", help="session (node keys on one etcd lease per replica) or node-lease "
+                                           "(one renewed per heartbeat) (default session)")  # fmt: skip
     p.add_argument("--default-cpus-per-gpu", help="CPUs reserved per GPU when a request names none (1)")
     p.add_argument("--default-memory-per-gpu", help="memory reserved per GPU when a request names none (4GiB)")
     p.add_argument("--etcd-ca", help="CA file for TLS to etcd (enables TLS)")
@@ -209,6 +222,10 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(exc.message) from exc
     if not 1 <= cfg.heartbeat_interval < cfg.node_ttl:
         raise ConfigError("--heartbeat-interval must be at least 1s and shorter than --node-ttl")
+    if cfg.max_heartbeats_per_second < 0:
+        raise ConfigError("--max-heartbeats-per-second must be 0 (no cap) or more")
+    if cfg.node_liveness not in liveness.MODES:
+        raise ConfigError(f"--node-liveness must be one of {', '.join(liveness.MODES)}, got {cfg.node_liveness!r}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key) or (cfg.tls_cert and not cfg.tls_ca):
         raise ConfigError("TLS needs --tls-ca, --tls-cert and --tls-key together")
     if cfg.mtls_listen and not cfg.tls:

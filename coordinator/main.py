@@ -29,8 +29,9 @@ from gpulease.coordinator.fair_share import FairShare
 from gpulease.coordinator.guard import Guard, RateLimit
 from gpulease.coordinator.http_api import build_app
 from gpulease.coordinator.keys import Keys
+from gpulease.coordinator.liveness import LivenessPolicy
 from gpulease.coordinator.metrics import CoordinatorMetrics, MeteredCommitter, ViewCollector
-from gpulease.coordinator.nodes import NodePolicy, NodeService
+from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.policies import Policies
 from gpulease.coordinator.preemption import Preemptions
 from gpulease.coordinator.servicer import AdminServicer, CoordinatorServicer, NodeServicer
@@ -76,7 +77,12 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     preemptions = Preemptions(store, keys, view)
     queue = WaitingQueue(store, view, keys, allocations, QueuePolicy(cfg.queue_ttl, cfg.max_wait, cfg.strict_fifo),
                          fair, preemptions)  # fmt: skip
-    nodes = NodeService(store, view, keys, NodePolicy(cfg.node_ttl, cfg.heartbeat_interval))
+    nodes = NodeService(
+        store,
+        view,
+        keys,
+        LivenessPolicy(cfg.heartbeat_interval, cfg.node_ttl, cfg.max_heartbeats_per_second, cfg.node_liveness),
+    )
     agents = AgentChannels(tls)
     audit = AuditLog(store, keys, AuditPolicy(cfg.audit_max_age, cfg.audit_max_entries))
     tokens = Tokens(store, keys, view, audit)
@@ -147,6 +153,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
         asyncio.create_task(audit.run(), name="audit-retention"),
         asyncio.create_task(endings.run(), name="container-records"),
         asyncio.create_task(queue.run(), name="queue"),
+        asyncio.create_task(nodes.run(), name="node-liveness"),
         asyncio.create_task(fair.run(), name="fair-share"),
         asyncio.create_task(_check_txn_limit(store, keys, cfg.etcd_max_txn_ops, fatal, stop), name="txn-limit"),
     ]

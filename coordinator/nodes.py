@@ -1,8 +1,9 @@
-"""Node registry: registration, heartbeats (lease renewal), cordon, removal.
+"""Node registry: registration, heartbeats, cordon, removal.
 
-A node is up while its alive/<node> key exists; that key hangs on the node's lease, which
-only heartbeats renew. The node record (inventory) is rewritten only when it changes, so a
-heartbeat costs one lease renewal and never invalidates in-flight placements on that node.
+A node is up while its alive/<node> key exists; coordinator/liveness.py keeps that key (by
+default on this replica's session lease, so a heartbeat costs no etcd call). The node record
+(inventory) is rewritten only when it changes, so a heartbeat never invalidates in-flight
+placements on that node.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gpulease.coordinator import container_exits, draining, validation
 from gpulease.coordinator.audit import entry_put
 from gpulease.coordinator.domain import NodeInfo, NodeView
 from gpulease.coordinator.keys import Keys, range_end
+from gpulease.coordinator.liveness import Liveness, LivenessPolicy, make
 from gpulease.coordinator.records import decode_node, encode_node
 from gpulease.coordinator.store import Cmp, Delete, Put, Store
 from gpulease.coordinator.telemetry import GpuSample, Telemetry
@@ -25,12 +27,6 @@ from gpulease.errors import Conflict, InvalidRequest, NodeNotFound
 from gpulease.v1.coordinator_pb2 import ContainerExit
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NodePolicy:
-    node_ttl: int = 15
-    heartbeat_interval: int = 5
 
 
 # How long a heartbeat waits for the view to catch up with etcd before answering without an
@@ -48,19 +44,28 @@ class Registration:
 
 
 class NodeService:
-    def __init__(self, store: Store, view: ClusterView, keys: Keys, policy: NodePolicy) -> None:
+    def __init__(self, store: Store, view: ClusterView, keys: Keys, policy: LivenessPolicy) -> None:
         self._store = store
         self._view = view
         self._keys = keys
-        self._policy = policy
+        self.liveness: Liveness = make(store, view, keys, policy)
         # The heartbeats' GPU telemetry, in memory only (never in etcd): see coordinator/telemetry.py.
         self.telemetry = Telemetry(3 * policy.heartbeat_interval)
+
+    def _registration(self, lease_id: int, allocations_revision: int) -> Registration:
+        t = self.liveness.timing()
+        self.telemetry.max_age_s = 3 * t.heartbeat_interval  # the interval grows with the cluster
+        return Registration(lease_id, t.heartbeat_interval, t.node_ttl, allocations_revision)
+
+    async def run(self) -> None:
+        """Keeps node liveness (coordinator/liveness.py): forever, cancelled at shutdown."""
+        await self.liveness.run()
 
     async def register(self, info: NodeInfo) -> Registration:
         info = validation.inventory(info)
         await self._write_record_if_changed(info)
-        lease = await self._store.grant(self._policy.node_ttl)
-        revision = await self._store.put(self._keys.alive(info.name), b"", lease)
+        beat = await self.liveness.attach(info.name)
+        lease, revision = beat.lease_id, beat.revision
         log.info(
             "node %s registered at %s with %d GPUs (lease %x)",
             info.name,
@@ -69,14 +74,14 @@ class NodeService:
             lease,
             extra=log_fields(node=info.name),
         )
-        return Registration(lease, self._policy.heartbeat_interval, self._policy.node_ttl,
-                            await self._allocations_revision(info.name, revision))  # fmt: skip
+        return self._registration(lease, await self._allocations_revision(info.name, revision))
 
     async def heartbeat(
         self, name: str, lease_id: int, info: NodeInfo | None, telemetry: dict[int, GpuSample] | None = None,
         exits: Sequence[ContainerExit] = (), enforced_revision: int = 0,
     ) -> Registration:  # fmt: skip
-        """Renews the node's lease (or registers it again); ``telemetry`` is kept in memory only.
+        """Notes the node alive (coordinator/liveness.py), or registers it again if it was down;
+        ``telemetry`` is kept in memory only.
         ``exits`` (containers of the node's allocations that exited) become audit entries, once
         each however often they are sent (coordinator/container_exits.py)."""
         validation.node_name(name)
@@ -84,18 +89,15 @@ class NodeService:
             info = validation.inventory(info)
             if info.name != name:
                 raise InvalidRequest(f"heartbeat for {name!r} carries inventory of {info.name!r}")
-        # A lease that is not this node's own is never renewed (an agent could otherwise keep another
-        # node "up"): the node is registered again, as with a lapsed lease.
-        owned = lease_id > 0 and await self._owns_lease(name, lease_id)
-        renewal = await self._store.keepalive(lease_id) if owned else None
-        if renewal is None or renewal.ttl <= 0:
-            # The lease lapsed (the node was down, or etcd lost it): register again.
+        beat = await self.liveness.beat(name, lease_id)
+        if beat is None:
+            # The node was down (or etcd lost its lease): register again.
             if info is None:
                 kv = await self._store.get(self._keys.node(name))
                 if kv is None:
                     raise NodeNotFound(f"node {name!r} is not registered; call RegisterNode first")
                 info = decode_node(kv.value)
-            log.warning("node %s: lease %x had lapsed; re-registering", name, lease_id, extra=log_fields(node=name))
+            log.warning("node %s was down; registering it again", name, extra=log_fields(node=name))
             reg = await self.register(info)
             self.telemetry.record(name, telemetry or {})
             await self._record_exits(name, exits)
@@ -106,8 +108,7 @@ class NodeService:
         self.telemetry.record(name, telemetry or {})
         await self._record_exits(name, exits)
         await self._clear_drains(name, enforced_revision)
-        return Registration(lease_id, self._policy.heartbeat_interval, self._policy.node_ttl,
-                            await self._allocations_revision(name, renewal.revision))  # fmt: skip
+        return self._registration(beat.lease_id, await self._allocations_revision(name, beat.revision))
 
     async def _clear_drains(self, name: str, enforced_revision: int) -> None:
         """GPUs of ended allocations whose containers the agent has stopped are free again
@@ -130,23 +131,12 @@ class NodeService:
 
     async def _allocations_revision(self, name: str, etcd_revision: int) -> int:
         """The node's allocations revision once the view holds every event up to `etcd_revision`
-        (etcd's revision when it answered this call), so an unchanged value means exactly what a
-        ListAllocations read at that point would have shown. 0 if the view is behind."""
+        (etcd's revision when it last answered this replica's liveness calls: at most a second old
+        with a session), so an unchanged value means exactly what a ListAllocations read at that
+        point would have shown. 0 if the view is behind (a stalled watch)."""
         if not self._view.synced.is_set() or not await self._view.caught_up(etcd_revision, VIEW_CATCH_UP_S):
             return 0
         return self._view.allocations_revision(name)
-
-    async def _owns_lease(self, name: str, lease_id: int) -> bool:
-        # From the view when it agrees (no etcd call per heartbeat); else etcd decides (the view
-        # may not have seen a registration this moment old). A lapsed lease is the node's to renew.
-        if self._view.alive_lease(name) == lease_id:
-            return True
-        kv = await self._store.get(self._keys.alive(name))
-        if kv is not None:
-            return kv.lease == lease_id
-        # No alive key: the node's lease lapsed (renewing it fails anyway), or it is another
-        # node's lease. Either way, registering again is the answer.
-        return False
 
     async def cordon(self, name: str, cordoned: bool, by: Principal = LOCAL_ADMIN) -> NodeView:
         validation.node_name(name)

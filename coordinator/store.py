@@ -81,7 +81,7 @@ class WatchBatch:
 @dataclass(frozen=True)
 class Cmp:
     key: str
-    target: Literal["version", "mod", "create"]
+    target: Literal["version", "mod", "create", "lease"]
     op: Literal["==", "!=", "<", ">"]
     value: int
     range_end: bytes | None = None
@@ -389,7 +389,13 @@ class Store:
     # --- writes ------------------------------------------------------------------------
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = await self._call(self._kv.put(key, value, lease=lease, timeout=self._timeout))
+        """Returns the revision of the put; LeaseNotFound if ``lease`` is gone."""
+        try:
+            resp = await self._call(self._kv.put(key, value, lease=lease, timeout=self._timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # "requested lease not found"
+                raise LeaseNotFound(exc.details() or "lease not found") from exc
+            raise
         return int(resp.header.revision)
 
     async def delete(self, key: str) -> int:
@@ -437,6 +443,9 @@ class Store:
             return KVService.txn_compare_version(c.key, c.value, result=op, range_end=c.range_end)
         if c.target == "create":
             return KVService.txn_compare_create_revision(c.key, c.value, result=op, range_end=c.range_end)
+        if c.target == "lease":  # the key's lease (0: none, or no such key)
+            return Compare(result=op, target=Compare.LEASE, key=c.key.encode(), lease=c.value,
+                           range_end=c.range_end or b"")  # fmt: skip
         # etcd3aio has no builder for mod_revision compares; the message is the same Compare.
         return Compare(
             result=op, target=Compare.MOD, key=c.key.encode(), mod_revision=c.value,

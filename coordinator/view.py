@@ -212,6 +212,10 @@ class ClusterView:
     def nodes(self) -> list[NodeView]:
         return [self._views[n] for n in sorted(self._views)]
 
+    def node_count(self) -> int:
+        """Registered nodes, up or not (what the heartbeat cap divides: coordinator/liveness.py)."""
+        return len(self._records)
+
     def smallest_share_per_gpu(self) -> tuple[float, float]:
         """The smallest CPUs and memory per GPU of any node with GPUs (inf when none): a per-GPU
         default at or under both fits every node's share, so requests need no per-node look."""

@@ -299,7 +299,7 @@ async def test_registrar_sends_inventory_only_when_changed(
 
     async with grpc.aio.insecure_channel(address) as channel:
         reg = Registrar(node="n1", address="127.0.0.1:9", channel=channel, source=source, on_registered=on_registered)
-        assert await reg.step() == 1.0  # registered; the coordinator's interval is adopted
+        assert 0.9 <= await reg.step() <= 1.0  # registered; the coordinator's interval is adopted
         assert reg.lease_id == 101 and registered == [True]
         assert fake.registers[0].inventory == source.inventory
         assert fake.registers[0].address == "127.0.0.1:9"

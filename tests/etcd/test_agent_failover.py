@@ -4,9 +4,9 @@ Real processes: etcd, two coordinators with short node leases (TTL 6 s, heartbea
 agents with simulated GPUs, started by LocalCluster, which gives each agent every coordinator of
 the cluster unless told one. The replica the agent heartbeats to (the first of its list) is
 SIGKILLed; for three node TTLs after that the surviving replica must list the node UP at every
-poll, and etcd must hold the node's `alive/` key under the lease the agent registered with: a
-lease that lapsed would have been replaced by a new one (coordinator/nodes.py), and only the
-survivor is left to renew it, so the heartbeats land there.
+poll, and etcd must hold the node's `alive/` key at every poll (a node marked down loses it). The
+key ends on the survivor's session lease (coordinator/liveness.py): the same lease as a node that
+heartbeated to the survivor all along, so the heartbeats landed there.
 """
 
 from __future__ import annotations
@@ -51,12 +51,9 @@ def alive_leases(etcd_url: str, prefix: str, nodes: list[str]) -> dict[str, int 
     return asyncio.run(read())
 
 
-def watch_nodes_stay_up(
-    cluster: LocalCluster, survivor: str, etcd_url: str, prefix: str, leases: dict[str, int | None]
-) -> None:
-    """For WATCH_S: every node UP at each poll of the survivor, and each alive/ key still under
-    the lease it had (a lapsed lease is replaced by a new one at the next heartbeat)."""
-    nodes = sorted(leases)
+def watch_nodes_stay_up(cluster: LocalCluster, survivor: str, etcd_url: str, prefix: str, nodes: list[str]) -> int:
+    """For WATCH_S: every node UP at each poll of the survivor, and its alive/ key in etcd at each
+    poll. Returns the lease all their keys hang on at the end (one: the survivor's session)."""
     channel = cluster.channel(survivor)
     try:
         stub = harness.AnyService(channel)
@@ -65,12 +62,16 @@ def watch_nodes_stay_up(
         while time.monotonic() < deadline:
             states = {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
             assert states == dict.fromkeys(nodes, tpb.NODE_STATE_UP), f"after {polls} polls: {states}"
-            assert alive_leases(etcd_url, prefix, nodes) == leases, f"after {polls} polls"
+            leases = alive_leases(etcd_url, prefix, nodes)
+            assert None not in leases.values(), f"after {polls} polls: {leases}"
             polls += 1
             time.sleep(POLL_S)
     finally:
         channel.close()
     assert polls >= WATCH_S  # looked at often enough (each poll also reads etcd)
+    [session] = set(alive_leases(etcd_url, prefix, nodes).values())
+    assert session
+    return session
 
 
 def switch_lines(cluster: LocalCluster, agent: str) -> list[str]:
@@ -93,9 +94,12 @@ def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_is_killed(
     # Nothing has failed over yet: "steady" heartbeats to the first coordinator, "other" to the survivor.
     assert switch_lines(local_cluster, "steady") == [] and switch_lines(local_cluster, "other") == []
 
+    # Each on the session of the replica it heartbeats to.
+    assert leases["steady"] != leases["other"]
     local_cluster.coordinator(first.address).process.kill()  # SIGKILL: no goodbye to anyone
 
-    watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, leases)
+    # Both on the survivor's session, which "other" was on all along.
+    assert watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, nodes) == leases["other"]
 
     # One switch, logged once, by the agent whose coordinator died; none by the other.
     [line] = switch_lines(local_cluster, "steady")
@@ -118,9 +122,10 @@ def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_hangs(
     pid = local_cluster.coordinator(hung.address).process.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, leases)
+        moved_to = watch_nodes_stay_up(local_cluster, survivor.address, etcd.url, prefix, ["steady"])
     finally:
         os.kill(pid, signal.SIGCONT)  # so that the cluster's stop ends it as any other
+    assert moved_to != leases["steady"]  # from the hung replica's session to the survivor's
     [line] = switch_lines(local_cluster, "steady")
     assert f"coordinator {hung.address} unreachable (DEADLINE_EXCEEDED" in line, line
     assert line.endswith(f"now go to {survivor.address}")

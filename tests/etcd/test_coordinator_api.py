@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
 import pytest
 
+from gpulease.coordinator.store import Store
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -124,14 +126,31 @@ def test_list_nodes_and_cordon(two_nodes: harness.Coordinator) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND and harness.reason(err) == "NODE_NOT_FOUND"
 
 
-def test_heartbeat_renews_and_reregisters_after_lapse(coordinator: harness.Coordinator) -> None:
+def test_heartbeat_renews_and_reregisters_after_lapse(coordinator: harness.Coordinator, etcd: harness.Etcd,
+                                                      prefix: str) -> None:  # fmt: skip
     s = coordinator.stub
     lease = harness.register(s, "node-h", gpus=2)
     hb = s.Heartbeat(pb.HeartbeatRequest(node="node-h", lease_id=lease))
     assert hb.lease_id == lease and hb.heartbeat_interval_seconds == 2
-    # A lease the coordinator no longer knows (e.g. lapsed): the node is registered again.
-    again = s.Heartbeat(pb.HeartbeatRequest(node="node-h", lease_id=12345))
-    assert again.lease_id not in (0, lease, 12345)
+    # A lease id the coordinator never gave out changes nothing: the node's key is on this
+    # replica's session (coordinator/liveness.py), and the answer names it.
+    assert s.Heartbeat(pb.HeartbeatRequest(node="node-h", lease_id=12345)).lease_id == lease
+
+    # The node went down (its alive key is gone, as a sweep leaves it): the next heartbeat
+    # registers it again, on the session.
+    async def mark_down() -> None:
+        store = Store([etcd.url])
+        await store.start()
+        try:
+            await store.delete(f"{prefix}alive/node-h")
+        finally:
+            await store.close()
+
+    asyncio.run(mark_down())
+    harness.wait_until(lambda: harness.node_states(s).get("node-h") == tpb.NODE_STATE_DOWN, 5, "node-h down")
+    again = s.Heartbeat(pb.HeartbeatRequest(node="node-h", lease_id=lease))
+    assert again.lease_id == lease
+    harness.wait_until(lambda: harness.node_states(s).get("node-h") == tpb.NODE_STATE_UP, 5, "node-h up again")
     # Inventory changes are written through.
     s.Heartbeat(pb.HeartbeatRequest(node="node-h", lease_id=again.lease_id, address="127.0.0.1:9",
                                      inventory=harness.inventory(4, node="node-h")))  # fmt: skip

@@ -16,7 +16,8 @@ from gpulease.coordinator.allocations import AllocateInput, AllocationPolicy, Al
 from gpulease.coordinator.committer import CommitResult, Committer, EtcdCommitter, Item
 from gpulease.coordinator.domain import Allocation, GpuInfo, NodeInfo, Snapshot
 from gpulease.coordinator.keys import Keys, range_end
-from gpulease.coordinator.nodes import NodePolicy, NodeService
+from gpulease.coordinator.liveness import LivenessPolicy
+from gpulease.coordinator.nodes import NodeService
 from gpulease.coordinator.records import decode_res
 from gpulease.coordinator.store import Store, WatchBatch
 from gpulease.coordinator.view import ClusterView
@@ -111,9 +112,9 @@ async def core(
     view = ClusterView(store, keys)
     committer = HookedCommitter(EtcdCommitter(store, keys))
     allocations = AllocationService(store, view, keys, committer, policy or AllocationPolicy())
-    nodes = NodeService(store, view, keys, NodePolicy(node_ttl=60, heartbeat_interval=2))
+    nodes = NodeService(store, view, keys, LivenessPolicy(heartbeat_interval=2, node_ttl=60))
     c = Core(store, keys, view, allocations, nodes, committer)
-    c.tasks = [asyncio.create_task(view.run()), asyncio.create_task(allocations.run())]
+    c.tasks = [asyncio.create_task(t.run()) for t in (view, allocations, nodes)]
     try:
         await asyncio.wait_for(view.synced.wait(), 10)
         yield c

@@ -215,8 +215,8 @@ async def test_a_failed_heartbeat_is_retried_at_once_on_the_next_coordinator(
             reg = Registrar(node=NODE, address="127.0.0.1:9", channel=channel, source=StaticInventory())
             assert await reg.step() == 0.0  # the registration found no one: the next address, now
             assert channel.target == b_address
-            assert await reg.step() == 1.0  # registered on b; then every interval
-            assert await reg.step() == 1.0
+            assert 0.9 <= await reg.step() <= 1.0  # registered on b; then every interval
+            assert 0.9 <= await reg.step() <= 1.0
             assert reg.lease_id == 7 and b.methods() == ["RegisterNode", "Heartbeat"]
         finally:
             await channel.close()
@@ -231,10 +231,10 @@ async def test_a_replica_that_answers_unavailable_is_left_for_the_next(caplog: p
         channel = CoordinatorChannel(f"{a_address},{b_address}", None, purpose="heartbeats")
         try:
             reg = Registrar(node=NODE, address="127.0.0.1:9", channel=channel, source=StaticInventory())
-            assert await reg.step() == 1.0 and a.methods() == ["RegisterNode"]
+            assert 0.9 <= await reg.step() <= 1.0 and a.methods() == ["RegisterNode"]
             a.down = True
             assert await reg.step() == 0.0  # a said UNAVAILABLE: b at once
-            assert await reg.step() == 1.0
+            assert 0.9 <= await reg.step() <= 1.0
             assert (a.methods(), b.methods()) == (["RegisterNode", "Heartbeat"], ["Heartbeat"])
             # Both down: one round of immediate retries, then a backoff (bounded by the interval).
             b.down = True

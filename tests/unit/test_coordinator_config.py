@@ -43,6 +43,9 @@ def test_etcd_list_and_units() -> None:
         (["--etcd-max-txn-ops", "2"], "at least 16"),
         (["--config", "/nonexistent.toml"], "cannot read config file"),
         (["--event-loop", "trio"], "event loop must be one of auto, uvloop, asyncio, got 'trio'"),
+        (["--max-heartbeats-per-second", "-1"], "must be 0 \\(no cap\\) or more"),
+        (["--max-heartbeats-per-second", "many"], "invalid literal"),
+        (["--node-liveness", "gossip"], "--node-liveness must be one of session, node-lease, got 'gossip'"),
     ],
 )
 def test_bad_settings_say_what_to_fix(argv: list[str], message: str) -> None:
