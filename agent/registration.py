@@ -321,8 +321,10 @@ class Registrar:
         self._adopt_interval(response.heartbeat_interval_seconds)
         self._note_allocations(response.allocations_revision, asked_at)
         if response.lease_id and response.lease_id != self._lease_id:
+            # Another replica took the node's liveness over (a failover), or the node was down
+            # and was registered again.
             log.info(
-                "coordinator re-registered node %s: lease %d replaces %d",
+                "node %s is now kept alive under lease %d (was %d); sending its inventory again",
                 self._node,
                 response.lease_id,
                 self._lease_id,

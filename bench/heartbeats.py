@@ -24,10 +24,17 @@ from gpulease.v1 import coordinator_pb2_grpc as pb_grpc
 
 
 async def heartbeat(
-    address: str, leases: dict[str, int], interval: float, stop: asyncio.Event, noop: bool = False
+    address: str,
+    leases: dict[str, int],
+    interval: float,
+    stop: asyncio.Event,
+    noop: bool = False,
+    running: asyncio.Event | None = None,
 ) -> tuple[int, int]:
     """Every node heartbeats once per interval, spread evenly over it, as real agents would
-    (`noop`: a health check in place of each Heartbeat)."""
+    (`noop`: a health check in place of each Heartbeat). While `running` is clear, heartbeats wait
+    (none is skipped): once it is set again the overdue ones go at once, as agents whose network
+    came back would, so a pause shorter than the node TTL's margin marks no node down."""
     sent = errors = 0
     names = sorted(leases)
     async with grpc.aio.insecure_channel(address) as channel:
@@ -57,6 +64,8 @@ async def heartbeat(
                 delay = start + interval * i / len(names) - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if running is not None and not running.is_set():
+                    await running.wait()
                 task = asyncio.create_task(beat(name))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -88,10 +97,22 @@ def main() -> int:
 
     async def run() -> tuple[int, int]:
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        running = asyncio.Event()
+        running.set()
+        loop = asyncio.get_running_loop()
+
+        def terminate() -> None:
+            stop.set()
+            running.set()  # a paused sender ends too
+
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        # SIGUSR1 pauses the heartbeats, SIGUSR2 resumes them (see heartbeat()).
+        loop.add_signal_handler(signal.SIGUSR1, running.clear)
+        loop.add_signal_handler(signal.SIGUSR2, running.set)
+        print("ready", flush=True)  # the handlers are in place: signals no longer kill this process
         orphan_check = asyncio.create_task(_stop_when_orphaned(stop, args.parent_pid or os.getppid()))
         try:
-            return await heartbeat(args.address, leases, args.interval, stop, args.noop)
+            return await heartbeat(args.address, leases, args.interval, stop, args.noop, running)
         finally:
             orphan_check.cancel()
 

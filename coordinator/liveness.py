@@ -158,8 +158,9 @@ class Session:
         self._renewed_at = clock()  # the last renewal etcd answered (or the session's grant)
         self._revision = 0  # etcd's revision at the last renewal or write
         self._grant_lock = asyncio.Lock()
-        # node -> when this replica last heard from it (monotonic); only nodes on this replica's sessions.
-        self._seen: dict[str, float] = {}
+        # node -> (when this replica last heard from it (monotonic), the node TTL it was told then);
+        # only nodes on this replica's sessions.
+        self._seen: dict[str, tuple[float, int]] = {}
 
     def timing(self) -> Timing:
         return timing(self._view.node_count(), self._policy)
@@ -167,14 +168,17 @@ class Session:
     def _mine(self, lease: int) -> bool:
         return lease != 0 and (lease == self._lease or lease in self._retiring)
 
+    def _heard(self, name: str) -> None:
+        self._seen[name] = (self._clock(), self.timing().node_ttl)
+
     async def attach(self, name: str) -> Beat:
-        self._seen[name] = self._clock()
+        self._heard(name)
         lease = await self._session()
         rev = await self._put(name, lease)
         return Beat(lease, rev)
 
     async def beat(self, name: str, lease_id: int) -> Beat | None:
-        self._seen[name] = self._clock()  # heard, whatever follows: the sweep must not blame the node
+        self._heard(name)  # heard, whatever follows: the sweep must not blame the node
         self._check_session()
         lease = self._view.alive_lease(name)
         if lease and lease == self._lease:
@@ -242,8 +246,8 @@ class Session:
 
     def _forgive(self, gap: float) -> None:
         log.warning("this coordinator was stalled for %.1fs; its nodes' silence meanwhile is not counted", gap)
-        for name in self._seen:
-            self._seen[name] += gap
+        for name, (last, ttl) in self._seen.items():
+            self._seen[name] = (last + gap, ttl)
 
     async def _renew(self) -> None:
         if not self._lease:
@@ -272,10 +276,15 @@ class Session:
 
     async def _sweep(self) -> None:
         """Nodes silent for their TTL go down: their key is deleted if it still hangs on this
-        replica's session (a node that moved to another replica is not this one's to judge)."""
-        ttl = self.timing().node_ttl
+        replica's session (a node that moved to another replica is not this one's to judge).
+
+        A node's TTL is the longer of the one it was told with its last heartbeat and today's: a
+        cluster that shrank (nodes deleted) shortens the interval, but a node learns that only
+        from its next answer, an old interval away."""
+        now_ttl = self.timing().node_ttl
         now = self._clock()
-        for name, last in list(self._seen.items()):
+        for name, (last, told) in list(self._seen.items()):
+            ttl = max(told, now_ttl)
             if now - last <= ttl:
                 continue
             lease = self._view.alive_lease(name)

@@ -95,6 +95,7 @@ async def serve(cfg: config_mod.CoordinatorConfig) -> None:
     guard = Guard(tokens, audit, tls=tls is not None, rate=RateLimit(cfg.rate_limit, 2 * cfg.rate_limit))
     guard.observer = metrics.observe_rpc
     collector = ViewCollector(view, lambda: [p.pool for p in queue.pending()])
+    collector.liveness_timing = nodes.liveness.timing
     metrics.registry.register(collector)
     http = None
     if cfg.http_listen:

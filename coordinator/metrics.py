@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from gpulease.coordinator.committer import CommitResult, Committer, Item, Rejected
 from gpulease.coordinator.domain import Allocation, NodeView, Snapshot
+from gpulease.coordinator.liveness import Timing
 from gpulease.coordinator.view import ClusterView
 
 GPU_STATES = ("free", "allocated", "unhealthy", "foreign", "cordoned", "down")
@@ -132,6 +133,8 @@ class ViewCollector(Collector):
         # The pool of every pending request (the queue's).
         self._pending = pending
         self.etcd_revision = 0
+        # The heartbeat interval and node TTL agents are told now (coordinator/liveness.py).
+        self.liveness_timing: Callable[[], Timing] | None = None
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected at scrape time only
@@ -152,6 +155,12 @@ class ViewCollector(Collector):
         yield _gauge("gpulease_view_revision", "The etcd revision the view has applied", [((), view.revision)])
         if not synced:
             return  # an unsynced view would report an empty cluster
+        if self.liveness_timing is not None:
+            t = self.liveness_timing()
+            yield _gauge("gpulease_node_heartbeat_interval_seconds", "The heartbeat interval agents are told now "
+                         "(grows past max_heartbeats_per_second)", [((), t.heartbeat_interval)])  # fmt: skip
+            yield _gauge("gpulease_node_ttl_seconds", "How long a node may be silent before it is down, now",
+                         [((), t.node_ttl)])  # fmt: skip
         gpus = dict.fromkeys(GPU_STATES, 0)
         nodes = dict.fromkeys(NODE_STATES, 0)
         for v in view.nodes():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
@@ -89,3 +90,22 @@ def test_metrics_on_a_public_address_need_a_token(etcd: harness.Etcd, prefix: st
         status, text = get(f"{url}/metrics", "s3cret")
         assert status == 200 and "gpulease_gpus" in text
         assert get(f"{url}/readyz")[0] == 200  # probes need no token
+
+
+def test_the_heartbeat_cap_stretches_the_interval_agents_are_told(
+    local_cluster: LocalCluster, start_coordinator: Callable[..., harness.Coordinator]
+) -> None:
+    """Past max_heartbeats_per_second x heartbeat_interval nodes, the interval is nodes / cap and
+    the TTL keeps its margin (coordinator/liveness.py); answers and metrics say the same."""
+    c = start_coordinator(node_ttl=6, heartbeat=2, extra=["--max-heartbeats-per-second", "1"])
+    url = local_cluster.coordinator(c.address).http_url
+    lease = harness.register(c.stub, "node-a", gpus=1)
+    harness.register(c.stub, "node-b", gpus=1)
+    harness.wait_until(lambda: value(scrape(url), "gpulease_nodes", state="up") == 2, 10, "2 nodes up")
+    assert c.stub.Heartbeat(pb.HeartbeatRequest(node="node-a", lease_id=lease)).heartbeat_interval_seconds == 2
+    harness.register(c.stub, "node-c", gpus=1)
+    harness.wait_until(lambda: value(scrape(url), "gpulease_nodes", state="up") == 3, 10, "3 nodes up")
+    assert c.stub.Heartbeat(pb.HeartbeatRequest(node="node-a", lease_id=lease)).heartbeat_interval_seconds == 3
+    metrics = scrape(url)
+    assert value(metrics, "gpulease_node_heartbeat_interval_seconds") == 3
+    assert value(metrics, "gpulease_node_ttl_seconds") == 7

@@ -8,6 +8,8 @@ Agents report simulated GPUs and run their containers on the session's dockerd
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -252,6 +254,64 @@ def test_partitioned_agent_stops_its_containers_before_their_gpus_are_granted_ag
             kept.drop(other.id)
             b2.recorded_release(history, "elsewhere", c, other.id)
     b2.check_history(history, [etcd.url], local_cluster.prefix or "", expired={cut.id})
+
+
+# -- a node marked down that comes back (issue 18) -------------------------------------------
+
+
+def test_a_node_marked_down_comes_back_and_stops_what_ended_while_it_was_away(
+    local_cluster: LocalCluster,
+    start_coordinator: Callable[..., harness.Coordinator],
+    dockerd: Dockerd,
+    busybox: str,
+    docker: Any,
+    etcd: harness.Etcd,
+) -> None:
+    """The agent is SIGSTOPped until its node is marked down (node TTL 4 s), its allocation is
+    released meanwhile, and the agent resumes: the node comes back UP through a heartbeat, the
+    container of the ended allocation is stopped (the enforcer's etcd read says it ended), and its
+    GPU is granted again only after that. A container of an allocation still live keeps running."""
+    history = History()
+    node = "sleeper"
+    coordinator = start_coordinator(node_ttl=4, heartbeat=1)
+    agent = start_agent(local_cluster, dockerd, node, 2, coordinator.address)
+    harness.wait_nodes_up(coordinator.stub, {node})
+    with local_cluster.client() as c, b2.KeepAlives(c, TTL / 3, history, "holder") as kept:
+        ended = b2.recorded_allocate(history, "holder", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+        live = b2.recorded_allocate(history, "holder", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+        kept.add(ended.id)
+        kept.add(live.id)
+        ended_ct = c.run_container(ended.id, busybox, b2.TRAPPING).id
+        live_ct = c.run_container(live.id, busybox, b2.TRAPPING).id
+        pid = agent.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            b2.wait_for(lambda: harness.node_states(coordinator.stub)[node] == tpb.NODE_STATE_DOWN, 4 + 5,
+                        "the stopped agent's node down")  # fmt: skip
+            kept.drop(ended.id)
+            assert b2.recorded_release(history, "holder", c, ended.id)
+            # Nobody could stop the container yet: it runs, and its GPU is not free.
+            assert not b2.inspect(docker, ended_ct).finished_at
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        harness.wait_nodes_up(coordinator.stub, {node}, timeout=10)
+        stopped = b2.wait_for(lambda: (s := b2.inspect(docker, ended_ct)).finished_at and s, 10,
+                              "the ended allocation's container stopped")  # fmt: skip
+        granted = b2.wait_for(lambda: _try_allocate(history, c), 10, "the drained GPU granted again")
+        assert [g.uuid for g in granted.gpus] == [g.uuid for g in ended.gpus]
+        assert stopped.finished_at < granted.info.created_unix_ms / 1000
+        assert not b2.inspect(docker, live_ct).finished_at, "the live allocation's container was stopped"
+        kept.drop(live.id)
+        b2.recorded_release(history, "holder", c, live.id)
+        b2.recorded_release(history, "holder", c, granted.id)
+    b2.check_history(history, [etcd.url], local_cluster.prefix or "")
+
+
+def _try_allocate(history: History, c: Client) -> Any:
+    try:
+        return b2.recorded_allocate(history, "next", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+    except InsufficientResources:
+        return None
 
 
 # -- stale fencing token ---------------------------------------------------------------------
