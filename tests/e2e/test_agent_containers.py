@@ -26,6 +26,7 @@ from gpulease.agent.registration import AgentInventory, Registrar
 from gpulease.agent.runtime import ContainerRuntime
 from gpulease.agent.server import start_server
 from gpulease.common.container_policy import ContainerPolicy
+from gpulease.coordinator.liveness import TICK_S
 from gpulease.coordinator.store import Store
 from gpulease.dev import procs
 from gpulease.dev.cluster import LocalCluster
@@ -368,7 +369,9 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
     cluster: Cluster, etcd: harness.Etcd, prefix: str
 ) -> None:
     """Writes outside the prefix (a shared etcd) move etcd's revision past anything the view's
-    watch delivers; a marker put under the prefix proves the view has caught up anyway."""
+    watch delivers; a marker put under the prefix proves the view has caught up anyway. A
+    heartbeat vouches for the revision of the replica's last session renewal (coordinator/
+    liveness.py: once a second), so the foreign write counts once a renewal has seen it."""
     lease = (await register_again(cluster)).lease_id
     before = await heartbeat(cluster, NODE, lease)
     assert before > 0
@@ -377,6 +380,7 @@ async def test_heartbeat_revision_survives_writes_outside_the_prefix(
     try:
         foreign = await store.put("/someone-else/key", b"x")
         assert foreign > before
+        await asyncio.sleep(2 * TICK_S + 0.5)  # a renewal has answered with etcd's revision since
         # Not 0 (what giving up after 1 s would send), and not fooled by the foreign write.
         assert await heartbeat(cluster, NODE, lease) == before
         marker = await store.get(f"{prefix}marker")
