@@ -151,6 +151,7 @@ class Session:
     ) -> None:  # fmt: skip
         self._store, self._view, self._keys, self._policy = store, view, keys, policy
         self._clock = clock
+        self._nodes = 0  # the node count the interval was last computed from (see timing())
         self._lease = 0
         self._lease_ttl = 0
         # Earlier sessions of this replica, renewed until no node can still be on them: lease -> until.
@@ -163,7 +164,10 @@ class Session:
         self._seen: dict[str, tuple[float, int]] = {}
 
     def timing(self) -> Timing:
-        return timing(self._view.node_count(), self._policy)
+        # While the view reloads (compaction, an etcd outage) its count is not the cluster's: keep the last one.
+        if self._view.synced.is_set():
+            self._nodes = self._view.node_count()
+        return timing(self._nodes, self._policy)
 
     def _mine(self, lease: int) -> bool:
         return lease != 0 and (lease == self._lease or lease in self._retiring)
