@@ -11,14 +11,12 @@ heartbeated to the survivor all along, so the heartbeats landed there.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
 
 import pytest
 
-from gpulease.coordinator.store import Store
 from gpulease.dev.cluster import LocalCluster
 from gpulease.v1 import coordinator_pb2 as pb
 from gpulease.v1 import types_pb2 as tpb
@@ -33,24 +31,6 @@ POLL_S = 0.5
 pytestmark = pytest.mark.slow
 
 
-def alive_leases(etcd_url: str, prefix: str, nodes: list[str]) -> dict[str, int | None]:
-    """node -> the lease of its alive/<node> key, read from etcd itself (None: no key)."""
-
-    async def read() -> dict[str, int | None]:
-        store = Store([etcd_url])
-        await store.start()
-        try:
-            out: dict[str, int | None] = {}
-            for node in nodes:
-                kv = await store.get(f"{prefix}alive/{node}")
-                out[node] = kv.lease if kv is not None else None
-            return out
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
-
-
 def watch_nodes_stay_up(cluster: LocalCluster, survivor: str, etcd_url: str, prefix: str, nodes: list[str]) -> int:
     """For WATCH_S: every node UP at each poll of the survivor, and its alive/ key in etcd at each
     poll. Returns the lease all their keys hang on at the end (one: the survivor's session)."""
@@ -62,14 +42,14 @@ def watch_nodes_stay_up(cluster: LocalCluster, survivor: str, etcd_url: str, pre
         while time.monotonic() < deadline:
             states = {n.name: n.state for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
             assert states == dict.fromkeys(nodes, tpb.NODE_STATE_UP), f"after {polls} polls: {states}"
-            leases = alive_leases(etcd_url, prefix, nodes)
+            leases = harness.alive_leases(etcd_url, prefix, nodes)
             assert None not in leases.values(), f"after {polls} polls: {leases}"
             polls += 1
             time.sleep(POLL_S)
     finally:
         channel.close()
     assert polls >= WATCH_S  # looked at often enough (each poll also reads etcd)
-    [session] = set(alive_leases(etcd_url, prefix, nodes).values())
+    [session] = set(harness.alive_leases(etcd_url, prefix, nodes).values())
     assert session
     return session
 
@@ -89,7 +69,7 @@ def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_is_killed(
     local_cluster.add_agent("other", 1, cpus=4, memory="8GiB", coordinator=f"{survivor.address},{first.address}")
     nodes = ["other", "steady"]
     local_cluster.wait_nodes_up(nodes)
-    leases = alive_leases(etcd.url, prefix, nodes)
+    leases = harness.alive_leases(etcd.url, prefix, nodes)
     assert all(leases.values()), leases
     # Nothing has failed over yet: "steady" heartbeats to the first coordinator, "other" to the survivor.
     assert switch_lines(local_cluster, "steady") == [] and switch_lines(local_cluster, "other") == []
@@ -117,7 +97,7 @@ def test_the_node_stays_up_when_the_coordinator_it_heartbeats_to_hangs(
     survivor = local_cluster.add_coordinator(node_ttl=NODE_TTL_S, heartbeat_interval=HEARTBEAT_S)
     local_cluster.add_agent("steady", 1, cpus=4, memory="8GiB")
     local_cluster.wait_nodes_up(["steady"])
-    leases = alive_leases(etcd.url, prefix, ["steady"])
+    leases = harness.alive_leases(etcd.url, prefix, ["steady"])
     assert leases["steady"] and switch_lines(local_cluster, "steady") == []
     pid = local_cluster.coordinator(hung.address).process.pid
     os.kill(pid, signal.SIGSTOP)

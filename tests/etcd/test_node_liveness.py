@@ -18,7 +18,6 @@ import pytest
 
 from gpulease.coordinator.liveness import LivenessPolicy, timing
 from gpulease.dev.cluster import LocalCluster
-from tests.etcd.test_agent_failover import alive_leases
 from tests.support import gpuctl, harness
 
 INTERVAL_S = 1
@@ -83,19 +82,19 @@ def test_a_sigstopped_agent_goes_down_then_up_after_sigcont(
     cluster: LocalCluster, etcd: harness.Etcd, prefix: str
 ) -> None:
     address = cluster.coordinator_address
-    session = alive_leases(etcd.url, prefix, ["victim", "bystander"])
+    session = harness.alive_leases(etcd.url, prefix, ["victim", "bystander"])
     assert session["victim"] == session["bystander"]  # one lease per replica, not per node
     pid = cluster.agents["victim"].process.pid
     os.kill(pid, signal.SIGSTOP)
     try:
         took = wait_state(cluster, address, "victim", "down", TIMING.detection_s, steady=("bystander",))
         assert NODE_TTL_S - INTERVAL_S <= took <= TIMING.detection_s + SLACK_S, took
-        assert alive_leases(etcd.url, prefix, ["victim"]) == {"victim": None}
+        assert harness.alive_leases(etcd.url, prefix, ["victim"]) == {"victim": None}
     finally:
         os.kill(pid, signal.SIGCONT)
     # Its next heartbeat (due at once: it is overdue) brings it back, on the same session.
     took = wait_state(cluster, address, "victim", "up", 2 * INTERVAL_S + SLACK_S, steady=("bystander",))
-    assert alive_leases(etcd.url, prefix, ["victim", "bystander"]) == session
+    assert harness.alive_leases(etcd.url, prefix, ["victim", "bystander"]) == session
     assert node_states(cluster, address) == {"victim": "up", "bystander": "up"}
 
 
@@ -107,7 +106,7 @@ def test_node_lease_mode_still_detects_a_dead_agent(local_cluster: LocalCluster,
     local_cluster.add_agent("victim", 1, cpus=4, memory="8GiB")
     local_cluster.add_agent("bystander", 1, cpus=4, memory="8GiB")
     local_cluster.wait_nodes_up(["victim", "bystander"])
-    leases = alive_leases(etcd.url, prefix, ["victim", "bystander"])
+    leases = harness.alive_leases(etcd.url, prefix, ["victim", "bystander"])
     assert None not in leases.values() and leases["victim"] != leases["bystander"]
     local_cluster.agents["victim"].process.kill()
     took = wait_state(local_cluster, address, "victim", "down", NODE_TTL_S, steady=("bystander",))

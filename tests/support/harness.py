@@ -182,3 +182,21 @@ def node_states(stub: pb_grpc.CoordinatorServiceStub) -> dict[str, int]:
 def free_gpus(client: Any) -> int:
     """Free GPUs in the cluster, as a Client sees them."""
     return int(client.cluster_summary().totals.gpus_free)
+
+
+def alive_leases(etcd_url: str, prefix: str, nodes: list[str]) -> dict[str, int | None]:
+    """node -> the lease of its alive/<node> key, read from etcd itself (None: no key)."""
+
+    async def read() -> dict[str, int | None]:
+        store = Store([etcd_url])
+        await store.start()
+        try:
+            out: dict[str, int | None] = {}
+            for node in nodes:
+                kv = await store.get(f"{prefix}alive/{node}")
+                out[node] = kv.lease if kv is not None else None
+            return out
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
