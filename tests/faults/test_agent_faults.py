@@ -63,6 +63,11 @@ def node_containers(docker: Any, node: str) -> list[b2.ContainerState]:
     return b2.containers(docker, f"io.gpulease.node={node}")
 
 
+def one_gpu(history: History, process: str, c: Client) -> Any:
+    """The scenarios' allocation: one GPU, the smallest share of the node, the module's TTL (recorded)."""
+    return b2.recorded_allocate(history, process, c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+
+
 def expired(client: Client, alloc_id: str) -> bool:
     try:
         client.get_allocation(alloc_id)
@@ -195,14 +200,14 @@ def test_partitioned_agent_stops_its_containers_before_their_gpus_are_granted_ag
                 b2.KeepAlives(c, TTL / 3, history, "elsewhere") as kept:  # fmt: skip
             # `cut` is the holder on the partitioned host itself (a job launched there): its
             # renewals stop with the partition. `other` is renewed from elsewhere throughout.
-            cut = b2.recorded_allocate(history, "cut-host", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
-            other = b2.recorded_allocate(history, "elsewhere", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+            cut = one_gpu(history, "cut-host", c)
+            other = one_gpu(history, "elsewhere", c)
             held.add(cut.id)
             kept.add(other.id)
             cut_ct = c.run_container(cut.id, busybox, b2.TRAPPING).id
             other_ct = c.run_container(other.id, busybox, b2.TRAPPING).id
             with pytest.raises(InsufficientResources):
-                b2.recorded_allocate(history, "next", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+                one_gpu(history, "next", c)
 
             # The partition starts at a random point of the holder's renewal cycle.
             b2.wait_for(lambda: time.time() - held.acked[cut.id] < 0.3, TTL, "a renewal")
@@ -226,7 +231,7 @@ def test_partitioned_agent_stops_its_containers_before_their_gpus_are_granted_ag
                     to_coordinator.allow()
                     to_agent.allow()
                 try:
-                    granted = b2.recorded_allocate(history, "next", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+                    granted = one_gpu(history, "next", c)
                 except InsufficientResources:
                     time.sleep(0.1)
             granted_at = time.time()
@@ -277,8 +282,8 @@ def test_a_node_marked_down_comes_back_and_stops_what_ended_while_it_was_away(
     agent = start_agent(local_cluster, dockerd, node, 2, coordinator.address)
     harness.wait_nodes_up(coordinator.stub, {node})
     with local_cluster.client() as c, b2.KeepAlives(c, TTL / 3, history, "holder") as kept:
-        ended = b2.recorded_allocate(history, "holder", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
-        live = b2.recorded_allocate(history, "holder", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+        ended = one_gpu(history, "holder", c)
+        live = one_gpu(history, "holder", c)
         kept.add(ended.id)
         kept.add(live.id)
         ended_ct = c.run_container(ended.id, busybox, b2.TRAPPING).id
@@ -309,7 +314,7 @@ def test_a_node_marked_down_comes_back_and_stops_what_ended_while_it_was_away(
 
 def _try_allocate(history: History, c: Client) -> Any:
     try:
-        return b2.recorded_allocate(history, "next", c, gpus=1, cpus=1, memory="64MiB", ttl=TTL)
+        return one_gpu(history, "next", c)
     except InsufficientResources:
         return None
 
