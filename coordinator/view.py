@@ -11,7 +11,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from types import MappingProxyType
 
 from gpulease.coordinator import draining
@@ -44,8 +43,8 @@ TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting",
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
 _RELEASES = ("release", "force-release")
-# How many recent releases Release can answer "released" for again (about 2 MB).
-RECENT_RELEASES = 20_000
+# How many recently ended allocations Release can answer "released" for again (about 2 MB).
+RECENT_ENDS = 20_000
 
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
 MARKER_AFTER_S = 0.05
@@ -84,10 +83,11 @@ class ClusterView:
         # Called with an allocation whose keys went without a release (its lease expired).
         self.on_expired: Callable[[Allocation], None] | None = None
         self._released: set[str] = set()
-        # Allocations a release (not a settler) ended lately, with the release's revision as theirs:
-        # Release looks a retried call up here, so that an attempt whose answer was lost is told
-        # "released", not "not live" (fault suite, dropped answers). Bounded; across reloads.
-        self._recent_releases: OrderedDict[str, Allocation] = OrderedDict()
+        # Allocations that ended lately: a release's deletion seen on the watch, or one a reload
+        # skipped over (a compaction, a long stall). Release looks a retried call's allocation up
+        # here for its request id, whose tombstone says whether this call released it: an attempt
+        # whose answer was lost is told "released", not "not live". Bounded; across reloads.
+        self._recent_ends: OrderedDict[str, Allocation] = OrderedDict()
         # Typed cluster events derived from the same watch (coordinator/events.py).
         self.events = EventLog(keys)
         # Moves on every change to a node record (and on reload): smallest_share_per_gpu's cache key.
@@ -352,11 +352,15 @@ class ClusterView:
                 backoff = min(backoff * 2, 5.0)
 
     def _load(self, revision: int, kvs: Iterable[KV]) -> None:
+        before = self._allocs
         self._reset()
         kvs = list(kvs)
         self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
+        for alloc_id, raw in before.items():
+            if alloc_id not in self._allocs:  # ended while the view was not watching
+                self._note_end(decode_alloc(*raw))
         for alloc_id in self._drain_nodes:
             if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
                 self._ended_at.setdefault(alloc_id, revision)
@@ -478,7 +482,7 @@ class ClusterView:
                 if parts[1] in self._drain_nodes:
                     self._ended_at[parts[1]] = kv.mod_revision
                 if self._releasing.pop(parts[1], None) is not None and raw is not None:
-                    self._note_release(replace(self._decoded(parts[1], raw), revision=kv.mod_revision))
+                    self._note_end(decode_alloc(*raw))  # not _decoded: it would cache it again
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:
@@ -540,15 +544,15 @@ class ClusterView:
         out.update(held)
         return out
 
-    def _note_release(self, alloc: Allocation) -> None:
-        self._recent_releases[alloc.id] = alloc
-        while len(self._recent_releases) > RECENT_RELEASES:
-            self._recent_releases.popitem(last=False)
+    def _note_end(self, alloc: Allocation) -> None:
+        self._recent_ends[alloc.id] = alloc
+        while len(self._recent_ends) > RECENT_ENDS:
+            self._recent_ends.popitem(last=False)
 
-    def released_lately(self, alloc_id: str) -> Allocation | None:
-        """An allocation a release ended lately, with the release's revision as its own; None if
-        none is known."""
-        return self._recent_releases.get(alloc_id)
+    def ended_lately(self, alloc_id: str) -> Allocation | None:
+        """An allocation that ended lately, as it was while live (by a release this view saw, or
+        while the view was reloading); None if none is known."""
+        return self._recent_ends.get(alloc_id)
 
     def drain_nodes(self, alloc_id: str) -> frozenset[str]:
         """The nodes where ``alloc_id`` has a drain key."""

@@ -195,3 +195,48 @@ async def test_a_cancel_with_a_ttl_out_of_range_is_refused_and_writes_nothing(et
         with pytest.raises(InvalidRequest, match="ttl of 9999999s is out of range"):
             await a.allocations.cancel("job-x", 9_999_999)
         assert await a.keys_under("reqs") == []
+
+
+async def _released_elsewhere_while_a_watch_stood_still(a: Core, b: Core) -> tuple[str, int]:
+    """Allocate through A, stop A's watch, release through B (release_id "call-1"): A's view still
+    holds the allocation. Returns (allocation id, the release's revision)."""
+    await a.nodes.register(node_info("n1", gpus=4))
+    alloc, _ = await a.allocations.allocate(ask("job-s"))
+    assert await b.view.wait_for_revision(alloc.revision, 5)
+    watch = a.tasks[0]  # the view's task (core() starts it first)
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    first = await b.allocations.release(alloc.id, release_id="call-1")
+    assert first > 0 and a.view.allocation(alloc.id) is not None  # A has not seen the release
+    return alloc.id, first
+
+
+async def test_a_release_sent_again_to_a_replica_whose_watch_stalled_is_told_released(
+    etcd: harness.Etcd, prefix: str
+) -> None:
+    """The CI failure of stop 22 (test_watch_compaction): the retry of a Release whose answer was lost
+    reached a replica whose watch was stalled. Its view still held the allocation, its compare found
+    it gone, and without the release's event it answered "not live": the history called it lost."""
+    async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
+        alloc_id, first = await _released_elsewhere_while_a_watch_stood_still(a, b)
+        assert await a.allocations.release(alloc_id, release_id="call-1") == first
+        assert await a.allocations.release(alloc_id, release_id="call-2") == 0  # another call
+        assert await a.allocations.release(alloc_id) == 0
+
+
+async def test_a_release_sent_again_after_a_reload_that_skipped_it_is_told_released(
+    etcd: harness.Etcd, prefix: str
+) -> None:
+    """A watch that lost its place (a compaction) reloads the view from a snapshot taken after the
+    release: the release's events never reach it. The retry is still told "released"."""
+    async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
+        alloc_id, first = await _released_elsewhere_while_a_watch_stood_still(a, b)
+        loads = a.view.loads
+        a.tasks[0] = asyncio.create_task(a.view.run())  # reloads from a snapshot, as after a compaction
+        for _ in range(500):
+            if a.view.loads > loads:
+                break
+            await asyncio.sleep(0.01)
+        assert a.view.loads > loads and a.view.allocation(alloc_id) is None
+        assert await a.allocations.release(alloc_id, release_id="call-2") == 0  # another call
+        assert await a.allocations.release(alloc_id, release_id="call-1") == first
