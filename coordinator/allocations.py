@@ -53,7 +53,6 @@ from gpulease.errors import (
     InsufficientResources,
     InvalidRequest,
     LifetimeReached,
-    PermissionDenied,
     QuotaExceeded,
     RuntimeLimitReached,
     Unavailable,
@@ -415,7 +414,7 @@ class AllocationService:
         alloc = self._view.allocation(validation.allocation_id(alloc_id)) or await self.settler.by_id(alloc_id)
         release_id = validation.release_id(release_id)
         if alloc is None:
-            return await self._released_by(alloc_id, by, release_id, self._view.ended_lately(alloc_id))
+            return await self._released_by(alloc_id, release_id, self._view.released_request(alloc_id))
         authz.check_owner(by, alloc.principal, f"allocation {alloc_id}")
         action = "release" if by.id == alloc.principal else "force-release"
         out = await self._end(alloc, [Cmp(self._keys.alloc(alloc.id), "create", "==", alloc.revision)],
@@ -424,28 +423,26 @@ class AllocationService:
                               release_id)  # fmt: skip
         if not out.succeeded:  # ended meanwhile: by a release (an earlier attempt of this one?) or expiry
             await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
-            return await self._released_by(alloc.id, by, release_id, alloc)
+            return await self._released_by(alloc.id, release_id, alloc.request_id)
         self.settler.revoke_later(alloc.lease_id, alloc.ttl_seconds)
         # Read your writes, as for allocate(): the GPUs show as free once answered.
         await self._view.wait_for_revision(out.revision, VIEW_WAIT_S)
         return out.revision
 
-    async def _released_by(self, alloc_id: str, by: Principal, release_id: str, record: Allocation | None) -> int:
+    async def _released_by(self, alloc_id: str, release_id: str, request_id: str | None) -> int:
         """The revision of the release that ended the allocation when it was an earlier attempt of
         this very call (same release_id, found in its request key's tombstone); else 0. A Release
         sent again after its answer was lost is told "released", not "not live" (fault suite).
 
-        ``record`` is the allocation as this replica last knew it: from a view that may be stale (a
-        stalled watch) or that ended it lately (a release it saw, or one a reload skipped over).
-        Only its request id and owner are used; etcd's tombstone decides, and its revision is the
-        release's own (one transaction wrote both)."""
-        if not release_id or record is None:
+        ``request_id`` comes from this replica's view, which may lag (a stalled watch: the
+        allocation as it last knew it) or have learned it from the tombstone itself (the view's
+        index of released requests, which a reload or a fresh start rebuilds). etcd's tombstone
+        decides, and its revision is the release's own (one transaction wrote both). No owner check
+        here: the caller proves it is the call that released by naming its random release_id, and
+        learns only the revision of a release it made."""
+        if not release_id or not request_id:
             return 0
-        try:
-            authz.check_owner(by, record.principal, f"allocation {alloc_id}")
-        except PermissionDenied:
-            return 0
-        kv = await self._store.get(self._keys.req(record.request_id))
+        kv = await self._store.get(self._keys.req(request_id))
         if kv is None or not tombstones.is_tombstone(kv.value) or tombstones.released_id(kv.value) != alloc_id:
             return 0
         return kv.mod_revision if tombstones.release_id(kv.value) == release_id else 0

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from gpulease.coordinator import draining
+from gpulease.coordinator import draining, tombstones
 from gpulease.coordinator.domain import NO_RESERVATIONS, Allocation, NodeInfo, NodeView, ReservationBook, Snapshot
 from gpulease.coordinator.events import EventLog
 from gpulease.coordinator.keys import Keys, range_end
@@ -43,8 +43,8 @@ TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting",
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
 _RELEASES = ("release", "force-release")
-# How many recently ended allocations Release can answer "released" for again (about 2 MB).
-RECENT_ENDS = 20_000
+# How many recent releases Release can answer "released" for again (about 2 MB).
+RECENT_RELEASES = 20_000
 
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
 MARKER_AFTER_S = 0.05
@@ -83,11 +83,12 @@ class ClusterView:
         # Called with an allocation whose keys went without a release (its lease expired).
         self.on_expired: Callable[[Allocation], None] | None = None
         self._released: set[str] = set()
-        # Allocations that ended lately: a release's deletion seen on the watch, or one a reload
-        # skipped over (a compaction, a long stall). Release looks a retried call's allocation up
-        # here for its request id, whose tombstone says whether this call released it: an attempt
-        # whose answer was lost is told "released", not "not live". Bounded; across reloads.
-        self._recent_ends: OrderedDict[str, Allocation] = OrderedDict()
+        # Allocation id -> request id, from the tombstones releases leave in reqs/ keys
+        # (coordinator/tombstones.py), seen on the watch or in a load: Release finds a retried
+        # call's tombstone through it, so that an attempt whose answer was lost is told "released",
+        # not "not live", even by a replica that reloaded or started after the release. Bounded
+        # (oldest out first); a stale entry costs one read that finds nothing.
+        self._released_requests: OrderedDict[str, str] = OrderedDict()
         # Typed cluster events derived from the same watch (coordinator/events.py).
         self.events = EventLog(keys)
         # Moves on every change to a node record (and on reload): smallest_share_per_gpu's cache key.
@@ -352,15 +353,11 @@ class ClusterView:
                 backoff = min(backoff * 2, 5.0)
 
     def _load(self, revision: int, kvs: Iterable[KV]) -> None:
-        before = self._allocs
         self._reset()
         kvs = list(kvs)
         self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
-        for alloc_id, raw in before.items():
-            if alloc_id not in self._allocs:  # ended while the view was not watching
-                self._note_end(decode_alloc(*raw))
         for alloc_id in self._drain_nodes:
             if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
                 self._ended_at.setdefault(alloc_id, revision)
@@ -473,6 +470,12 @@ class ClusterView:
             if action in _RELEASES:
                 self._releasing[alloc_id] = action
             return None
+        if kind == "reqs":  # reqs/<scope>/<request id>: Keys.req(the allocation's request_id)
+            if put and tombstones.is_tombstone(kv.value) and (released := tombstones.released_id(kv.value)):
+                self._released_requests[released] = "/".join(parts[1:])
+                if len(self._released_requests) > RECENT_RELEASES:
+                    self._released_requests.popitem(last=False)
+            return None
         if kind == "allocs" and len(parts) == 2:
             if put:
                 self._allocs[parts[1]] = (kv.value, kv.create_revision)
@@ -481,8 +484,7 @@ class ClusterView:
                 self._decoded_allocs.pop(parts[1], None)
                 if parts[1] in self._drain_nodes:
                     self._ended_at[parts[1]] = kv.mod_revision
-                if self._releasing.pop(parts[1], None) is not None and raw is not None:
-                    self._note_end(decode_alloc(*raw))  # not _decoded: it would cache it again
+                self._releasing.pop(parts[1], None)
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:
@@ -544,15 +546,10 @@ class ClusterView:
         out.update(held)
         return out
 
-    def _note_end(self, alloc: Allocation) -> None:
-        self._recent_ends[alloc.id] = alloc
-        while len(self._recent_ends) > RECENT_ENDS:
-            self._recent_ends.popitem(last=False)
-
-    def ended_lately(self, alloc_id: str) -> Allocation | None:
-        """An allocation that ended lately, as it was while live (by a release this view saw, or
-        while the view was reloading); None if none is known."""
-        return self._recent_ends.get(alloc_id)
+    def released_request(self, alloc_id: str) -> str | None:
+        """The request id of an allocation a release ended lately (its tombstone's key); None if
+        none is known."""
+        return self._released_requests.get(alloc_id)
 
     def drain_nodes(self, alloc_id: str) -> frozenset[str]:
         """The nodes where ``alloc_id`` has a drain key."""

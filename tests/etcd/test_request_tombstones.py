@@ -224,11 +224,10 @@ async def test_a_release_sent_again_to_a_replica_whose_watch_stalled_is_told_rel
         assert await a.allocations.release(alloc_id) == 0
 
 
-async def test_a_release_sent_again_after_a_reload_that_skipped_it_is_told_released(
-    etcd: harness.Etcd, prefix: str
-) -> None:
+async def test_a_release_sent_again_after_a_reload_or_a_start_is_told_released(etcd: harness.Etcd, prefix: str) -> None:
     """A watch that lost its place (a compaction) reloads the view from a snapshot taken after the
-    release: the release's events never reach it. The retry is still told "released"."""
+        release: the release's events never reach it. The retry is still told "released", and so it is
+    by a replica that started after the release."""
     async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
         alloc_id, first = await _released_elsewhere_while_a_watch_stood_still(a, b)
         loads = a.view.loads
@@ -240,3 +239,6 @@ async def test_a_release_sent_again_after_a_reload_that_skipped_it_is_told_relea
         assert a.view.loads > loads and a.view.allocation(alloc_id) is None
         assert await a.allocations.release(alloc_id, release_id="call-2") == 0  # another call
         assert await a.allocations.release(alloc_id, release_id="call-1") == first
+        async with core([etcd.url], prefix) as fresh:  # a replica started after the release
+            assert await fresh.allocations.release(alloc_id, release_id="call-1") == first
+            assert await fresh.allocations.release(alloc_id, release_id="call-2") == 0
