@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +15,9 @@ from gpulease.agent.inventory.nvml import NvmlInventory
 
 SMI_TIMEOUT_S = 60
 MiB = 2**20
+# Bounded wait for a CUDA process to show in NVML (context creation takes ~1 s on a cold GPU).
+PROCESS_SHOWS_S = 60
+HELD_BYTES = 1024 * MiB
 QUERY = "index,uuid,name,memory.total,driver_version"
 
 
@@ -82,3 +87,66 @@ def test_real_gpus_report_telemetry_and_are_stable(source: NvmlInventory) -> Non
     # ...while fresh=True reads live values.
     live = source.collect(InventoryContext(), fresh=True)
     assert len(live.gpus) == len(first.gpus)
+
+
+# A process outside gpulease that holds GPU memory: the driver API through ctypes, so that the check
+# needs no framework on the GPU server. It prints "ready" once the memory is allocated and holds it
+# until its stdin closes.
+_HOLDER = r"""
+import ctypes, sys
+cuda = ctypes.CDLL("libcuda.so.1")
+dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), 0)),
+                   ("cuCtxCreate_v2", (ctypes.byref(ctx), 0, dev)),
+                   ("cuMemAlloc_v2", (ctypes.byref(ptr), ctypes.c_size_t(int(sys.argv[1]))))):
+    rc = getattr(cuda, call)(*args)
+    if rc != 0:
+        sys.exit(f"{call} failed with CUDA error {rc}")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def foreign_process() -> Iterator[subprocess.Popen[str]]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(HELD_BYTES)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        if line.strip() != "ready":
+            pytest.fail(f"the CUDA holder did not start: {line!r} {holder.stderr.read() if holder.stderr else ''}")
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(30)
+
+
+def test_a_process_outside_gpulease_marks_gpu_0_foreign(
+    source: NvmlInventory, foreign_process: subprocess.Popen[str]
+) -> None:
+    """What the agent reports (and placement avoids) when something it did not start uses a GPU:
+    the process by pid and memory; and nothing once the agent knows the pid as its own."""
+    gpu = None
+    deadline = time.monotonic() + PROCESS_SHOWS_S
+    while time.monotonic() < deadline:
+        gpu = source.collect(InventoryContext(), fresh=True).gpus[0]
+        if any(p.pid == foreign_process.pid for p in gpu.processes):
+            break
+        time.sleep(0.5)
+    assert gpu is not None
+    pids = {p.pid: p for p in gpu.processes}
+    assert foreign_process.pid in pids, f"NVML lists {sorted(pids)}, not the holder {foreign_process.pid}"
+    assert not pids[foreign_process.pid].gpulease_managed
+    assert gpu.foreign_processes
+    assert f"pid {foreign_process.pid} (not started by gpulease)" in gpu.foreign_detail
+    if pids[foreign_process.pid].HasField("used_memory_bytes"):
+        assert pids[foreign_process.pid].used_memory_bytes >= HELD_BYTES
+
+    # The same process as one of a gpulease container's, on the GPU its allocation holds.
+    ours = InventoryContext(managed_pids=frozenset({foreign_process.pid}), allocated_gpus=frozenset({gpu.index}))
+    mine = source.collect(ours, fresh=True).gpus[0]
+    assert [p.gpulease_managed for p in mine.processes if p.pid == foreign_process.pid] == [True]
+    assert not mine.foreign_processes, mine.foreign_detail
