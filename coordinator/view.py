@@ -90,7 +90,7 @@ class ClusterView:
         # (oldest out first); a stale entry costs one read that finds nothing.
         self._released_requests: OrderedDict[str, str] = OrderedDict()
         # Typed cluster events derived from the same watch (coordinator/events.py).
-        self.events = EventLog(keys)
+        self.events = EventLog(keys, decoded_node=self._decoded_node)
         # Moves on every change to a node record (and on reload): smallest_share_per_gpu's cache key.
         self._records_version = 0
         self._reset()
@@ -355,9 +355,9 @@ class ClusterView:
     def _load(self, revision: int, kvs: Iterable[KV]) -> None:
         self._reset()
         kvs = list(kvs)
-        self.events.load(revision, kvs)
         for kv in kvs:
             self._apply_one(Event("put", kv))
+        self.events.load(revision, kvs)  # after: it reuses the node records decoded above
         for alloc_id in self._drain_nodes:
             if alloc_id not in self._allocs:  # ended before the load, when exactly is unknown
                 self._ended_at.setdefault(alloc_id, revision)
@@ -545,6 +545,11 @@ class ClusterView:
         out = {uuid: alloc_id for alloc_id, (uuids, _) in drains.items() for uuid in uuids}
         out.update(held)
         return out
+
+    def _decoded_node(self, name: str, revision: int) -> NodeInfo | None:
+        """The node's record if this view holds it as of ``revision`` (for the event log)."""
+        held = self._records.get(name)
+        return held[0] if held is not None and held[1] == revision else None
 
     def released_request(self, alloc_id: str) -> str | None:
         """The request id of an allocation a release ended lately (its tombstone's key); None if
