@@ -263,8 +263,8 @@ class Deriver:
         before = self._health.pop(name, {})
         if value is None:
             return
-        # The view has usually decoded this very version already: decoding 10,000 records twice
-        # doubled a fresh replica's load (bench resync_s, 1.3 -> 3.5 s).
+        # The view has usually decoded this very version already: decoding it again cost a third of
+        # the CPU of a 10,000-node load (python -m bench.resync, view_load_cpu_s).
         info = self._decoded_node(name, revision) if self._decoded_node is not None else None
         try:
             info = info or decode_node(value)

@@ -42,8 +42,7 @@ TABLES = ("tokens", "containers", "queue", "quotas", "priorities", "preempting",
 # Audit entries whose key ends so (audit/<ms>-<id>.<action>) ended an allocation in the same
 # transaction: its deletion that follows is not an expiry.
 _ENDING_ACTIONS = ("release", "force-release", "unclaimed")
-_RELEASES = ("release", "force-release")
-# How many recent releases Release can answer "released" for again (about 2 MB).
+# How many recent releases Release can answer "released" for again (allocation id -> request id).
 RECENT_RELEASES = 20_000
 
 # caught_up(): how long to wait for the watch before writing a marker, and how far apart markers are.
@@ -105,8 +104,6 @@ class ClusterView:
         # Per node: GPU key (UUID) -> allocation id. Mapped to the record's indexes in _rebuild.
         self._held: dict[str, dict[str, str]] = {}
         self._res: dict[str, dict[str, tuple[int, int]]] = {}
-        # Allocations whose release audit entry arrived, until their keys' deletion does.
-        self._releasing: dict[str, str] = {}
         # Per node: allocation id -> (GPU UUIDs, mod revision) of its drain key (coordinator/draining.py),
         # and for allocations with one, the revision at which they ended.
         self._drains: dict[str, dict[str, tuple[frozenset[str], int]]] = {}
@@ -467,8 +464,6 @@ class ClusterView:
             alloc_id, _, action = parts[1].partition("-")[2].partition(".")
             if action in _ENDING_ACTIONS:
                 self._released.add(alloc_id)
-            if action in _RELEASES:
-                self._releasing[alloc_id] = action
             return None
         if kind == "reqs":  # reqs/<scope>/<request id>: Keys.req(the allocation's request_id)
             if put and tombstones.is_tombstone(kv.value) and (released := tombstones.released_id(kv.value)):
@@ -484,7 +479,6 @@ class ClusterView:
                 self._decoded_allocs.pop(parts[1], None)
                 if parts[1] in self._drain_nodes:
                     self._ended_at[parts[1]] = kv.mod_revision
-                self._releasing.pop(parts[1], None)
                 if parts[1] in self._released:
                     self._released.discard(parts[1])
                 elif raw is not None and self.on_expired is not None:

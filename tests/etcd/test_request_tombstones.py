@@ -21,7 +21,7 @@ from gpulease.coordinator import tombstones
 from gpulease.coordinator.allocations import AllocateInput
 from gpulease.errors import DeadlineExceeded, InvalidRequest, RequestReleased, Unavailable
 from tests.support import harness
-from tests.support.inproc import Core, core, node_info
+from tests.support.inproc import Core, core, node_info, until
 
 
 def ask(request_id: str, gpus: int = 1) -> AllocateInput:
@@ -226,17 +226,14 @@ async def test_a_release_sent_again_to_a_replica_whose_watch_stalled_is_told_rel
 
 async def test_a_release_sent_again_after_a_reload_or_a_start_is_told_released(etcd: harness.Etcd, prefix: str) -> None:
     """A watch that lost its place (a compaction) reloads the view from a snapshot taken after the
-        release: the release's events never reach it. The retry is still told "released", and so it is
+    release: the release's events never reach it. The retry is still told "released", and so it is
     by a replica that started after the release."""
     async with core([etcd.url], prefix) as a, core([etcd.url], prefix) as b:
         alloc_id, first = await _released_elsewhere_while_a_watch_stood_still(a, b)
         loads = a.view.loads
         a.tasks[0] = asyncio.create_task(a.view.run())  # reloads from a snapshot, as after a compaction
-        for _ in range(500):
-            if a.view.loads > loads:
-                break
-            await asyncio.sleep(0.01)
-        assert a.view.loads > loads and a.view.allocation(alloc_id) is None
+        await until(lambda: a.view.loads > loads, 5, "A's view to reload")
+        assert a.view.allocation(alloc_id) is None
         assert await a.allocations.release(alloc_id, release_id="call-2") == 0  # another call
         assert await a.allocations.release(alloc_id, release_id="call-1") == first
         async with core([etcd.url], prefix) as fresh:  # a replica started after the release
